@@ -1,0 +1,1 @@
+"""dpft: differentially private fine-tuning of foundation models."""
