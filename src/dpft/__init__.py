@@ -1,1 +1,27 @@
-"""dpft: differentially private fine-tuning of foundation models."""
+"""dpft: differentially private fine-tuning of foundation models.
+
+Public API (see README and DESIGN): :func:`bitfit`, :class:`PrivacyEngine`,
+:mod:`dpft.accounting`, :mod:`dpft.data`, :func:`convert_batchnorm_to_groupnorm`,
+:func:`register_rule`.
+"""
+
+from . import accounting
+from .accounting import PrivacyBudgetExceeded
+from .batchnorm import convert_batchnorm_to_groupnorm
+from .capture import BatchNormError, UnsupportedModuleError
+from .engine import PrivacyEngine
+from .methods.bitfit import bitfit
+from .rules import register_rule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchNormError",
+    "PrivacyBudgetExceeded",
+    "PrivacyEngine",
+    "UnsupportedModuleError",
+    "accounting",
+    "bitfit",
+    "convert_batchnorm_to_groupnorm",
+    "register_rule",
+]

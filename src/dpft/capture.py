@@ -1,0 +1,365 @@
+"""Module hooks that capture what per-example gradients need.
+
+For every module that owns a trainable parameter a forward hook attaches a
+gradient hook to the module's *output*; the rule turns the output gradient
+into per-example gradient contributions.  Activations are kept only when a
+weight of that module trains: in bias-only mode (DP-BiTFiT) nothing is kept
+beyond the eagerly reduced ``(B, p)`` per-example bias gradients.
+
+Output-tensor hooks (not module backward hooks) are used on purpose: they
+keep working when the output is later modified in place (``x += shortcut``,
+``ReLU(inplace=True)``), where module backward hooks fail.
+
+At the end of each backward pass (an autograd engine callback) the collected
+contributions are handed to a sink (the engine), which clips and sums them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .rules import FALLBACK, Call, Contribution, Direct, Rule, find_rule
+from .rules.embedding import check_embedding
+from .rules.fallback import FallbackRule, _flat_tensors, rng_state
+
+
+class UnsupportedModuleError(TypeError):
+    """A trainable parameter belongs to a module dpft cannot handle exactly."""
+
+
+class BatchNormError(TypeError):
+    """BatchNorm in training mode mixes examples and cannot be made DP."""
+
+
+BATCHNORM_MESSAGE = (
+    "BatchNorm normalizes with statistics of the whole batch, so one example's output (and "
+    "gradient) depends on the other examples: per-example clipping does not bound the "
+    "sensitivity and the result is not differentially private. Replace it with GroupNorm: "
+    "`model = dpft.convert_batchnorm_to_groupnorm(model)`, or keep BatchNorm frozen in eval "
+    "mode (running statistics, no trainable BatchNorm parameters)."
+)
+
+
+class _ExpandRule(Rule):
+    """Parameters with a leading broadcast dim of 1 held by a container
+    module (ViT's ``cls_token`` / ``pos_embed``): the container sees a
+    per-example expanded view during its forward, whose gradient is the
+    per-example gradient."""
+
+    def on_grad(self, call: Call, grad: Tensor, params: frozenset[str]) -> None:
+        (name,) = tuple(params)
+        call.results[name] = grad
+
+    def contributions(self, call: Call, params: frozenset[str]) -> dict[str, Contribution]:
+        return {k: Direct(call.results[k].unsqueeze(1)) for k in params}
+
+
+EXPAND = _ExpandRule()
+
+
+@dataclass
+class Binding:
+    """One module and the trainable parameters its rule covers."""
+
+    module: nn.Module
+    name: str
+    rule: Rule
+    params: frozenset[str]  # local names (dotted for recursive rules)
+    keys: dict[str, str]  # local name -> canonical parameter name
+    expand: bool = False
+    toggled: list[nn.Parameter] = field(default_factory=list)
+    stash: dict[str, nn.Parameter] = field(default_factory=dict)
+    rng: Any = None
+    kwargs: dict = field(default_factory=dict)
+
+
+def _module_params(module: nn.Module, recursive: bool) -> dict[str, nn.Parameter]:
+    if recursive:
+        return dict(module.named_parameters())
+    return {k: p for k, p in module._parameters.items() if p is not None}
+
+
+def plan_model(model: nn.Module) -> tuple[list[Binding], dict[str, str]]:
+    """Assign every trainable parameter use to a rule.
+
+    Returns the bindings and ``owner``: canonical parameter name -> name of
+    the (first) module owning it.  Raises :class:`UnsupportedModuleError`
+    naming the module and parameter when a trainable parameter cannot be
+    handled exactly, and :class:`BatchNormError` for trainable BatchNorm."""
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    bindings: list[Binding] = []
+    owner: dict[str, str] = {}
+    skip: set[int] = set()
+    for mname, module in model.named_modules():
+        if id(module) in skip:
+            continue
+        rule = find_rule(module)
+        recursive = isinstance(rule, FallbackRule) and rule.recursive
+        params = {k: p for k, p in _module_params(module, recursive).items() if p.requires_grad}
+        if recursive:
+            skip.update(id(m) for m in module.modules())
+        if not params:
+            continue
+        label = mname or type(module).__name__
+        if isinstance(module, _BatchNorm):
+            raise BatchNormError(f"dpft: module '{label}' ({type(module).__name__}) has trainable parameters. " + BATCHNORM_MESSAGE)
+        if isinstance(module, nn.Embedding):
+            check_embedding(module, label)
+        expand = False
+        if rule is not None and not all(rule.supports(module, k) for k in params):
+            bad = [k for k in params if not rule.supports(module, k)]
+            if not list(module.children()):
+                rule = FALLBACK
+            else:
+                raise UnsupportedModuleError(
+                    f"dpft: parameter '{bad[0]}' of module '{label}' ({type(module).__name__}) is "
+                    "not handled by its rule; freeze it (requires_grad=False)."
+                )
+        if rule is None:
+            if not list(module.children()):
+                rule = FALLBACK
+            elif all(p.ndim >= 2 and p.shape[0] == 1 for p in params.values()):
+                rule, expand = EXPAND, True
+            else:
+                bad = next(k for k, p in params.items() if not (p.ndim >= 2 and p.shape[0] == 1))
+                raise UnsupportedModuleError(
+                    f"dpft: trainable parameter '{(mname + '.' if mname else '') + bad}' is held "
+                    f"directly by module '{label}' ({type(module).__name__}), which has child modules "
+                    "and no per-example rule; dpft cannot compute its per-example gradient exactly. "
+                    "Freeze it (requires_grad=False), or register a rule with dpft.register_rule."
+                )
+        keys = {k: canonical[id(p)] for k, p in params.items()}
+        for k in keys.values():
+            owner.setdefault(k, label)
+        if expand:
+            for k in params:
+                bindings.append(Binding(module, label, rule, frozenset([k]), {k: keys[k]}, expand=True))
+        else:
+            bindings.append(Binding(module, label, rule, frozenset(params), keys))
+    return bindings, owner
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, Tensor):
+            return a
+        if isinstance(a, (list, tuple)) and a and isinstance(a[0], Tensor):
+            return a[0]
+    return None
+
+
+Sink = Callable[[dict[str, list[Contribution]], int], None]
+
+
+class Capture:
+    """Installs and removes the hooks; hands per-backward contributions to ``sink``."""
+
+    def __init__(self, model: nn.Module, sink: Sink, *, book_keeping: bool = False) -> None:
+        self.model = model
+        self.sink = sink
+        self.book_keeping = book_keeping
+        self.bindings, self.owner = plan_model(model)
+        self.batch_size: int | None = None
+        self.enabled = True
+        self._received: list[tuple[Binding, Call]] = []
+        self._queued = False
+        self._handles: list[Any] = []
+
+    # -- installation -------------------------------------------------------
+    def attach(self) -> None:
+        h = self._handles
+        h.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
+        h.append(self.model.register_forward_hook(self._root_post, always_call=True))
+        for b in self.bindings:
+            if b.expand:
+                h.append(b.module.register_forward_pre_hook(partial(self._expand_pre, b)))
+                h.append(b.module.register_forward_hook(partial(self._expand_post, b), always_call=True))
+                continue
+            h.append(b.module.register_forward_pre_hook(partial(self._pre, b), with_kwargs=True))
+            h.append(b.module.register_forward_hook(partial(self._post, b), with_kwargs=True, always_call=True))
+        for name, m in self.model.named_modules():
+            if isinstance(m, _BatchNorm):
+                h.append(m.register_forward_pre_hook(partial(self._batchnorm_pre, name)))
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._restore_all()
+
+    def _restore_all(self) -> None:
+        for b in self.bindings:
+            for p in b.toggled:
+                p.requires_grad_(True)
+            b.toggled = []
+            for k, p in b.stash.items():
+                b.module._parameters[k] = p
+            b.stash = {}
+
+    # -- forward hooks ------------------------------------------------------
+    def _active(self) -> bool:
+        return self.enabled and torch.is_grad_enabled()
+
+    def _batchnorm_pre(self, name: str, module: nn.Module, args: tuple) -> None:
+        if module.training and self.enabled and torch.is_grad_enabled():
+            raise BatchNormError(f"dpft: module '{name}' ({type(module).__name__}) is in training mode. " + BATCHNORM_MESSAGE)
+
+    def _root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self._active():
+            return
+        t = _first_tensor(args, kwargs)
+        if t is None or t.ndim == 0:
+            raise RuntimeError("dpft: the model's forward got no batched tensor argument; cannot tell the batch size")
+        self.batch_size = int(t.shape[0])
+
+    def _root_post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        # safety net: a forward that raised midway must not leave weights frozen
+        if any(b.toggled or b.stash for b in self.bindings):
+            self._restore_all()
+
+    def _pre(self, b: Binding, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self._active():
+            return
+        if isinstance(b.rule, FallbackRule):
+            dev = next((a.device for a in args if isinstance(a, Tensor)), None)
+            b.rng = rng_state(dev)
+            b.kwargs = kwargs
+        elif self.book_keeping:
+            # Book-keeping: autograd need not compute the (non-private) weight
+            # gradient; we compute the clipped sum ourselves.  Only possible
+            # when the output still requires grad without the weight.
+            if any(isinstance(a, Tensor) and a.requires_grad for a in args):
+                for k in b.params:
+                    if k != "bias" and "." not in k:
+                        p = module._parameters[k]
+                        if p.requires_grad:
+                            p.requires_grad_(False)
+                            b.toggled.append(p)
+
+    def _post(self, b: Binding, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        for p in b.toggled:
+            p.requires_grad_(True)
+        b.toggled = []
+        if not self._active():
+            return None
+        n = self.batch_size
+        if isinstance(b.rule, FallbackRule):
+            flat = _flat_tensors(output)
+            if not any(t is not None and t.requires_grad for t in flat):
+                return None
+            call = Call(module, b.rule, n if n is not None else flat[0].shape[0])
+            call.saved["kwargs"] = b.kwargs
+            call.saved["rng"] = b.rng
+            b.kwargs, b.rng = {}, None
+            b.rule.save(call, module, args, output, b.params)
+            call.grads = [None] * len(flat)
+            for i, t in enumerate(flat):
+                if t is not None and t.requires_grad:
+                    t.register_hook(partial(self._on_fallback_grad, b, call, i))
+            return None
+        if not isinstance(output, Tensor):
+            raise UnsupportedModuleError(
+                f"dpft: module '{b.name}' ({type(module).__name__}) returned {type(output).__name__}, "
+                "expected a tensor"
+            )
+        if not output.requires_grad:
+            return None
+        if n is None:
+            n = output.shape[0]
+        replaced = None
+        if output.shape[0] != n:
+            if output.shape[0] == 1:
+                # broadcast over the batch (e.g. GPT-2 position embeddings with
+                # (1, T) position ids): expand so each example gets its own gradient
+                output = replaced = output.expand(n, *output.shape[1:])
+            else:
+                raise RuntimeError(
+                    f"dpft: output of module '{b.name}' has leading dimension {output.shape[0]}, "
+                    f"but the batch size is {n}; dpft needs the batch dimension first "
+                    "(e.g. batch_first=True)."
+                )
+        call = Call(module, b.rule, n)
+        b.rule.save(call, module, args, output, b.params)
+        output.register_hook(partial(self._on_grad, b, call))
+        return replaced
+
+    def _expand_pre(self, b: Binding, module: nn.Module, args: tuple) -> None:
+        if not self._active():
+            return
+        n = self.batch_size
+        if n is None:
+            raise RuntimeError("dpft: batch size unknown before the forward of " + b.name)
+        (k,) = tuple(b.params)
+        p = module._parameters[k]
+        e = p.expand(n, *p.shape[1:])
+        call = Call(module, b.rule, n)
+        e.register_hook(partial(self._on_grad, b, call))
+        b.stash[k] = p
+        module._parameters[k] = e  # type: ignore[assignment]  # restored in _expand_post
+
+    def _expand_post(self, b: Binding, module: nn.Module, args: tuple, output: Any) -> None:
+        for k, p in b.stash.items():
+            module._parameters[k] = p
+        b.stash = {}
+
+    # -- backward -----------------------------------------------------------
+    def _on_grad(self, b: Binding, call: Call, grad: Tensor) -> None:
+        if not self.enabled:
+            return
+        b.rule.on_grad(call, grad, b.params)
+        self._received.append((b, call))
+        self._queue()
+
+    def _on_fallback_grad(self, b: Binding, call: Call, index: int, grad: Tensor) -> None:
+        if not self.enabled:
+            return
+        first = all(g is None for g in call.grads)
+        call.grads[index] = grad
+        if first:
+            self._received.append((b, call))
+        self._queue()
+
+    def _queue(self) -> None:
+        if not self._queued:
+            self._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._backward_end)
+
+    def _backward_end(self) -> None:
+        self._queued = False
+        received, self._received = self._received, []
+        if not received:
+            return
+        sizes = {call.batch_size for _, call in received}
+        if len(sizes) != 1:
+            raise RuntimeError(f"dpft: one backward pass mixed batches of sizes {sorted(sizes)}")
+        n = sizes.pop()
+        out: dict[str, list[Contribution]] = {}
+        self.enabled = False
+        try:
+            for b, call in received:
+                call.check_versions(b.name)
+                for local, c in b.rule.contributions(call, b.params).items():
+                    key = b.keys[local]
+                    if isinstance(c, Direct):
+                        expected = (n, *self._param(key).shape)
+                        if tuple(c.grad.shape) != expected:
+                            raise RuntimeError(
+                                f"dpft: per-example gradient of '{key}' from module '{b.name}' has shape "
+                                f"{tuple(c.grad.shape)}, expected {expected}"
+                            )
+                    out.setdefault(key, []).append(c)
+        finally:
+            self.enabled = True
+        self.sink(out, n)
+
+    def _param(self, key: str) -> nn.Parameter:
+        if not hasattr(self, "_params"):
+            self._params = dict(self.model.named_parameters())
+        return self._params[key]

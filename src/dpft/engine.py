@@ -1,0 +1,334 @@
+"""``PrivacyEngine``: wires capture -> clip -> noise -> optimizer, with the
+privacy ledger beside the flow.
+
+After :meth:`PrivacyEngine.attach`, an ordinary training loop::
+
+    loss = criterion(model(x), y)      # mean over the physical batch
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+applies the privatized gradient ``(sum_i c_i g_i + sigma R z) / B`` to every
+trainable parameter (``B`` = the expected logical batch size ``batch_size``).
+Several ``backward()`` calls before one ``step()`` accumulate (gradient
+accumulation / physical batches); noise is added once per ``step()``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import accounting
+from .accounting import Ledger, PrivacyBudgetExceeded
+from .capture import Capture
+from .clipping import CLIPPING_FNS, CLIPPING_STYLES, make_groups
+from .noise import GaussianNoise
+from .privatize import ClippedSum
+from .rules.base import Contribution
+
+CLIPPING_MODES = ("auto", "bk", "ghost", "mixed", "instantiate")
+ACCOUNTANTS = ("pld", "rdp")
+LOSS_REDUCTIONS = ("mean", "sum")
+ON_BUDGET = ("raise", "warn")
+
+
+def _bad(name: str, value: Any, expected: str) -> ValueError:
+    return ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+class PrivacyEngine:
+    """Differentially private training of a model's trainable parameters.
+
+    Args:
+        model: any ``nn.Module``; trainable parameters are those with
+            ``requires_grad=True`` when the engine is created.
+        batch_size: expected logical batch size ``B`` (the divisor of the
+            privatized gradient); ``sample_rate = batch_size / sample_size``.
+        sample_size: number of training examples ``N``.
+        epochs / steps: planned training length (exactly one; used to
+            calibrate the noise and as the privacy budget's horizon).
+            ``steps = epochs * ceil(N / B)``.
+        target_epsilon / noise_multiplier: exactly one.  With
+            ``target_epsilon`` the noise multiplier is calibrated so that
+            the planned steps spend at most ``target_epsilon`` (and at least
+            99% of it); a step that would exceed it raises
+            :class:`dpft.PrivacyBudgetExceeded` before touching anything.
+            ``noise_multiplier=0`` trains without privacy (epsilon = inf).
+        target_delta: delta; default :func:`dpft.accounting.default_delta` (below ``1/N``).
+        max_grad_norm: clipping threshold ``R``.
+        clipping_fn: ``"abadi"`` (``min(1, R/||g||)``) or ``"automatic"`` (``R/(||g||+0.01)``).
+        clipping_style: ``"all-layer"``, ``"layer-wise"``, ``"param-wise"`` or a
+            list of lists of parameter names; ``K`` groups are each clipped to ``R/sqrt(K)``.
+        clipping_mode: how weight norms are computed: ``"ghost"``,
+            ``"instantiate"``, ``"mixed"`` (per layer the cheaper), ``"bk"``
+            (mixed norms and book-keeping: autograd skips the non-private
+            weight gradients), ``"auto"`` (= ``"bk"``).  All give the same
+            result up to rounding; biases never need activations.
+        accountant: ``"pld"`` or ``"rdp"`` (Google's dp-accounting).
+        loss_reduction: ``"mean"`` (each backward is of the mean loss over its
+            physical batch) or ``"sum"``.
+        on_budget_exceeded: ``"raise"`` (default) or ``"warn"``.
+        noise_seed: seed of the noise generator (default: OS entropy).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        batch_size: int,
+        sample_size: int,
+        epochs: float | None = None,
+        steps: int | None = None,
+        target_epsilon: float | None = None,
+        noise_multiplier: float | None = None,
+        target_delta: float | None = None,
+        max_grad_norm: float = 1.0,
+        clipping_fn: str = "abadi",
+        clipping_style: str | Sequence[Sequence[str]] = "all-layer",
+        clipping_mode: str = "auto",
+        accountant: str = "pld",
+        loss_reduction: str = "mean",
+        on_budget_exceeded: str = "raise",
+        noise_seed: int | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise _bad("model", model, "a torch.nn.Module")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise _bad("batch_size", batch_size, "a positive integer")
+        if isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size <= 0:
+            raise _bad("sample_size", sample_size, "a positive integer")
+        if batch_size > sample_size:
+            raise ValueError(f"batch_size ({batch_size}) must not exceed sample_size ({sample_size})")
+        if (epochs is None) == (steps is None):
+            raise ValueError(f"give exactly one of epochs / steps, got epochs={epochs!r}, steps={steps!r}")
+        if epochs is not None and not (isinstance(epochs, (int, float)) and epochs > 0 and math.isfinite(epochs)):
+            raise _bad("epochs", epochs, "a positive number")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0):
+            raise _bad("steps", steps, "a positive integer")
+        if (target_epsilon is None) == (noise_multiplier is None):
+            raise ValueError(
+                "give exactly one of target_epsilon / noise_multiplier, got "
+                f"target_epsilon={target_epsilon!r}, noise_multiplier={noise_multiplier!r}"
+            )
+        if target_epsilon is not None and not (isinstance(target_epsilon, (int, float)) and target_epsilon > 0 and math.isfinite(target_epsilon)):
+            raise _bad("target_epsilon", target_epsilon, "a positive finite number")
+        if noise_multiplier is not None and not (isinstance(noise_multiplier, (int, float)) and noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+            raise _bad("noise_multiplier", noise_multiplier, "a finite number >= 0")
+        if target_delta is not None and not (isinstance(target_delta, (int, float)) and 0 < target_delta < 1):
+            raise _bad("target_delta", target_delta, "in (0, 1)")
+        if not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0 and math.isfinite(max_grad_norm)):
+            raise _bad("max_grad_norm", max_grad_norm, "a positive finite number")
+        if clipping_fn not in CLIPPING_FNS:
+            raise _bad("clipping_fn", clipping_fn, f"one of {CLIPPING_FNS}")
+        if isinstance(clipping_style, str) and clipping_style not in CLIPPING_STYLES:
+            raise _bad("clipping_style", clipping_style, f"one of {CLIPPING_STYLES} or a list of lists of parameter names")
+        if clipping_mode not in CLIPPING_MODES:
+            raise _bad("clipping_mode", clipping_mode, f"one of {CLIPPING_MODES}")
+        if accountant not in ACCOUNTANTS:
+            raise _bad("accountant", accountant, f"one of {ACCOUNTANTS}")
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise _bad("loss_reduction", loss_reduction, f"one of {LOSS_REDUCTIONS}")
+        if on_budget_exceeded not in ON_BUDGET:
+            raise _bad("on_budget_exceeded", on_budget_exceeded, f"one of {ON_BUDGET}")
+
+        self.model = model
+        self.batch_size = batch_size
+        self.sample_size = sample_size
+        self.sample_rate = batch_size / sample_size
+        self.planned_steps = steps if steps is not None else int(math.ceil(epochs * math.ceil(sample_size / batch_size)))  # type: ignore[operator]
+        self.target_epsilon = float(target_epsilon) if target_epsilon is not None else None
+        self.target_delta = float(target_delta) if target_delta is not None else accounting.default_delta(sample_size)
+        self.max_grad_norm = float(max_grad_norm)
+        self.clipping_fn = clipping_fn
+        self.clipping_mode = clipping_mode
+        self.accountant = accountant
+        self.loss_reduction = loss_reduction
+        self.on_budget_exceeded = on_budget_exceeded
+
+        self.params: dict[str, nn.Parameter] = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise ValueError("model has no trainable parameters (requires_grad=True); nothing to train")
+
+        if noise_multiplier is not None:
+            self.noise_multiplier = float(noise_multiplier)
+            if self.noise_multiplier == 0:
+                warnings.warn("noise_multiplier=0: training is NOT differentially private (epsilon = inf)", stacklevel=2)
+        else:
+            self.noise_multiplier = accounting.noise_multiplier(
+                target_epsilon=self.target_epsilon,
+                sample_rate=self.sample_rate,
+                steps=self.planned_steps,
+                delta=self.target_delta,
+                accountant=accountant,
+            )
+
+        norm_mode = {"auto": "mixed", "bk": "mixed"}.get(clipping_mode, clipping_mode)
+        self._capture = Capture(model, self._on_backward, book_keeping=clipping_mode in ("auto", "bk"))
+        self.groups = make_groups(clipping_style, list(self.params), self._capture.owner)
+        self._sum = ClippedSum(self.params, self.groups, self.max_grad_norm, clipping_fn, norm_mode)
+        self.ledger = Ledger()
+        self.noise = GaussianNoise(noise_seed)
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._orig: dict[str, Any] = {}
+        self._empty_batches = 0
+        self._attached = False
+
+    # -- public state -------------------------------------------------------
+    @property
+    def steps(self) -> int:
+        """Privatized optimizer steps taken so far."""
+        return self.ledger.steps
+
+    @property
+    def epsilon(self) -> float:
+        """Epsilon spent so far at ``target_delta``."""
+        if self.noise_multiplier == 0:
+            return math.inf if self.steps else 0.0
+        return self.ledger.epsilon(self.target_delta, accountant=self.accountant)
+
+    def get_epsilon(self, delta: float | None = None) -> float:
+        """Epsilon spent so far at ``delta`` (default ``target_delta``)."""
+        if self.noise_multiplier == 0:
+            return math.inf if self.steps else 0.0
+        return self.ledger.epsilon(self.target_delta if delta is None else delta, accountant=self.accountant)
+
+    @property
+    def trainable_names(self) -> list[str]:
+        return list(self.params)
+
+    # -- attach / detach ----------------------------------------------------
+    def attach(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Make ``optimizer.step()`` apply the privatized gradient; returns the optimizer."""
+        if self._attached:
+            raise RuntimeError("this PrivacyEngine is already attached; call detach() first")
+        trainable = {id(p) for p in self.params.values()}
+        for gi, group in enumerate(optimizer.param_groups):
+            for p in group["params"]:
+                if p.requires_grad and id(p) not in trainable:
+                    raise ValueError(
+                        f"optimizer param group {gi} holds a trainable parameter of shape {tuple(p.shape)} "
+                        "that is not a trainable parameter of the engine's model (it would be updated "
+                        "without privacy)"
+                    )
+        self._optimizer = optimizer
+        self._orig = {k: optimizer.__dict__[k] for k in ("step", "zero_grad") if k in optimizer.__dict__}
+        engine_step = self._step
+        orig_step = optimizer.step
+        orig_zero = optimizer.zero_grad
+
+        def step(closure: Callable[[], Any] | None = None) -> Any:
+            return engine_step(orig_step, closure)
+
+        def zero_grad(set_to_none: bool = True) -> None:
+            self._sum.reset()
+            self._empty_batches = 0
+            orig_zero(set_to_none=set_to_none)
+
+        step.__dpft__ = True  # type: ignore[attr-defined]
+        optimizer.step = step  # type: ignore[method-assign]
+        optimizer.zero_grad = zero_grad  # type: ignore[method-assign]
+        self._capture.attach()
+        self._attached = True
+        return optimizer
+
+    def detach(self) -> None:
+        """Remove all hooks and give the optimizer its own ``step`` back."""
+        self._capture.detach()
+        opt = self._optimizer
+        if opt is not None:
+            for k in ("step", "zero_grad"):
+                opt.__dict__.pop(k, None)
+            opt.__dict__.update(self._orig)
+        self._optimizer = None
+        self._attached = False
+        self._sum.reset()
+
+    # -- the flow -----------------------------------------------------------
+    def _on_backward(self, contributions: dict[str, list[Contribution]], batch_size: int) -> None:
+        scale = float(batch_size) if self.loss_reduction == "mean" else 1.0
+        self._sum.add(contributions, batch_size, scale)
+
+    def record_empty_batch(self) -> None:
+        """Declare that this logical batch drew no examples (Poisson sampling):
+        the next ``step()`` applies noise only, and is accounted as usual."""
+        self._empty_batches += 1
+
+    def _check_budget(self) -> None:
+        if self.target_epsilon is None or self.noise_multiplier == 0:
+            return
+        if self.steps + 1 <= self.planned_steps and len(self.ledger.segments) <= 1:
+            return  # calibrated for the planned steps
+        eps = self.ledger.epsilon_if(
+            self.noise_multiplier, self.sample_rate, 1, self.target_delta, accountant=self.accountant
+        )
+        if eps > self.target_epsilon:
+            msg = (
+                f"dpft: step {self.steps + 1} would spend epsilon={eps:.4g} > target_epsilon="
+                f"{self.target_epsilon:g} (delta={self.target_delta:g}); nothing was changed"
+            )
+            if self.on_budget_exceeded == "raise":
+                raise PrivacyBudgetExceeded(msg)
+            warnings.warn(msg, stacklevel=3)
+
+    @torch.no_grad()
+    def privatize(self) -> None:
+        """Write ``(sum_i c_i g_i + sigma R z) / B`` into ``p.grad`` of every
+        trainable parameter and record the step in the ledger."""
+        names = list(self.params)
+        params = [self.params[n] for n in names]
+        sigma_r = self.noise_multiplier * self.max_grad_norm
+        noise = self.noise.standard_normal(params) if sigma_r > 0 else [None] * len(params)
+        for n, p, z in zip(names, params, noise):
+            s = self._sum.sums.get(n)
+            g = s.to(p.dtype, copy=True) if s is not None else torch.zeros_like(p)
+            if z is not None:
+                g.add_(z, alpha=sigma_r)
+            p.grad = g.div_(self.batch_size)
+        self.ledger.record(self.noise_multiplier, self.sample_rate, 1)
+
+    def _step(self, orig_step: Callable[..., Any], closure: Callable[[], Any] | None) -> Any:
+        loss = None
+        if closure is not None:
+            # evaluated once: every evaluation on private data costs privacy
+            with torch.enable_grad():
+                loss = closure()
+        if self._sum.backward_passes == 0 and self._empty_batches == 0:
+            raise RuntimeError(
+                "dpft: optimizer.step() called without a backward() since the last step; "
+                "for an empty Poisson batch call engine.record_empty_batch() first"
+            )
+        self._check_budget()
+        self.privatize()
+        self._sum.reset()
+        self._empty_batches = 0
+        out = orig_step()
+        return loss if closure is not None else out
+
+    # -- state --------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "ledger": self.ledger.state_dict(),
+            "noise": self.noise.state_dict(),
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "batch_size": self.batch_size,
+            "sample_size": self.sample_size,
+            "target_delta": self.target_delta,
+            "target_epsilon": self.target_epsilon,
+            "max_grad_norm": self.max_grad_norm,
+            "planned_steps": self.planned_steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k in ("noise_multiplier", "sample_rate", "max_grad_norm", "target_delta"):
+            mine = getattr(self, k)
+            if not math.isclose(float(state[k]), mine, rel_tol=1e-12):
+                raise ValueError(f"engine state has {k}={state[k]!r}, this engine has {mine!r}")
+        self.ledger.load_state_dict(state["ledger"])
+        self.noise.load_state_dict(state["noise"])

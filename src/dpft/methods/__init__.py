@@ -1,0 +1,1 @@
+"""Fine-tuning methods built on the engine: which parameters train, and schedules."""

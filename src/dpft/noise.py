@@ -1,0 +1,59 @@
+"""Gaussian noise for the privatized gradient, from one place.
+
+Generators are seeded from the operating system's entropy (``secrets``) by
+default, or from ``seed`` for reproducible runs; one generator per device.
+Noise is drawn on the parameter's device in one call per (device, dtype)
+and split into the parameters' shapes.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+class GaussianNoise:
+    """Standard normal draws for a list of tensors, one generator per device."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = secrets.randbits(63) if seed is None else int(seed)
+        self._gens: dict[str, torch.Generator] = {}
+        self._pending_states: dict[str, Tensor] = {}
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._gens:
+            g = torch.Generator(device=device)
+            # distinct streams per device, fixed by the seed
+            g.manual_seed((self.seed + 1_000_003 * len(self._gens)) % (2**63))
+            if key in self._pending_states:
+                g.set_state(self._pending_states.pop(key))
+            self._gens[key] = g
+        return self._gens[key]
+
+    def standard_normal(self, like: Sequence[Tensor]) -> list[Tensor]:
+        """Fresh ``N(0, I)`` tensors shaped like ``like`` (same device and dtype)."""
+        out: list[Tensor | None] = [None] * len(like)
+        buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, t in enumerate(like):
+            buckets.setdefault((t.device, t.dtype), []).append(i)
+        for (device, dtype), idx in buckets.items():
+            total = sum(like[i].numel() for i in idx)
+            flat = torch.randn(total, generator=self.generator(device), device=device, dtype=dtype)
+            offset = 0
+            for i in idx:
+                k = like[i].numel()
+                out[i] = flat[offset : offset + k].view(like[i].shape)
+                offset += k
+        return out  # type: ignore[return-value]
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "states": {k: g.get_state() for k, g in self._gens.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = int(state["seed"])
+        self._gens = {}
+        self._pending_states = dict(state.get("states", {}))

@@ -1,0 +1,125 @@
+"""Clip and sum per-example gradients: from contributions to ``sum_i c_i g_i``.
+
+Parameters whose contributions are all :class:`Direct` (biases, norm
+weights, container parameters) are processed together: their per-example
+gradients are concatenated into one ``(B, total)`` matrix, so norms, clip
+factors and the weighted sum take a handful of kernels however many
+parameters there are.  Factored parameters (weights) are processed one by
+one with the ghost / instantiate choice of ``mode``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .clipping import clip_factors
+from .norms import acc_dtype_of, sq_norm, weighted_sum
+from .rules.base import Contribution, Direct
+
+
+class ClippedSum:
+    """Accumulates ``sum_i c_i g_i`` over the backward passes of one step."""
+
+    def __init__(
+        self,
+        params: dict[str, nn.Parameter],
+        groups: Sequence[Sequence[str]],
+        max_grad_norm: float,
+        clipping_fn: str,
+        mode: str,
+    ) -> None:
+        self.params = params
+        self.names = list(params)
+        self.group_of = {n: gi for gi, g in enumerate(groups) for n in g}
+        self.num_groups = len(groups)
+        self.group_norm = max_grad_norm / math.sqrt(self.num_groups)
+        self.clipping_fn = clipping_fn
+        self.mode = mode
+        self.sums: dict[str, Tensor] = {}
+        self.examples = 0
+        self.backward_passes = 0
+        self.last_norms: Tensor | None = None
+
+    def reset(self) -> None:
+        self.sums = {}
+        self.examples = 0
+        self.backward_passes = 0
+
+    def add(self, contributions: dict[str, list[Contribution]], batch_size: int, scale: float) -> None:
+        """Clip the per-example gradients of one backward pass and add them.
+
+        ``scale`` turns the captured gradients (of a mean loss) into
+        per-example gradients: the physical batch size for ``mean``, 1 for ``sum``."""
+        if not contributions:
+            return
+        any_p = self.params[next(iter(contributions))]
+        device = any_p.device
+        norm_dtype = torch.float64 if any(self.params[k].dtype == torch.float64 for k in contributions) else torch.float32
+        sq = torch.zeros(batch_size, self.num_groups, dtype=norm_dtype, device=device)
+
+        # Direct-only parameters, concatenated per (device, dtype)
+        direct: dict[tuple, list[str]] = {}
+        factored: list[str] = []
+        for k, cs in contributions.items():
+            if all(isinstance(c, Direct) for c in cs):
+                p = self.params[k]
+                direct.setdefault((p.device, acc_dtype_of(p.dtype)), []).append(k)
+            else:
+                factored.append(k)
+        flats: list[tuple[list[str], Tensor, Tensor]] = []
+        for (dev, dtype), names in direct.items():
+            cols = []
+            for k in names:
+                cs = contributions[k]
+                g = cs[0].grad
+                for c in cs[1:]:
+                    g = g + c.grad
+                cols.append(g.reshape(batch_size, -1).to(dtype))
+            flat = torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
+            col_group = torch.cat(
+                [torch.full((self.params[k].numel(),), self.group_of[k], device=dev, dtype=torch.long) for k in names]
+            )
+            if self.num_groups == 1:
+                sq[:, 0] += flat.pow(2).sum(1).to(norm_dtype).to(device)
+            else:
+                sq.index_add_(1, col_group.to(device), flat.pow(2).to(norm_dtype).to(device))
+            flats.append((names, flat, col_group))
+
+        inst: dict[str, Tensor | None] = {}
+        for k in factored:
+            p = self.params[k]
+            s, g = sq_norm(contributions[k], self.mode, acc_dtype_of(p.dtype))
+            sq[:, self.group_of[k]] += s.to(norm_dtype).to(device)
+            inst[k] = g
+
+        norms = sq.sqrt() * scale  # (B, K) per-example, per-group norms
+        self.last_norms = norms.detach()
+        weights = clip_factors(norms, self.group_norm, self.clipping_fn) * scale  # (B, K)
+
+        for names, flat, col_group in flats:
+            w = weights.to(flat.device, flat.dtype)
+            if self.num_groups == 1:
+                total = w[:, 0] @ flat
+            else:
+                total = (flat * w[:, col_group]).sum(0)
+            offset = 0
+            for k in names:
+                numel = self.params[k].numel()
+                self._accumulate(k, total[offset : offset + numel].view(self.params[k].shape))
+                offset += numel
+        for k in factored:
+            p = self.params[k]
+            w = weights[:, self.group_of[k]].to(p.device)
+            self._accumulate(k, weighted_sum(contributions[k], w, acc_dtype_of(p.dtype), inst[k]))
+        self.examples += batch_size
+        self.backward_passes += 1
+
+    def _accumulate(self, k: str, value: Tensor) -> None:
+        if k in self.sums:
+            self.sums[k] += value
+        else:
+            self.sums[k] = value.clone() if value._base is not None else value

@@ -1,0 +1,75 @@
+"""Registry: module type -> per-layer rule.
+
+Rules match by ``isinstance`` (so subclasses such as timm's LayerNorm or a
+quantized Linear get the parent's rule); the first match in registration
+order wins, so register specific types before their parents.  Modules with
+no rule are handled by the exact ``torch.func`` fallback when they have no
+children; see :func:`dpft.capture.plan_model` for the rest.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from .base import Call, Contribution, Direct, Factored, Rule
+from .conv import CONV_TRANSPOSE_TYPES, CONV_TYPES, ConvRule, ConvTransposeRule
+from .embedding import EmbeddingRule
+from .fallback import FallbackRule, MultiheadAttentionRule
+from .linear import HFConv1DRule, LinearRule, is_hf_conv1d
+from .norm import INSTANCE_NORM_TYPES, GroupNormRule, InstanceNormRule, LayerNormRule, RMSNormRule, is_hf_rmsnorm
+
+Matcher = Callable[[nn.Module], bool]
+
+_REGISTRY: list[tuple[Matcher, Rule]] = []
+
+
+def register_rule(match: type | tuple[type, ...] | Matcher, rule: Rule, *, first: bool = False) -> None:
+    """Register ``rule`` for modules that are instances of ``match`` (or for
+    which the predicate ``match(module)`` is true).  ``first=True`` gives it
+    priority over the built-in rules."""
+    if isinstance(match, (type, tuple)):
+        types = match
+        matcher: Matcher = lambda m: isinstance(m, types)  # noqa: E731
+    else:
+        matcher = match
+    if first:
+        _REGISTRY.insert(0, (matcher, rule))
+    else:
+        _REGISTRY.append((matcher, rule))
+
+
+def find_rule(module: nn.Module) -> Rule | None:
+    """The rule for ``module``, or ``None``."""
+    for matcher, rule in _REGISTRY:
+        if matcher(module):
+            return rule
+    return None
+
+
+FALLBACK = FallbackRule()
+
+register_rule(nn.MultiheadAttention, MultiheadAttentionRule())
+register_rule(nn.Linear, LinearRule())
+register_rule(is_hf_conv1d, HFConv1DRule())
+register_rule(CONV_TYPES, ConvRule())
+register_rule(CONV_TRANSPOSE_TYPES, ConvTransposeRule())
+register_rule(nn.Embedding, EmbeddingRule())
+register_rule(nn.LayerNorm, LayerNormRule())
+register_rule(nn.GroupNorm, GroupNormRule())
+register_rule(INSTANCE_NORM_TYPES, InstanceNormRule())
+if hasattr(nn, "RMSNorm"):
+    register_rule(nn.RMSNorm, RMSNormRule())
+register_rule(is_hf_rmsnorm, RMSNormRule())
+
+__all__ = [
+    "Call",
+    "Contribution",
+    "Direct",
+    "Factored",
+    "FALLBACK",
+    "Rule",
+    "find_rule",
+    "register_rule",
+]

@@ -1,0 +1,144 @@
+"""What a layer rule produces: per-example gradient *contributions*.
+
+A trainable parameter may be used several times in one forward pass (tied
+embeddings, a module called twice).  Every use yields one contribution; the
+per-example gradient of the parameter is the sum of its contributions, and
+its per-example norm is the norm of that sum (never the sum of norms).
+
+Two kinds of contribution exist:
+
+* :class:`Direct` -- the per-example gradient itself, ``(B, *param.shape)``.
+  Used for biases and norm-layer weights, where it is as cheap as the
+  output gradient.
+* :class:`Factored` -- the per-example gradient as a sum over positions of
+  outer products, ``G_i = sum_t left[i, t] (x) right[i, t]`` (per group of a
+  grouped convolution).  ``left`` spans the parameter's first dimension,
+  ``right`` the rest.  ``left`` may be given implicitly as token ids (one-hot
+  rows, for embeddings) so that no dense one-hot is ever built.  Norms of
+  factored contributions are computed either by the "ghost" identity
+  ``||G_i||^2 = <L_i L_i^T, R_i R_i^T>`` or by instantiating ``G_i``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Direct:
+    """Per-example gradient of a whole parameter, shape ``(B, *param.shape)``."""
+
+    grad: Tensor
+
+
+@dataclass
+class Factored:
+    """Per-example gradient ``G_i = sum_t left[i,t,g] (x) right[i,t,g]``.
+
+    Shapes: ``left`` ``(B, T, G, P)`` (or ``None`` when ``ids`` is given),
+    ``right`` ``(B, T, G, D)``; ``ids`` ``(B, T)`` long, meaning
+    ``left[i, t, 0] = onehot(ids[i, t], num_rows)``.  The instantiated
+    gradient ``(B, G, P, D)`` reshapes to ``(B, *shape)``: group ``g`` owns
+    rows ``g*P .. (g+1)*P`` of the parameter's first dimension.
+    """
+
+    right: Tensor
+    shape: torch.Size
+    left: Tensor | None = None
+    ids: Tensor | None = None
+    num_rows: int = 0
+
+    @property
+    def positions(self) -> int:
+        return self.right.shape[1]
+
+    @property
+    def groups(self) -> int:
+        return self.right.shape[2]
+
+    @property
+    def rows(self) -> int:
+        return self.num_rows if self.ids is not None else self.left.shape[3]  # type: ignore[union-attr]
+
+    @property
+    def cols(self) -> int:
+        return self.right.shape[3]
+
+
+Contribution = Direct | Factored
+
+
+@dataclass
+class Call:
+    """One forward call of a hooked module, filled in by forward and backward hooks."""
+
+    module: nn.Module
+    rule: "Rule"
+    batch_size: int
+    saved: dict[str, Any] = field(default_factory=dict)
+    grads: list[Tensor | None] = field(default_factory=list)
+    results: dict[str, Tensor] = field(default_factory=dict)  # eagerly reduced per-example grads
+    versions: list[tuple[Tensor, int]] = field(default_factory=list)
+
+    def save_input(self, name: str, tensor: Tensor) -> None:
+        """Keep ``tensor`` for the backward pass and remember its version,
+        so that a later in-place change is detected instead of silently
+        giving a wrong gradient."""
+        self.saved[name] = tensor
+        self.versions.append((tensor, tensor._version))
+
+    def check_versions(self, module_name: str) -> None:
+        for tensor, version in self.versions:
+            if tensor._version != version:
+                raise RuntimeError(
+                    f"dpft: the input of module '{module_name}' was modified in place after "
+                    "its forward pass; dpft needs the original input to compute per-example "
+                    "gradients of its weights. Make the operation that follows it out-of-place."
+                )
+
+
+class Rule:
+    """A per-layer rule: what to keep in forward, how to turn the output
+    gradient into per-example gradient contributions.
+
+    ``params`` passed to the methods are the *trainable* parameter names of the
+    module (a subset of ``module._parameters``) that this rule is responsible for.
+    """
+
+    #: names of direct parameters this rule can handle; ``None`` = any
+    handles: tuple[str, ...] | None = None
+
+    def supports(self, module: nn.Module, name: str) -> bool:
+        return self.handles is None or name in self.handles
+
+    def needs_input(self, module: nn.Module, params: frozenset[str]) -> bool:
+        """Whether the module's input must be kept (a weight trains)."""
+        return bool(params - {"bias"})
+
+    def save(self, call: Call, module: nn.Module, args: tuple, output: Tensor, params: frozenset[str]) -> None:
+        """Keep what backward needs (called in the forward hook)."""
+        if self.needs_input(module, params):
+            call.save_input("input", args[0])
+
+    def on_grad(self, call: Call, grad: Tensor, params: frozenset[str]) -> None:
+        """Called when the output gradient arrives.  Reduce eagerly what is
+        cheap (biases) so that nothing large is kept; keep ``grad`` only when
+        a weight needs it."""
+        raise NotImplementedError
+
+    def contributions(self, call: Call, params: frozenset[str]) -> dict[str, Contribution]:
+        """Per-example gradient contributions, keyed by parameter name."""
+        raise NotImplementedError
+
+
+def batchify(x: Tensor, batch_size: int) -> Tensor:
+    """Expand a batch-broadcast tensor (leading dim 1) to ``batch_size``."""
+    if x.shape[0] == batch_size:
+        return x
+    if x.shape[0] == 1:
+        return x.expand(batch_size, *x.shape[1:])
+    raise RuntimeError(f"dpft: expected a leading batch dimension of {batch_size} or 1, got shape {tuple(x.shape)}")

@@ -1,0 +1,150 @@
+"""The exact fallback for modules without a fast rule: per-example
+gradients of the module's trainable parameters by ``torch.func`` (a vmapped
+vector-Jacobian product of the module applied to one example at a time).
+
+It keeps the module's inputs until the end of the backward pass, so it is
+slower and heavier than the dedicated rules, but exact.  It is used for
+``nn.MultiheadAttention`` (whose ``out_proj`` is applied functionally, so no
+module hook would see it) and for leaf modules of unknown types.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import Call, Contribution, Direct, Rule
+
+
+def _flat_tensors(output: Any) -> list[Tensor | None]:
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, (tuple, list)):
+        out: list[Tensor | None] = []
+        for o in output:
+            out.extend(_flat_tensors(o))
+        return out
+    if isinstance(output, dict):
+        out = []
+        for o in output.values():
+            out.extend(_flat_tensors(o))
+        return out
+    return [None]
+
+
+class FallbackRule(Rule):
+    """Exact per-example gradients via ``torch.func`` for any module whose
+    forward is a function of its parameters and batched inputs.
+
+    ``recursive`` rules cover the parameters of child modules too (their
+    names are then dotted, e.g. ``out_proj.weight``)."""
+
+    handles = None
+    recursive = False
+
+    def batch_dim(self, module: nn.Module) -> int:
+        return 0
+
+    def needs_input(self, module: nn.Module, params: frozenset[str]) -> bool:
+        return True
+
+    def save(self, call: Call, module: nn.Module, args: tuple, output: Any, params: frozenset[str]) -> None:
+        call.saved["args"] = args
+        call.saved["kwargs"] = dict(call.saved.pop("kwargs", {}) or {})
+        for a in list(args) + list(call.saved["kwargs"].values()):
+            if isinstance(a, Tensor):
+                call.versions.append((a, a._version))
+
+    def on_grad(self, call: Call, grad: Tensor, params: frozenset[str]) -> None:  # pragma: no cover - grads set by capture
+        raise AssertionError
+
+    def contributions(self, call: Call, params: frozenset[str]) -> dict[str, Contribution]:
+        module = call.module
+        n = call.batch_size
+        bdim = self.batch_dim(module)
+        named = dict(module.named_parameters()) if self.recursive else dict(module.named_parameters(recurse=False))
+        names = sorted(params)
+        plist = [named[k] for k in names]
+        # Recompute the module's forward on the whole batch with the RNG state
+        # it saw (identical dropout masks), then pull back one example's output
+        # gradient at a time (batched with is_grads_batched).
+        with torch.enable_grad(), _rng_restored(call.saved.get("rng")):
+            out = module.forward(*call.saved["args"], **call.saved["kwargs"])
+        outs = _flat_tensors(out)
+        pairs = [
+            (o, g)
+            for o, g in zip(outs, call.grads)
+            if o is not None and g is not None and o.requires_grad
+        ]
+        if not pairs:
+            return {}
+        numel = sum(g.numel() for _, g in pairs)
+        chunk = max(1, min(n, (1 << 26) // max(1, numel)))
+        parts: list[list[Tensor]] = [[] for _ in names]
+        for start in range(0, n, chunk):
+            idx = torch.arange(start, min(n, start + chunk), device=pairs[0][1].device)
+            cots = []
+            for _, g in pairs:
+                onehot = torch.zeros(len(idx), n, dtype=g.dtype, device=g.device)
+                onehot[torch.arange(len(idx)), idx] = 1
+                shape = [len(idx)] + [n if d == bdim else 1 for d in range(g.ndim)]
+                cots.append(g.unsqueeze(0) * onehot.view(shape))
+            gs = torch.autograd.grad(
+                [o for o, _ in pairs], plist, grad_outputs=cots,
+                is_grads_batched=True, retain_graph=True, allow_unused=True,
+            )
+            for i, (gk, p) in enumerate(zip(gs, plist)):
+                parts[i].append(gk if gk is not None else torch.zeros(len(idx), *p.shape, dtype=p.dtype, device=p.device))
+        return {k: Direct(torch.cat(v)) for k, v in zip(names, parts)}
+
+
+class _rng_restored:
+    """Run a block with the CPU (and CUDA) RNG state saved at forward time."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def __enter__(self):
+        if self.state is None:
+            return
+        cpu, cuda = self.state
+        self.saved = (torch.get_rng_state(), torch.cuda.get_rng_state() if cuda is not None else None)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
+
+    def __exit__(self, *exc):
+        if self.state is None:
+            return
+        torch.set_rng_state(self.saved[0])
+        if self.saved[1] is not None:
+            torch.cuda.set_rng_state(self.saved[1])
+
+
+def rng_state(device: torch.device | None) -> tuple:
+    """The RNG state a module's forward will consume (CPU and current CUDA device)."""
+    cuda = None
+    if device is not None and device.type == "cuda":
+        cuda = torch.cuda.get_rng_state(device)
+    return (torch.get_rng_state(), cuda)
+
+
+class MultiheadAttentionRule(FallbackRule):
+    """``nn.MultiheadAttention``: covers its own projections and ``out_proj``."""
+
+    recursive = True
+
+    def batch_dim(self, module: nn.Module) -> int:
+        return 0 if module.batch_first else 1
+
+    def save(self, call: Call, module: nn.Module, args: tuple, output: Any, params: frozenset[str]) -> None:
+        kwargs = call.saved.get("kwargs") or {}
+        mask = kwargs.get("attn_mask")
+        if isinstance(mask, Tensor) and mask.ndim == 3:
+            raise NotImplementedError(
+                "dpft: nn.MultiheadAttention with a 3-d attn_mask (batch*heads, L, S) is not "
+                "supported; pass a 2-d mask and a key_padding_mask instead."
+            )
+        super().save(call, module, args, output, params)

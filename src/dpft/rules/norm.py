@@ -1,0 +1,141 @@
+"""Rules for normalization layers with an affine part ``y = x_hat * w + b``:
+LayerNorm (also channel-first subclasses such as timm's LayerNorm2d),
+GroupNorm, InstanceNorm*d and RMSNorm (torch's and transformers' Llama/T5/...
+variants).  Bias gradient: the output gradient summed over positions; weight
+gradient: ``sum_t b_t * x_hat_t`` with ``x_hat`` recomputed from the saved input."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Call, Contribution, Direct, Rule
+from .linear import acc_dtype
+
+
+def _reduce(prod: Tensor, dims: tuple[int, ...]) -> Tensor:
+    if not dims:
+        return prod.to(acc_dtype(prod))
+    return prod.sum(dim=dims, dtype=acc_dtype(prod))
+
+
+class _AffineNormRule(Rule):
+    handles = ("weight", "bias")
+
+    def reduce_dims(self, call: Call, grad: Tensor) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def normalized(self, call: Call) -> Tensor:
+        raise NotImplementedError
+
+    def on_grad(self, call: Call, grad: Tensor, params: frozenset[str]) -> None:
+        dims = self.reduce_dims(call, grad)
+        if "bias" in params:
+            call.results["bias"] = _reduce(grad, dims)
+        if "weight" in params:
+            call.results["weight"] = _reduce(grad * self.normalized(call).to(grad.dtype), dims)
+
+    def contributions(self, call: Call, params: frozenset[str]) -> dict[str, Contribution]:
+        return {name: Direct(call.results[name]) for name in params}
+
+
+class LayerNormRule(_AffineNormRule):
+    """``nn.LayerNorm`` and subclasses.  Normalized dims are the trailing ones
+    (the usual layout) or, for a 1-d normalized shape, dim 1 (channel-first
+    subclasses like timm's ``LayerNorm2d``)."""
+
+    def save(self, call: Call, module: nn.Module, args: tuple, output: Tensor, params: frozenset[str]) -> None:
+        shape = tuple(module.normalized_shape)
+        k = len(shape)
+        if tuple(output.shape[-k:]) == shape:
+            call.saved["layout"] = "last"
+        elif k == 1 and output.ndim > 2 and output.shape[1] == shape[0]:
+            call.saved["layout"] = "first"
+        else:
+            raise RuntimeError(
+                f"dpft: cannot locate normalized dims {shape} in LayerNorm output {tuple(output.shape)}"
+            )
+        if "weight" in params:
+            call.save_input("input", args[0])
+
+    def reduce_dims(self, call: Call, grad: Tensor) -> tuple[int, ...]:
+        if call.saved["layout"] == "first":
+            return tuple(range(2, grad.ndim))
+        k = len(call.module.normalized_shape)
+        return tuple(range(1, grad.ndim - k))
+
+    def normalized(self, call: Call) -> Tensor:
+        m = call.module
+        x = call.saved["input"]
+        if call.saved["layout"] == "first":
+            xt = x.movedim(1, -1)
+            return F.layer_norm(xt, m.normalized_shape, None, None, m.eps).movedim(-1, 1)
+        return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
+
+
+class GroupNormRule(_AffineNormRule):
+    def reduce_dims(self, call: Call, grad: Tensor) -> tuple[int, ...]:
+        return tuple(range(2, grad.ndim))
+
+    def normalized(self, call: Call) -> Tensor:
+        m = call.module
+        return F.group_norm(call.saved["input"], m.num_groups, None, None, m.eps)
+
+
+class InstanceNormRule(_AffineNormRule):
+    def reduce_dims(self, call: Call, grad: Tensor) -> tuple[int, ...]:
+        return tuple(range(2, grad.ndim))
+
+    def save(self, call: Call, module: nn.Module, args: tuple, output: Tensor, params: frozenset[str]) -> None:
+        if args[0].ndim == len(module.weight.shape) + 1 and args[0].ndim < 3:
+            raise RuntimeError("dpft: unbatched input to InstanceNorm is not supported")
+        call.saved["use_input_stats"] = module.training or not module.track_running_stats
+        if "weight" in params:
+            call.save_input("input", args[0])
+            if not call.saved["use_input_stats"]:
+                call.saved["stats"] = (module.running_mean.clone(), module.running_var.clone())
+
+    def normalized(self, call: Call) -> Tensor:
+        m = call.module
+        x = call.saved["input"]
+        if call.saved["use_input_stats"]:
+            return F.instance_norm(x, None, None, None, None, True, 0.0, m.eps)
+        mean, var = call.saved["stats"]
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return (x - mean.view(shape)) / torch.sqrt(var.view(shape) + m.eps)
+
+
+class RMSNormRule(_AffineNormRule):
+    """torch's ``nn.RMSNorm`` and transformers' RMSNorm variants (Llama, T5,
+    Mistral, Qwen, Gemma's ``1 + w`` form: the gradient w.r.t. ``w`` is the same)."""
+
+    def save(self, call: Call, module: nn.Module, args: tuple, output: Tensor, params: frozenset[str]) -> None:
+        if "weight" in params:
+            call.save_input("input", args[0])
+
+    def reduce_dims(self, call: Call, grad: Tensor) -> tuple[int, ...]:
+        k = call.module.weight.ndim
+        return tuple(range(1, grad.ndim - k))
+
+    def normalized(self, call: Call) -> Tensor:
+        m = call.module
+        x = call.saved["input"]
+        if isinstance(m, getattr(nn, "RMSNorm", ())):
+            return F.rms_norm(x, m.normalized_shape, None, m.eps)
+        eps = getattr(m, "variance_epsilon", getattr(m, "eps", 1e-6))
+        xf = x.to(torch.float32) if x.dtype != torch.float64 else x
+        xhat = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return xhat.to(x.dtype)
+
+
+def is_hf_rmsnorm(module: nn.Module) -> bool:
+    """transformers' RMSNorm-style modules (LlamaRMSNorm, T5LayerNorm, ...),
+    recognized by name and attributes since each model defines its own class."""
+    name = type(module).__name__
+    if not (name.endswith("RMSNorm") or name == "T5LayerNorm"):
+        return False
+    return hasattr(module, "weight") and (hasattr(module, "variance_epsilon") or hasattr(module, "eps"))
+
+
+INSTANCE_NORM_TYPES = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
