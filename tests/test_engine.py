@@ -1,0 +1,290 @@
+"""Engine behaviour: noise, activation-free bias mode, book-keeping, errors."""
+
+from __future__ import annotations
+
+import gc
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import dpft
+from dpft.rules.base import Call
+
+
+def mlp(bias_only=True):
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3))
+    if bias_only:
+        dpft.bitfit(model)
+    return model
+
+
+def engine_for(model, **kw):
+    args = dict(batch_size=8, sample_size=100, steps=10, noise_multiplier=0.0, max_grad_norm=1.0)
+    args.update(kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return dpft.PrivacyEngine(model, **args)
+
+
+def test_noise_std_and_freshness():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 500)
+    dpft.bitfit(model)
+    sigma, R, B = 1.7, 0.6, 8
+    engine = engine_for(model, noise_multiplier=sigma, max_grad_norm=R, batch_size=B, noise_seed=1)
+    opt = torch.optim.SGD([model.bias], lr=1.0)
+    engine.attach(opt)
+    deltas = []
+    for _ in range(40):
+        before = model.bias.detach().clone()
+        x = torch.randn(B, 3)
+        (0.0 * model(x)).sum().backward()  # zero gradients: the update is the noise alone
+        opt.step()
+        opt.zero_grad()
+        deltas.append((model.bias.detach() - before).clone())
+    d = torch.stack(deltas)
+    expected = sigma * R / B
+    assert abs(d.std().item() / expected - 1) < 0.03
+    assert abs(d.mean().item()) < 0.05 * expected
+    # fresh each step: consecutive draws are uncorrelated
+    corr = torch.corrcoef(torch.stack([d[:-1].flatten(), d[1:].flatten()]))[0, 1]
+    assert abs(corr.item()) < 0.05
+
+
+def test_noise_seed_reproducible():
+    outs = []
+    for _ in range(2):
+        model = nn.Linear(3, 10)
+        dpft.bitfit(model)
+        with torch.no_grad():
+            model.bias.zero_()
+        engine = engine_for(model, noise_multiplier=1.0, noise_seed=7)
+        opt = torch.optim.SGD([model.bias], lr=1.0)
+        engine.attach(opt)
+        model(torch.ones(8, 3)).sum().mul(0).backward()
+        opt.step()
+        outs.append(model.bias.detach().clone())
+    assert torch.equal(outs[0], outs[1])
+
+
+def _packed_bytes(model, x, engine=None):
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    return out, total[0]
+
+
+def test_bias_only_keeps_no_activations():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 16),
+        nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 4),
+    )
+    dpft.bitfit(model)
+    x = torch.randn(8, 3, 8, 8)
+    _, plain = _packed_bytes(model, x)
+    engine = engine_for(model)
+    engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    out, private = _packed_bytes(model, x)
+    assert private == plain  # autograd saves exactly what non-private BiTFiT saves
+    gc.collect()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        calls = [o for o in gc.get_objects() if isinstance(o, Call)]
+    assert calls, "hooks should have created call records"
+    for c in calls:  # and dpft itself keeps no tensor from the forward pass
+        assert not any(torch.is_tensor(v) for v in c.saved.values()) and not c.versions
+    out.sum().backward()
+    engine.detach()
+
+
+def test_book_keeping_skips_weight_grads():
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    engine = engine_for(model, clipping_mode="bk")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine.attach(opt)
+    model(torch.randn(8, 4)).sum().backward()
+    # the first layer's input needs no grad, so autograd computes its weight grad;
+    # later layers' non-private weight gradients are never computed
+    assert model[2].weight.grad is None and model[4].weight.grad is None
+    assert all(p.requires_grad for p in model.parameters())
+    opt.step()
+    assert model[2].weight.grad is not None
+
+
+def test_step_without_backward_raises_and_changes_nothing():
+    model = mlp()
+    engine = engine_for(model)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    engine.attach(opt)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="without a backward"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert not opt.state
+    engine.record_empty_batch()
+    opt.step()  # noise only (here 0): allowed
+    assert engine.steps == 1
+
+
+def test_zero_grad_discards_accumulated():
+    model = mlp()
+    engine = engine_for(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    engine.attach(opt)
+    model(torch.randn(8, 4)).sum().backward()
+    opt.zero_grad()
+    with pytest.raises(RuntimeError):
+        opt.step()
+
+
+def test_closure_and_detach():
+    model = mlp()
+    engine = engine_for(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    engine.attach(opt)
+    x = torch.randn(8, 4)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert torch.is_tensor(loss) and engine.steps == 1
+    engine.detach()
+    assert "step" not in opt.__dict__
+    # detached: plain (non-private) training again, no hooks
+    model(x).sum().backward()
+    opt.step()
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(batch_size=0), "batch_size"),
+        (dict(batch_size=-3), "batch_size"),
+        (dict(batch_size=200), "batch_size"),
+        (dict(sample_size=0), "sample_size"),
+        (dict(max_grad_norm=0.0), "max_grad_norm"),
+        (dict(max_grad_norm=-1.0), "max_grad_norm"),
+        (dict(noise_multiplier=None, target_epsilon=-1.0), "target_epsilon"),
+        (dict(noise_multiplier=None, target_epsilon=0.0), "target_epsilon"),
+        (dict(noise_multiplier=1.0, target_epsilon=3.0), "target_epsilon"),
+        (dict(noise_multiplier=None), "target_epsilon"),
+        (dict(noise_multiplier=-0.5), "noise_multiplier"),
+        (dict(clipping_mode="fast"), "clipping_mode"),
+        (dict(clipping_fn="tanh"), "clipping_fn"),
+        (dict(clipping_style="block"), "clipping_style"),
+        (dict(accountant="moments"), "accountant"),
+        (dict(loss_reduction="max"), "loss_reduction"),
+        (dict(steps=None), "epochs"),
+        (dict(epochs=2), "epochs"),
+        (dict(target_delta=1.5), "target_delta"),
+        (dict(clipping_style=[["0.bias"]]), "clipping_style"),
+    ],
+)
+def test_bad_arguments(kwargs, name):
+    model = mlp()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=name):
+        engine_for(model, **kwargs)
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_bad_value_echoed():
+    with pytest.raises(ValueError, match="'fast'"):
+        engine_for(mlp(), clipping_mode="fast")
+
+
+def test_zero_noise_warns():
+    with pytest.warns(UserWarning, match="NOT differentially private"):
+        dpft.PrivacyEngine(mlp(), batch_size=8, sample_size=100, steps=5, noise_multiplier=0.0)
+
+
+def test_optimizer_with_foreign_trainable_param():
+    model = mlp()
+    stray = nn.Parameter(torch.zeros(3))
+    engine = engine_for(model)
+    with pytest.raises(ValueError, match="not a trainable parameter"):
+        engine.attach(torch.optim.SGD([*model.parameters(), stray], lr=0.1))
+
+
+def test_frozen_params_in_optimizer_are_fine():
+    model = mlp()
+    engine = engine_for(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # includes frozen weights
+    engine.attach(opt)
+    w = model[0].weight.detach().clone()
+    model(torch.randn(8, 4)).sum().backward()
+    opt.step()
+    assert torch.equal(w, model[0].weight)
+
+
+def test_batchnorm_is_rejected_and_convertible():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    with pytest.raises(dpft.BatchNormError, match="GroupNorm"):
+        engine_for(model)
+    dpft.bitfit(model)  # BatchNorm bias trainable too
+    with pytest.raises(dpft.BatchNormError, match="mixes examples|depends on the other examples"):
+        engine_for(model)
+    model[1].requires_grad_(False)
+    engine = engine_for(model)
+    engine.attach(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
+    with pytest.raises(dpft.BatchNormError, match="training mode"):
+        model(torch.randn(8, 3, 6, 6))
+    engine.detach()
+    model = dpft.convert_batchnorm_to_groupnorm(model)
+    assert isinstance(model[1], nn.GroupNorm)
+    dpft.bitfit(model)
+    engine = engine_for(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    engine.attach(opt)
+    model(torch.randn(8, 3, 6, 6)).sum().backward()
+    opt.step()
+
+
+class Holder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return self.lin(x) * self.scale
+
+
+def test_unsupported_parameter_named():
+    with pytest.raises(dpft.UnsupportedModuleError, match="scale") as e:
+        engine_for(Holder())
+    assert "Holder" in str(e.value)
+
+
+def test_bitfit_names():
+    model = nn.Sequential(nn.Linear(2, 3), nn.LayerNorm(3), nn.Linear(3, 1, bias=False))
+    assert dpft.bitfit(model) == ["0.bias", "1.bias"]
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["0.bias", "1.bias"]
+
+
+def test_names_unchanged_and_any_optimizer():
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    names = [n for n, _ in model.named_parameters()]
+    engine = engine_for(model, noise_multiplier=0.5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    engine.attach(opt)
+    for _ in range(3):
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert [n for n, _ in model.named_parameters()] == names
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert math.isfinite(engine.noise_multiplier)
