@@ -125,6 +125,11 @@ def check_model(
             groups = [names]
         elif style == "param-wise":
             groups = [[n] for n in names]
+        elif style == "layer-wise":
+            by: dict[str, list[str]] = {}
+            for n in names:
+                by.setdefault(n.rsplit(".", 1)[0], []).append(n)
+            groups = list(by.values())
         else:
             raise ValueError(style)
     else:

@@ -77,6 +77,7 @@ class Binding:
     toggled: list[nn.Parameter] = field(default_factory=list)
     stash: dict[str, nn.Parameter] = field(default_factory=dict)
     rng: Any = None
+    autocast: Any = None
     kwargs: dict = field(default_factory=dict)
 
 
@@ -146,6 +147,17 @@ def plan_model(model: nn.Module) -> tuple[list[Binding], dict[str, str]]:
     return bindings, owner
 
 
+def _autocast_state(device: torch.device | None) -> tuple[str, torch.dtype] | None:
+    """The autocast context active for ``device`` (re-entered when a fallback recomputes)."""
+    kind = device.type if device is not None else "cpu"
+    try:
+        if torch.is_autocast_enabled(kind):
+            return kind, torch.get_autocast_dtype(kind)
+    except (TypeError, RuntimeError):  # device types without autocast
+        return None
+    return None
+
+
 def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
     for a in list(args) + list(kwargs.values()):
         if isinstance(a, Tensor):
@@ -171,6 +183,10 @@ class Capture:
         self._received: list[tuple[Binding, Call]] = []
         self._queued = False
         self._handles: list[Any] = []
+        self._autograd: dict[str, Tensor | None] = {}
+        self.check_passes = 2  # backward passes in which sums are cross-checked
+        self._passes = 0
+        self._half = False
 
     # -- installation -------------------------------------------------------
     def attach(self) -> None:
@@ -184,6 +200,10 @@ class Capture:
                 continue
             h.append(b.module.register_forward_pre_hook(partial(self._pre, b), with_kwargs=True))
             h.append(b.module.register_forward_hook(partial(self._post, b), with_kwargs=True, always_call=True))
+        covered = {k for b in self.bindings for k in b.keys.values()}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad and name in covered:
+                h.append(p.register_hook(partial(self._on_param_grad, name)))
         for name, m in self.model.named_modules():
             if isinstance(m, _BatchNorm):
                 h.append(m.register_forward_pre_hook(partial(self._batchnorm_pre, name)))
@@ -231,6 +251,7 @@ class Capture:
             dev = next((a.device for a in args if isinstance(a, Tensor)), None)
             b.rng = rng_state(dev)
             b.kwargs = kwargs
+            b.autocast = _autocast_state(dev)
         elif self.book_keeping:
             # Book-keeping: autograd need not compute the (non-private) weight
             # gradient; we compute the clipped sum ourselves.  Only possible
@@ -257,6 +278,7 @@ class Capture:
             call = Call(module, b.rule, n if n is not None else flat[0].shape[0])
             call.saved["kwargs"] = b.kwargs
             call.saved["rng"] = b.rng
+            call.saved["autocast"] = b.autocast
             b.kwargs, b.rng = {}, None
             b.rule.save(call, module, args, output, b.params)
             call.grads = [None] * len(flat)
@@ -313,6 +335,8 @@ class Capture:
     def _on_grad(self, b: Binding, call: Call, grad: Tensor) -> None:
         if not self.enabled:
             return
+        if grad.dtype in (torch.float16, torch.bfloat16):
+            self._half = True
         b.rule.on_grad(call, grad, b.params)
         self._received.append((b, call))
         self._queue()
@@ -326,6 +350,39 @@ class Capture:
             self._received.append((b, call))
         self._queue()
 
+    def _on_param_grad(self, key: str, grad: Tensor) -> None:
+        if not self.enabled:
+            return
+        self._autograd[key] = grad if self._passes < self.check_passes else None
+        self._queue()
+
+    def _check_uses(self, out: dict[str, list[Contribution]]) -> None:
+        """Catch uses of a trainable parameter that bypass its module's hooks
+        (e.g. ``F.linear(x, other.weight)``): autograd delivered a gradient
+        that dpft has no per-example account of."""
+        autograd, self._autograd = self._autograd, {}
+        half, self._half = self._half, False
+        for key, grad in autograd.items():
+            cs = out.get(key)
+            if cs is None:
+                raise UnsupportedModuleError(
+                    f"dpft: parameter '{key}' received a gradient through a use that no dpft hook saw "
+                    "(used functionally outside its module, or by a module that does not call it?); "
+                    "its per-example gradient is unknown. Freeze it or route the use through the module."
+                )
+            if grad is None or not all(isinstance(c, Direct) for c in cs):
+                continue
+            ours = sum(c.grad.sum(0) for c in cs)
+            want = grad.to(ours.dtype)
+            tol = 5e-2 if half or grad.dtype in (torch.float16, torch.bfloat16) else 1e-3
+            err = float((ours - want).norm())
+            if err > tol * float(want.norm()) + 1e-6 * (1 + float(ours.norm())):
+                raise UnsupportedModuleError(
+                    f"dpft: parameter '{key}' is also used outside the module dpft hooks for it "
+                    f"(its summed per-example gradients differ from autograd's by {err:.3g}); "
+                    "its per-example gradient would be wrong. Freeze it or route every use through the module."
+                )
+
     def _queue(self) -> None:
         if not self._queued:
             self._queued = True
@@ -335,6 +392,8 @@ class Capture:
         self._queued = False
         received, self._received = self._received, []
         if not received:
+            if self._autograd:
+                self._check_uses({})
             return
         sizes = {call.batch_size for _, call in received}
         if len(sizes) != 1:
@@ -357,6 +416,8 @@ class Capture:
                     out.setdefault(key, []).append(c)
         finally:
             self.enabled = True
+        self._check_uses(out)
+        self._passes += 1
         self.sink(out, n)
 
     def _param(self, key: str) -> nn.Parameter:

@@ -116,7 +116,11 @@ def weighted_sum(
             s.index_add_(0, c.ids.reshape(-1), wr)
             s = s.view(c.shape)
         else:
-            left = c.left.to(dtype) * w.view(-1, 1, 1, 1)  # type: ignore[union-attr]
-            s = torch.einsum("btgp,btgd->gpd", left, c.right.to(dtype)).reshape(c.shape)
+            # under autocast the factors are half precision: one half-precision
+            # matmul (fp32 accumulation inside), like the non-private weight gradient
+            half = c.left.dtype in (torch.float16, torch.bfloat16) and c.right.dtype == c.left.dtype  # type: ignore[union-attr]
+            cdt = c.left.dtype if half else dtype  # type: ignore[union-attr]
+            left = c.left.to(cdt) * w.to(cdt).view(-1, 1, 1, 1)  # type: ignore[union-attr]
+            s = torch.einsum("btgp,btgd->gpd", left, c.right.to(cdt)).reshape(c.shape).to(dtype)
         total = s if total is None else total + s
     return total  # type: ignore[return-value]

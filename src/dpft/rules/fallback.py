@@ -10,6 +10,7 @@ module hook would see it) and for leaf modules of unknown types.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -70,7 +71,9 @@ class FallbackRule(Rule):
         # Recompute the module's forward on the whole batch with the RNG state
         # it saw (identical dropout masks), then pull back one example's output
         # gradient at a time (batched with is_grads_batched).
-        with torch.enable_grad(), _rng_restored(call.saved.get("rng")):
+        autocast = call.saved.get("autocast")
+        amp = torch.autocast(autocast[0], dtype=autocast[1]) if autocast else contextlib.nullcontext()
+        with torch.enable_grad(), _rng_restored(call.saved.get("rng")), amp:
             out = module.forward(*call.saved["args"], **call.saved["kwargs"])
         outs = _flat_tensors(out)
         pairs = [

