@@ -288,3 +288,42 @@ def test_names_unchanged_and_any_optimizer():
     assert [n for n, _ in model.named_parameters()] == names
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert math.isfinite(engine.noise_multiplier)
+
+
+class FunctionalUse(nn.Module):
+    """Uses another module's bias outside that module (functionally)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.b(self.a(x)) + self.a.bias * x
+
+
+def test_use_outside_module_is_caught():
+    model = FunctionalUse()
+    dpft.bitfit(model)
+    engine = engine_for(model)
+    engine.attach(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
+    with pytest.raises(dpft.UnsupportedModuleError, match="a.bias"):
+        model(torch.randn(8, 3)).pow(2).mean().backward()
+
+
+class OnlyFunctional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.a(x) + nn.functional.linear(x, self.b.weight, self.b.bias)
+
+
+def test_functional_only_use_is_caught():
+    model = OnlyFunctional()
+    engine = engine_for(model, clipping_mode="ghost")
+    engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(dpft.UnsupportedModuleError, match="b\\.(weight|bias)"):
+        model(torch.randn(8, 3)).pow(2).mean().backward()
