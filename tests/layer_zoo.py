@@ -16,7 +16,7 @@ def loss_fn(model, batch):
     out = out[0] if isinstance(out, tuple) else out
     flat = out.reshape(out.shape[0], -1)
     g = torch.Generator().manual_seed(123)
-    w = torch.randn(flat.shape[1], generator=g, dtype=flat.dtype)
+    w = torch.randn(flat.shape[1], generator=g, dtype=flat.dtype).to(flat.device)
     per = (flat * w + 0.5 * flat.pow(2)).sum(1)
     return per.mean()
 
@@ -47,7 +47,7 @@ class Tied(nn.Module):
         self.head.weight = self.emb.weight
 
     def forward(self, ids):
-        pos = torch.arange(ids.shape[1]).unsqueeze(0)  # (1, T): broadcast over the batch
+        pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)  # (1, T): broadcast over the batch
         h = self.emb(ids) + self.pos(pos)
         return self.head(torch.tanh(self.mix(h)))
 

@@ -85,13 +85,13 @@ def pick_threshold(grads: list[dict[str, Tensor]]) -> float:
     return 0.5 * (ns[len(ns) // 2 - 1] + ns[len(ns) // 2]) if len(ns) > 1 else ns[0] / 2
 
 
-def to_double(batch):
+def to_double(batch, device="cpu"):
     if isinstance(batch, Tensor):
-        return batch.double() if batch.is_floating_point() else batch
+        return (batch.double() if batch.is_floating_point() else batch).to(device)
     if isinstance(batch, dict):
-        return {k: to_double(v) for k, v in batch.items()}
+        return {k: to_double(v, device) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
-        return type(batch)(to_double(v) for v in batch)
+        return type(batch)(to_double(v, device) for v in batch)
     return batch
 
 
@@ -106,14 +106,15 @@ def check_model(
     mode: str = "auto",
     splits: Sequence[int] | None = None,
     tol: float = 1e-6,
+    device: str = "cpu",
 ) -> float:
     """Compare dpft's update with the brute-force clipped mean; returns the error.
 
     ``examples``: a list of single examples; ``collate`` turns a list of
     examples into a batch; ``loss_fn(model, batch)`` is the mean loss over the batch."""
-    model = model.double()
+    model = model.double().to(device)
     base_collate = collate
-    collate = lambda exs: to_double(base_collate(exs))  # noqa: E731
+    collate = lambda exs: to_double(base_collate(exs), device)  # noqa: E731
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     ref_model = copy.deepcopy(model)
     grads = per_example_grads(ref_model, names, [collate([e]) for e in examples], loss_fn)
