@@ -164,7 +164,7 @@ def test_mha_dropout_in_train_mode_is_consistent():
     x = torch.randn(B, 4, 3)
     torch.manual_seed(5)
     model(x).pow(2).mean().backward()  # the engine's consistency check compares with autograd
-    sums = {k: v.clone() for k, v in engine._sum.sums.items()}
+    sums = {k: v.clone() for k, v in engine._sum.totals().items()}
     engine.detach()
     ref = copy.deepcopy(model)
     torch.manual_seed(5)

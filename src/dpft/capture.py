@@ -198,7 +198,8 @@ class Capture:
                 h.append(b.module.register_forward_pre_hook(partial(self._expand_pre, b)))
                 h.append(b.module.register_forward_hook(partial(self._expand_post, b), always_call=True))
                 continue
-            h.append(b.module.register_forward_pre_hook(partial(self._pre, b), with_kwargs=True))
+            if isinstance(b.rule, FallbackRule) or (self.book_keeping and any(k != "bias" for k in b.params)):
+                h.append(b.module.register_forward_pre_hook(partial(self._pre, b), with_kwargs=True))
             h.append(b.module.register_forward_hook(partial(self._post, b), with_kwargs=True, always_call=True))
         covered = {k for b in self.bindings for k in b.keys.values()}
         for name, p in self.model.named_parameters():

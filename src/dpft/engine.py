@@ -75,6 +75,10 @@ class PrivacyEngine:
             physical batch) or ``"sum"``.
         on_budget_exceeded: ``"raise"`` (default) or ``"warn"``.
         noise_seed: seed of the noise generator (default: OS entropy).
+        ledger: continue an existing :class:`dpft.accounting.Ledger` (e.g. the
+            previous phase of a schedule): ``epsilon`` is then the total.
+        epsilon_budget: with ``noise_multiplier``, a hard budget on the total
+            epsilon (``target_epsilon`` implies it).
     """
 
     def __init__(
@@ -96,6 +100,8 @@ class PrivacyEngine:
         loss_reduction: str = "mean",
         on_budget_exceeded: str = "raise",
         noise_seed: int | None = None,
+        ledger: Ledger | None = None,
+        epsilon_budget: float | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise _bad("model", model, "a torch.nn.Module")
@@ -134,6 +140,8 @@ class PrivacyEngine:
             raise _bad("accountant", accountant, f"one of {ACCOUNTANTS}")
         if loss_reduction not in LOSS_REDUCTIONS:
             raise _bad("loss_reduction", loss_reduction, f"one of {LOSS_REDUCTIONS}")
+        if epsilon_budget is not None and not (isinstance(epsilon_budget, (int, float)) and epsilon_budget > 0):
+            raise _bad("epsilon_budget", epsilon_budget, "a positive number")
         if on_budget_exceeded not in ON_BUDGET:
             raise _bad("on_budget_exceeded", on_budget_exceeded, f"one of {ON_BUDGET}")
 
@@ -172,7 +180,9 @@ class PrivacyEngine:
         self._capture = Capture(model, self._on_backward, book_keeping=clipping_mode in ("auto", "bk"))
         self.groups = make_groups(clipping_style, list(self.params), self._capture.owner)
         self._sum = ClippedSum(self.params, self.groups, self.max_grad_norm, clipping_fn, norm_mode)
-        self.ledger = Ledger()
+        self.ledger = ledger if ledger is not None else Ledger()
+        self._start_steps = self.ledger.steps
+        self.epsilon_budget = self.target_epsilon if epsilon_budget is None else float(epsilon_budget)
         self.noise = GaussianNoise(noise_seed)
         self._optimizer: torch.optim.Optimizer | None = None
         self._orig: dict[str, Any] = {}
@@ -260,17 +270,22 @@ class PrivacyEngine:
         self._empty_batches += 1
 
     def _check_budget(self) -> None:
-        if self.target_epsilon is None or self.noise_multiplier == 0:
+        if self.epsilon_budget is None or self.noise_multiplier == 0:
             return
-        if self.steps + 1 <= self.planned_steps and len(self.ledger.segments) <= 1:
-            return  # calibrated for the planned steps
+        if (
+            self.target_epsilon is not None
+            and self._start_steps == 0
+            and self.steps + 1 <= self.planned_steps
+            and len(self.ledger.segments) <= 1
+        ):
+            return  # calibrated for the planned steps: within budget by construction
         eps = self.ledger.epsilon_if(
             self.noise_multiplier, self.sample_rate, 1, self.target_delta, accountant=self.accountant
         )
-        if eps > self.target_epsilon:
+        if eps > self.epsilon_budget:
             msg = (
-                f"dpft: step {self.steps + 1} would spend epsilon={eps:.4g} > target_epsilon="
-                f"{self.target_epsilon:g} (delta={self.target_delta:g}); nothing was changed"
+                f"dpft: step {self.steps + 1} would spend epsilon={eps:.4g} > the budget "
+                f"{self.epsilon_budget:g} (delta={self.target_delta:g}); nothing was changed"
             )
             if self.on_budget_exceeded == "raise":
                 raise PrivacyBudgetExceeded(msg)
@@ -280,12 +295,23 @@ class PrivacyEngine:
     def privatize(self) -> None:
         """Write ``(sum_i c_i g_i + sigma R z) / B`` into ``p.grad`` of every
         trainable parameter and record the step in the ledger."""
-        names = list(self.params)
-        params = [self.params[n] for n in names]
         sigma_r = self.noise_multiplier * self.max_grad_norm
-        noise = self.noise.standard_normal(params) if sigma_r > 0 else [None] * len(params)
-        for n, p, z in zip(names, params, noise):
-            s = self._sum.sums.get(n)
+        flats, per_param = self._sum.layout()
+        done: set[str] = set()
+        for names, flat in flats:
+            g = flat.clone()
+            if sigma_r > 0:
+                g.add_(self.noise.standard_normal([g])[0], alpha=sigma_r)
+            g.div_(self.batch_size)
+            for k, view in self._sum._split(names, g):
+                p = self.params[k]
+                p.grad = view if view.dtype == p.dtype else view.to(p.dtype)
+                done.add(k)
+        rest = [k for k in self.params if k not in done]
+        noise = self.noise.standard_normal([self.params[k] for k in rest]) if sigma_r > 0 else [None] * len(rest)
+        for k, z in zip(rest, noise):
+            p = self.params[k]
+            s = per_param.get(k)
             g = s.to(p.dtype, copy=True) if s is not None else torch.zeros_like(p)
             if z is not None:
                 g.add_(z, alpha=sigma_r)

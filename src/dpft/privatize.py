@@ -40,14 +40,56 @@ class ClippedSum:
         self.clipping_fn = clipping_fn
         self.mode = mode
         self.sums: dict[str, Tensor] = {}
+        self.flat: dict[tuple[str, ...], Tensor] = {}  # Direct parameters, concatenated
         self.examples = 0
         self.backward_passes = 0
         self.last_norms: Tensor | None = None
+        self._col_groups: dict[tuple[str, ...], Tensor] = {}
 
     def reset(self) -> None:
         self.sums = {}
+        self.flat = {}
         self.examples = 0
         self.backward_passes = 0
+
+    def layout(self) -> tuple[list[tuple[tuple[str, ...], Tensor]], dict[str, Tensor]]:
+        """The accumulated sums as flat buckets (each parameter in at most one)
+        and per-parameter tensors."""
+        seen: dict[str, int] = {}
+        for names in self.flat:
+            for k in names:
+                seen[k] = seen.get(k, 0) + 1
+        flats, per_param = [], dict(self.sums)
+        for names, flat in self.flat.items():
+            if any(seen[k] > 1 or k in self.sums for k in names):
+                for k, view in self._split(names, flat):
+                    per_param[k] = per_param[k] + view if k in per_param else view
+            else:
+                flats.append((names, flat))
+        return flats, per_param
+
+    def totals(self) -> dict[str, Tensor]:
+        """The accumulated clipped sum of every parameter seen so far."""
+        flats, per_param = self.layout()
+        out = dict(per_param)
+        for names, flat in flats:
+            out.update(self._split(names, flat))
+        return out
+
+    def _split(self, names: tuple[str, ...], flat: Tensor):
+        offset = 0
+        for k in names:
+            numel = self.params[k].numel()
+            yield k, flat[offset : offset + numel].view(self.params[k].shape)
+            offset += numel
+
+    def _col_group(self, names: tuple[str, ...], device: torch.device) -> Tensor:
+        key = names
+        if key not in self._col_groups:
+            self._col_groups[key] = torch.cat(
+                [torch.full((self.params[k].numel(),), self.group_of[k], dtype=torch.long) for k in names]
+            ).to(device)
+        return self._col_groups[key]
 
     def add(self, contributions: dict[str, list[Contribution]], batch_size: int, scale: float) -> None:
         """Clip the per-example gradients of one backward pass and add them.
@@ -70,8 +112,9 @@ class ClippedSum:
                 direct.setdefault((p.device, acc_dtype_of(p.dtype)), []).append(k)
             else:
                 factored.append(k)
-        flats: list[tuple[list[str], Tensor, Tensor]] = []
-        for (dev, dtype), names in direct.items():
+        flats: list[tuple[tuple[str, ...], Tensor, Tensor | None]] = []
+        for (dev, dtype), name_list in direct.items():
+            names = tuple(name_list)
             cols = []
             for k in names:
                 cs = contributions[k]
@@ -80,12 +123,11 @@ class ClippedSum:
                     g = g + c.grad
                 cols.append(g.reshape(batch_size, -1).to(dtype))
             flat = torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
-            col_group = torch.cat(
-                [torch.full((self.params[k].numel(),), self.group_of[k], device=dev, dtype=torch.long) for k in names]
-            )
+            col_group = None
             if self.num_groups == 1:
                 sq[:, 0] += flat.pow(2).sum(1).to(norm_dtype).to(device)
             else:
+                col_group = self._col_group(names, dev)
                 sq.index_add_(1, col_group.to(device), flat.pow(2).to(norm_dtype).to(device))
             flats.append((names, flat, col_group))
 
@@ -102,15 +144,14 @@ class ClippedSum:
 
         for names, flat, col_group in flats:
             w = weights.to(flat.device, flat.dtype)
-            if self.num_groups == 1:
+            if col_group is None:
                 total = w[:, 0] @ flat
             else:
                 total = (flat * w[:, col_group]).sum(0)
-            offset = 0
-            for k in names:
-                numel = self.params[k].numel()
-                self._accumulate(k, total[offset : offset + numel].view(self.params[k].shape))
-                offset += numel
+            if names in self.flat:
+                self.flat[names] += total
+            else:
+                self.flat[names] = total
         for k in factored:
             p = self.params[k]
             w = weights[:, self.group_of[k]].to(p.device)
