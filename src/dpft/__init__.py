@@ -10,6 +10,7 @@ from .accounting import PrivacyBudgetExceeded
 from .batchnorm import convert_batchnorm_to_groupnorm
 from .capture import BatchNormError, UnsupportedModuleError
 from .engine import PrivacyEngine
+from .methods import sparta
 from .methods.bitfit import bitfit
 from .rules import register_rule
 
@@ -24,4 +25,5 @@ __all__ = [
     "bitfit",
     "convert_batchnorm_to_groupnorm",
     "register_rule",
+    "sparta",
 ]

@@ -28,6 +28,7 @@ from . import accounting
 from .accounting import Ledger, PrivacyBudgetExceeded
 from .capture import Capture
 from .clipping import CLIPPING_FNS, CLIPPING_STYLES, make_groups
+from .methods.sparta import row_masks as sparta_masks
 from .noise import GaussianNoise
 from .privatize import ClippedSum
 from .rules.base import Contribution
@@ -179,7 +180,8 @@ class PrivacyEngine:
         norm_mode = {"auto": "mixed", "bk": "mixed"}.get(clipping_mode, clipping_mode)
         self._capture = Capture(model, self._on_backward, book_keeping=clipping_mode in ("auto", "bk"))
         self.groups = make_groups(clipping_style, list(self.params), self._capture.owner)
-        self._sum = ClippedSum(self.params, self.groups, self.max_grad_norm, clipping_fn, norm_mode)
+        self.row_masks = sparta_masks(self.params)
+        self._sum = ClippedSum(self.params, self.groups, self.max_grad_norm, clipping_fn, norm_mode, self.row_masks)
         self.ledger = ledger if ledger is not None else Ledger()
         self._start_steps = self.ledger.steps
         self.epsilon_budget = self.target_epsilon if epsilon_budget is None else float(epsilon_budget)
@@ -316,6 +318,9 @@ class PrivacyEngine:
             if z is not None:
                 g.add_(z, alpha=sigma_r)
             p.grad = g.div_(self.batch_size)
+        for k, rm in self.row_masks.items():  # unselected rows: no gradient, no noise
+            g = self.params[k].grad
+            g.mul_(rm.to(g.device).view_for(g))
         self.ledger.record(self.noise_multiplier, self.sample_rate, 1)
 
     def _step(self, orig_step: Callable[..., Any], closure: Callable[[], Any] | None) -> Any:
@@ -333,7 +338,16 @@ class PrivacyEngine:
         self.privatize()
         self._sum.reset()
         self._empty_batches = 0
+        frozen_rows = [
+            (p, rm, p.detach().index_select(rm.dim, rm.unselected.to(p.device)))
+            for k, rm in self.row_masks.items()
+            for p in [self.params[k]]
+            if len(rm.unselected)
+        ]
         out = orig_step()
+        with torch.no_grad():  # e.g. weight decay must not move unselected rows
+            for p, rm, rows in frozen_rows:
+                p.index_copy_(rm.dim, rm.unselected.to(p.device), rows)
         return loss if closure is not None else out
 
     # -- state --------------------------------------------------------------

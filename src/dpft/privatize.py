@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .clipping import clip_factors
 from .norms import acc_dtype_of, sq_norm, weighted_sum
+from .rows import RowMask, can_compact, restrict
 from .rules.base import Contribution, Direct
 
 
@@ -31,8 +32,10 @@ class ClippedSum:
         max_grad_norm: float,
         clipping_fn: str,
         mode: str,
+        row_masks: dict[str, RowMask] | None = None,
     ) -> None:
         self.params = params
+        self.row_masks = row_masks or {}
         self.names = list(params)
         self.group_of = {n: gi for gi, g in enumerate(groups) for n in g}
         self.num_groups = len(groups)
@@ -98,6 +101,14 @@ class ClippedSum:
         per-example gradients: the physical batch size for ``mean``, 1 for ``sum``."""
         if not contributions:
             return
+        compact: set[str] = set()
+        for k, rm in self.row_masks.items():
+            if k in contributions:
+                rm = self.row_masks[k] = rm.to(self.params[k].device)
+                cmp = all(can_compact(c, rm) for c in contributions[k])
+                contributions[k] = [restrict(c, rm, cmp)[0] for c in contributions[k]]
+                if cmp:
+                    compact.add(k)
         any_p = self.params[next(iter(contributions))]
         device = any_p.device
         norm_dtype = torch.float64 if any(self.params[k].dtype == torch.float64 for k in contributions) else torch.float32
@@ -155,7 +166,10 @@ class ClippedSum:
         for k in factored:
             p = self.params[k]
             w = weights[:, self.group_of[k]].to(p.device)
-            self._accumulate(k, weighted_sum(contributions[k], w, acc_dtype_of(p.dtype), inst[k]))
+            total = weighted_sum(contributions[k], w, acc_dtype_of(p.dtype), inst[k])
+            if k in compact:
+                total = self.row_masks[k].scatter(total, p.shape)
+            self._accumulate(k, total)
         self.examples += batch_size
         self.backward_passes += 1
 
