@@ -5,10 +5,11 @@ Public API (see README and DESIGN): :func:`bitfit`, :class:`PrivacyEngine`,
 :func:`register_rule`.
 """
 
-from . import accounting
+from . import accounting, data
 from .accounting import PrivacyBudgetExceeded
 from .batchnorm import convert_batchnorm_to_groupnorm
 from .capture import BatchNormError, UnsupportedModuleError
+from .checkpoint import load_checkpoint, save_checkpoint
 from .engine import PrivacyEngine
 from .methods import sparta
 from .methods.bitfit import bitfit
@@ -24,6 +25,9 @@ __all__ = [
     "accounting",
     "bitfit",
     "convert_batchnorm_to_groupnorm",
+    "data",
+    "load_checkpoint",
+    "save_checkpoint",
     "register_rule",
     "sparta",
 ]

@@ -314,7 +314,8 @@ class PrivacyEngine:
         for k, z in zip(rest, noise):
             p = self.params[k]
             s = per_param.get(k)
-            g = s.to(p.dtype, copy=True) if s is not None else torch.zeros_like(p)
+            # the sums are the engine's own fresh tensors, reset after this step: update in place
+            g = (s if s.dtype == p.dtype else s.to(p.dtype)) if s is not None else torch.zeros_like(p)
             if z is not None:
                 g.add_(z, alpha=sigma_r)
             p.grad = g.div_(self.batch_size)

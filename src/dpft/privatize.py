@@ -177,4 +177,4 @@ class ClippedSum:
         if k in self.sums:
             self.sums[k] += value
         else:
-            self.sums[k] = value.clone() if value._base is not None else value
+            self.sums[k] = value  # always a fresh tensor (or a view of one): no copy needed

@@ -1,0 +1,77 @@
+"""Smoke test of the benchmark harness on CPU: tiny GPT-2 and ResNet-GN,
+non-private BiTFiT / DP-BiTFiT / DP full (auto), each in its own process."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+METHODS = {"nonprivate-bitfit", "dp-bitfit", "dp-full-auto"}
+MODELS = {"gpt2", "resnet50gn"}
+
+
+def test_speed_smoke(tmp_path):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO), str(REPO / "src")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the smoke suite is a CPU check even on a GPU machine
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.speed", "--smoke", "--out", str(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    jsonl = tmp_path / "smoke.jsonl"
+    assert jsonl.exists(), proc.stdout[-3000:]
+    recs = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    got = {(r["model"], r["method"]): r for r in recs}
+    assert set(got) == {(m, k) for m in MODELS for k in METHODS}, sorted(got)
+    for key, r in got.items():
+        assert r["status"] == "ok", (key, r.get("error"), r.get("traceback", "")[-2000:])
+        assert r["examples_per_s"] > 0, key
+        assert len(r["step_times_s"]) >= 1, key
+        assert r["trainable"] > 0 and r["params"] >= r["trainable"], key
+        assert r["run_id"] == recs[0]["run_id"], key
+    # BiTFiT trains exactly the biases, identically with and without privacy
+    for m in MODELS:
+        assert got[(m, "dp-bitfit")]["trainable"] == got[(m, "nonprivate-bitfit")]["trainable"] < got[(m, "dp-full-auto")]["trainable"]
+
+    md = (tmp_path / "smoke.md").read_text()
+    assert "<!--" not in md  # markers only in --docs files
+    for name in ("GPT-2 small", "ResNet50-GN"):
+        for meth in METHODS:
+            assert any(name in line and f"| {meth} |" in line for line in md.splitlines()), (name, meth, md)
+    assert "DP-BiTFiT / BiTFiT throughput" in md
+
+
+def test_report_docs_sections(tmp_path):
+    """The report rewrites only its own marked section of the docs file."""
+    sys.path.insert(0, str(REPO))
+    try:
+        from benchmarks import report
+    finally:
+        sys.path.remove(str(REPO))
+    base = dict(suite="core", run_id="r1", command="python -m benchmarks.speed", device="cuda", dtype="fp32",
+                size="full", batch_size=32, seq_len=100, model="gpt2", status="ok", env={"gpu": "X", "torch": "2"})
+    recs = [
+        dict(base, method="nonprivate-bitfit", examples_per_s=100.0, peak_mem_mb=1000.0, trainable=10),
+        dict(base, method="dp-bitfit", examples_per_s=98.0, peak_mem_mb=1010.0, trainable=10),
+        dict(base, method="opacus-bitfit", status="OOM", error="CUDA out of memory"),
+        dict(base, method="dp-bitfit", run_id="r0", examples_per_s=1.0, peak_mem_mb=1.0, trainable=10),  # older run
+    ]
+    jsonl = tmp_path / "core.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    docs = tmp_path / "docs" / "benchmarks.md"
+    docs.parent.mkdir()
+    docs.write_text("# Benchmarks\n\nintro\n\n<!-- suite:other start -->\nKEEP\n<!-- suite:other end -->\n")
+    report.main([str(jsonl), "--docs", str(docs)])
+    report.main([str(jsonl), "--docs", str(docs)])  # idempotent
+    text = docs.read_text()
+    assert text.count("<!-- suite:core start -->") == 1 and text.count("<!-- suite:core end -->") == 1
+    assert "KEEP" in text and text.startswith("# Benchmarks")
+    assert "0.98 ✓" in text  # 98 / 100 from the latest run, not the older r0
+    assert "1.01 ✓" in text  # memory 1010 / 1000
+    assert "OOM" in text
