@@ -324,6 +324,39 @@ class PrivacyEngine:
             g.mul_(rm.to(g.device).view_for(g))
         self.ledger.record(self.noise_multiplier, self.sample_rate, 1)
 
+    @torch.no_grad()
+    def release(self, transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """One private release of the accumulated clipped sum *without* an
+        optimizer step: ``transform(sum_i c_i g_i) + sigma R z`` per trainable
+        parameter (not divided by ``batch_size``).  ``transform`` must be
+        1-Lipschitz elementwise (e.g. ``torch.abs``) so the sensitivity stays
+        ``R``.  Accounted like a step (budget checked first); used by SPARTA's
+        scoring pass."""
+        if self._sum.backward_passes == 0 and self._empty_batches == 0:
+            raise RuntimeError("dpft: release() called without a backward() since the last step")
+        self._check_budget()
+        totals = self._sum.totals()
+        sigma_r = self.noise_multiplier * self.max_grad_norm
+        names = list(self.params)
+        noise = self.noise.standard_normal([self.params[k] for k in names]) if sigma_r > 0 else [None] * len(names)
+        out: dict[str, torch.Tensor] = {}
+        for k, z in zip(names, noise):
+            p = self.params[k]
+            t = totals.get(k)
+            t = t.to(p.dtype) if t is not None else torch.zeros_like(p)
+            if transform is not None:
+                t = transform(t)
+            if z is not None:
+                t = t + sigma_r * z
+            rm = self.row_masks.get(k)
+            if rm is not None:
+                t = t * rm.to(t.device).view_for(t)
+            out[k] = t
+        self.ledger.record(self.noise_multiplier, self.sample_rate, 1)
+        self._sum.reset()
+        self._empty_batches = 0
+        return out
+
     def _step(self, orig_step: Callable[..., Any], closure: Callable[[], Any] | None) -> Any:
         loss = None
         if closure is not None:
