@@ -405,7 +405,14 @@ class Capture:
         try:
             for b, call in received:
                 call.check_versions(b.name)
-                for local, c in b.rule.contributions(call, b.params).items():
+                contribs = b.rule.contributions(call, b.params)
+                # from here on the contributions hold the only references, so
+                # that the sink can free each layer's tensors once it is summed
+                call.saved.clear()
+                call.results.clear()
+                call.versions.clear()
+                call.grads = []
+                for local, c in contribs.items():
                     key = b.keys[local]
                     if isinstance(c, Direct):
                         expected = (n, *self._param(key).shape)
@@ -417,6 +424,7 @@ class Capture:
                     out.setdefault(key, []).append(c)
         finally:
             self.enabled = True
+        del received
         self._check_uses(out)
         self._passes += 1
         self.sink(out, n)

@@ -120,7 +120,17 @@ def weighted_sum(
             # matmul (fp32 accumulation inside), like the non-private weight gradient
             half = c.left.dtype in (torch.float16, torch.bfloat16) and c.right.dtype == c.left.dtype  # type: ignore[union-attr]
             cdt = c.left.dtype if half else dtype  # type: ignore[union-attr]
-            left = c.left.to(cdt) * w.to(cdt).view(-1, 1, 1, 1)  # type: ignore[union-attr]
-            s = torch.einsum("btgp,btgd->gpd", left, c.right.to(cdt)).reshape(c.shape).to(dtype)
+            left, right = c.left.to(cdt), c.right.to(cdt)  # type: ignore[union-attr]
+            wv = w.to(cdt).view(-1, 1, 1, 1)
+            # scale the thinner factor by the clip weights (fewer bytes to touch)
+            if left.shape[3] <= right.shape[3]:
+                left = left * wv
+            else:
+                right = right * wv
+            if c.groups == 1:
+                n_t = left.shape[0] * left.shape[1]
+                s = (left.reshape(n_t, -1).t() @ right.reshape(n_t, -1)).reshape(c.shape).to(dtype)
+            else:
+                s = torch.einsum("btgp,btgd->gpd", left, right).reshape(c.shape).to(dtype)
         total = s if total is None else total + s
     return total  # type: ignore[return-value]

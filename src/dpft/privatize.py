@@ -166,7 +166,8 @@ class ClippedSum:
         for k in factored:
             p = self.params[k]
             w = weights[:, self.group_of[k]].to(p.device)
-            total = weighted_sum(contributions[k], w, acc_dtype_of(p.dtype), inst[k])
+            # pop: this layer's activations and output gradients are freed once summed
+            total = weighted_sum(contributions.pop(k), w, acc_dtype_of(p.dtype), inst.pop(k))
             if k in compact:
                 total = self.row_masks[k].scatter(total, p.shape)
             self._accumulate(k, total)

@@ -34,7 +34,13 @@ class _AffineNormRule(Rule):
         if "bias" in params:
             call.results["bias"] = _reduce(grad, dims)
         if "weight" in params:
-            call.results["weight"] = _reduce(grad * self.normalized(call).to(grad.dtype), dims)
+            xhat = self.normalized(call)
+            dt = torch.promote_types(grad.dtype, xhat.dtype)
+            call.results["weight"] = _reduce(grad.to(dt) * xhat.to(dt), dims)
+            # reduced eagerly: the input is no longer needed
+            call.saved.pop("input", None)
+            call.saved.pop("stats", None)
+            call.versions.clear()
 
     def contributions(self, call: Call, params: frozenset[str]) -> dict[str, Contribution]:
         return {name: Direct(call.results[name]) for name in params}

@@ -1,0 +1,8 @@
+"""``python -m dpft``: the same as the ``dpft`` command."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1049 @@
+"""The `dpft train` job as a library function: ``dpft.train.train(TrainConfig(...))``.
+
+One private fine-tuning run, start to finish: load the model and the data
+(offline by default, see :mod:`dpft.offline`), pick the trainable parameters for
+the method, wrap the optimizer in a :class:`dpft.PrivacyEngine` calibrated to the
+target ε, train with Poisson-sampled logical batches split into physical
+batches, evaluate, and write everything a user needs into ``out``:
+
+``config.json``   the resolved configuration (every default filled in)
+``metrics.jsonl`` one JSON line per optimizer step (loss, ε so far, ...) and per evaluation
+``summary.json``  the final numbers (accuracy, majority baseline, ε, δ, σ, steps, time, memory)
+``report.png``    training loss, test accuracy and ε against step (needs matplotlib)
+``checkpoint.pt`` trainable parameters, optimizer, engine ledger, sampler position and
+                  RNG states, so that ``--resume`` continues the run exactly
+
+Every field of :class:`TrainConfig` defaults to ``None`` = "choose for me"; the
+choices depend on the data kind and on the device (on a CPU the default text
+job subsamples the training set and shortens sequences so that it finishes in
+a few minutes, and says so).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import secrets
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import offline
+from .offline import DataUnavailable, TaskData
+
+__all__ = [
+    "ConfigError",
+    "NotAvailableYet",
+    "TrainConfig",
+    "METHODS",
+    "PRIVATE_METHODS",
+    "resolve",
+    "train",
+]
+
+
+class ConfigError(ValueError):
+    """A user error in the job's configuration (the CLI prints it on one line, exit code 2)."""
+
+
+class NotAvailableYet(ConfigError):
+    """The requested method exists in the plan but has not landed in this version."""
+
+
+METHODS = ("bitfit", "full", "lora", "last-layer", "sparta", "nonprivate-full", "nonprivate-bitfit")
+PRIVATE_METHODS = ("bitfit", "full", "lora", "last-layer", "sparta")
+CLIPPING_FNS = ("abadi", "automatic")
+ACCOUNTANTS = ("pld", "rdp")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+# Fields that may change between an interrupted run and its --resume.
+_OPERATIONAL = {"out", "resume", "overwrite", "device", "num_threads", "stop_after_steps",
+                "progress", "checkpoint_every", "config"}
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    """All options of `dpft train` (the CLI flags, one to one). ``None`` = default."""
+
+    model: str | None = None            # "minilm" (packaged), "cnn", a HF name/path
+    dataset: str | None = None          # "rotten-tomatoes", "mnist", "fashion-mnist", file, HF name
+    method: str | None = None           # one of METHODS; default "bitfit"
+    epsilon: float | None = None        # target ε; default 3
+    delta: float | None = None          # default: the engine's (below 1/N)
+    epochs: float | None = None
+    batch_size: int | None = None       # logical (expected, under Poisson sampling)
+    max_physical_batch_size: int | None = None
+    lr: float | None = None
+    head_lr: float | None = None        # lr of the new classification head (bitfit/lora: 1e-2)
+    optimizer: str | None = None        # "adam" (default) | "sgd" (momentum 0.9)
+    lr_schedule: str | None = None      # "constant" | "linear" (decay to 0) | "cosine"
+    max_grad_norm: float | None = None
+    clipping_fn: str | None = None      # "abadi" | "automatic"
+    clipping_mode: str | None = None    # passed to the engine; "auto" by default
+    accountant: str | None = None       # "pld" | "rdp" | "prv"
+    poisson: bool | None = None         # Poisson sampling (default) or shuffled fixed batches
+    device: str | None = None           # "auto" | "cpu" | "cuda" | "cuda:1" | "mps"
+    bf16: bool | None = None            # bfloat16 autocast (GPU)
+    seed: int | None = None             # data subsample, head init, batch sampling, dropout
+    dp_seed: int | None = None          # Poisson sampling + DP noise; default OS entropy (see docs)
+    out: str | None = None
+    resume: bool | None = None
+    overwrite: bool | None = None
+    max_seq_len: int | None = None
+    train_size: int | str | None = None  # an int or "all"
+    eval_size: int | str | None = None   # an int or "all"
+    validation_size: int | None = None   # hold out this many training examples and evaluate on them
+    lora_rank: int | None = None
+    dropout: float | None = None        # override every dropout probability (e.g. 0); None: model's
+    num_threads: int | None = None
+    eval_every: int | None = None       # steps between evaluations (0: at each epoch end only)
+    checkpoint_every: int | None = None  # steps between checkpoints (0: at each epoch end only)
+    stop_after_steps: int | None = None  # stop (checkpointed, resumable) after this many steps
+    progress: bool | None = None        # progress bar
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------
+# Defaults
+# ---------------------------------------------------------------------------
+
+# The default text job on a CPU: a subsample and short sequences so that it
+# finishes in a few minutes on 2 cores (measured: see README). On a GPU: all data.
+CPU_TEXT_TRAIN_SIZE = 6_000
+CPU_TEXT_MAX_SEQ_LEN = 32
+GPU_TEXT_MAX_SEQ_LEN = 128
+
+_DEFAULT_HEAD_LR = {"bitfit": 1e-2, "lora": 1e-2, "sparta": 1e-2, "nonprivate-bitfit": 1e-2}
+_DEFAULT_LR = {  # Adam
+    "bitfit": 3e-3, "last-layer": 3e-2, "lora": 2e-3, "full": 5e-4, "sparta": 1e-3,
+    "nonprivate-bitfit": 1e-3, "nonprivate-full": 5e-5,
+}
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    if dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError(f"--device {name}: MPS is not available on this machine")
+    return dev
+
+
+def _size(value, what: str) -> int | None:
+    """An int, "all"/None (= everything) or a numeric string."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.lower() in ("all", "full", "none", ""):
+            return None
+        try:
+            value = int(value)
+        except ValueError:
+            raise ConfigError(f"--{what} must be a positive integer or 'all', got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ConfigError(f"--{what} must be a positive integer or 'all', got {value!r}")
+    return int(value)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Checks that need no data or model; raise ConfigError naming the option."""
+    if cfg.method is not None and cfg.method not in METHODS:
+        raise ConfigError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    if cfg.method == "sparta":
+        raise NotAvailableYet(
+            "method 'sparta' is not available yet in this version of dpft "
+            "(it lands with the SPARTA issue); use bitfit, full, lora or last-layer")
+    for name in ("epsilon", "lr", "head_lr", "max_grad_norm", "epochs"):
+        v = getattr(cfg, name)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)
+                              or not math.isfinite(v) or v <= 0):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {v!r}")
+    if cfg.dropout is not None and not (isinstance(cfg.dropout, (int, float)) and 0 <= cfg.dropout < 1):
+        raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout!r}")
+    if cfg.delta is not None and not (0 < cfg.delta < 1):
+        raise ConfigError(f"--delta must be in (0, 1), got {cfg.delta!r}")
+    for name in ("batch_size", "max_physical_batch_size", "max_seq_len", "lora_rank", "num_threads",
+                 "validation_size"):
+        v = getattr(cfg, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+    for name in ("eval_every", "checkpoint_every", "stop_after_steps", "seed", "dp_seed"):
+        v = getattr(cfg, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a non-negative integer, got {v!r}")
+    _size(cfg.train_size, "train-size")
+    _size(cfg.eval_size, "eval-size")
+    if cfg.clipping_fn is not None and cfg.clipping_fn not in CLIPPING_FNS:
+        raise ConfigError(f"unknown clipping function {cfg.clipping_fn!r}; choose one of {', '.join(CLIPPING_FNS)}")
+    if cfg.optimizer is not None and cfg.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if cfg.lr_schedule is not None and cfg.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"unknown lr schedule {cfg.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
+    if cfg.accountant is not None and cfg.accountant not in ACCOUNTANTS:
+        raise ConfigError(f"unknown accountant {cfg.accountant!r}; choose one of {', '.join(ACCOUNTANTS)}")
+    if cfg.device is not None and cfg.device.split(":")[0] not in DEVICES:
+        raise ConfigError(f"unknown device {cfg.device!r}; choose auto, cpu, cuda[:N] or mps")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other")
+
+
+def resolve(cfg: TrainConfig, kind: str | None = None, device: torch.device | None = None,
+            n_train_total: int | None = None) -> tuple[TrainConfig, list[str]]:
+    """Fill in every ``None`` of ``cfg``; returns the resolved copy and notes to print.
+
+    ``kind`` ("text"/"image") and ``device`` decide the data-dependent defaults;
+    when omitted they are derived from the dataset name and the machine.
+    """
+    validate(cfg)
+    r = dataclasses.replace(cfg)
+    notes: list[str] = []
+    r.dataset = r.dataset or "rotten-tomatoes"
+    if kind is None:
+        kind = "image" if r.dataset.lower() in ("mnist", "fashion-mnist", "fashion_mnist", "fmnist") else "text"
+    if r.method is None:
+        # BiTFiT needs pretrained weights; the built-in CNN starts from scratch, so train all of it
+        scratch_cnn = kind == "image" and (r.model is None or r.model.lower() in ("cnn", "smallcnn", "small-cnn"))
+        r.method = "full" if scratch_cnn else "bitfit"
+        if scratch_cnn:
+            notes.append("image data with the built-in CNN (no pretrained weights): method full by default")
+    r.device = r.device or "auto"
+    if device is None:
+        device = _pick_device(r.device)
+    on_cpu = device.type == "cpu"
+    private = r.method in PRIVATE_METHODS
+    r.model = r.model or ("minilm" if kind == "text" else "cnn")
+    r.epsilon = float(r.epsilon) if r.epsilon is not None else 3.0
+    r.seed = 0 if r.seed is None else r.seed
+    r.poisson = True if r.poisson is None else bool(r.poisson)
+    r.bf16 = bool(r.bf16)
+    r.resume, r.overwrite = bool(r.resume), bool(r.overwrite)
+    r.clipping_fn = r.clipping_fn or "abadi"
+    r.optimizer = r.optimizer or "adam"
+    r.lr_schedule = r.lr_schedule or "constant"
+    r.clipping_mode = r.clipping_mode or "auto"
+    r.accountant = r.accountant or "pld"
+    r.max_grad_norm = float(r.max_grad_norm) if r.max_grad_norm is not None else 1.0
+    r.lora_rank = r.lora_rank or 8
+    r.eval_every = 0 if r.eval_every is None else r.eval_every
+    r.checkpoint_every = 0 if r.checkpoint_every is None else r.checkpoint_every
+    r.stop_after_steps = r.stop_after_steps or None
+    r.progress = True if r.progress is None else bool(r.progress)
+    if r.lr is None:
+        r.lr = _DEFAULT_LR[r.method] if kind == "text" else (
+            2e-3 if r.method in ("nonprivate-full", "nonprivate-bitfit") else 1e-2)
+    if r.head_lr is None:
+        # The head is new (randomly initialised) and wants a larger step than the biases;
+        # full fine-tuning and last-layer use one learning rate for everything.
+        r.head_lr = _DEFAULT_HEAD_LR.get(r.method) or r.lr
+    if r.dropout is None and private:
+        # measured on the validation split: dropout only adds variance to the noisy DP updates
+        r.dropout = 0.0
+    if kind == "text":
+        if r.max_seq_len is None:
+            r.max_seq_len = CPU_TEXT_MAX_SEQ_LEN if on_cpu else GPU_TEXT_MAX_SEQ_LEN
+            if on_cpu:
+                notes.append(f"CPU run: sequences truncated to {r.max_seq_len} tokens by default "
+                             f"(--max-seq-len to change; {GPU_TEXT_MAX_SEQ_LEN} on a GPU)")
+        if r.train_size is None:
+            if on_cpu and (n_train_total is None or n_train_total > CPU_TEXT_TRAIN_SIZE):
+                r.train_size = CPU_TEXT_TRAIN_SIZE
+                of = f" of {n_train_total:,}" if n_train_total else ""
+                notes.append(f"CPU run: training on a random {CPU_TEXT_TRAIN_SIZE:,}{of} training "
+                             "examples by default (--train-size all for everything; a GPU uses all)")
+            else:
+                r.train_size = "all"
+        # Tuned on a held-out part of the training split (--validation-size 1000), three
+        # seeds each; never on the test set. CPU: one pass over 6,000 short examples.
+        if r.epochs is None:
+            r.epochs = (1 if on_cpu else 3) if private else 2
+        if r.batch_size is None:
+            r.batch_size = (128 if on_cpu else 512) if private else 32
+        if r.max_physical_batch_size is None:
+            r.max_physical_batch_size = 64 if on_cpu else 256
+    else:
+        r.max_seq_len = r.max_seq_len or 0
+        r.train_size = r.train_size if r.train_size is not None else "all"
+        if r.epochs is None:
+            r.epochs = 10 if private else 3
+        if r.batch_size is None:
+            r.batch_size = 256 if private else 64
+        if r.max_physical_batch_size is None:
+            r.max_physical_batch_size = 256
+    r.eval_size = r.eval_size if r.eval_size is not None else "all"
+    if isinstance(r.train_size, int) is False:
+        r.train_size = "all" if _size(r.train_size, "train-size") is None else _size(r.train_size, "train-size")
+    if isinstance(r.eval_size, int) is False:
+        r.eval_size = "all" if _size(r.eval_size, "eval-size") is None else _size(r.eval_size, "eval-size")
+    if r.bf16 and device.type == "cpu":
+        notes.append("--bf16 on a CPU: bfloat16 autocast is usually slower there")
+    if not private:
+        notes.append(f"method {r.method}: NON-PRIVATE baseline, no DP guarantee (ε = ∞)")
+    elif not r.poisson:
+        notes.append("--no-poisson: shuffled fixed-size batches; the reported ε assumes Poisson "
+                     "sampling and is then only a heuristic, not a proof")
+    return r, notes
+
+
+# ---------------------------------------------------------------------------
+# Models and trainable parameters
+# ---------------------------------------------------------------------------
+
+_HEAD_NAMES = ("classifier", "score", "head", "fc", "out_proj")
+
+
+def _head_param_names(model: nn.Module) -> list[str]:
+    """Parameters of the classification head (newly initialised; trained by every method)."""
+    for attr in _HEAD_NAMES:
+        mod = getattr(model, attr, None)
+        if isinstance(mod, nn.Module):
+            return [f"{attr}.{n}" for n, _ in mod.named_parameters()]
+    raise ConfigError(f"cannot find the classification head of {type(model).__name__} "
+                      f"(looked for {', '.join(_HEAD_NAMES)})")
+
+
+def _bitfit(model: nn.Module, extra: list[str]) -> list[str]:
+    from .methods.bitfit import bitfit
+    return list(bitfit(model, extra=extra))
+
+
+def select_trainable(model: nn.Module, method: str, lora_rank: int = 8) -> nn.Module:
+    """Freeze/unfreeze (and for LoRA wrap) ``model`` for ``method``; returns the model to train."""
+    head = set(_head_param_names(model))
+    base = method.replace("nonprivate-", "")
+    if base == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if base == "bitfit":
+        _bitfit(model, sorted(head))
+        return model
+    if base == "last-layer":
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in head)
+        return model
+    if base == "lora":
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as e:
+            raise ConfigError("method lora needs peft: pip install 'dpft[hf]'") from e
+        targets = _lora_targets(model)
+        config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
+                            target_modules=targets, bias="none")
+        peft_model = get_peft_model(model, config)
+        for n, p in peft_model.named_parameters():
+            if any(n.endswith(h) for h in head):
+                p.requires_grad_(True)
+        return peft_model
+    raise NotAvailableYet(f"method {method!r} is not available yet")  # pragma: no cover
+
+
+def _lora_targets(model: nn.Module) -> list[str]:
+    leaf = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for pair in (["query", "value"], ["q_proj", "v_proj"], ["q_lin", "v_lin"], ["c_attn"]):
+        if set(pair) <= leaf:
+            return pair
+    convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+             and not any(n.startswith(h) for h in _HEAD_NAMES)]
+    if not convs:
+        raise ConfigError(f"method lora: no Linear layers to adapt in {type(model).__name__}")
+    return convs
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Set every dropout probability of ``model`` (nn.Dropout modules and attention dropout)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.p = p
+        for attr in ("dropout_prob", "attention_dropout"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, p)
+    config = getattr(model, "config", None)
+    for attr in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
+        if config is not None and isinstance(getattr(config, attr, None), float):
+            setattr(config, attr, p)
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    seen, total, trainable = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+# ---------------------------------------------------------------------------
+# Data on tensors
+# ---------------------------------------------------------------------------
+
+
+class Encoded:
+    """Tokenised text (ragged lists of ids, padded per physical batch) or image tensors."""
+
+    def __init__(self, task: TaskData, tokenizer=None, max_seq_len: int = 0):
+        self.kind = task.kind
+        self.y_train = torch.as_tensor(task.y_train, dtype=torch.long)
+        self.y_test = torch.as_tensor(task.y_test, dtype=torch.long)
+        if task.kind == "text":
+            self.pad_id = tokenizer.pad_token_id or 0
+            enc = lambda texts: tokenizer(list(texts), truncation=True, max_length=max_seq_len)["input_ids"]  # noqa: E731
+            self.x_train, self.x_test = enc(task.x_train), enc(task.x_test)
+            self.len_train = np.array([len(x) for x in self.x_train])
+            self.len_test = np.array([len(x) for x in self.x_test])
+        else:
+            self.x_train = torch.as_tensor(task.x_train)
+            self.x_test = torch.as_tensor(task.x_test)
+
+    def batch(self, split: str, idx: np.ndarray, device: torch.device) -> tuple[dict, torch.Tensor]:
+        y = (self.y_train if split == "train" else self.y_test)[torch.as_tensor(idx, dtype=torch.long)]
+        if self.kind == "image":
+            x = (self.x_train if split == "train" else self.x_test)[torch.as_tensor(idx, dtype=torch.long)]
+            return {"x": x.to(device)}, y.to(device)
+        seqs = self.x_train if split == "train" else self.x_test
+        rows = [seqs[int(i)] for i in idx]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, r in enumerate(rows):
+            ids[j, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+            mask[j, : len(r)] = 1
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}, y.to(device)
+
+    def lengths(self, split: str) -> np.ndarray | None:
+        if self.kind != "text":
+            return None
+        return self.len_train if split == "train" else self.len_test
+
+
+def _forward(model: nn.Module, inputs: dict) -> torch.Tensor:
+    if "x" in inputs:
+        return model(inputs["x"])
+    return model(**inputs).logits
+
+
+def physical_chunks(idx: np.ndarray, max_physical: int, lengths: np.ndarray | None) -> list[np.ndarray]:
+    """Split a logical batch into physical batches; text is sorted by length to cut padding.
+
+    The order of examples inside a logical batch does not change the privatized
+    gradient (a sum over examples), so sorting is free.
+    """
+    if len(idx) == 0:
+        return []
+    if lengths is not None:
+        idx = idx[np.argsort(lengths[idx], kind="stable")]
+    k = math.ceil(len(idx) / max_physical)
+    return [c for c in np.array_split(idx, k) if len(c)]
+
+
+class BatchPlan:
+    """The logical batches of the run: batch ``i`` of epoch ``e`` is a pure function
+    of (secret seed, e, i), so a resumed run draws exactly the batches the
+    interrupted one would have.
+
+    Poisson (the default, what the accountant assumes): each example joins each
+    batch independently with probability q = batch_size / n, via
+    :class:`dpft.data.PoissonBatchSampler` (sizes vary, batches may be empty).
+    Otherwise: a seeded permutation per epoch cut into batches of ``batch_size``.
+    """
+
+    def __init__(self, n: int, batch_size: int, steps_per_epoch: int, seed: int, poisson: bool):
+        self.n, self.batch_size, self.steps, self.seed, self.poisson = n, batch_size, steps_per_epoch, seed, poisson
+        self._sampler = None
+        if poisson:
+            from .data import PoissonBatchSampler
+            self._sampler = PoissonBatchSampler(n, batch_size=min(batch_size, n), steps=steps_per_epoch,
+                                                seed=seed)
+        self._perm_epoch, self._perm = None, None
+
+    def batch(self, epoch: int, i: int) -> np.ndarray:
+        if self._sampler is not None:
+            return np.asarray(self._sampler.batch(epoch, i), dtype=np.int64)
+        if self._perm_epoch != epoch:
+            rng = np.random.default_rng([self.seed, 1_000_003, epoch])
+            self._perm, self._perm_epoch = rng.permutation(self.n), epoch
+        return self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+
+
+def _derive_seed(secret: int, stream: int) -> int:
+    state = np.random.SeedSequence([secret, stream]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31 | int(state[1]) >> 1) % (2**63)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Encoded, device: torch.device, batch_size: int,
+             autocast: Callable) -> float:
+    was_training = model.training
+    model.eval()
+    n = len(data.y_test)
+    order = np.arange(n)
+    lens = data.lengths("test")
+    if lens is not None:
+        order = order[np.argsort(lens, kind="stable")]
+    correct = 0
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        inputs, y = data.batch("test", idx, device)
+        with autocast():
+            logits = _forward(model, inputs)
+        correct += int((logits.argmax(-1) == y).sum())
+    model.train(was_training)
+    return correct / max(n, 1)
+
+
+# ---------------------------------------------------------------------------
+# Output directory, checkpoint
+# ---------------------------------------------------------------------------
+
+
+def _default_out(r: TrainConfig) -> str:
+    stem = Path(r.dataset).stem if os.path.exists(r.dataset) else r.dataset.replace("/", "_")
+    return os.path.join("runs", f"{stem}-{r.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix runs: an existing run needs --resume or --overwrite; other files, a new dir.
+
+    Only checks: the directory is created when the first file is written.
+    """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
+    has_run = (out / "config.json").is_file()
+    if resume:
+        if not has_run or not (out / CHECKPOINT).is_file():
+            raise ConfigError(f"--resume: {out} holds no dpft checkpoint to resume from")
+        return
+    if out.is_dir() and any(out.iterdir()):
+        if has_run and not overwrite:
+            raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it or "
+                              "--overwrite to replace it")
+        if not has_run:
+            raise ConfigError(f"--out {out} is not empty and holds no dpft run; choose another directory")
+
+
+def _check_resume_config(saved: dict, r: TrainConfig) -> None:
+    diffs = [f"{k} (run: {saved.get(k)!r}, now: {v!r})" for k, v in r.to_dict().items()
+             if k not in _OPERATIONAL and k in saved and saved[k] != v]
+    if diffs:
+        raise ConfigError("--resume with a different configuration: " + "; ".join(diffs))
+
+
+def merge_resume_config(cfg: TrainConfig) -> TrainConfig:
+    """For --resume: the saved configuration, overridden by the options given now."""
+    saved = json.loads((Path(cfg.out) / "config.json").read_text())
+    # a stop point belongs to the interrupted invocation, not to the run
+    merged = {k: saved.get(k) for k in TrainConfig.field_names() if k not in ("stop_after_steps", "overwrite")}
+    for k, v in cfg.to_dict().items():
+        if v is not None:
+            merged[k] = v
+    return TrainConfig(**merged)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=offline.json_default) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------
+# The job
+# ---------------------------------------------------------------------------
+
+
+def _fmt_eps(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if not math.isfinite(x):
+        return "inf"
+    return f"{x:.3f}"
+
+
+def _make_engine(model, r: TrainConfig, n_train: int, steps_total: int, noise_seed: int):
+    import dpft
+    engine_cls = getattr(dpft, "PrivacyEngine", None)
+    if engine_cls is None:  # pragma: no cover - until the engine lands
+        raise NotAvailableYet("private training needs dpft.PrivacyEngine, which is not available "
+                              "in this build; use a nonprivate-* method")
+    kwargs = dict(batch_size=r.batch_size, sample_size=n_train, target_epsilon=r.epsilon,
+                  target_delta=r.delta, max_grad_norm=r.max_grad_norm, clipping_fn=r.clipping_fn,
+                  clipping_style="all-layer", clipping_mode=r.clipping_mode,
+                  accountant=r.accountant, loss_reduction="mean", noise_seed=noise_seed)
+    try:
+        engine = engine_cls(model, steps=steps_total, **kwargs)
+    except NotImplementedError as e:
+        raise NotAvailableYet(f"method {r.method}: the engine cannot train these parameters "
+                              f"yet: {e}") from e
+    except (TypeError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"method {r.method}: {msg}") from e
+    return engine
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
+    """Run one job; returns the summary dict (also written to ``out/summary.json``)."""
+    log = log or (lambda s: print(s, flush=True))
+    t_start = time.perf_counter()
+    validate(cfg)
+    if cfg.resume:
+        if cfg.out is None:
+            raise ConfigError("--resume needs --out DIR (the run to continue)")
+        prepare_out(Path(cfg.out), resume=True, overwrite=False)
+        cfg = merge_resume_config(cfg)
+        validate(cfg)
+
+    device = _pick_device(cfg.device or "auto")
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    ds_name = cfg.dataset or "rotten-tomatoes"
+    task = offline.load_dataset(ds_name, seed=cfg.seed or 0)
+    r, notes = resolve(cfg, kind=task.kind, device=device, n_train_total=len(task.y_train))
+    out = Path(r.out or _default_out(r))
+    r.out = str(out)
+    if r.resume:
+        _check_resume_config(json.loads((out / "config.json").read_text()), r)
+    else:
+        prepare_out(out, resume=False, overwrite=r.overwrite)
+
+    # --- data ------------------------------------------------------------------
+    if r.validation_size:
+        task = task.validation_split(r.validation_size, seed=r.seed)
+        notes.append(f"evaluating on {len(task.y_test):,} held-out TRAINING examples "
+                     "(--validation-size), not on the test set")
+    task = task.subset(_size(r.train_size, "train-size"), _size(r.eval_size, "eval-size"), seed=r.seed)
+    n_train = len(task.y_train)
+    if n_train < 2:
+        raise ConfigError(f"the training set has {n_train} example(s); need at least 2")
+    torch.manual_seed(r.seed)
+
+    # --- model -------------------------------------------------------------------
+    tokenizer = None
+    if task.kind == "text":
+        model, tokenizer = offline.load_text_model(
+            None if offline.is_packaged_text_model(r.model) else r.model, task.num_labels)
+    else:
+        in_ch = int(task.x_train.shape[1])
+        model = offline.load_image_model(r.model, task.num_labels, in_ch)
+    if r.dropout is not None:
+        set_dropout(model, r.dropout)
+    model = select_trainable(model, r.method, r.lora_rank)
+    model.to(device)
+    model.train()
+    trainable, total = count_params(model)
+    data = Encoded(task, tokenizer, r.max_seq_len)
+
+    private = r.method in PRIVATE_METHODS
+    if r.batch_size > n_train:
+        raise ConfigError(f"--batch-size {r.batch_size} is larger than the training set ({n_train:,})")
+    steps_per_epoch = math.ceil(n_train / r.batch_size)  # the engine's convention
+    steps_total = max(1, math.ceil(r.epochs * steps_per_epoch))
+    # The randomness DP relies on (batch sampling, noise) comes from a secret seed:
+    # OS entropy unless --dp-seed; kept in the checkpoint so that --resume continues it.
+    ckpt = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False) if r.resume else None
+    if ckpt is not None:
+        dp_secret = int(ckpt["dp_seed"])
+    else:
+        dp_secret = r.dp_seed if r.dp_seed is not None else secrets.randbits(63)
+    plan = BatchPlan(n_train, r.batch_size, steps_per_epoch, _derive_seed(dp_secret, 0),
+                     poisson=r.poisson and private)
+    optimizer = make_optimizer(model, r)
+    engine = _make_engine(model, r, n_train, steps_total, _derive_seed(dp_secret, 1)) if private else None
+    if engine is not None:
+        engine.attach(optimizer)
+
+    majority_label, majority_acc = task.majority_baseline()
+    cpu_note = "" if device.type != "cpu" else f", {torch.get_num_threads()} threads"
+    log(f"dpft train: {r.method} on {task.description}")
+    log(f"  model {r.model} ({total:,} parameters, {trainable:,} trainable = "
+        f"{100 * trainable / total:.2f}%), device {device}{cpu_note}")
+    for note in notes:
+        log(f"  note: {note}")
+    if engine is not None:
+        log(f"  DP: target ε = {r.epsilon:g}, δ = {engine.target_delta:.3g}, σ = "
+            f"{engine.noise_multiplier:.4f}, q = {min(1.0, r.batch_size / n_train):.4f}, "
+            f"{steps_total} steps, clip {r.clipping_fn} R = {r.max_grad_norm:g}, "
+            f"accountant {r.accountant}")
+    log(f"  {n_train:,} training / {len(task.y_test):,} evaluation examples, logical batch "
+        f"{r.batch_size}, physical ≤ {r.max_physical_batch_size}, lr {r.lr:g}, {r.epochs:g} epochs, "
+        f"output {out}")
+
+    # --- state (fresh or resumed) -----------------------------------------------
+    step = 0
+    metrics_path = out / "metrics.jsonl"
+    elapsed_before = 0.0
+    if ckpt is not None:
+        missing = set(_trainable_state(model)) ^ set(ckpt["model"])
+        if missing:
+            raise ConfigError(f"--resume: checkpoint parameters do not match the model ({sorted(missing)[:3]})")
+        with torch.no_grad():
+            named = dict(model.named_parameters())
+            for n, t in ckpt["model"].items():
+                named[n].copy_(t.to(named[n].device, named[n].dtype))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if engine is not None:
+            engine.load_state_dict(ckpt["engine"])
+        _set_rng_state(ckpt["rng"])
+        step = ckpt["step"]
+        elapsed_before = ckpt.get("elapsed", 0.0)
+        lines = metrics_path.read_text().splitlines()[: ckpt["metrics_lines"]] if metrics_path.exists() else []
+        metrics_path.write_text("".join(line + "\n" for line in lines))
+        log(f"  resumed from step {step} (ε so far {_fmt_eps(_epsilon(engine))})")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "config.json", r.to_dict())
+        metrics_path.write_text("")
+        for stale in ("summary.json", "report.png", CHECKPOINT):
+            (out / stale).unlink(missing_ok=True)
+
+    use_autocast = r.bf16 and device.type in ("cuda", "cpu")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_autocast \
+        else (lambda: torch.autocast(device.type, enabled=False))
+    lengths = data.lengths("train")
+    metrics_file = open(metrics_path, "a")
+    n_lines = len(metrics_path.read_text().splitlines())
+
+    def record(obj: dict) -> None:
+        nonlocal n_lines
+        metrics_file.write(json.dumps(obj, default=offline.json_default) + "\n")
+        metrics_file.flush()
+        n_lines += 1
+
+    def save_checkpoint() -> None:
+        _atomic_save({"model": _trainable_state(model), "optimizer": optimizer.state_dict(),
+                      "engine": engine.state_dict() if engine is not None else None,
+                      "rng": _rng_state(), "step": step, "metrics_lines": n_lines, "dp_seed": dp_secret,
+                      "elapsed": elapsed_before + time.perf_counter() - t_train},
+                     out / CHECKPOINT)
+
+    # Ctrl-C: finish the current step, checkpoint, exit (resumable); a second Ctrl-C aborts.
+    interrupted = {"flag": False}
+    old_handler = None
+    if threading_main():
+        def on_sigint(signum, frame):
+            if interrupted["flag"]:
+                raise KeyboardInterrupt
+            interrupted["flag"] = True
+        old_handler = signal.signal(signal.SIGINT, on_sigint)
+
+    tqdm = _tqdm(r.progress)
+    t_train = time.perf_counter()
+    last_acc = None
+    stopped = None
+    eval_bs = 2 * r.max_physical_batch_size
+    try:
+        while step < steps_total and stopped is None:
+            epoch = step // steps_per_epoch
+            first = step - epoch * steps_per_epoch
+            last = min(steps_per_epoch, steps_total - epoch * steps_per_epoch)
+            bar = tqdm(total=last, initial=first, desc=f"epoch {epoch + 1}/{math.ceil(r.epochs)}",
+                       unit="step", leave=True, dynamic_ncols=True)
+            loss_avg = None
+            for b in range(first, last):
+                idx = plan.batch(epoch, b)
+                loss_sum, correct = 0.0, 0
+                chunks = physical_chunks(idx, r.max_physical_batch_size, lengths)
+                for chunk in chunks:
+                    inputs, y = data.batch("train", chunk, device)
+                    with autocast():
+                        logits = _forward(model, inputs)
+                    loss = F.cross_entropy(logits.float(), y)
+                    if private or len(chunks) == 1:
+                        loss.backward()
+                    else:  # non-private accumulation: weight each chunk by its share
+                        (loss * len(chunk) / len(idx)).backward()
+                    loss_sum += float(loss.detach()) * len(chunk)
+                    correct += int((logits.argmax(-1) == y).sum())
+                set_lr(optimizer, r, step, steps_total)
+                if len(idx) == 0 and engine is not None:
+                    _empty_step(engine, optimizer)
+                else:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                eps = _epsilon(engine)
+                row = {"event": "step", "step": step, "epoch": epoch + 1, "batch_size": int(len(idx)),
+                       "loss": loss_sum / len(idx) if len(idx) else None,
+                       "train_accuracy": correct / len(idx) if len(idx) else None,
+                       "epsilon": eps if engine is not None else None,
+                       "lr": optimizer.param_groups[0]["lr"],
+                       "time": round(elapsed_before + time.perf_counter() - t_train, 3)}
+                record(row)
+                if row["loss"] is not None:
+                    loss_avg = row["loss"] if loss_avg is None else 0.9 * loss_avg + 0.1 * row["loss"]
+                bar.set_postfix_str(_postfix(loss_avg, row["train_accuracy"], eps, last_acc), refresh=False)
+                bar.update(1)
+                end_of_epoch = b == last - 1
+                if (r.eval_every and step % r.eval_every == 0) or end_of_epoch:
+                    last_acc = evaluate(model, data, device, eval_bs, autocast)
+                    record({"event": "eval", "step": step, "epoch": epoch + 1,
+                            "test_accuracy": last_acc, "epsilon": eps if engine is not None else None})
+                    bar.set_postfix_str(_postfix(loss_avg, row["train_accuracy"], eps, last_acc))
+                if r.stop_after_steps and step >= r.stop_after_steps and step < steps_total:
+                    stopped = f"stopped after {step} steps (--stop-after-steps)"
+                elif interrupted["flag"]:
+                    stopped = f"interrupted after step {step}"
+                if end_of_epoch or stopped or (r.checkpoint_every and step % r.checkpoint_every == 0):
+                    save_checkpoint()
+                if stopped:
+                    break
+            bar.close()
+    finally:
+        metrics_file.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
+
+    train_time = elapsed_before + time.perf_counter() - t_train
+    if stopped:
+        log(f"  {stopped}; checkpoint saved. Continue with: dpft train --out {out} --resume")
+        return {"stopped": True, "step": step, "out": str(out)}
+
+    if last_acc is None:  # e.g. resumed from a checkpoint written at the very end
+        last_acc = evaluate(model, data, device, eval_bs, autocast)
+    summary = {
+        "method": r.method, "model": r.model, "dataset": task.name,
+        "trainable_parameters": trainable, "total_parameters": total,
+        "trainable_percent": 100 * trainable / total,
+        "train_size": n_train, "eval_size": int(len(task.y_test)),
+        "eval_split": "validation" if r.validation_size else "test",
+        "test_accuracy": last_acc, "majority_label": majority_label, "majority_baseline": majority_acc,
+        "epsilon": _epsilon(engine) if engine is not None else float("inf"),
+        "target_epsilon": r.epsilon if engine is not None else None,
+        "delta": engine.target_delta if engine is not None else None,
+        "noise_multiplier": engine.noise_multiplier if engine is not None else 0.0,
+        "sample_rate": min(1.0, r.batch_size / n_train),
+        "steps": step, "epochs": r.epochs, "batch_size": r.batch_size, "lr": r.lr,
+        "max_seq_len": r.max_seq_len or None,
+        "train_time_s": train_time,
+        "wall_time_s": time.perf_counter() - t_start + elapsed_before,
+        "peak_memory_mb": _peak_memory_mb(device), "device": str(device),
+        "private": engine is not None, "out": str(out),
+    }
+    if engine is not None:
+        engine.detach()
+    _write_json(out / "summary.json", summary)
+    plot = write_report(out, summary)
+    _print_summary(summary, log, plot)
+    return summary
+
+
+def make_optimizer(model: nn.Module, r: TrainConfig) -> torch.optim.Optimizer:
+    """Adam (or SGD with momentum); the new classification head gets ``head_lr``."""
+    head_names = set(_head_param_names(_unwrap(model)))
+    head, rest = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (head if _strip_peft(n) in head_names else rest).append(p)
+    groups = [g for g in ({"params": rest, "lr_scale": 1.0},
+                          {"params": head, "lr_scale": r.head_lr / r.lr}) if g["params"]]
+    if r.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=r.lr, momentum=0.9)
+    return torch.optim.Adam(groups, lr=r.lr)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (names of the head are looked up there)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _strip_peft(name: str) -> str:
+    return name[len("base_model.model."):] if name.startswith("base_model.model.") else name
+
+
+def set_lr(optimizer: torch.optim.Optimizer, r: TrainConfig, step: int, steps_total: int) -> None:
+    """The learning rate of step ``step`` (0-based): a pure function of the step, so resumable."""
+    factor = 1.0
+    if r.lr_schedule == "linear":
+        factor = 1.0 - step / steps_total
+    elif r.lr_schedule == "cosine":
+        factor = 0.5 * (1.0 + math.cos(math.pi * step / steps_total))
+    for group in optimizer.param_groups:
+        group["lr"] = r.lr * group.get("lr_scale", 1.0) * factor
+
+
+def threading_main() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def _epsilon(engine) -> float | None:
+    if engine is None:
+        return None
+    return float(engine.epsilon)
+
+
+def _empty_step(engine, optimizer) -> None:
+    """An empty Poisson batch: still one step of the mechanism (noise only, accounted)."""
+    engine.record_empty_batch()
+    optimizer.step()
+
+
+def _postfix(loss, acc, eps, test_acc) -> str:
+    parts = []
+    if loss is not None:
+        parts.append(f"loss {loss:.3f}")
+    if acc is not None:
+        parts.append(f"acc {acc:.2f}")
+    if test_acc is not None:
+        parts.append(f"test {test_acc:.3f}")
+    if eps is not None:
+        parts.append(f"ε {eps:.2f}")
+    return ", ".join(parts)
+
+
+def _tqdm(enabled: bool):
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+            return tqdm
+        except ImportError:  # pragma: no cover
+            pass
+
+    class _Silent:
+        def __init__(self, *a, **k):
+            pass
+
+        def set_postfix_str(self, *a, **k):
+            pass
+
+        def update(self, *a):
+            pass
+
+        def close(self):
+            pass
+    return _Silent
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 1024 if sys.platform != "darwin" else rss / 2**20
+    except ImportError:  # pragma: no cover - Windows
+        return float("nan")
+
+
+def _print_summary(s: dict, log, plot: Path | None) -> None:
+    rows = [
+        ("method", s["method"] + ("" if s["private"] else " (NOT private)")),
+        ("trainable params", f"{s['trainable_parameters']:,} of {s['total_parameters']:,} "
+                             f"({s['trainable_percent']:.2f}%)"),
+        (f"{s['eval_split']} accuracy", f"{s['test_accuracy']:.4f}  ({s['eval_size']:,} examples)"),
+        ("majority baseline", f"{s['majority_baseline']:.4f}  (always '{s['majority_label']}')"),
+        ("ε (spent / target)", f"{_fmt_eps(s['epsilon'])} / {s['target_epsilon']:g}"
+         if s["private"] else "inf (no privacy)"),
+        ("δ", f"{s['delta']:.3g}" if s["delta"] is not None else "-"),
+        ("σ (noise multiplier)", f"{s['noise_multiplier']:.4f}"),
+        ("steps", f"{s['steps']}  (q = {s['sample_rate']:.4f}, {s['train_size']:,} training examples)"),
+        ("wall time", f"{s['wall_time_s']:.1f} s  (training {s['train_time_s']:.1f} s)"),
+        ("peak memory", f"{s['peak_memory_mb']:.0f} MB ({'GPU' if s['device'].startswith('cuda') else 'process RSS'})"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    log("")
+    for k, v in rows:
+        log(f"  {k:<{width}}  {v}")
+    extra = ", report.png" if plot else ""
+    log(f"  results in {s['out']}/ (summary.json, metrics.jsonl, config.json{extra}, {CHECKPOINT})")
+
+
+def write_report(out: Path, summary: dict) -> Path | None:
+    """report.png: training loss, test accuracy and ε against step (skipped without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    steps, losses, eps, ev_steps, ev_acc = [], [], [], [], []
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row.get("event") == "step":
+            if row.get("loss") is not None:
+                steps.append(row["step"])
+                losses.append(row["loss"])
+            if row.get("epsilon") is not None:
+                eps.append((row["step"], row["epsilon"]))
+        elif row.get("event") == "eval":
+            ev_steps.append(row["step"])
+            ev_acc.append(row["test_accuracy"])
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharex=True)
+    axes[0].plot(steps, losses, lw=0.8, color="tab:blue", alpha=0.45, label="logical batch")
+    if len(losses) > 4:
+        ema, smooth = losses[0], []
+        for v in losses:
+            ema = 0.8 * ema + 0.2 * v
+            smooth.append(ema)
+        axes[0].plot(steps, smooth, lw=1.8, color="tab:blue", label="moving average")
+        axes[0].legend(loc="upper right")
+    axes[0].set(title="training loss", xlabel="step", xlim=(0, max(summary["steps"], 1)))
+    axes[1].plot(ev_steps, ev_acc, "o-", color="tab:green", label=summary["eval_split"])
+    axes[1].axhline(summary["majority_baseline"], ls="--", color="grey", label="majority class")
+    axes[1].set(title=f"{summary['eval_split']} accuracy", xlabel="step")
+    axes[1].legend(loc="lower right")
+    if eps:
+        axes[2].plot([s for s, _ in eps], [e for _, e in eps], color="tab:red")
+        axes[2].axhline(summary["target_epsilon"], ls="--", color="grey", label="target")
+        axes[2].legend(loc="lower right")
+        axes[2].set(title=f"ε spent (δ = {summary['delta']:.2g})", xlabel="step")
+    else:
+        axes[2].text(0.5, 0.5, "non-private:\nε = ∞", ha="center", va="center", fontsize=14)
+        axes[2].set(title="ε", xticks=[], yticks=[])
+    fig.suptitle(f"dpft {summary['method']} · {summary['model']} · {summary['dataset']}")
+    fig.tight_layout()
+    path = out / "report.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+__all__ += ["evaluate", "BatchPlan", "physical_chunks", "select_trainable", "write_report",
+            "DataUnavailable"]
