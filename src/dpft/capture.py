@@ -79,6 +79,10 @@ class Binding:
     rng: Any = None
     autocast: Any = None
     kwargs: dict = field(default_factory=dict)
+    fallback: bool = False
+    needs_save: bool = True
+    lane: list[tuple[str, str, int, int, tuple[int, ...]]] = field(default_factory=list)  # (local, key, offset, numel, shape)
+    slow: frozenset[str] = frozenset()  # params handed to the sink as contributions
 
 
 def _module_params(module: nn.Module, recursive: bool) -> dict[str, nn.Parameter]:
@@ -167,17 +171,20 @@ def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
     return None
 
 
-Sink = Callable[[dict[str, list[Contribution]], int], None]
+Sink = Callable[[dict[str, list[Contribution]], int, "tuple[tuple[str, ...], Tensor] | None"], None]
 
 
 class Capture:
     """Installs and removes the hooks; hands per-backward contributions to ``sink``."""
 
-    def __init__(self, model: nn.Module, sink: Sink, *, book_keeping: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, sink: Sink, *, book_keeping: bool = False, no_lane: set[str] | frozenset[str] = frozenset()
+    ) -> None:
         self.model = model
         self.sink = sink
         self.book_keeping = book_keeping
         self.bindings, self.owner = plan_model(model)
+        self._plan_lane(set(no_lane))
         self.batch_size: int | None = None
         self.enabled = True
         self._received: list[tuple[Binding, Call]] = []
@@ -187,6 +194,45 @@ class Capture:
         self.check_passes = 2  # backward passes in which sums are cross-checked
         self._passes = 0
         self._half = False
+
+    def _plan_lane(self, no_lane: set[str]) -> None:
+        """The flat lane: parameters whose per-example gradients are reduced
+        eagerly in the hooks (biases, norm weights, container tokens) are
+        written straight into one ``(B, total)`` buffer per backward pass, so
+        norms, clipping and the weighted sum cost a handful of kernels."""
+        params = dict(self.model.named_parameters())
+        eager_uses: dict[str, int] = {}
+        all_uses: dict[str, int] = {}
+        for b in self.bindings:
+            b.fallback = isinstance(b.rule, FallbackRule)
+            eager = set(b.params) if b.expand else set(b.rule.eager) & set(b.params)
+            for local, key in b.keys.items():
+                all_uses[key] = all_uses.get(key, 0) + 1
+                if local in eager:
+                    eager_uses[key] = eager_uses.get(key, 0) + 1
+        keys = [k for k in eager_uses if eager_uses[k] == all_uses[k] and k not in no_lane]
+        kinds = {(params[k].device, params[k].dtype == torch.float64) for k in keys}
+        if len(kinds) != 1:
+            keys = []  # mixed devices / precisions: no lane (the general path handles them)
+        self.lane_keys = tuple(keys)
+        self.lane_offsets: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for k in keys:
+            self.lane_offsets[k] = (offset, params[k].numel())
+            offset += params[k].numel()
+        self.lane_total = offset
+        self.lane_dtype = torch.float64 if keys and params[keys[0]].dtype == torch.float64 else torch.float32
+        self.lane_device = params[keys[0]].device if keys else None
+        for b in self.bindings:
+            b.lane = [
+                (local, key, *self.lane_offsets[key], tuple(params[key].shape))
+                for local, key in b.keys.items()
+                if key in self.lane_offsets
+            ]
+            b.slow = frozenset(local for local, key in b.keys.items() if key not in self.lane_offsets)
+            b.needs_save = b.fallback or b.rule.needs_save(b.module, b.params)
+        self._lane_buf: Tensor | None = None
+        self._lane_seen: set[str] = set()
 
     # -- installation -------------------------------------------------------
     def attach(self) -> None:
@@ -200,7 +246,7 @@ class Capture:
                 continue
             if isinstance(b.rule, FallbackRule) or (self.book_keeping and any(k != "bias" for k in b.params)):
                 h.append(b.module.register_forward_pre_hook(partial(self._pre, b), with_kwargs=True))
-            h.append(b.module.register_forward_hook(partial(self._post, b), with_kwargs=True, always_call=True))
+            h.append(b.module.register_forward_hook(partial(self._post, b)))
         covered = {k for b in self.bindings for k in b.keys.values()}
         for name, p in self.model.named_parameters():
             if p.requires_grad and name in covered:
@@ -265,14 +311,15 @@ class Capture:
                             p.requires_grad_(False)
                             b.toggled.append(p)
 
-    def _post(self, b: Binding, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        for p in b.toggled:
-            p.requires_grad_(True)
-        b.toggled = []
-        if not self._active():
+    def _post(self, b: Binding, module: nn.Module, args: tuple, output: Any) -> Any:
+        if b.toggled:
+            for p in b.toggled:
+                p.requires_grad_(True)
+            b.toggled = []
+        if not (self.enabled and torch.is_grad_enabled()):
             return None
         n = self.batch_size
-        if isinstance(b.rule, FallbackRule):
+        if b.fallback:
             flat = _flat_tensors(output)
             if not any(t is not None and t.requires_grad for t in flat):
                 return None
@@ -309,7 +356,8 @@ class Capture:
                     "(e.g. batch_first=True)."
                 )
         call = Call(module, b.rule, n)
-        b.rule.save(call, module, args, output, b.params)
+        if b.needs_save:
+            b.rule.save(call, module, args, output, b.params)
         output.register_hook(partial(self._on_grad, b, call))
         return replaced
 
@@ -338,8 +386,24 @@ class Capture:
             return
         if grad.dtype in (torch.float16, torch.bfloat16):
             self._half = True
-        b.rule.on_grad(call, grad, b.params)
-        self._received.append((b, call))
+        if b.slow:
+            b.rule.on_grad(call, grad, b.slow)
+        if b.lane:
+            n = call.batch_size
+            buf = self._lane_buf
+            if buf is None:
+                buf = self._lane_buf = torch.zeros(n, self.lane_total, dtype=self.lane_dtype, device=self.lane_device)
+            elif buf.shape[0] != n:
+                raise RuntimeError(f"dpft: one backward pass mixed batches of sizes {buf.shape[0]} and {n}")
+            seen = self._lane_seen
+            for local, key, off, numel, shape in b.lane:
+                b.rule.eager_into(call, grad, local, buf[:, off : off + numel].view(n, *shape), key in seen)
+                seen.add(key)
+            done = getattr(b.rule, "done", None)
+            if done is not None and not b.slow:
+                done(call)
+        if b.slow:
+            self._received.append((b, call))
         self._queue()
 
     def _on_fallback_grad(self, b: Binding, call: Call, index: int, grad: Tensor) -> None:
@@ -357,7 +421,7 @@ class Capture:
         self._autograd[key] = grad if self._passes < self.check_passes else None
         self._queue()
 
-    def _check_uses(self, out: dict[str, list[Contribution]]) -> None:
+    def _check_uses(self, out: dict[str, list[Contribution]], lane: Tensor | None, seen: set[str]) -> None:
         """Catch uses of a trainable parameter that bypass its module's hooks
         (e.g. ``F.linear(x, other.weight)``): autograd delivered a gradient
         that dpft has no per-example account of."""
@@ -365,15 +429,21 @@ class Capture:
         half, self._half = self._half, False
         for key, grad in autograd.items():
             cs = out.get(key)
-            if cs is None:
+            if cs is None and key not in seen:
                 raise UnsupportedModuleError(
                     f"dpft: parameter '{key}' received a gradient through a use that no dpft hook saw "
                     "(used functionally outside its module, or by a module that does not call it?); "
                     "its per-example gradient is unknown. Freeze it or route the use through the module."
                 )
-            if grad is None or not all(isinstance(c, Direct) for c in cs):
+            if grad is None:
                 continue
-            ours = sum(c.grad.sum(0) for c in cs)
+            if cs is None:
+                off, numel = self.lane_offsets[key]
+                ours = lane[:, off : off + numel].sum(0).view(grad.shape)  # type: ignore[index]
+            elif all(isinstance(c, Direct) for c in cs):
+                ours = sum(c.grad.sum(0) for c in cs)
+            else:
+                continue
             want = grad.to(ours.dtype)
             tol = 5e-2 if half or grad.dtype in (torch.float16, torch.bfloat16) else 1e-3
             err = float((ours - want).norm())
@@ -392,11 +462,15 @@ class Capture:
     def _backward_end(self) -> None:
         self._queued = False
         received, self._received = self._received, []
-        if not received:
+        lane, self._lane_buf = self._lane_buf, None
+        seen, self._lane_seen = self._lane_seen, set()
+        if not received and lane is None:
             if self._autograd:
-                self._check_uses({})
+                self._check_uses({}, None, seen)
             return
         sizes = {call.batch_size for _, call in received}
+        if lane is not None:
+            sizes.add(lane.shape[0])
         if len(sizes) != 1:
             raise RuntimeError(f"dpft: one backward pass mixed batches of sizes {sorted(sizes)}")
         n = sizes.pop()
@@ -405,7 +479,7 @@ class Capture:
         try:
             for b, call in received:
                 call.check_versions(b.name)
-                contribs = b.rule.contributions(call, b.params)
+                contribs = b.rule.contributions(call, b.slow)
                 # from here on the contributions hold the only references, so
                 # that the sink can free each layer's tensors once it is summed
                 call.saved.clear()
@@ -425,9 +499,9 @@ class Capture:
         finally:
             self.enabled = True
         del received
-        self._check_uses(out)
+        self._check_uses(out, lane, seen)
         self._passes += 1
-        self.sink(out, n)
+        self.sink(out, n, (self.lane_keys, lane) if lane is not None else None)
 
     def _param(self, key: str) -> nn.Parameter:
         if not hasattr(self, "_params"):

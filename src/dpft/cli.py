@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="default constant")
     g.add_argument("--dropout", type=float, help="override every dropout probability (default 0 for "
                                                  "private methods, the model's own otherwise)")
-    g.add_argument("--max-seq-len", type=int, help="tokens per text (CPU default 64, GPU 128)")
+    g.add_argument("--max-seq-len", type=int, help="tokens per text (default: 64 on a CPU, 128 on a GPU)")
     g.add_argument("--train-size", type=_positive_or_all, help="subsample the training set (N or 'all')")
     g.add_argument("--eval-size", type=_positive_or_all, help="subsample the test set (N or 'all')")
     g.add_argument("--validation-size", type=int,

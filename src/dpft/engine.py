@@ -178,9 +178,11 @@ class PrivacyEngine:
             )
 
         norm_mode = {"auto": "mixed", "bk": "mixed"}.get(clipping_mode, clipping_mode)
-        self._capture = Capture(model, self._on_backward, book_keeping=clipping_mode in ("auto", "bk"))
-        self.groups = make_groups(clipping_style, list(self.params), self._capture.owner)
         self.row_masks = sparta_masks(self.params)
+        self._capture = Capture(
+            model, self._on_backward, book_keeping=clipping_mode in ("auto", "bk"), no_lane=set(self.row_masks)
+        )
+        self.groups = make_groups(clipping_style, list(self.params), self._capture.owner)
         self._sum = ClippedSum(self.params, self.groups, self.max_grad_norm, clipping_fn, norm_mode, self.row_masks)
         self.ledger = ledger if ledger is not None else Ledger()
         self._start_steps = self.ledger.steps
@@ -262,9 +264,9 @@ class PrivacyEngine:
         self._sum.reset()
 
     # -- the flow -----------------------------------------------------------
-    def _on_backward(self, contributions: dict[str, list[Contribution]], batch_size: int) -> None:
+    def _on_backward(self, contributions: dict[str, list[Contribution]], batch_size: int, lane=None) -> None:
         scale = float(batch_size) if self.loss_reduction == "mean" else 1.0
-        self._sum.add(contributions, batch_size, scale)
+        self._sum.add(contributions, batch_size, scale, lane)
 
     def record_empty_batch(self) -> None:
         """Declare that this logical batch drew no examples (Poisson sampling):

@@ -94,12 +94,18 @@ class ClippedSum:
             ).to(device)
         return self._col_groups[key]
 
-    def add(self, contributions: dict[str, list[Contribution]], batch_size: int, scale: float) -> None:
+    def add(
+        self,
+        contributions: dict[str, list[Contribution]],
+        batch_size: int,
+        scale: float,
+        lane: tuple[tuple[str, ...], Tensor] | None = None,
+    ) -> None:
         """Clip the per-example gradients of one backward pass and add them.
 
         ``scale`` turns the captured gradients (of a mean loss) into
         per-example gradients: the physical batch size for ``mean``, 1 for ``sum``."""
-        if not contributions:
+        if not contributions and lane is None:
             return
         compact: set[str] = set()
         for k, rm in self.row_masks.items():
@@ -109,9 +115,9 @@ class ClippedSum:
                 contributions[k] = [restrict(c, rm, cmp)[0] for c in contributions[k]]
                 if cmp:
                     compact.add(k)
-        any_p = self.params[next(iter(contributions))]
-        device = any_p.device
-        norm_dtype = torch.float64 if any(self.params[k].dtype == torch.float64 for k in contributions) else torch.float32
+        keys = list(contributions) + (list(lane[0]) if lane is not None else [])
+        device = self.params[keys[0]].device
+        norm_dtype = torch.float64 if any(self.params[k].dtype == torch.float64 for k in keys) else torch.float32
         sq = torch.zeros(batch_size, self.num_groups, dtype=norm_dtype, device=device)
 
         # Direct-only parameters, concatenated per (device, dtype)
@@ -124,6 +130,15 @@ class ClippedSum:
             else:
                 factored.append(k)
         flats: list[tuple[tuple[str, ...], Tensor, Tensor | None]] = []
+        if lane is not None:
+            names, flat = lane
+            col_group = None
+            if self.num_groups == 1:
+                sq[:, 0] += flat.pow(2).sum(1).to(norm_dtype).to(device)
+            else:
+                col_group = self._col_group(names, flat.device)
+                sq.index_add_(1, col_group.to(device), flat.pow(2).to(norm_dtype).to(device))
+            flats.append((names, flat, col_group))
         for (dev, dtype), name_list in direct.items():
             names = tuple(name_list)
             cols = []

@@ -72,7 +72,7 @@ class Factored:
 Contribution = Direct | Factored
 
 
-@dataclass
+@dataclass(slots=True, eq=False)
 class Call:
     """One forward call of a hooked module, filled in by forward and backward hooks."""
 
@@ -115,9 +115,17 @@ class Rule:
     def supports(self, module: nn.Module, name: str) -> bool:
         return self.handles is None or name in self.handles
 
+    #: parameters whose per-example gradient the rule produces eagerly as a
+    #: :class:`Direct` in ``call.results`` (eligible for the engine's flat lane)
+    eager: tuple[str, ...] = ("bias",)
+
     def needs_input(self, module: nn.Module, params: frozenset[str]) -> bool:
         """Whether the module's input must be kept (a weight trains)."""
         return bool(params - {"bias"})
+
+    def needs_save(self, module: nn.Module, params: frozenset[str]) -> bool:
+        """Whether :meth:`save` must run in the forward hook at all."""
+        return self.needs_input(module, params)
 
     def save(self, call: Call, module: nn.Module, args: tuple, output: Tensor, params: frozenset[str]) -> None:
         """Keep what backward needs (called in the forward hook)."""
@@ -133,6 +141,28 @@ class Rule:
     def contributions(self, call: Call, params: frozenset[str]) -> dict[str, Contribution]:
         """Per-example gradient contributions, keyed by parameter name."""
         raise NotImplementedError
+
+    def eager_into(self, call: Call, grad: Tensor, name: str, out: Tensor, accumulate: bool) -> None:
+        """Write (or add, if ``accumulate``) the per-example gradient of the
+        eager parameter ``name`` into ``out`` of shape ``(B, *param.shape)``."""
+        self.on_grad(call, grad, frozenset([name]))
+        r = call.results.pop(name).view(out.shape)
+        if accumulate:
+            out += r
+        else:
+            out.copy_(r)
+
+
+def reduce_into(t: Tensor, dims: tuple[int, ...], out: Tensor, accumulate: bool) -> None:
+    """``out (+)= t.sum(dims)`` accumulated in ``out``'s dtype, without a temporary when possible."""
+    if accumulate or not dims:
+        r = t.sum(dim=dims, dtype=out.dtype) if dims else t.to(out.dtype)
+        if accumulate:
+            out += r.view(out.shape)
+        else:
+            out.copy_(r.view(out.shape))
+        return
+    torch.sum(t, dim=dims, dtype=out.dtype, out=out.view(*[t.shape[i] for i in range(t.ndim) if i not in dims]))
 
 
 def batchify(x: Tensor, batch_size: int) -> Tensor:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Call, Contribution, Direct, Factored, Rule, batchify
+from .base import Call, Contribution, Direct, Factored, Rule, batchify, reduce_into
 from .linear import acc_dtype
 
 
@@ -75,6 +75,9 @@ class ConvRule(Rule):
     dilation and groups."""
 
     handles = ("weight", "bias")
+
+    def eager_into(self, call: Call, grad: Tensor, name: str, out: Tensor, accumulate: bool) -> None:
+        reduce_into(grad, tuple(range(2, grad.ndim)), out, accumulate)
 
     def on_grad(self, call: Call, grad: Tensor, params: frozenset[str]) -> None:
         if "bias" in params:

@@ -12,6 +12,10 @@ from .base import Call, Contribution, Factored, Rule, batchify
 
 class EmbeddingRule(Rule):
     handles = ("weight",)
+    eager: tuple[str, ...] = ()
+
+    def needs_save(self, module: nn.Module, params: frozenset[str]) -> bool:
+        return True
 
     def save(self, call: Call, module: nn.Module, args: tuple, output: Tensor, params: frozenset[str]) -> None:
         call.saved["ids"] = args[0]

@@ -44,6 +44,7 @@ class FallbackRule(Rule):
 
     handles = None
     recursive = False
+    eager: tuple[str, ...] = ()
 
     def batch_dim(self, module: nn.Module) -> int:
         return 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Call, Contribution, Direct, Factored, Rule, batchify
+from .base import Call, Contribution, Direct, Factored, Rule, batchify, reduce_into
 
 
 def acc_dtype(t: Tensor) -> torch.dtype:
@@ -34,6 +34,9 @@ class LinearRule(Rule):
             call.results["bias"] = sum_positions(grad)
         if "weight" in params:
             call.saved["grad"] = grad
+
+    def eager_into(self, call: Call, grad: Tensor, name: str, out: Tensor, accumulate: bool) -> None:
+        reduce_into(grad, tuple(range(1, grad.ndim - 1)), out, accumulate)
 
     def contributions(self, call: Call, params: frozenset[str]) -> dict[str, Contribution]:
         out: dict[str, Contribution] = {}

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Call, Contribution, Direct, Rule
+from .base import Call, Contribution, Direct, Rule, reduce_into
 from .linear import acc_dtype
 
 
@@ -22,6 +22,7 @@ def _reduce(prod: Tensor, dims: tuple[int, ...]) -> Tensor:
 
 class _AffineNormRule(Rule):
     handles = ("weight", "bias")
+    eager = ("weight", "bias")
 
     def reduce_dims(self, call: Call, grad: Tensor) -> tuple[int, ...]:
         raise NotImplementedError
@@ -45,6 +46,20 @@ class _AffineNormRule(Rule):
     def contributions(self, call: Call, params: frozenset[str]) -> dict[str, Contribution]:
         return {name: Direct(call.results[name]) for name in params}
 
+    def eager_into(self, call: Call, grad: Tensor, name: str, out: Tensor, accumulate: bool) -> None:
+        dims = self.reduce_dims(call, grad)
+        if name == "bias":
+            reduce_into(grad, dims, out, accumulate)
+            return
+        xhat = self.normalized(call)
+        dt = torch.promote_types(grad.dtype, xhat.dtype)
+        reduce_into(grad.to(dt) * xhat.to(dt), dims, out, accumulate)
+
+    def done(self, call: Call) -> None:
+        call.saved.pop("input", None)
+        call.saved.pop("stats", None)
+        call.versions.clear()
+
 
 class LayerNormRule(_AffineNormRule):
     """``nn.LayerNorm`` and subclasses.  Normalized dims are the trailing ones
@@ -52,24 +67,19 @@ class LayerNormRule(_AffineNormRule):
     subclasses like timm's ``LayerNorm2d``)."""
 
     def save(self, call: Call, module: nn.Module, args: tuple, output: Tensor, params: frozenset[str]) -> None:
-        shape = tuple(module.normalized_shape)
-        k = len(shape)
-        if tuple(output.shape[-k:]) == shape:
-            call.saved["layout"] = "last"
-        elif k == 1 and output.ndim > 2 and output.shape[1] == shape[0]:
-            call.saved["layout"] = "first"
-        else:
-            raise RuntimeError(
-                f"dpft: cannot locate normalized dims {shape} in LayerNorm output {tuple(output.shape)}"
-            )
         if "weight" in params:
             call.save_input("input", args[0])
 
     def reduce_dims(self, call: Call, grad: Tensor) -> tuple[int, ...]:
-        if call.saved["layout"] == "first":
+        shape = tuple(call.module.normalized_shape)
+        k = len(shape)
+        if tuple(grad.shape[-k:]) == shape:
+            call.saved["layout"] = "last"
+            return tuple(range(1, grad.ndim - k))
+        if k == 1 and grad.ndim > 2 and grad.shape[1] == shape[0]:
+            call.saved["layout"] = "first"
             return tuple(range(2, grad.ndim))
-        k = len(call.module.normalized_shape)
-        return tuple(range(1, grad.ndim - k))
+        raise RuntimeError(f"dpft: cannot locate normalized dims {shape} in LayerNorm output {tuple(grad.shape)}")
 
     def normalized(self, call: Call) -> Tensor:
         m = call.module
@@ -90,6 +100,9 @@ class GroupNormRule(_AffineNormRule):
 
 
 class InstanceNormRule(_AffineNormRule):
+    def needs_save(self, module: nn.Module, params: frozenset[str]) -> bool:
+        return True
+
     def reduce_dims(self, call: Call, grad: Tensor) -> tuple[int, ...]:
         return tuple(range(2, grad.ndim))
 
