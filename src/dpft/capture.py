@@ -190,6 +190,7 @@ class Capture:
         self._received: list[tuple[Binding, Call]] = []
         self._queued = False
         self._handles: list[Any] = []
+        self._param_handles: list[Any] = []
         self._autograd: dict[str, Tensor | None] = {}
         self.check_passes = 2  # backward passes in which sums are cross-checked
         self._passes = 0
@@ -248,17 +249,19 @@ class Capture:
                 h.append(b.module.register_forward_pre_hook(partial(self._pre, b), with_kwargs=True))
             h.append(b.module.register_forward_hook(partial(self._post, b)))
         covered = {k for b in self.bindings for k in b.keys.values()}
+        self._param_handles = []
         for name, p in self.model.named_parameters():
             if p.requires_grad and name in covered:
-                h.append(p.register_hook(partial(self._on_param_grad, name)))
+                self._param_handles.append(p.register_hook(partial(self._on_param_grad, name)))
         for name, m in self.model.named_modules():
             if isinstance(m, _BatchNorm):
                 h.append(m.register_forward_pre_hook(partial(self._batchnorm_pre, name)))
 
     def detach(self) -> None:
-        for h in self._handles:
+        for h in self._handles + self._param_handles:
             h.remove()
         self._handles = []
+        self._param_handles = []
         self._restore_all()
 
     def _restore_all(self) -> None:
@@ -501,6 +504,11 @@ class Capture:
         del received
         self._check_uses(out, lane, seen)
         self._passes += 1
+        if self._passes > self.check_passes and self._param_handles:
+            # the uses were cross-checked: stop paying for the parameter hooks
+            for h in self._param_handles:
+                h.remove()
+            self._param_handles = []
         self.sink(out, n, (self.lane_keys, lane) if lane is not None else None)
 
     def _param(self, key: str) -> nn.Parameter:

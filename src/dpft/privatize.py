@@ -48,6 +48,7 @@ class ClippedSum:
         self.backward_passes = 0
         self.last_norms: Tensor | None = None
         self._col_groups: dict[tuple[str, ...], Tensor] = {}
+        self._split_meta: dict[tuple[str, ...], list] = {}
 
     def reset(self) -> None:
         self.sums = {}
@@ -80,11 +81,15 @@ class ClippedSum:
         return out
 
     def _split(self, names: tuple[str, ...], flat: Tensor):
-        offset = 0
-        for k in names:
-            numel = self.params[k].numel()
-            yield k, flat[offset : offset + numel].view(self.params[k].shape)
-            offset += numel
+        meta = self._split_meta.get(names)
+        if meta is None:
+            meta, offset = [], 0
+            for k in names:
+                numel = self.params[k].numel()
+                meta.append((k, offset, offset + numel, self.params[k].shape))
+                offset += numel
+            self._split_meta[names] = meta
+        return [(k, flat[a:b].view(shape)) for k, a, b, shape in meta]
 
     def _col_group(self, names: tuple[str, ...], device: torch.device) -> Tensor:
         key = names
