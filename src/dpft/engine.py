@@ -68,11 +68,10 @@ class PrivacyEngine:
             list of lists of parameter names; ``K`` groups are each clipped to ``R/sqrt(K)``.
         clipping_mode: how weight norms are computed: ``"ghost"``,
             ``"instantiate"``, ``"mixed"`` (per layer ghost if ``2T^2 < pd``,
-            else instantiate), ``"bk"`` (book-keeping: autograd skips the
-            non-private weight gradients; per layer the instantiated
-            per-example gradient is reused for the clipped sum when its memory
-            is moderate, else ghost norm + one weighted matmul), ``"auto"``
-            (= ``"bk"``).  All give the same result up to rounding; biases
+            else instantiate), ``"bk"`` (book-keeping: mixed norms, the
+            clipped sum as one weighted matmul per layer from the kept
+            activations and output gradients, and autograd skips the
+            non-private weight gradients), ``"auto"`` (= ``"bk"``).  All give the same result up to rounding; biases
             never need activations.
         accountant: ``"pld"`` or ``"rdp"`` (Google's dp-accounting).
         loss_reduction: ``"mean"`` (each backward is of the mean loss over its
@@ -180,7 +179,7 @@ class PrivacyEngine:
                 accountant=accountant,
             )
 
-        norm_mode = {"auto": "bk"}.get(clipping_mode, clipping_mode)
+        norm_mode = {"auto": "mixed", "bk": "mixed"}.get(clipping_mode, clipping_mode)
         self.row_masks = sparta_masks(self.params)
         self._capture = Capture(
             model, self._on_backward, book_keeping=clipping_mode in ("auto", "bk"), no_lane=set(self.row_masks)

@@ -15,12 +15,7 @@ from torch import Tensor
 
 from .rules.base import Contribution, Direct, Factored
 
-MODES = ("ghost", "instantiate", "mixed", "bk")
-
-#: book-keeping instantiates a per-example gradient only up to this many elements (B*P*D)
-BK_MAX_INSTANTIATE = 1 << 28
-#: ... and only if it is at most this many times the stored activations + output gradients
-BK_MAX_RATIO = 10
+MODES = ("ghost", "instantiate", "mixed")
 
 
 def acc_dtype_of(param_dtype: torch.dtype) -> torch.dtype:
@@ -83,21 +78,6 @@ def prefer_ghost(contribs: list[Factored]) -> bool:
     return 2 * t * t < c0.rows * c0.cols * c0.groups
 
 
-def prefer_ghost_bk(contribs: list[Factored]) -> bool:
-    """Book-keeping's choice.  An instantiated per-example gradient is reused
-    for the clipped sum (a ``B``-weighted sum replaces the weight-gradient
-    matmul), so instantiation costs fewer FLOPs than ghost norm + matmul
-    whenever its memory is acceptable: at most ``BK_MAX_RATIO`` times the
-    activations and output gradients already kept, and at most
-    ``BK_MAX_INSTANTIATE`` elements.  Otherwise ghost (e.g. huge vocabularies)."""
-    c0 = contribs[0]
-    t = sum(c.positions for c in contribs)
-    n = c0.right.shape[0]
-    per_example = c0.rows * c0.cols * c0.groups
-    kept = t * (c0.rows + c0.cols) * c0.groups
-    return per_example > BK_MAX_RATIO * kept or n * per_example > BK_MAX_INSTANTIATE
-
-
 def sq_norm(contribs: list[Contribution], mode: str, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
     """Per-example squared norm ``(B,)`` of the summed contributions of one
     parameter, and the instantiated per-example gradient if one was built
@@ -109,7 +89,6 @@ def sq_norm(contribs: list[Contribution], mode: str, dtype: torch.dtype) -> tupl
         and (
             mode == "ghost"
             or (mode == "mixed" and prefer_ghost(factored))
-            or (mode == "bk" and prefer_ghost_bk(factored))
         )
     )
     if use_ghost:

@@ -73,6 +73,7 @@ _OPERATIONAL = {"out", "resume", "overwrite", "device", "num_threads", "stop_aft
                 "progress", "checkpoint_every", "config"}
 
 CHECKPOINT = "checkpoint.pt"
+MONITOR_SIZE = 512  # evaluation examples used for the progress evaluations
 
 
 @dataclass
@@ -110,7 +111,7 @@ class TrainConfig:
     lora_rank: int | None = None
     dropout: float | None = None        # override every dropout probability (e.g. 0); None: model's
     num_threads: int | None = None
-    eval_every: int | None = None       # steps between evaluations (0: at each epoch end only)
+    eval_every: int | None = None       # steps between progress evaluations (default: 8 per run; 0: none)
     checkpoint_every: int | None = None  # steps between checkpoints (0: at each epoch end only)
     stop_after_steps: int | None = None  # stop (checkpointed, resumable) after this many steps
     progress: bool | None = None        # progress bar
@@ -252,7 +253,6 @@ def resolve(cfg: TrainConfig, kind: str | None = None, device: torch.device | No
     r.accountant = r.accountant or "pld"
     r.max_grad_norm = float(r.max_grad_norm) if r.max_grad_norm is not None else 1.0
     r.lora_rank = r.lora_rank or 8
-    r.eval_every = 0 if r.eval_every is None else r.eval_every
     r.checkpoint_every = 0 if r.checkpoint_every is None else r.checkpoint_every
     r.stop_after_steps = r.stop_after_steps or None
     r.progress = True if r.progress is None else bool(r.progress)
@@ -507,14 +507,15 @@ def _derive_seed(secret: int, stream: int) -> int:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Encoded, device: torch.device, batch_size: int,
-             autocast: Callable) -> float:
+             autocast: Callable, subset: np.ndarray | None = None) -> float:
+    """Accuracy on the evaluation split (or on the examples ``subset`` of it)."""
     was_training = model.training
     model.eval()
-    n = len(data.y_test)
-    order = np.arange(n)
+    order = np.arange(len(data.y_test)) if subset is None else np.asarray(subset)
+    n = len(order)
     lens = data.lengths("test")
     if lens is not None:
-        order = order[np.argsort(lens, kind="stable")]
+        order = order[np.argsort(lens[order], kind="stable")]
     correct = 0
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
@@ -694,6 +695,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
         raise ConfigError(f"--batch-size {r.batch_size} is larger than the training set ({n_train:,})")
     steps_per_epoch = math.ceil(n_train / r.batch_size)  # the engine's convention
     steps_total = max(1, math.ceil(r.epochs * steps_per_epoch))
+    if r.eval_every is None:
+        r.eval_every = max(1, math.ceil(steps_total / 8))
     # The randomness DP relies on (batch sampling, noise) comes from a secret seed:
     # OS entropy unless --dp-seed; kept in the checkpoint so that --resume continues it.
     ckpt = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False) if r.resume else None
@@ -721,7 +724,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
             f"{steps_total} steps, clip {r.clipping_fn} R = {r.max_grad_norm:g}, "
             f"accountant {r.accountant}")
     log(f"  {n_train:,} training / {len(task.y_test):,} evaluation examples, logical batch "
-        f"{r.batch_size}, physical ≤ {r.max_physical_batch_size}, lr {r.lr:g}, {r.epochs:g} epochs, "
+        f"{r.batch_size}, physical ≤ {r.max_physical_batch_size}, lr {r.lr:g} (head {r.head_lr:g}), "
+        f"{r.epochs:g} epoch{'' if r.epochs == 1 else 's'}, "
         f"output {out}")
 
     # --- state (fresh or resumed) -----------------------------------------------
@@ -787,6 +791,23 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
     last_acc = None
     stopped = None
     eval_bs = 2 * r.max_physical_batch_size
+    # Progress evaluations (before training, every eval_every steps, at epoch ends) use a
+    # fixed subset of at most MONITOR_SIZE evaluation examples; the final one uses all.
+    n_eval = len(task.y_test)
+    monitor = None
+    if n_eval > MONITOR_SIZE:
+        monitor = np.sort(np.random.default_rng([r.seed, 17]).permutation(n_eval)[:MONITOR_SIZE])
+
+    def run_eval(epoch: int, final: bool) -> float:
+        subset = None if final else monitor
+        acc = evaluate(model, data, device, eval_bs, autocast, subset)
+        record({"event": "eval", "step": step, "epoch": epoch, "test_accuracy": acc,
+                "examples": n_eval if subset is None else len(subset), "final": final,
+                "epsilon": _epsilon(engine) if engine is not None else None})
+        return acc
+
+    if step == 0 and r.eval_every:
+        run_eval(0, final=False)
     try:
         while step < steps_total and stopped is None:
             epoch = step // steps_per_epoch
@@ -831,9 +852,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
                 bar.update(1)
                 end_of_epoch = b == last - 1
                 if (r.eval_every and step % r.eval_every == 0) or end_of_epoch:
-                    last_acc = evaluate(model, data, device, eval_bs, autocast)
-                    record({"event": "eval", "step": step, "epoch": epoch + 1,
-                            "test_accuracy": last_acc, "epsilon": eps if engine is not None else None})
+                    last_acc = run_eval(epoch + 1, final=step == steps_total)
                     bar.set_postfix_str(_postfix(loss_avg, row["train_accuracy"], eps, last_acc))
                 if r.stop_after_steps and step >= r.stop_after_steps and step < steps_total:
                     stopped = f"stopped after {step} steps (--stop-after-steps)"
@@ -854,7 +873,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
         log(f"  {stopped}; checkpoint saved. Continue with: dpft train --out {out} --resume")
         return {"stopped": True, "step": step, "out": str(out)}
 
-    if last_acc is None:  # e.g. resumed from a checkpoint written at the very end
+    final_rows = [json.loads(x) for x in metrics_path.read_text().splitlines()]
+    final_rows = [x for x in final_rows if x.get("event") == "eval" and x.get("final")]
+    if final_rows and final_rows[-1]["step"] == step:
+        last_acc = final_rows[-1]["test_accuracy"]
+    else:  # e.g. resumed from a checkpoint written after the last step
         last_acc = evaluate(model, data, device, eval_bs, autocast)
     summary = {
         "method": r.method, "model": r.model, "dataset": task.name,
@@ -1013,7 +1036,7 @@ def write_report(out: Path, summary: dict) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    steps, losses, eps, ev_steps, ev_acc = [], [], [], [], []
+    steps, losses, eps, monitor, final = [], [], [], [], []
     for line in (out / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
         if row.get("event") == "step":
@@ -1023,8 +1046,8 @@ def write_report(out: Path, summary: dict) -> Path | None:
             if row.get("epsilon") is not None:
                 eps.append((row["step"], row["epsilon"]))
         elif row.get("event") == "eval":
-            ev_steps.append(row["step"])
-            ev_acc.append(row["test_accuracy"])
+            (final if row.get("final") else monitor).append((row["step"], row["test_accuracy"],
+                                                            row.get("examples")))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharex=True)
     axes[0].plot(steps, losses, lw=0.8, color="tab:blue", alpha=0.45, label="logical batch")
     if len(losses) > 4:
@@ -1035,18 +1058,28 @@ def write_report(out: Path, summary: dict) -> Path | None:
         axes[0].plot(steps, smooth, lw=1.8, color="tab:blue", label="moving average")
         axes[0].legend(loc="upper right")
     axes[0].set(title="training loss", xlabel="step", xlim=(0, max(summary["steps"], 1)))
-    axes[1].plot(ev_steps, ev_acc, "o-", color="tab:green", label=summary["eval_split"])
+    split = summary["eval_split"]
+    if monitor:
+        k = monitor[0][2]
+        sub = f" ({k:,}-example subset)" if final and k and k < (final[-1][2] or 0) else ""
+        axes[1].plot([m[0] for m in monitor], [m[1] for m in monitor], "o-", ms=3, color="tab:green",
+                     label=f"{split}{sub}")
+    if final:
+        axes[1].plot([f[0] for f in final], [f[1] for f in final], "D", ms=7, color="darkgreen",
+                     label=f"{split} (all {final[-1][2]:,})")
     axes[1].axhline(summary["majority_baseline"], ls="--", color="grey", label="majority class")
-    axes[1].set(title=f"{summary['eval_split']} accuracy", xlabel="step")
-    axes[1].legend(loc="lower right")
+    axes[1].set(title=f"{split} accuracy", xlabel="step")
+    axes[1].legend(loc="lower right", fontsize=8)
     if eps:
         axes[2].plot([s for s, _ in eps], [e for _, e in eps], color="tab:red")
         axes[2].axhline(summary["target_epsilon"], ls="--", color="grey", label="target")
         axes[2].legend(loc="lower right")
         axes[2].set(title=f"ε spent (δ = {summary['delta']:.2g})", xlabel="step")
     else:
-        axes[2].text(0.5, 0.5, "non-private:\nε = ∞", ha="center", va="center", fontsize=14)
-        axes[2].set(title="ε", xticks=[], yticks=[])
+        axes[2].text(0.5, 0.5, "non-private:\nε = ∞", ha="center", va="center", fontsize=14,
+                     transform=axes[2].transAxes)
+        axes[2].set_title("ε")
+        axes[2].axis("off")
     fig.suptitle(f"dpft {summary['method']} · {summary['model']} · {summary['dataset']}")
     fig.tight_layout()
     path = out / "report.png"
