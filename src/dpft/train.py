@@ -1026,6 +1026,9 @@ def _print_summary(s: dict, log, plot: Path | None) -> None:
         log(f"  {k:<{width}}  {v}")
     extra = ", report.png" if plot else ""
     log(f"  results in {s['out']}/ (summary.json, metrics.jsonl, config.json{extra}, {CHECKPOINT})")
+    if s["private"]:
+        log(f"  keep {CHECKPOINT} as private as the data: it holds the secret seed of the batch "
+            "sampling and the noise")
 
 
 def write_report(out: Path, summary: dict) -> Path | None:
@@ -1057,7 +1060,7 @@ def write_report(out: Path, summary: dict) -> Path | None:
             smooth.append(ema)
         axes[0].plot(steps, smooth, lw=1.8, color="tab:blue", label="moving average")
         axes[0].legend(loc="upper right")
-    axes[0].set(title="training loss", xlabel="step", xlim=(0, max(summary["steps"], 1)))
+    axes[0].set(title="training loss", xlabel="step", xlim=(0, max(summary["steps"], 1) * 1.04))
     split = summary["eval_split"]
     if monitor:
         k = monitor[0][2]
