@@ -186,15 +186,15 @@ def test_two_phase_schedule_one_ledger():
     sched = TwoPhase(model, batch_size=10, sample_size=100, phase1_epochs=1, phase2_epochs=1, target_epsilon=3.0)
     engine = sched.phase1(torch.optim.SGD(model.parameters(), lr=0.1))
     for _ in range(sched.steps[0]):
-        step(model, engine._optimizer)
+        step(model, engine.optimizer)
     w = model[0].weight.detach().clone()
     engine = sched.phase2(lambda ps: torch.optim.SGD(ps, lr=0.1))
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["0.bias", "2.bias"]
     for _ in range(sched.steps[1]):
-        step(model, engine._optimizer)
+        step(model, engine.optimizer)
     assert torch.equal(w, model[0].weight)
     assert engine.steps == 20 and engine.epsilon == sched.epsilon
     want = direct_pld_epsilon(sched.noise_multiplier, 0.1, 20, sched.target_delta)
     assert sched.epsilon == pytest.approx(want, rel=0.01) and sched.epsilon <= 3.0
     with pytest.raises(dpft.PrivacyBudgetExceeded):
-        step(model, engine._optimizer)
+        step(model, engine.optimizer)

@@ -22,6 +22,17 @@ def loss_fn(model, batch):
     return nn.functional.cross_entropy(model(x), y)
 
 
+def run_phase(engine, model, loader):
+    opt = engine.optimizer
+    for x, y in loader:
+        if len(x):
+            loss_fn(model, (x, y)).backward()
+        else:
+            engine.record_empty_batch()
+        opt.step()
+        opt.zero_grad()
+
+
 def test_sparta_phases_and_ledger():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 10), nn.Tanh(), nn.Linear(10, 2))
@@ -30,13 +41,7 @@ def test_sparta_phases_and_ledger():
                 density=0.3, always_train=["4"])
     assert sp.candidates == ["0.weight", "2.weight"]
     engine = sp.warmup(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
-    for x, y in dpft.data.poisson_loader(data, 16, steps=sp.steps["warmup"], seed=0):
-        if len(x):
-            loss_fn(model, (x, y)).backward()
-        else:
-            engine.record_empty_batch()
-        engine._optimizer.step()
-        engine._optimizer.zero_grad()
+    run_phase(engine, model, dpft.data.poisson_loader(data, 16, steps=sp.steps["warmup"], seed=0))
     w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     scores = sp.score(dpft.data.poisson_loader(data, 16, steps=sp.steps["scoring"], seed=1), loss_fn)
     assert set(scores) == {"0.weight", "2.weight"} and scores["0.weight"].shape == (10,)
@@ -44,13 +49,7 @@ def test_sparta_phases_and_ledger():
     masks = sp.select()
     assert all(int(m.sum()) == 3 for m in masks.values())
     engine = sp.train(lambda ps: torch.optim.SGD(ps, lr=0.1))
-    for x, y in dpft.data.poisson_loader(data, 16, steps=sp.steps["train"], seed=2):
-        if len(x):
-            loss_fn(model, (x, y)).backward()
-        else:
-            engine.record_empty_batch()
-        engine._optimizer.step()
-        engine._optimizer.zero_grad()
+    run_phase(engine, model, dpft.data.poisson_loader(data, 16, steps=sp.steps["train"], seed=2))
     for n, m in masks.items():
         p = dict(model.named_parameters())[n]
         assert torch.equal(p[~m], w0[n][~m]) and not torch.equal(p[m], w0[n][m])

@@ -215,6 +215,11 @@ class PrivacyEngine:
         return self.ledger.epsilon(self.target_delta if delta is None else delta, accountant=self.accountant)
 
     @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The attached optimizer (``None`` when detached)."""
+        return self._optimizer
+
+    @property
     def trainable_names(self) -> list[str]:
         return list(self.params)
 

@@ -85,6 +85,13 @@ class ConvRule(Rule):
         if "weight" in params:
             call.saved["grad"] = grad
 
+    def factors(self, m: nn.Module, x: Tensor, g: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        """``(left, right)`` of shapes ``(B, L, G, C_out/G)`` and ``(B, L, G, C_in/G * K)``."""
+        cols = unfold_nd(x, m.kernel_size, m.dilation, m.padding, m.stride, m.padding_mode)
+        length = cols.shape[1]
+        left = g.reshape(n, g.shape[1], length).transpose(1, 2).reshape(n, length, m.groups, -1)
+        return left, cols.reshape(n, length, m.groups, -1)
+
     def contributions(self, call: Call, params: frozenset[str]) -> dict[str, Contribution]:
         out: dict[str, Contribution] = {}
         if "bias" in params:
@@ -92,13 +99,7 @@ class ConvRule(Rule):
         if "weight" in params:
             m: nn.Module = call.module
             n = call.batch_size
-            x = batchify(call.saved["input"], n)
-            g = call.saved["grad"]
-            groups = m.groups
-            cols = unfold_nd(x, m.kernel_size, m.dilation, m.padding, m.stride, m.padding_mode)
-            length = cols.shape[1]
-            left = g.reshape(n, g.shape[1], length).transpose(1, 2).reshape(n, length, groups, -1)
-            right = cols.reshape(n, length, groups, -1)
+            left, right = self.factors(m, batchify(call.saved["input"], n), call.saved["grad"], n)
             out["weight"] = Factored(left=left, right=right, shape=m.weight.shape)
         return out
 
@@ -109,27 +110,13 @@ class ConvTransposeRule(ConvRule):
     kernel, stride, dilation and padding of the convolution this layer is the
     transpose of gives exactly one window per input position."""
 
-    def contributions(self, call: Call, params: frozenset[str]) -> dict[str, Contribution]:
-        out: dict[str, Contribution] = {}
-        if "bias" in params:
-            out["bias"] = Direct(call.results["bias"])
-        if "weight" in params:
-            m: nn.Module = call.module
-            n = call.batch_size
-            x = batchify(call.saved["input"], n)
-            g = call.saved["grad"]
-            groups = m.groups
-            cols = unfold_nd(g, m.kernel_size, m.dilation, m.padding, m.stride)
-            length = cols.shape[1]
-            xl = x.reshape(n, x.shape[1], -1)
-            if xl.shape[2] != length:
-                raise RuntimeError(
-                    f"dpft: ConvTranspose window count {length} != input positions {xl.shape[2]}"
-                )
-            left = xl.transpose(1, 2).reshape(n, length, groups, -1)
-            right = cols.reshape(n, length, groups, -1)
-            out["weight"] = Factored(left=left, right=right, shape=m.weight.shape)
-        return out
+    def factors(self, m: nn.Module, x: Tensor, g: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        cols = unfold_nd(g, m.kernel_size, m.dilation, m.padding, m.stride)
+        length = cols.shape[1]
+        xl = x.reshape(n, x.shape[1], -1)
+        if xl.shape[2] != length:
+            raise RuntimeError(f"dpft: ConvTranspose window count {length} != input positions {xl.shape[2]}")
+        return xl.transpose(1, 2).reshape(n, length, m.groups, -1), cols.reshape(n, length, m.groups, -1)
 
     def save(self, call: Call, module: nn.Module, args: tuple, output: Tensor, params: frozenset[str]) -> None:
         if module.padding_mode != "zeros":
