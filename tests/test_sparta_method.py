@@ -79,3 +79,64 @@ def test_scoring_finds_the_useful_rows():
 def test_bad_density():
     with pytest.raises(ValueError, match="density"):
         Sparta(nn.Linear(3, 3), batch_size=2, sample_size=10, target_epsilon=1.0, train_epochs=1, density=0.0)
+
+
+def test_scores_without_noise_equal_brute_force():
+    """sigma = 0: each release is |sum_i c_i g_i|; scores are its row sums."""
+    import math
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    data = make_data(24)
+    x = data.tensors[0].double()
+    y = data.tensors[1]
+    R = 0.3
+    sp = Sparta(model, batch_size=8, sample_size=24, target_epsilon=1.0, train_epochs=1, density=0.4,
+                noise_multiplier=0.0, max_grad_norm=R, candidates=["0.weight", "2.weight"])
+    batches = [(x[i : i + 8], y[i : i + 8]) for i in (0, 8, 16)]
+    scores = sp.score(batches, loss_fn)
+    params = dict(model.named_parameters())
+    want = {n: torch.zeros_like(params[n]) for n in ("0.weight", "2.weight")}
+    for bx, by in batches:
+        total = {n: torch.zeros_like(params[n]) for n in want}
+        for i in range(len(bx)):
+            grads = torch.autograd.grad(loss_fn(model, (bx[i : i + 1], by[i : i + 1])), [params[n] for n in want])
+            norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+            c = min(1.0, R / norm)
+            for n, g in zip(want, grads):
+                total[n] += c * g
+        for n in want:
+            want[n] += total[n].abs()
+    for n in want:
+        assert torch.allclose(scores[n], want[n].sum(1), rtol=1e-6, atol=1e-12)
+    masks = sp.select()
+    assert int(masks["0.weight"].sum()) == math.ceil(0.4 * 5) and int(masks["2.weight"].sum()) == 1
+    top = want["0.weight"].sum(1).topk(2).indices
+    assert masks["0.weight"][top].all()
+
+
+def test_baseline_selections():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 2))
+    with torch.no_grad():
+        model[0].weight[3] *= 100
+    sp = Sparta(model, batch_size=8, sample_size=64, target_epsilon=2.0, train_epochs=1, density=0.2,
+                always_train=["2"])
+    m = sp.select(strategy="magnitude")
+    assert m["0.weight"][3] and int(m["0.weight"].sum()) == 2
+    r1, r2 = sp.select(strategy="random", seed=1), sp.select(strategy="random", seed=1)
+    assert torch.equal(r1["0.weight"], r2["0.weight"]) and int(r1["0.weight"].sum()) == 2
+    engine = sp.train(lambda ps: torch.optim.SGD(ps, lr=0.1))
+    assert sp.steps["scoring"] == 0 and engine.planned_steps == sp.steps["train"]
+    with pytest.raises(ValueError, match="strategy"):
+        sp.select(strategy="best")
+
+
+def test_noise_only_on_selected_rows():
+    model = nn.Linear(4, 6)
+    mask = torch.tensor([True, False, True, False, False, False])
+    dpft.sparta.restrict(model, {"weight": mask})
+    model.bias.requires_grad_(False)
+    engine = dpft.PrivacyEngine(model, batch_size=4, sample_size=40, steps=3, noise_multiplier=3.0, noise_seed=0)
+    z = engine._noise(["weight"])[0]
+    assert torch.count_nonzero(z[~mask]) == 0 and torch.count_nonzero(z[mask]) == 8

@@ -319,7 +319,7 @@ class PrivacyEngine:
                 p.grad = view if view.dtype == p.dtype else view.to(p.dtype)
                 done.add(k)
         rest = [k for k in self.params if k not in done]
-        noise = self.noise.standard_normal([self.params[k] for k in rest]) if sigma_r > 0 else [None] * len(rest)
+        noise = self._noise(rest) if sigma_r > 0 else [None] * len(rest)
         for k, z in zip(rest, noise):
             p = self.params[k]
             s = per_param.get(k)
@@ -328,7 +328,7 @@ class PrivacyEngine:
             if z is not None:
                 g.add_(z, alpha=sigma_r)
             p.grad = g.div_(self.batch_size)
-        for k, rm in self.row_masks.items():  # unselected rows: no gradient, no noise
+        for k, rm in self.row_masks.items():  # unselected rows: no gradient (and no noise, see _noise)
             g = self.params[k].grad
             g.mul_(rm.to(g.device).view_for(g))
         self.ledger.record(self.noise_multiplier, self.sample_rate, 1)
@@ -347,7 +347,7 @@ class PrivacyEngine:
         totals = self._sum.totals()
         sigma_r = self.noise_multiplier * self.max_grad_norm
         names = list(self.params)
-        noise = self.noise.standard_normal([self.params[k] for k in names]) if sigma_r > 0 else [None] * len(names)
+        noise = self._noise(names) if sigma_r > 0 else [None] * len(names)
         out: dict[str, torch.Tensor] = {}
         for k, z in zip(names, noise):
             p = self.params[k]
@@ -364,6 +364,26 @@ class PrivacyEngine:
         self.ledger.record(self.noise_multiplier, self.sample_rate, 1)
         self._sum.reset()
         self._empty_batches = 0
+        return out
+
+    def _noise(self, names: list[str]) -> list[torch.Tensor]:
+        """Standard normal noise for ``names``; row-restricted parameters get
+        noise drawn for their selected rows only (zeros elsewhere)."""
+        shapes = []
+        for k in names:
+            p = self.params[k]
+            rm = self.row_masks.get(k)
+            if rm is None:
+                shapes.append(p)
+            else:
+                shape = list(p.shape)
+                shape[rm.dim] = len(rm.index)
+                shapes.append(torch.empty(shape, dtype=p.dtype, device=p.device))
+        draws = self.noise.standard_normal(shapes)
+        out = []
+        for k, z in zip(names, draws):
+            rm = self.row_masks.get(k)
+            out.append(z if rm is None else rm.scatter(z, self.params[k].shape))
         return out
 
     def _step(self, orig_step: Callable[..., Any], closure: Callable[[], Any] | None) -> Any:

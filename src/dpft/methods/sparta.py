@@ -113,6 +113,8 @@ class Sparta:
             besides biases (e.g. the classification head).
         density: fraction of rows kept per layer (or overall with ``global_selection``).
         squared: score rows by the sum of squared accumulated values instead of the sum.
+        noise_multiplier: use this sigma instead of calibrating one to ``target_epsilon``
+            (the budget still stops training at ``target_epsilon``).
     """
 
     def __init__(
@@ -132,6 +134,7 @@ class Sparta:
         global_selection: bool = False,
         target_delta: float | None = None,
         accountant: str = "pld",
+        noise_multiplier: float | None = None,
         **engine_kwargs: Any,
     ) -> None:
         if not 0 < density <= 1:
@@ -159,10 +162,13 @@ class Sparta:
         self.target_delta = accounting.default_delta(sample_size) if target_delta is None else float(target_delta)
         self.accountant = accountant
         self.engine_kwargs = engine_kwargs
-        self.noise_multiplier = accounting.noise_multiplier(
-            target_epsilon=self.target_epsilon, sample_rate=batch_size / sample_size,
-            steps=sum(self.steps.values()), delta=self.target_delta, accountant=accountant,
-        )
+        if noise_multiplier is not None:  # explicit sigma (0 = no privacy, for tests and debugging)
+            self.noise_multiplier = float(noise_multiplier)
+        else:
+            self.noise_multiplier = accounting.noise_multiplier(
+                target_epsilon=self.target_epsilon, sample_rate=batch_size / sample_size,
+                steps=sum(self.steps.values()), delta=self.target_delta, accountant=accountant,
+            )
         self.ledger = accounting.Ledger()
         self.scores: dict[str, Tensor] | None = None
         self.masks: dict[str, Tensor] | None = None
@@ -242,19 +248,46 @@ class Sparta:
             self.scores[n] = v.transpose(0, dim).reshape(v.shape[dim], -1).sum(1)
         return self.scores
 
-    def select(self, scores: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """Phase 3 (post-processing): keep the top ``density`` rows per layer
-        (or across layers with ``global_selection``)."""
-        scores = dict(scores if scores is not None else (self.scores or {}))
-        if not scores:
-            raise RuntimeError("no scores: run score() first")
+    def select(
+        self, scores: Mapping[str, Tensor] | None = None, *, strategy: str = "scores", seed: int = 0
+    ) -> dict[str, Tensor]:
+        """Phase 3 (post-processing): keep the top ``ceil(density * rows)`` rows
+        per layer (or across layers with ``global_selection``).
+
+        ``strategy``: ``"scores"`` (SPARTA: the private scores), or the
+        baselines ``"random"`` (uniformly random rows, ``seed``) and
+        ``"magnitude"`` (rows with the largest L2 norm of the current,
+        public pretrained weights); the baselines need no scoring pass."""
+        if strategy == "scores":
+            scores = dict(scores if scores is not None else (self.scores or {}))
+            if not scores:
+                raise RuntimeError("no scores: run score() first")
+        elif strategy in ("random", "magnitude"):
+            params = dict(self.model.named_parameters())
+            modules = dict(self.model.named_modules())
+            g = torch.Generator().manual_seed(seed)
+            scores = {}
+            for n in self.candidates:
+                mod, _, local = n.rpartition(".")
+                dim = row_dim(modules[mod], local)
+                w = params[n].detach()
+                rows = w.shape[dim]
+                if strategy == "random":
+                    scores[n] = torch.rand(rows, generator=g)
+                else:
+                    scores[n] = w.transpose(0, dim).reshape(rows, -1).float().norm(dim=1).cpu()
+        else:
+            raise ValueError(f"strategy must be 'scores', 'random' or 'magnitude', got {strategy!r}")
         masks = {}
         if self.global_selection:
             flat = torch.cat([s.flatten().float().cpu() for s in scores.values()])
             k = max(1, int(math.ceil(self.density * flat.numel())))
-            thr = flat.topk(k).values.min()
+            top = torch.zeros(flat.numel(), dtype=torch.bool)
+            top[flat.topk(k).indices] = True
+            offset = 0
             for n, s in scores.items():
-                masks[n] = (s.float().cpu() >= thr)
+                masks[n] = top[offset : offset + s.numel()].clone()
+                offset += s.numel()
         else:
             for n, s in scores.items():
                 k = max(1, int(math.ceil(self.density * s.numel())))
@@ -268,6 +301,8 @@ class Sparta:
         """Phase 4: DP training of the selected rows, biases and ``always_train``."""
         if self.masks is None:
             self.select()
+        if self.scores is None:
+            self.steps["scoring"] = 0  # a baseline selection: no scoring pass was run
         unrestrict(self.model)
         self._set_trainable()
         restrict(self.model, {n: m for n, m in self.masks.items() if m.any()})  # type: ignore[union-attr]
