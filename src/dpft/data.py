@@ -65,6 +65,31 @@ def _check_seed(x: Any) -> int:
 # Poisson sampling
 
 
+def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Explicit values, else those of an initialized ``torch.distributed`` group, else (0, 1)."""
+    if rank is None and world_size is None:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+    if rank is None or world_size is None:
+        raise ValueError(f"give both rank and world_size or neither, got rank={rank!r}, world_size={world_size!r}")
+    world_size = _check_positive_int(world_size, "world_size")
+    if not isinstance(rank, numbers.Integral) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got {rank!r}")
+    return int(rank), world_size
+
+
+def _shared_seed() -> int:
+    """A secret seed drawn on rank 0 and broadcast, so all ranks draw the same global batches."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("with world_size > 1 and no initialized process group, pass the same seed on every rank")
+    box = [secrets.randbits(128) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return int(box[0])  # type: ignore[arg-type]
+
+
 class PoissonBatchSampler(Sampler[list[int]]):
     """Poisson-subsampled batches of indices: each index joins each batch
     independently with probability ``sample_rate``.
@@ -104,8 +129,13 @@ class PoissonBatchSampler(Sampler[list[int]]):
         batch_size: int | None = None,
         steps: int | None = None,
         seed: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
     ) -> None:
         super().__init__()
+        self.rank, self.world_size = _rank_and_world(rank, world_size)
+        if seed is None and self.world_size > 1:
+            seed = _shared_seed()
         if isinstance(data_source, numbers.Integral) and not isinstance(data_source, bool):
             num_samples = int(data_source)
         else:
@@ -153,7 +183,11 @@ class PoissonBatchSampler(Sampler[list[int]]):
         )
         self._generator.manual_seed(int(state[0]) << 32 | int(state[1]))
         u = torch.rand(self.num_samples, generator=self._generator, dtype=torch.float64)
-        return torch.nonzero(u < self.sample_rate).flatten().tolist()
+        idx = torch.nonzero(u < self.sample_rate).flatten()
+        if self.world_size > 1:
+            # every rank draws the same global Poisson batch and keeps its share
+            idx = idx[idx % self.world_size == self.rank]
+        return idx.tolist()
 
     def __iter__(self) -> Iterator[list[int]]:
         if self._next is not None:

@@ -82,6 +82,16 @@ class PrivacyEngine:
             previous phase of a schedule): ``epsilon`` is then the total.
         epsilon_budget: with ``noise_multiplier``, a hard budget on the total
             epsilon (``target_epsilon`` implies it).
+        distributed: data-parallel training over an initialized
+            ``torch.distributed`` process group (default: on when one with
+            more than one process is initialized).  Every rank runs the same
+            loop on its own examples (``batch_size`` is the *global* logical
+            batch size, e.g. ``dpft.data.poisson_loader`` shards a global
+            Poisson batch); at each step the clipped sums are all-reduced and
+            every rank adds independent noise of std ``sigma R / sqrt(W)``,
+            so the total noise has std exactly ``sigma R`` and all ranks apply
+            the same update.  Do not wrap the model in DDP: the engine does
+            the (single) reduction itself.
     """
 
     def __init__(
@@ -105,6 +115,7 @@ class PrivacyEngine:
         noise_seed: int | None = None,
         ledger: Ledger | None = None,
         epsilon_budget: float | None = None,
+        distributed: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise _bad("model", model, "a torch.nn.Module")
@@ -189,6 +200,14 @@ class PrivacyEngine:
         self.ledger = ledger if ledger is not None else Ledger()
         self._start_steps = self.ledger.steps
         self.epsilon_budget = self.target_epsilon if epsilon_budget is None else float(epsilon_budget)
+        dist = torch.distributed
+        ready = dist.is_available() and dist.is_initialized()
+        if distributed and not ready:
+            raise ValueError("distributed=True needs an initialized torch.distributed process group")
+        self.world_size = dist.get_world_size() if ready and distributed is not False else 1
+        self.rank = dist.get_rank() if self.world_size > 1 else 0
+        if noise_seed is not None and self.world_size > 1:
+            noise_seed = (int(noise_seed) * 1_000_003 + self.rank) % (2**63)  # independent per rank
         self.noise = GaussianNoise(noise_seed)
         self._optimizer: torch.optim.Optimizer | None = None
         self._orig: dict[str, Any] = {}
@@ -307,6 +326,9 @@ class PrivacyEngine:
         """Write ``(sum_i c_i g_i + sigma R z) / B`` into ``p.grad`` of every
         trainable parameter and record the step in the ledger."""
         sigma_r = self.noise_multiplier * self.max_grad_norm
+        if self.world_size > 1:
+            self._privatize_distributed(sigma_r)
+            return
         flats, per_param = self._sum.layout()
         done: set[str] = set()
         for names, flat in flats:
@@ -365,6 +387,36 @@ class PrivacyEngine:
         self._sum.reset()
         self._empty_batches = 0
         return out
+
+    def _privatize_distributed(self, sigma_r: float) -> None:
+        """All-reduce the clipped sums with per-rank noise of std sigma R / sqrt(W)."""
+        totals = self._sum.totals()
+        names = list(self.params)
+        buckets: dict[tuple, list[str]] = {}
+        for k in names:
+            p = self.params[k]
+            buckets.setdefault((p.device, p.dtype), []).append(k)
+        for ks in buckets.values():
+            parts = []
+            for k in ks:
+                p = self.params[k]
+                t = totals.get(k)
+                parts.append((t.to(p.dtype) if t is not None else torch.zeros_like(p)).reshape(-1))
+            flat = torch.cat(parts)
+            if sigma_r > 0:
+                z = torch.cat([t.reshape(-1) for t in self._noise(ks)])
+                flat.add_(z, alpha=sigma_r / math.sqrt(self.world_size))
+            torch.distributed.all_reduce(flat)
+            flat.div_(self.batch_size)
+            offset = 0
+            for k in ks:
+                p = self.params[k]
+                p.grad = flat[offset : offset + p.numel()].view(p.shape)
+                offset += p.numel()
+        for k, rm in self.row_masks.items():
+            g = self.params[k].grad
+            g.mul_(rm.to(g.device).view_for(g))
+        self.ledger.record(self.noise_multiplier, self.sample_rate, 1)
 
     def _noise(self, names: list[str]) -> list[torch.Tensor]:
         """Standard normal noise for ``names``; row-restricted parameters get
