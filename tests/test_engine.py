@@ -327,3 +327,60 @@ def test_functional_only_use_is_caught():
     engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(dpft.UnsupportedModuleError, match="b\\.(weight|bias)"):
         model(torch.randn(8, 3)).pow(2).mean().backward()
+
+
+@pytest.mark.parametrize("where", ["loss", "one-example"])
+def test_nonfinite_gradients_never_reach_parameters(where):
+    model = mlp(bias_only=False)
+    engine = engine_for(model, noise_multiplier=1.0)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    engine.attach(opt)
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(8, 4)
+    if where == "one-example":
+        x[3, 0] = float("inf")
+        out = model(x)
+    else:
+        out = model(x) * float("nan")
+    out.pow(2).mean().backward()
+    with pytest.raises(FloatingPointError, match="not applied"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert engine.steps == 0 and not opt.state
+    opt.zero_grad()
+    model(torch.randn(8, 4)).pow(2).mean().backward()  # training goes on
+    opt.step()
+    assert engine.steps == 1 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_batch_dimension_not_first_is_an_error():
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+
+        def forward(self, x):  # x: (B, T, 3) but the layer runs sequence-first
+            return self.lin(x.transpose(0, 1)).transpose(0, 1)
+
+    model = SeqFirst()
+    engine = engine_for(model)
+    engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(RuntimeError, match="batch dimension first"):
+        model(torch.randn(8, 5, 3)).sum().backward()
+
+
+def test_sequence_first_multihead_attention_is_exact():
+    from layer_zoo import collate, loss_fn
+    from reference import check_model
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(3, 4)
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=False)
+
+        def forward(self, x):
+            h = self.inp(x).transpose(0, 1)  # (T, B, E): MHA's own batch_first=False layout
+            return self.attn(h, h, h, need_weights=False)[0].transpose(0, 1)
+
+    check_model(M(), [torch.randn(5, 3) for _ in range(6)], collate, loss_fn)

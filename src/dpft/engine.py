@@ -321,6 +321,18 @@ class PrivacyEngine:
                 raise PrivacyBudgetExceeded(msg)
             warnings.warn(msg, stacklevel=3)
 
+    def _check_finite(self) -> None:
+        flag = self._sum.nonfinite
+        if flag is not None and bool(flag):
+            self._sum.reset()
+            self._empty_batches = 0
+            raise FloatingPointError(
+                "dpft: a per-example gradient was NaN or infinite (NaN/Inf loss or overflow); the step "
+                "was not applied and the accumulated gradients were discarded (parameters, optimizer "
+                "state and privacy ledger unchanged). Lower the learning rate, check the inputs, or "
+                "use a loss scaler; then continue with the next batch."
+            )
+
     @torch.no_grad()
     def privatize(self) -> None:
         """Write ``(sum_i c_i g_i + sigma R z) / B`` into ``p.grad`` of every
@@ -366,6 +378,7 @@ class PrivacyEngine:
         if self._sum.backward_passes == 0 and self._empty_batches == 0:
             raise RuntimeError("dpft: release() called without a backward() since the last step")
         self._check_budget()
+        self._check_finite()
         totals = self._sum.totals()
         sigma_r = self.noise_multiplier * self.max_grad_norm
         names = list(self.params)
@@ -450,6 +463,7 @@ class PrivacyEngine:
                 "for an empty Poisson batch call engine.record_empty_batch() first"
             )
         self._check_budget()
+        self._check_finite()
         self.privatize()
         self._sum.reset()
         self._empty_batches = 0

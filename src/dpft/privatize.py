@@ -47,12 +47,14 @@ class ClippedSum:
         self.examples = 0
         self.backward_passes = 0
         self.last_norms: Tensor | None = None
+        self.nonfinite: Tensor | None = None
         self._col_groups: dict[tuple[str, ...], Tensor] = {}
         self._split_meta: dict[tuple[str, ...], list] = {}
 
     def reset(self) -> None:
         self.sums = {}
         self.flat = {}
+        self.nonfinite = None
         self.examples = 0
         self.backward_passes = 0
 
@@ -171,6 +173,10 @@ class ClippedSum:
 
         norms = sq.sqrt() * scale  # (B, K) per-example, per-group norms
         self.last_norms = norms.detach()
+        # a non-finite per-example gradient (NaN/Inf loss, overflow) must never
+        # reach the parameters: flagged here without a device sync, checked once per step
+        bad = ~torch.isfinite(norms).all()
+        self.nonfinite = bad if self.nonfinite is None else (self.nonfinite | bad)
         weights = clip_factors(norms, self.group_norm, self.clipping_fn) * scale  # (B, K)
 
         for names, flat, col_group in flats:
