@@ -31,7 +31,10 @@ def clipped_mean(grads: list[dict[str, Tensor]], groups: Sequence[Sequence[str]]
         for group in groups:
             norm = math.sqrt(sum(float(g[n].pow(2).sum()) for n in group))
             Rg = R / math.sqrt(K)
-            c = min(1.0, Rg / norm) if fn == "abadi" else Rg / (norm + 0.01)
+            if fn == "abadi":
+                c = 1.0 if norm == 0 else min(1.0, Rg / norm)
+            else:
+                c = Rg / (norm + 0.01)
             for n in group:
                 total[n] += c * g[n]
     return {n: t / B for n, t in total.items()}
