@@ -1,0 +1,343 @@
+"""Hugging Face ``transformers.Trainer`` integration: :class:`DPTrainer`.
+
+An existing Trainer script becomes differentially private by changing
+``Trainer(...)`` to ``DPTrainer(..., target_epsilon=3.0, max_grad_norm=1.0)``::
+
+    from dpft.hf import DPTrainer
+    trainer = DPTrainer(model=model, args=args, train_dataset=ds,
+                        target_epsilon=3.0, max_grad_norm=1.0)
+    trainer.train()          # logs include "epsilon"
+    trainer.dp_engine.epsilon
+
+What changes compared with ``Trainer``:
+
+* **Logical batch** ``B = per_device_train_batch_size *
+  gradient_accumulation_steps`` (single process only for now).  The
+  :class:`dpft.PrivacyEngine` is created in :meth:`create_optimizer` with
+  ``batch_size=B``, ``sample_size=len(train_dataset)`` and
+  ``steps = the trainer's planned max steps``, and attached to the optimizer
+  Hugging Face builds.  accelerate's ``AcceleratedOptimizer.step`` calls the
+  inner optimizer's ``step``, which is the engine's privatized step: it runs
+  once per logical batch (the Trainer only steps on its sync step).
+* **Gradient clipping** of the Trainer (``TrainingArguments.max_grad_norm``)
+  is switched off: DP per-example clipping replaces it.  The Trainer's
+  ``grad_norm`` log (the norm of the *non-private* gradient) is not logged.
+* **Per-example losses**: every ``backward()`` is of the plain mean over the
+  physical batch of per-example losses (the engine divides by ``B`` itself;
+  the Trainer's ``1/gradient_accumulation_steps`` scaling is not applied).
+  For token-level labels (causal LM, with ``-100`` ignored; seq2seq; token
+  classification) each example's loss is the mean over *its own* tokens.
+  Hugging Face's default loss divides the summed token loss by the number of
+  tokens in the whole (accumulated) batch, so one example's gradient would
+  be scaled by the lengths of the *other* examples: the per-example
+  gradients the engine clips would then depend on other people's data and
+  the sensitivity bound (hence ε) would not hold.
+* **Sampling**: with ``poisson=True`` (default) the training data loader
+  draws Poisson-subsampled logical batches (each example independently with
+  probability ``q = B / N``, :func:`dpft.data.poisson_loader`) — the sampling
+  the accountant analyses.  Each logical batch is split into physical chunks
+  of at most ``per_device_train_batch_size`` examples inside
+  :meth:`training_step` (the Trainer's own gradient accumulation is set to 1,
+  so one Trainer "step" is one logical batch); an empty batch is declared to
+  the engine (noise-only step).  The sampling seed is ``args.data_seed`` or
+  ``args.seed``.  With ``poisson=False`` the Trainer's usual shuffled
+  fixed-size batches are used and a warning says that ε is then the Poisson
+  ε reported by convention, not a guarantee.
+* ``epsilon`` (spent so far, at ``target_delta``) is added to every log.
+
+Not supported (clear error): several processes / GPUs, fp16 with a gradient
+scaler (use bf16 or fp32), label smoothing, ``compute_loss_func``, DeepSpeed /
+FSDP.  Models must be supported by the engine (see :mod:`dpft.rules`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:
+    import transformers
+    from transformers import Trainer
+except ImportError as exc:  # pragma: no cover
+    raise ImportError("dpft.hf needs the `transformers` package: pip install transformers") from exc
+
+from .data import poisson_loader, split_physical
+from .engine import PrivacyEngine
+
+__all__ = ["DPTrainer", "per_example_loss"]
+
+
+def _batch_size(inputs: Any) -> int:
+    for v in inputs.values():
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return int(v.shape[0])
+    raise ValueError("DPTrainer: found no batched tensor in the inputs")
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    m = model
+    for _ in range(4):  # PeftModel -> LoraModel -> the transformers model
+        if m.__class__.__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+            return True
+        inner = getattr(m, "base_model", None)
+        inner = getattr(inner, "model", inner) if inner is not None and inner is not m else None
+        if inner is None or inner is m:
+            break
+        m = inner
+    return False
+
+
+def per_example_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    shift: bool = False,
+    problem_type: str | None = None,
+) -> torch.Tensor:
+    """One loss per example, shape ``(batch,)``.
+
+    * ``logits (b, T, V)`` and ``labels (b, T)`` (token level; ``-100`` ignored):
+      each example's mean cross-entropy over its own labelled tokens
+      (``shift=True`` for causal LM: token ``t`` predicts label ``t+1``).
+      An example without labelled tokens has loss 0.
+    * ``logits (b, C)``: cross-entropy with integer labels ``(b,)``; mean
+      squared error for ``problem_type="regression"`` (or one output with
+      float labels); per-example mean binary cross-entropy for
+      ``"multi_label_classification"``.
+    """
+    logits = logits.float()
+    if logits.dim() >= 3 and labels.dim() == logits.dim() - 1:
+        if shift:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        tok = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device), ignore_index=-100, reduction="none"
+        ).view(labels.shape)
+        mask = labels.ne(-100).to(tok.dtype)
+        return tok.mul(mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp(min=1)
+    labels = labels.to(logits.device)
+    if problem_type == "regression" or (problem_type is None and logits.shape[-1] == 1 and labels.is_floating_point()):
+        return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(logits.shape[0], -1).squeeze(-1), reduction="none").view(logits.shape[0], -1).mean(1)
+    if problem_type == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none").flatten(1).mean(1)
+    return F.cross_entropy(logits, labels.long(), reduction="none")
+
+
+class DPTrainer(Trainer):
+    """A ``transformers.Trainer`` that trains with DP-SGD through :class:`dpft.PrivacyEngine`.
+
+    Args (besides those of ``Trainer``):
+        target_epsilon / noise_multiplier: exactly one (as in ``PrivacyEngine``).
+        max_grad_norm: per-example clipping threshold R.
+        target_delta, clipping_fn, clipping_mode, clipping_style, accountant,
+        noise_seed: passed to ``PrivacyEngine``.
+        poisson: Poisson-subsampled logical batches (default) or the
+            Trainer's shuffled fixed-size batches.
+
+    After ``create_optimizer`` (i.e. once ``train()`` starts), the engine is
+    ``trainer.dp_engine``.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        target_epsilon: float | None = None,
+        noise_multiplier: float | None = None,
+        max_grad_norm: float = 1.0,
+        target_delta: float | None = None,
+        clipping_fn: str = "abadi",
+        clipping_mode: str = "auto",
+        clipping_style: Any = "all-layer",
+        accountant: str = "pld",
+        noise_seed: int | None = None,
+        poisson: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if (target_epsilon is None) == (noise_multiplier is None):
+            raise ValueError(
+                "DPTrainer: give exactly one of target_epsilon / noise_multiplier, got "
+                f"target_epsilon={target_epsilon!r}, noise_multiplier={noise_multiplier!r}"
+            )
+        # do not mutate the caller's TrainingArguments
+        if "args" in kwargs and kwargs["args"] is not None:
+            kwargs["args"] = copy.copy(kwargs["args"])
+        elif len(args) >= 2 and args[1] is not None:
+            args = (args[0], copy.copy(args[1]), *args[2:])
+        super().__init__(*args, **kwargs)
+        a = self.args
+        if a.world_size > 1 or a.n_gpu > 1:
+            raise NotImplementedError(
+                f"DPTrainer supports a single process on one device for now (world_size={a.world_size}, "
+                f"n_gpu={a.n_gpu}); run on one device (e.g. CUDA_VISIBLE_DEVICES=0)"
+            )
+        if a.fp16:
+            raise ValueError("DPTrainer: fp16 (gradient scaler) is not supported; use bf16=True or fp32")
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise NotImplementedError("DPTrainer: DeepSpeed / FSDP are not supported")
+        if a.label_smoothing_factor:
+            raise ValueError("DPTrainer: label_smoothing_factor is not supported (per-example losses)")
+        if self.compute_loss_func is not None:
+            raise ValueError(
+                "DPTrainer: compute_loss_func is not supported; subclass and override "
+                "DPTrainer.per_example_losses to return one loss per example"
+            )
+        if self.train_dataset is None or not hasattr(self.train_dataset, "__len__"):
+            raise ValueError("DPTrainer needs a map-style train_dataset with a length")
+        if a.max_grad_norm not in (None, 0, 0.0):
+            if a.max_grad_norm != 1.0:  # 1.0 is the TrainingArguments default
+                warnings.warn(
+                    f"DPTrainer: TrainingArguments.max_grad_norm={a.max_grad_norm} is ignored (set to 0); "
+                    f"DP per-example clipping with max_grad_norm={max_grad_norm} replaces it",
+                    stacklevel=2,
+                )
+            a.max_grad_norm = 0.0
+        self.physical_batch_size = int(a.per_device_train_batch_size)
+        self.logical_batch_size = self.physical_batch_size * int(a.gradient_accumulation_steps)
+        self.poisson = bool(poisson)
+        if self.poisson:
+            # one Trainer step = one Poisson logical batch, split in training_step
+            a.gradient_accumulation_steps = 1
+        else:
+            warnings.warn(
+                "DPTrainer(poisson=False): shuffled fixed-size batches are used, but epsilon is computed "
+                "for Poisson subsampling (the common convention, not a guarantee; see dpft.data.shuffled_loader)",
+                stacklevel=2,
+            )
+        self._engine_kwargs = dict(
+            target_epsilon=target_epsilon,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            target_delta=target_delta,
+            clipping_fn=clipping_fn,
+            clipping_mode=clipping_mode,
+            clipping_style=clipping_style,
+            accountant=accountant,
+            noise_seed=noise_seed,
+        )
+        self.dp_engine: PrivacyEngine | None = None
+        self.dp_train_dataloader = None
+
+    # -- data ----------------------------------------------------------------
+    def get_train_dataloader(self):  # type: ignore[override]
+        if not self.poisson:
+            return super().get_train_dataloader()
+        dataset = self.train_dataset
+        collator = self.data_collator
+        try:
+            import datasets
+
+            is_hf_dataset = isinstance(dataset, datasets.Dataset)
+        except ImportError:  # pragma: no cover
+            is_hf_dataset = False
+        if is_hf_dataset:
+            dataset = self._remove_unused_columns(dataset, description="training")
+        else:
+            collator = self._get_collator_with_removed_columns(collator, description="training")
+        n = len(dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        kw: dict[str, Any] = {"num_workers": self.args.dataloader_num_workers, "pin_memory": self.args.dataloader_pin_memory}
+        if self.args.dataloader_num_workers > 0:
+            kw["persistent_workers"] = self.args.dataloader_persistent_workers
+            kw["prefetch_factor"] = self.args.dataloader_prefetch_factor
+        # steps per epoch: ceil(N / B), as PrivacyEngine(epochs=...) counts them
+        self.dp_train_dataloader = poisson_loader(
+            dataset,
+            self.logical_batch_size,
+            steps=math.ceil(n / self.logical_batch_size),
+            seed=seed,
+            collate_fn=collator,
+            **kw,
+        )
+        return self.dp_train_dataloader
+
+    # -- optimizer / engine --------------------------------------------------
+    def create_optimizer(self, model: nn.Module | None = None):  # type: ignore[override]
+        optimizer = super().create_optimizer(model)
+        if self.dp_engine is None:
+            steps = int(self.state.max_steps) if self.state.max_steps and self.state.max_steps > 0 else None
+            if steps is None:
+                raise RuntimeError("DPTrainer: the planned number of steps is not known when creating the optimizer")
+            self.dp_engine = PrivacyEngine(
+                self.model,
+                batch_size=self.logical_batch_size,
+                sample_size=len(self.train_dataset),
+                steps=steps,
+                **self._engine_kwargs,
+            )
+        if self.dp_engine.optimizer is not optimizer:
+            if self.dp_engine.optimizer is not None:
+                self.dp_engine.detach()
+            self.dp_engine.attach(optimizer)
+        return optimizer
+
+    def _get_grad_norm(self, model, grad_norm=None):  # noqa: D401
+        # the Trainer's grad norm is of the non-private gradient: never log it
+        return None
+
+    # -- loss / step ---------------------------------------------------------
+    def per_example_losses(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+        """``(losses of shape (batch,), model outputs)``; override for custom losses."""
+        inputs = dict(inputs)
+        labels = inputs.get("labels")
+        if labels is None:
+            raise ValueError("DPTrainer: the training batch has no `labels`; per-example losses need them")
+        config = getattr(model, "config", None)
+        if not getattr(config, "is_encoder_decoder", False):
+            inputs.pop("labels")  # the model's own (batch-coupled) loss is not needed
+        outputs = model(**inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        losses = per_example_loss(
+            logits,
+            labels,
+            shift=_is_causal_lm(self.accelerator.unwrap_model(model)),
+            problem_type=getattr(config, "problem_type", None),
+        )
+        return losses, outputs
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
+        """Mean over the batch of per-example losses (``num_items_in_batch`` is ignored)."""
+        if not model.training:  # evaluation: Hugging Face's usual loss
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=None)
+        losses, outputs = self.per_example_losses(model, inputs)
+        loss = losses.mean()
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):  # type: ignore[override]
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        n = _batch_size(inputs)
+        engine = self.dp_engine
+        assert engine is not None, "DPTrainer: the engine is created in create_optimizer"
+        if n == 0:  # empty Poisson batch: noise-only step, accounted as usual
+            engine.record_empty_batch()
+            return torch.zeros((), device=self.args.device)
+        chunks = split_physical(inputs, self.physical_batch_size) if self.poisson else [inputs]
+        total = torch.zeros((), device=self.args.device)
+        for chunk in chunks:
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, chunk)
+            # plain mean over the physical batch: no 1/gradient_accumulation_steps
+            # (the engine divides the clipped sum by the logical batch size)
+            loss.backward()
+            total = total + loss.detach() * _batch_size(chunk)
+        if self.poisson:
+            return total / n  # the Trainer sums one value per step
+        return total / n / self.current_gradient_accumulation_steps
+
+    # -- logging -------------------------------------------------------------
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        if self.dp_engine is not None:
+            logs["epsilon"] = self.dp_engine.epsilon
+        super().log(logs, *args, **kwargs)
+
+
+assert issubclass(DPTrainer, transformers.Trainer)
