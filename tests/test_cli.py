@@ -131,10 +131,29 @@ def test_unknown_method(capsys):
     assert "invalid choice: 'dpsgd-magic'" in _error_line(capsys.readouterr().err)
 
 
-def test_sparta_not_available_yet(capsys, tmp_path):
-    code, _, err = _run(["train", "--method", "sparta", "--out", tmp_path / "run"], capsys)
-    assert code == 2 and "not available yet" in _error_line(err)
+@pytest.mark.parametrize("argv,match", [
+    (["--method", "sparta", "--density", "0"], "--density must be in (0, 1]"),
+    (["--method", "sparta", "--scoring-epochs", "-1"], "--scoring-epochs"),
+    (["--method", "sparta", "--warmup-epochs", "-1"], "--warmup-epochs"),
+    (["--method", "bitfit", "--density", "0.5"], "applies to --method sparta only"),
+])
+def test_bad_sparta_options(capsys, tmp_path, argv, match):
+    code, _, err = _run(["train", *argv, "--out", tmp_path / "run"], capsys)
+    assert code == 2 and match in _error_line(err)
     assert not (tmp_path / "run").exists()
+
+
+def test_sparta_defaults_depend_on_device():
+    from dpft.train import resolve
+    cpu, notes = resolve(TrainConfig(method="sparta"), kind="text", device=torch.device("cpu"),
+                         n_train_total=10_000)
+    assert (cpu.density, cpu.scoring_epochs, cpu.warmup_epochs, cpu.lr, cpu.head_lr) == (0.2, 0.5, 0.0, 1e-3, 1e-2)
+    assert any("CPU run" in n and "--scoring-epochs" in n for n in notes)
+    gpu, notes = resolve(TrainConfig(method="sparta"), kind="text", device=torch.device("cuda"),
+                         n_train_total=10_000)
+    assert gpu.scoring_epochs == 1.0 and not any("scoring" in n for n in notes)
+    other, _ = resolve(TrainConfig(method="bitfit"), kind="text", device=torch.device("cpu"))
+    assert (other.density, other.scoring_epochs, other.warmup_epochs) == (None, None, None)
 
 
 @pytest.mark.parametrize("eps", ["0", "-1", "nan", "inf"])
@@ -191,9 +210,9 @@ def test_resume_without_checkpoint(capsys, tmp_path):
 
 
 def test_python_dash_m(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "dpft", "train", "--method", "sparta"],
+    proc = subprocess.run([sys.executable, "-m", "dpft", "train", "--method", "sparta", "--density", "2"],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "not available yet" in proc.stderr
+    assert proc.returncode == 2 and "--density must be in (0, 1]" in proc.stderr
 
 
 # ---------------------------------------------------------------------------
@@ -366,3 +385,66 @@ def test_default_job_tiny(tmp_path, capsys, monkeypatch):
     assert summary["target_epsilon"] == 3.0 and summary["train_size"] == 256 and summary["eval_size"] == 128
     assert 0 < summary["trainable_percent"] < 1  # biases + head only
     assert "ε (spent / target)" in stdout
+
+
+@needs_hf
+@pytest.mark.skipif(not HAVE_PANDAS, reason="pandas not installed")
+def test_sparta_end_to_end(tiny_bert, reviews_csv, tmp_path, capsys):
+    """Scoring pass, selection, sparse training: one ledger (scoring + training steps), ε <= target,
+    and the unselected rows of every candidate weight never move."""
+    from transformers import BertForSequenceClassification
+    out = tmp_path / "sparta"
+    code, stdout, err = _run(_tiny(tiny_bert, reviews_csv, out, "--method", "sparta", "--epsilon", "4",
+                                   "--density", "0.25", "--scoring-epochs", "0.5", "--dp-seed", "5"), capsys)
+    assert code == 0, err
+    summary = _check_outputs(out, private=True)
+    sp = summary["sparta"]
+    assert summary["method"] == "sparta" and sp["density"] == 0.25
+    n_train = summary["train_size"]
+    per_epoch = math.ceil(n_train / 16)
+    assert sp["scoring_steps"] == math.ceil(0.5 * per_epoch) and sp["warmup_steps"] == 0
+    assert sp["training_steps"] == summary["steps"] == per_epoch
+    assert sp["ledger_steps"] == sp["scoring_steps"] + summary["steps"]
+    from dpft import accounting
+    assert summary["epsilon"] == pytest.approx(accounting.epsilon(
+        noise_multiplier=summary["noise_multiplier"], sample_rate=summary["sample_rate"],
+        steps=sp["ledger_steps"], delta=summary["delta"]), rel=1e-6)
+    assert "scoring" in stdout and 0 < summary["trainable_percent"] < 100
+
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    masks, trained = ckpt["sparta_masks"], ckpt["model"]
+    original = dict(BertForSequenceClassification.from_pretrained(tiny_bert).named_parameters())
+    assert masks and "classifier.weight" not in masks
+    assert all(n.endswith(".weight") and not n.startswith("classifier") for n in masks)
+    moved = 0
+    for name, mask in masks.items():
+        assert int(mask.sum()) == math.ceil(0.25 * mask.numel())
+        before, after = original[name].detach(), trained[name]
+        assert torch.equal(after[~mask], before[~mask]), name  # Linear weights: rows = dim 0
+        moved += int(not torch.equal(after[mask], before[mask]))
+    assert moved == len(masks)
+    # frozen parameters (embeddings, LayerNorm weights) are not trained at all
+    assert "bert.embeddings.word_embeddings.weight" not in trained
+
+
+@needs_hf
+@pytest.mark.skipif(not HAVE_PANDAS, reason="pandas not installed")
+def test_sparta_resume_continues_exactly(tiny_bert, reviews_csv, tmp_path, capsys):
+    common = ["--method", "sparta", "--dp-seed", "11", "--checkpoint-every", "2", "--eval-every", "0",
+              "--scoring-epochs", "0.25", "--warmup-epochs", "0.25"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert _run(_tiny(tiny_bert, reviews_csv, whole, *common), capsys)[0] == 0
+    code, stdout, _ = _run(_tiny(tiny_bert, reviews_csv, part, *common, "--stop-after-steps", "3"), capsys)
+    assert code == 0 and not (part / "summary.json").exists()
+    code, stdout, err = _run(["train", "--out", part, "--resume", "--no-progress"], capsys)
+    assert code == 0, err
+    assert "scoring the rows" not in stdout  # the selection comes from the checkpoint
+    a = json.loads((whole / "summary.json").read_text())
+    b = json.loads((part / "summary.json").read_text())
+    assert a["sparta"] == b["sparta"] and a["epsilon"] == b["epsilon"]
+    assert a["test_accuracy"] == b["test_accuracy"]
+    assert a["sparta"]["ledger_steps"] == a["sparta"]["warmup_steps"] + a["sparta"]["scoring_steps"] + a["steps"]
+    ca = torch.load(whole / "checkpoint.pt", weights_only=False)
+    cb = torch.load(part / "checkpoint.pt", weights_only=False)
+    assert all(torch.equal(ca["sparta_masks"][k], cb["sparta_masks"][k]) for k in ca["sparta_masks"])
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])

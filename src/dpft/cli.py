@@ -24,7 +24,8 @@ from .train import (ACCOUNTANTS, CLIPPING_FNS, LR_SCHEDULES, METHODS, OPTIMIZERS
 
 __all__ = ["main", "build_parser", "load_config_file", "train_config_from_args"]
 
-_FLOAT = {"epsilon", "delta", "lr", "head_lr", "max_grad_norm", "epochs", "dropout"}
+_FLOAT = {"epsilon", "delta", "lr", "head_lr", "max_grad_norm", "epochs", "dropout", "density",
+          "scoring_epochs", "warmup_epochs"}
 _INT = {"batch_size", "max_physical_batch_size", "max_seq_len", "validation_size", "lora_rank",
         "num_threads", "eval_every", "checkpoint_every", "stop_after_steps", "seed", "dp_seed"}
 _BOOL = {"poisson", "bf16", "resume", "overwrite", "progress"}
@@ -68,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--method", choices=METHODS, help="default bitfit (DP-BiTFiT: biases + head); "
                                                       "full for the built-in CNN (no pretrained weights)")
     g.add_argument("--lora-rank", type=int, help="LoRA rank (method lora; default 8)")
+    g.add_argument("--density", type=float, help="SPARTA: fraction of the rows of each encoder "
+                                                 "Linear weight to train (method sparta; default 0.2)")
+    g.add_argument("--scoring-epochs", type=float,
+                   help="SPARTA: epochs of the private row-scoring pass (default 1 on a GPU, 0.5 on a CPU)")
+    g.add_argument("--warmup-epochs", type=float,
+                   help="SPARTA: epochs of DP training of biases + head before scoring (default 0)")
     g = t.add_argument_group("privacy")
     g.add_argument("--epsilon", type=float, help="target ε (default 3)")
     g.add_argument("--delta", type=float, help="δ (default dpft.accounting.default_delta(N), "

@@ -109,6 +109,9 @@ class TrainConfig:
     eval_size: int | str | None = None   # an int or "all"
     validation_size: int | None = None   # hold out this many training examples and evaluate on them
     lora_rank: int | None = None
+    density: float | None = None        # sparta: fraction of rows trained per candidate weight (0.2)
+    scoring_epochs: float | None = None  # sparta: epochs of the private scoring pass (GPU 1, CPU 0.5)
+    warmup_epochs: float | None = None   # sparta: epochs of DP biases + head before scoring (0)
     dropout: float | None = None        # override every dropout probability (e.g. 0); None: model's
     num_threads: int | None = None
     eval_every: int | None = None       # steps between progress evaluations (default: 8 per run; 0: none)
@@ -137,6 +140,10 @@ CPU_TEXT_MAX_SEQ_LEN = 64
 CPU_TEXT_EPOCHS = 1
 GPU_TEXT_MAX_SEQ_LEN = 128
 GPU_TEXT_EPOCHS = 3
+# SPARTA's private scoring pass: one epoch on a GPU, half of one on a CPU (its steps
+# come out of the same ε budget as training, and cost as much time as training steps).
+CPU_SCORING_EPOCHS = 0.5
+GPU_SCORING_EPOCHS = 1.0
 
 _DEFAULT_HEAD_LR = {"bitfit": 1e-2, "lora": 1e-2, "sparta": 1e-2, "nonprivate-bitfit": 1e-2}
 _DEFAULT_LR = {  # Adam
@@ -178,15 +185,22 @@ def validate(cfg: TrainConfig) -> None:
     """Checks that need no data or model; raise ConfigError naming the option."""
     if cfg.method is not None and cfg.method not in METHODS:
         raise ConfigError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
-    if cfg.method == "sparta":
-        raise NotAvailableYet(
-            "method 'sparta' is not available yet in this version of dpft "
-            "(it lands with the SPARTA issue); use bitfit, full, lora or last-layer")
-    for name in ("epsilon", "lr", "head_lr", "max_grad_norm", "epochs"):
+    for name in ("epsilon", "lr", "head_lr", "max_grad_norm", "epochs", "scoring_epochs"):
         v = getattr(cfg, name)
         if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)
                               or not math.isfinite(v) or v <= 0):
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {v!r}")
+    if cfg.density is not None and not (isinstance(cfg.density, (int, float)) and not isinstance(cfg.density, bool)
+                                        and 0 < cfg.density <= 1):
+        raise ConfigError(f"--density must be in (0, 1], got {cfg.density!r}")
+    if cfg.warmup_epochs is not None and not (isinstance(cfg.warmup_epochs, (int, float))
+                                              and not isinstance(cfg.warmup_epochs, bool)
+                                              and math.isfinite(cfg.warmup_epochs) and cfg.warmup_epochs >= 0):
+        raise ConfigError(f"--warmup-epochs must be a non-negative number, got {cfg.warmup_epochs!r}")
+    if cfg.method is not None and cfg.method != "sparta":
+        for name in ("density", "scoring_epochs", "warmup_epochs"):
+            if getattr(cfg, name) is not None:
+                raise ConfigError(f"--{name.replace('_', '-')} applies to --method sparta only")
     if cfg.dropout is not None and not (isinstance(cfg.dropout, (int, float)) and 0 <= cfg.dropout < 1):
         raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout!r}")
     if cfg.delta is not None and not (0 < cfg.delta < 1):
@@ -253,6 +267,17 @@ def resolve(cfg: TrainConfig, kind: str | None = None, device: torch.device | No
     r.accountant = r.accountant or "pld"
     r.max_grad_norm = float(r.max_grad_norm) if r.max_grad_norm is not None else 1.0
     r.lora_rank = r.lora_rank or 8
+    if r.method == "sparta":
+        r.density = float(r.density) if r.density is not None else 0.2
+        r.warmup_epochs = float(r.warmup_epochs) if r.warmup_epochs is not None else 0.0
+        if r.scoring_epochs is None:
+            r.scoring_epochs = CPU_SCORING_EPOCHS if on_cpu else GPU_SCORING_EPOCHS
+            if on_cpu:
+                notes.append(f"CPU run: SPARTA scores rows over {CPU_SCORING_EPOCHS:g} epoch by default "
+                             f"(--scoring-epochs to change; {GPU_SCORING_EPOCHS:g} on a GPU)")
+        r.scoring_epochs = float(r.scoring_epochs)
+    elif any(getattr(r, k) is not None for k in ("density", "scoring_epochs", "warmup_epochs")):
+        raise ConfigError("--density, --scoring-epochs and --warmup-epochs apply to --method sparta only")
     r.checkpoint_every = 0 if r.checkpoint_every is None else r.checkpoint_every
     r.stop_after_steps = r.stop_after_steps or None
     r.progress = True if r.progress is None else bool(r.progress)
@@ -349,6 +374,11 @@ def select_trainable(model: nn.Module, method: str, lora_rank: int = 8) -> nn.Mo
             p.requires_grad_(True)
         return model
     if base == "bitfit":
+        _bitfit(model, sorted(head))
+        return model
+    if base == "sparta":
+        # biases + head for now; the selected rows of the candidate weights join after
+        # the private scoring pass (see _sparta_phases)
         _bitfit(model, sorted(head))
         return model
     if base == "last-layer":
@@ -638,6 +668,102 @@ def _make_engine(model, r: TrainConfig, n_train: int, steps_total: int, noise_se
     return engine
 
 
+def _make_sparta(model, r: TrainConfig, n_train: int):
+    """The :class:`dpft.methods.sparta.Sparta` of the run: σ calibrated for warm-up +
+    scoring + training steps; candidates are the Linear weights outside the head."""
+    from .methods.sparta import Sparta, default_candidates
+    head = sorted(_head_param_names(model))
+    candidates = [n for n in default_candidates(model) if n not in head]
+    try:
+        return Sparta(model, batch_size=r.batch_size, sample_size=n_train, target_epsilon=r.epsilon,
+                      train_epochs=r.epochs, scoring_epochs=r.scoring_epochs, warmup_epochs=r.warmup_epochs,
+                      density=r.density, candidates=candidates, always_train=head,
+                      target_delta=r.delta, accountant=r.accountant, max_grad_norm=r.max_grad_norm,
+                      clipping_fn=r.clipping_fn, clipping_style="all-layer", clipping_mode=r.clipping_mode,
+                      loss_reduction="mean")
+    except NotImplementedError as e:
+        raise NotAvailableYet(f"method sparta: the engine cannot train these parameters yet: {e}") from e
+    except (TypeError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"method sparta: {msg}") from e
+
+
+def _sparta_phases(sp, model, r: TrainConfig, data: Encoded, device, autocast, n_train: int,
+                   steps_per_epoch: int, dp_secret: int, ckpt: dict | None, log):
+    """Warm-up (optional), private scoring, selection; returns the engine of the sparse
+    training phase (attached to a fresh optimizer).  On --resume the row selection comes
+    from the checkpoint (the engine's ledger is restored by the caller).
+
+    Every phase draws its own Poisson batches (:class:`BatchPlan`, its own stream of the
+    secret seed) and its own noise stream, and uses the training loss."""
+    lengths = data.lengths("train")
+
+    def loss_fn(m: nn.Module, chunk: np.ndarray) -> torch.Tensor:
+        inputs, y = data.batch("train", chunk, device)
+        with autocast():
+            logits = _forward(m, inputs)
+        return F.cross_entropy(logits.float(), y)
+
+    def batches(steps: int, stream: int, desc: str):
+        plan = BatchPlan(n_train, r.batch_size, steps_per_epoch, _derive_seed(dp_secret, stream),
+                         poisson=r.poisson)
+        bar = _tqdm(r.progress)(total=steps, desc=desc, unit="step", leave=True, dynamic_ncols=True)
+        try:
+            for i in range(steps):
+                idx = plan.batch(i // steps_per_epoch, i % steps_per_epoch)
+                if lengths is not None and len(idx):  # cut padding, as physical_chunks does
+                    idx = idx[np.argsort(lengths[idx], kind="stable")]
+                yield idx
+                bar.update(1)
+        finally:
+            bar.close()
+
+    if ckpt is not None:
+        masks = ckpt.get("sparta_masks")
+        if masks is None:
+            raise ConfigError("--resume: the checkpoint holds no SPARTA row selection")
+        sp.masks = {n: torch.as_tensor(m, dtype=torch.bool) for n, m in masks.items()}
+    else:
+        if sp.steps["warmup"]:
+            sp.engine_kwargs["noise_seed"] = _derive_seed(dp_secret, 3)
+            sp._set_trainable()
+            opt = make_optimizer(model, r)
+            set_lr(opt, r, 0, 1)
+            engine = sp.warmup(opt)
+            for idx in batches(sp.steps["warmup"], 5, "SPARTA warm-up"):
+                chunks = physical_chunks(idx, r.max_physical_batch_size, None)
+                for chunk in chunks:
+                    loss_fn(model, chunk).backward()
+                if not chunks:
+                    engine.record_empty_batch()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        sp.engine_kwargs["noise_seed"] = _derive_seed(dp_secret, 2)
+        sp.score(batches(sp.steps["scoring"], 4, "SPARTA scoring"), loss_fn,
+                 max_physical_batch_size=r.max_physical_batch_size)
+        sp.select()
+        log(f"  SPARTA: scored the rows privately ({sp.steps['scoring']} steps, ε so far "
+            f"{_fmt_eps(sp.epsilon)})")
+    sp.engine_kwargs["noise_seed"] = _derive_seed(dp_secret, 1)
+    planned = dict(sp.steps)
+    engine = sp.train(lambda params: make_optimizer(model, r))
+    # on --resume there are no scores (the masks come from the checkpoint), which Sparta
+    # takes for a baseline selection without a scoring pass; the run did score, though
+    sp.steps.update(planned)
+    return engine
+
+
+def _sparta_trainable(model: nn.Module) -> int:
+    """Trainable parameters, counting only the selected rows of row-restricted weights."""
+    from .methods.sparta import ATTR
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad:
+            rm = getattr(p, ATTR, None)
+            n += p.numel() if rm is None else int(rm.mask.sum()) * (p.numel() // p.shape[rm.dim])
+    return n
+
+
 def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
     """Run one job; returns the summary dict (also written to ``out/summary.json``)."""
     log = log or (lambda s: print(s, flush=True))
@@ -706,10 +832,17 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
         dp_secret = r.dp_seed if r.dp_seed is not None else secrets.randbits(63)
     plan = BatchPlan(n_train, r.batch_size, steps_per_epoch, _derive_seed(dp_secret, 0),
                      poisson=r.poisson and private)
-    optimizer = make_optimizer(model, r)
-    engine = _make_engine(model, r, n_train, steps_total, _derive_seed(dp_secret, 1)) if private else None
-    if engine is not None:
-        engine.attach(optimizer)
+    sp = None
+    if r.method == "sparta":
+        # optimizer and engine come after the scoring pass (or from the checkpoint's row selection)
+        sp = _make_sparta(model, r, n_train)
+        optimizer, engine = None, None
+    else:
+        optimizer = make_optimizer(model, r)
+        engine = _make_engine(model, r, n_train, steps_total, _derive_seed(dp_secret, 1)) if private else None
+        if engine is not None:
+            engine.attach(optimizer)
+    dp = engine if engine is not None else sp
 
     majority_label, majority_acc = task.majority_baseline()
     cpu_note = "" if device.type != "cpu" else f", {torch.get_num_threads()} threads"
@@ -718,15 +851,37 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
         f"{100 * trainable / total:.2f}%), device {device}{cpu_note}")
     for note in notes:
         log(f"  note: {note}")
-    if engine is not None:
-        log(f"  DP: target ε = {r.epsilon:g}, δ = {engine.target_delta:.3g}, σ = "
-            f"{engine.noise_multiplier:.4f}, q = {min(1.0, r.batch_size / n_train):.4f}, "
-            f"{steps_total} steps, clip {r.clipping_fn} R = {r.max_grad_norm:g}, "
+    if dp is not None:
+        if sp is not None:
+            warm = f"{sp.steps['warmup']} warm-up + " if sp.steps["warmup"] else ""
+            step_text = f"{warm}{sp.steps['scoring']} scoring + {steps_total} training steps"
+        else:
+            step_text = f"{steps_total} steps"
+        log(f"  DP: target ε = {r.epsilon:g}, δ = {dp.target_delta:.3g}, σ = "
+            f"{dp.noise_multiplier:.4f}, q = {min(1.0, r.batch_size / n_train):.4f}, "
+            f"{step_text}, clip {r.clipping_fn} R = {r.max_grad_norm:g}, "
             f"accountant {r.accountant}")
+    if sp is not None:
+        log(f"  SPARTA: density {r.density:g} of the rows of {len(sp.candidates)} candidate weights "
+            f"(+ biases and head), scoring {r.scoring_epochs:g} epoch(s)"
+            + (f", warm-up {r.warmup_epochs:g} epoch(s)" if sp.steps["warmup"] else ""))
     log(f"  {n_train:,} training / {len(task.y_test):,} evaluation examples, logical batch "
         f"{r.batch_size}, physical ≤ {r.max_physical_batch_size}, lr {r.lr:g} (head {r.head_lr:g}), "
         f"{r.epochs:g} epoch{'' if r.epochs == 1 else 's'}, "
         f"output {out}")
+
+    use_autocast = r.bf16 and device.type in ("cuda", "cpu")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_autocast \
+        else (lambda: torch.autocast(device.type, enabled=False))
+
+    if sp is not None:
+        engine = _sparta_phases(sp, model, r, data, device, autocast, n_train, steps_per_epoch,
+                                dp_secret, ckpt, log)
+        optimizer = engine.optimizer
+        trainable = _sparta_trainable(model)
+        rows = sum(int(m.sum()) for m in sp.masks.values())
+        log(f"  SPARTA: {rows:,} of {sum(m.numel() for m in sp.masks.values()):,} candidate rows "
+            f"selected; {trainable:,} trainable parameters ({100 * trainable / total:.2f}%)")
 
     # --- state (fresh or resumed) -----------------------------------------------
     step = 0
@@ -756,9 +911,6 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
         for stale in ("summary.json", "report.png", CHECKPOINT):
             (out / stale).unlink(missing_ok=True)
 
-    use_autocast = r.bf16 and device.type in ("cuda", "cpu")
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_autocast \
-        else (lambda: torch.autocast(device.type, enabled=False))
     lengths = data.lengths("train")
     metrics_file = open(metrics_path, "a")
     n_lines = len(metrics_path.read_text().splitlines())
@@ -773,7 +925,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
         _atomic_save({"model": _trainable_state(model), "optimizer": optimizer.state_dict(),
                       "engine": engine.state_dict() if engine is not None else None,
                       "rng": _rng_state(), "step": step, "metrics_lines": n_lines, "dp_seed": dp_secret,
-                      "elapsed": elapsed_before + time.perf_counter() - t_train},
+                      "elapsed": elapsed_before + time.perf_counter() - t_train,
+                      **({"sparta_masks": sp.masks} if sp is not None else {})},
                      out / CHECKPOINT)
 
     # Ctrl-C: finish the current step, checkpoint, exit (resumable); a second Ctrl-C aborts.
@@ -898,6 +1051,14 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
         "peak_memory_mb": _peak_memory_mb(device), "device": str(device),
         "private": engine is not None, "out": str(out),
     }
+    if sp is not None:
+        summary["sparta"] = {
+            "density": r.density, "candidates": len(sp.candidates),
+            "selected_rows": sum(int(m.sum()) for m in sp.masks.values()),
+            "candidate_rows": sum(m.numel() for m in sp.masks.values()),
+            "warmup_steps": sp.steps["warmup"], "scoring_steps": sp.steps["scoring"],
+            "training_steps": step, "ledger_steps": engine.steps,
+        }
     if engine is not None:
         engine.detach()
     _write_json(out / "summary.json", summary)
