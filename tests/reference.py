@@ -83,9 +83,13 @@ def max_rel_error(got: dict[str, Tensor], want: dict[str, Tensor]) -> float:
 
 
 def pick_threshold(grads: list[dict[str, Tensor]]) -> float:
-    """A threshold that clips some examples and not others (the median norm)."""
-    ns = sorted(norms(grads))
-    return 0.5 * (ns[len(ns) // 2 - 1] + ns[len(ns) // 2]) if len(ns) > 1 else ns[0] / 2
+    """A threshold that clips some examples and not others: the midpoint
+    between the two middle *distinct* per-example norms."""
+    uniq = sorted(set(norms(grads)))
+    if len(uniq) == 1:
+        return uniq[0] / 2
+    mid = len(uniq) // 2
+    return 0.5 * (uniq[mid - 1] + uniq[mid])
 
 
 class Degenerate(Exception):
