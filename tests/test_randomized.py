@@ -54,21 +54,20 @@ def mlp(draw):
 def cnn(draw):
     c0 = draw(st.integers(1, 4))
     layers: list[nn.Module] = []
-    c = c0
+    c, size = c0, 8
     for _ in range(draw(st.integers(1, 2))):
         g = draw(st.sampled_from([d for d in (1, 2) if c % d == 0]))
         out = g * draw(st.integers(1, 3))
-        layers.append(
-            nn.Conv2d(
-                c, out, draw(st.integers(1, 3)), stride=draw(st.integers(1, 2)), padding=draw(st.integers(0, 1)),
-                dilation=draw(st.integers(1, 2)), groups=g, bias=draw(st.booleans()),
-            )
-        )
+        k, stride, pad, dil = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(0, 1)), draw(st.integers(1, 2))
+        if size + 2 * pad < dil * (k - 1) + 1:  # keep at least one output pixel
+            k, dil = 1, 1
+        size = (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+        layers.append(nn.Conv2d(c, out, k, stride=stride, padding=pad, dilation=dil, groups=g, bias=draw(st.booleans())))
         if draw(st.booleans()):
             layers.append(nn.GroupNorm(draw(st.sampled_from([d for d in (1, 2) if out % d == 0])), out))
         layers.append(draw(st.sampled_from(ACTS))())
         c = out
-    layers += [nn.Flatten(), nn.LazyLinear(2)]  # 8x8 inputs: every drawn conv leaves >= 1 pixel
+    layers += [nn.Flatten(), nn.LazyLinear(2)]
     return nn.Sequential(*layers), (lambda: torch.randn(c0, 8, 8))
 
 
