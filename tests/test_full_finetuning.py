@@ -172,3 +172,12 @@ def test_mha_dropout_in_train_mode_is_consistent():
     for (n, _), g in zip(ref.named_parameters(), grads):
         # huge R: no clipping, so the sum of per-example gradients = B * batch gradient
         assert torch.allclose(sums[n] / B, g, atol=1e-5, rtol=1e-4), n
+
+
+def test_ghost_norm_in_row_blocks(monkeypatch):
+    """Long sequences: the Gram matrices are built in row blocks; same result."""
+    monkeypatch.setattr(dpft.norms, "GHOST_BLOCK", 7)  # force many tiny blocks
+    for name in ["linear-3d", "embedding-tied", "conv2d"]:
+        model = ZOO[name][0]()
+        examples = [ZOO[name][1]() for _ in range(B)]
+        check_model(model, examples, collate, loss_fn, mode="ghost")

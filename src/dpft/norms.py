@@ -54,9 +54,34 @@ def _left_gram(u: Factored, v: Factored, dtype: torch.dtype) -> Tensor:
     return torch.einsum("btgp,bsgp->bgts", left, v.left.to(dtype))  # type: ignore[union-attr]
 
 
+#: largest Gram block (elements) built at once; longer sequences are processed in row chunks
+GHOST_BLOCK = 1 << 25
+
+
+def _rows(c: Factored, start: int, stop: int) -> Factored:
+    """The positions ``start:stop`` of a contribution (a row block of its Gram matrices)."""
+    return Factored(
+        right=c.right[:, start:stop],
+        shape=c.shape,
+        left=c.left[:, start:stop] if c.left is not None else None,
+        ids=c.ids[:, start:stop] if c.ids is not None else None,
+        num_rows=c.num_rows,
+    )
+
+
 def _ghost_pair(u: Factored, v: Factored, dtype: torch.dtype) -> Tensor:
-    right = torch.einsum("btgd,bsgd->bgts", u.right.to(dtype), v.right.to(dtype))
-    return (_left_gram(u, v, dtype) * right).sum(dim=(1, 2, 3))
+    """``sum_{t,s} <L_t, L_s> <R_t, R_s>`` per example; the ``(B, G, Tu, Tv)``
+    Gram matrices are built in row blocks of at most ``GHOST_BLOCK`` elements."""
+    n, tu, g = u.right.shape[:3]
+    tv = v.right.shape[1]
+    step = max(1, GHOST_BLOCK // max(1, n * g * tv))
+    total = None
+    for start in range(0, tu, step):
+        ub = _rows(u, start, min(tu, start + step)) if step < tu else u
+        right = torch.einsum("btgd,bsgd->bgts", ub.right.to(dtype), v.right.to(dtype))
+        part = (_left_gram(ub, v, dtype) * right).sum(dim=(1, 2, 3))
+        total = part if total is None else total + part
+    return total  # type: ignore[return-value]
 
 
 def ghost_sq_norm(contribs: list[Factored], dtype: torch.dtype) -> Tensor:
