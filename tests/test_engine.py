@@ -208,7 +208,8 @@ def test_bad_value_echoed():
 
 def test_zero_noise_warns():
     with pytest.warns(UserWarning, match="NOT differentially private"):
-        dpft.PrivacyEngine(mlp(), batch_size=8, sample_size=100, steps=5, noise_multiplier=0.0)
+        engine = dpft.PrivacyEngine(mlp(), batch_size=8, sample_size=100, steps=5, noise_multiplier=0.0)
+    assert engine.epsilon == math.inf
 
 
 def test_optimizer_with_foreign_trainable_param():

@@ -224,13 +224,13 @@ class PrivacyEngine:
     def epsilon(self) -> float:
         """Epsilon spent so far at ``target_delta``."""
         if self.noise_multiplier == 0:
-            return math.inf if self.steps else 0.0
+            return math.inf  # no noise: no privacy guarantee at all
         return self.ledger.epsilon(self.target_delta, accountant=self.accountant)
 
     def get_epsilon(self, delta: float | None = None) -> float:
         """Epsilon spent so far at ``delta`` (default ``target_delta``)."""
         if self.noise_multiplier == 0:
-            return math.inf if self.steps else 0.0
+            return math.inf  # no noise: no privacy guarantee at all
         return self.ledger.epsilon(self.target_delta if delta is None else delta, accountant=self.accountant)
 
     @property
