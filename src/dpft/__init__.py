@@ -31,3 +31,12 @@ __all__ = [
     "register_rule",
     "sparta",
 ]
+
+
+def __getattr__(name: str):
+    """``dpft.hf`` (transformers integration) is imported on first use: it needs transformers."""
+    if name == "hf":
+        import importlib
+
+        return importlib.import_module(".hf", __name__)
+    raise AttributeError(f"module 'dpft' has no attribute {name!r}")
