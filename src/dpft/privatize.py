@@ -122,9 +122,11 @@ class ClippedSum:
                 contributions[k] = [restrict(c, rm, cmp)[0] for c in contributions[k]]
                 if cmp:
                     compact.add(k)
-        keys = list(contributions) + (list(lane[0]) if lane is not None else [])
-        device = self.params[keys[0]].device
-        norm_dtype = torch.float64 if any(self.params[k].dtype == torch.float64 for k in keys) else torch.float32
+        # norms in float64 if anything trains in float64 (the lane buffer already has that dtype)
+        double = lane is not None and lane[1].dtype == torch.float64
+        double = double or any(self.params[k].dtype == torch.float64 for k in contributions)
+        device = lane[1].device if lane is not None else self.params[next(iter(contributions))].device
+        norm_dtype = torch.float64 if double else torch.float32
         sq = torch.zeros(batch_size, self.num_groups, dtype=norm_dtype, device=device)
 
         # Direct-only parameters, concatenated per (device, dtype)
