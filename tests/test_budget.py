@@ -198,3 +198,45 @@ def test_two_phase_schedule_one_ledger():
     assert sched.epsilon == pytest.approx(want, rel=0.01) and sched.epsilon <= 3.0
     with pytest.raises(dpft.PrivacyBudgetExceeded):
         step(model, engine.optimizer)
+
+
+def test_budget_check_asks_the_accountant_once_per_horizon(monkeypatch):
+    """The budget check runs every step; it must not recompute epsilon every
+    step (a PLD query can take a second), yet still stop at the budget."""
+    from dpft.methods.schedules import TwoPhase
+
+    calls = []
+    real = dpft.accounting.Ledger.epsilon_if
+
+    def spy(self, *a, **k):
+        calls.append(a)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(dpft.accounting.Ledger, "epsilon_if", spy)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+    sched = TwoPhase(model, batch_size=10, sample_size=100, phase1_epochs=2, phase2_epochs=2, target_epsilon=3.0)
+    engine = sched.phase1(torch.optim.SGD(model.parameters(), lr=0.1))
+    for _ in range(sched.steps[0]):
+        step(model, engine.optimizer)
+    engine = sched.phase2(lambda ps: torch.optim.SGD(ps, lr=0.1))
+    for _ in range(sched.steps[1]):
+        step(model, engine.optimizer)
+    assert len(calls) <= 2  # one query per phase covers its 20 steps
+    assert sched.epsilon <= 3.0
+    with pytest.raises(dpft.PrivacyBudgetExceeded):
+        step(model, engine.optimizer)
+
+
+def test_shared_ledger_steps_from_elsewhere_are_rechecked():
+    model = small()
+    ledger = dpft.accounting.Ledger()
+    engine = dpft.PrivacyEngine(model, batch_size=10, sample_size=100, steps=5, noise_multiplier=1.0,
+                                epsilon_budget=2.0, ledger=ledger)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    engine.attach(opt)
+    step(model, opt)  # horizon of 5 steps checked once
+    ledger.record(0.3, 0.5, 50)  # another mechanism spends a lot on the same ledger
+    model(torch.randn(10, 4)).pow(2).mean().backward()
+    with pytest.raises(dpft.PrivacyBudgetExceeded):
+        opt.step()

@@ -199,6 +199,11 @@ class PrivacyEngine:
         self._sum = ClippedSum(self.params, self.groups, self.max_grad_norm, clipping_fn, norm_mode, self.row_masks)
         self.ledger = ledger if ledger is not None else Ledger()
         self._start_steps = self.ledger.steps
+        # (ledger segments when checked, total steps known to stay within the budget);
+        # a calibrated engine on a fresh ledger is within budget for its planned steps by construction
+        self._safe: tuple[tuple, int] | None = None
+        if self.target_epsilon is not None and not self.ledger.segments:
+            self._safe = ((), self.planned_steps)
         self.epsilon_budget = self.target_epsilon if epsilon_budget is None else float(epsilon_budget)
         dist = torch.distributed
         ready = dist.is_available() and dist.is_initialized()
@@ -300,26 +305,49 @@ class PrivacyEngine:
         self._empty_batches += 1
 
     def _check_budget(self) -> None:
+        """Raise (or warn) before a step that would spend more than the budget.
+
+        epsilon grows with the number of steps, so one accountant query that
+        covers this engine's whole planned horizon makes every step up to it
+        safe; the accountant is asked again only beyond the horizon, or if
+        the ledger received other steps in between (a shared ledger)."""
         if self.epsilon_budget is None or self.noise_multiplier == 0:
             return
-        if (
-            self.target_epsilon is not None
-            and self._start_steps == 0
-            and self.steps + 1 <= self.planned_steps
-            and len(self.ledger.segments) <= 1
-        ):
-            return  # calibrated for the planned steps: within budget by construction
-        eps = self.ledger.epsilon_if(
-            self.noise_multiplier, self.sample_rate, 1, self.target_delta, accountant=self.accountant
+        segments = self.ledger.segments
+        if self._safe is not None and self.ledger.steps + 1 <= self._safe[1] and self._only_ours_since(self._safe[0], segments):
+            return
+        horizon = max(self.ledger.steps + 1, self._start_steps + self.planned_steps)
+        sigma, q, delta = self.noise_multiplier, self.sample_rate, self.target_delta
+        extra = horizon - self.ledger.steps
+        eps = self.ledger.epsilon_if(sigma, q, extra, delta, accountant=self.accountant)
+        if eps > self.epsilon_budget and extra > 1:
+            horizon = self.ledger.steps + 1
+            eps = self.ledger.epsilon_if(sigma, q, 1, delta, accountant=self.accountant)
+        if eps <= self.epsilon_budget:
+            self._safe = (tuple(segments), horizon)
+            return
+        msg = (
+            f"dpft: step {self.steps + 1} would spend epsilon={eps:.4g} > the budget "
+            f"{self.epsilon_budget:g} (delta={self.target_delta:g}); nothing was changed"
         )
-        if eps > self.epsilon_budget:
-            msg = (
-                f"dpft: step {self.steps + 1} would spend epsilon={eps:.4g} > the budget "
-                f"{self.epsilon_budget:g} (delta={self.target_delta:g}); nothing was changed"
-            )
-            if self.on_budget_exceeded == "raise":
-                raise PrivacyBudgetExceeded(msg)
-            warnings.warn(msg, stacklevel=3)
+        if self.on_budget_exceeded == "raise":
+            raise PrivacyBudgetExceeded(msg)
+        warnings.warn(msg, stacklevel=3)
+
+    def _only_ours_since(self, base: tuple, now: list) -> bool:
+        """Whether the ledger ``now`` is ``base`` plus steps at this engine's (sigma, q) only."""
+        ours = (self.noise_multiplier, self.sample_rate)
+        if not base:
+            return all((sg[0], sg[1]) == ours for sg in now)
+        k = len(base) - 1
+        if tuple(now[:k]) != base[:k] or len(now) <= k:
+            return False
+        last = now[k]
+        if (last[0], last[1]) != (base[k][0], base[k][1]):
+            return False
+        if (last[0], last[1]) != ours and last[2] != base[k][2]:
+            return False
+        return all((sg[0], sg[1]) == ours for sg in now[k + 1 :])
 
     def _check_finite(self) -> None:
         flag = self._sum.nonfinite
