@@ -84,6 +84,7 @@ class Binding:
     needs_save: bool = True
     lane: list[tuple[str, str, int, int, tuple[int, ...]]] = field(default_factory=list)  # (local, key, offset, numel, shape)
     slow: frozenset[str] = frozenset()  # params handed to the sink as contributions
+    done: Any = None  # the rule's hook to drop saved inputs once eager results are out
 
 
 def _module_params(module: nn.Module, recursive: bool) -> dict[str, nn.Parameter]:
@@ -235,6 +236,7 @@ class Capture:
             ]
             b.slow = frozenset(local for local, key in b.keys.items() if key not in self.lane_offsets)
             b.needs_save = b.fallback or b.rule.needs_save(b.module, b.params)
+            b.done = getattr(b.rule, "done", None) if not b.slow else None
         self._lane_buf: Tensor | None = None
         self._lane_seen: set[str] = set()
 
@@ -405,9 +407,8 @@ class Capture:
             for local, key, off, numel, shape in b.lane:
                 b.rule.eager_into(call, grad, local, buf[:, off : off + numel].view(n, *shape), key in seen)
                 seen.add(key)
-            done = getattr(b.rule, "done", None)
-            if done is not None and not b.slow:
-                done(call)
+            if b.done is not None:
+                b.done(call)
         if b.slow:
             self._received.append((b, call))
         self._queue()

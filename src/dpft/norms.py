@@ -15,8 +15,6 @@ from torch import Tensor
 
 from .rules.base import Contribution, Direct, Factored
 
-MODES = ("ghost", "instantiate", "mixed")
-
 
 def acc_dtype_of(param_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if param_dtype == torch.float64 else torch.float32

@@ -44,9 +44,7 @@ class ClippedSum:
         self.mode = mode
         self.sums: dict[str, Tensor] = {}
         self.flat: dict[tuple[str, ...], Tensor] = {}  # Direct parameters, concatenated
-        self.examples = 0
         self.backward_passes = 0
-        self.last_norms: Tensor | None = None
         self.nonfinite: Tensor | None = None
         self._col_groups: dict[tuple[str, ...], Tensor] = {}
         self._split_meta: dict[tuple[str, ...], list] = {}
@@ -55,7 +53,6 @@ class ClippedSum:
         self.sums = {}
         self.flat = {}
         self.nonfinite = None
-        self.examples = 0
         self.backward_passes = 0
 
     def layout(self) -> tuple[list[tuple[tuple[str, ...], Tensor]], dict[str, Tensor]]:
@@ -174,7 +171,6 @@ class ClippedSum:
             inst[k] = g
 
         norms = sq.sqrt() * scale  # (B, K) per-example, per-group norms
-        self.last_norms = norms.detach()
         # a non-finite per-example gradient (NaN/Inf loss, overflow) must never
         # reach the parameters: flagged here without a device sync, checked once per step
         bad = ~torch.isfinite(norms).all()
@@ -199,7 +195,6 @@ class ClippedSum:
             if k in compact:
                 total = self.row_masks[k].scatter(total, p.shape)
             self._accumulate(k, total)
-        self.examples += batch_size
         self.backward_passes += 1
 
     def _accumulate(self, k: str, value: Tensor) -> None:
