@@ -385,3 +385,17 @@ def test_sequence_first_multihead_attention_is_exact():
             return self.attn(h, h, h, need_weights=False)[0].transpose(0, 1)
 
     check_model(M(), [torch.randn(5, 3) for _ in range(6)], collate, loss_fn)
+
+
+def test_batch_size_does_not_leak_into_later_submodule_calls():
+    """A one-example call of a submodule after a full forward must not be
+    expanded to the previous batch size (each copy would be clipped separately)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    engine = engine_for(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine.attach(opt)
+    model(torch.randn(8, 3)).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+    out = model[2](torch.randn(1, 4))
+    assert out.shape == (1, 2)

@@ -295,6 +295,10 @@ class Capture:
         self.batch_size = int(t.shape[0])
 
     def _root_post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        # the batch size belongs to this forward only: a later call of a submodule
+        # on its own must not inherit it (a stale size would "broadcast" a
+        # one-example output into copies that are each clipped separately)
+        self.batch_size = None
         # safety net: a forward that raised midway must not leave weights frozen
         if any(b.toggled or b.stash for b in self.bindings):
             self._restore_all()
