@@ -372,7 +372,7 @@ class PrivacyEngine:
         flats, per_param = self._sum.layout()
         done: set[str] = set()
         for names, flat in flats:
-            g = flat.clone()
+            g = flat  # the engine's own accumulator, reset right after this step: update in place
             if sigma_r > 0:
                 g.add_(self.noise.standard_normal([g])[0], alpha=sigma_r)
             g.div_(self.batch_size)
