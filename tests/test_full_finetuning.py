@@ -181,3 +181,57 @@ def test_ghost_norm_in_row_blocks(monkeypatch):
         model = ZOO[name][0]()
         examples = [ZOO[name][1]() for _ in range(B)]
         check_model(model, examples, collate, loss_fn, mode="ghost")
+
+
+def _half_factored(device: str, groups: int = 2, dtype=torch.bfloat16, t: int = 7):
+    from dpft.rules.base import Factored
+
+    g = torch.Generator().manual_seed(3)
+    n, p, d = 5, 3, 4
+    left = torch.randn(n, t, groups, p, generator=g).to(dtype).to(device)
+    right = torch.randn(n, t, groups, d, generator=g).to(dtype).to(device)
+    return Factored(left=left, right=right, shape=torch.Size([groups * p, d]))
+
+
+def _brute(c):
+    # float64 per-example gradients from the same half-precision values
+    g = torch.einsum("btgp,btgd->bgpd", c.left.double().cpu(), c.right.double().cpu())
+    return g.reshape(g.shape[0], -1)
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("groups", [1, 2])
+def test_half_precision_factors_give_exact_norms(device, groups):
+    """Under autocast the factors are bfloat16: norms (ghost and instantiated)
+    are exact products of those values accumulated in float32 -- never
+    rounded back to bfloat16 (a norm rounded down would under-clip)."""
+    c = _half_factored(device, groups)
+    want = _brute(c).pow(2).sum(1)
+    for mode in ("ghost", "instantiate"):
+        got, _ = dpft.norms.sq_norm([c], mode, torch.float32)
+        assert got.dtype == torch.float32
+        rel = float(((got.double().cpu() - want).abs() / want).max())
+        assert rel < 1e-6, (mode, rel)
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_half_precision_weighted_sum_never_exceeds_clip_factor(device):
+    """The clipped sum of half-precision factors: within bfloat16 rounding of
+    the float64 sum, and the scaled entries are rounded down (for one
+    position, a single example with weight c gives a sum of norm <= c * ||g||;
+    round-to-nearest breaks this for about half of the examples)."""
+    c = _half_factored(device)
+    g = _brute(c)
+    w = torch.rand(g.shape[0], dtype=torch.float64) + 0.1
+    got = dpft.norms.weighted_sum([c], w.to(device), torch.float32).double().cpu().reshape(-1)
+    want = (w.unsqueeze(1) * g).sum(0)
+    assert float((got - want).norm() / want.norm()) < 1e-2
+    c = _half_factored(device, t=1)
+    g = _brute(c)
+    w = torch.rand(40, dtype=torch.float64) + 0.1
+    w = w[: g.shape[0]]
+    for i in range(g.shape[0]):
+        one = torch.zeros_like(w)
+        one[i] = w[i]
+        s = dpft.norms.weighted_sum([c], one.to(device), torch.float32).double().cpu().reshape(-1)
+        assert float(s.norm()) <= float(w[i] * g[i].norm()) * (1 + 1e-6)

@@ -20,20 +20,49 @@ def acc_dtype_of(param_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
+_HALF = (torch.float16, torch.bfloat16)
+#: whether ``torch.bmm(..., out_dtype=torch.float32)`` works for half inputs on CUDA (probed once)
+_BMM_OUT_DTYPE: bool | None = None
+
+
+def bmm_acc(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x @ y`` (batched) with the result in ``dtype`` (float32/64).
+
+    Half-precision factors (what a layer used under autocast) are multiplied
+    in half precision with a float32 result on CUDA: each product of two half
+    values is exact in float32 and the accumulation is float32, so the result
+    is as accurate as a float32 product of the same values, at tensor-core
+    speed (no rounding of the output back to half precision: a norm must not
+    come out smaller than it is).  Elsewhere, and for float32/64 factors, the
+    factors are cast to ``dtype`` first."""
+    global _BMM_OUT_DTYPE
+    if x.dtype in _HALF and y.dtype == x.dtype and x.is_cuda and dtype == torch.float32 and _BMM_OUT_DTYPE is not False:
+        try:
+            out = torch.bmm(x, y, out_dtype=torch.float32)
+            _BMM_OUT_DTYPE = True
+            return out
+        except (TypeError, RuntimeError, NotImplementedError):
+            _BMM_OUT_DTYPE = False
+    return torch.bmm(x.to(dtype), y.to(dtype))
+
+
 def instantiate(c: Contribution, dtype: torch.dtype) -> Tensor:
     """The per-example gradient ``(B, *shape)`` of one contribution."""
     if isinstance(c, Direct):
         return c.grad.to(dtype)
     n, _, groups, cols = c.right.shape
-    right = c.right.to(dtype)
     if c.ids is not None:
+        right = c.right.to(dtype)
         out = torch.zeros(n * c.num_rows, cols, dtype=dtype, device=right.device)
         index = (c.ids + torch.arange(n, device=c.ids.device).unsqueeze(1) * c.num_rows).reshape(-1)
         out.index_add_(0, index, right.reshape(-1, cols))
         return out.view(n, *c.shape)
-    left = c.left.to(dtype)  # type: ignore[union-attr]
-    g = torch.einsum("btgp,btgd->bgpd", left, right)
-    return g.reshape(n, *c.shape)
+    left = c.left  # type: ignore[union-attr]
+    p = left.shape[3]
+    # (B, T, G, p), (B, T, G, d) -> (B*G, p, T) @ (B*G, T, d)
+    lt = left.permute(0, 2, 3, 1).reshape(n * groups, p, -1)
+    rt = c.right.permute(0, 2, 1, 3).reshape(n * groups, -1, cols)
+    return bmm_acc(lt, rt, dtype).reshape(n, *c.shape)
 
 
 def _left_gram(u: Factored, v: Factored, dtype: torch.dtype) -> Tensor:
@@ -42,14 +71,23 @@ def _left_gram(u: Factored, v: Factored, dtype: torch.dtype) -> Tensor:
         return (u.ids.unsqueeze(2) == v.ids.unsqueeze(1)).to(dtype).unsqueeze(1)
     if u.ids is not None:
         return _left_gram(v, u, dtype).transpose(2, 3)
-    left = u.left.to(dtype)  # type: ignore[union-attr]
     if v.ids is not None:
+        left = u.left.to(dtype)  # type: ignore[union-attr]
         # <dense row vector, onehot(id)> = the dense vector's entry at id
         n, tu = left.shape[:2]
         tv = v.ids.shape[1]
         idx = v.ids.unsqueeze(1).expand(n, tu, tv)
         return torch.gather(left[:, :, 0, :], 2, idx).unsqueeze(1)
-    return torch.einsum("btgp,bsgp->bgts", left, v.left.to(dtype))  # type: ignore[union-attr]
+    return _gram(u.left, v.left, dtype)  # type: ignore[arg-type]
+
+
+def _gram(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(B, Tx, G, k), (B, Ty, G, k) -> (B, G, Tx, Ty)``: inner products per example and group."""
+    n, tx, g, k = x.shape
+    ty = y.shape[1]
+    xt = x.permute(0, 2, 1, 3).reshape(n * g, tx, k)
+    yt = y.permute(0, 2, 3, 1).reshape(n * g, k, ty)
+    return bmm_acc(xt, yt, dtype).view(n, g, tx, ty)
 
 
 #: largest Gram block (elements) built at once; longer sequences are processed in row chunks
@@ -76,7 +114,7 @@ def _ghost_pair(u: Factored, v: Factored, dtype: torch.dtype) -> Tensor:
     total = None
     for start in range(0, tu, step):
         ub = _rows(u, start, min(tu, start + step)) if step < tu else u
-        right = torch.einsum("btgd,bsgd->bgts", ub.right.to(dtype), v.right.to(dtype))
+        right = _gram(ub.right, v.right, dtype)
         part = (_left_gram(ub, v, dtype) * right).sum(dim=(1, 2, 3))
         total = part if total is None else total + part
     return total  # type: ignore[return-value]
@@ -144,19 +182,23 @@ def weighted_sum(
         else:
             # under autocast the factors are half precision: one half-precision
             # matmul (fp32 accumulation inside), like the non-private weight gradient
-            half = c.left.dtype in (torch.float16, torch.bfloat16) and c.right.dtype == c.left.dtype  # type: ignore[union-attr]
+            half = c.left.dtype in _HALF and c.right.dtype == c.left.dtype  # type: ignore[union-attr]
             cdt = c.left.dtype if half else dtype  # type: ignore[union-attr]
             left, right = c.left.to(cdt), c.right.to(cdt)  # type: ignore[union-attr]
-            wv = w.to(cdt).view(-1, 1, 1, 1)
-            # scale the thinner factor by the clip weights (fewer bytes to touch)
+            # scale the thinner factor by the clip weights (fewer bytes to touch);
+            # in half precision the product is formed in float32 with the weight
+            # shrunk by 2^-7 (twice bfloat16's largest relative rounding error)
+            # before rounding to nearest, so no entry is scaled above its factor
+            shrink = (1 - 2.0**-7) if half else 1.0
+            wv = (w * shrink).view(-1, 1, 1, 1)
             if left.shape[3] <= right.shape[3]:
-                left = left * wv
+                left = (left.to(wv.dtype) * wv).to(cdt)
             else:
-                right = right * wv
-            if c.groups == 1:
-                n_t = left.shape[0] * left.shape[1]
-                s = (left.reshape(n_t, -1).t() @ right.reshape(n_t, -1)).reshape(c.shape).to(dtype)
-            else:
-                s = torch.einsum("btgp,btgd->gpd", left, right).reshape(c.shape).to(dtype)
+                right = (right.to(wv.dtype) * wv).to(cdt)
+            n_t = left.shape[0] * left.shape[1]
+            # (G, p, B*T) @ (G, B*T, d): one matrix product per group
+            lt = left.reshape(n_t, c.groups, -1).permute(1, 2, 0)
+            rt = right.reshape(n_t, c.groups, -1).transpose(0, 1)
+            s = bmm_acc(lt, rt, dtype).reshape(c.shape)
         total = s if total is None else total + s
     return total  # type: ignore[return-value]

@@ -127,10 +127,25 @@ class Rule:
         """Whether :meth:`save` must run in the forward hook at all."""
         return self.needs_input(module, params)
 
+    #: the layer multiplies in its output's dtype: under autocast a float32
+    #: input was cast to half precision inside the layer (Linear, Conv, ...)
+    casts_input: bool = False
+
     def save(self, call: Call, module: nn.Module, args: tuple, output: Tensor, params: frozenset[str]) -> None:
         """Keep what backward needs (called in the forward hook)."""
         if self.needs_input(module, params):
-            call.save_input("input", args[0])
+            x = args[0]
+            if (
+                self.casts_input
+                and isinstance(output, Tensor)
+                and output.dtype in (torch.float16, torch.bfloat16)
+                and x.dtype == torch.float32
+            ):
+                # keep the half-precision value the layer actually multiplied
+                # (autocast rounds the input the same way): half the memory,
+                # and the per-example products run on half-precision kernels
+                x = x.detach().to(output.dtype)
+            call.save_input("input", x)
 
     def on_grad(self, call: Call, grad: Tensor, params: frozenset[str]) -> None:
         """Called when the output gradient arrives.  Reduce eagerly what is

@@ -75,6 +75,7 @@ class ConvRule(Rule):
     dilation and groups."""
 
     handles = ("weight", "bias")
+    casts_input = True
 
     def eager_into(self, call: Call, grad: Tensor, name: str, out: Tensor, accumulate: bool) -> None:
         reduce_into(grad, tuple(range(2, grad.ndim)), out, accumulate)

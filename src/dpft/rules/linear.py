@@ -27,6 +27,7 @@ class LinearRule(Rule):
     ``b_i^T a_i`` (left = output gradient rows, right = input)."""
 
     handles = ("weight", "bias")
+    casts_input = True
     transposed = False  # HF Conv1D stores the weight as (in, out)
 
     def on_grad(self, call: Call, grad: Tensor, params: frozenset[str]) -> None:
