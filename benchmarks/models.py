@@ -389,6 +389,49 @@ def lora(wl: Workload, r: int = 16) -> list[str]:
     return [n for n, p in wl.model.named_parameters() if p.requires_grad]
 
 
+def sparta_rows(wl: Workload, density: float, seed: int = 0) -> dict[str, Any]:
+    """SPARTA's sparse training phase on ``wl.model``: the biases and the head
+    train in full (what ``dpft.sparta.Sparta.train`` sets trainable), and
+    ``ceil(density * rows)`` random rows of every other candidate weight
+    (``dpft.sparta.default_candidates``: Linear / Conv / Conv1D weights) are
+    made trainable with ``dpft.sparta.restrict``.  Which rows train does not
+    change the cost of a step, so random rows stand for privately selected
+    ones.  Returns fields for the benchmark record (``sparta_trainable``
+    counts the selected rows only)."""
+    import math
+
+    import dpft
+
+    head = wl.spec.head
+    dpft.bitfit(wl.model, extra=[head] if head else [])
+    in_head = lambda n: bool(head) and (n == head or n.startswith(head + "."))  # noqa: E731
+    candidates = [n for n in dpft.sparta.default_candidates(wl.model) if not in_head(n)]
+    params = dict(wl.model.named_parameters())
+    modules = dict(wl.model.named_modules())
+    g = torch.Generator().manual_seed(seed)
+    masks: dict[str, Tensor] = {}
+    selected = total = 0
+    for n in candidates:
+        mod, _, local = n.rpartition(".")
+        dim = dpft.sparta.row_dim(modules[mod], local)
+        rows = params[n].shape[dim]
+        k = max(1, math.ceil(density * rows))
+        m = torch.zeros(rows, dtype=torch.bool)
+        m[torch.randperm(rows, generator=g)[:k]] = True
+        masks[n] = m
+        selected += k * (params[n].numel() // rows)
+        total += params[n].numel()
+    dpft.sparta.restrict(wl.model, masks)
+    rest = count(p for n, p in params.items() if p.requires_grad and n not in masks)
+    return {
+        "density": density,
+        "sparta_weights": len(masks),
+        "sparta_selected": selected,  # elements in the selected rows
+        "sparta_candidates": total,  # elements of the candidate weights
+        "sparta_trainable": rest + selected,
+    }
+
+
 class _Clone(nn.Module):
     """``x -> x.clone()``: gives an in-place operation that follows a hooked
     module a tensor of its own."""
@@ -428,4 +471,7 @@ def describe_size(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e5 else str(n)
 
 
-__all__ = ["SPECS", "Spec", "Workload", "build", "count", "default_shape", "lora", "names", "position_ids", "describe_size", "out_of_place"]
+__all__ = [
+    "SPECS", "Spec", "Workload", "build", "count", "default_shape", "lora", "names", "position_ids", "describe_size",
+    "out_of_place", "sparta_rows",
+]

@@ -24,9 +24,13 @@ from typing import Any, Iterable
 BASE = {"full": "nonprivate-full", "bitfit": "nonprivate-bitfit", "lora": "nonprivate-lora"}
 OPACUS = {"full": ("opacus-full-hooks", "opacus-full-ghost"), "bitfit": ("opacus-bitfit",)}
 DPFT_FULL = ("dp-full-auto", "dp-full-ghost", "dp-full-mixed", "dp-full-instantiate")
+SPARTA = ("dp-sparta-1.0", "dp-sparta-0.5", "dp-sparta-0.2", "dp-sparta-0.05")
+#: SPARTA's target: at density 0.2 a step takes at most this fraction of a DP full fine-tuning step
+SPARTA_TARGET = (0.2, 0.6)
 METHOD_ORDER = [
     "nonprivate-full", "nonprivate-bitfit", "nonprivate-lora", "dp-bitfit", "dp-lora", "dp-full-auto",
-    "dp-full-ghost", "dp-full-mixed", "dp-full-instantiate", "opacus-bitfit", "opacus-full-hooks", "opacus-full-ghost",
+    "dp-full-ghost", "dp-full-mixed", "dp-full-instantiate", *SPARTA, "opacus-bitfit", "opacus-full-hooks",
+    "opacus-full-ghost",
 ]
 MODEL_ORDER = ["gpt2", "gpt2-medium", "gpt2-large", "roberta", "roberta-large", "vit", "resnet50gn", "llama1b"]
 MODEL_LABEL = {
@@ -444,6 +448,135 @@ def _plots(recs: list[dict[str, Any]], prefix: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------
+# SPARTA: cost vs density
+
+
+def _density(meth: str, r: dict[str, Any] | None = None) -> float | None:
+    if r is not None and r.get("density") is not None:
+        return float(r["density"])
+    return float(meth.rsplit("-", 1)[1]) if meth.startswith("dp-sparta-") else None
+
+
+def _step_ms(r: dict[str, Any] | None) -> float | None:
+    if not _ok(r):
+        return None
+    if r.get("median_step_s"):  # type: ignore[union-attr]
+        return 1000 * float(r["median_step_s"])  # type: ignore[index]
+    return 1000 * r["batch_size"] / r["examples_per_s"]  # type: ignore[index]
+
+
+def _sparta_tables(groups: OrderedDict[tuple, dict[str, dict[str, Any]]]) -> tuple[list[str], list[str], list[str]]:
+    """Summary (step time of each density and of DP-BiTFiT as a fraction of
+    DP full fine-tuning's), detail table, notes."""
+    d_t, lim = SPARTA_TARGET
+    summary = [
+        "| model | DP full ms/step | " + " | ".join(
+            f"density {_density(m):g}" + (f" (≤ {lim:g})" if _density(m) == d_t else "") for m in SPARTA
+        ) + " | DP-BiTFiT (density → 0) |",
+        "| --- | ---: |" + " ---: |" * (len(SPARTA) + 1),
+    ]
+    detail = [
+        "| model | setting | method | density | trainable | ms / step | examples/s | × DP full step time | "
+        "peak GiB | × DP full memory | optimizer state MiB | status |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    notes: list[str] = []
+    for (model, _, _, b), ms in groups.items():
+        full = ms.get("dp-full-auto")
+        base = _step_ms(full)
+        cells = []
+        for m in (*SPARTA, "dp-bitfit"):
+            t = _step_ms(ms.get(m))
+            x = _ratio(t, base)
+            cells.append(_mark(x, hi=lim) if m != "dp-bitfit" and _density(m) == d_t else _f(x))
+        anyr = next(iter(ms.values()))
+        name = _label(model) + (f" ({_var_label(anyr)})" if _var_label(anyr) else "")
+        summary.append(f"| {name} | {_f(base, 1)} | " + " | ".join(cells) + " |")
+        for meth, r in ms.items():
+            t = _step_ms(r)
+            mem = r.get("peak_mem_mb") if _ok(r) else None
+            rmem = _ratio(mem, full.get("peak_mem_mb")) if _ok(full) and meth != "dp-full-auto" else None
+            rt = _ratio(t, base) if meth != "dp-full-auto" else None
+            dens = _density(meth, r)
+            setting = ", ".join(x for x in (_var_label(r), f"B={b}") if x)
+            state = r.get("optimizer_state_mb") if _ok(r) else None
+            detail.append(
+                f"| {_label(model)} | {setting} | {meth} | {'–' if dens is None else f'{dens:g}'} | "
+                f"{_size(r.get('trainable'))} | {_f(t, 1)} | {_f(r.get('examples_per_s') if _ok(r) else None, 1)} | "
+                f"{_f(rt)} | {_f(_gib(mem))} | {_f(rmem)} | {_f(state, 1)} | {r.get('status', '?')} |"
+            )
+            if r.get("status") != "ok":
+                notes.append(f"- {_label(model)} {_var_label(r)} `{meth}`: **{r.get('status')}** — {str(r.get('error', ''))[:300]}")
+    return summary, detail, notes
+
+
+def _sparta_plot(groups: OrderedDict[tuple, dict[str, dict[str, Any]]], path: Path) -> Path | None:
+    """Step time and peak memory as a fraction of DP full fine-tuning's, against the density."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:  # noqa: BLE001
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for i, ((model, _, _, _), ms) in enumerate(groups.items()):
+        full = ms.get("dp-full-auto")
+        color = f"C{i}"
+        label = _label(model) + (f" ({_var_label(full)})" if full and _var_label(full) else "")
+        for ax, val in ((axes[0], _step_ms), (axes[1], lambda r: r.get("peak_mem_mb") if _ok(r) else None)):
+            base = val(full) if full else None
+            pts = sorted((_density(m), _ratio(val(ms.get(m)), base)) for m in SPARTA if m in ms)
+            pts = [(d, y) for d, y in pts if y is not None]
+            if pts:
+                ax.plot([d for d, _ in pts], [y for _, y in pts], marker="o", color=color, label=label)
+            floor = _ratio(val(ms.get("dp-bitfit")), base) if "dp-bitfit" in ms else None
+            if floor is not None:
+                ax.axhline(floor, color=color, ls=":", lw=1, label=f"{_label(model)}: DP-BiTFiT")
+    d_t, lim = SPARTA_TARGET
+    axes[0].scatter([d_t], [lim], marker="*", s=120, color="k", zorder=5, label=f"target (≤ {lim:g} at {d_t:g})")
+    for ax, title in ((axes[0], "step time (× DP full fine-tuning)"), (axes[1], "peak memory (× DP full fine-tuning)")):
+        ax.set_xscale("log")
+        ax.set_xlim(0.04, 1.25)
+        ax.set_xticks([0.05, 0.1, 0.2, 0.5, 1.0])
+        ax.minorticks_off()
+        ax.set_xticklabels(["0.05", "0.1", "0.2", "0.5", "1"])
+        ax.set_xlabel("density (fraction of rows trained)")
+        ax.axhline(1.0, color="k", lw=0.6)
+        ax.set_ylim(bottom=0)
+        ax.set_title(title, fontsize=9)
+    _finish(fig, axes)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _sparta_section(recs: list[dict[str, Any]], plot_path: Path | None, link_dir: Path | None) -> list[str]:
+    groups = _by_group(recs)
+    summary, detail, notes = _sparta_tables(groups)
+    d_t, lim = SPARTA_TARGET
+    lines = [
+        f"Step time of SPARTA's sparse training phase (random rows at each density in every Linear / Conv "
+        f"weight outside the head; biases and head in full; optimizer state for the selected rows only) "
+        f"as a fraction of DP full fine-tuning's (`dp-full-auto`). Target: ≤ {lim:g} at density {d_t:g}. "
+        "DP-BiTFiT is the floor: forward and input-gradient backward are paid whatever the density.", "",
+    ]
+    lines += summary + [""] + detail + [""]
+    if notes:
+        lines += ["Notes:", ""] + notes + [""]
+    if plot_path is not None:
+        p = _sparta_plot(groups, plot_path)
+        if p is not None:
+            rel = os.path.relpath(p, link_dir) if link_dir is not None else str(p)
+            lines += [f"![{p.stem}]({Path(rel).as_posix()})", ""]
+    return lines
+
+
+SPARTA_COMMAND = "python -m benchmarks.speed --suite sparta --out results/ --time-budget 480"
+
+
+# ----------------------------------------------------------------------------
 # rendering
 
 
@@ -451,8 +584,13 @@ def render(records: list[dict[str, Any]], suite: str, plot_dir: Path | None = No
     """Markdown for one suite (without the marker comments).  Charts are
     written to ``plot_dir`` and linked relative to ``link_dir``."""
     recs = latest([r for r in records if r.get("suite") == suite])
-    lines = [f"## Suite `{suite}`", ""]
+    lines = [f"## Suite `{suite}`", ""] if suite != "sparta" else ["## SPARTA: cost vs density (suite `sparta`)", ""]
     if not recs:
+        if suite == "sparta":
+            return "\n".join(lines + [
+                "Not yet run on the GPU. Reproduce with `" + SPARTA_COMMAND + "` (see `benchmarks/README.md`, "
+                "\"On the GPU machine\"), then `python -m benchmarks.report results/sparta.jsonl --docs docs/benchmarks.md`.", "",
+            ])
         return "\n".join(lines + ["No results.", ""])
     lines += [
         "Generated by `python -m benchmarks.report` from the JSON lines that "
@@ -473,6 +611,11 @@ def render(records: list[dict[str, Any]], suite: str, plot_dir: Path | None = No
         lines += [head, ""]
         if suite == "maxbatch":
             lines += _maxbatch_table(srecs) + [""]
+            continue
+        if suite == "sparta":
+            tag = f"{suite}_{dtype}_{opt}" + (f"_{size}" if size != "full" else "") + (f"_{device}" if device == "cpu" else "")
+            plot = Path(plot_dir) / f"{tag}_density.png" if plot_dir is not None else None
+            lines += _sparta_section(srecs, plot, link_dir)
             continue
         groups = _by_group(srecs)
         summary = _summary_table(groups)

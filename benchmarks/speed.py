@@ -47,9 +47,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class Method:
-    trainable: str  # "full" | "bitfit" | "lora"
+    trainable: str  # "full" | "bitfit" | "lora" | "sparta"
     engine: str | None = None  # None (non-private) | "dpft" | "opacus"
     mode: str = ""  # dpft clipping_mode / opacus grad_sample_mode
+    density: float = 0.0  # sparta: fraction of the rows of every candidate weight that trains
 
 
 METHODS: dict[str, Method] = {
@@ -65,7 +66,14 @@ METHODS: dict[str, Method] = {
     "opacus-full-ghost": Method("full", "opacus", "ghost"),
     "nonprivate-lora": Method("lora"),
     "dp-lora": Method("lora", "dpft", "auto"),
+    # SPARTA's sparse training phase: random rows at this density in every candidate
+    # weight (the step's cost does not depend on which rows), plus biases and the head
+    "dp-sparta-1.0": Method("sparta", "dpft", "auto", 1.0),
+    "dp-sparta-0.5": Method("sparta", "dpft", "auto", 0.5),
+    "dp-sparta-0.2": Method("sparta", "dpft", "auto", 0.2),
+    "dp-sparta-0.05": Method("sparta", "dpft", "auto", 0.05),
 }
+SPARTA_METHODS = ["dp-sparta-1.0", "dp-sparta-0.5", "dp-sparta-0.2", "dp-sparta-0.05"]
 
 CORE_MODELS = ["gpt2", "roberta", "vit", "resnet50gn"]
 BITFIT_METHODS = ["nonprivate-full", "nonprivate-bitfit", "dp-bitfit", "opacus-bitfit"]
@@ -124,8 +132,18 @@ SUITES: dict[str, dict[str, Any]] = {
     ),
     # largest batch that fits, by bisection
     "maxbatch": dict(models=["gpt2"], methods=MAXBATCH_METHODS),
+    # SPARTA: step time and memory against the density of the trained rows; DP-BiTFiT
+    # (nothing but biases and head) is the floor as the density goes to 0.  AdamW by
+    # default, so that the compact optimizer state shows in the memory column.
+    "sparta": dict(
+        models=["vit", "resnet50gn"],
+        methods=["nonprivate-full", "dp-full-auto", "dp-bitfit"] + SPARTA_METHODS,
+        optimizer="adamw",
+    ),
     # tiny CPU configs for the test suite
-    "smoke": dict(models=["gpt2", "resnet50gn"], methods=["nonprivate-bitfit", "dp-bitfit", "dp-full-auto"]),
+    "smoke": dict(
+        models=["gpt2", "resnet50gn"], methods=["nonprivate-bitfit", "dp-bitfit", "dp-full-auto", "dp-sparta-0.2"],
+    ),
 }
 
 # ----------------------------------------------------------------------------
@@ -198,6 +216,15 @@ def _make_optimizer(name: str, params, lr: float):
     raise ValueError(f"unknown optimizer {name!r}")
 
 
+def _state_bytes(optimizer: Any) -> int:
+    """Bytes of the optimizer's state tensors (Adam's moments, momentum buffers)."""
+    try:
+        state = optimizer.state
+        return sum(v.numel() * v.element_size() for st in state.values() for v in st.values() if hasattr(v, "numel"))
+    except Exception:  # noqa: BLE001 - a wrapper without a plain state dict
+        return 0
+
+
 def measure(cfg: dict[str, Any]) -> dict[str, Any]:
     """Build, warm up, time.  Returns the measured fields (raises on failure)."""
     import contextlib
@@ -238,12 +265,16 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
         dpft.bitfit(wl.model)
     elif method.trainable == "lora":
         models.lora(wl, r=int(cfg.get("lora_r", 16)))
+    elif method.trainable == "sparta":
+        out.update(models.sparta_rows(wl, method.density, seed=int(cfg.get("seed", 0))))
     else:
         raise ValueError(method.trainable)
     trainable = [p for p in wl.model.parameters() if p.requires_grad]
     out["params"] = models.count(wl.model.parameters())
-    out["trainable"] = models.count(trainable)
+    out["trainable"] = models.count(trainable) if method.trainable != "sparta" else out["sparta_trainable"]
     optimizer = _make_optimizer(cfg["optimizer"], trainable, cfg["lr"])
+    if method.trainable == "sparta":  # optimizer state for the selected rows only
+        dpft.sparta.compact_optimizer(optimizer)
 
     forward_model = wl.model
     criterion = None
@@ -354,6 +385,7 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
         import resource
 
         out["cpu_maxrss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out["optimizer_state_mb"] = round(_state_bytes(optimizer) / 2**20, 2)
     med = statistics.median(times)
     out["step_times_s"] = [round(t, 6) for t in times]
     out["median_step_s"] = round(med, 6)
@@ -557,7 +589,7 @@ def build_configs(args: argparse.Namespace, run_id: str, command: str) -> list[d
             raise SystemExit(f"unknown method {m!r}; known: {', '.join(METHODS)}")
     base = dict(
         suite=args.suite, run_id=run_id, command=command, device=args.device, dtype=args.dtype, size=args.size,
-        steps=args.steps, warmup=args.warmup, optimizer=args.optimizer, lr=args.lr,
+        steps=args.steps, warmup=args.warmup, optimizer=args.optimizer or suite.get("optimizer", "sgd"), lr=args.lr,
         noise_multiplier=args.noise_multiplier, max_grad_norm=args.max_grad_norm,
         opacus_out_of_place=not args.opacus_unmodified,
     )
@@ -755,7 +787,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast bf16, fp32 master weights")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--size", default="full", choices=["full", "tiny"], help="tiny = toy model sizes (CPU checks)")
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="same optimizer for every method")
+    p.add_argument("--optimizer", default=None, choices=["sgd", "adamw"],
+                   help="same optimizer for every method (default: sgd; adamw for the sparta suite)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--noise-multiplier", type=float, default=1.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0)

@@ -1,5 +1,6 @@
 """Smoke test of the benchmark harness on CPU: tiny GPT-2 and ResNet-GN,
-non-private BiTFiT / DP-BiTFiT / DP full (auto), each in its own process."""
+non-private BiTFiT / DP-BiTFiT / DP full (auto) / SPARTA (density 0.2), each
+in its own process."""
 
 import json
 import os
@@ -8,7 +9,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-METHODS = {"nonprivate-bitfit", "dp-bitfit", "dp-full-auto"}
+METHODS = {"nonprivate-bitfit", "dp-bitfit", "dp-full-auto", "dp-sparta-0.2"}
 MODELS = {"gpt2", "resnet50gn"}
 
 
@@ -38,6 +39,11 @@ def test_speed_smoke(tmp_path):
     # BiTFiT trains exactly the biases, identically with and without privacy
     for m in MODELS:
         assert got[(m, "dp-bitfit")]["trainable"] == got[(m, "nonprivate-bitfit")]["trainable"] < got[(m, "dp-full-auto")]["trainable"]
+        # SPARTA: biases (+ head) and a fifth of the rows of every candidate weight
+        sp = got[(m, "dp-sparta-0.2")]
+        assert sp["density"] == 0.2 and sp["sparta_weights"] > 0
+        assert 0.2 <= sp["sparta_selected"] / sp["sparta_candidates"] < 0.35
+        assert got[(m, "dp-bitfit")]["trainable"] < sp["trainable"] < got[(m, "dp-full-auto")]["trainable"]
 
     md = (tmp_path / "smoke.md").read_text()
     assert "<!--" not in md  # markers only in --docs files
@@ -75,3 +81,40 @@ def test_report_docs_sections(tmp_path):
     assert "0.98 ✓" in text  # 98 / 100 from the latest run, not the older r0
     assert "1.01 ✓" in text  # memory 1010 / 1000
     assert "OOM" in text
+
+
+def test_report_sparta_section(tmp_path):
+    """The `sparta` suite's docs section: step-time ratios to DP full, the
+    density-0.2 target mark, a PNG; "not yet run" before any record exists."""
+    sys.path.insert(0, str(REPO))
+    try:
+        from benchmarks import report
+    finally:
+        sys.path.remove(str(REPO))
+    docs = tmp_path / "docs" / "benchmarks.md"
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    report.main([str(empty), "--suite", "sparta", "--docs", str(docs)])
+    text = docs.read_text()
+    assert "SPARTA: cost vs density" in text and "Not yet run" in text and "--suite sparta" in text
+
+    base = dict(suite="sparta", run_id="r1", command="python -m benchmarks.speed --suite sparta", device="cuda",
+                dtype="fp32", size="full", optimizer="adamw", batch_size=32, image_size=224, status="ok",
+                env={"gpu": "X", "torch": "2"})
+    steps = {"nonprivate-full": 0.090, "dp-full-auto": 0.100, "dp-bitfit": 0.050, "dp-sparta-1.0": 0.101,
+             "dp-sparta-0.5": 0.080, "dp-sparta-0.2": 0.058, "dp-sparta-0.05": 0.052}
+    recs = []
+    for model, scale in (("vit", 1.0), ("resnet50gn", 1.2)):
+        for meth, t in steps.items():
+            t = t * (scale if meth.startswith("dp-sparta-0.2") else 1.0)
+            recs.append(dict(base, model=model, method=meth, median_step_s=t, examples_per_s=32 / t,
+                             peak_mem_mb=1000.0 * (1 + t), trainable=10, optimizer_state_mb=1.0))
+    jsonl = tmp_path / "sparta.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    report.main([str(jsonl), "--docs", str(docs)])
+    text = docs.read_text()
+    assert text.count("<!-- suite:sparta start -->") == 1 and "Not yet run" not in text
+    assert "0.58 ✓" in text and "0.70 ✗" in text  # ViT 58/100 meets the target, ResNet 69.6/100 does not
+    assert "| 0.50 |" in text  # DP-BiTFiT: the floor
+    pngs = list((tmp_path / "docs" / "benchmarks").glob("sparta_*_density.png"))
+    assert len(pngs) == 1 and f"]({'benchmarks/' + pngs[0].name})" in text

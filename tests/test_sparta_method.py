@@ -140,3 +140,49 @@ def test_noise_only_on_selected_rows():
     engine = dpft.PrivacyEngine(model, batch_size=4, sample_size=40, steps=3, noise_multiplier=3.0, noise_seed=0)
     z = engine._noise(["weight"])[0]
     assert torch.count_nonzero(z[~mask]) == 0 and torch.count_nonzero(z[mask]) == 8
+
+
+class Lars(torch.optim.SGD):
+    """A layer-wise trust ratio (the update of a row depends on the whole tensor): not row-separable."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(p.norm() / (p.grad.norm() + 1e-12))
+        return super().step(closure)
+
+
+@pytest.mark.parametrize(
+    "make, compact_state, compacted",
+    [
+        (lambda ps: torch.optim.AdamW(ps, lr=0.05, weight_decay=0.1), None, True),
+        (lambda ps: torch.optim.AdamW(ps, lr=0.05, weight_decay=0.1), False, False),
+        (lambda ps: Lars(ps, lr=0.05), None, False),
+        (lambda ps: Lars(ps, lr=0.05), True, True),
+    ],
+)
+def test_sparta_train_compacts_the_optimizer(make, compact_state, compacted):
+    """By default Sparta.train holds optimizer state for the selected rows only
+    (row-separable optimizers); the unselected rows never move either way."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 2))
+    sp = Sparta(model, batch_size=16, sample_size=64, target_epsilon=4.0, train_epochs=1, density=0.3,
+                always_train=["2"], noise_multiplier=1.0)
+    masks = sp.select(strategy="random", seed=0)
+    w0 = model[0].weight.detach().clone()
+    engine = sp.train(make, compact_state=compact_state)
+    opt = engine.optimizer
+    assert isinstance(opt, dpft.sparta.RowCompact) == compacted
+    run_phase(engine, model, dpft.data.poisson_loader(make_data(), 16, steps=3, seed=2))
+    m = masks["0.weight"]
+    assert torch.equal(model[0].weight.detach()[~m], w0[~m]) and not torch.equal(model[0].weight.detach()[m], w0[m])
+    rows = dpft.sparta.compact_rows(opt)
+    if compacted:
+        r = rows[id(model[0].weight)]
+        assert r.shape == (3, 6) and model[0].weight.grad is None
+        if isinstance(opt, torch.optim.AdamW):
+            assert opt.state[r]["exp_avg"].shape == (3, 6)
+    else:
+        assert not rows

@@ -28,6 +28,7 @@ from . import accounting
 from .accounting import Ledger, PrivacyBudgetExceeded
 from .capture import Capture
 from .clipping import CLIPPING_FNS, CLIPPING_STYLES, make_groups
+from .methods.sparta import compact_rows
 from .methods.sparta import row_masks as sparta_masks
 from .noise import GaussianNoise
 from .privatize import ClippedSum
@@ -41,6 +42,18 @@ ON_BUDGET = ("raise", "warn")
 
 def _bad(name: str, value: Any, expected: str) -> ValueError:
     return ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def _is_ddp(model: nn.Module) -> bool:
+    return isinstance(model, torch.nn.parallel.DistributedDataParallel)
+
+
+def _is_dtensor(p: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(p, DTensor)
 
 
 class PrivacyEngine:
@@ -90,8 +103,17 @@ class PrivacyEngine:
             Poisson batch); at each step the clipped sums are all-reduced and
             every rank adds independent noise of std ``sigma R / sqrt(W)``,
             so the total noise has std exactly ``sigma R`` and all ranks apply
-            the same update.  Do not wrap the model in DDP: the engine does
-            the (single) reduction itself.
+            the same update.  A model wrapped in
+            ``DistributedDataParallel`` may be passed as is: the engine hooks
+            the wrapped module, uses DDP's process group and switches DDP's
+            own gradient all-reduce off while attached (it would average
+            unclipped gradients; the engine reduces the clipped sums once).
+            FSDP2 (``fully_shard``) models work too: each rank computes the
+            full per-example norms of its own examples (parameters are
+            all-gathered for compute, so no norm spans ranks), the clipped
+            sums are reduce-scattered to the shards, and the rank owning a
+            shard adds its noise (std ``sigma R``).  Each rank holds one
+            full-size clipped sum per trainable parameter during a step.
     """
 
     def __init__(
@@ -119,6 +141,16 @@ class PrivacyEngine:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise _bad("model", model, "a torch.nn.Module")
+        # DistributedDataParallel: the engine hooks the wrapped module and does
+        # the all-reduce itself (of the clipped sums); DDP's own all-reduce of
+        # the raw gradients is switched off while attached (see attach()).
+        self._ddp = model if _is_ddp(model) else None
+        group = None
+        if self._ddp is not None:
+            model = self._ddp.module
+            group = self._ddp.process_group
+            if distributed is False:
+                raise ValueError("distributed=False with a DistributedDataParallel model")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise _bad("batch_size", batch_size, "a positive integer")
         if isinstance(sample_size, bool) or not isinstance(sample_size, int) or sample_size <= 0:
@@ -209,8 +241,28 @@ class PrivacyEngine:
         ready = dist.is_available() and dist.is_initialized()
         if distributed and not ready:
             raise ValueError("distributed=True needs an initialized torch.distributed process group")
-        self.world_size = dist.get_world_size() if ready and distributed is not False else 1
-        self.rank = dist.get_rank() if self.world_size > 1 else 0
+        self._group = group
+        self.world_size = dist.get_world_size(group) if ready and distributed is not False else 1
+        self.rank = dist.get_rank(group) if self.world_size > 1 else 0
+        # FSDP2 (``fully_shard``): parameters are DTensors sharded over the ranks
+        self._sharded = sorted(k for k, p in self.params.items() if _is_dtensor(p))
+        if self._sharded:
+            if not ready:
+                raise ValueError("sharded (DTensor) parameters need an initialized torch.distributed process group")
+            if distributed is False:
+                raise ValueError("distributed=False with sharded (FSDP2/DTensor) parameters")
+            bad = [k for k in self._sharded if not all(pl.is_shard() for pl in self.params[k].placements)]
+            if bad:
+                raise NotImplementedError(
+                    f"dpft: DTensor parameters with replicated or partial placements are not supported "
+                    f"(e.g. HSDP): {bad[:3]}; use fully_shard on a 1-D device mesh"
+                )
+            if self.row_masks:
+                raise NotImplementedError("dpft: SPARTA row restriction of FSDP2-sharded models is not supported")
+            if self._group is None:
+                self._group = self.params[self._sharded[0]].device_mesh.get_group()
+            self.world_size = dist.get_world_size(self._group)
+            self.rank = dist.get_rank(self._group)
         if noise_seed is not None and self.world_size > 1:
             noise_seed = (int(noise_seed) * 1_000_003 + self.rank) % (2**63)  # independent per rank
         self.noise = GaussianNoise(noise_seed)
@@ -279,12 +331,20 @@ class PrivacyEngine:
         optimizer.step = step  # type: ignore[method-assign]
         optimizer.zero_grad = zero_grad  # type: ignore[method-assign]
         self._capture.attach()
+        if self._ddp is not None:
+            # DDP would all-reduce (average) the raw, unclipped gradients in
+            # backward: wasted bandwidth, and not what is applied; the engine
+            # all-reduces the clipped sums instead
+            self._ddp_sync = self._ddp.require_backward_grad_sync
+            self._ddp.require_backward_grad_sync = False
         self._attached = True
         return optimizer
 
     def detach(self) -> None:
         """Remove all hooks and give the optimizer its own ``step`` back."""
         self._capture.detach()
+        if self._ddp is not None and hasattr(self, "_ddp_sync"):
+            self._ddp.require_backward_grad_sync = self._ddp_sync
         opt = self._optimizer
         if opt is not None:
             for k in ("step", "zero_grad"):
@@ -366,7 +426,7 @@ class PrivacyEngine:
         """Write ``(sum_i c_i g_i + sigma R z) / B`` into ``p.grad`` of every
         trainable parameter and record the step in the ledger."""
         sigma_r = self.noise_multiplier * self.max_grad_norm
-        if self.world_size > 1:
+        if self.world_size > 1 or self._sharded:
             self._privatize_distributed(sigma_r)
             return
         flats, per_param = self._sum.layout()
@@ -381,19 +441,48 @@ class PrivacyEngine:
                 p.grad = view if view.dtype == p.dtype else view.to(p.dtype)
                 done.add(k)
         rest = [k for k in self.params if k not in done]
-        noise = self._noise(rest) if sigma_r > 0 else [None] * len(rest)
+        noise = self._noise(rest, compact=True) if sigma_r > 0 else [None] * len(rest)
+        rows = compact_rows(self._optimizer) if self.row_masks else {}
         for k, z in zip(rest, noise):
             p = self.params[k]
             s = per_param.get(k)
+            if k in self.row_masks:  # selected rows only (SPARTA)
+                self._privatize_rows(k, s, z, sigma_r, rows.get(id(p)))
+                continue
             # the sums are the engine's own fresh tensors, reset after this step: update in place
             g = (s if s.dtype == p.dtype else s.to(p.dtype)) if s is not None else torch.zeros_like(p)
             if z is not None:
                 g.add_(z, alpha=sigma_r)
             p.grad = g.div_(self.batch_size)
-        for k, rm in self.row_masks.items():  # unselected rows: no gradient (and no noise, see _noise)
+        for k in done & self.row_masks.keys():  # restricted Direct parameters (flat buckets): mask
             g = self.params[k].grad
-            g.mul_(rm.to(g.device).view_for(g))
+            g.mul_(self.row_masks[k].to(g.device).view_for(g))
         self.ledger.record(self.noise_multiplier, self.sample_rate, 1)
+
+    def _privatize_rows(self, k: str, full: torch.Tensor | None, z: torch.Tensor | None, sigma_r: float,
+                        rows: torch.Tensor | None) -> None:
+        """The privatized gradient of a row-restricted weight, computed on its
+        selected rows only (clipped sum + noise, both compact).  It goes to the
+        optimizer's compact row tensor ``rows`` when there is one (then
+        ``p.grad`` is ``None``), else into ``p.grad`` (zero on unselected rows)."""
+        p = self.params[k]
+        rm = self.row_masks[k].to(p.device)
+        g = self._sum.row_sums.get(k)
+        if g is not None and g.dtype != p.dtype:
+            g = g.to(p.dtype)
+        if full is not None:  # a full-size part (e.g. from a split flat bucket)
+            part = rm.gather(full).to(p.dtype)
+            g = part if g is None else g + part
+        if g is None:
+            g = torch.zeros(rm.compact_shape(p.shape), dtype=p.dtype, device=p.device)
+        if z is not None:
+            g.add_(z, alpha=sigma_r)  # the engine's own accumulator, reset after this step
+        g.div_(self.batch_size)
+        if rows is not None:
+            rows.grad = g if g.dtype == rows.dtype else g.to(rows.dtype)
+            p.grad = None
+        else:
+            p.grad = g if rm.count == p.shape[rm.dim] else rm.scatter(g, p.shape)
 
     @torch.no_grad()
     def release(self, transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -430,9 +519,19 @@ class PrivacyEngine:
         return out
 
     def _privatize_distributed(self, sigma_r: float) -> None:
-        """All-reduce the clipped sums with per-rank noise of std sigma R / sqrt(W)."""
+        """Sum the ranks' clipped sums and add noise of total std ``sigma R``.
+
+        Replicated parameters (DDP, or engine-level data parallel): one
+        all-reduce per dtype bucket, each rank adding independent noise of std
+        ``sigma R / sqrt(W)`` first (the sum of W independent draws has std
+        ``sigma R``).  Sharded parameters (FSDP2 DTensors, ``Shard`` placements):
+        a reduce-scatter of the full-size sums, then the one rank that owns
+        each shard adds noise of std ``sigma R`` to it."""
         totals = self._sum.totals()
-        names = list(self.params)
+        sharded = set(self._sharded)
+        for k in self._sharded:
+            self._privatize_shard(k, totals.get(k), sigma_r)
+        names = [k for k in self.params if k not in sharded]
         buckets: dict[tuple, list[str]] = {}
         for k in names:
             p = self.params[k]
@@ -447,7 +546,7 @@ class PrivacyEngine:
             if sigma_r > 0:
                 z = torch.cat([t.reshape(-1) for t in self._noise(ks)])
                 flat.add_(z, alpha=sigma_r / math.sqrt(self.world_size))
-            torch.distributed.all_reduce(flat)
+            torch.distributed.all_reduce(flat, group=self._group)
             flat.div_(self.batch_size)
             offset = 0
             for k in ks:
@@ -459,9 +558,25 @@ class PrivacyEngine:
             g.mul_(rm.to(g.device).view_for(g))
         self.ledger.record(self.noise_multiplier, self.sample_rate, 1)
 
-    def _noise(self, names: list[str]) -> list[torch.Tensor]:
+    def _privatize_shard(self, k: str, total: torch.Tensor | None, sigma_r: float) -> None:
+        """``p.grad`` of an FSDP2-sharded parameter: this rank's shard of
+        ``(sum over ranks of the clipped sums + sigma R z) / B``."""
+        from torch.distributed.tensor import DTensor, Partial
+
+        p = self.params[k]
+        mesh = p.device_mesh
+        t = total.to(p.dtype) if total is not None else torch.zeros(p.shape, dtype=p.dtype, device=p.device)
+        # every rank holds a full-size partial sum (its own examples); reduce-scatter to the shards
+        local = DTensor.from_local(t, mesh, [Partial()] * mesh.ndim).redistribute(mesh, p.placements).to_local()
+        if sigma_r > 0 and local.numel():
+            local.add_(self.noise.standard_normal([local])[0], alpha=sigma_r)  # each shard has one owner
+        local.div_(self.batch_size)
+        p.grad = DTensor.from_local(local, mesh, p.placements, shape=p.shape, stride=p.stride())
+
+    def _noise(self, names: list[str], compact: bool = False) -> list[torch.Tensor]:
         """Standard normal noise for ``names``; row-restricted parameters get
-        noise drawn for their selected rows only (zeros elsewhere)."""
+        noise drawn for their selected rows only (zeros elsewhere, or, with
+        ``compact``, just those rows)."""
         shapes = []
         for k in names:
             p = self.params[k]
@@ -476,7 +591,7 @@ class PrivacyEngine:
         out = []
         for k, z in zip(names, draws):
             rm = self.row_masks.get(k)
-            out.append(z if rm is None else rm.scatter(z, self.params[k].shape))
+            out.append(z if rm is None or compact else rm.scatter(z, self.params[k].shape))
         return out
 
     def _step(self, orig_step: Callable[..., Any], closure: Callable[[], Any] | None) -> Any:
@@ -495,11 +610,12 @@ class PrivacyEngine:
         self.privatize()
         self._sum.reset()
         self._empty_batches = 0
+        compact = compact_rows(self._optimizer) if self.row_masks else {}
         frozen_rows = [
             (p, rm, p.detach().index_select(rm.dim, rm.unselected.to(p.device)))
             for k, rm in self.row_masks.items()
             for p in [self.params[k]]
-            if len(rm.unselected)
+            if len(rm.unselected) and id(p) not in compact  # a compact optimizer never writes them
         ]
         out = orig_step()
         with torch.no_grad():  # e.g. weight decay must not move unselected rows

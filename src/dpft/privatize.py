@@ -43,6 +43,8 @@ class ClippedSum:
         self.clipping_fn = clipping_fn
         self.mode = mode
         self.sums: dict[str, Tensor] = {}
+        # row-restricted weights (SPARTA): the sums of their selected rows only (rows along the mask's dim)
+        self.row_sums: dict[str, Tensor] = {}
         self.flat: dict[tuple[str, ...], Tensor] = {}  # Direct parameters, concatenated
         self.backward_passes = 0
         self.nonfinite: Tensor | None = None
@@ -51,13 +53,15 @@ class ClippedSum:
 
     def reset(self) -> None:
         self.sums = {}
+        self.row_sums = {}
         self.flat = {}
         self.nonfinite = None
         self.backward_passes = 0
 
     def layout(self) -> tuple[list[tuple[tuple[str, ...], Tensor]], dict[str, Tensor]]:
         """The accumulated sums as flat buckets (each parameter in at most one)
-        and per-parameter tensors."""
+        and per-parameter tensors (without the selected-row sums of
+        row-restricted weights: those are in :attr:`row_sums`)."""
         seen: dict[str, int] = {}
         for names in self.flat:
             for k in names:
@@ -72,11 +76,15 @@ class ClippedSum:
         return flats, per_param
 
     def totals(self) -> dict[str, Tensor]:
-        """The accumulated clipped sum of every parameter seen so far."""
+        """The accumulated clipped sum of every parameter seen so far (full-size:
+        the unselected rows of row-restricted weights are zero)."""
         flats, per_param = self.layout()
         out = dict(per_param)
         for names, flat in flats:
             out.update(self._split(names, flat))
+        for k, rows in self.row_sums.items():
+            full = self.row_masks[k].scatter(rows, self.params[k].shape)
+            out[k] = out[k] + full if k in out else full
         return out
 
     def _split(self, names: tuple[str, ...], flat: Tensor):
@@ -192,9 +200,16 @@ class ClippedSum:
             w = weights[:, self.group_of[k]].to(p.device)
             # pop: this layer's activations and output gradients are freed once summed
             total = weighted_sum(contributions.pop(k), w, acc_dtype_of(p.dtype), inst.pop(k))
-            if k in compact:
-                total = self.row_masks[k].scatter(total, p.shape)
-            self._accumulate(k, total)
+            rm = self.row_masks.get(k)
+            if rm is None:
+                self._accumulate(k, total)
+                continue
+            # row-restricted: only the selected rows are kept (never a full-size sum)
+            rows = total if k in compact else rm.gather(total)
+            if k in self.row_sums:
+                self.row_sums[k] += rows
+            else:
+                self.row_sums[k] = rows
         self.backward_passes += 1
 
     def _accumulate(self, k: str, value: Tensor) -> None:

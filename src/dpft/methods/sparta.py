@@ -3,15 +3,27 @@
 :func:`restrict` marks which rows of which weights train; the engine then
 computes per-example norms and clipped sums from the selected rows only,
 adds noise only to them, and keeps the other rows unchanged.
+
+:func:`compact_optimizer` makes an optimizer hold its state (Adam's moments,
+momentum buffers) for the selected rows only: it optimizes one compact row
+tensor per restricted weight, and the engine hands it the privatized
+gradient of those rows directly (no full-size gradient is built).
+:class:`Sparta` does this by default wherever the optimizer's update is
+elementwise (:data:`ROW_SEPARABLE`), so that the result is exactly the one a
+full-size optimizer would give.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .. import accounting
+from ..data import split_physical
 from ..rows import RowMask
 from ..rules.linear import is_hf_conv1d
 
@@ -67,14 +79,234 @@ def row_masks(params: Mapping[str, nn.Parameter]) -> dict[str, RowMask]:
 
 
 # ---------------------------------------------------------------------------
+# Optimizer state for the selected rows only.
+
+#: Optimizer classes whose update of an element depends only on that
+#: element's gradient and state (and on per-tensor step counts, which a
+#: tensor and its rows share).  Run on the selected rows alone they give
+#: exactly the rows the full-size optimizer gives, so :class:`Sparta` compacts
+#: them by default.  Not here (their update mixes rows): ``LBFGS``,
+#: ``Adafactor`` (column statistics), ``Muon`` (orthogonalization),
+#: ``SparseAdam`` (sparse gradients).  Add your own elementwise classes.
+ROW_SEPARABLE: set[type[torch.optim.Optimizer]] = {
+    torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam,
+    torch.optim.RAdam, torch.optim.Adagrad, torch.optim.RMSprop, torch.optim.ASGD, torch.optim.Rprop,
+    torch.optim.Adadelta,
+}
+
+
+def row_separable(optimizer: torch.optim.Optimizer | type[torch.optim.Optimizer]) -> bool:
+    """Whether compacting ``optimizer`` (an instance or a class) leaves its
+    updates unchanged: its (base) class is in :data:`ROW_SEPARABLE`."""
+    cls = optimizer if isinstance(optimizer, type) else type(optimizer)
+    cls = getattr(cls, "_dpft_base", cls)
+    return cls in ROW_SEPARABLE
+
+
+class _Twin:
+    """A restricted weight and the compact tensor of its selected rows that the optimizer holds."""
+
+    __slots__ = ("param", "rows", "mask", "index")
+
+    def __init__(self, param: nn.Parameter, mask: RowMask) -> None:
+        self.param = param
+        self.mask = mask
+        self.index = mask.index.to(param.device)
+        # a leaf that does not require grad: the engine's attach() check sees no
+        # stray trainable tensor, and autograd never touches it
+        self.rows = param.detach().index_select(mask.dim, self.index)
+
+    def pull(self) -> None:
+        """Rows <- the parameter's selected rows (the parameter is the source of
+        truth: a checkpoint load or any other write to it is picked up), and the
+        rows' gradient from a full-size ``param.grad`` when there is one (plain
+        autograd, or an engine that did not hand over a compact gradient)."""
+        p = self.param
+        if getattr(p, ATTR, None) is not self.mask:
+            raise RuntimeError(
+                "dpft: the row selection of a weight changed after its optimizer was compacted; "
+                "build a new optimizer (and compact it) after restrict()"
+            )
+        torch.index_select(p.detach(), self.mask.dim, self.index, out=self.rows)
+        if p.grad is not None:
+            g = p.grad.index_select(self.mask.dim, self.index)
+            self.rows.grad = g if g.dtype == self.rows.dtype else g.to(self.rows.dtype)
+
+    def push(self) -> None:
+        """The parameter's selected rows <- rows (the other rows are never written)."""
+        self.param.index_copy_(self.mask.dim, self.index, self.rows)
+
+
+class RowCompact(torch.optim.Optimizer):
+    """What :func:`compact_optimizer` mixes into an optimizer's class.
+
+    The optimizer's parameter groups hold, in place of each row-restricted
+    weight, a compact tensor of its selected rows (:func:`compact_rows` maps
+    the weights to them), so its state has the compact shape.  ``step()`` copies the
+    selected rows (and their gradient, when it is in the weight's full-size
+    ``.grad``) into the compact tensors, runs the original ``step()`` and
+    copies the updated rows back; unselected rows are never written.
+    ``state_dict()`` holds the compact state; ``load_state_dict()`` also
+    accepts a full-size optimizer's state (its selected rows are kept)."""
+
+    _dpft_base: type[torch.optim.Optimizer]
+    _dpft_twins: dict[int, _Twin]  # id(weight) -> twin
+
+    @torch.no_grad()
+    def _dpft_pull(self) -> None:
+        for t in self._dpft_twins.values():
+            t.pull()
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        self._dpft_pull()
+        wrapped = None
+        if closure is not None:
+            def wrapped() -> Any:
+                with torch.enable_grad():
+                    loss = closure()
+                self._dpft_pull()  # the closure's backward filled the full-size gradients
+                return loss
+        out = super().step(wrapped)
+        with torch.no_grad():
+            for t in self._dpft_twins.values():
+                t.push()
+        return out
+
+    step.hooked = True  # type: ignore[attr-defined]  # torch's step hooks run in the wrapped step
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        for t in self._dpft_twins.values():  # the weights' own (full-size) gradients too
+            g = t.param.grad
+            if g is None:
+                continue
+            if set_to_none:
+                t.param.grad = None
+            else:  # as torch's zero_grad does it
+                if g.grad_fn is not None:
+                    g.detach_()
+                else:
+                    g.requires_grad_(False)
+                g.zero_()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if "_dpft_twins" in self.__dict__:  # not while the base class builds itself
+            _compact_group(self, self.param_groups[-1])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        for t in self._dpft_twins.values():  # a full-size optimizer's state: keep the selected rows
+            st = self.state.get(t.rows)
+            if st:
+                _compact_state(st, t)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        state = self.__getstate__()
+        state["_dpft_twins"] = self._dpft_twins
+        return (_rebuild, (self._dpft_base, state))
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def _compact_class(base: type[torch.optim.Optimizer]) -> type:
+    cls = _CLASSES.get(base)
+    if cls is None:
+        cls = type(f"RowCompact{base.__name__}", (RowCompact, base), {"_dpft_base": base, "__module__": __name__})
+        _CLASSES[base] = cls
+    return cls
+
+
+def _rebuild(base: type[torch.optim.Optimizer], state: dict[str, Any]) -> torch.optim.Optimizer:
+    """Unpickling / deep copy of a compacted optimizer."""
+    obj = base.__new__(base)
+    obj.__class__ = _compact_class(base)
+    obj.__setstate__(state)
+    for t in obj._dpft_twins.values():  # copy.deepcopy drops a Parameter's attributes: restore the selection
+        if getattr(t.param, ATTR, None) is None:
+            setattr(t.param, ATTR, t.mask)
+    return obj
+
+
+def _compact_state(state: dict[str, Any], twin: _Twin) -> None:
+    """Cut full-size state tensors of ``twin``'s weight down to its selected rows."""
+    full, compact = tuple(twin.param.shape), tuple(twin.rows.shape)
+    if full == compact:
+        return
+    for key, v in list(state.items()):
+        if isinstance(v, Tensor) and tuple(v.shape) == full:
+            state[key] = v.index_select(twin.mask.dim, twin.index.to(v.device))
+
+
+def _compact_group(opt: Any, group: dict[str, Any]) -> None:
+    """Replace the row-restricted weights of one parameter group by compact row tensors."""
+    twins: dict[int, _Twin] = opt._dpft_twins
+    held = {id(t.rows) for t in twins.values()}
+    params = group["params"]
+    for i, p in enumerate(params):
+        mask = getattr(p, ATTR, None)
+        if mask is None or id(p) in held:
+            continue
+        if id(p) in twins:
+            raise ValueError("compact_optimizer: a restricted weight appears in more than one parameter group")
+        if len(mask.unselected) == 0:
+            continue  # every row trains: the weight itself is its compact form
+        t = _Twin(p, mask)
+        twins[id(p)] = t
+        params[i] = t.rows
+        if p in opt.state:  # state from earlier full-size steps: keep the selected rows
+            st = opt.state.pop(p)
+            _compact_state(st, t)
+            opt.state[t.rows] = st
+
+
+def compact_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Make ``optimizer`` hold state only for the selected rows of its
+    row-restricted weights (:func:`restrict`); returns it (changed in place).
+
+    Works with any optimizer class; the updates are those of the full-size
+    optimizer (with the engine restoring unselected rows) for the elementwise
+    classes of :data:`ROW_SEPARABLE` (for others, e.g. a trust ratio, the
+    compact rows are what the optimizer sees).  Call it after
+    :func:`restrict` and *before* ``PrivacyEngine.attach`` or creating an LR
+    scheduler (both wrap ``optimizer.step``).  The optimizer stays an
+    instance of its class (and of :class:`RowCompact`); its parameter groups
+    hold compact row tensors in place of the restricted weights, which keep
+    their names, shapes and values.  With the engine attached, the privatized
+    gradient of the selected rows goes straight to the compact tensor and the
+    weight's own ``.grad`` stays ``None``; without it, ``step()`` takes the
+    selected rows of the weight's ``.grad``.  Weights with every row selected
+    are left as they are.  Memory: the state of a weight shrinks to its
+    selected rows, at the cost of one copy of those rows (the compact tensor).
+
+    The weights stay the source of truth: the selected rows are copied into
+    the compact tensors at every step, so loading a checkpoint into the model
+    (or changing a weight in any other way) needs no care."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"compact_optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if "step" in optimizer.__dict__:
+        raise RuntimeError(
+            "compact_optimizer: optimizer.step is already wrapped (a PrivacyEngine attached, or an LR "
+            "scheduler created); compact the optimizer first"
+        )
+    if not isinstance(optimizer, RowCompact):
+        optimizer.__class__ = _compact_class(type(optimizer))
+        optimizer._dpft_twins = {}  # type: ignore[attr-defined]
+    for group in optimizer.param_groups:
+        _compact_group(optimizer, group)
+    return optimizer
+
+
+def compact_rows(optimizer: torch.optim.Optimizer | None) -> dict[int, Tensor]:
+    """``id(weight) -> compact row tensor`` for the weights ``optimizer`` holds
+    compactly (empty for any other optimizer)."""
+    twins = getattr(optimizer, "_dpft_twins", None) if isinstance(optimizer, RowCompact) else None
+    return {k: t.rows for k, t in twins.items()} if twins else {}
+
+
+# ---------------------------------------------------------------------------
 # The full method: warm-up, private scoring, selection, sparse training.
-
-import math  # noqa: E402
-from collections.abc import Callable, Iterable, Sequence  # noqa: E402
-from typing import Any  # noqa: E402
-
-from .. import accounting  # noqa: E402
-from ..data import split_physical  # noqa: E402
 
 
 def default_candidates(model: nn.Module) -> list[str]:
@@ -297,8 +529,22 @@ class Sparta:
         self.masks = masks
         return masks
 
-    def train(self, make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]):
-        """Phase 4: DP training of the selected rows, biases and ``always_train``."""
+    def train(
+        self,
+        make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+        *,
+        compact_state: bool | None = None,
+    ):
+        """Phase 4: DP training of the selected rows, biases and ``always_train``.
+
+        ``make_optimizer`` gets the trainable parameters (full-size weights
+        included; it may also build its groups from the model itself).
+        ``compact_state``: hold optimizer state for the selected rows only
+        (:func:`compact_optimizer`): ``None`` (default) when the optimizer is
+        :func:`row_separable` (then the updates are exactly the full-size
+        optimizer's) and its ``step`` is not wrapped yet (e.g. by an LR
+        scheduler made inside ``make_optimizer``), ``True`` always, ``False``
+        never.  The engine's ``optimizer`` is the one to step."""
         if self.masks is None:
             self.select()
         if self.scores is None:
@@ -307,7 +553,12 @@ class Sparta:
         self._set_trainable()
         restrict(self.model, {n: m for n, m in self.masks.items() if m.any()})  # type: ignore[union-attr]
         engine = self._engine("train")
-        engine.attach(make_optimizer([p for p in self.model.parameters() if p.requires_grad]))
+        optimizer = make_optimizer([p for p in self.model.parameters() if p.requires_grad])
+        if compact_state is None:  # where the optimizer allows: elementwise, step not wrapped yet
+            compact_state = row_separable(optimizer) and "step" not in optimizer.__dict__
+        if compact_state:
+            compact_optimizer(optimizer)
+        engine.attach(optimizer)
         return engine
 
     @property
