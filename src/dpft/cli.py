@@ -4,6 +4,7 @@
     dpft train --config job.yaml --epsilon 8     # a YAML/TOML file, flags override it
     dpft accountant --sigma 1.0 --sample-rate 0.01 --steps 1000 --delta 1e-5
     dpft accountant --epsilon 3 --batch-size 256 --sample-size 10000 --epochs 3
+    dpft audit --epsilon 3 --batch-size 256 --sample-size 10000 --epochs 1   # one-run privacy audit
 
 User errors (unknown method, bad value, missing data, an output directory that
 holds another run) print one line and exit with code 2.
@@ -19,8 +20,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .offline import PACKAGED_DATASETS, DataUnavailable
-from .train import (ACCOUNTANTS, CLIPPING_FNS, LR_SCHEDULES, METHODS, OPTIMIZERS, ConfigError,
-                    TrainConfig)
+from .train import (ACCOUNTANTS, CLIPPING_FNS, LR_SCHEDULES, METHODS, OPTIMIZERS, SPARTA_SELECTIONS,
+                    ConfigError, TrainConfig)
 
 __all__ = ["main", "build_parser", "load_config_file", "train_config_from_args"]
 
@@ -51,7 +52,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dpft", description="Differentially private fine-tuning.")
-    sub = parser.add_subparsers(dest="command", metavar="{train,accountant}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{train,accountant,audit}", parser_class=_Parser)
 
     t = sub.add_parser(
         "train", argument_default=argparse.SUPPRESS,
@@ -75,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SPARTA: epochs of the private row-scoring pass (default 1 on a GPU, 0.5 on a CPU)")
     g.add_argument("--warmup-epochs", type=float,
                    help="SPARTA: epochs of DP training of biases + head before scoring (default 0)")
+    g.add_argument("--sparta-selection", choices=SPARTA_SELECTIONS,
+                   help="SPARTA: how rows are selected: scores (default; the private scoring pass), or "
+                        "the public baselines random / magnitude (no scoring pass: the whole ε goes to "
+                        "training)")
     g = t.add_argument_group("privacy")
     g.add_argument("--epsilon", type=float, help="target ε (default 3)")
     g.add_argument("--delta", type=float, help="δ (default dpft.accounting.default_delta(N), "
@@ -136,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--delta", type=float,
                    help="δ (default with --sample-size: dpft.accounting.default_delta(N), below 1/(10·N))")
     a.add_argument("--accountant", choices=ACCOUNTANTS, default="pld")
+
+    from .audit import add_cli_parser as _add_audit_parser
+    _add_audit_parser(sub)
     return parser
 
 
@@ -287,6 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.command == "train":
             return _cmd_train(ns)
+        if ns.command == "audit":
+            from .audit import run_cli as _cmd_audit
+            return _cmd_audit(ns)
         return _cmd_accountant(ns)
     except (ConfigError, DataUnavailable) as e:
         print(f"dpft {ns.command}: error: {e}", file=sys.stderr)

@@ -12,7 +12,7 @@ An existing Trainer script becomes differentially private by changing
 What changes compared with ``Trainer``:
 
 * **Logical batch** ``B = per_device_train_batch_size *
-  gradient_accumulation_steps`` (single process only for now).  The
+  gradient_accumulation_steps`` (one process; see "Not supported").  The
   :class:`dpft.PrivacyEngine` is created in :meth:`create_optimizer` with
   ``batch_size=B``, ``sample_size=len(train_dataset)`` and
   ``steps = the trainer's planned max steps``, and attached to the optimizer
@@ -44,8 +44,22 @@ What changes compared with ``Trainer``:
   fixed-size batches are used and a warning says that ε is then the Poisson
   ε reported by convention, not a guarantee.
 * ``epsilon`` (spent so far, at ``target_delta``) is added to every log.
+* **Checkpoints**: every ``checkpoint-N/`` folder the Trainer writes also
+  holds ``dpft_state.pt``: the privacy ledger, the noise generator and the
+  Poisson sampling seed.  ``trainer.train(resume_from_checkpoint=...)``
+  restores them, so the resumed run continues the same ledger (ε is that of
+  an uninterrupted run, never restarted at 0), draws the same noise and the
+  same Poisson batches.  Resuming from a checkpoint without that file raises
+  (it would silently under-report ε).  The file holds the noise and sampling
+  seeds: keep checkpoints as private as the training data.
 
-Not supported (clear error): several processes / GPUs, fp16 with a gradient
+Not supported (clear error): several processes (``torchrun`` / accelerate
+multi-process, i.e. ``world_size > 1``) and several GPUs in one process
+(``DataParallel``): the Trainer would wrap the model in DDP, whose gradient
+all-reduce does not fit per-example clipping.  For data-parallel DP use
+:class:`dpft.PrivacyEngine` in your own loop under ``torchrun`` (it
+all-reduces the clipped sums itself, see its ``distributed`` argument) with
+:func:`dpft.data.poisson_loader`.  Also not supported: fp16 with a gradient
 scaler (use bf16 or fp32), label smoothing, ``compute_loss_func``, DeepSpeed /
 FSDP.  Models must be supported by the engine (see :mod:`dpft.rules`).
 """
@@ -54,6 +68,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import warnings
 from typing import Any
 
@@ -70,7 +85,25 @@ except ImportError as exc:  # pragma: no cover
 from .data import poisson_loader, split_physical
 from .engine import PrivacyEngine
 
-__all__ = ["DPTrainer", "per_example_loss"]
+__all__ = ["DPTrainer", "per_example_loss", "DP_STATE_NAME"]
+
+#: The file, inside each ``checkpoint-N/`` folder, that holds the DP state.
+DP_STATE_NAME = "dpft_state.pt"
+_DP_STATE_FORMAT = 1
+
+
+def _check_single_process(args: Any) -> None:
+    """Refuse a multi-process or multi-GPU Trainer, naming what is supported."""
+    world, n_gpu = int(args.world_size), int(args.n_gpu)
+    if world > 1 or n_gpu > 1:
+        raise NotImplementedError(
+            f"DPTrainer runs in a single process on one device (got world_size={world}, n_gpu={n_gpu}): "
+            "under several processes the Trainer wraps the model in DDP, whose gradient all-reduce "
+            "bypasses per-example clipping, so the privacy guarantee would not hold. Run it on one "
+            "device (e.g. CUDA_VISIBLE_DEVICES=0, one process), or for data-parallel DP training use "
+            "dpft.PrivacyEngine in your own loop under torchrun (it all-reduces the clipped sums "
+            "itself; see PrivacyEngine(distributed=...)) with dpft.data.poisson_loader"
+        )
 
 
 def _batch_size(inputs: Any) -> int:
@@ -142,7 +175,9 @@ class DPTrainer(Trainer):
             Trainer's shuffled fixed-size batches.
 
     After ``create_optimizer`` (i.e. once ``train()`` starts), the engine is
-    ``trainer.dp_engine``.
+    ``trainer.dp_engine``.  Checkpoints hold its state (:data:`DP_STATE_NAME`);
+    ``train(resume_from_checkpoint=...)`` continues the same privacy ledger.
+    Several processes or GPUs raise ``NotImplementedError``.
     """
 
     def __init__(
@@ -168,15 +203,13 @@ class DPTrainer(Trainer):
         # do not mutate the caller's TrainingArguments
         if "args" in kwargs and kwargs["args"] is not None:
             kwargs["args"] = copy.copy(kwargs["args"])
+            _check_single_process(kwargs["args"])  # before the Trainer sets up any parallelism
         elif len(args) >= 2 and args[1] is not None:
             args = (args[0], copy.copy(args[1]), *args[2:])
+            _check_single_process(args[1])
         super().__init__(*args, **kwargs)
         a = self.args
-        if a.world_size > 1 or a.n_gpu > 1:
-            raise NotImplementedError(
-                f"DPTrainer supports a single process on one device for now (world_size={a.world_size}, "
-                f"n_gpu={a.n_gpu}); run on one device (e.g. CUDA_VISIBLE_DEVICES=0)"
-            )
+        _check_single_process(a)
         if a.fp16:
             raise ValueError("DPTrainer: fp16 (gradient scaler) is not supported; use bf16=True or fp32")
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
@@ -276,6 +309,81 @@ class DPTrainer(Trainer):
                 self.dp_engine.detach()
             self.dp_engine.attach(optimizer)
         return optimizer
+
+    # -- checkpoints: the DP state travels with every checkpoint-N/ folder -----
+    def _sampling_seed(self) -> int | None:
+        loader = self.dp_train_dataloader
+        return None if loader is None else int(loader.batch_sampler.seed)
+
+    def dp_state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to continue the private run exactly: the
+        engine (ledger, noise generator) and the Poisson sampling seed."""
+        if self.dp_engine is None:
+            raise RuntimeError("DPTrainer: no engine yet (it is created when train() starts)")
+        return {
+            "format": _DP_STATE_FORMAT,
+            "engine": self.dp_engine.state_dict(),
+            "global_step": int(self.state.global_step),
+            "poisson": self.poisson,
+            "sampling_seed": self._sampling_seed(),
+            "logical_batch_size": self.logical_batch_size,
+            "sample_size": len(self.train_dataset),
+        }
+
+    def load_dp_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`dp_state_dict` into this trainer's engine and sampler
+        (called by ``train(resume_from_checkpoint=...)``)."""
+        if self.dp_engine is None:
+            raise RuntimeError("DPTrainer: no engine yet (it is created when train() starts)")
+        if state.get("format") != _DP_STATE_FORMAT:
+            raise ValueError(f"DPTrainer: unknown DP state format {state.get('format')!r}")
+        for key, mine in (("poisson", self.poisson), ("logical_batch_size", self.logical_batch_size),
+                          ("sample_size", len(self.train_dataset))):
+            if state[key] != mine:
+                raise ValueError(f"DPTrainer: the checkpoint was trained with {key}={state[key]!r}, "
+                                 f"this trainer has {key}={mine!r}; resume with the same setup")
+        # checks noise multiplier, sampling rate, R and delta against this engine
+        self.dp_engine.load_state_dict(state["engine"])
+        if self.dp_engine.steps != int(self.state.global_step):
+            raise ValueError(
+                f"DPTrainer: the checkpoint's privacy ledger has {self.dp_engine.steps} steps but the "
+                f"Trainer state is at global step {self.state.global_step}"
+            )
+        loader = self.dp_train_dataloader
+        if self.poisson and loader is not None:
+            # Batch i of epoch e is a pure function of (seed, e, i): restart the sampler at the
+            # beginning of the current epoch; the Trainer then skips the batches of this epoch
+            # that were already trained on (skip_first_batches), as for any data loader.
+            sampler = loader.batch_sampler
+            epoch = int(self.state.global_step) // len(sampler)
+            sampler.load_state_dict({**sampler.state_dict(), "seed": int(state["sampling_seed"]),
+                                     "epoch": epoch, "position": 0})
+
+    def _save_checkpoint(self, model, trial):  # type: ignore[override]
+        # written before the Trainer's own files: a folder whose trainer_state.json exists
+        # (the last file the Trainer writes) always has its DP state too
+        if self.dp_engine is not None and self.args.should_save:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            out = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            os.makedirs(out, exist_ok=True)
+            tmp = os.path.join(out, DP_STATE_NAME + ".tmp")
+            torch.save(self.dp_state_dict(), tmp)
+            os.replace(tmp, os.path.join(out, DP_STATE_NAME))
+        super()._save_checkpoint(model, trial)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):  # type: ignore[override]
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, DP_STATE_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"DPTrainer: {checkpoint} holds no {DP_STATE_NAME} (not written by DPTrainer, or "
+                "incomplete); resuming without it would restart the privacy ledger at 0 and "
+                "under-report epsilon"
+            )
+        self.load_dp_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
     def _get_grad_norm(self, model, grad_norm=None):  # noqa: D401
         # the Trainer's grad norm is of the non-private gradient: never log it

@@ -67,6 +67,7 @@ ACCOUNTANTS = ("pld", "rdp")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 OPTIMIZERS = ("adam", "sgd")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+SPARTA_SELECTIONS = ("scores", "random", "magnitude")  # random/magnitude: public, no scoring pass
 
 # Fields that may change between an interrupted run and its --resume.
 _OPERATIONAL = {"out", "resume", "overwrite", "device", "num_threads", "stop_after_steps",
@@ -112,6 +113,7 @@ class TrainConfig:
     density: float | None = None        # sparta: fraction of rows trained per candidate weight (0.2)
     scoring_epochs: float | None = None  # sparta: epochs of the private scoring pass (GPU 1, CPU 0.5)
     warmup_epochs: float | None = None   # sparta: epochs of DP biases + head before scoring (0)
+    sparta_selection: str | None = None  # sparta: "scores" (private, default) | "random" | "magnitude"
     dropout: float | None = None        # override every dropout probability (e.g. 0); None: model's
     num_threads: int | None = None
     eval_every: int | None = None       # steps between progress evaluations (default: 8 per run; 0: none)
@@ -197,8 +199,11 @@ def validate(cfg: TrainConfig) -> None:
                                               and not isinstance(cfg.warmup_epochs, bool)
                                               and math.isfinite(cfg.warmup_epochs) and cfg.warmup_epochs >= 0):
         raise ConfigError(f"--warmup-epochs must be a non-negative number, got {cfg.warmup_epochs!r}")
+    if cfg.sparta_selection is not None and cfg.sparta_selection not in SPARTA_SELECTIONS:
+        raise ConfigError(f"unknown SPARTA selection {cfg.sparta_selection!r}; choose one of "
+                          f"{', '.join(SPARTA_SELECTIONS)}")
     if cfg.method is not None and cfg.method != "sparta":
-        for name in ("density", "scoring_epochs", "warmup_epochs"):
+        for name in ("density", "scoring_epochs", "warmup_epochs", "sparta_selection"):
             if getattr(cfg, name) is not None:
                 raise ConfigError(f"--{name.replace('_', '-')} applies to --method sparta only")
     if cfg.dropout is not None and not (isinstance(cfg.dropout, (int, float)) and 0 <= cfg.dropout < 1):
@@ -270,14 +275,23 @@ def resolve(cfg: TrainConfig, kind: str | None = None, device: torch.device | No
     if r.method == "sparta":
         r.density = float(r.density) if r.density is not None else 0.2
         r.warmup_epochs = float(r.warmup_epochs) if r.warmup_epochs is not None else 0.0
-        if r.scoring_epochs is None:
+        # a public selection (random, magnitude) has no scoring pass: scoring_epochs is None
+        r.sparta_selection = r.sparta_selection or "scores"
+        if r.sparta_selection != "scores" and r.scoring_epochs is not None:
+            notes.append(f"--sparta-selection {r.sparta_selection} runs no scoring pass: "
+                         f"--scoring-epochs {r.scoring_epochs:g} ignored")
+            r.scoring_epochs = None
+        if r.sparta_selection == "scores" and r.scoring_epochs is None:
             r.scoring_epochs = CPU_SCORING_EPOCHS if on_cpu else GPU_SCORING_EPOCHS
             if on_cpu:
                 notes.append(f"CPU run: SPARTA scores rows over {CPU_SCORING_EPOCHS:g} epoch by default "
                              f"(--scoring-epochs to change; {GPU_SCORING_EPOCHS:g} on a GPU)")
-        r.scoring_epochs = float(r.scoring_epochs)
-    elif any(getattr(r, k) is not None for k in ("density", "scoring_epochs", "warmup_epochs")):
-        raise ConfigError("--density, --scoring-epochs and --warmup-epochs apply to --method sparta only")
+        if r.scoring_epochs is not None:
+            r.scoring_epochs = float(r.scoring_epochs)
+    elif any(getattr(r, k) is not None
+             for k in ("density", "scoring_epochs", "warmup_epochs", "sparta_selection")):
+        raise ConfigError("--density, --scoring-epochs, --warmup-epochs and --sparta-selection apply to "
+                          "--method sparta only")
     r.checkpoint_every = 0 if r.checkpoint_every is None else r.checkpoint_every
     r.stop_after_steps = r.stop_after_steps or None
     r.progress = True if r.progress is None else bool(r.progress)
@@ -320,7 +334,7 @@ def resolve(cfg: TrainConfig, kind: str | None = None, device: torch.device | No
         if r.max_physical_batch_size is None:
             r.max_physical_batch_size = 64 if on_cpu else 256
     else:
-        r.max_seq_len = r.max_seq_len or 0
+        r.max_seq_len = r.max_seq_len or None  # unused for images (0 would fail validate() on --resume)
         r.train_size = r.train_size if r.train_size is not None else "all"
         if r.epochs is None:
             r.epochs = 10 if private else 3
@@ -517,8 +531,9 @@ class BatchPlan:
         self._sampler = None
         if poisson:
             from .data import PoissonBatchSampler
+            # the global batch on every process (under torchrun each takes its share of it)
             self._sampler = PoissonBatchSampler(n, batch_size=min(batch_size, n), steps=steps_per_epoch,
-                                                seed=seed)
+                                                seed=seed, rank=0, world_size=1)
         self._perm_epoch, self._perm = None, None
 
     def batch(self, epoch: int, i: int) -> np.ndarray:
@@ -670,14 +685,15 @@ def _make_engine(model, r: TrainConfig, n_train: int, steps_total: int, noise_se
 
 def _make_sparta(model, r: TrainConfig, n_train: int):
     """The :class:`dpft.methods.sparta.Sparta` of the run: σ calibrated for warm-up +
-    scoring + training steps; candidates are the Linear weights outside the head."""
+    scoring + training steps (no scoring steps with a public ``--sparta-selection``);
+    candidates are the Linear weights outside the head."""
     from .methods.sparta import Sparta, default_candidates
     head = sorted(_head_param_names(model))
     candidates = [n for n in default_candidates(model) if n not in head]
     try:
         return Sparta(model, batch_size=r.batch_size, sample_size=n_train, target_epsilon=r.epsilon,
                       train_epochs=r.epochs, scoring_epochs=r.scoring_epochs, warmup_epochs=r.warmup_epochs,
-                      density=r.density, candidates=candidates, always_train=head,
+                      density=r.density, selection=r.sparta_selection, candidates=candidates, always_train=head,
                       target_delta=r.delta, accountant=r.accountant, max_grad_norm=r.max_grad_norm,
                       clipping_fn=r.clipping_fn, clipping_style="all-layer", clipping_mode=r.clipping_mode,
                       loss_reduction="mean")
@@ -738,19 +754,18 @@ def _sparta_phases(sp, model, r: TrainConfig, data: Encoded, device, autocast, n
                     engine.record_empty_batch()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-        sp.engine_kwargs["noise_seed"] = _derive_seed(dp_secret, 2)
-        sp.score(batches(sp.steps["scoring"], 4, "SPARTA scoring"), loss_fn,
-                 max_physical_batch_size=r.max_physical_batch_size)
-        sp.select()
-        log(f"  SPARTA: scored the rows privately ({sp.steps['scoring']} steps, ε so far "
-            f"{_fmt_eps(sp.epsilon)})")
+        if sp.selection == "scores":
+            sp.engine_kwargs["noise_seed"] = _derive_seed(dp_secret, 2)
+            sp.score(batches(sp.steps["scoring"], 4, "SPARTA scoring"), loss_fn,
+                     max_physical_batch_size=r.max_physical_batch_size)
+            sp.select()
+            log(f"  SPARTA: scored the rows privately ({sp.steps['scoring']} steps, ε so far "
+                f"{_fmt_eps(sp.epsilon)})")
+        else:  # public and data-independent: no privacy cost, reproducible from --seed
+            sp.select(seed=r.seed)
+            log(f"  SPARTA: {sp.selection} row selection (public, no scoring pass)")
     sp.engine_kwargs["noise_seed"] = _derive_seed(dp_secret, 1)
-    planned = dict(sp.steps)
-    engine = sp.train(lambda params: make_optimizer(model, r))
-    # on --resume there are no scores (the masks come from the checkpoint), which Sparta
-    # takes for a baseline selection without a scoring pass; the run did score, though
-    sp.steps.update(planned)
-    return engine
+    return sp.train(lambda params: make_optimizer(model, r))
 
 
 def _sparta_trainable(model: nn.Module) -> int:
@@ -777,17 +792,29 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
         validate(cfg)
 
     device = _pick_device(cfg.device or "auto")
+    world = _init_torchrun(device)
+    device = world.device
+    if world.rank != 0:
+        log = lambda s: None  # noqa: E731 - one voice: rank 0 logs and writes the run directory
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     ds_name = cfg.dataset or "rotten-tomatoes"
     task = offline.load_dataset(ds_name, seed=cfg.seed or 0)
     r, notes = resolve(cfg, kind=task.kind, device=device, n_train_total=len(task.y_train))
-    out = Path(r.out or _default_out(r))
+    out = Path(world.same(r.out or _default_out(r)))  # rank 0's choice (a default name has a time)
     r.out = str(out)
     if r.resume:
         _check_resume_config(json.loads((out / "config.json").read_text()), r)
     else:
         prepare_out(out, resume=False, overwrite=r.overwrite)
+    world.barrier()  # every rank has checked --out before rank 0 writes into it
+    if world.size > 1:
+        if r.method == "sparta":
+            raise ConfigError("--method sparta under torchrun is not supported yet (run it on one process)")
+        if r.batch_size < world.size:
+            raise ConfigError(f"--batch-size {r.batch_size} is smaller than the number of processes ({world.size})")
+        notes.append(f"data parallel over {world.size} processes ({world.backend}): each takes 1 in "
+                     f"{world.size} examples of each global logical batch of {r.batch_size}")
 
     # --- data ------------------------------------------------------------------
     if r.validation_size:
@@ -807,7 +834,13 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
             None if offline.is_packaged_text_model(r.model) else r.model, task.num_labels)
     else:
         in_ch = int(task.x_train.shape[1])
-        model = offline.load_image_model(r.model, task.num_labels, in_ch)
+        # --model cnn-fmnist builds (once, cached) and logs the public Fashion-MNIST CNN
+        model = offline.load_image_model(r.model, task.num_labels, in_ch, log=log)
+        if getattr(model, "pretrained_info", None):
+            pi = model.pretrained_info
+            notes.append(f"{r.model}: public weights pretrained (non-privately) on Fashion-MNIST, "
+                         f"{100 * pi['test_accuracy']:.1f}% Fashion-MNIST test accuracy ({pi['path']}); "
+                         f"new {task.num_labels}-class head")
     if r.dropout is not None:
         set_dropout(model, r.dropout)
     model = select_trainable(model, r.method, r.lora_rank)
@@ -830,16 +863,18 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
         dp_secret = int(ckpt["dp_seed"])
     else:
         dp_secret = r.dp_seed if r.dp_seed is not None else secrets.randbits(63)
+    dp_secret = world.same(dp_secret)  # all ranks draw the same global Poisson batches
     plan = BatchPlan(n_train, r.batch_size, steps_per_epoch, _derive_seed(dp_secret, 0),
                      poisson=r.poisson and private)
     sp = None
     if r.method == "sparta":
         # optimizer and engine come after the scoring pass (or from the checkpoint's row selection)
         sp = _make_sparta(model, r, n_train)
-        optimizer, engine = None, None
+        optimizer, engine, net = None, None, model
     else:
         optimizer = make_optimizer(model, r)
-        engine = _make_engine(model, r, n_train, steps_total, _derive_seed(dp_secret, 1)) if private else None
+        net = world.wrap(model)  # DistributedDataParallel under torchrun (the engine unwraps it)
+        engine = _make_engine(net, r, n_train, steps_total, _derive_seed(dp_secret, 1)) if private else None
         if engine is not None:
             engine.attach(optimizer)
     dp = engine if engine is not None else sp
@@ -854,7 +889,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
     if dp is not None:
         if sp is not None:
             warm = f"{sp.steps['warmup']} warm-up + " if sp.steps["warmup"] else ""
-            step_text = f"{warm}{sp.steps['scoring']} scoring + {steps_total} training steps"
+            scoring = f"{sp.steps['scoring']} scoring + " if sp.steps["scoring"] else ""
+            step_text = f"{warm}{scoring}{steps_total} training steps"
         else:
             step_text = f"{steps_total} steps"
         log(f"  DP: target ε = {r.epsilon:g}, δ = {dp.target_delta:.3g}, σ = "
@@ -863,7 +899,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
             f"accountant {r.accountant}")
     if sp is not None:
         log(f"  SPARTA: density {r.density:g} of the rows of {len(sp.candidates)} candidate weights "
-            f"(+ biases and head), scoring {r.scoring_epochs:g} epoch(s)"
+            f"(+ biases and head), "
+            + (f"scoring {r.scoring_epochs:g} epoch(s)" if sp.steps["scoring"] else f"{sp.selection} selection")
             + (f", warm-up {r.warmup_epochs:g} epoch(s)" if sp.steps["warmup"] else ""))
     log(f"  {n_train:,} training / {len(task.y_test):,} evaluation examples, logical batch "
         f"{r.batch_size}, physical ≤ {r.max_physical_batch_size}, lr {r.lr:g} (head {r.head_lr:g}), "
@@ -902,26 +939,33 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
         step = ckpt["step"]
         elapsed_before = ckpt.get("elapsed", 0.0)
         lines = metrics_path.read_text().splitlines()[: ckpt["metrics_lines"]] if metrics_path.exists() else []
-        metrics_path.write_text("".join(line + "\n" for line in lines))
+        if world.rank == 0:
+            metrics_path.write_text("".join(line + "\n" for line in lines))
         log(f"  resumed from step {step} (ε so far {_fmt_eps(_epsilon(engine))})")
-    else:
+    elif world.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / "config.json", r.to_dict())
         metrics_path.write_text("")
         for stale in ("summary.json", "report.png", CHECKPOINT):
             (out / stale).unlink(missing_ok=True)
+    world.barrier()
 
     lengths = data.lengths("train")
-    metrics_file = open(metrics_path, "a")
+    metrics_file = open(metrics_path, "a") if world.rank == 0 else None
     n_lines = len(metrics_path.read_text().splitlines())
 
     def record(obj: dict) -> None:
         nonlocal n_lines
+        if world.rank != 0:
+            n_lines += 1
+            return
         metrics_file.write(json.dumps(obj, default=offline.json_default) + "\n")
         metrics_file.flush()
         n_lines += 1
 
     def save_checkpoint() -> None:
+        if world.rank != 0:
+            return
         _atomic_save({"model": _trainable_state(model), "optimizer": optimizer.state_dict(),
                       "engine": engine.state_dict() if engine is not None else None,
                       "rng": _rng_state(), "step": step, "metrics_lines": n_lines, "dp_seed": dp_secret,
@@ -939,7 +983,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
             interrupted["flag"] = True
         old_handler = signal.signal(signal.SIGINT, on_sigint)
 
-    tqdm = _tqdm(r.progress)
+    tqdm = _tqdm(r.progress and world.rank == 0)
     t_train = time.perf_counter()
     last_acc = None
     stopped = None
@@ -971,21 +1015,23 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
             loss_avg = None
             for b in range(first, last):
                 idx = plan.batch(epoch, b)
+                mine = idx[world.rank::world.size]  # this process's share of the global batch
                 loss_sum, correct = 0.0, 0
-                chunks = physical_chunks(idx, r.max_physical_batch_size, lengths)
+                chunks = physical_chunks(mine, r.max_physical_batch_size, lengths)
                 for chunk in chunks:
                     inputs, y = data.batch("train", chunk, device)
                     with autocast():
-                        logits = _forward(model, inputs)
+                        logits = _forward(net, inputs)
                     loss = F.cross_entropy(logits.float(), y)
                     if private or len(chunks) == 1:
                         loss.backward()
                     else:  # non-private accumulation: weight each chunk by its share
-                        (loss * len(chunk) / len(idx)).backward()
+                        (loss * len(chunk) / len(mine)).backward()
                     loss_sum += float(loss.detach()) * len(chunk)
                     correct += int((logits.argmax(-1) == y).sum())
+                loss_sum, correct = world.sum(loss_sum, correct)
                 set_lr(optimizer, r, step, steps_total)
-                if len(idx) == 0 and engine is not None:
+                if len(mine) == 0 and engine is not None:
                     _empty_step(engine, optimizer)
                 else:
                     optimizer.step()
@@ -1017,13 +1063,15 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
                     break
             bar.close()
     finally:
-        metrics_file.close()
+        if metrics_file is not None:
+            metrics_file.close()
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
 
     train_time = elapsed_before + time.perf_counter() - t_train
     if stopped:
         log(f"  {stopped}; checkpoint saved. Continue with: dpft train --out {out} --resume")
+        world.close()
         return {"stopped": True, "step": step, "out": str(out)}
 
     final_rows = [json.loads(x) for x in metrics_path.read_text().splitlines()]
@@ -1053,7 +1101,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
     }
     if sp is not None:
         summary["sparta"] = {
-            "density": r.density, "candidates": len(sp.candidates),
+            "density": r.density, "selection": sp.selection, "candidates": len(sp.candidates),
             "selected_rows": sum(int(m.sum()) for m in sp.masks.values()),
             "candidate_rows": sum(m.numel() for m in sp.masks.values()),
             "warmup_steps": sp.steps["warmup"], "scoring_steps": sp.steps["scoring"],
@@ -1061,9 +1109,13 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
         }
     if engine is not None:
         engine.detach()
-    _write_json(out / "summary.json", summary)
-    plot = write_report(out, summary)
-    _print_summary(summary, log, plot)
+    if world.size > 1:
+        summary["world_size"] = world.size
+    if world.rank == 0:
+        _write_json(out / "summary.json", summary)
+        plot = write_report(out, summary)
+        _print_summary(summary, log, plot)
+    world.close()
     return summary
 
 
@@ -1111,6 +1163,74 @@ def _epsilon(engine) -> float | None:
     if engine is None:
         return None
     return float(engine.epsilon)
+
+
+class _World:
+    """The process group of a ``torchrun`` launch (or a single process)."""
+
+    def __init__(self, device: torch.device) -> None:
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.device = device
+        self.backend = ""
+        self.owned = False
+        if self.size <= 1:
+            self.size, self.rank = 1, 0
+            return
+        if not dist.is_available():
+            raise ConfigError("WORLD_SIZE > 1 but this torch has no torch.distributed")
+        if device.type == "cuda":
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            self.device = torch.device("cuda", local)
+            torch.cuda.set_device(self.device)
+        self.backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(self.backend)
+            self.owned = True
+        self.size, self.rank = dist.get_world_size(), dist.get_rank()
+
+    def same(self, value):
+        """``value`` as rank 0 has it (a default output name, a random seed)."""
+        if self.size == 1:
+            return value
+        box = [value]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            self.dist.barrier()
+
+    def sum(self, *values: float) -> tuple[float, ...]:
+        """Sums over the ranks (the loss and accuracy of the global batch)."""
+        if self.size == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.backend == "nccl" else "cpu")
+        self.dist.all_reduce(t)
+        return tuple(float(v) for v in t.tolist())
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """``DistributedDataParallel(model)`` when there are several processes."""
+        if self.size == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DDP(model, device_ids=ids)
+
+    def close(self) -> None:
+        if self.owned and self.dist.is_initialized():
+            self.dist.barrier()
+            self.dist.destroy_process_group()
+            self.owned = False
+
+
+def _init_torchrun(device: torch.device) -> _World:
+    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1)."""
+    return _World(device)
 
 
 def _empty_step(engine, optimizer) -> None:

@@ -308,6 +308,14 @@ def compact_rows(optimizer: torch.optim.Optimizer | None) -> dict[int, Tensor]:
 # ---------------------------------------------------------------------------
 # The full method: warm-up, private scoring, selection, sparse training.
 
+#: Row selection strategies of :class:`Sparta`: SPARTA's private scores, or a
+#: public, data-independent baseline (see :data:`PUBLIC_SELECTIONS`).
+SELECTIONS: tuple[str, ...] = ("scores", "random", "magnitude")
+#: Selections that read no private data: uniformly random rows, or the rows of
+#: largest norm of the (public, pretrained) weights.  They need no scoring pass,
+#: so a :class:`Sparta` built for one spends its whole budget on training.
+PUBLIC_SELECTIONS: tuple[str, ...] = ("random", "magnitude")
+
 
 def default_candidates(model: nn.Module) -> list[str]:
     """Weights of Linear, Conv and transformers Conv1D layers (rows = output features)."""
@@ -338,12 +346,26 @@ class Sparta:
     The noise multiplier is calibrated once for warm-up + scoring + training
     steps at the same sampling rate; ``epsilon`` is the total.
 
+    With a public baseline selection (``selection="random"`` or
+    ``"magnitude"``, :data:`PUBLIC_SELECTIONS`) there is no scoring pass:
+    ``steps["scoring"]`` is 0, σ is calibrated for warm-up + training steps
+    only, and ``select()`` needs no ``score()`` first::
+
+        sp = Sparta(model, ..., selection="random")
+        sp.select(seed=0)                    # public: costs no privacy
+        engine = sp.train(make_optimizer)
+
     Args:
         candidates: weight names whose rows may be selected (default: every
             Linear / Conv / Conv1D weight except those in ``always_train``).
         always_train: names or prefixes trained in full in every phase
             besides biases (e.g. the classification head).
         density: fraction of rows kept per layer (or overall with ``global_selection``).
+        selection: how rows are selected (:data:`SELECTIONS`): ``"scores"``
+            (SPARTA, the private scoring pass) or a public baseline of
+            :data:`PUBLIC_SELECTIONS`, which plans no scoring steps.
+        scoring_epochs: epochs of the scoring pass (default 1 with
+            ``selection="scores"``; must be ``None`` or 0 with a public selection).
         squared: score rows by the sum of squared accumulated values instead of the sum.
         noise_multiplier: use this sigma instead of calibrating one to ``target_epsilon``
             (the budget still stops training at ``target_epsilon``).
@@ -357,9 +379,10 @@ class Sparta:
         sample_size: int,
         target_epsilon: float,
         train_epochs: float,
-        scoring_epochs: float = 1.0,
+        scoring_epochs: float | None = None,
         warmup_epochs: float = 0.0,
         density: float = 0.2,
+        selection: str = "scores",
         candidates: Sequence[str] | None = None,
         always_train: Sequence[str] = (),
         squared: bool = False,
@@ -371,11 +394,23 @@ class Sparta:
     ) -> None:
         if not 0 < density <= 1:
             raise ValueError(f"density must be in (0, 1], got {density!r}")
-        if train_epochs <= 0 or scoring_epochs <= 0 or warmup_epochs < 0:
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {', '.join(map(repr, SELECTIONS))}, got {selection!r}")
+        if selection == "scores":
+            scoring_epochs = 1.0 if scoring_epochs is None else scoring_epochs
+        elif scoring_epochs:  # None or 0: a public selection runs no scoring pass
+            raise ValueError(
+                f"selection={selection!r} is public and runs no scoring pass; scoring_epochs must be "
+                f"None or 0, got {scoring_epochs!r}"
+            )
+        else:
+            scoring_epochs = 0.0
+        if train_epochs <= 0 or warmup_epochs < 0 or (selection == "scores" and scoring_epochs <= 0):
             raise ValueError(
                 f"epochs must be positive (warmup_epochs may be 0), got train_epochs={train_epochs!r}, "
                 f"scoring_epochs={scoring_epochs!r}, warmup_epochs={warmup_epochs!r}"
             )
+        self.selection = selection
         self.model = model
         self.always_train = tuple(always_train)
         names = candidates if candidates is not None else default_candidates(model)
@@ -394,6 +429,8 @@ class Sparta:
         self.target_delta = accounting.default_delta(sample_size) if target_delta is None else float(target_delta)
         self.accountant = accountant
         self.engine_kwargs = engine_kwargs
+        # σ calibrated for exactly the planned steps (no scoring steps with a public selection)
+        self.calibrated = noise_multiplier is None
         if noise_multiplier is not None:  # explicit sigma (0 = no privacy, for tests and debugging)
             self.noise_multiplier = float(noise_multiplier)
         else:
@@ -445,7 +482,15 @@ class Sparta:
         included) releases ``|sum_i c_i g_i| + sigma R z`` for the candidate
         weights (accounted like a DP-SGD step; nothing moves); the releases are
         accumulated and summed per row.  ``loss_fn(model, batch)`` returns the
-        mean loss of a physical batch."""
+        mean loss of a physical batch.
+
+        Raises ``RuntimeError`` when the plan has no scoring steps (a public
+        ``selection``): σ was not calibrated for them."""
+        if not self.steps["scoring"]:
+            raise RuntimeError(
+                f"this Sparta plans no scoring pass (selection={self.selection!r}); its noise multiplier "
+                "was calibrated without scoring steps. Build it with selection='scores' to score rows"
+            )
         flags = {n: p.requires_grad for n, p in self.model.named_parameters()}
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -481,15 +526,27 @@ class Sparta:
         return self.scores
 
     def select(
-        self, scores: Mapping[str, Tensor] | None = None, *, strategy: str = "scores", seed: int = 0
+        self, scores: Mapping[str, Tensor] | None = None, *, strategy: str | None = None, seed: int = 0
     ) -> dict[str, Tensor]:
         """Phase 3 (post-processing): keep the top ``ceil(density * rows)`` rows
         per layer (or across layers with ``global_selection``).
 
-        ``strategy``: ``"scores"`` (SPARTA: the private scores), or the
-        baselines ``"random"`` (uniformly random rows, ``seed``) and
-        ``"magnitude"`` (rows with the largest L2 norm of the current,
-        public pretrained weights); the baselines need no scoring pass."""
+        ``strategy`` (default: the ``selection`` of the constructor):
+        ``"scores"`` (SPARTA: the private scores), or the baselines
+        ``"random"`` (uniformly random rows, ``seed``) and ``"magnitude"``
+        (rows with the largest L2 norm of the current, public pretrained
+        weights); the baselines need no scoring pass.
+
+        A baseline on a Sparta whose calibrated σ counts scoring steps that
+        were never run raises ``ValueError`` (the run would stop short of its
+        ε with more noise than needed): build it with ``selection=strategy``."""
+        strategy = self.selection if strategy is None else strategy
+        if strategy in PUBLIC_SELECTIONS and self.scores is None and self.steps["scoring"] and self.calibrated:
+            raise ValueError(
+                f"strategy {strategy!r} runs no scoring pass, but the noise multiplier was calibrated for "
+                f"{self.steps['scoring']} scoring steps; build Sparta(..., selection={strategy!r}) so that "
+                "sigma is calibrated for warm-up + training steps only"
+            )
         if strategy == "scores":
             scores = dict(scores if scores is not None else (self.scores or {}))
             if not scores:
@@ -509,7 +566,7 @@ class Sparta:
                 else:
                     scores[n] = w.transpose(0, dim).reshape(rows, -1).float().norm(dim=1).cpu()
         else:
-            raise ValueError(f"strategy must be 'scores', 'random' or 'magnitude', got {strategy!r}")
+            raise ValueError(f"strategy must be one of {', '.join(map(repr, SELECTIONS))}, got {strategy!r}")
         masks = {}
         if self.global_selection:
             flat = torch.cat([s.flatten().float().cpu() for s in scores.values()])
@@ -544,11 +601,13 @@ class Sparta:
         :func:`row_separable` (then the updates are exactly the full-size
         optimizer's) and its ``step`` is not wrapped yet (e.g. by an LR
         scheduler made inside ``make_optimizer``), ``True`` always, ``False``
-        never.  The engine's ``optimizer`` is the one to step."""
+        never.  The engine's ``optimizer`` is the one to step.
+
+        ``steps`` stays the plan σ was calibrated for (with a public
+        ``selection`` it holds no scoring steps); the masks may also be set
+        directly (e.g. from a checkpoint) before calling this."""
         if self.masks is None:
             self.select()
-        if self.scores is None:
-            self.steps["scoring"] = 0  # a baseline selection: no scoring pass was run
         unrestrict(self.model)
         self._set_trainable()
         restrict(self.model, {n: m for n, m in self.masks.items() if m.any()})  # type: ignore[union-attr]
