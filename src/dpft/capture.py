@@ -409,7 +409,10 @@ class Capture:
                 raise RuntimeError(f"dpft: one backward pass mixed batches of sizes {buf.shape[0]} and {n}")
             seen = self._lane_seen
             for local, key, off, numel, shape in b.lane:
-                b.rule.eager_into(call, grad, local, buf[:, off : off + numel].view(n, *shape), key in seen)
+                out = buf[:, off : off + numel]
+                if len(shape) != 1:
+                    out = out.view(n, *shape)
+                b.rule.eager_into(call, grad, local, out, key in seen)
                 seen.add(key)
             if b.done is not None:
                 b.done(call)

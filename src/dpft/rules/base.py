@@ -182,7 +182,9 @@ def reduce_into(t: Tensor, dims: tuple[int, ...], out: Tensor, accumulate: bool)
         else:
             out.copy_(r.view(out.shape))
         return
-    torch.sum(t, dim=dims, dtype=out.dtype, out=out.view(*[t.shape[i] for i in range(t.ndim) if i not in dims]))
+    if out.ndim != t.ndim - len(dims):
+        out = out.view(*[t.shape[i] for i in range(t.ndim) if i not in dims])
+    torch.sum(t, dim=dims, dtype=out.dtype, out=out)
 
 
 def batchify(x: Tensor, batch_size: int) -> Tensor:
