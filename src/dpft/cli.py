@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_argument_group("what to train")
     g.add_argument("--config", metavar="FILE", help="YAML (.yaml/.yml) or TOML (.toml) file of options")
     g.add_argument("--model", help="'minilm' (packaged, default for text), 'cnn' (default for "
-                                   "images), or a Hugging Face model name/path")
+                                   "images, from scratch), 'cnn-fmnist' (a CNN pretrained on the public "
+                                   "Fashion-MNIST, built once and cached), or a Hugging Face model name/path")
     g.add_argument("--dataset", help=f"{', '.join(PACKAGED_DATASETS)} (packaged), a CSV/JSONL "
                                      "file with text,label columns, or a Hugging Face dataset name")
     g.add_argument("--method", choices=METHODS, help="default bitfit (DP-BiTFiT: biases + head); "
