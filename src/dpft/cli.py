@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", metavar="FILE", help="YAML (.yaml/.yml) or TOML (.toml) file of options")
     g.add_argument("--model", help="'minilm' (packaged, default for text), 'cnn' (default for "
                                    "images, from scratch), 'cnn-fmnist' (a CNN pretrained on the public "
-                                   "Fashion-MNIST, built once and cached), or a Hugging Face model name/path")
+                                   "Fashion-MNIST, built once and cached), a timm name for images ('timm:NAME'), "
+                                   "or a Hugging Face model name/path")
     g.add_argument("--dataset", help=f"{', '.join(PACKAGED_DATASETS)} (packaged), a CSV/JSONL "
                                      "file with text,label columns, or a Hugging Face dataset name")
     g.add_argument("--method", choices=METHODS, help="default bitfit (DP-BiTFiT: biases + head); "

@@ -800,8 +800,8 @@ def load_pretrained_cnn(num_labels: int, in_channels: int = 1, *,
 def load_image_model(name: str | None, num_labels: int, in_channels: int = 1, *,
                      log: Callable[[str], None] | None = None) -> nn.Module:
     """``cnn`` (default, from scratch), ``cnn-fmnist`` (pretrained on Fashion-MNIST, cached;
-    see :func:`load_pretrained_cnn`) or a path to a ``torch.save``d SmallCNN state dict /
-    whole module."""
+    see :func:`load_pretrained_cnn`), a path to a ``torch.save``d SmallCNN state dict /
+    whole module, or a timm model name (``NAME`` or ``timm:NAME``, see :func:`load_timm_model`)."""
     if name is None or name.lower() in ("cnn", "smallcnn", "small-cnn"):
         return SmallCNN(num_labels, in_channels)
     if name.lower() in PRETRAINED_IMAGE_MODELS:
@@ -817,10 +817,41 @@ def load_image_model(name: str | None, num_labels: int, in_channels: int = 1, *,
             if unexpected or any(not k.startswith("classifier.") for k in missing):
                 raise DataUnavailable(f"{name} does not hold SmallCNN weights")
             return model
-    raise DataUnavailable(
-        f"image datasets work with --model cnn (the built-in GroupNorm CNN, from scratch), "
-        f"--model cnn-fmnist (pretrained on Fashion-MNIST, cached) or a saved SmallCNN "
-        f"checkpoint; '{name}' is none of these (timm/HF vision models are not wired in yet)")
+    return load_timm_model(name, num_labels, in_channels, log=log)
+
+
+def load_timm_model(name: str, num_labels: int, in_channels: int = 1, *,
+                    log: Callable[[str], None] | None = None) -> nn.Module:
+    """A timm model (``NAME`` or ``timm:NAME``) with pretrained weights (from the
+    hub or timm's cache, so online or cached only) and a new ``num_labels`` head
+    for ``in_channels``-channel images.  BatchNorm layers are replaced by
+    GroupNorm (:func:`dpft.convert_batchnorm_to_groupnorm`: BatchNorm mixes
+    examples and cannot be trained privately), which is said in the log."""
+    spec = name[len("timm:"):] if name.lower().startswith("timm:") else name
+    try:
+        import timm
+    except Exception as e:  # noqa: BLE001 - ImportError, or timm failing on a missing torchvision
+        raise DataUnavailable(
+            f"--model {name}: not a built-in image model (cnn, cnn-fmnist, a saved checkpoint), and "
+            f"timm is not importable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "pip install timm for timm models") from e
+    try:
+        model = timm.create_model(spec, pretrained=True, num_classes=num_labels, in_chans=in_channels)
+    except Exception as e:  # noqa: BLE001 - unknown name, hub/network/cache errors have many types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataUnavailable(
+            f"cannot load timm model '{spec}' with pretrained weights (unknown name, or offline and "
+            f"not cached?): {first}") from e
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    if any(isinstance(m, _BatchNorm) for m in model.modules()):
+        from .batchnorm import convert_batchnorm_to_groupnorm
+
+        model = convert_batchnorm_to_groupnorm(model)
+        if log is not None:
+            log(f"  note: {spec}: BatchNorm replaced by GroupNorm (BatchNorm mixes examples; its "
+                "running statistics are dropped, so the pretrained features shift)")
+    return model
 
 
 def json_default(o):
