@@ -41,7 +41,11 @@ def bmm_acc(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
             out = torch.bmm(x, y, out_dtype=torch.float32)
             _BMM_OUT_DTYPE = True
             return out
+        except torch.OutOfMemoryError:
+            raise  # a real failure, not a missing feature: never retry with larger float32 copies
         except (TypeError, RuntimeError, NotImplementedError):
+            if _BMM_OUT_DTYPE:  # it worked before: this is a real error, not a missing feature
+                raise
             _BMM_OUT_DTYPE = False
     return torch.bmm(x.to(dtype), y.to(dtype))
 
