@@ -997,7 +997,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
 
     def run_eval(epoch: int, final: bool) -> float:
         subset = None if final else monitor
-        acc = evaluate(model, data, device, eval_bs, autocast, subset)
+        # under torchrun rank 0 alone evaluates (the model is the same on every rank)
+        acc = evaluate(model, data, device, eval_bs, autocast, subset) if world.rank == 0 else math.nan
         record({"event": "eval", "step": step, "epoch": epoch, "test_accuracy": acc,
                 "examples": n_eval if subset is None else len(subset), "final": final,
                 "epsilon": _epsilon(engine) if engine is not None else None})
@@ -1078,7 +1079,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
     final_rows = [x for x in final_rows if x.get("event") == "eval" and x.get("final")]
     if final_rows and final_rows[-1]["step"] == step:
         last_acc = final_rows[-1]["test_accuracy"]
-    else:  # e.g. resumed from a checkpoint written after the last step
+    elif world.rank == 0:  # e.g. resumed from a checkpoint written after the last step
         last_acc = evaluate(model, data, device, eval_bs, autocast)
     summary = {
         "method": r.method, "model": r.model, "dataset": task.name,
