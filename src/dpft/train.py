@@ -792,7 +792,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
         validate(cfg)
 
     device = _pick_device(cfg.device or "auto")
-    world = _init_torchrun(device)
+    world = _World(device)  # joins the process group under torchrun (WORLD_SIZE > 1)
     device = world.device
     if world.rank != 0:
         log = lambda s: None  # noqa: E731 - one voice: rank 0 logs and writes the run directory
@@ -1227,11 +1227,6 @@ class _World:
             self.dist.barrier()
             self.dist.destroy_process_group()
             self.owned = False
-
-
-def _init_torchrun(device: torch.device) -> _World:
-    """Join the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1)."""
-    return _World(device)
 
 
 def _empty_step(engine, optimizer) -> None:
