@@ -111,6 +111,20 @@ def _worker(rank, port, mode, out):
             loss_fn(model, x).backward()
             opt.step()
             torch.save({n: p.detach() for n, p in model.named_parameters()}, f"{out}/rank{rank}.pt")
+        elif mode == "nan":
+            engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=5, noise_multiplier=1.0, max_grad_norm=0.5)
+            opt = torch.optim.SGD(model.parameters(), lr=1.0)
+            engine.attach(opt)
+            x = data()[rank::W]
+            if rank == 1:
+                x[0, 0] = float("nan")  # one rank alone sees a non-finite per-example gradient
+            loss_fn(model, x).backward()
+            try:
+                opt.step()
+                outcome = "stepped"
+            except FloatingPointError:
+                outcome = "refused"
+            torch.save({"outcome": outcome, "steps": engine.steps}, f"{out}/rank{rank}.pt")
         elif mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -174,6 +188,13 @@ def _spawn(tmp_path, mode):
         if not all((tmp_path / f"rank{r}.pt").exists() for r in range(W)):
             raise
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(W)]
+
+
+def test_nonfinite_gradient_on_one_rank_refuses_the_step_on_all(tmp_path):
+    """A NaN per-example gradient on rank 1 only: every rank refuses the step
+    (none hangs in the all-reduce, none applies it, no step is accounted)."""
+    r0, r1 = _spawn(tmp_path, "nan")
+    assert r0 == r1 == {"outcome": "refused", "steps": 0}
 
 
 def test_ddp_wrapped_model(tmp_path):

@@ -411,6 +411,13 @@ class PrivacyEngine:
 
     def _check_finite(self) -> None:
         flag = self._sum.nonfinite
+        if self.world_size > 1 or self._sharded:
+            # every rank must refuse the step together (one rank raising while
+            # the others enter the all-reduce of the clipped sums would hang)
+            dev = next(iter(self.params.values())).device
+            t = torch.zeros(1, device=dev) if flag is None else flag.to(dev, torch.float32).reshape(1)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self._group)
+            flag = t
         if flag is not None and bool(flag):
             self._sum.reset()
             self._empty_batches = 0
