@@ -62,3 +62,44 @@ def test_bf16_autocast_cuda(mode):
     num = sum(float((got[k] - ref[k]).pow(2).sum()) for k in ref) ** 0.5
     den = sum(float(ref[k].pow(2).sum()) for k in ref) ** 0.5
     assert num / den < 3e-2
+
+
+@pytest.mark.parametrize("where", ["loss", "one-example", "first-of-two-passes"])
+@pytest.mark.parametrize("bias_only", [True, False])
+def test_nonfinite_refused_on_cuda(where, bias_only):
+    """On CUDA the step waits for the non-finite flag through an event (not a
+    full synchronization): the refusal must still be reliable, also when the
+    bad example is in the first of two accumulated backward passes."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 3)).cuda()
+    if bias_only:
+        dpft.bitfit(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine = dpft.PrivacyEngine(model, batch_size=16, sample_size=1000, steps=10, noise_multiplier=1.0)
+    opt = torch.optim.Adam(params, lr=0.1)
+    engine.attach(opt)
+    before = [p.detach().clone() for p in params]
+    for i in range(2):
+        x = torch.randn(8, 4, device="cuda")
+        bad = (where == "first-of-two-passes" and i == 0) or (where != "first-of-two-passes" and i == 1)
+        if bad and where == "one-example":
+            x[3, 0] = float("inf")
+        out = model(x)
+        if bad and where == "loss":
+            out = out * float("nan")
+        if bad and where == "first-of-two-passes":
+            out = out * float("inf")
+        out.pow(2).mean().backward()
+    with pytest.raises(FloatingPointError, match="not applied"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, params))
+    assert engine.steps == 0 and not opt.state
+    opt.zero_grad()
+    for _ in range(3):  # training goes on; finite steps are applied
+        model(torch.randn(16, 4, device="cuda")).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert engine.steps == 3 and all(torch.isfinite(p).all() for p in params)
+    assert not all(torch.equal(a, p) for a, p in zip(before, params))

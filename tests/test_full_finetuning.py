@@ -235,3 +235,85 @@ def test_half_precision_weighted_sum_never_exceeds_clip_factor(device):
         one[i] = w[i]
         s = dpft.norms.weighted_sum([c], one.to(device), torch.float32).double().cpu().reshape(-1)
         assert float(s.norm()) <= float(w[i] * g[i].norm()) * (1 + 1e-6)
+
+
+def _spy_eager(monkeypatch):
+    """Record, per backward pass, which parameters' norms the sink took from
+    the backward hooks (``pre_sq``)."""
+    used: list[set[str]] = []
+    orig = dpft.privatize.ClippedSum.add
+
+    def add(self, contributions, batch_size, scale, lane=None, pre_sq=None):
+        used.append(set(pre_sq or {}))
+        return orig(self, contributions, batch_size, scale, lane, pre_sq)
+
+    monkeypatch.setattr(dpft.privatize.ClippedSum, "add", add)
+    return used
+
+
+@pytest.mark.parametrize("mode", ["ghost", "auto"])
+def test_eager_norms_in_backward_hooks_are_exact(monkeypatch, mode):
+    """Single-use layers get their ghost norm inside the backward hook; the
+    update stays the brute-force clipped mean (float64, 1e-6)."""
+    used = _spy_eager(monkeypatch)
+    model = nn.Sequential(nn.Linear(6, 40), nn.Tanh(), nn.Linear(40, 30), nn.Tanh(), nn.Linear(30, 3))
+    examples = [torch.randn(2, 6) for _ in range(B)]
+    check_model(model, examples, lambda exs: torch.stack(exs), loss_fn, mode=mode)
+    assert used and used[-1] == {"0.weight", "2.weight", "4.weight"}
+
+
+def test_eager_norms_skip_a_module_called_twice(monkeypatch):
+    used = _spy_eager(monkeypatch)
+    model, make = ZOO["module-twice"]
+    check_model(model(), [make() for _ in range(B)], collate, loss_fn, mode="ghost")
+    assert used and "lin.weight" not in used[-1] and "out.weight" in used[-1]
+
+
+def test_eager_norm_dropped_when_a_second_use_turns_up(monkeypatch):
+    """A forward whose graph is backpropagated after another backward pass
+    ended: each of its calls looks like a single use when its hook runs, but
+    both uses of the weight end up in one backward pass; the eager norm must
+    be dropped and the cross term counted (brute force, float64)."""
+    used = _spy_eager(monkeypatch)
+    calls: list[str] = []
+    orig = dpft.privatize.ClippedSum.eager_sq_norm
+
+    def eager(self, key, c):
+        calls.append(key)
+        return orig(self, key, c)
+
+    monkeypatch.setattr(dpft.privatize.ClippedSum, "eager_sq_norm", eager)
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 30), nn.Tanh(), nn.Linear(30, 2)).double()
+    x1, x2, x3 = (torch.randn(B, 4, dtype=torch.float64) for _ in range(3))
+    f = lambda m, x: m(x).pow(2).sum()  # noqa: E731  # per-example losses summed
+
+    def grads(xs):
+        out = []
+        for i in range(B):
+            model.zero_grad()
+            sum(f(model, x[i : i + 1]) for x in xs).backward()
+            out.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+        return out
+
+    pass1, pass2 = grads([x2]), grads([x1, x3])
+    ns = [math.sqrt(sum(float(v.pow(2).sum()) for v in g.values())) for g in pass1 + pass2]
+    R = sorted(ns)[len(ns) // 2]
+    want = {n: sum(min(1.0, R / nm) * g[n] for g, nm in zip(pass1 + pass2, ns)) / B for n in pass1[0]}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=1000, steps=10, noise_multiplier=0.0,
+                                max_grad_norm=R, clipping_mode="ghost", loss_reduction="sum")
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    engine.attach(opt)
+    loss1 = f(model, x1)  # its graph is kept for the second backward pass
+    f(model, x2).backward()
+    loss3 = f(model, x3)
+    (loss1 + loss3).backward()
+    opt.step()
+    got = {n: before[n] - p.detach() for n, p in model.named_parameters()}
+    err = math.sqrt(sum(float((got[n] - want[n]).pow(2).sum()) for n in want))
+    assert err <= 1e-6 * math.sqrt(sum(float(w.pow(2).sum()) for w in want.values()))
+    # pass 1: two forwards were pending (no eager norm); pass 2: both calls of
+    # each weight computed one eagerly, and both were dropped at the end
+    assert used == [set(), set()]
+    assert sorted(calls) == sorted(["0.weight", "2.weight"] * 2)

@@ -17,6 +17,7 @@ accumulation / physical batches); noise is added once per ``step()``.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -229,6 +230,8 @@ class PrivacyEngine:
         )
         self.groups = make_groups(clipping_style, list(self.params), self._capture.owner)
         self._sum = ClippedSum(self.params, self.groups, self.max_grad_norm, clipping_fn, norm_mode, self.row_masks)
+        if os.environ.get("DPFT_EAGER_NORMS", "1") != "0":  # "0": A/B switch for benchmarks
+            self._capture.eager = self._sum.eager_sq_norm
         self.ledger = ledger if ledger is not None else Ledger()
         self._start_steps = self.ledger.steps
         # (ledger segments when checked, total steps known to stay within the budget);
@@ -355,9 +358,11 @@ class PrivacyEngine:
         self._sum.reset()
 
     # -- the flow -----------------------------------------------------------
-    def _on_backward(self, contributions: dict[str, list[Contribution]], batch_size: int, lane=None) -> None:
+    def _on_backward(
+        self, contributions: dict[str, list[Contribution]], batch_size: int, lane=None, pre_sq=None
+    ) -> None:
         scale = float(batch_size) if self.loss_reduction == "mean" else 1.0
-        self._sum.add(contributions, batch_size, scale, lane)
+        self._sum.add(contributions, batch_size, scale, lane, pre_sq)
 
     def record_empty_batch(self) -> None:
         """Declare that this logical batch drew no examples (Poisson sampling):
@@ -411,14 +416,15 @@ class PrivacyEngine:
 
     def _check_finite(self) -> None:
         flag = self._sum.nonfinite
-        if self.world_size > 1 or self._sharded:
+        distributed = self.world_size > 1 or bool(self._sharded)
+        if distributed:
             # every rank must refuse the step together (one rank raising while
             # the others enter the all-reduce of the clipped sums would hang)
             dev = next(iter(self.params.values())).device
             t = torch.zeros(1, device=dev) if flag is None else flag.to(dev, torch.float32).reshape(1)
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self._group)
             flag = t
-        if flag is not None and bool(flag):
+        if flag is not None and (bool(flag) if distributed else self._sum.nonfinite_now()):
             self._sum.reset()
             self._empty_batches = 0
             raise FloatingPointError(

@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .clipping import clip_factors
-from .norms import acc_dtype_of, sq_norm, weighted_sum
+from .norms import acc_dtype_of, ghost_sq_norm, prefer_ghost, sq_norm, weighted_sum
 from .rows import RowMask, can_compact, restrict
-from .rules.base import Contribution, Direct
+from .rules.base import Contribution, Direct, Factored
 
 
 class ClippedSum:
@@ -48,14 +49,30 @@ class ClippedSum:
         self.flat: dict[tuple[str, ...], Tensor] = {}  # Direct parameters, concatenated
         self.backward_passes = 0
         self.nonfinite: Tensor | None = None
+        # on CUDA the flag is also copied to pinned host memory as soon as it
+        # is known, so that the step can wait for just that point of the
+        # stream (not for the clipped sums queued after it)
+        self._flag_host: Tensor | None = None
+        self._flag_event: Any = None
         self._col_groups: dict[tuple[str, ...], Tensor] = {}
         self._split_meta: dict[tuple[str, ...], list] = {}
+
+    def nonfinite_now(self) -> bool:
+        """Whether a per-example gradient of this step was NaN/Inf.  Waits
+        for the device only up to the point where the flag was computed."""
+        if self.nonfinite is None:
+            return False
+        if self._flag_event is not None:
+            self._flag_event.synchronize()
+            return bool(self._flag_host)
+        return bool(self.nonfinite)
 
     def reset(self) -> None:
         self.sums = {}
         self.row_sums = {}
         self.flat = {}
         self.nonfinite = None
+        self._flag_event = None
         self.backward_passes = 0
 
     def layout(self) -> tuple[list[tuple[tuple[str, ...], Tensor]], dict[str, Tensor]]:
@@ -106,17 +123,34 @@ class ClippedSum:
             ).to(device)
         return self._col_groups[key]
 
+    def eager_sq_norm(self, key: str, c: Contribution) -> Tensor | None:
+        """The squared per-example norm of ``key``'s gradient when ``c`` is its
+        only contribution in this backward pass and the ghost identity is the
+        chosen way (no per-example gradient is built: nothing is held beyond
+        the ``(B,)`` result); ``None`` leaves it to :meth:`add`.  Called from
+        the backward hooks, so that the Gram matrices are computed while the
+        device still has the rest of the backward pass queued."""
+        if not isinstance(c, Factored) or key in self.row_masks or self.mode not in ("ghost", "mixed"):
+            return None
+        if self.mode == "mixed" and not prefer_ghost([c]):
+            return None
+        with torch.no_grad():
+            return ghost_sq_norm([c], acc_dtype_of(self.params[key].dtype))
+
     def add(
         self,
         contributions: dict[str, list[Contribution]],
         batch_size: int,
         scale: float,
         lane: tuple[tuple[str, ...], Tensor] | None = None,
+        pre_sq: dict[str, Tensor] | None = None,
     ) -> None:
         """Clip the per-example gradients of one backward pass and add them.
 
         ``scale`` turns the captured gradients (of a mean loss) into
-        per-example gradients: the physical batch size for ``mean``, 1 for ``sum``."""
+        per-example gradients: the physical batch size for ``mean``, 1 for ``sum``.
+        ``pre_sq``: squared norms already computed by :meth:`eager_sq_norm`
+        for parameters whose only contribution this is."""
         if not contributions and lane is None:
             return
         compact: set[str] = set()
@@ -172,9 +206,13 @@ class ClippedSum:
             flats.append((names, flat, col_group))
 
         inst: dict[str, Tensor | None] = {}
+        pre_sq = pre_sq or {}
         for k in factored:
             p = self.params[k]
-            s, g = sq_norm(contributions[k], self.mode, acc_dtype_of(p.dtype))
+            if k in pre_sq and len(contributions[k]) == 1 and k not in self.row_masks:
+                s, g = pre_sq[k], None
+            else:
+                s, g = sq_norm(contributions[k], self.mode, acc_dtype_of(p.dtype))
             sq[:, self.group_of[k]] += s.to(norm_dtype).to(device)
             inst[k] = g
 
@@ -183,6 +221,12 @@ class ClippedSum:
         # reach the parameters: flagged here without a device sync, checked once per step
         bad = ~torch.isfinite(norms).all()
         self.nonfinite = bad if self.nonfinite is None else (self.nonfinite | bad)
+        if bad.is_cuda:
+            if self._flag_host is None:
+                self._flag_host = torch.zeros((), dtype=torch.bool, pin_memory=True)
+            self._flag_host.copy_(self.nonfinite, non_blocking=True)
+            self._flag_event = torch.cuda.Event()
+            self._flag_event.record()
         weights = clip_factors(norms, self.group_norm, self.clipping_fn) * scale  # (B, K)
 
         for names, flat, col_group in flats:
