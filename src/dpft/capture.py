@@ -165,6 +165,30 @@ def _autocast_state(device: torch.device | None) -> tuple[str, torch.dtype] | No
     return None
 
 
+class _HookDict(dict):
+    """A tensor's hook dictionary (weak-referenceable, like torch's OrderedDict)."""
+
+
+def _add_grad_hook(t: Tensor, fn: Callable[[Tensor], None]) -> None:
+    """``t.register_hook(fn)`` without the removable handle (these hooks are
+    never removed: they go with the graph), which costs a few microseconds
+    per hooked module and step.  Plain tensors with a ``grad_fn`` take the
+    short way through the same hook dictionary ``register_hook`` uses; any
+    other case (tensor subclasses, hooks already present) the public one."""
+    if type(t) is Tensor and t._backward_hooks is None and t.grad_fn is not None:
+        try:
+            # a dict subclass can be weakly referenced, as later register_hook
+            # calls on the same tensor need; -1 is no handle id (those count up from 0)
+            hooks = _HookDict()
+            hooks[-1] = fn
+            t._backward_hooks = hooks
+            t.grad_fn._register_hook_dict(t)
+            return
+        except (AttributeError, RuntimeError, TypeError):
+            t._backward_hooks = None  # type: ignore[assignment]
+    t.register_hook(fn)
+
+
 def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
     for a in list(args) + list(kwargs.values()):
         if isinstance(a, Tensor):
@@ -387,7 +411,7 @@ class Capture:
             uses = self._uses
             for key in b.slow_keys:
                 uses[key] = uses.get(key, 0) + 1
-        output.register_hook(partial(self._on_grad, b, call))
+        _add_grad_hook(output, partial(self._on_grad, b, call))
         return replaced
 
     def _expand_pre(self, b: Binding, module: nn.Module, args: tuple) -> None:
