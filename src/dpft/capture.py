@@ -84,7 +84,6 @@ class Binding:
     needs_save: bool = True
     lane: list[tuple[str, str, int, int, tuple[int, ...]]] = field(default_factory=list)  # (local, key, offset, numel, shape)
     slow: frozenset[str] = frozenset()  # params handed to the sink as contributions
-    slow_keys: tuple[str, ...] = ()  # their canonical names
     done: Any = None  # the rule's hook to drop saved inputs once eager results are out
 
 
@@ -198,14 +197,7 @@ def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
     return None
 
 
-Sink = Callable[
-    [dict[str, list[Contribution]], int, "tuple[tuple[str, ...], Tensor] | None", dict[str, Tensor]], None
-]
-#: ``eager(key, contribution)``: the per-example squared norm ``(B,)`` of a
-#: parameter's only contribution in this backward pass, computed inside the
-#: backward hook (while the GPU is still busy with the rest of the backward
-#: pass), or ``None`` to leave it to the sink
-Eager = Callable[[str, Contribution], "Tensor | None"]
+Sink = Callable[[dict[str, list[Contribution]], int, "tuple[tuple[str, ...], Tensor] | None"], None]
 
 
 class Capture:
@@ -229,10 +221,6 @@ class Capture:
         self.check_passes = 2  # backward passes in which sums are cross-checked
         self._passes = 0
         self._half = False
-        #: set by the engine: per-layer norms computed in the backward hooks
-        self.eager: Eager | None = None
-        self._uses: dict[str, int] = {}  # forward calls per slow parameter since the last backward end
-        self._pre_sq: dict[str, Tensor] = {}
 
     def _plan_lane(self, no_lane: set[str]) -> None:
         """The flat lane: parameters whose per-example gradients are reduced
@@ -271,7 +259,6 @@ class Capture:
                 if key in self.lane_offsets
             ]
             b.slow = frozenset(local for local, key in b.keys.items() if key not in self.lane_offsets)
-            b.slow_keys = tuple(b.keys[local] for local in sorted(b.slow))
             b.needs_save = b.fallback or b.rule.needs_save(b.module, b.params)
             b.done = getattr(b.rule, "done", None) if not b.slow else None
         self._lane_buf: Tensor | None = None
@@ -407,10 +394,6 @@ class Capture:
         call = Call(module, b.rule, n)
         if b.needs_save:
             b.rule.save(call, module, args, output, b.params)
-        if b.slow:
-            uses = self._uses
-            for key in b.slow_keys:
-                uses[key] = uses.get(key, 0) + 1
         _add_grad_hook(output, partial(self._on_grad, b, call))
         return replaced
 
@@ -458,29 +441,8 @@ class Capture:
             if b.done is not None:
                 b.done(call)
         if b.slow:
-            if self.eager is not None and not b.expand and all(self._uses.get(k) == 1 for k in b.slow_keys):
-                self._eager(b, call)
             self._received.append((b, call))
         self._queue()
-
-    def _eager(self, b: Binding, call: Call) -> None:
-        """This call is the only use of its parameters since the last
-        backward pass: build its contributions now and let the sink compute
-        their norms while the GPU still works on the rest of the backward
-        pass (the end of the pass then has less to do).  Only an
-        optimization: if another contribution of a parameter turns up after
-        all, :meth:`_backward_end` drops the eager norm."""
-        call.check_versions(b.name)
-        contribs = b.rule.contributions(call, b.slow)
-        call.saved.clear()
-        call.results.clear()
-        call.versions.clear()
-        call.contribs = contribs
-        for local, c in contribs.items():
-            key = b.keys[local]
-            sq = self.eager(key, c)  # type: ignore[misc]
-            if sq is not None:
-                self._pre_sq[key] = sq
 
     def _on_fallback_grad(self, b: Binding, call: Call, index: int, grad: Tensor) -> None:
         if not self.enabled:
@@ -540,8 +502,6 @@ class Capture:
         received, self._received = self._received, []
         lane, self._lane_buf = self._lane_buf, None
         seen, self._lane_seen = self._lane_seen, set()
-        pre_sq, self._pre_sq = self._pre_sq, {}
-        self._uses = {}
         if not received and lane is None:
             if self._autograd:
                 self._check_uses({}, None, seen)
@@ -556,11 +516,8 @@ class Capture:
         self.enabled = False
         try:
             for b, call in received:
-                if call.contribs is not None:
-                    contribs, call.contribs = call.contribs, None
-                else:
-                    call.check_versions(b.name)
-                    contribs = b.rule.contributions(call, b.slow)
+                call.check_versions(b.name)
+                contribs = b.rule.contributions(call, b.slow)
                 # from here on the contributions hold the only references, so
                 # that the sink can free each layer's tensors once it is summed
                 call.saved.clear()
@@ -580,8 +537,6 @@ class Capture:
         finally:
             self.enabled = True
         del received
-        # an eager norm covers the parameter only if it was its sole contribution
-        pre_sq = {k: s for k, s in pre_sq.items() if len(out.get(k, ())) == 1}
         self._check_uses(out, lane, seen)
         self._passes += 1
         if self._passes > self.check_passes and self._param_handles:
@@ -589,7 +544,7 @@ class Capture:
             for h in self._param_handles:
                 h.remove()
             self._param_handles = []
-        self.sink(out, n, (self.lane_keys, lane) if lane is not None else None, pre_sq)
+        self.sink(out, n, (self.lane_keys, lane) if lane is not None else None)
 
     def _param(self, key: str) -> nn.Parameter:
         if not hasattr(self, "_params"):

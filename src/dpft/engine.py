@@ -17,7 +17,6 @@ accumulation / physical batches); noise is added once per ``step()``.
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -230,8 +229,6 @@ class PrivacyEngine:
         )
         self.groups = make_groups(clipping_style, list(self.params), self._capture.owner)
         self._sum = ClippedSum(self.params, self.groups, self.max_grad_norm, clipping_fn, norm_mode, self.row_masks)
-        if os.environ.get("DPFT_EAGER_NORMS", "1") != "0":  # "0": A/B switch for benchmarks
-            self._capture.eager = self._sum.eager_sq_norm
         self.ledger = ledger if ledger is not None else Ledger()
         self._start_steps = self.ledger.steps
         # (ledger segments when checked, total steps known to stay within the budget);
@@ -358,11 +355,9 @@ class PrivacyEngine:
         self._sum.reset()
 
     # -- the flow -----------------------------------------------------------
-    def _on_backward(
-        self, contributions: dict[str, list[Contribution]], batch_size: int, lane=None, pre_sq=None
-    ) -> None:
+    def _on_backward(self, contributions: dict[str, list[Contribution]], batch_size: int, lane=None) -> None:
         scale = float(batch_size) if self.loss_reduction == "mean" else 1.0
-        self._sum.add(contributions, batch_size, scale, lane, pre_sq)
+        self._sum.add(contributions, batch_size, scale, lane)
 
     def record_empty_batch(self) -> None:
         """Declare that this logical batch drew no examples (Poisson sampling):

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from .clipping import clip_factors
-from .norms import acc_dtype_of, ghost_sq_norm, prefer_ghost, sq_norm, weighted_sum
+from .norms import acc_dtype_of, sq_norm, weighted_sum
 from .rows import RowMask, can_compact, restrict
-from .rules.base import Contribution, Direct, Factored
+from .rules.base import Contribution, Direct
 
 
 class ClippedSum:
@@ -123,34 +123,17 @@ class ClippedSum:
             ).to(device)
         return self._col_groups[key]
 
-    def eager_sq_norm(self, key: str, c: Contribution) -> Tensor | None:
-        """The squared per-example norm of ``key``'s gradient when ``c`` is its
-        only contribution in this backward pass and the ghost identity is the
-        chosen way (no per-example gradient is built: nothing is held beyond
-        the ``(B,)`` result); ``None`` leaves it to :meth:`add`.  Called from
-        the backward hooks, so that the Gram matrices are computed while the
-        device still has the rest of the backward pass queued."""
-        if not isinstance(c, Factored) or key in self.row_masks or self.mode not in ("ghost", "mixed"):
-            return None
-        if self.mode == "mixed" and not prefer_ghost([c]):
-            return None
-        with torch.no_grad():
-            return ghost_sq_norm([c], acc_dtype_of(self.params[key].dtype))
-
     def add(
         self,
         contributions: dict[str, list[Contribution]],
         batch_size: int,
         scale: float,
         lane: tuple[tuple[str, ...], Tensor] | None = None,
-        pre_sq: dict[str, Tensor] | None = None,
     ) -> None:
         """Clip the per-example gradients of one backward pass and add them.
 
         ``scale`` turns the captured gradients (of a mean loss) into
-        per-example gradients: the physical batch size for ``mean``, 1 for ``sum``.
-        ``pre_sq``: squared norms already computed by :meth:`eager_sq_norm`
-        for parameters whose only contribution this is."""
+        per-example gradients: the physical batch size for ``mean``, 1 for ``sum``."""
         if not contributions and lane is None:
             return
         compact: set[str] = set()
@@ -206,13 +189,9 @@ class ClippedSum:
             flats.append((names, flat, col_group))
 
         inst: dict[str, Tensor | None] = {}
-        pre_sq = pre_sq or {}
         for k in factored:
             p = self.params[k]
-            if k in pre_sq and len(contributions[k]) == 1 and k not in self.row_masks:
-                s, g = pre_sq[k], None
-            else:
-                s, g = sq_norm(contributions[k], self.mode, acc_dtype_of(p.dtype))
+            s, g = sq_norm(contributions[k], self.mode, acc_dtype_of(p.dtype))
             sq[:, self.group_of[k]] += s.to(norm_dtype).to(device)
             inst[k] = g
 

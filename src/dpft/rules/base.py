@@ -83,7 +83,6 @@ class Call:
     grads: list[Tensor | None] = field(default_factory=list)
     results: dict[str, Tensor] = field(default_factory=dict)  # eagerly reduced per-example grads
     versions: list[tuple[Tensor, int]] = field(default_factory=list)
-    contribs: dict[str, Contribution] | None = None  # built eagerly in the backward hook
 
     def save_input(self, name: str, tensor: Tensor) -> None:
         """Keep ``tensor`` for the backward pass and remember its version,

@@ -1,0 +1,126 @@
+"""In-process A/B timing of engine features (CUDA), interleaved to cancel host drift.
+
+    python -m benchmarks.ab_step --models gpt2,resnet50gn --methods bitfit,full
+
+For each (model, method) one model is built; the non-private step and the
+private step with each feature set are timed in turn, ``--rounds`` times
+(median step time of ``--steps`` steps after ``--warmup``), on the same model
+and data.  Feature sets: ``new`` (everything as shipped), ``sync`` (the
+non-finite check synchronizes the whole device stream, as before), ``old``
+(that, plus hooks added through ``Tensor.register_hook``).  Development
+tool; published numbers come from ``benchmarks.speed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import torch
+
+import dpft
+import dpft.capture
+import dpft.privatize
+from benchmarks.models import build
+
+_ORIG_HOOK = dpft.capture._add_grad_hook
+_ORIG_FLAG = dpft.privatize.ClippedSum.nonfinite_now
+
+
+def _sync_flag(self) -> bool:
+    return False if self.nonfinite is None else bool(self.nonfinite)
+
+
+VARIANTS = {
+    "new": dict(sync=False, hook=True),
+    "sync": dict(sync=True, hook=True),
+    "old": dict(sync=True, hook=False),
+}
+
+
+@contextlib.contextmanager
+def variant(v: dict):
+    dpft.privatize.ClippedSum.nonfinite_now = _sync_flag if v["sync"] else _ORIG_FLAG
+    dpft.capture._add_grad_hook = _ORIG_HOOK if v["hook"] else (lambda t, fn: t.register_hook(fn))
+    try:
+        yield
+    finally:
+        dpft.privatize.ClippedSum.nonfinite_now = _ORIG_FLAG
+        dpft.capture._add_grad_hook = _ORIG_HOOK
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_steps(step, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        step()
+    _sync()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync()
+    return (time.perf_counter() - t) / steps * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="gpt2,resnet50gn")
+    ap.add_argument("--methods", default="bitfit,full")
+    ap.add_argument("--variants", default="new,old")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--size", default="full", choices=["full", "tiny"])
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    for model_name in args.models.split(","):
+        for method in args.methods.split(","):
+            kw = {"seq_len": args.seq_len} if args.seq_len else {}
+            wl = build(model_name, batch_size=args.batch_size, device=args.device, tiny=args.size == "tiny", **kw)
+            if method == "bitfit":
+                dpft.bitfit(wl.model)
+            params = [p for p in wl.model.parameters() if p.requires_grad]
+            times: dict[str, list[float]] = {"nonprivate": []}
+            names = args.variants.split(",")
+            for v in names:
+                times[v] = []
+            for _ in range(args.rounds):
+                for v in ["nonprivate", *names]:
+                    opt = torch.optim.SGD(params, lr=1e-6)
+                    engine = None
+                    ctx = variant(VARIANTS[v]) if v != "nonprivate" else contextlib.nullcontext()
+                    with ctx:
+                        if v != "nonprivate":
+                            engine = dpft.PrivacyEngine(wl.model, batch_size=args.batch_size, sample_size=10**6,
+                                                        steps=10**5, noise_multiplier=1.0, clipping_mode="auto")
+                            engine.attach(opt)
+
+                        def step():
+                            wl.loss(wl.logits()).backward()
+                            opt.step()
+                            opt.zero_grad()
+
+                        times[v].append(time_steps(step, args.warmup, args.steps))
+                        if engine is not None:
+                            engine.detach()
+            base = statistics.median(times["nonprivate"])
+            line = f"{model_name} {method} B={args.batch_size}: non-private {base:.2f} ms"
+            for v in names:
+                t = statistics.median(times[v])
+                line += f" | {v} {t:.2f} ms ({base / t:.3f}x)"
+            print(line, flush=True)
+            del wl, params
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
