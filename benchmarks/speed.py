@@ -607,7 +607,12 @@ def build_configs(args: argparse.Namespace, run_id: str, command: str) -> list[d
                 else:
                     cfg["image_size"] = args.image_size or var.get("image_size") or shape["image_size"]
                 configs.append(cfg)
-    return configs
+    # --seq-len / --image-size collapse a suite's shape variants into one: run each config once
+    unique: dict[tuple, dict[str, Any]] = {}
+    for cfg in configs:
+        key = (cfg["model"], cfg["method"], cfg["batch_size"], cfg.get("seq_len"), cfg.get("image_size"))
+        unique.setdefault(key, cfg)
+    return list(unique.values())
 
 
 def _preload_for(cfg: dict[str, Any]) -> list[str]:
