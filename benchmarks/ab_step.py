@@ -6,8 +6,10 @@ For each (model, method) one model is built; the non-private step and the
 private step with each feature set are timed in turn, ``--rounds`` times
 (median step time of ``--steps`` steps after ``--warmup``), on the same model
 and data.  Feature sets: ``new`` (everything as shipped), ``sync`` (the
-non-finite check synchronizes the whole device stream, as before), ``old``
-(that, plus hooks added through ``Tensor.register_hook``).  Development
+non-finite check synchronizes the whole device stream, as before),
+``unfold`` (convolution weights through the unfolded input and matrix
+products, as before, instead of the convolution's weight-gradient kernel),
+``old`` (all of these, plus hooks added through ``Tensor.register_hook``).  Development
 tool; published numbers come from ``benchmarks.speed``.
 """
 
@@ -23,10 +25,13 @@ import torch
 import dpft
 import dpft.capture
 import dpft.privatize
+import dpft.rules.conv
 from benchmarks.models import build
 
 _ORIG_HOOK = dpft.capture._add_grad_hook
 _ORIG_FLAG = dpft.privatize.ClippedSum.nonfinite_now
+_CONV = dpft.rules.conv.ConvFactored
+_ORIG_CONV = (_CONV.per_example, _CONV.weighted)
 
 
 def _sync_flag(self) -> bool:
@@ -34,9 +39,10 @@ def _sync_flag(self) -> bool:
 
 
 VARIANTS = {
-    "new": dict(sync=False, hook=True),
-    "sync": dict(sync=True, hook=True),
-    "old": dict(sync=True, hook=False),
+    "new": dict(sync=False, hook=True, conv=True),
+    "sync": dict(sync=True, hook=True, conv=True),
+    "unfold": dict(sync=False, hook=True, conv=False),
+    "old": dict(sync=True, hook=False, conv=False),
 }
 
 
@@ -44,11 +50,15 @@ VARIANTS = {
 def variant(v: dict):
     dpft.privatize.ClippedSum.nonfinite_now = _sync_flag if v["sync"] else _ORIG_FLAG
     dpft.capture._add_grad_hook = _ORIG_HOOK if v["hook"] else (lambda t, fn: t.register_hook(fn))
+    if not v["conv"]:
+        _CONV.per_example = lambda self, dtype: None
+        _CONV.weighted = lambda self, weights, dtype: None
     try:
         yield
     finally:
         dpft.privatize.ClippedSum.nonfinite_now = _ORIG_FLAG
         dpft.capture._add_grad_hook = _ORIG_HOOK
+        _CONV.per_example, _CONV.weighted = _ORIG_CONV
 
 
 def _sync() -> None:

@@ -3,6 +3,7 @@ clipped mean (float64, relative error <= 1e-6)."""
 
 import pytest
 import torch
+from torch import nn
 
 from layer_zoo import ZOO, collate, loss_fn
 from reference import check_model
@@ -43,3 +44,59 @@ def test_modes_exact(name, mode):
 def test_styles_and_accumulation(name, subset, fn, style):
     model, examples = build(name, subset)
     check_model(model, examples, collate, loss_fn, fn=fn, style=style, splits=[2, 1, 3])
+
+
+_CONV_CASES = {
+    "1d-stride": lambda: nn.Conv1d(3, 4, 3, stride=2, padding=1),
+    "2d-same-dilated": lambda: nn.Conv2d(4, 6, 3, padding="same", dilation=2),
+    "2d-same-even-kernel": lambda: nn.Conv2d(4, 6, (2, 3), padding="same"),
+    "2d-valid": lambda: nn.Conv2d(4, 6, 3, padding="valid", stride=(2, 1)),
+    "2d-reflect": lambda: nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"),
+    "2d-circular": lambda: nn.Conv2d(4, 6, 3, padding=2, padding_mode="circular", dilation=2),
+    "2d-replicate": lambda: nn.Conv2d(4, 6, 3, padding=1, padding_mode="replicate", stride=2),
+    "2d-groups": lambda: nn.Conv2d(4, 6, 3, groups=2, stride=2, padding=1),
+    "2d-depthwise": lambda: nn.Conv2d(6, 6, 3, groups=6, padding=1),
+    "2d-1x1": lambda: nn.Conv2d(4, 6, 1),
+    "3d": lambda: nn.Conv3d(2, 4, 2, stride=(1, 2, 1), padding=1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_CONV_CASES))
+def test_conv_weight_gradient_kernel_paths(name):
+    """The convolution's own weight-gradient kernel (batch folded into the
+    groups) gives the brute-force per-example weight gradients, their
+    weighted sum, the same for a subset of output channels (SPARTA rows),
+    and the lazily unfolded factors agree with it (float64, 1e-10)."""
+    from dpft.rules.base import Factored
+    from dpft.rules.conv import ConvFactored
+
+    torch.manual_seed(1)
+    conv = _CONV_CASES[name]().double()
+    nd = conv.weight.ndim - 2
+    n = 5
+    x = torch.randn(n, conv.in_channels, *([7] * nd), dtype=torch.float64)
+    g = torch.randn_like(conv(x))
+    want = torch.stack([
+        torch.autograd.grad(conv(x[i : i + 1]), conv.weight, g[i : i + 1])[0] for i in range(n)
+    ])
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    c = ConvFactored(conv, x, g, n)
+    w = torch.rand(n, dtype=torch.float64)
+    wv = w.view(-1, *([1] * conv.weight.ndim))
+    assert rel(c.per_example(torch.float64), want) < 1e-10
+    assert rel(c.weighted(w, torch.float64), (wv * want).sum(0)) < 1e-10
+    generic = Factored(right=c.right, shape=c.shape, left=c.left)
+    assert rel(dpft.norms.instantiate(generic, torch.float64), want) < 1e-10
+    assert rel(dpft.norms.ghost_sq_norm([c], torch.float64), want.flatten(1).pow(2).sum(1)) < 1e-10
+    if conv.groups == 1:
+        idx = torch.tensor([conv.out_channels - 1, 0, 2])
+        sel = c.select_rows(idx)
+        assert tuple(sel.shape) == (3, *conv.weight.shape[1:])
+        assert rel(sel.per_example(torch.float64), want[:, idx]) < 1e-10
+        assert rel(sel.weighted(w, torch.float64), (wv * want[:, idx]).sum(0)) < 1e-10
+        assert rel(dpft.norms.ghost_sq_norm([sel], torch.float64), want[:, idx].flatten(1).pow(2).sum(1)) < 1e-10
+    else:
+        assert c.select_rows(torch.tensor([0])) is None

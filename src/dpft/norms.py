@@ -54,6 +54,9 @@ def instantiate(c: Contribution, dtype: torch.dtype) -> Tensor:
     """The per-example gradient ``(B, *shape)`` of one contribution."""
     if isinstance(c, Direct):
         return c.grad.to(dtype)
+    fast = c.per_example(dtype)
+    if fast is not None:
+        return fast
     n, _, groups, cols = c.right.shape
     if c.ids is not None:
         right = c.right.to(dtype)
@@ -183,6 +186,8 @@ def weighted_sum(
             s = torch.zeros(c.num_rows, cols, dtype=dtype, device=wr.device)
             s.index_add_(0, c.ids.reshape(-1), wr)
             s = s.view(c.shape)
+        elif (fast := c.weighted(w, dtype)) is not None:
+            s = fast
         else:
             # under autocast the factors are half precision: one half-precision
             # matmul (fp32 accumulation inside), like the non-private weight gradient

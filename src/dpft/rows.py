@@ -95,6 +95,12 @@ def restrict(c: Contribution, rm: RowMask, compact: bool = True) -> tuple[Contri
         return replace(c, right=c.right * keep.view(*keep.shape, 1, 1)), False
     if compact and can_compact(c, rm) and rm.count == c.shape[rm.dim]:
         return c, True  # every row selected: nothing to cut (and no copy)
+    if rm.dim == 0 and compact and c.groups == 1:
+        sel = c.select_rows(rm.index)
+        if sel is not None:
+            return sel, True
+    if type(c) is not Factored:  # a layer's lazy form: the generic one from here on
+        c = Factored(right=c.right, shape=c.shape, left=c.left, ids=c.ids, num_rows=c.num_rows)
     idx = rm.index.to(c.right.device)
     shape = list(c.shape)
     shape[rm.dim] = len(idx)

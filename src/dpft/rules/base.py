@@ -68,6 +68,20 @@ class Factored:
     def cols(self) -> int:
         return self.right.shape[3]
 
+    # Optional faster paths of a layer (see ``rules.conv.ConvFactored``); ``None``
+    # means "use the generic matrix products on ``left`` / ``right``".
+    def per_example(self, dtype: torch.dtype) -> Tensor | None:
+        """The instantiated per-example gradient ``(B, *shape)``, or ``None``."""
+        return None
+
+    def weighted(self, weights: Tensor, dtype: torch.dtype) -> Tensor | None:
+        """``sum_i weights[i] G_i`` (shape ``shape``), or ``None``."""
+        return None
+
+    def select_rows(self, index: Tensor) -> "Factored | None":
+        """The contribution of the rows ``index`` of dim 0 alone, or ``None``."""
+        return None
+
 
 Contribution = Direct | Factored
 

@@ -9,7 +9,9 @@ contribution with one factor pair per group.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +72,124 @@ def sum_spatial(grad: Tensor) -> Tensor:
     return grad.sum(dim=tuple(range(2, grad.ndim)), dtype=acc_dtype(grad))
 
 
+@contextlib.contextmanager
+def _full_fp32() -> Iterator[None]:
+    """cuDNN convolutions in true float32 (no TF32) inside: per-example
+    gradients and norms must not lose precision (PyTorch lets cuDNN use TF32
+    for float32 convolutions by default).  Uses the new precision API where
+    it exists (mixing it with the legacy flag raises in recent PyTorch)."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        old = conv.fp32_precision
+        conv.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision = old
+    else:  # pragma: no cover - older PyTorch
+        with torch.backends.cudnn.flags(
+            enabled=torch.backends.cudnn.enabled, benchmark=torch.backends.cudnn.benchmark,
+            deterministic=torch.backends.cudnn.deterministic, allow_tf32=False,
+        ):
+            yield
+
+
+class ConvFactored(Factored):
+    """The weight gradient of an ``nn.Conv1d/2d/3d`` call, kept as the layer's
+    input and output gradient.  The unfolded factors (``left`` / ``right``,
+    what the ghost norm needs) are built only when asked for; per-example
+    gradients and the weighted sum come from the convolution's own weight-
+    gradient kernel (the batch folded into the groups for per-example
+    gradients), which never materializes the ``C_in * prod(kernel)``-times
+    larger unfolded input.  ``index``: selected output channels (SPARTA rows)."""
+
+    def __init__(self, module: nn.Module, x: Tensor, g: Tensor, n: int, index: Tensor | None = None) -> None:
+        self.module, self.x, self.g, self.n, self.index = module, x, g, n, index
+        shape = list(module.weight.shape)
+        if index is not None:
+            shape[0] = len(index)
+        self.shape = torch.Size(shape)
+        self.ids = None
+        self.num_rows = 0
+        self._factors: tuple[Tensor, Tensor] | None = None
+
+    def _grad(self) -> Tensor:
+        return self.g if self.index is None else self.g.index_select(1, self.index.to(self.g.device))
+
+    def _get(self) -> tuple[Tensor, Tensor]:
+        if self._factors is None:
+            self._factors = ConvRule.factors(self.module, self.x, self._grad(), self.n)
+        return self._factors
+
+    @property  # type: ignore[override]
+    def left(self) -> Tensor:
+        return self._get()[0]
+
+    @property  # type: ignore[override]
+    def right(self) -> Tensor:
+        return self._get()[1]
+
+    @property
+    def positions(self) -> int:
+        return math.prod(self.g.shape[2:])
+
+    @property
+    def groups(self) -> int:
+        return self.module.groups
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] // self.module.groups
+
+    @property
+    def cols(self) -> int:
+        return math.prod(self.shape[1:])
+
+    def select_rows(self, index: Tensor) -> "ConvFactored | None":
+        if self.module.groups != 1 or self.index is not None:
+            return None
+        return ConvFactored(self.module, self.x, self.g, self.n, index)
+
+    def _fast(self, dtype: torch.dtype) -> bool:
+        # half precision keeps the generic path (float32 products of the half
+        # values); float32/64 use the convolution kernels in full precision
+        return self.x.dtype == self.g.dtype == dtype and dtype in (torch.float32, torch.float64)
+
+    def _wgrad(self, x: Tensor, g: Tensor, weight_size: list[int], groups: int) -> Tensor:
+        m = self.module
+        nd = x.ndim - 2
+        k, dil, stride = _tuple(m.kernel_size, nd), _tuple(m.dilation, nd), _tuple(m.stride, nd)
+        pads = conv_padding(m.padding, k, dil)
+        if m.padding_mode != "zeros" or any(a != b for a, b in pads):
+            flat = [p for pair in reversed(pads) for p in pair]
+            x = F.pad(x, flat) if m.padding_mode == "zeros" else F.pad(x, flat, mode=m.padding_mode)
+            padding = [0] * nd
+        else:
+            padding = [a for a, _ in pads]
+        weight = g.new_empty(1).expand(weight_size)
+        with _full_fp32():
+            return torch.ops.aten.convolution_backward(
+                g, x, weight, None, list(stride), padding, list(dil), False, [0] * nd, groups, (False, True, False)
+            )[1]
+
+    def per_example(self, dtype: torch.dtype) -> Tensor | None:
+        if not self._fast(dtype):
+            return None
+        n, x, g = self.n, self.x, self._grad()
+        # the batch folded into the groups: example i's channels form groups i*G .. (i+1)*G
+        xb = x.reshape(1, n * x.shape[1], *x.shape[2:])
+        gb = g.reshape(1, n * g.shape[1], *g.shape[2:])
+        size = [n * self.shape[0], *self.shape[1:]]
+        return self._wgrad(xb, gb, size, n * self.module.groups).view(n, *self.shape)
+
+    def weighted(self, weights: Tensor, dtype: torch.dtype) -> Tensor | None:
+        if not self._fast(dtype):
+            return None
+        g = self._grad()
+        w = weights.to(g.dtype).view(-1, *([1] * (g.ndim - 1)))
+        return self._wgrad(self.x, g * w, list(self.shape), self.module.groups)
+
+
 class ConvRule(Rule):
     """``nn.Conv1d/2d/3d``: any stride, padding (incl. 'same' and padding modes),
     dilation and groups."""
@@ -86,7 +206,8 @@ class ConvRule(Rule):
         if "weight" in params:
             call.saved["grad"] = grad
 
-    def factors(self, m: nn.Module, x: Tensor, g: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    @staticmethod
+    def factors(m: nn.Module, x: Tensor, g: Tensor, n: int) -> tuple[Tensor, Tensor]:
         """``(left, right)`` of shapes ``(B, L, G, C_out/G)`` and ``(B, L, G, C_in/G * K)``."""
         cols = unfold_nd(x, m.kernel_size, m.dilation, m.padding, m.stride, m.padding_mode)
         length = cols.shape[1]
@@ -98,11 +219,15 @@ class ConvRule(Rule):
         if "bias" in params:
             out["bias"] = Direct(call.results["bias"])
         if "weight" in params:
-            m: nn.Module = call.module
-            n = call.batch_size
-            left, right = self.factors(m, batchify(call.saved["input"], n), call.saved["grad"], n)
-            out["weight"] = Factored(left=left, right=right, shape=m.weight.shape)
+            out["weight"] = self.weight_contribution(call)
         return out
+
+    def weight_contribution(self, call: Call) -> Factored:
+        n = call.batch_size
+        x = batchify(call.saved["input"], n)
+        if x.shape[0] != n:  # pragma: no cover - batchify guarantees it
+            raise RuntimeError("dpft: conv input batch mismatch")
+        return ConvFactored(call.module, x, call.saved["grad"], n)
 
 
 class ConvTransposeRule(ConvRule):
@@ -111,13 +236,20 @@ class ConvTransposeRule(ConvRule):
     kernel, stride, dilation and padding of the convolution this layer is the
     transpose of gives exactly one window per input position."""
 
-    def factors(self, m: nn.Module, x: Tensor, g: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    @staticmethod
+    def factors(m: nn.Module, x: Tensor, g: Tensor, n: int) -> tuple[Tensor, Tensor]:
         cols = unfold_nd(g, m.kernel_size, m.dilation, m.padding, m.stride)
         length = cols.shape[1]
         xl = x.reshape(n, x.shape[1], -1)
         if xl.shape[2] != length:
             raise RuntimeError(f"dpft: ConvTranspose window count {length} != input positions {xl.shape[2]}")
         return xl.transpose(1, 2).reshape(n, length, m.groups, -1), cols.reshape(n, length, m.groups, -1)
+
+    def weight_contribution(self, call: Call) -> Factored:
+        m: nn.Module = call.module
+        n = call.batch_size
+        left, right = self.factors(m, batchify(call.saved["input"], n), call.saved["grad"], n)
+        return Factored(left=left, right=right, shape=m.weight.shape)
 
     def save(self, call: Call, module: nn.Module, args: tuple, output: Tensor, params: frozenset[str]) -> None:
         if module.padding_mode != "zeros":
