@@ -7,8 +7,10 @@ private step with each feature set are timed in turn, ``--rounds`` times
 (median step time of ``--steps`` steps after ``--warmup``), on the same model
 and data.  Feature sets: ``new`` (everything as shipped), ``sync`` (the
 non-finite check synchronizes the whole device stream, as before),
-``unfold`` (convolution weights through the unfolded input and matrix
-products, as before, instead of the convolution's weight-gradient kernel),
+``grouped`` (per-example convolution weight gradients from the weight-
+gradient kernel with the batch folded into the groups), ``unfold``
+(convolution weights through the unfolded input and matrix products only,
+no weight-gradient kernel for the clipped sum),
 ``old`` (all of these, plus hooks added through ``Tensor.register_hook``).  Development
 tool; published numbers come from ``benchmarks.speed``.
 """
@@ -32,6 +34,7 @@ _ORIG_HOOK = dpft.capture._add_grad_hook
 _ORIG_FLAG = dpft.privatize.ClippedSum.nonfinite_now
 _CONV = dpft.rules.conv.ConvFactored
 _ORIG_CONV = (_CONV.per_example, _CONV.weighted)
+_ORIG_GROUPED = _CONV.grouped_per_example
 
 
 def _sync_flag(self) -> bool:
@@ -40,6 +43,7 @@ def _sync_flag(self) -> bool:
 
 VARIANTS = {
     "new": dict(sync=False, hook=True, conv=True),
+    "grouped": dict(sync=False, hook=True, conv=True, grouped=True),
     "sync": dict(sync=True, hook=True, conv=True),
     "unfold": dict(sync=False, hook=True, conv=False),
     "old": dict(sync=True, hook=False, conv=False),
@@ -50,6 +54,7 @@ VARIANTS = {
 def variant(v: dict):
     dpft.privatize.ClippedSum.nonfinite_now = _sync_flag if v["sync"] else _ORIG_FLAG
     dpft.capture._add_grad_hook = _ORIG_HOOK if v["hook"] else (lambda t, fn: t.register_hook(fn))
+    _CONV.grouped_per_example = v.get("grouped", False)
     if not v["conv"]:
         _CONV.per_example = lambda self, dtype: None
         _CONV.weighted = lambda self, weights, dtype: None
@@ -59,6 +64,7 @@ def variant(v: dict):
         dpft.privatize.ClippedSum.nonfinite_now = _ORIG_FLAG
         dpft.capture._add_grad_hook = _ORIG_HOOK
         _CONV.per_example, _CONV.weighted = _ORIG_CONV
+        _CONV.grouped_per_example = _ORIG_GROUPED
 
 
 def _sync() -> None:

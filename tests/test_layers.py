@@ -84,6 +84,7 @@ def test_conv_weight_gradient_kernel_paths(name):
         return float((a - b).norm() / b.norm())
 
     c = ConvFactored(conv, x, g, n)
+    c.grouped_per_example = True  # the batch-in-groups kernel path (off by default)
     w = torch.rand(n, dtype=torch.float64)
     wv = w.view(-1, *([1] * conv.weight.ndim))
     assert rel(c.per_example(torch.float64), want) < 1e-10
@@ -94,9 +95,15 @@ def test_conv_weight_gradient_kernel_paths(name):
     if conv.groups == 1:
         idx = torch.tensor([conv.out_channels - 1, 0, 2])
         sel = c.select_rows(idx)
+        sel.grouped_per_example = True
         assert tuple(sel.shape) == (3, *conv.weight.shape[1:])
         assert rel(sel.per_example(torch.float64), want[:, idx]) < 1e-10
         assert rel(sel.weighted(w, torch.float64), (wv * want[:, idx]).sum(0)) < 1e-10
         assert rel(dpft.norms.ghost_sq_norm([sel], torch.float64), want[:, idx].flatten(1).pow(2).sum(1)) < 1e-10
+        # the default (unfolded) path on the selected rows, and after a release
+        sel2 = c.select_rows(idx)
+        sq, inst = dpft.norms.sq_norm([sel2], "instantiate", torch.float64)
+        assert rel(inst, want[:, idx]) < 1e-10 and sel2._factors is None
+        assert rel(sel2.weighted(w, torch.float64), (wv * want[:, idx]).sum(0)) < 1e-10
     else:
         assert c.select_rows(torch.tensor([0])) is None

@@ -160,10 +160,16 @@ def sq_norm(contribs: list[Contribution], mode: str, dtype: torch.dtype) -> tupl
         )
     )
     if use_ghost:
-        return ghost_sq_norm(factored, dtype), None
+        sq = ghost_sq_norm(factored, dtype)
+        for c in factored:
+            if not c.sum_needs_factors(dtype):
+                c.release()
+        return sq, None
     g = instantiate(contribs[0], dtype)
     for c in contribs[1:]:
         g = g + instantiate(c, dtype)
+    for c in factored:
+        c.release()  # the instantiated gradient serves the weighted sum
     return g.reshape(g.shape[0], -1).pow(2).sum(1), g
 
 

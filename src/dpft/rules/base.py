@@ -78,6 +78,13 @@ class Factored:
         """``sum_i weights[i] G_i`` (shape ``shape``), or ``None``."""
         return None
 
+    def sum_needs_factors(self, dtype: torch.dtype) -> bool:
+        """Whether the weighted sum in ``dtype`` reads ``left`` / ``right``."""
+        return True
+
+    def release(self) -> None:
+        """Drop factors a lazy layer built for the norm (rebuilt if asked for again)."""
+
     def select_rows(self, index: Tensor) -> "Factored | None":
         """The contribution of the rows ``index`` of dim 0 alone, or ``None``."""
         return None

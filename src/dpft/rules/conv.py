@@ -98,10 +98,12 @@ class ConvFactored(Factored):
     """The weight gradient of an ``nn.Conv1d/2d/3d`` call, kept as the layer's
     input and output gradient.  The unfolded factors (``left`` / ``right``,
     what the ghost norm needs) are built only when asked for; per-example
-    gradients and the weighted sum come from the convolution's own weight-
-    gradient kernel (the batch folded into the groups for per-example
-    gradients), which never materializes the ``C_in * prod(kernel)``-times
-    larger unfolded input.  ``index``: selected output channels (SPARTA rows)."""
+    gradients come from them; the weighted sum (book-keeping) comes from the
+    convolution's own weight-gradient kernel, which never materializes the
+    ``C_in * prod(kernel)``-times
+    larger unfolded input; the norm's unfolded factors are dropped as soon as
+    the norm is known (:meth:`release`), so that one layer's unfolded input
+    at a time is alive.  ``index``: selected output channels (SPARTA rows)."""
 
     def __init__(self, module: nn.Module, x: Tensor, g: Tensor, n: int, index: Tensor | None = None) -> None:
         self.module, self.x, self.g, self.n, self.index = module, x, g, n, index
@@ -172,8 +174,20 @@ class ConvFactored(Factored):
                 g, x, weight, None, list(stride), padding, list(dil), False, [0] * nd, groups, (False, True, False)
             )[1]
 
+    #: per-example gradients from the weight-gradient kernel with the batch
+    #: folded into the groups (no unfolded input at all); off by default:
+    #: cuDNN's grouped weight gradient was slower on an H100 than unfold +
+    #: batched matrix product (ResNet50-GN, B = 32), see docs/benchmarks.md
+    grouped_per_example = False
+
+    def release(self) -> None:
+        self._factors = None
+
+    def sum_needs_factors(self, dtype: torch.dtype) -> bool:
+        return not self._fast(dtype)
+
     def per_example(self, dtype: torch.dtype) -> Tensor | None:
-        if not self._fast(dtype):
+        if not (self.grouped_per_example and self._fast(dtype)):
             return None
         n, x, g = self.n, self.x, self._grad()
         # the batch folded into the groups: example i's channels form groups i*G .. (i+1)*G
