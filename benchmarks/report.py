@@ -84,7 +84,9 @@ def latest(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (setting, model variant), the records of the latest run that measured it
     (the last record per method within that run)."""
     if records and records[0].get("suite") == "maxbatch":
-        keyf = lambda r: (_setting(r), r.get("model"))  # noqa: E731 - batch varies by design
+        # batch varies by design; each method's latest run (a largest batch is a
+        # memory limit, so runs on the same GPU model compare)
+        keyf = lambda r: (_setting(r), r.get("model"), r.get("method"))  # noqa: E731
     else:
         keyf = lambda r: (_setting(r), _variant(r))  # noqa: E731
     best_run: dict[tuple, str] = {}

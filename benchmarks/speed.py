@@ -719,10 +719,13 @@ def max_batch(pool: ChildPool, cfg: dict[str, Any], budget: Budget, args: argpar
     doubling from ``--batch-size`` until out of memory (halving if that size
     does not fit), then bisection to within ``--max-batch-tol`` (3%)."""
     probes: list[dict[str, Any]] = []
+    env: dict[str, Any] = {}
 
     def probe(b: int) -> str:
         rec = pool.run(dict(cfg, batch_size=b, warmup=1, steps=2), budget.timeout(), next_cfg=cfg)
         probes.append({k: rec.get(k) for k in ("batch_size", "status", "examples_per_s", "peak_mem_mb", "error")})
+        if rec.get("env") and not env:
+            env.update(rec["env"])  # GPU and versions, as the probes' processes saw them
         print("[bench]   probe " + _fmt(rec), flush=True)
         return rec["status"]
 
@@ -757,6 +760,8 @@ def max_batch(pool: ChildPool, cfg: dict[str, Any], budget: Budget, args: argpar
         else:
             break
     rec = dict(cfg, probes=probes, max_batch=lo or None, first_oom=hi)
+    if env:
+        rec["env"] = env
     ok = [p for p in probes if p["status"] == "ok"]
     if ok:
         best = max(ok, key=lambda p: p["batch_size"])
