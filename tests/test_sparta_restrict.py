@@ -97,6 +97,30 @@ def test_unselected_rows_get_no_noise_and_survive_weight_decay():
     assert not torch.equal(model[0].weight[:3], w0[:3])
 
 
+def test_restriction_survives_deepcopy():
+    """copy.deepcopy drops a Parameter's attributes; the engine must still see
+    the selection of a copied model (not silently train every row)."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    dpft.bitfit(model)
+    mask = torch.zeros(8, dtype=torch.bool)
+    mask[:3] = True
+    dpft.sparta.restrict(model, {"0.weight": mask})
+    twin = copy.deepcopy(model)
+    assert not hasattr(twin[0].weight, dpft.sparta.ATTR)  # what torch does
+    engine = dpft.PrivacyEngine(twin, batch_size=8, sample_size=100, steps=5, noise_multiplier=5.0)
+    assert set(engine.row_masks) == {"0.weight"}
+    assert torch.equal(engine.row_masks["0.weight"].mask, mask)
+    opt = torch.optim.SGD([p for p in twin.parameters() if p.requires_grad], lr=0.1)
+    engine.attach(opt)
+    w0 = twin[0].weight.detach().clone()
+    twin(torch.randn(8, 4)).sum().backward()
+    opt.step()
+    assert torch.equal(twin[0].weight[3:], w0[3:]) and not torch.equal(twin[0].weight[:3], w0[:3])
+    engine.detach()
+    dpft.sparta.unrestrict(twin)
+    assert dpft.PrivacyEngine(twin, batch_size=8, sample_size=100, steps=5, noise_multiplier=1.0).row_masks == {}
+
+
 def test_restrict_bad_input():
     model = nn.Linear(3, 4)
     with pytest.raises(ValueError, match="shape"):

@@ -29,6 +29,7 @@ from .accounting import Ledger, PrivacyBudgetExceeded
 from .capture import Capture
 from .clipping import CLIPPING_FNS, CLIPPING_STYLES, make_groups
 from .methods.sparta import compact_rows
+from .methods.sparta import reattach as sparta_reattach
 from .methods.sparta import row_masks as sparta_masks
 from .noise import GaussianNoise
 from .privatize import ClippedSum
@@ -223,6 +224,7 @@ class PrivacyEngine:
             )
 
         norm_mode = {"auto": "mixed", "bk": "mixed"}.get(clipping_mode, clipping_mode)
+        sparta_reattach(model)  # a deep copy of a restricted model keeps its selection
         self.row_masks = sparta_masks(self.params)
         self._capture = Capture(
             model, self._on_backward, book_keeping=clipping_mode in ("auto", "bk"), no_lane=set(self.row_masks)

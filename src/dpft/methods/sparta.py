@@ -61,9 +61,32 @@ def restrict(model: nn.Module, masks: Mapping[str, Tensor]) -> list[str]:
                 f"(rows along dim {dim} of shape {tuple(p.shape)}), got {tuple(m.shape)}"
             )
         p.requires_grad_(True)
-        setattr(p, ATTR, RowMask(m.to(p.device), dim))
+        rm = RowMask(m.to(p.device), dim)
+        setattr(p, ATTR, rm)
+        # also noted on the owning module: copy.deepcopy keeps a module's
+        # attributes but drops a Parameter's, and a copied model must not
+        # silently train every row (see reattach)
+        owner = modules[mod_name]
+        owner.__dict__.setdefault(REGISTRY, {})[local] = rm
         done.append(name)
     return done
+
+
+REGISTRY = "_dpft_row_registry"
+
+
+def reattach(model: nn.Module) -> None:
+    """Give every restricted parameter of ``model`` its row mask back where a
+    copy lost it (``copy.deepcopy`` of a model drops attributes of its
+    Parameters; the owning modules keep a note of the masks)."""
+    for module in model.modules():
+        reg = module.__dict__.get(REGISTRY)
+        if not reg:
+            continue
+        for local, rm in reg.items():
+            p = module._parameters.get(local)
+            if p is not None and not hasattr(p, ATTR):
+                setattr(p, ATTR, rm if rm.mask.device == p.device else rm.to(p.device))
 
 
 def unrestrict(model: nn.Module) -> None:
@@ -71,6 +94,8 @@ def unrestrict(model: nn.Module) -> None:
     for p in model.parameters():
         if hasattr(p, ATTR):
             delattr(p, ATTR)
+    for module in model.modules():
+        module.__dict__.pop(REGISTRY, None)
 
 
 def row_masks(params: Mapping[str, nn.Parameter]) -> dict[str, RowMask]:
