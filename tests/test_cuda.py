@@ -103,3 +103,27 @@ def test_nonfinite_refused_on_cuda(where, bias_only):
         opt.zero_grad()
     assert engine.steps == 3 and all(torch.isfinite(p).all() for p in params)
     assert not all(torch.equal(a, p) for a, p in zip(before, params))
+
+
+def test_conv_weight_gradient_kernel_float32_is_not_tf32():
+    """The clipped sum of a convolution weight comes from cuDNN's weight-gradient
+    kernel; PyTorch lets cuDNN use TF32 for float32 convolutions by default
+    (relative error ~1e-3), which dpft switches off around its own calls: the
+    float32 result must match float64 to float32 accuracy."""
+    from torch import nn
+
+    from dpft.rules.conv import ConvFactored
+
+    flags = getattr(torch.backends.cudnn, "conv", None)
+    before = getattr(flags, "fp32_precision", None)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 128, 3, padding=1).cuda()
+    x = torch.randn(8, 64, 28, 28, device="cuda")
+    g = torch.randn(8, 128, 28, 28, device="cuda")
+    w = torch.rand(8, device="cuda")
+    got = ConvFactored(conv, x, g, 8).weighted(w, torch.float32)
+    conv64 = nn.Conv2d(64, 128, 3, padding=1).cuda().double()
+    want = ConvFactored(conv64, x.double(), g.double(), 8).weighted(w.double(), torch.float64)
+    rel = float((got.double() - want).norm() / want.norm())
+    assert rel < 1e-5, rel
+    assert getattr(flags, "fp32_precision", None) == before  # the user's setting is left as it was
