@@ -127,3 +127,38 @@ def test_conv_weight_gradient_kernel_float32_is_not_tf32():
     rel = float((got.double() - want).norm() / want.norm())
     assert rel < 1e-5, rel
     assert getattr(flags, "fp32_precision", None) == before  # the user's setting is left as it was
+
+
+@pytest.mark.parametrize("mode", ["ghost", "instantiate", "mixed"])
+def test_float32_clipped_sum_exact_with_user_tf32_on(mode):
+    """The user enables TF32 for float32 matrix products; dpft's per-example
+    norms and clipped sum of float32 factors still match float64 to float32
+    accuracy (TF32 would be off by ~1e-3), and the setting is restored."""
+    from torch import nn
+
+    from dpft.privatize import ClippedSum
+    from dpft.rules.base import Factored
+
+    mm = torch.backends.cuda.matmul
+    if not hasattr(mm, "fp32_precision"):
+        pytest.skip("this PyTorch has no per-backend fp32_precision setting")
+    torch.manual_seed(0)
+    n, t, p, d = 16, 64, 512, 256
+    left = torch.randn(n, t, 1, p, device="cuda")
+    right = torch.randn(n, t, 1, d, device="cuda")
+    weight = nn.Parameter(torch.zeros(p, d, device="cuda"))
+    g64 = torch.einsum("ntp,ntd->npd", left[:, :, 0].double(), right[:, :, 0].double())
+    norms = g64.flatten(1).norm(dim=1)
+    R = float(norms.median())
+    want = (torch.clamp(R / norms, max=1.0).view(-1, 1, 1) * g64).sum(0)
+    old = mm.fp32_precision
+    try:
+        mm.fp32_precision = "tf32"
+        cs = ClippedSum({"w": weight}, [["w"]], R, "abadi", mode)
+        cs.add({"w": [Factored(left=left, right=right, shape=weight.shape)]}, n, 1.0)
+        assert mm.fp32_precision == "tf32"
+    finally:
+        mm.fp32_precision = old
+    got = cs.sums["w"].double()
+    rel = float((got - want).norm() / want.norm())
+    assert rel < 1e-5, rel

@@ -399,3 +399,35 @@ def test_batch_size_does_not_leak_into_later_submodule_calls():
     opt.zero_grad()
     out = model[2](torch.randn(1, 4))
     assert out.shape == (1, 2)
+
+
+def test_norms_and_sums_run_without_tf32_and_restore_user_setting(monkeypatch):
+    """A user who turned TF32 on for float32 matrix products keeps it for the
+    model, but dpft's per-example norms and clipped sums run in IEEE float32
+    (a TF32 norm can come out ~0.1 % small); the setting is restored after."""
+    mm = torch.backends.cuda.matmul
+    conv = torch.backends.cudnn.conv
+    if not (hasattr(mm, "fp32_precision") and hasattr(conv, "fp32_precision")):
+        pytest.skip("this PyTorch has no per-backend fp32_precision settings")
+    seen = []
+    orig = dpft.norms.bmm_acc
+
+    def spy(x, y, dtype):
+        seen.append((mm.fp32_precision, conv.fp32_precision))
+        return orig(x, y, dtype)
+
+    monkeypatch.setattr(dpft.norms, "bmm_acc", spy)
+    old = (mm.fp32_precision, conv.fp32_precision)
+    try:
+        mm.fp32_precision = "tf32"
+        conv.fp32_precision = "tf32"
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        engine = engine_for(model, clipping_mode="ghost")
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        engine.attach(opt)
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        opt.step()
+        assert seen and all(s == ("ieee", "ieee") for s in seen)
+        assert (mm.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+    finally:
+        mm.fp32_precision, conv.fp32_precision = old

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .clipping import clip_factors
 from .norms import acc_dtype_of, sq_norm, weighted_sum
+from .precision import full_fp32
 from .rows import RowMask, can_compact, restrict
 from .rules.base import Contribution, Direct
 
@@ -136,6 +137,16 @@ class ClippedSum:
         per-example gradients: the physical batch size for ``mean``, 1 for ``sum``."""
         if not contributions and lane is None:
             return
+        with full_fp32():  # per-example norms and clipped sums never in TF32
+            self._add(contributions, batch_size, scale, lane)
+
+    def _add(
+        self,
+        contributions: dict[str, list[Contribution]],
+        batch_size: int,
+        scale: float,
+        lane: tuple[tuple[str, ...], Tensor] | None,
+    ) -> None:
         compact: set[str] = set()
         for k, rm in self.row_masks.items():
             if k in contributions:

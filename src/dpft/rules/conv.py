@@ -9,14 +9,13 @@ contribution with one factor pair per group.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..precision import full_fp32
 from .base import Call, Contribution, Direct, Factored, Rule, batchify, reduce_into
 from .linear import acc_dtype
 
@@ -70,28 +69,6 @@ def sum_spatial(grad: Tensor) -> Tensor:
     if grad.ndim == 2:
         return grad.to(acc_dtype(grad))
     return grad.sum(dim=tuple(range(2, grad.ndim)), dtype=acc_dtype(grad))
-
-
-@contextlib.contextmanager
-def _full_fp32() -> Iterator[None]:
-    """cuDNN convolutions in true float32 (no TF32) inside: per-example
-    gradients and norms must not lose precision (PyTorch lets cuDNN use TF32
-    for float32 convolutions by default).  Uses the new precision API where
-    it exists (mixing it with the legacy flag raises in recent PyTorch)."""
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):
-        old = conv.fp32_precision
-        conv.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            conv.fp32_precision = old
-    else:  # pragma: no cover - older PyTorch
-        with torch.backends.cudnn.flags(
-            enabled=torch.backends.cudnn.enabled, benchmark=torch.backends.cudnn.benchmark,
-            deterministic=torch.backends.cudnn.deterministic, allow_tf32=False,
-        ):
-            yield
 
 
 class ConvFactored(Factored):
@@ -169,7 +146,7 @@ class ConvFactored(Factored):
         else:
             padding = [a for a, _ in pads]
         weight = g.new_empty(1).expand(weight_size)
-        with _full_fp32():
+        with full_fp32():  # not TF32 (cuDNN's default for float32)
             return torch.ops.aten.convolution_backward(
                 g, x, weight, None, list(stride), padding, list(dil), False, [0] * nd, groups, (False, True, False)
             )[1]
