@@ -162,3 +162,23 @@ def test_float32_clipped_sum_exact_with_user_tf32_on(mode):
     got = cs.sums["w"].double()
     rel = float((got - want).norm() / want.norm())
     assert rel < 1e-5, rel
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_nonfinite_refused_when_model_is_not_on_the_current_device():
+    """The flag's event must be recorded on the flag's device (a model on
+    cuda:1 while cuda:0 is current)."""
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 3)).to("cuda:1")
+    engine = dpft.PrivacyEngine(model, batch_size=8, sample_size=1000, steps=10, noise_multiplier=1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine.attach(opt)
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.cuda.device(0):
+        x = torch.randn(8, 4, device="cuda:1")
+        x[2, 1] = float("nan")
+        model(x).pow(2).mean().backward()
+        with pytest.raises(FloatingPointError, match="not applied"):
+            opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))

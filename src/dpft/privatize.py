@@ -215,8 +215,10 @@ class ClippedSum:
             if self._flag_host is None:
                 self._flag_host = torch.zeros((), dtype=torch.bool, pin_memory=True)
             self._flag_host.copy_(self.nonfinite, non_blocking=True)
+            # on the stream that ran the copy: the flag's device, which need not be
+            # the current device (a model spread over several GPUs in one process)
             self._flag_event = torch.cuda.Event()
-            self._flag_event.record()
+            self._flag_event.record(torch.cuda.current_stream(bad.device))
         weights = clip_factors(norms, self.group_norm, self.clipping_fn) * scale  # (B, K)
 
         for names, flat, col_group in flats:
