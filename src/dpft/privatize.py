@@ -137,7 +137,8 @@ class ClippedSum:
         per-example gradients: the physical batch size for ``mean``, 1 for ``sum``."""
         if not contributions and lane is None:
             return
-        with full_fp32():  # per-example norms and clipped sums never in TF32
+        # per-example norms and clipped sums: never in TF32, never recorded by autograd
+        with full_fp32(), torch.no_grad():
             self._add(contributions, batch_size, scale, lane)
 
     def _add(
