@@ -1050,8 +1050,9 @@ def write_report(records: Sequence[dict[str, Any]], docs: Path, sources: Sequenc
             "training examples |")
     add("")
     add("* **Methods** (`dpft train --method`): DP-BiTFiT trains the biases and the new classification "
-        "head; DP full trains everything; DP-LoRA trains rank-8 adapters on the attention query/value "
-        "projections and the head; DP last layer trains the head only; SPARTA spends 1 epoch of "
+        "head; DP full trains everything; DP-LoRA trains rank-8 adapters (PEFT) on the attention query/value "
+        "projections and the head (on the CNN: on its three convolutions, its feature layer and "
+        "the head); DP last layer trains the head only; SPARTA spends 1 epoch of "
         "Poisson-sampled steps privately scoring the rows of every encoder weight, keeps the top 20 % "
         "of each and trains them with the biases and the head (one ledger for all steps); *SPARTA, "
         f"random rows* picks the rows uniformly at random instead (needs train.py's "
