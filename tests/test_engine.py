@@ -431,3 +431,28 @@ def test_norms_and_sums_run_without_tf32_and_restore_user_setting(monkeypatch):
         assert (mm.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
     finally:
         mm.fp32_precision, conv.fp32_precision = old
+
+
+def test_fast_output_hooks_coexist_with_user_hooks():
+    """dpft adds its output-gradient hooks without removable handles; a user's
+    own hooks on the same tensors (registered after, and removed again) and
+    retain_grad must keep working, in order."""
+    from dpft.capture import _add_grad_hook
+
+    w = torch.randn(3, requires_grad=True)
+    y = w * 2
+    seen = []
+    _add_grad_hook(y, lambda g: seen.append("dpft"))
+    h = y.register_hook(lambda g: seen.append("user"))
+    y.retain_grad()
+    _add_grad_hook(y, lambda g: seen.append("dpft2"))
+    y.sum().backward(retain_graph=True)
+    assert seen == ["dpft", "user", "dpft2"] and torch.equal(y.grad, torch.ones(3))
+    h.remove()
+    seen.clear()
+    y.sum().backward()
+    assert seen == ["dpft", "dpft2"]
+    leaf = torch.randn(2, requires_grad=True)  # no grad_fn: the public path
+    _add_grad_hook(leaf, lambda g: seen.append("leaf"))
+    leaf.sum().backward()
+    assert seen[-1] == "leaf"
