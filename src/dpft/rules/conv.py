@@ -73,14 +73,14 @@ def sum_spatial(grad: Tensor) -> Tensor:
 
 class ConvFactored(Factored):
     """The weight gradient of an ``nn.Conv1d/2d/3d`` call, kept as the layer's
-    input and output gradient.  The unfolded factors (``left`` / ``right``,
-    what the ghost norm needs) are built only when asked for; per-example
-    gradients come from them; the weighted sum (book-keeping) comes from the
-    convolution's own weight-gradient kernel, which never materializes the
-    ``C_in * prod(kernel)``-times
-    larger unfolded input; the norm's unfolded factors are dropped as soon as
-    the norm is known (:meth:`release`), so that one layer's unfolded input
-    at a time is alive.  ``index``: selected output channels (SPARTA rows)."""
+    input and output gradient.  The unfolded factors (``left`` / ``right``:
+    the input unfolded with the kernel, ``C_in * prod(kernel)`` values per
+    position) are built only when a norm needs them and dropped as soon as it
+    is known (:meth:`release`), so that one layer's unfolded input at a time
+    is alive.  Per-example gradients come from the factors; the weighted sum
+    (book-keeping) comes from the convolution's own weight-gradient kernel,
+    which never materializes the unfolded input.  ``index``: the selected
+    output channels (SPARTA rows)."""
 
     def __init__(self, module: nn.Module, x: Tensor, g: Tensor, n: int, index: Tensor | None = None) -> None:
         self.module, self.x, self.g, self.n, self.index = module, x, g, n, index
