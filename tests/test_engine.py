@@ -456,3 +456,34 @@ def test_fast_output_hooks_coexist_with_user_hooks():
     _add_grad_hook(leaf, lambda g: seen.append("leaf"))
     leaf.sum().backward()
     assert seen[-1] == "leaf"
+
+
+def test_container_parameter_indexed_instead_of_broadcast_is_refused():
+    """A container parameter used as ``self.tok[0]`` (not broadcast over the
+    batch) would credit every example's gradient to example 0; refused."""
+
+    class Indexed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.tok = nn.Parameter(torch.randn(1, 3))
+
+        def forward(self, x):
+            return self.lin(x + self.tok[0])
+
+    model = Indexed()
+    engine = engine_for(model)
+    engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(dpft.UnsupportedModuleError, match="tok.*through example 0"):
+        model(torch.randn(8, 3)).pow(2).mean().backward()
+
+    class Broadcast(Indexed):
+        def forward(self, x):
+            return self.lin(x + self.tok)
+
+    model = Broadcast()
+    engine = engine_for(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine.attach(opt)
+    model(torch.randn(8, 3)).pow(2).mean().backward()  # the usual way: accepted
+    opt.step()

@@ -420,6 +420,8 @@ class Capture:
     def _on_grad(self, b: Binding, call: Call, grad: Tensor) -> None:
         if not self.enabled:
             return
+        if b.expand and self._passes < self.check_passes and grad.shape[0] > 1:
+            self._check_expand(b, grad)
         if grad.dtype in (torch.float16, torch.bfloat16):
             self._half = True
         if b.slow:
@@ -443,6 +445,25 @@ class Capture:
         if b.slow:
             self._received.append((b, call))
         self._queue()
+
+    def _check_expand(self, b: Binding, grad: Tensor) -> None:
+        """A parameter held by a container is expanded over the batch during
+        the container's forward, so that each example's use gets its own
+        gradient.  If the container indexes its leading dimension instead of
+        broadcasting it (``self.pos_embed[0]``), every example's gradient lands
+        on example 0 and the per-example norms would be wrong (sensitivity up
+        to 2R).  In the first backward passes, a gradient that reached example
+        0 alone is refused."""
+        nonzero = grad.detach().reshape(grad.shape[0], -1).ne(0).any(dim=1)
+        if bool(nonzero[0]) and not bool(nonzero[1:].any()):
+            (local,) = tuple(b.params)
+            raise UnsupportedModuleError(
+                f"dpft: parameter '{b.keys[local]}' of module '{b.name}' received the gradient of "
+                f"every example through example 0 (the {grad.shape[0]} examples' uses should each get "
+                f"their own): the module seems to index the parameter's leading dimension (e.g. "
+                f"`self.{local}[0]`) instead of broadcasting it over the batch (e.g. `x + self.{local}`). "
+                "dpft cannot tell the examples' gradients apart; broadcast it, or freeze it."
+            )
 
     def _on_fallback_grad(self, b: Binding, call: Call, index: int, grad: Tensor) -> None:
         if not self.enabled:
