@@ -16,7 +16,6 @@ contributions are handed to a sink (the engine), which clips and sums them.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -238,8 +237,6 @@ class Capture:
                 if local in eager:
                     eager_uses[key] = eager_uses.get(key, 0) + 1
         keys = [k for k in eager_uses if eager_uses[k] == all_uses[k] and k not in no_lane]
-        if os.environ.get("DPFT_NO_LANE") == "1":  # A/B switch for benchmarks
-            keys = []
         kinds = {(params[k].device, params[k].dtype == torch.float64) for k in keys}
         if len(kinds) != 1:
             keys = []  # mixed devices / precisions: no lane (the general path handles them)

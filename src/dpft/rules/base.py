@@ -189,17 +189,12 @@ class Rule:
             out.copy_(r)
 
 
-import os as _os
-
-_LANE_ADD = _os.environ.get("DPFT_LANE_ADD") == "1"  # A/B switch for benchmarks: reduce to a temporary, then add
-
-
 def reduce_into(t: Tensor, dims: tuple[int, ...], out: Tensor, accumulate: bool) -> None:
     """``out (+)= t.sum(dims)`` accumulated in ``out``'s dtype, without a temporary when possible."""
     if not dims and not accumulate and t.shape == out.shape:
         out.copy_(t)  # converts the dtype too
         return
-    if accumulate or not dims or _LANE_ADD:
+    if accumulate or not dims:
         r = t.sum(dim=dims, dtype=out.dtype) if dims else t.to(out.dtype)
         if accumulate:
             out += r.view(out.shape)
