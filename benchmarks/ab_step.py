@@ -11,15 +11,21 @@ non-finite check synchronizes the whole device stream, as before),
 gradient kernel with the batch folded into the groups), ``unfold``
 (convolution weights through the unfolded input and matrix products only,
 no weight-gradient kernel for the clipped sum),
-``old`` (all of these, plus hooks added through ``Tensor.register_hook``).  Development
-tool; published numbers come from ``benchmarks.speed``.
+``old`` (all of these, plus hooks added through ``Tensor.register_hook``),
+``prev`` (another copy of the library, e.g. the last commit's, importable as
+the package ``dpft_prev`` from ``--prev-src``: ``git archive HEAD src/dpft |
+tar -x -C /tmp/prev && mv /tmp/prev/src/dpft /tmp/prev/dpft_prev``).
+``--bf16`` runs every step under bfloat16 autocast.  Development tool;
+published numbers come from ``benchmarks.speed``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import statistics
+import sys
 import time
 
 import torch
@@ -47,6 +53,7 @@ VARIANTS = {
     "sync": dict(sync=True, hook=True, conv=True),
     "unfold": dict(sync=False, hook=True, conv=False),
     "old": dict(sync=True, hook=False, conv=False),
+    "prev": dict(sync=False, hook=True, conv=True, package="dpft_prev"),
 }
 
 
@@ -95,7 +102,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--size", default="full", choices=["full", "tiny"])
+    ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    ap.add_argument("--prev-src", default=None, help="directory holding the package dpft_prev (variant prev)")
     args = ap.parse_args()
+    if args.prev_src:
+        sys.path.insert(0, args.prev_src)
+    amp = (lambda: torch.autocast(args.device, dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     for model_name in args.models.split(","):
@@ -116,12 +128,15 @@ def main() -> None:
                     ctx = variant(VARIANTS[v]) if v != "nonprivate" else contextlib.nullcontext()
                     with ctx:
                         if v != "nonprivate":
-                            engine = dpft.PrivacyEngine(wl.model, batch_size=args.batch_size, sample_size=10**6,
+                            lib = importlib.import_module(VARIANTS[v].get("package", "dpft"))
+                            engine = lib.PrivacyEngine(wl.model, batch_size=args.batch_size, sample_size=10**6,
                                                         steps=10**5, noise_multiplier=1.0, clipping_mode="auto")
                             engine.attach(opt)
 
                         def step():
-                            wl.loss(wl.logits()).backward()
+                            with amp():
+                                loss = wl.loss(wl.logits())
+                            loss.backward()
                             opt.step()
                             opt.zero_grad()
 
@@ -129,7 +144,8 @@ def main() -> None:
                         if engine is not None:
                             engine.detach()
             base = statistics.median(times["nonprivate"])
-            line = f"{model_name} {method} B={args.batch_size}: non-private {base:.2f} ms"
+            tag = " bf16" if args.bf16 else ""
+            line = f"{model_name} {method} B={args.batch_size}{tag}: non-private {base:.2f} ms"
             for v in names:
                 t = statistics.median(times[v])
                 line += f" | {v} {t:.2f} ms ({base / t:.3f}x)"

@@ -122,6 +122,39 @@ class RMS(nn.Module):
         return self.out(self.norm(self.inp(x)))
 
 
+class SharedInput(nn.Module):
+    """Several Linear layers reading one tensor (BERT's query/key/value,
+    Llama's gate/up): their input Gram matrix is shared by dpft."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(3, 5)
+        # q and k of different shapes: not batched together (see dpft.batched)
+        self.q, self.k, self.v = nn.Linear(5, 4), nn.Linear(5, 3), nn.Linear(5, 4, bias=False)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x)).to(x.dtype)  # float32 under autocast, as after a LayerNorm
+        k = self.k(h).sum(-1, keepdim=True)
+        return self.out(torch.tanh(self.q(h)) * k + self.v(torch.sin(h)) + self.v(h))
+
+
+class SameShapes(nn.Module):
+    """Many Linear layers of one shape (as in a transformer): batched by dpft."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(3, 5)
+        self.blocks = nn.ModuleList(nn.Linear(5, 5) for _ in range(5))
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for i, b in enumerate(self.blocks):
+            h = h + torch.tanh(b(h)) if i % 2 else torch.sin(b(h))
+        return self.out(h)
+
+
 def _ids(vocab, t):
     def make():
         x = torch.randint(0, vocab, (t,))
@@ -188,6 +221,8 @@ ZOO = {
     "hf-conv1d": (_hf_conv1d, lambda: torch.randn(4, 3)),
     "embedding-tied": (Tied, _ids(11, 5)),
     "module-twice": (Twice, lambda: torch.randn(4)),
+    "shared-input": (SharedInput, lambda: torch.randn(5, 3)),
+    "same-shapes": (SameShapes, lambda: torch.randn(5, 3)),
     "fallback-leaf": (lambda: nn.Sequential(nn.Linear(3, 4), Scale(4), nn.Linear(4, 2)), lambda: torch.randn(5, 3)),
     "container-tokens": (WithTokens, lambda: torch.randn(3, 2)),
     "resnet-inplace": (lambda: nn.Sequential(nn.Conv2d(2, 4, 1), ResBlock(4), nn.Conv2d(4, 2, 1)), lambda: torch.randn(2, 5, 5)),

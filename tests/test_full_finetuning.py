@@ -236,3 +236,89 @@ def test_half_precision_weighted_sum_never_exceeds_clip_factor(device):
         s = dpft.norms.weighted_sum([c], one.to(device), torch.float32).double().cpu().reshape(-1)
         assert float(s.norm()) <= float(w[i] * g[i].norm()) * (1 + 1e-6)
 
+
+
+def test_layers_reading_one_input_share_its_gram_matrix(monkeypatch):
+    """query/key/value-style layers reading one tensor: its Gram matrix is built
+    once per backward pass (not once per layer), and the update stays exact."""
+    from layer_zoo import SharedInput
+
+    calls = []
+    orig = dpft.norms.bmm_acc
+    monkeypatch.setattr(dpft.norms, "bmm_acc", lambda x, y, d: calls.append(x.shape) or orig(x, y, d))
+    model = SharedInput()
+    for p in model.inp.parameters():
+        p.requires_grad_(False)
+    model.v.requires_grad_(False)  # v reads h twice (two uses): not a plain contribution
+    examples = [torch.randn(5, 3) for _ in range(B)]
+    check_model(model, examples, collate, loss_fn, mode="ghost")
+    grams = [s for s in calls if s[0] == B and s[1] == 5]  # (B, T, k) @ (B, k, T): Gram matrices
+    # q and k: two output-gradient Grams plus ONE shared input Gram; out: two
+    assert len(grams) == 3 + 2, calls
+
+
+def test_layers_reading_one_input_share_one_half_precision_copy(monkeypatch):
+    """Under autocast the float32 input of query/key/value-style layers is kept
+    as ONE bfloat16 copy (not one per layer), so its Gram matrix is shared too;
+    the copy is dropped at the end of the backward pass."""
+    from layer_zoo import SharedInput
+
+    import dpft.rules.base as base
+
+    calls = []
+    orig = dpft.norms.bmm_acc
+    monkeypatch.setattr(dpft.norms, "bmm_acc", lambda x, y, d: calls.append(x.shape) or orig(x, y, d))
+    model = SharedInput()
+    for p in model.inp.parameters():
+        p.requires_grad_(False)
+    model.v.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=1, noise_multiplier=0.0,
+                                max_grad_norm=1.0, clipping_mode="ghost")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine.attach(opt)
+    x = torch.randn(B, 5, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    out.float().pow(2).sum().backward()
+    assert not base._HALF_COPIES
+    grams = [s for s in calls if s[0] == B and s[1] == 5]
+    assert len(grams) == 3 + 2, calls
+    opt.step()
+
+
+@pytest.mark.parametrize("mode", ["ghost", "mixed", "auto"])
+def test_same_shaped_layers_are_batched_and_exact(monkeypatch, mode):
+    """Same-shaped layers get their ghost norms and clipped sums from stacked
+    factors (one kernel per step for all of them), in chunks, exactly; with
+    gradient accumulation over two backward passes."""
+    import dpft.batched
+    from layer_zoo import SameShapes
+
+    seen = []
+    orig = dpft.batched.norms
+    monkeypatch.setattr(dpft.batched, "norms", lambda c, names, d: seen.append(list(names)) or orig(c, names, d))
+    # tiny chunks: 5 same-shaped layers in chunks of 2, 2 and 1
+    monkeypatch.setattr(dpft.batched, "CHUNK_BYTES", 2 * dpft.batched._bytes(
+        dpft.norms.Factored(left=torch.zeros(4, 3, 1, 5, dtype=torch.float64),
+                            right=torch.zeros(4, 3, 1, 5, dtype=torch.float64), shape=torch.Size([5, 5]))))
+    examples = [torch.randn(3, 3) for _ in range(B)]  # T = 3: 2 T^2 < 5 * 5, mixed picks ghost
+    check_model(SameShapes(), examples, collate, loss_fn, mode=mode, splits=[4, 2])
+    weights = [f"blocks.{i}.weight" for i in range(5)]
+    assert seen and all(sorted(names) == sorted(weights) for names in seen), seen
+
+
+def test_large_layers_are_not_batched(monkeypatch):
+    """Layers whose own work keeps the GPU busy are processed one by one (no
+    stacking copy); the update is exact either way."""
+    import dpft.batched
+    from layer_zoo import SameShapes
+
+    seen = []
+    orig = dpft.batched.norms
+    monkeypatch.setattr(dpft.batched, "norms", lambda c, names, d: seen.append(list(names)) or orig(c, names, d))
+    monkeypatch.setattr(dpft.batched, "BATCH_MACS", 0)
+    examples = [torch.randn(3, 3) for _ in range(B)]
+    check_model(SameShapes(), examples, collate, loss_fn, mode="ghost")
+    assert not seen

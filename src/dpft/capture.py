@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .rules import FALLBACK, Call, Contribution, Direct, Rule, find_rule
+from .rules.base import clear_half_copies
 from .rules.embedding import check_embedding
 from .rules.fallback import FallbackRule, _flat_tensors, rng_state
 
@@ -517,6 +518,7 @@ class Capture:
 
     def _backward_end(self) -> None:
         self._queued = False
+        clear_half_copies()
         received, self._received = self._received, []
         lane, self._lane_buf = self._lane_buf, None
         seen, self._lane_seen = self._lane_seen, set()

@@ -453,6 +453,8 @@ class PrivacyEngine:
         rest = [k for k in self.params if k not in done]
         noise = self._noise(rest, compact=True) if sigma_r > 0 else [None] * len(rest)
         rows = compact_rows(self._optimizer) if self.row_masks else {}
+        grads: list[torch.Tensor] = []
+        draws: list[torch.Tensor] = []
         for k, z in zip(rest, noise):
             p = self.params[k]
             s = per_param.get(k)
@@ -461,9 +463,15 @@ class PrivacyEngine:
                 continue
             # the sums are the engine's own fresh tensors, reset after this step: update in place
             g = (s if s.dtype == p.dtype else s.to(p.dtype)) if s is not None else torch.zeros_like(p)
+            grads.append(g)
             if z is not None:
-                g.add_(z, alpha=sigma_r)
-            p.grad = g.div_(self.batch_size)
+                draws.append(z)
+            p.grad = g
+        # multi-tensor kernels: a few launches for all parameters, not two per parameter
+        if grads:
+            if draws:
+                torch._foreach_add_(grads, draws, alpha=sigma_r)
+            torch._foreach_div_(grads, self.batch_size)
         for k in done & self.row_masks.keys():  # restricted Direct parameters (flat buckets): mask
             g = self.params[k].grad
             g.mul_(self.row_masks[k].to(g.device).view_for(g))

@@ -20,7 +20,13 @@ def acc_dtype_of(param_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
-_HALF = (torch.float16, torch.bfloat16)
+def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)``, without the call when it would return ``t`` (on a
+    CUDA host the no-op call costs about as much as a small kernel launch)."""
+    return t if t.dtype is dtype else t.to(dtype)
+
+
+HALF = (torch.float16, torch.bfloat16)
 #: whether ``torch.bmm(..., out_dtype=torch.float32)`` works for half inputs on CUDA (probed once)
 _BMM_OUT_DTYPE: bool | None = None
 
@@ -36,7 +42,7 @@ def bmm_acc(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
     come out smaller than it is).  Elsewhere, and for float32/64 factors, the
     factors are cast to ``dtype`` first."""
     global _BMM_OUT_DTYPE
-    if x.dtype in _HALF and y.dtype == x.dtype and x.is_cuda and dtype == torch.float32 and _BMM_OUT_DTYPE is not False:
+    if x.dtype in HALF and y.dtype == x.dtype and x.is_cuda and dtype == torch.float32 and _BMM_OUT_DTYPE is not False:
         try:
             out = torch.bmm(x, y, out_dtype=torch.float32)
             _BMM_OUT_DTYPE = True
@@ -47,7 +53,7 @@ def bmm_acc(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
             if _BMM_OUT_DTYPE:  # it worked before: this is a real error, not a missing feature
                 raise
             _BMM_OUT_DTYPE = False
-    return torch.bmm(x.to(dtype), y.to(dtype))
+    return torch.bmm(cast(x, dtype), cast(y, dtype))
 
 
 def instantiate(c: Contribution, dtype: torch.dtype) -> Tensor:
@@ -127,6 +133,53 @@ def _ghost_pair(u: Factored, v: Factored, dtype: torch.dtype) -> Tensor:
     return total  # type: ignore[return-value]
 
 
+def _key(t: Tensor) -> tuple:
+    """Identity of a factor's values (valid while the tensor is alive)."""
+    return (t.data_ptr(), t.shape, t.stride(), t.dtype)
+
+
+def is_plain(c: Contribution) -> bool:
+    """A dense single-group factored contribution without a layer-specific path
+    (Linear, GPT-2 Conv1D, LoRA): its Gram matrices may be shared."""
+    return type(c) is Factored and c.ids is None and c.right.shape[2] == 1
+
+
+class GramCache:
+    """Self-Gram matrices ``X X^T`` of factors used by several layers of one
+    backward pass (the query, key and value projections of BERT-style and
+    Llama-style attention read the same input; so do Llama's gate and up
+    projections): each is computed once and kept only until its last use."""
+
+    def __init__(self, contributions: list[Contribution]) -> None:
+        self.uses: dict[tuple, int] = {}
+        for c in contributions:
+            if is_plain(c):
+                for t in (c.left, c.right):
+                    k = _key(t)  # type: ignore[arg-type]
+                    self.uses[k] = self.uses.get(k, 0) + 1
+        self.store: dict[tuple, Tensor] = {}
+
+    def gram(self, t: Tensor, dtype: torch.dtype) -> Tensor:
+        """``(B, T, 1, k) -> (B, T, T)``."""
+        k = _key(t)
+        g = self.store.pop((k, dtype), None)
+        if g is None:
+            x = t.reshape(t.shape[0], t.shape[1], t.shape[3])
+            g = bmm_acc(x, x.transpose(1, 2), dtype)
+        n = self.uses.pop(k, 0)  # uses left, this one included
+        if n > 1:
+            self.uses[k] = n - 1
+            self.store[(k, dtype)] = g
+        return g
+
+
+def _ghost_plain(c: Factored, dtype: torch.dtype, grams: GramCache | None) -> Tensor:
+    """``||G_i||^2`` of one plain contribution (see :func:`is_plain`)."""
+    if grams is None:
+        grams = GramCache([])
+    return (grams.gram(c.left, dtype) * grams.gram(c.right, dtype)).sum(dim=(1, 2))  # type: ignore[arg-type]
+
+
 def ghost_sq_norm(contribs: list[Factored], dtype: torch.dtype) -> Tensor:
     """``||sum_u G_u||^2`` per example from Gram matrices (no instantiation)."""
     total = None
@@ -146,10 +199,13 @@ def prefer_ghost(contribs: list[Factored]) -> bool:
     return 2 * t * t < c0.rows * c0.cols * c0.groups
 
 
-def sq_norm(contribs: list[Contribution], mode: str, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+def sq_norm(
+    contribs: list[Contribution], mode: str, dtype: torch.dtype, grams: GramCache | None = None
+) -> tuple[Tensor, Tensor | None]:
     """Per-example squared norm ``(B,)`` of the summed contributions of one
     parameter, and the instantiated per-example gradient if one was built
-    (reused for the clipped sum)."""
+    (reused for the clipped sum).  ``grams`` shares Gram matrices between
+    parameters whose factors are the same tensor."""
     factored = [c for c in contribs if isinstance(c, Factored)]
     use_ghost = (
         len(factored) == len(contribs)
@@ -160,6 +216,9 @@ def sq_norm(contribs: list[Contribution], mode: str, dtype: torch.dtype) -> tupl
         )
     )
     if use_ghost:
+        c0 = factored[0]
+        if len(factored) == 1 and is_plain(c0) and c0.right.shape[0] * c0.positions**2 <= GHOST_BLOCK:
+            return _ghost_plain(c0, dtype, grams), None
         sq = ghost_sq_norm(factored, dtype)
         for c in factored:
             if not c.sum_needs_factors(dtype):
@@ -173,13 +232,25 @@ def sq_norm(contribs: list[Contribution], mode: str, dtype: torch.dtype) -> tupl
     return g.reshape(g.shape[0], -1).pow(2).sum(1), g
 
 
+#: half-precision clip weights are shrunk by this factor before the factor
+#: they scale is rounded to nearest (twice bfloat16's largest relative rounding
+#: error), so that no scaled entry exceeds its exact value
+HALF_SHRINK = 1 - 2.0**-7
+
+
 def weighted_sum(
-    contribs: list[Contribution], weights: Tensor, dtype: torch.dtype, instantiated: Tensor | None = None
+    contribs: list[Contribution],
+    weights: Tensor,
+    dtype: torch.dtype,
+    instantiated: Tensor | None = None,
+    shrunk: Tensor | None = None,
 ) -> Tensor:
     """``sum_i w_i g_i`` (shape of the parameter).  Factored contributions use
     one weighted matrix product each (book-keeping); no per-example gradient
-    is built unless one was already instantiated for the norm."""
-    w = weights.to(dtype)
+    is built unless one was already instantiated for the norm.  ``shrunk``
+    (optional) is ``weights * HALF_SHRINK`` computed once by the caller for
+    the half-precision path."""
+    w = cast(weights, dtype)
     if instantiated is not None:
         return torch.tensordot(w, instantiated, dims=([0], [0]))
     total = None
@@ -197,19 +268,21 @@ def weighted_sum(
         else:
             # under autocast the factors are half precision: one half-precision
             # matmul (fp32 accumulation inside), like the non-private weight gradient
-            half = c.left.dtype in _HALF and c.right.dtype == c.left.dtype  # type: ignore[union-attr]
+            half = c.left.dtype in HALF and c.right.dtype == c.left.dtype  # type: ignore[union-attr]
             cdt = c.left.dtype if half else dtype  # type: ignore[union-attr]
-            left, right = c.left.to(cdt), c.right.to(cdt)  # type: ignore[union-attr]
+            left, right = cast(c.left, cdt), cast(c.right, cdt)  # type: ignore[arg-type]
             # scale the thinner factor by the clip weights (fewer bytes to touch);
-            # in half precision the product is formed in float32 with the weight
-            # shrunk by 2^-7 (twice bfloat16's largest relative rounding error)
-            # before rounding to nearest, so no entry is scaled above its factor
-            shrink = (1 - 2.0**-7) if half else 1.0
-            wv = (w * shrink).view(-1, 1, 1, 1)
-            if left.shape[3] <= right.shape[3]:
-                left = (left.to(wv.dtype) * wv).to(cdt)
+            # in half precision the product is formed in float32 (one kernel:
+            # float32 arithmetic, rounded to nearest on store) with the weight
+            # shrunk by HALF_SHRINK, so no entry is scaled above its factor
+            if half:
+                wv = (cast(shrunk, w.dtype) if shrunk is not None else w * HALF_SHRINK).view(-1, 1, 1, 1)
             else:
-                right = (right.to(wv.dtype) * wv).to(cdt)
+                wv = w.view(-1, 1, 1, 1)
+            if left.shape[3] <= right.shape[3]:
+                left = torch.mul(left, wv, out=torch.empty_like(left)) if half else left * wv
+            else:
+                right = torch.mul(right, wv, out=torch.empty_like(right)) if half else right * wv
             n_t = left.shape[0] * left.shape[1]
             # (G, p, B*T) @ (G, B*T, d): one matrix product per group
             lt = left.reshape(n_t, c.groups, -1).permute(1, 2, 0)

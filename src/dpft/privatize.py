@@ -17,11 +17,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import batched
 from .clipping import clip_factors
-from .norms import acc_dtype_of, sq_norm, weighted_sum
+from .norms import HALF, HALF_SHRINK, GramCache, acc_dtype_of, cast, sq_norm, weighted_sum
 from .precision import full_fp32
 from .rows import RowMask, can_compact, restrict
-from .rules.base import Contribution, Direct
+from .rules.base import Contribution, Direct, Factored
+
+
+def _on(t: Tensor, device: torch.device) -> Tensor:
+    """``t.to(device)`` without the call when ``t`` is already there."""
+    return t if t.device == device else t.to(device)
 
 
 class ClippedSum:
@@ -57,6 +63,7 @@ class ClippedSum:
         self._flag_event: Any = None
         self._col_groups: dict[tuple[str, ...], Tensor] = {}
         self._split_meta: dict[tuple[str, ...], tuple] = {}
+        self._part_index: dict[tuple, Tensor] = {}
 
     def nonfinite_now(self) -> bool:
         """Whether a per-example gradient of this step was NaN/Inf.  Waits
@@ -161,7 +168,11 @@ class ClippedSum:
         double = double or any(self.params[k].dtype == torch.float64 for k in contributions)
         device = lane[1].device if lane is not None else self.params[next(iter(contributions))].device
         norm_dtype = torch.float64 if double else torch.float32
-        sq = torch.zeros(batch_size, self.num_groups, dtype=norm_dtype, device=device)
+        # squared norms: one column per flat bucket / factored parameter, summed
+        # per group at the end (a few kernels in all, not an update per layer)
+        parts: list[Tensor] = []
+        part_groups: list[int] = []
+        sq_cols: Tensor | None = None  # (B, K) contributions of multi-group flat buckets
 
         # Direct-only parameters, concatenated per (device, dtype)
         direct: dict[tuple, list[str]] = {}
@@ -173,15 +184,7 @@ class ClippedSum:
             else:
                 factored.append(k)
         flats: list[tuple[tuple[str, ...], Tensor, Tensor | None]] = []
-        if lane is not None:
-            names, flat = lane
-            col_group = None
-            if self.num_groups == 1:
-                sq[:, 0] += flat.pow(2).sum(1).to(norm_dtype).to(device)
-            else:
-                col_group = self._col_group(names, flat.device)
-                sq.index_add_(1, col_group.to(device), flat.pow(2).to(norm_dtype).to(device))
-            flats.append((names, flat, col_group))
+        buckets: list[tuple[tuple[str, ...], Tensor]] = [lane] if lane is not None else []
         for (dev, dtype), name_list in direct.items():
             names = tuple(name_list)
             cols = []
@@ -191,21 +194,41 @@ class ClippedSum:
                 for c in cs[1:]:
                     g = g + c.grad
                 cols.append(g.reshape(batch_size, -1).to(dtype))
-            flat = torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]
+            buckets.append((names, torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]))
+        for names, flat in buckets:
             col_group = None
             if self.num_groups == 1:
-                sq[:, 0] += flat.pow(2).sum(1).to(norm_dtype).to(device)
+                parts.append(_on(cast(flat.pow(2).sum(1), norm_dtype), device))
+                part_groups.append(0)
             else:
-                col_group = self._col_group(names, dev)
-                sq.index_add_(1, col_group.to(device), flat.pow(2).to(norm_dtype).to(device))
+                col_group = self._col_group(names, flat.device)
+                if sq_cols is None:
+                    sq_cols = torch.zeros(batch_size, self.num_groups, dtype=norm_dtype, device=device)
+                sq_cols.index_add_(1, col_group.to(device), flat.pow(2).to(norm_dtype).to(device))
             flats.append((names, flat, col_group))
 
+        # same-shaped plain layers (not row-restricted): batched norms, stacked factors
+        stacks: list[tuple[batched.Stack, list[int]]] = []
+        plain = [k for k in factored if k not in self.row_masks]
+        for names in batched.plan(contributions, plain, self.mode):
+            acc = acc_dtype_of(self.params[names[0]].dtype)
+            for stack, sq_stack in batched.norms(contributions, names, acc):
+                gis = [self.group_of[k] for k in stack.names]
+                parts.extend(_on(cast(sq_stack, norm_dtype), device).unbind(0))
+                part_groups.extend(gis)
+                stacks.append((stack, gis))
+        if stacks:
+            factored = [k for k in factored if k in contributions]
+
         inst: dict[str, Tensor | None] = {}
+        grams = GramCache([c for k in factored for c in contributions[k]]) if self.mode != "instantiate" else None
         for k in factored:
             p = self.params[k]
-            s, g = sq_norm(contributions[k], self.mode, acc_dtype_of(p.dtype))
-            sq[:, self.group_of[k]] += s.to(norm_dtype).to(device)
+            s, g = sq_norm(contributions[k], self.mode, acc_dtype_of(p.dtype), grams)
+            parts.append(_on(cast(s, norm_dtype), device))
+            part_groups.append(self.group_of[k])
             inst[k] = g
+        sq = self._group_sums(parts, part_groups, sq_cols, batch_size, norm_dtype, device)
 
         norms = sq.sqrt() * scale  # (B, K) per-example, per-group norms
         # a non-finite per-example gradient (NaN/Inf loss, overflow) must never
@@ -221,6 +244,8 @@ class ClippedSum:
             self._flag_event = torch.cuda.Event()
             self._flag_event.record(torch.cuda.current_stream(bad.device))
         weights = clip_factors(norms, self.group_norm, self.clipping_fn) * scale  # (B, K)
+        shrunk: Tensor | None = None  # weights * HALF_SHRINK, made once if a half-precision sum needs it
+        columns = weights.unbind(1) if factored or stacks else ()
 
         for names, flat, col_group in flats:
             w = weights.to(flat.device, flat.dtype)
@@ -232,11 +257,28 @@ class ClippedSum:
                 self.flat[names] += total
             else:
                 self.flat[names] = total
+        for stack, gis in stacks:
+            p = self.params[stack.names[0]]
+            if all(g == gis[0] for g in gis):
+                w = _on(columns[gis[0]], p.device)
+            else:
+                w = _on(weights.t()[torch.tensor(gis, device=weights.device)], p.device)
+            totals = batched.weighted(stack, w, acc_dtype_of(p.dtype), HALF_SHRINK)
+            for k, total in zip(stack.names, totals):
+                self._accumulate(k, total)
+        stacks.clear()
         for k in factored:
             p = self.params[k]
-            w = weights[:, self.group_of[k]].to(p.device)
-            # pop: this layer's activations and output gradients are freed once summed
-            total = weighted_sum(contributions.pop(k), w, acc_dtype_of(p.dtype), inst.pop(k))
+            gi = self.group_of[k]
+            w = _on(columns[gi], p.device)
+            cs = contributions.pop(k)  # this layer's activations and output gradients are freed once summed
+            half = None
+            # (``right`` only: a lazy layer would rebuild a released ``left``)
+            if any(isinstance(c, Factored) and c.right.dtype in HALF for c in cs):
+                if shrunk is None:
+                    shrunk = weights * HALF_SHRINK
+                half = _on(shrunk[:, gi], p.device)
+            total = weighted_sum(cs, w, acc_dtype_of(p.dtype), inst.pop(k), shrunk=half)
             rm = self.row_masks.get(k)
             if rm is None:
                 self._accumulate(k, total)
@@ -248,6 +290,29 @@ class ClippedSum:
             else:
                 self.row_sums[k] = rows
         self.backward_passes += 1
+
+    def _group_sums(
+        self,
+        parts: list[Tensor],
+        part_groups: list[int],
+        sq_cols: Tensor | None,
+        batch_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> Tensor:
+        """``(B, K)`` per-group squared norms from per-column ``(B,)`` parts."""
+        if not parts:
+            return sq_cols if sq_cols is not None else torch.zeros(batch_size, self.num_groups, dtype=dtype, device=device)
+        stacked = torch.stack(parts, dim=1) if len(parts) > 1 else parts[0].unsqueeze(1)
+        if self.num_groups == 1:
+            sq = stacked.sum(1, keepdim=True) if len(parts) > 1 else stacked
+        else:
+            key = tuple(part_groups)
+            idx = self._part_index.get((key, device))
+            if idx is None:
+                idx = self._part_index[(key, device)] = torch.tensor(part_groups, dtype=torch.long).to(device)
+            sq = torch.zeros(batch_size, self.num_groups, dtype=dtype, device=device).index_add_(1, idx, stacked)
+        return sq + sq_cols if sq_cols is not None else sq
 
     def _accumulate(self, k: str, value: Tensor) -> None:
         if k in self.sums:

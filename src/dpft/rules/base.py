@@ -21,6 +21,7 @@ Two kinds of contribution exist:
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,6 +123,28 @@ class Call:
                 )
 
 
+#: half-precision copies of float32 inputs, per source tensor: layers reading
+#: one input (query/key/value) keep one copy, so their Gram matrices can be shared
+_HALF_COPIES: dict[int, tuple[Any, int, torch.dtype, Tensor]] = {}
+
+
+def half_copy(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x.detach().to(dtype)``, made once per (tensor, version, dtype).  An
+    entry lives no longer than ``x`` (a weak reference removes it) and the
+    table is cleared at the end of every backward pass."""
+    key = id(x)
+    hit = _HALF_COPIES.get(key)
+    if hit is not None and hit[0]() is x and hit[1] == x._version and hit[2] is dtype:
+        return hit[3]
+    y = x.detach().to(dtype)
+    _HALF_COPIES[key] = (weakref.ref(x, lambda _, k=key: _HALF_COPIES.pop(k, None)), x._version, dtype, y)
+    return y
+
+
+def clear_half_copies() -> None:
+    _HALF_COPIES.clear()
+
+
 class Rule:
     """A per-layer rule: what to keep in forward, how to turn the output
     gradient into per-example gradient contributions.
@@ -165,7 +188,7 @@ class Rule:
                 # keep the half-precision value the layer actually multiplied
                 # (autocast rounds the input the same way): half the memory,
                 # and the per-example products run on half-precision kernels
-                x = x.detach().to(output.dtype)
+                x = half_copy(x, output.dtype)
             call.save_input("input", x)
 
     def on_grad(self, call: Call, grad: Tensor, params: frozenset[str]) -> None:

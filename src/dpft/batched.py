@@ -1,0 +1,130 @@
+"""Ghost norms and book-keeping sums of many same-shaped layers at once.
+
+A transformer has dozens of Linear layers of a few shapes (BERT-base: 48 of
+768 x 768, 12 of 768 x 3072, 12 of 3072 x 768).  Per layer, the ghost norm
+takes two Gram matrices and a product-sum, and the book-keeping clipped sum
+a scaling and a matrix product: a handful of small kernels whose launch cost
+on the CPU exceeds their GPU time when the layers are small (bf16, short
+sequences, small batches).  Here the factors of same-shaped layers are
+stacked (one copy kernel) and every step is one batched kernel for all of
+them, in chunks of bounded memory.  The values are the same as layer by
+layer: the same products, batched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .norms import GHOST_BLOCK, HALF, bmm_acc, is_plain, prefer_ghost
+from .rules.base import Contribution, Factored
+
+#: largest memory (bytes) of one chunk's stacked factors and Gram matrices
+CHUNK_BYTES = 1 << 28
+
+#: layers doing more multiply-adds than this per step (norm + clipped sum;
+#: float32 counted 8x: no tensor cores without TF32) keep the GPU busy longer
+#: than their kernel launches take: they are processed one by one, saving
+#: the copy into the stack.  Measured on an H100 (benchmarks/ab_step.py):
+#: bf16 BERT/GPT-2/ViT-base at B = 32 and float32 at B = 8, T = 128 gain
+#: 10-50 % from batching; float32 at B = 32 does not.
+BATCH_MACS = 1 << 35
+
+
+@dataclass
+class Stack:
+    """The factors of ``names`` stacked: ``left`` ``(P, B, T, p)``, ``right`` ``(P, B, T, d)``."""
+
+    names: list[str]
+    shapes: list[torch.Size]
+    left: Tensor
+    right: Tensor
+
+
+def _bytes(c: Factored) -> int:
+    n, t = c.right.shape[:2]
+    factors = n * t * (c.left.shape[3] * c.left.element_size() + c.right.shape[3] * c.right.element_size())  # type: ignore[union-attr]
+    return factors + 2 * n * t * t * 4
+
+
+def work(c: Factored) -> int:
+    """Multiply-adds of one layer's ghost norm and clipped sum (float32: 8x)."""
+    n, t = c.right.shape[:2]
+    p, d = c.left.shape[3], c.right.shape[3]  # type: ignore[union-attr]
+    macs = n * t * (t * (p + d) + p * d)
+    return macs if c.left.dtype in HALF else 8 * macs  # type: ignore[union-attr]
+
+
+def plan(contributions: dict[str, list[Contribution]], names: list[str], mode: str) -> list[list[str]]:
+    """Groups (of two or more) of ``names`` whose norms are ghost norms of
+    plain contributions (:func:`dpft.norms.is_plain`) of one shape and dtype."""
+    if mode not in ("ghost", "mixed"):
+        return []
+    groups: dict[tuple, list[str]] = {}
+    for k in names:
+        cs = contributions[k]
+        if len(cs) != 1 or not is_plain(cs[0]):
+            continue
+        c = cs[0]
+        assert isinstance(c, Factored) and c.left is not None
+        n, t = c.right.shape[:2]
+        if c.left.shape[0] != n or n * t * t > GHOST_BLOCK or (mode == "mixed" and not prefer_ghost([c])):
+            continue
+        if _bytes(c) * 2 > CHUNK_BYTES or work(c) > BATCH_MACS:
+            continue
+        key = (tuple(c.right.shape), tuple(c.left.shape), c.left.dtype, c.right.dtype, c.right.device)
+        groups.setdefault(key, []).append(k)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _gram(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(P, B, T, k) -> (P * B, T, T)``."""
+    p, n, t, k = x.shape
+    x = x.view(p * n, t, k)
+    return bmm_acc(x, x.transpose(1, 2), dtype)
+
+
+def norms(
+    contributions: dict[str, list[Contribution]], names: list[str], dtype: torch.dtype
+) -> list[tuple[Stack, Tensor]]:
+    """Stack the factors of ``names`` (one group of :func:`plan`) in chunks and
+    return each chunk with its squared per-example norms ``(P, B)``.  The
+    contributions are removed from ``contributions``: the stacks replace them."""
+    first = contributions[names[0]][0]
+    assert isinstance(first, Factored)
+    per_chunk = max(2, CHUNK_BYTES // _bytes(first))
+    out = []
+    for start in range(0, len(names), per_chunk):
+        chunk = names[start : start + per_chunk]
+        cs = [contributions.pop(k)[0] for k in chunk]
+        left = torch.stack([c.left.squeeze(2) for c in cs])  # type: ignore[union-attr]
+        right = torch.stack([c.right.squeeze(2) for c in cs])
+        shapes = [c.shape for c in cs]
+        del cs
+        p, n = left.shape[:2]
+        sq = (_gram(left, dtype) * _gram(right, dtype)).sum(dim=(1, 2)).view(p, n)
+        out.append((Stack(chunk, shapes, left, right), sq))
+    return out
+
+
+def weighted(stack: Stack, weights: Tensor, dtype: torch.dtype, shrink: float) -> list[Tensor]:
+    """``sum_i w[j, i] G_{j,i}`` for every layer ``j`` of the stack, from its
+    ``(P, B)`` (or ``(B,)``, shared) clip weights: one scaling and one batched
+    matrix product.  Half-precision factors are scaled in float32 with the
+    weights shrunk by ``shrink`` and rounded to nearest on store (see
+    :func:`dpft.norms.weighted_sum`)."""
+    left, right = stack.left, stack.right
+    p, n, t = left.shape[:3]
+    half = left.dtype in HALF and right.dtype == left.dtype
+    if not half:
+        left, right = left.to(dtype), right.to(dtype)
+    w = (weights * shrink if half else weights.to(dtype)).view(-1, n, 1, 1)
+    if left.shape[3] <= right.shape[3]:
+        left = torch.mul(left, w, out=torch.empty_like(left)) if half else left * w
+    else:
+        right = torch.mul(right, w, out=torch.empty_like(right)) if half else right * w
+    stack.left = stack.right = None  # type: ignore[assignment]  # freed once summed
+    total = bmm_acc(left.view(p, n * t, -1).transpose(1, 2), right.view(p, n * t, -1), dtype)
+    return [s.view(shape) for s, shape in zip(total.unbind(0), stack.shapes)]
