@@ -95,7 +95,7 @@ def test_nonfinite_refused_on_cuda(where, bias_only):
     with pytest.raises(FloatingPointError, match="not applied"):
         opt.step()
     assert all(torch.equal(a, p) for a, p in zip(before, params))
-    assert engine.steps == 0 and not opt.state
+    assert engine.steps == 0 and not opt.state and all(p.grad is None for p in params)
     opt.zero_grad()
     for _ in range(3):  # training goes on; finite steps are applied
         model(torch.randn(16, 4, device="cuda")).pow(2).mean().backward()

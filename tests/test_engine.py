@@ -348,6 +348,7 @@ def test_nonfinite_gradients_never_reach_parameters(where):
         opt.step()
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
     assert engine.steps == 0 and not opt.state
+    assert all(p.grad is None for p in model.parameters())  # the refused gradient is dropped
     opt.zero_grad()
     model(torch.randn(8, 4)).pow(2).mean().backward()  # training goes on
     opt.step()

@@ -424,6 +424,8 @@ class PrivacyEngine:
         if flag is not None and (bool(flag) if distributed else self._sum.nonfinite_now()):
             self._sum.reset()
             self._empty_batches = 0
+            for p in self.params.values():
+                p.grad = None  # no gradient of the refused step (autograd's own bias gradients included)
             raise FloatingPointError(
                 "dpft: a per-example gradient was NaN or infinite (NaN/Inf loss or overflow); the step "
                 "was not applied and the accumulated gradients were discarded (parameters, optimizer "
