@@ -238,18 +238,25 @@ def test_half_precision_weighted_sum_never_exceeds_clip_factor(device):
 
 
 
-def test_layers_reading_one_input_share_its_gram_matrix(monkeypatch):
-    """query/key/value-style layers reading one tensor: its Gram matrix is built
-    once per backward pass (not once per layer), and the update stays exact."""
+def _shared_input_model(monkeypatch) -> tuple[nn.Module, list]:
+    """``SharedInput`` with q, k and out trainable, and the list that records
+    the first factor's shape of every matrix product ``norms.bmm_acc`` runs."""
     from layer_zoo import SharedInput
 
-    calls = []
+    calls: list = []
     orig = dpft.norms.bmm_acc
     monkeypatch.setattr(dpft.norms, "bmm_acc", lambda x, y, d: calls.append(x.shape) or orig(x, y, d))
     model = SharedInput()
     for p in model.inp.parameters():
         p.requires_grad_(False)
     model.v.requires_grad_(False)  # v reads h twice (two uses): not a plain contribution
+    return model, calls
+
+
+def test_layers_reading_one_input_share_its_gram_matrix(monkeypatch):
+    """query/key/value-style layers reading one tensor: its Gram matrix is built
+    once per backward pass (not once per layer), and the update stays exact."""
+    model, calls = _shared_input_model(monkeypatch)
     examples = [torch.randn(5, 3) for _ in range(B)]
     check_model(model, examples, collate, loss_fn, mode="ghost")
     grams = [s for s in calls if s[0] == B and s[1] == 5]  # (B, T, k) @ (B, k, T): Gram matrices
@@ -261,17 +268,9 @@ def test_layers_reading_one_input_share_one_half_precision_copy(monkeypatch):
     """Under autocast the float32 input of query/key/value-style layers is kept
     as ONE bfloat16 copy (not one per layer), so its Gram matrix is shared too;
     the copy is dropped at the end of the backward pass."""
-    from layer_zoo import SharedInput
-
     import dpft.rules.base as base
 
-    calls = []
-    orig = dpft.norms.bmm_acc
-    monkeypatch.setattr(dpft.norms, "bmm_acc", lambda x, y, d: calls.append(x.shape) or orig(x, y, d))
-    model = SharedInput()
-    for p in model.inp.parameters():
-        p.requires_grad_(False)
-    model.v.requires_grad_(False)
+    model, calls = _shared_input_model(monkeypatch)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=1, noise_multiplier=0.0,
                                 max_grad_norm=1.0, clipping_mode="ghost")
