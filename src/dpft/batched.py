@@ -63,19 +63,26 @@ def plan(contributions: dict[str, list[Contribution]], names: list[str], mode: s
     if mode not in ("ghost", "mixed"):
         return []
     groups: dict[tuple, list[str]] = {}
+    eligible: dict[tuple, bool] = {}  # per shape: decided once (a model has a few shapes, many layers)
     for k in names:
         cs = contributions[k]
         if len(cs) != 1 or not is_plain(cs[0]):
             continue
         c = cs[0]
         assert isinstance(c, Factored) and c.left is not None
-        n, t = c.right.shape[:2]
-        if c.left.shape[0] != n or n * t * t > GHOST_BLOCK or (mode == "mixed" and not prefer_ghost([c])):
-            continue
-        if _bytes(c) * 2 > CHUNK_BYTES or work(c) > BATCH_MACS:
-            continue
-        key = (tuple(c.right.shape), tuple(c.left.shape), c.left.dtype, c.right.dtype, c.right.device)
-        groups.setdefault(key, []).append(k)
+        key = (c.right.shape, c.left.shape, c.left.dtype, c.right.dtype, c.right.device)
+        ok = eligible.get(key)
+        if ok is None:
+            n, t = c.right.shape[:2]
+            ok = eligible[key] = (
+                c.left.shape[0] == n
+                and n * t * t <= GHOST_BLOCK
+                and (mode == "ghost" or prefer_ghost([c]))
+                and _bytes(c) * 2 <= CHUNK_BYTES
+                and work(c) <= BATCH_MACS
+            )
+        if ok:
+            groups.setdefault(key, []).append(k)
     return [g for g in groups.values() if len(g) > 1]
 
 
@@ -99,8 +106,8 @@ def norms(
     for start in range(0, len(names), per_chunk):
         chunk = names[start : start + per_chunk]
         cs = [contributions.pop(k)[0] for k in chunk]
-        left = torch.stack([c.left.squeeze(2) for c in cs])  # type: ignore[union-attr]
-        right = torch.stack([c.right.squeeze(2) for c in cs])
+        left = torch.stack([c.left for c in cs]).squeeze(3)  # type: ignore[misc]  # (P, B, T, p)
+        right = torch.stack([c.right for c in cs]).squeeze(3)
         shapes = [c.shape for c in cs]
         del cs
         p, n = left.shape[:2]

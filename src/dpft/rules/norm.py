@@ -47,7 +47,9 @@ class _AffineNormRule(Rule):
         return {name: Direct(call.results[name]) for name in params}
 
     def eager_into(self, call: Call, grad: Tensor, name: str, out: Tensor, accumulate: bool) -> None:
-        dims = self.reduce_dims(call, grad)
+        dims = call.saved.get("dims")  # the same for the weight and the bias of one call
+        if dims is None:
+            dims = call.saved["dims"] = self.reduce_dims(call, grad)
         if name == "bias":
             reduce_into(grad, dims, out, accumulate)
             return
