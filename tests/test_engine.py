@@ -488,3 +488,33 @@ def test_container_parameter_indexed_instead_of_broadcast_is_refused():
     engine.attach(opt)
     model(torch.randn(8, 3)).pow(2).mean().backward()  # the usual way: accepted
     opt.step()
+
+
+def test_noise_added_in_bounded_chunks(monkeypatch):
+    """``GaussianNoise.add_`` never draws more than ``CHUNK`` values at once
+    (no model-sized noise buffer), fills every entry (large contiguous tensors
+    piece by piece, a large non-contiguous one whole) with fresh N(0, alpha^2)
+    values, and is reproducible from the seed."""
+    import dpft.noise
+
+    monkeypatch.setattr(dpft.noise, "CHUNK", 1000)
+    sizes = []
+    orig = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda n, **kw: sizes.append(n) or orig(n, **kw))
+
+    def draw(seed):
+        ts = [torch.zeros(3, 5), torch.zeros(2500), torch.zeros(40, 30).t(), torch.zeros(7), torch.zeros(600)]
+        dpft.noise.GaussianNoise(seed).add_(ts, 2.0)
+        return ts
+
+    sizes.clear()
+    ts = draw(1)
+    big_noncontiguous = 1200
+    assert max(sizes) <= 1000 or max(sizes) == big_noncontiguous
+    assert sum(sizes) == sum(t.numel() for t in ts)
+    assert len(sizes) > 4  # several chunks, not one buffer
+    flat = torch.cat([t.reshape(-1) for t in ts])
+    assert bool((flat != 0).all()) and len(torch.unique(flat)) == flat.numel()  # every entry, no reuse
+    assert abs(float(flat.std()) - 2.0) < 0.1
+    assert all(torch.equal(a, b) for a, b in zip(ts, draw(1)))
+    assert not torch.equal(ts[1], draw(2)[1])

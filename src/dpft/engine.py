@@ -446,33 +446,32 @@ class PrivacyEngine:
         for names, flat in flats:
             g = flat  # the engine's own accumulator, reset right after this step: update in place
             if sigma_r > 0:
-                g.add_(self.noise.standard_normal([g])[0], alpha=sigma_r)
+                self.noise.add_([g], sigma_r)
             g.div_(self.batch_size)
             for k, view in self._sum._split(names, g):
                 p = self.params[k]
                 p.grad = view if view.dtype == p.dtype else view.to(p.dtype)
                 done.add(k)
         rest = [k for k in self.params if k not in done]
-        noise = self._noise(rest, compact=True) if sigma_r > 0 else [None] * len(rest)
+        masked = [k for k in rest if k in self.row_masks]
+        noise = dict(zip(masked, self._noise(masked, compact=True))) if sigma_r > 0 and masked else {}
         rows = compact_rows(self._optimizer) if self.row_masks else {}
         grads: list[torch.Tensor] = []
-        draws: list[torch.Tensor] = []
-        for k, z in zip(rest, noise):
+        for k in rest:
             p = self.params[k]
             s = per_param.get(k)
             if k in self.row_masks:  # selected rows only (SPARTA)
-                self._privatize_rows(k, s, z, sigma_r, rows.get(id(p)))
+                self._privatize_rows(k, s, noise.get(k), sigma_r, rows.get(id(p)))
                 continue
             # the sums are the engine's own fresh tensors, reset after this step: update in place
             g = (s if s.dtype == p.dtype else s.to(p.dtype)) if s is not None else torch.zeros_like(p)
             grads.append(g)
-            if z is not None:
-                draws.append(z)
             p.grad = g
-        # multi-tensor kernels: a few launches for all parameters, not two per parameter
+        # noise drawn and added in bounded chunks, then multi-tensor scaling:
+        # a few launches for all parameters, and no model-sized noise buffer
         if grads:
-            if draws:
-                torch._foreach_add_(grads, draws, alpha=sigma_r)
+            if sigma_r > 0:
+                self.noise.add_(grads, sigma_r)
             torch._foreach_div_(grads, self.batch_size)
         for k in done & self.row_masks.keys():  # restricted Direct parameters (flat buckets): mask
             g = self.params[k].grad

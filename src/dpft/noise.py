@@ -3,7 +3,8 @@
 Generators are seeded from the operating system's entropy (``secrets``) by
 default, or from ``seed`` for reproducible runs; one generator per device.
 Noise is drawn on the parameter's device in one call per (device, dtype)
-and split into the parameters' shapes.
+and split into the parameters' shapes (:meth:`GaussianNoise.standard_normal`),
+or added in place in bounded chunks (:meth:`GaussianNoise.add_`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+
+#: largest number of noise values :meth:`GaussianNoise.add_` draws at once (64 MiB of float32)
+CHUNK = 1 << 24
 
 
 class GaussianNoise:
@@ -49,6 +54,29 @@ class GaussianNoise:
                 out[i] = flat[offset : offset + k].view(like[i].shape)
                 offset += k
         return out  # type: ignore[return-value]
+
+    def add_(self, tensors: Sequence[Tensor], alpha: float) -> None:
+        """``t += alpha * z`` with fresh ``z ~ N(0, I)`` for every tensor,
+        drawn in chunks of at most :data:`CHUNK` values: never one buffer as
+        large as all the tensors together (for a fully trained model that
+        would be one more copy of the model at every step).  Contiguous
+        tensors larger than a chunk are filled piece by piece."""
+        pieces: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        for t in tensors:
+            parts = t.view(-1).split(CHUNK) if t.numel() > CHUNK and t.is_contiguous() else (t,)
+            pieces.setdefault((t.device, t.dtype), []).extend(parts)
+        for (device, dtype), ts in pieces.items():
+            start = 0
+            while start < len(ts):
+                stop, total = start, 0
+                while stop < len(ts) and (stop == start or total + ts[stop].numel() <= CHUNK):
+                    total += ts[stop].numel()
+                    stop += 1
+                chunk = ts[start:stop]
+                flat = torch.randn(total, generator=self.generator(device), device=device, dtype=dtype)
+                draws = [z.view(t.shape) for z, t in zip(flat.split([t.numel() for t in chunk]), chunk)]
+                torch._foreach_add_(chunk, draws, alpha=alpha)
+                start = stop
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "states": {k: g.get_state() for k, g in self._gens.items()}}
