@@ -125,6 +125,22 @@ def _worker(rank, port, mode, out):
             except FloatingPointError:
                 outcome = "refused"
             torch.save({"outcome": outcome, "steps": engine.steps}, f"{out}/rank{rank}.pt")
+        elif mode == "rows":
+            # SPARTA-style row restriction under data parallel, with noise: the
+            # noise is drawn for the whole flat buffer and masked after the all-reduce
+            model = model_fn()
+            mask = torch.tensor([True, False, True, False, False, True])
+            dpft.sparta.restrict(model, {"0.weight": mask})
+            engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=5, noise_multiplier=1.0,
+                                        max_grad_norm=0.5, noise_seed=3)
+            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+            engine.attach(opt)
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            x = data()[rank::W]
+            loss_fn(model, x).backward()
+            opt.step()
+            torch.save({"before": before, "after": {n: p.detach() for n, p in model.named_parameters()},
+                        "grad": model[0].weight.grad}, f"{out}/rank{rank}.pt")
         elif mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -285,3 +301,18 @@ def test_poisson_shards_compose():
     for i in range(5):
         a, b, f = s0.batch(0, i), s1.batch(0, i), full.batch(0, i)
         assert sorted(a + b) == f and not set(a) & set(b)
+
+
+def test_row_restricted_weight_under_data_parallel(tmp_path):
+    """Data parallel with a row-restricted weight and noise: both ranks apply the
+    same update; the unselected rows never move and get no noise, the selected
+    rows do."""
+    r0, r1 = _spawn(tmp_path, "rows")
+    for k in r0["after"]:
+        assert torch.equal(r0["after"][k], r1["after"][k]), k
+    w0, w1 = r0["before"]["0.weight"], r0["after"]["0.weight"]
+    unselected = torch.tensor([False, True, False, True, True, False])
+    assert torch.equal(w0[unselected], w1[unselected])
+    assert bool((w0[~unselected] != w1[~unselected]).all())
+    # the privatized gradient itself: noise on the selected rows only
+    assert not r0["grad"][unselected].any() and bool((r0["grad"][~unselected] != 0).all())

@@ -563,8 +563,8 @@ class PrivacyEngine:
                 parts.append((t.to(p.dtype) if t is not None else torch.zeros_like(p)).reshape(-1))
             flat = torch.cat(parts)
             if sigma_r > 0:
-                z = torch.cat([t.reshape(-1) for t in self._noise(ks)])
-                flat.add_(z, alpha=sigma_r / math.sqrt(self.world_size))
+                # in bounded chunks; rows a row mask leaves out are zeroed after the all-reduce
+                self.noise.add_([flat], sigma_r / math.sqrt(self.world_size))
             torch.distributed.all_reduce(flat, group=self._group)
             flat.div_(self.batch_size)
             offset = 0
@@ -588,7 +588,7 @@ class PrivacyEngine:
         # every rank holds a full-size partial sum (its own examples); reduce-scatter to the shards
         local = DTensor.from_local(t, mesh, [Partial()] * mesh.ndim).redistribute(mesh, p.placements).to_local()
         if sigma_r > 0 and local.numel():
-            local.add_(self.noise.standard_normal([local])[0], alpha=sigma_r)  # each shard has one owner
+            self.noise.add_([local], sigma_r)  # each shard has one owner
         local.div_(self.batch_size)
         p.grad = DTensor.from_local(local, mesh, p.placements, shape=p.shape, stride=p.stride())
 
