@@ -195,8 +195,15 @@ def test_noise_only_on_selected_rows():
     dpft.sparta.restrict(model, {"weight": mask})
     model.bias.requires_grad_(False)
     engine = dpft.PrivacyEngine(model, batch_size=4, sample_size=40, steps=3, noise_multiplier=3.0, noise_seed=0)
-    z = engine._noise(["weight"])[0]
-    assert torch.count_nonzero(z[~mask]) == 0 and torch.count_nonzero(z[mask]) == 8
+    opt = torch.optim.SGD([model.weight], lr=1.0)
+    engine.attach(opt)
+    # the clipped sum is zero (zero loss): whatever the gradient holds is noise
+    (0 * model(torch.randn(4, 4))).sum().backward()
+    released = engine.release()["weight"]  # SPARTA's scoring release
+    (0 * model(torch.randn(4, 4))).sum().backward()
+    opt.step()  # a training step
+    for z in (released, model.weight.grad):
+        assert torch.count_nonzero(z[~mask]) == 0 and torch.count_nonzero(z[mask]) == 8
 
 
 class Lars(torch.optim.SGD):

@@ -454,7 +454,7 @@ class PrivacyEngine:
                 done.add(k)
         rest = [k for k in self.params if k not in done]
         masked = [k for k in rest if k in self.row_masks]
-        noise = dict(zip(masked, self._noise(masked, compact=True))) if sigma_r > 0 and masked else {}
+        noise = dict(zip(masked, self._row_noise(masked))) if sigma_r > 0 and masked else {}
         rows = compact_rows(self._optimizer) if self.row_masks else {}
         grads: list[torch.Tensor] = []
         for k in rest:
@@ -517,21 +517,18 @@ class PrivacyEngine:
         self._check_finite()
         totals = self._sum.totals()
         sigma_r = self.noise_multiplier * self.max_grad_norm
-        names = list(self.params)
-        noise = self._noise(names) if sigma_r > 0 else [None] * len(names)
         out: dict[str, torch.Tensor] = {}
-        for k, z in zip(names, noise):
-            p = self.params[k]
+        for k, p in self.params.items():
             t = totals.get(k)
             t = t.to(p.dtype) if t is not None else torch.zeros_like(p)
             if transform is not None:
-                t = transform(t)
-            if z is not None:
-                t = t + sigma_r * z
-            rm = self.row_masks.get(k)
-            if rm is not None:
-                t = t * rm.to(t.device).view_for(t)
+                t = transform(t).contiguous()  # noise goes in in place: one memory location per entry
             out[k] = t
+        if sigma_r > 0:
+            self.noise.add_(list(out.values()), sigma_r)  # in bounded chunks
+        for k, rm in self.row_masks.items():  # noise only on the selected rows
+            t = out[k]
+            out[k] = t * rm.to(t.device).view_for(t)
         self.ledger.record(self.noise_multiplier, self.sample_rate, 1)
         self._sum.reset()
         self._empty_batches = 0
@@ -592,26 +589,16 @@ class PrivacyEngine:
         local.div_(self.batch_size)
         p.grad = DTensor.from_local(local, mesh, p.placements, shape=p.shape, stride=p.stride())
 
-    def _noise(self, names: list[str], compact: bool = False) -> list[torch.Tensor]:
-        """Standard normal noise for ``names``; row-restricted parameters get
-        noise drawn for their selected rows only (zeros elsewhere, or, with
-        ``compact``, just those rows)."""
+    def _row_noise(self, names: list[str]) -> list[torch.Tensor]:
+        """Standard normal noise for the selected rows of the row-restricted
+        parameters ``names`` (compact: just those rows)."""
         shapes = []
         for k in names:
-            p = self.params[k]
-            rm = self.row_masks.get(k)
-            if rm is None:
-                shapes.append(p)
-            else:
-                shape = list(p.shape)
-                shape[rm.dim] = len(rm.index)
-                shapes.append(torch.empty(shape, dtype=p.dtype, device=p.device))
-        draws = self.noise.standard_normal(shapes)
-        out = []
-        for k, z in zip(names, draws):
-            rm = self.row_masks.get(k)
-            out.append(z if rm is None or compact else rm.scatter(z, self.params[k].shape))
-        return out
+            p, rm = self.params[k], self.row_masks[k]
+            shape = list(p.shape)
+            shape[rm.dim] = len(rm.index)
+            shapes.append(torch.empty(shape, dtype=p.dtype, device=p.device))
+        return self.noise.standard_normal(shapes)
 
     def _step(self, orig_step: Callable[..., Any], closure: Callable[[], Any] | None) -> Any:
         loss = None
