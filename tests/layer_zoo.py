@@ -222,7 +222,7 @@ ZOO = {
     "embedding-tied": (Tied, _ids(11, 5)),
     "module-twice": (Twice, lambda: torch.randn(4)),
     "shared-input": (SharedInput, lambda: torch.randn(5, 3)),
-    "same-shapes": (SameShapes, lambda: torch.randn(5, 3)),
+    "same-shapes": (SameShapes, lambda: torch.randn(3, 3)),  # T = 3: ghost norms (batched) in mixed mode too
     "fallback-leaf": (lambda: nn.Sequential(nn.Linear(3, 4), Scale(4), nn.Linear(4, 2)), lambda: torch.randn(5, 3)),
     "container-tokens": (WithTokens, lambda: torch.randn(3, 2)),
     "resnet-inplace": (lambda: nn.Sequential(nn.Conv2d(2, 4, 1), ResBlock(4), nn.Conv2d(4, 2, 1)), lambda: torch.randn(2, 5, 5)),

@@ -287,8 +287,9 @@ def test_layers_reading_one_input_share_one_half_precision_copy(monkeypatch):
     opt.step()
 
 
+@pytest.mark.parametrize("style", ["all-layer", "layer-wise", "param-wise"])
 @pytest.mark.parametrize("mode", ["ghost", "mixed", "auto"])
-def test_same_shaped_layers_are_batched_and_exact(monkeypatch, mode):
+def test_same_shaped_layers_are_batched_and_exact(monkeypatch, mode, style):
     """Same-shaped layers get their ghost norms and clipped sums from stacked
     factors (one kernel per step for all of them), in chunks, exactly; with
     gradient accumulation over two backward passes."""
@@ -303,7 +304,7 @@ def test_same_shaped_layers_are_batched_and_exact(monkeypatch, mode):
         dpft.norms.Factored(left=torch.zeros(4, 3, 1, 5, dtype=torch.float64),
                             right=torch.zeros(4, 3, 1, 5, dtype=torch.float64), shape=torch.Size([5, 5]))))
     examples = [torch.randn(3, 3) for _ in range(B)]  # T = 3: 2 T^2 < 5 * 5, mixed picks ghost
-    check_model(SameShapes(), examples, collate, loss_fn, mode=mode, splits=[4, 2])
+    check_model(SameShapes(), examples, collate, loss_fn, mode=mode, style=style, splits=[4, 2])
     weights = [f"blocks.{i}.weight" for i in range(5)]
     assert seen and all(sorted(names) == sorted(weights) for names in seen), seen
 

@@ -30,14 +30,16 @@ def test_layer_exact(name, subset):
     check_model(model, examples, collate, loss_fn)
 
 
-@pytest.mark.parametrize("name", ["linear-3d", "conv2d", "embedding-tied", "layernorm", "mha", "container-tokens"])
+@pytest.mark.parametrize(
+    "name", ["linear-3d", "conv2d", "embedding-tied", "layernorm", "mha", "container-tokens", "same-shapes", "shared-input"]
+)
 @pytest.mark.parametrize("mode", ["ghost", "instantiate", "mixed", "bk"])
 def test_modes_exact(name, mode):
     model, examples = build(name, "all")
     check_model(model, examples, collate, loss_fn, mode=mode)
 
 
-@pytest.mark.parametrize("name", ["linear-3d", "groupnorm", "hf-conv1d", "embedding-tied"])
+@pytest.mark.parametrize("name", ["linear-3d", "groupnorm", "hf-conv1d", "embedding-tied", "same-shapes"])
 @pytest.mark.parametrize("subset", ["bias", "all"])
 @pytest.mark.parametrize("fn", ["abadi", "automatic"])
 @pytest.mark.parametrize("style", ["all-layer", "param-wise"])

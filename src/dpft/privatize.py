@@ -262,7 +262,11 @@ class ClippedSum:
             if all(g == gis[0] for g in gis):
                 w = _on(columns[gis[0]], p.device)
             else:
-                w = _on(weights.t()[torch.tensor(gis, device=weights.device)], p.device)
+                key = ("stack", tuple(gis), weights.device)
+                idx = self._part_index.get(key)
+                if idx is None:  # made once (a host-to-device copy would wait for the stream)
+                    idx = self._part_index[key] = torch.tensor(gis, dtype=torch.long).to(weights.device)
+                w = _on(weights.t()[idx], p.device)
             totals = batched.weighted(stack, w, acc_dtype_of(p.dtype), HALF_SHRINK)
             for k, total in zip(stack.names, totals):
                 self._accumulate(k, total)
