@@ -1,5 +1,5 @@
 """Randomized exactness (hypothesis): random small architectures built from the
-supported layers, random trainable subsets, clipping styles, modes and
+supported layers (including stacks of same-shaped layers, batched by dpft), random trainable subsets, clipping styles, modes and
 accumulation splits, each against the brute-force per-example clipped mean
 (float64, relative error <= 1e-6).
 
@@ -85,8 +85,34 @@ def seq(draw):
     return model, (lambda: torch.randint(0, vocab, (t,)))
 
 
+@st.composite
+def stack(draw):
+    """Several Linear layers of one shape (transformer-like): stacked and
+    processed together by ``dpft.batched``; some read one shared input."""
+    d = draw(st.integers(2, 6))
+    t = draw(st.integers(1, 4))
+    n = draw(st.integers(2, 5))
+
+    class Stack(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(3, d)
+            self.layers = nn.ModuleList(nn.Linear(d, d, bias=draw(st.booleans())) for _ in range(n))
+            self.shared = draw(st.booleans())  # every layer reads h (q/k/v-like) or each the previous output
+
+        def forward(self, x):
+            h = torch.tanh(self.inp(x))
+            if self.shared:
+                return sum(torch.sin(layer(h)) for layer in self.layers)
+            for layer in self.layers:
+                h = torch.tanh(layer(h))
+            return h
+
+    return Stack(), (lambda: torch.randn(t, 3))
+
+
 @given(
-    arch=st.one_of(mlp(), cnn(), seq()),
+    arch=st.one_of(mlp(), cnn(), seq(), stack()),
     subset_seed=st.integers(0, 10**6),
     style=st.sampled_from(["all-layer", "param-wise", "layer-wise"]),
     mode=st.sampled_from(["auto", "ghost", "instantiate", "mixed"]),
