@@ -250,3 +250,21 @@ def test_sparta_train_compacts_the_optimizer(make, compact_state, compacted):
             assert opt.state[r]["exp_avg"].shape == (3, 6)
     else:
         assert not rows
+
+
+def test_release_noise_has_std_sigma_r_and_is_accounted():
+    """``engine.release()`` (SPARTA's scoring release) adds noise of std sigma R
+    to the clipped sum (not divided by the batch size) and records one step."""
+    model = nn.Linear(2, 400)
+    model.weight.requires_grad_(False)
+    engine = dpft.PrivacyEngine(model, batch_size=8, sample_size=800, steps=40, noise_multiplier=1.5,
+                                max_grad_norm=0.7, noise_seed=1)
+    engine.attach(torch.optim.SGD([model.bias], lr=1.0))
+    draws = []
+    for i in range(20):
+        (0 * model(torch.randn(8, 2))).sum().backward()  # zero clipped sum: the release is noise alone
+        draws.append(engine.release()["bias"])
+        assert engine.steps == i + 1
+    z = torch.cat(draws)
+    assert abs(float(z.std()) / (1.5 * 0.7) - 1) < 0.05
+    assert not torch.equal(draws[0], draws[1])  # fresh each release

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .norms import GHOST_BLOCK, HALF, bmm_acc, is_plain, prefer_ghost
+from .norms import GHOST_BLOCK, HALF, bmm_acc, is_plain, prefer_ghost, scale_thinner
 from .rules.base import Contribution, Factored
 
 #: largest memory (bytes) of one chunk's stacked factors and Gram matrices
@@ -128,10 +128,7 @@ def weighted(stack: Stack, weights: Tensor, dtype: torch.dtype, shrink: float) -
     if not half:
         left, right = left.to(dtype), right.to(dtype)
     w = (weights * shrink if half else weights.to(dtype)).view(-1, n, 1, 1)
-    if left.shape[3] <= right.shape[3]:
-        left = torch.mul(left, w, out=torch.empty_like(left)) if half else left * w
-    else:
-        right = torch.mul(right, w, out=torch.empty_like(right)) if half else right * w
+    left, right = scale_thinner(left, right, w, half)
     stack.left = stack.right = None  # type: ignore[assignment]  # freed once summed
     total = bmm_acc(left.view(p, n * t, -1).transpose(1, 2), right.view(p, n * t, -1), dtype)
     return [s.view(shape) for s, shape in zip(total.unbind(0), stack.shapes)]

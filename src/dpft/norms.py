@@ -238,6 +238,17 @@ def sq_norm(
 HALF_SHRINK = 1 - 2.0**-7
 
 
+def scale_thinner(left: Tensor, right: Tensor, w: Tensor, half: bool) -> tuple[Tensor, Tensor]:
+    """Multiply the factor with fewer columns (fewer bytes to touch) by the
+    per-example clip weights ``w`` (broadcastable over its leading dims).  In
+    half precision the product is formed in float32 and rounded to nearest on
+    store, in one kernel; the caller passes weights already shrunk by
+    :data:`HALF_SHRINK`, so that no entry is scaled above its exact value."""
+    if left.shape[-1] <= right.shape[-1]:
+        return (torch.mul(left, w, out=torch.empty_like(left)) if half else left * w), right
+    return left, (torch.mul(right, w, out=torch.empty_like(right)) if half else right * w)
+
+
 def weighted_sum(
     contribs: list[Contribution],
     weights: Tensor,
@@ -271,18 +282,11 @@ def weighted_sum(
             half = c.left.dtype in HALF and c.right.dtype == c.left.dtype  # type: ignore[union-attr]
             cdt = c.left.dtype if half else dtype  # type: ignore[union-attr]
             left, right = cast(c.left, cdt), cast(c.right, cdt)  # type: ignore[arg-type]
-            # scale the thinner factor by the clip weights (fewer bytes to touch);
-            # in half precision the product is formed in float32 (one kernel:
-            # float32 arithmetic, rounded to nearest on store) with the weight
-            # shrunk by HALF_SHRINK, so no entry is scaled above its factor
-            if half:
+            if half:  # weights shrunk by HALF_SHRINK (see scale_thinner)
                 wv = (cast(shrunk, w.dtype) if shrunk is not None else w * HALF_SHRINK).view(-1, 1, 1, 1)
             else:
                 wv = w.view(-1, 1, 1, 1)
-            if left.shape[3] <= right.shape[3]:
-                left = torch.mul(left, wv, out=torch.empty_like(left)) if half else left * wv
-            else:
-                right = torch.mul(right, wv, out=torch.empty_like(right)) if half else right * wv
+            left, right = scale_thinner(left, right, wv, half)
             n_t = left.shape[0] * left.shape[1]
             # (G, p, B*T) @ (G, B*T, d): one matrix product per group
             lt = left.reshape(n_t, c.groups, -1).permute(1, 2, 0)
