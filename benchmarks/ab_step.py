@@ -7,6 +7,7 @@ private step with each feature set are timed in turn, ``--rounds`` times
 (median step time of ``--steps`` steps after ``--warmup``), on the same model
 and data.  Feature sets: ``new`` (everything as shipped), ``sync`` (the
 non-finite check synchronizes the whole device stream, as before),
+``nocheck`` (no wait for the non-finite check at all: what the check costs),
 ``grouped`` (per-example convolution weight gradients from the weight-
 gradient kernel with the batch folded into the groups), ``unfold``
 (convolution weights through the unfolded input and matrix products only,
@@ -15,7 +16,8 @@ no weight-gradient kernel for the clipped sum),
 ``prev`` (another copy of the library, e.g. the last commit's, importable as
 the package ``dpft_prev`` from ``--prev-src``: ``git archive HEAD src/dpft |
 tar -x -C /tmp/prev && mv /tmp/prev/src/dpft /tmp/prev/dpft_prev``).
-``--bf16`` runs every step under bfloat16 autocast.  Development tool;
+``--bf16`` runs every step under bfloat16 autocast; ``--fused`` uses
+``torch.optim.SGD(fused=True)`` for every variant.  Development tool;
 published numbers come from ``benchmarks.speed``.
 """
 
@@ -47,10 +49,15 @@ def _sync_flag(self) -> bool:
     return False if self.nonfinite is None else bool(self.nonfinite)
 
 
+def _no_flag(self) -> bool:
+    return False
+
+
 VARIANTS = {
     "new": dict(sync=False, hook=True, conv=True),
     "grouped": dict(sync=False, hook=True, conv=True, grouped=True),
     "sync": dict(sync=True, hook=True, conv=True),
+    "nocheck": dict(sync="off", hook=True, conv=True),
     "unfold": dict(sync=False, hook=True, conv=False),
     "old": dict(sync=True, hook=False, conv=False),
     "prev": dict(sync=False, hook=True, conv=True, package="dpft_prev"),
@@ -59,7 +66,8 @@ VARIANTS = {
 
 @contextlib.contextmanager
 def variant(v: dict):
-    dpft.privatize.ClippedSum.nonfinite_now = _sync_flag if v["sync"] else _ORIG_FLAG
+    flag = {True: _sync_flag, False: _ORIG_FLAG, "off": _no_flag}[v["sync"]]
+    dpft.privatize.ClippedSum.nonfinite_now = flag
     dpft.capture._add_grad_hook = _ORIG_HOOK if v["hook"] else (lambda t, fn: t.register_hook(fn))
     _CONV.grouped_per_example = v.get("grouped", False)
     if not v["conv"]:
@@ -103,6 +111,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--size", default="full", choices=["full", "tiny"])
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    ap.add_argument("--fused", action="store_true", help="torch.optim.SGD(fused=True) for every variant")
     ap.add_argument("--prev-src", default=None, help="directory holding the package dpft_prev (variant prev)")
     args = ap.parse_args()
     if args.prev_src:
@@ -123,7 +132,7 @@ def main() -> None:
                 times[v] = []
             for _ in range(args.rounds):
                 for v in ["nonprivate", *names]:
-                    opt = torch.optim.SGD(params, lr=1e-6)
+                    opt = torch.optim.SGD(params, lr=1e-6, fused=args.fused or None)
                     engine = None
                     ctx = variant(VARIANTS[v]) if v != "nonprivate" else contextlib.nullcontext()
                     with ctx:

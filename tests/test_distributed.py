@@ -111,6 +111,20 @@ def _worker(rank, port, mode, out):
             loss_fn(model, x).backward()
             opt.step()
             torch.save({n: p.detach() for n, p in model.named_parameters()}, f"{out}/rank{rank}.pt")
+        elif mode == "nan-bitfit":
+            dpft.bitfit(model)
+            engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=5, noise_multiplier=1.0, max_grad_norm=0.5)
+            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+            engine.attach(opt)
+            x = data()[rank::W]
+            if rank == 1:
+                x[0, 0] = float("nan")
+            loss_fn(model, x).backward()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                opt.step()
+            torch.save({"steps": engine.steps, "warned": any("left out" in str(w.message) for w in caught),
+                        "params": {n: p.detach() for n, p in model.named_parameters()}}, f"{out}/rank{rank}.pt")
         elif mode == "nan":
             engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=5, noise_multiplier=1.0, max_grad_norm=0.5)
             opt = torch.optim.SGD(model.parameters(), lr=1.0)
@@ -211,6 +225,16 @@ def test_nonfinite_gradient_on_one_rank_refuses_the_step_on_all(tmp_path):
     (none hangs in the all-reduce, none applies it, no step is accounted)."""
     r0, r1 = _spawn(tmp_path, "nan")
     assert r0 == r1 == {"outcome": "refused", "steps": 0}
+
+
+def test_nonfinite_example_on_one_rank_is_left_out_in_bias_only_mode(tmp_path):
+    """DP-BiTFiT: the rank that saw the NaN example leaves it out (and warns);
+    both ranks apply the same, finite step and account it."""
+    r0, r1 = _spawn(tmp_path, "nan-bitfit")
+    assert r0["steps"] == r1["steps"] == 1
+    assert (r0["warned"], r1["warned"]) == (False, True)
+    for n, p in r0["params"].items():
+        assert torch.equal(p, r1["params"][n]) and torch.isfinite(p).all(), n
 
 
 def test_ddp_wrapped_model(tmp_path):

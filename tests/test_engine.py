@@ -355,6 +355,48 @@ def test_nonfinite_gradients_never_reach_parameters(where):
     assert engine.steps == 1 and all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_nonfinite_examples_are_left_out_in_bias_only_mode(accumulate):
+    """DP-BiTFiT never waits for the non-finite check: an example whose
+    gradient is NaN/Inf contributes zero (on the device) and the others are
+    applied exactly; the step is accounted and a warning gives the count."""
+    from reference import clipped_mean, per_example_grads
+
+    torch.manual_seed(0)
+    model = mlp(bias_only=True).double()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    x = torch.randn(8, 4, dtype=torch.float64)
+    x[2, 1] = float("nan")
+    x[5, 3] = float("nan")
+    loss = lambda m, xb: m(xb).pow(2).sum(1).mean()  # noqa: E731
+    good = [i for i in range(8) if i not in (2, 5)]
+    grads = per_example_grads(model, names, [x[i : i + 1] for i in good], loss)
+    want = clipped_mean(grads, [names], 0.3, "abadi", 8)  # the bad examples count in B but add zero
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = engine_for(model, max_grad_norm=0.3)
+    assert engine._sum.drop_nonfinite
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    engine.attach(opt)
+    halves = [x[:4], x[4:]] if accumulate else [x]
+    for xb in halves:
+        loss(model, xb).backward()  # a mean over the physical batch (the engine's default loss_reduction)
+    with pytest.warns(RuntimeWarning, match="step 1: 2 example"):
+        opt.step()
+    assert engine.steps == 1
+    for n, p in model.named_parameters():
+        got = before[n] - p.detach()
+        if n in want:
+            assert torch.allclose(got, want[n], rtol=1e-9, atol=1e-12), n
+        else:
+            assert torch.equal(got, torch.zeros_like(got)), n
+    opt.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a clean step warns about nothing
+        loss(model, torch.randn(8, 4, dtype=torch.float64)).backward()
+        opt.step()
+    assert engine.steps == 2
+
+
 def test_batch_dimension_not_first_is_an_error():
     class SeqFirst(nn.Module):
         def __init__(self):

@@ -231,6 +231,10 @@ class PrivacyEngine:
         )
         self.groups = make_groups(clipping_style, list(self.params), self._capture.owner)
         self._sum = ClippedSum(self.params, self.groups, self.max_grad_norm, clipping_fn, norm_mode, self.row_masks)
+        # every trainable parameter's per-example gradient in the flat lane (DP-BiTFiT):
+        # a NaN/Inf example is left out on the device and the step never waits for the check
+        self._sum.drop_nonfinite = set(self.params) <= set(self._capture.lane_keys)
+        self._dropped: list[tuple[int, torch.Tensor, Any]] = []  # (step, count, event) not yet reported
         self.ledger = ledger if ledger is not None else Ledger()
         self._start_steps = self.ledger.steps
         # (ledger segments when checked, total steps known to stay within the budget);
@@ -344,6 +348,7 @@ class PrivacyEngine:
 
     def detach(self) -> None:
         """Remove all hooks and give the optimizer its own ``step`` back."""
+        self._report_dropped(wait=True)
         self._capture.detach()
         if self._ddp is not None and hasattr(self, "_ddp_sync"):
             self._ddp.require_backward_grad_sync = self._ddp_sync
@@ -411,7 +416,36 @@ class PrivacyEngine:
             return False
         return all((sg[0], sg[1]) == ours for sg in now[k + 1 :])
 
+    def _report_dropped(self, wait: bool = False) -> None:
+        """Warn about the examples left out of earlier steps for a NaN/Inf
+        gradient, once their device-side count is known (without waiting
+        for the device unless ``wait``)."""
+        pending = []
+        for step, count, event in self._dropped:
+            if event is not None and not wait and not event.query():
+                pending.append((step, count, event))
+                continue
+            if event is not None:
+                event.synchronize()
+            n = int(count)
+            if n:
+                warnings.warn(
+                    f"dpft: step {step}: {n} example(s) had a NaN or infinite gradient (NaN/Inf loss or "
+                    "overflow) and were left out of the step (they contribute zero, as any clipped "
+                    "gradient may, so the privacy guarantee is unchanged). Check the inputs or lower "
+                    "the learning rate if this repeats.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        self._dropped = pending
+
     def _check_finite(self) -> None:
+        if self._sum.drop_nonfinite:  # nothing to refuse: the bad examples were left out on the device
+            taken = self._sum.take_flag()
+            if taken is not None:
+                self._dropped.append((self.steps + 1, *taken))
+            self._report_dropped()
+            return
         flag = self._sum.nonfinite
         distributed = self.world_size > 1 or bool(self._sharded)
         if distributed:

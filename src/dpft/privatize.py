@@ -30,6 +30,11 @@ def _on(t: Tensor, device: torch.device) -> Tensor:
     return t if t.device == device else t.to(device)
 
 
+def _zero_nonfinite(flat: Tensor, owned: bool) -> Tensor:
+    """``flat`` with NaN/Inf entries set to 0 (in place if the buffer is the engine's own)."""
+    return flat.nan_to_num_(0.0, 0.0, 0.0) if owned else flat.nan_to_num(0.0, 0.0, 0.0)
+
+
 class ClippedSum:
     """Accumulates ``sum_i c_i g_i`` over the backward passes of one step."""
 
@@ -55,7 +60,14 @@ class ClippedSum:
         self.row_sums: dict[str, Tensor] = {}
         self.flat: dict[tuple[str, ...], Tensor] = {}  # Direct parameters, concatenated
         self.backward_passes = 0
+        # the number of examples of this step whose gradient was NaN/Inf (a device scalar)
         self.nonfinite: Tensor | None = None
+        # True: such examples are left out of the sum on the device (their clip
+        # factor is 0 and their gradient is zeroed), so the step never has to
+        # wait for the flag; False: the engine refuses the whole step.  Only
+        # the flat per-example buckets can be cleaned this cheaply; the engine
+        # sets it when every trainable parameter is in one (DP-BiTFiT).
+        self.drop_nonfinite = False
         # on CUDA the flag is also copied to pinned host memory as soon as it
         # is known, so that the step can wait for just that point of the
         # stream (not for the clipped sums queued after it)
@@ -74,6 +86,16 @@ class ClippedSum:
             self._flag_event.synchronize()
             return bool(self._flag_host)
         return bool(self.nonfinite)
+
+    def take_flag(self) -> tuple[Tensor, Any] | None:
+        """This step's count of non-finite examples, as ``(tensor, event)``:
+        read the tensor once ``event`` (``None`` on CPU) has completed.  The
+        next step gets fresh buffers, so reading it later never waits."""
+        if self.nonfinite is None:
+            return None
+        out = (self._flag_host, self._flag_event) if self._flag_event is not None else (self.nonfinite, None)
+        self._flag_host = None
+        return out
 
     def reset(self) -> None:
         self.sums = {}
@@ -183,8 +205,8 @@ class ClippedSum:
                 direct.setdefault((p.device, acc_dtype_of(p.dtype)), []).append(k)
             else:
                 factored.append(k)
-        flats: list[tuple[tuple[str, ...], Tensor, Tensor | None]] = []
-        buckets: list[tuple[tuple[str, ...], Tensor]] = [lane] if lane is not None else []
+        flats: list[Any] = []  # (names, (B, n) gradients, column groups, whether the buffer is ours)
+        buckets: list[tuple[tuple[str, ...], Tensor, bool]] = [(*lane, True)] if lane is not None else []
         for (dev, dtype), name_list in direct.items():
             names = tuple(name_list)
             cols = []
@@ -194,8 +216,8 @@ class ClippedSum:
                 for c in cs[1:]:
                     g = g + c.grad
                 cols.append(g.reshape(batch_size, -1).to(dtype))
-            buckets.append((names, torch.cat(cols, dim=1) if len(cols) > 1 else cols[0]))
-        for names, flat in buckets:
+            buckets.append((names, torch.cat(cols, dim=1), True) if len(cols) > 1 else (names, cols[0], False))
+        for names, flat, owned in buckets:
             col_group = None
             if self.num_groups == 1:
                 parts.append(_on(cast(flat.pow(2).sum(1), norm_dtype), device))
@@ -205,7 +227,7 @@ class ClippedSum:
                 if sq_cols is None:
                     sq_cols = torch.zeros(batch_size, self.num_groups, dtype=norm_dtype, device=device)
                 sq_cols.index_add_(1, col_group.to(device), flat.pow(2).to(norm_dtype).to(device))
-            flats.append((names, flat, col_group))
+            flats.append((names, flat, col_group, owned))
 
         # same-shaped plain layers (not row-restricted): batched norms, stacked factors
         stacks: list[tuple[batched.Stack, list[int]]] = []
@@ -232,18 +254,26 @@ class ClippedSum:
 
         norms = sq.sqrt() * scale  # (B, K) per-example, per-group norms
         # a non-finite per-example gradient (NaN/Inf loss, overflow) must never
-        # reach the parameters: flagged here without a device sync, checked once per step
-        bad = ~torch.isfinite(norms).all()
-        self.nonfinite = bad if self.nonfinite is None else (self.nonfinite | bad)
+        # reach the parameters: counted here without a device sync; either the
+        # example is left out below (drop_nonfinite) or the engine refuses the step
+        finite = torch.isfinite(norms).all(1)
+        bad = batch_size - finite.sum()
+        self.nonfinite = bad if self.nonfinite is None else self.nonfinite + bad
         if bad.is_cuda:
             if self._flag_host is None:
-                self._flag_host = torch.zeros((), dtype=torch.bool, pin_memory=True)
+                self._flag_host = torch.zeros((), dtype=bad.dtype, pin_memory=True)
             self._flag_host.copy_(self.nonfinite, non_blocking=True)
             # on the stream that ran the copy: the flag's device, which need not be
             # the current device (a model spread over several GPUs in one process)
             self._flag_event = torch.cuda.Event()
             self._flag_event.record(torch.cuda.current_stream(bad.device))
         weights = clip_factors(norms, self.group_norm, self.clipping_fn) * scale  # (B, K)
+        if self.drop_nonfinite:
+            # a left-out example contributes zero, which any clipped gradient may: the sensitivity is unchanged
+            weights = torch.where(finite.unsqueeze(1), weights, 0.0)
+            flats = [(names, _zero_nonfinite(flat, owned), cg) for names, flat, cg, owned in flats]
+        else:
+            flats = [f[:3] for f in flats]
         shrunk: Tensor | None = None  # weights * HALF_SHRINK, made once if a half-precision sum needs it
         columns = weights.unbind(1) if factored or stacks else ()
 
