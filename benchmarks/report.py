@@ -77,7 +77,8 @@ def _variant(r: dict[str, Any]) -> tuple:
 
 
 def _setting(r: dict[str, Any]) -> tuple:
-    return (r.get("dtype", "fp32"), r.get("size", "full"), r.get("device", "cuda"), r.get("optimizer", "sgd"))
+    return (r.get("dtype", "fp32"), r.get("size", "full"), r.get("device", "cuda"), r.get("optimizer", "sgd"),
+            r.get("tf32", "default"))
 
 
 def latest(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -603,8 +604,10 @@ def render(records: list[dict[str, Any]], suite: str, plot_dir: Path | None = No
     settings: OrderedDict[tuple, list[dict[str, Any]]] = OrderedDict()
     for r in recs:
         settings.setdefault(_setting(r), []).append(r)
-    for (dtype, size, device, opt), srecs in settings.items():
+    for (dtype, size, device, opt, tf32), srecs in settings.items():
         head = f"### {dtype}" + (" (autocast, fp32 master weights)" if dtype == "bf16" else "")
+        if tf32 == "off":
+            head += ", TF32 off (IEEE float32 convolutions for every method)"
         head += f", {opt.upper() if opt == 'sgd' else opt}"
         if size != "full":
             head += f", {size} models"
@@ -616,6 +619,7 @@ def render(records: list[dict[str, Any]], suite: str, plot_dir: Path | None = No
             continue
         if suite == "sparta":
             tag = f"{suite}_{dtype}_{opt}" + (f"_{size}" if size != "full" else "") + (f"_{device}" if device == "cpu" else "")
+            tag += "_ieee" if tf32 == "off" else ""
             plot = Path(plot_dir) / f"{tag}_density.png" if plot_dir is not None else None
             lines += _sparta_section(srecs, plot, link_dir)
             continue
@@ -629,6 +633,7 @@ def render(records: list[dict[str, Any]], suite: str, plot_dir: Path | None = No
             lines += ["Notes:", ""] + notes + [""]
         if plot_dir is not None:
             tag = f"{suite}_{dtype}" + (f"_{size}" if size != "full" else "") + (f"_{device}" if device == "cpu" else "")
+            tag += "_ieee" if tf32 == "off" else ""
             for p in _plots(srecs, Path(plot_dir) / tag):
                 rel = os.path.relpath(p, link_dir) if link_dir is not None else str(p)
                 lines += [f"![{p.stem}]({Path(rel).as_posix()})", ""]

@@ -243,6 +243,11 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
+    if cfg.get("tf32", "default") == "off":
+        # IEEE float32 for the model too (PyTorch's default lets cuDNN convolutions
+        # use TF32, while dpft computes its per-example norms and sums in IEEE float32)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     b = int(cfg["batch_size"])
     out: dict[str, Any] = {}
 
@@ -593,6 +598,8 @@ def build_configs(args: argparse.Namespace, run_id: str, command: str) -> list[d
         noise_multiplier=args.noise_multiplier, max_grad_norm=args.max_grad_norm,
         opacus_out_of_place=not args.opacus_unmodified,
     )
+    if args.tf32 != "default":
+        base["tf32"] = args.tf32
     configs = []
     for model in model_list:
         spec = _models.SPECS[model]
@@ -795,6 +802,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; >= 10 for published numbers)")
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps (default 3)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast bf16, fp32 master weights")
+    p.add_argument("--tf32", default="default", choices=["default", "off"],
+                   help="off: no TF32 anywhere (PyTorch's default: cuDNN convolutions may use TF32, matmuls not)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--size", default="full", choices=["full", "tiny"], help="tiny = toy model sizes (CPU checks)")
     p.add_argument("--optimizer", default=None, choices=["sgd", "adamw"],

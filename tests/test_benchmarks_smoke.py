@@ -83,6 +83,33 @@ def test_report_docs_sections(tmp_path):
     assert "OOM" in text
 
 
+def test_report_keeps_tf32_off_runs_apart(tmp_path):
+    """A run with ``--tf32 off`` gets its own section: it never replaces (or
+    is compared with) the default-precision run of the same model."""
+    sys.path.insert(0, str(REPO))
+    try:
+        from benchmarks import report, speed
+    finally:
+        sys.path.remove(str(REPO))
+    assert speed.parse_args(["--tf32", "off"]).tf32 == "off"
+    base = dict(suite="core", run_id="r1", command="c", device="cuda", dtype="fp32", size="full", batch_size=32,
+                image_size=224, model="resnet50gn", status="ok", env={"gpu": "X", "torch": "2"})
+    ieee = dict(base, run_id="r2", tf32="off")
+    recs = [
+        dict(base, method="nonprivate-bitfit", examples_per_s=100.0, peak_mem_mb=1000.0, trainable=10),
+        dict(base, method="dp-bitfit", examples_per_s=90.0, peak_mem_mb=1000.0, trainable=10),
+        dict(ieee, method="nonprivate-bitfit", examples_per_s=50.0, peak_mem_mb=1000.0, trainable=10),
+        dict(ieee, method="dp-bitfit", examples_per_s=49.0, peak_mem_mb=1000.0, trainable=10),
+    ]
+    jsonl = tmp_path / "core.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    docs = tmp_path / "benchmarks.md"
+    report.main([str(jsonl), "--docs", str(docs)])
+    text = docs.read_text()
+    assert "TF32 off" in text
+    assert "0.90 ✗" in text and "0.98 ✓" in text  # each run's ratio, in its own section
+
+
 def test_report_sparta_section(tmp_path):
     """The `sparta` suite's docs section: step-time ratios to DP full, the
     density-0.2 target mark, a PNG; "not yet run" before any record exists."""
