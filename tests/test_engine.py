@@ -107,7 +107,7 @@ def test_bias_only_keeps_no_activations():
 
 
 def test_book_keeping_skips_weight_grads():
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 3))
     engine = engine_for(model, clipping_mode="bk")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     engine.attach(opt)
@@ -115,6 +115,10 @@ def test_book_keeping_skips_weight_grads():
     # the first layer's input needs no grad, so autograd computes its weight grad;
     # later layers' non-private weight gradients are never computed
     assert model[2].weight.grad is None and model[4].weight.grad is None
+    # a LayerNorm's weight gradient comes from the same fused kernel as its input
+    # gradient: not skipped (asking for the bias gradient alone breaks torch's
+    # LayerNorm backward on very large inputs)
+    assert model[3].weight.grad is not None
     assert all(p.requires_grad for p in model.parameters())
     opt.step()
     assert model[2].weight.grad is not None

@@ -15,6 +15,7 @@ from reference import check_model, dpft_update
 
 import dpft
 import dpft.norms
+from dpft.rules.base import Direct, Factored, Instantiated
 
 B = 6
 
@@ -101,7 +102,8 @@ def test_bk_never_instantiates_where_ghost_is_cheaper(monkeypatch):
     real = dpft.norms.instantiate
 
     def spy(c, dtype):
-        called.append(tuple(c.shape))
+        if not isinstance(c, Direct):  # (a gradient instantiated during backward is passed on as is)
+            called.append(tuple(c.shape))
         return real(c, dtype)
 
     monkeypatch.setattr(dpft.norms, "instantiate", spy)
@@ -322,3 +324,50 @@ def test_large_layers_are_not_batched(monkeypatch):
     examples = [torch.randn(3, 3) for _ in range(B)]
     check_model(SameShapes(), examples, collate, loss_fn, mode="ghost")
     assert not seen
+
+
+@pytest.mark.parametrize("mode", ["auto", "mixed", "instantiate", "ghost"])
+def test_long_sequence_weights_are_instantiated_during_backward(mode):
+    """Where the mixed rule instantiates (2 T^2 >= p d), the per-example
+    gradient is built in the layer's backward hook and its input and output
+    gradient are dropped there (B*p*d values kept instead of B*T*(p+d));
+    ghost mode never instantiates; a weight shared by two modules waits for
+    both; a module called twice instantiates per call.  The update is exact
+    either way."""
+    torch.manual_seed(0)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(6, 4)  # 2 * 12^2 >= 24: instantiated
+            self.twice = nn.Linear(4, 4)  # one module, called twice
+            self.t1, self.t2 = nn.Linear(4, 4), nn.Linear(4, 4, bias=False)
+            self.t2.weight = self.t1.weight  # one weight, two modules
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.twice(torch.tanh(self.twice(torch.tanh(self.a(x))))))
+            return self.head(self.t2(torch.tanh(self.t1(h))))
+
+    model = M().double()
+    x = torch.randn(B, 12, 6, dtype=torch.float64)
+    seen = {}
+    loss = lambda m, b: m(b).pow(2).sum(2).mean(1).mean()  # noqa: E731
+    real_add = dpft.privatize.ClippedSum.add
+
+    def spy(self, contributions, *args):
+        for k, cs in contributions.items():
+            seen.setdefault(k, set()).update(type(c).__name__ for c in cs)
+        return real_add(self, contributions, *args)
+
+    dpft.privatize.ClippedSum.add = spy
+    try:
+        got, _ = dpft_update(copy.deepcopy(model), [x[:3], x[3:]], loss, batch_size=B, R=0.05, mode=mode)
+    finally:
+        dpft.privatize.ClippedSum.add = real_add
+    want, _ = dpft_update(copy.deepcopy(model), [x], loss, batch_size=B, R=0.05, mode="ghost")
+    for k in want:
+        assert torch.allclose(got[k], want[k], rtol=1e-9, atol=1e-12), k
+    early = {"Instantiated"} if mode != "ghost" else {"Factored"}
+    assert seen["a.weight"] == seen["head.weight"] == seen["twice.weight"] == early
+    assert seen["t1.weight"] == {"Factored"}  # two modules: decided at the end, as before

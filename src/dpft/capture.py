@@ -26,7 +26,10 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .rules import FALLBACK, Call, Contribution, Direct, Rule, find_rule
-from .rules.base import clear_half_copies
+from . import norms
+from .norms import acc_dtype_of, prefer_ghost
+from .precision import full_fp32
+from .rules.base import Factored, clear_half_copies
 from .rules.embedding import check_embedding
 from .rules.fallback import FallbackRule, _flat_tensors, rng_state
 
@@ -84,6 +87,7 @@ class Binding:
     needs_save: bool = True
     lane: list[tuple[str, str, int, int, tuple[int, ...]]] = field(default_factory=list)  # (local, key, offset, numel, shape)
     slow: frozenset[str] = frozenset()  # params handed to the sink as contributions
+    early: frozenset[str] = frozenset()  # weights that may be instantiated in the backward hook
     done: Any = None  # the rule's hook to drop saved inputs once eager results are out
 
 
@@ -204,11 +208,20 @@ class Capture:
     """Installs and removes the hooks; hands per-backward contributions to ``sink``."""
 
     def __init__(
-        self, model: nn.Module, sink: Sink, *, book_keeping: bool = False, no_lane: set[str] | frozenset[str] = frozenset()
+        self,
+        model: nn.Module,
+        sink: Sink,
+        *,
+        book_keeping: bool = False,
+        no_lane: set[str] | frozenset[str] = frozenset(),
+        norm_mode: str = "ghost",
     ) -> None:
         self.model = model
         self.sink = sink
         self.book_keeping = book_keeping
+        # "mixed" / "instantiate": a weight whose per-example gradient will be
+        # instantiated is instantiated as soon as its output gradient arrives
+        self.norm_mode = norm_mode
         self.bindings, self.owner = plan_model(model)
         self._plan_lane(set(no_lane))
         self.batch_size: int | None = None
@@ -257,6 +270,16 @@ class Capture:
                 if key in self.lane_offsets
             ]
             b.slow = frozenset(local for local, key in b.keys.items() if key not in self.lane_offsets)
+            b.early = frozenset(
+                local
+                for local in b.slow
+                if local == "weight"
+                and self.norm_mode in ("mixed", "instantiate")
+                and b.rule.instantiates_early
+                and not b.fallback
+                and all_uses[b.keys[local]] == 1
+                and b.keys[local] not in no_lane
+            )
             b.needs_save = b.fallback or b.rule.needs_save(b.module, b.params)
             b.done = getattr(b.rule, "done", None) if not b.slow else None
         self._lane_buf: Tensor | None = None
@@ -272,7 +295,8 @@ class Capture:
                 h.append(b.module.register_forward_pre_hook(partial(self._expand_pre, b)))
                 h.append(b.module.register_forward_hook(partial(self._expand_post, b), always_call=True))
                 continue
-            if isinstance(b.rule, FallbackRule) or (self.book_keeping and any(k != "bias" for k in b.params)):
+            skip = self.book_keeping and b.rule.skip_weight_grad and any(k != "bias" for k in b.params)
+            if isinstance(b.rule, FallbackRule) or skip:
                 h.append(b.module.register_forward_pre_hook(partial(self._pre, b), with_kwargs=True))
             h.append(b.module.register_forward_hook(partial(self._post, b)))
         covered = {k for b in self.bindings for k in b.keys.values()}
@@ -424,6 +448,8 @@ class Capture:
             self._half = True
         if b.slow:
             b.rule.on_grad(call, grad, b.slow)
+            if b.early:
+                self._instantiate_early(b, call)
         if b.lane:
             n = call.batch_size
             buf = self._lane_buf
@@ -443,6 +469,30 @@ class Capture:
         if b.slow:
             self._received.append((b, call))
         self._queue()
+
+    def no_early(self, keys: list[str]) -> None:
+        """Never instantiate these parameters in the backward hook."""
+        drop = set(keys)
+        for b in self.bindings:
+            b.early = frozenset(local for local in b.early if b.keys[local] not in drop)
+
+    def _instantiate_early(self, b: Binding, call: Call) -> None:
+        """Build the weight's per-example gradient now if the norm will be taken
+        by instantiation anyway (the mixed rule's choice, made on this use's
+        positions: the weight has no other use), and free the layer's input
+        and output gradient: ``B*P*D`` values kept instead of ``B*T*(P+D)``,
+        much less for long sequences.  Same kernels, same result."""
+        (local,) = b.early
+        c = b.rule.contributions(call, b.early)[local]
+        if not isinstance(c, Factored) or (self.norm_mode == "mixed" and prefer_ghost([c])):
+            return
+        call.check_versions(b.name)  # the input must be what the forward pass multiplied
+        with full_fp32(), torch.no_grad():
+            call.results[local] = norms.instantiate(c, acc_dtype_of(self._param(b.keys[local]).dtype))
+        del c
+        call.saved.pop("input", None)
+        call.saved.pop("grad", None)
+        call.versions.clear()
 
     def _check_expand(self, b: Binding, grad: Tensor) -> None:
         """A parameter held by a container is expanded over the batch during

@@ -227,7 +227,8 @@ class PrivacyEngine:
         sparta_reattach(model)  # a deep copy of a restricted model keeps its selection
         self.row_masks = sparta_masks(self.params)
         self._capture = Capture(
-            model, self._on_backward, book_keeping=clipping_mode in ("auto", "bk"), no_lane=set(self.row_masks)
+            model, self._on_backward, book_keeping=clipping_mode in ("auto", "bk"), no_lane=set(self.row_masks),
+            norm_mode=norm_mode,
         )
         self.groups = make_groups(clipping_style, list(self.params), self._capture.owner)
         self._sum = ClippedSum(self.params, self.groups, self.max_grad_norm, clipping_fn, norm_mode, self.row_masks)
@@ -252,6 +253,7 @@ class PrivacyEngine:
         self.rank = dist.get_rank(group) if self.world_size > 1 else 0
         # FSDP2 (``fully_shard``): parameters are DTensors sharded over the ranks
         self._sharded = sorted(k for k, p in self.params.items() if _is_dtensor(p))
+        self._capture.no_early(self._sharded)  # sharded weights: per-example gradients as before, at the end
         if self._sharded:
             if not ready:
                 raise ValueError("sharded (DTensor) parameters need an initialized torch.distributed process group")

@@ -22,7 +22,7 @@ from .clipping import clip_factors
 from .norms import HALF, HALF_SHRINK, GramCache, acc_dtype_of, cast, sq_norm, weighted_sum
 from .precision import full_fp32
 from .rows import RowMask, can_compact, restrict
-from .rules.base import Contribution, Direct, Factored
+from .rules.base import Contribution, Direct, Factored, Instantiated
 
 
 def _on(t: Tensor, device: torch.device) -> Tensor:
@@ -200,7 +200,7 @@ class ClippedSum:
         direct: dict[tuple, list[str]] = {}
         factored: list[str] = []
         for k, cs in contributions.items():
-            if all(isinstance(c, Direct) for c in cs):
+            if all(isinstance(c, Direct) and not isinstance(c, Instantiated) for c in cs):
                 p = self.params[k]
                 direct.setdefault((p.device, acc_dtype_of(p.dtype)), []).append(k)
             else:

@@ -37,6 +37,15 @@ class Direct:
 
 
 @dataclass
+class Instantiated(Direct):
+    """A weight's per-example gradient ``(B, *param.shape)`` built during the
+    backward pass (long sequences: the layer's input and output gradient,
+    ``B*T*(P+D)`` values, are freed at once instead of kept to the end of the
+    pass).  Clipped like any per-example gradient, but one parameter at a
+    time (never concatenated with the small direct parameters)."""
+
+
+@dataclass
 class Factored:
     """Per-example gradient ``G_i = sum_t left[i,t,g] (x) right[i,t,g]``.
 
@@ -158,6 +167,16 @@ class Rule:
 
     def supports(self, module: nn.Module, name: str) -> bool:
         return self.handles is None or name in self.handles
+
+    #: book-keeping: autograd skips this module's non-bias parameter gradients
+    #: (they are matrix products there; normalization layers get theirs in the
+    #: same fused kernel as the input gradient, so nothing is saved, and torch
+    #: 2.11's LayerNorm backward fails on very large inputs when only the bias
+    #: gradient is requested)
+    skip_weight_grad: bool = True
+
+    #: whether ``contributions`` accepts a weight instantiated into ``call.results["weight"]``
+    instantiates_early: bool = False
 
     #: parameters whose per-example gradient the rule produces eagerly as a
     #: :class:`Direct` in ``call.results`` (eligible for the engine's flat lane)

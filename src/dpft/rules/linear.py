@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Call, Contribution, Direct, Factored, Rule, batchify, reduce_into
+from .base import Call, Contribution, Direct, Factored, Instantiated, Rule, batchify, reduce_into
 
 
 def acc_dtype(t: Tensor) -> torch.dtype:
@@ -27,6 +27,8 @@ class LinearRule(Rule):
     ``b_i^T a_i`` (left = output gradient rows, right = input)."""
 
     handles = ("weight", "bias")
+    #: the weight's per-example gradient may be built in the backward hook (see Capture)
+    instantiates_early = True
     casts_input = True
     transposed = False  # HF Conv1D stores the weight as (in, out)
 
@@ -43,7 +45,9 @@ class LinearRule(Rule):
         out: dict[str, Contribution] = {}
         if "bias" in params:
             out["bias"] = Direct(call.results["bias"])
-        if "weight" in params:
+        if "weight" in params and "weight" in call.results:  # instantiated during backward
+            out["weight"] = Instantiated(call.results["weight"])
+        elif "weight" in params:
             n = call.batch_size
             a = batchify(call.saved["input"], n)
             b = call.saved["grad"]

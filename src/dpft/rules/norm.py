@@ -23,6 +23,7 @@ def _reduce(prod: Tensor, dims: tuple[int, ...]) -> Tensor:
 class _AffineNormRule(Rule):
     handles = ("weight", "bias")
     eager = ("weight", "bias")
+    skip_weight_grad = False
 
     def reduce_dims(self, call: Call, grad: Tensor) -> tuple[int, ...]:
         raise NotImplementedError
