@@ -401,6 +401,58 @@ def test_nonfinite_examples_are_left_out_in_bias_only_mode(accumulate):
     assert engine.steps == 2
 
 
+class _MixesExamples(nn.Module):
+    """Centers over the batch: every example's output depends on every input."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(4))
+
+    def forward(self, x):
+        return (x - x.mean(0, keepdim=True)) * self.w
+
+
+class _RowWise(nn.Module):
+    """No rule, no mixing; scales its (cloned) input in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.linspace(0.5, 1.5, 4))
+
+    def forward(self, x):
+        y = x.clone()
+        y.mul_(self.w)
+        return torch.tanh(y)
+
+
+@pytest.mark.parametrize("where", ["trainable", "frozen-rest"])
+def test_fallback_module_that_mixes_examples_is_refused(where):
+    """A module without a rule whose output for one example depends on other
+    examples' inputs gets no per-example gradient with bounded influence:
+    refused at the first backward (it used to pass silently: the sum of the
+    fallback's per-row gradients equals autograd's, so no other check fires)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), _MixesExamples(), nn.Linear(4, 2))
+    if where == "frozen-rest":
+        for p in [*model[0].parameters(), *model[2].parameters()]:
+            p.requires_grad_(False)
+    engine = engine_for(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    engine.attach(opt)
+    with pytest.raises(dpft.UnsupportedModuleError, match="'1' .*mixes examples"):
+        model(torch.randn(8, 3)).pow(2).sum().backward()
+
+
+def test_fallback_module_that_keeps_examples_apart_is_exact():
+    from reference import check_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), _RowWise(), nn.Linear(4, 2)).double()
+    examples = [torch.randn(5, 3, dtype=torch.float64) for _ in range(8)]
+    for mode in ("auto", "ghost"):
+        check_model(model, examples, torch.stack, lambda m, b: m(b).pow(2).sum(2).mean(1).mean(), mode=mode)
+
+
 def test_batch_dimension_not_first_is_an_error():
     class SeqFirst(nn.Module):
         def __init__(self):

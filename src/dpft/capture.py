@@ -29,13 +29,9 @@ from .rules import FALLBACK, Call, Contribution, Direct, Rule, find_rule
 from . import norms
 from .norms import acc_dtype_of, prefer_ghost
 from .precision import full_fp32
-from .rules.base import Factored, clear_half_copies
+from .rules.base import HALF, Factored, UnsupportedModuleError, clear_half_copies
 from .rules.embedding import check_embedding
 from .rules.fallback import FallbackRule, _flat_tensors, rng_state
-
-
-class UnsupportedModuleError(TypeError):
-    """A trainable parameter belongs to a module dpft cannot handle exactly."""
 
 
 class BatchNormError(TypeError):
@@ -444,7 +440,7 @@ class Capture:
             return
         if b.expand and self._passes < self.check_passes and grad.shape[0] > 1:
             self._check_expand(b, grad)
-        if grad.dtype in (torch.float16, torch.bfloat16):
+        if grad.dtype in HALF:
             self._half = True
         if b.slow:
             b.rule.on_grad(call, grad, b.slow)
@@ -552,7 +548,7 @@ class Capture:
             else:
                 continue
             want = grad.to(ours.dtype)
-            tol = 5e-2 if half or grad.dtype in (torch.float16, torch.bfloat16) else 1e-3
+            tol = 5e-2 if half or grad.dtype in HALF else 1e-3
             err = float((ours - want).norm())
             if err > tol * float(want.norm()) + 1e-6 * (1 + float(ours.norm())):
                 raise UnsupportedModuleError(
@@ -587,6 +583,8 @@ class Capture:
         try:
             for b, call in received:
                 call.check_versions(b.name)
+                if b.fallback and self._passes < self.check_passes:
+                    call.saved["check_mixing"] = b.name  # the first passes also check that examples stay apart
                 contribs = b.rule.contributions(call, b.slow)
                 # from here on the contributions hold the only references, so
                 # that the sink can free each layer's tensors once it is summed

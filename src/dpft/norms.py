@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .rules.base import Contribution, Direct, Factored
+from .rules.base import HALF, Contribution, Direct, Factored
 
 
 def acc_dtype_of(param_dtype: torch.dtype) -> torch.dtype:
@@ -26,7 +26,6 @@ def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype is dtype else t.to(dtype)
 
 
-HALF = (torch.float16, torch.bfloat16)
 #: whether ``torch.bmm(..., out_dtype=torch.float32)`` works for half inputs on CUDA (probed once)
 _BMM_OUT_DTYPE: bool | None = None
 

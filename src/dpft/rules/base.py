@@ -29,6 +29,14 @@ import torch
 from torch import Tensor, nn
 
 
+#: the half-precision dtypes (autocast's)
+HALF = (torch.float16, torch.bfloat16)
+
+
+class UnsupportedModuleError(TypeError):
+    """A trainable parameter belongs to a module dpft cannot handle exactly."""
+
+
 @dataclass
 class Direct:
     """Per-example gradient of a whole parameter, shape ``(B, *param.shape)``."""
@@ -201,7 +209,7 @@ class Rule:
             if (
                 self.casts_input
                 and isinstance(output, Tensor)
-                and output.dtype in (torch.float16, torch.bfloat16)
+                and output.dtype in HALF
                 and x.dtype == torch.float32
             ):
                 # keep the half-precision value the layer actually multiplied

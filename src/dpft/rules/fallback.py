@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Call, Contribution, Direct, Rule
+from .base import Call, Contribution, Direct, Rule, UnsupportedModuleError
 
 
 def _flat_tensors(output: Any) -> list[Tensor | None]:
@@ -45,6 +45,9 @@ class FallbackRule(Rule):
     handles = None
     recursive = False
     eager: tuple[str, ...] = ()
+    #: how many leading positional arguments carry examples (``None``: all);
+    #: the first backward passes check that these stay apart
+    data_args: int | None = None
 
     def batch_dim(self, module: nn.Module) -> int:
         return 0
@@ -74,8 +77,22 @@ class FallbackRule(Rule):
         # gradient at a time (batched with is_grads_batched).
         autocast = call.saved.get("autocast")
         amp = torch.autocast(autocast[0], dtype=autocast[1]) if autocast else contextlib.nullcontext()
+        args, kwargs = call.saved["args"], call.saved["kwargs"]
+        check = call.saved.pop("check_mixing", None)
+        probes: list[tuple[Tensor, int]] = []  # (input copy, batch dim): does example i's output reach other rows?
+
+        def probe(a: Any) -> Any:
+            if isinstance(a, Tensor) and a.is_floating_point() and a.ndim > bdim and a.shape[bdim] == n:
+                t = a.detach().requires_grad_()
+                probes.append((t, bdim))
+                return t.clone()  # (a forward that works in place on its input must not touch the leaf)
+            return a
+
         with torch.enable_grad(), _rng_restored(call.saved.get("rng")), amp:
-            out = module.forward(*call.saved["args"], **call.saved["kwargs"])
+            if check is not None:  # positional data arguments only (keyword ones are often masks)
+                k = len(args) if self.data_args is None else self.data_args
+                args = tuple(probe(a) for a in args[:k]) + tuple(args[k:])
+            out = module.forward(*args, **kwargs)
         outs = _flat_tensors(out)
         pairs = [
             (o, g)
@@ -96,12 +113,36 @@ class FallbackRule(Rule):
                 shape = [len(idx)] + [n if d == bdim else 1 for d in range(g.ndim)]
                 cots.append(g.unsqueeze(0) * onehot.view(shape))
             gs = torch.autograd.grad(
-                [o for o, _ in pairs], plist, grad_outputs=cots,
+                [o for o, _ in pairs], plist + [t for t, _ in probes], grad_outputs=cots,
                 is_grads_batched=True, retain_graph=True, allow_unused=True,
             )
+            if probes:
+                _check_apart(gs[len(plist):], probes, idx, n, check, module)
+                gs = gs[: len(plist)]
             for i, (gk, p) in enumerate(zip(gs, plist)):
                 parts[i].append(gk if gk is not None else torch.zeros(len(idx), *p.shape, dtype=p.dtype, device=p.device))
         return {k: Direct(torch.cat(v)) for k, v in zip(names, parts)}
+
+
+def _check_apart(grads: Any, probes: list[tuple[Tensor, int]], idx: Tensor, n: int, name: str, module: nn.Module) -> None:
+    """Raise if pulling back example ``i``'s output gradient reaches another
+    example's input: the module mixes examples (batch statistics, a mean over
+    the batch, attention across it), so no per-example gradient has bounded
+    influence and the DP guarantee would not hold."""
+    for g, (_, bdim) in zip(grads, probes):
+        if g is None:
+            continue
+        rows = g.movedim(1 + bdim, 1).reshape(len(idx), n, -1)  # (examples pulled back, input rows, rest)
+        other = torch.ones(len(idx), n, dtype=torch.bool, device=rows.device)
+        other[torch.arange(len(idx), device=rows.device), idx] = False
+        if bool(rows[other].ne(0).any()):
+            raise UnsupportedModuleError(
+                f"dpft: module '{name}' ({type(module).__name__}) mixes examples: the output of one "
+                "example depends on the inputs of others (batch statistics or a reduction over the "
+                "batch dimension), so one example's influence on the update cannot be bounded and the "
+                "DP guarantee would not hold. Replace the module by one that treats examples "
+                "separately (e.g. GroupNorm / LayerNorm instead of batch statistics)."
+            )
 
 
 class _rng_restored:
@@ -139,6 +180,7 @@ class MultiheadAttentionRule(FallbackRule):
     """``nn.MultiheadAttention``: covers its own projections and ``out_proj``."""
 
     recursive = True
+    data_args = 3  # query, key, value (a positional attn_mask is shared by the batch)
 
     def batch_dim(self, module: nn.Module) -> int:
         return 0 if module.batch_first else 1
