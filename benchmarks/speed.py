@@ -622,6 +622,18 @@ def build_configs(args: argparse.Namespace, run_id: str, command: str) -> list[d
     return list(unique.values())
 
 
+def repeat_rounds(configs: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+    """With ``k > 1``: the methods of one model (and shape) in turn, that round
+    repeated ``k`` times (each configuration tagged with its ``repeat``), so
+    that host drift between processes falls on every method alike."""
+    if k <= 1:
+        return configs
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for c in configs:
+        groups.setdefault((c["model"], c["batch_size"], c.get("seq_len"), c.get("image_size")), []).append(c)
+    return [dict(c, repeat=r) for g in groups.values() for r in range(k) for c in g]
+
+
 def _preload_for(cfg: dict[str, Any]) -> list[str]:
     """Modules the child for ``cfg`` imports before it gets the go."""
     from . import models as _models
@@ -668,7 +680,7 @@ class Budget:
 def run_suite(args: argparse.Namespace, command: str) -> list[dict[str, Any]]:
     run_id = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + f"-{os.getpid()}"
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    configs = build_configs(args, run_id, command)
+    configs = repeat_rounds(build_configs(args, run_id, command), args.repeat)
     for c in configs:
         c["date"] = date
     out_dir = Path(args.out)
@@ -811,6 +823,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--noise-multiplier", type=float, default=1.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run each model's methods this many times in turn (separate processes); the report "
+                        "takes each method's median throughput and largest peak memory")
     p.add_argument("--time-budget", type=float, default=None, help="seconds; no new configuration starts after it")
     p.add_argument("--config-timeout", type=float, default=180.0, help="seconds before a configuration is killed")
     p.add_argument("--max-batch-cap", type=int, default=8192, help="maxbatch suite: largest batch tried")
@@ -836,6 +851,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.warmup = 1 if args.smoke else 3
     if args.one is None and args.device is None:
         args.device = _default_device()
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
+    if args.repeat > 1 and args.suite == "maxbatch":
+        p.error("--repeat does not apply to the maxbatch suite (a largest batch is found once)")
     return args
 
 

@@ -110,6 +110,34 @@ def test_report_keeps_tf32_off_runs_apart(tmp_path):
     assert "0.90 ✗" in text and "0.98 ✓" in text  # each run's ratio, in its own section
 
 
+def test_repeat_interleaves_methods_and_report_takes_medians(tmp_path):
+    """--repeat K runs each model's methods in turn K times; the report keeps,
+    per method, the run's median throughput (the lower one of an even count)
+    and its largest peak memory."""
+    sys.path.insert(0, str(REPO))
+    try:
+        from benchmarks import report, speed
+    finally:
+        sys.path.remove(str(REPO))
+    args = speed.parse_args(["--suite", "bitfit", "--models", "gpt2,vit", "--methods", "nonprivate-bitfit,dp-bitfit",
+                             "--repeat", "3", "--device", "cpu", "--out", str(tmp_path)])
+    order = [(c["model"], c["method"], c["repeat"])
+             for c in speed.repeat_rounds(speed.build_configs(args, "r", "c"), args.repeat)]
+    m = ("nonprivate-bitfit", "dp-bitfit")
+    assert order == [(model, meth, r) for model in ("gpt2", "vit") for r in range(3) for meth in m]
+    base = dict(suite="core", run_id="r1", command="c", device="cuda", dtype="fp32", size="full", batch_size=32,
+                seq_len=100, model="gpt2", status="ok", env={"gpu": "X", "torch": "2"})
+    recs = []
+    for rep, (np_, dp_) in enumerate([(100.0, 90.0), (50.0, 97.0), (101.0, 99.0)]):
+        recs.append(dict(base, method="nonprivate-bitfit", repeat=rep, examples_per_s=np_, peak_mem_mb=1000.0, trainable=10))
+        recs.append(dict(base, method="dp-bitfit", repeat=rep, examples_per_s=dp_, peak_mem_mb=1000.0 + rep, trainable=10))
+    merged = {r["method"]: r for r in report.latest(recs)}
+    assert merged["nonprivate-bitfit"]["examples_per_s"] == 100.0 and merged["dp-bitfit"]["examples_per_s"] == 97.0
+    assert merged["dp-bitfit"]["peak_mem_mb"] == 1002.0 and merged["dp-bitfit"]["repeats"] == 3
+    with __import__("pytest").raises(SystemExit):
+        speed.parse_args(["--suite", "maxbatch", "--repeat", "2"])
+
+
 def test_report_sparta_section(tmp_path):
     """The `sparta` suite's docs section: step-time ratios to DP full, the
     density-0.2 target mark, a PNG; "not yet run" before any record exists."""

@@ -115,6 +115,12 @@ class PrivacyEngine:
             sums are reduce-scattered to the shards, and the rank owning a
             shard adds its noise (std ``sigma R``).  Each rank holds one
             full-size clipped sum per trainable parameter during a step.
+
+    A NaN/Inf per-example gradient never reaches the parameters: with only
+    biases and normalization weights trained (DP-BiTFiT) the example is left
+    out on the device (it contributes zero) and a ``RuntimeWarning`` reports
+    it once the count has reached the CPU; otherwise ``optimizer.step()``
+    raises ``FloatingPointError`` and changes nothing.
     """
 
     def __init__(
