@@ -371,3 +371,24 @@ def test_long_sequence_weights_are_instantiated_during_backward(mode):
     early = {"Instantiated"} if mode != "ghost" else {"Factored"}
     assert seen["a.weight"] == seen["head.weight"] == seen["twice.weight"] == early
     assert seen["t1.weight"] == {"Factored"}  # two modules: decided at the end, as before
+
+
+def test_early_instantiation_is_decided_once_per_shape(monkeypatch):
+    """The backward hook asks the mixed rule once per layer and output shape,
+    not at every step (most layers of short sequences stay with the ghost norm)."""
+    import dpft.capture
+
+    calls = []
+    real = dpft.capture.prefer_ghost
+    monkeypatch.setattr(dpft.capture, "prefer_ghost", lambda cs: calls.append(1) or real(cs))
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64))  # 2 * 4^2 < 64^2: ghost
+    engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=5, noise_multiplier=1.0,
+                                clipping_mode="auto")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine.attach(opt)
+    for _ in range(3):
+        model(torch.randn(B, 4, 64)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    n_early = sum(1 for b in engine._capture.bindings if b.early)
+    assert n_early == 2 and len(calls) == n_early

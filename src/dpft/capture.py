@@ -84,6 +84,7 @@ class Binding:
     lane: list[tuple[str, str, int, int, tuple[int, ...]]] = field(default_factory=list)  # (local, key, offset, numel, shape)
     slow: frozenset[str] = frozenset()  # params handed to the sink as contributions
     early: frozenset[str] = frozenset()  # weights that may be instantiated in the backward hook
+    early_by_shape: dict = field(default_factory=dict)  # output-gradient shape -> whether it is instantiated early
     done: Any = None  # the rule's hook to drop saved inputs once eager results are out
 
 
@@ -444,8 +445,8 @@ class Capture:
             self._half = True
         if b.slow:
             b.rule.on_grad(call, grad, b.slow)
-            if b.early:
-                self._instantiate_early(b, call)
+            if b.early and b.early_by_shape.get(grad.shape, True):
+                self._instantiate_early(b, call, grad.shape)
         if b.lane:
             n = call.batch_size
             buf = self._lane_buf
@@ -472,7 +473,7 @@ class Capture:
         for b in self.bindings:
             b.early = frozenset(local for local in b.early if b.keys[local] not in drop)
 
-    def _instantiate_early(self, b: Binding, call: Call) -> None:
+    def _instantiate_early(self, b: Binding, call: Call, shape: torch.Size) -> None:
         """Build the weight's per-example gradient now if the norm will be taken
         by instantiation anyway (the mixed rule's choice, made on this use's
         positions: the weight has no other use), and free the layer's input
@@ -480,7 +481,11 @@ class Capture:
         much less for long sequences.  Same kernels, same result."""
         (local,) = b.early
         c = b.rule.contributions(call, b.early)[local]
-        if not isinstance(c, Factored) or (self.norm_mode == "mixed" and prefer_ghost([c])):
+        # decided once per shape: a layer the mixed rule leaves to the ghost norm
+        # costs no contribution built twice per step after its first call
+        now = isinstance(c, Factored) and (self.norm_mode == "instantiate" or not prefer_ghost([c]))
+        b.early_by_shape[shape] = now
+        if not now:
             return
         call.check_versions(b.name)  # the input must be what the forward pass multiplied
         with full_fp32(), torch.no_grad():

@@ -80,12 +80,17 @@ class FallbackRule(Rule):
         args, kwargs = call.saved["args"], call.saved["kwargs"]
         check = call.saved.pop("check_mixing", None)
         probes: list[tuple[Tensor, int]] = []  # (input copy, batch dim): does example i's output reach other rows?
+        copies: dict[int, Tensor] = {}  # one copy per input object (self-attention: query is key is value)
 
         def probe(a: Any) -> Any:
+            if id(a) in copies:
+                return copies[id(a)]
             if isinstance(a, Tensor) and a.is_floating_point() and a.ndim > bdim and a.shape[bdim] == n:
                 t = a.detach().requires_grad_()
                 probes.append((t, bdim))
-                return t.clone()  # (a forward that works in place on its input must not touch the leaf)
+                # (a forward that works in place on its input must not touch the leaf)
+                copies[id(a)] = t.clone()
+                return copies[id(a)]
             return a
 
         with torch.enable_grad(), _rng_restored(call.saved.get("rng")), amp:
