@@ -42,13 +42,13 @@ def main() -> None:
         sparta_rows(wl, float(args.method.rsplit("-", 1)[1]))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-4) if args.optimizer == "sgd" else torch.optim.AdamW(params, lr=1e-5)
+    if args.method.startswith("dp-sparta-"):
+        dpft.sparta.compact_optimizer(opt)  # before attach (which wraps step)
     if args.method.startswith("dp-"):
         mode = args.method.split("-")[-1] if args.method.startswith("dp-full") else "auto"
         engine = dpft.PrivacyEngine(model, batch_size=args.batch_size, sample_size=10**6, steps=10**5,
                                     noise_multiplier=1.0, clipping_mode=mode)
         engine.attach(opt)
-        if args.method.startswith("dp-sparta-"):
-            dpft.sparta.compact_optimizer(opt)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
 
     def step():

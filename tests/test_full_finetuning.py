@@ -392,3 +392,93 @@ def test_early_instantiation_is_decided_once_per_shape(monkeypatch):
         opt.zero_grad()
     n_early = sum(1 for b in engine._capture.bindings if b.early)
     assert n_early == 2 and len(calls) == n_early
+
+
+class _AtenLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """The aten operators run inside the context that compute a weight
+    gradient: embedding_dense_backward, and convolution_backward asked for
+    the weight's (its output mask; a bias-only call is no weight gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name == "embedding_dense_backward" or (name == "convolution_backward" and args[-1][1]):
+            self.names.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "first, op, x",
+    [
+        # instantiated norms (2 T^2 >= p d): dpft itself runs no convolution_backward
+        (lambda: nn.Conv2d(3, 4, 3, padding=1), "convolution_backward", lambda: torch.randn(B, 3, 8, 8)),
+        (lambda: nn.Embedding(20, 4), "embedding_dense_backward", lambda: torch.randint(0, 20, (B, 8))),
+    ],
+    ids=["conv-stem", "embedding"],
+)
+@pytest.mark.parametrize("mode", ["auto", "instantiate"])
+def test_book_keeping_first_layer_gets_no_autograd_weight_gradient(first, op, x, mode):
+    """A layer whose input needs no gradient (the model's first) trains its
+    weight under book-keeping without autograd computing that weight's
+    gradient (an RGB stem's cuDNN weight-gradient kernel, an embedding's dense
+    table); without book-keeping (``instantiate``) autograd computes it, which
+    shows the test can see it.  The update stays exact."""
+    torch.manual_seed(0)
+    layer = first()
+    model = nn.Sequential(layer, nn.Tanh(), nn.Flatten(), nn.LazyLinear(2))
+    batch = x()
+    model(batch)  # materialize the lazy head
+    model = model.double()
+    batch = batch.double() if batch.is_floating_point() else batch
+    loss = lambda m, b: m(b).pow(2).sum(1).mean()  # noqa: E731
+    log = _AtenLog()
+    real_backward = torch.Tensor.backward
+
+    def logged_backward(self, *a, **k):
+        with log:
+            return real_backward(self, *a, **k)
+
+    torch.Tensor.backward = logged_backward
+    try:
+        got, _ = dpft_update(copy.deepcopy(model), [batch], loss, batch_size=B, R=0.05, mode=mode)
+    finally:
+        torch.Tensor.backward = real_backward
+    assert (op in log.names) == (mode == "instantiate")
+    want, _ = dpft_update(copy.deepcopy(model), [batch], loss, batch_size=B, R=0.05, mode="ghost")
+    for k in want:
+        assert torch.allclose(got[k], want[k], rtol=1e-9, atol=1e-12), k
+
+
+@pytest.mark.parametrize("mode", ["auto", "bk", "ghost"])
+def test_book_keeping_first_layer_output_modified_in_place(mode):
+    """The first layer's output, tied to the graph without its weight under
+    book-keeping, may be changed in place right after (ReLU(inplace=True));
+    a 3-D Linear with a frozen bias returns a view, which is tied as a copy.
+    Both exact against brute force.  Without book-keeping the view changed in
+    place is a known limit (the hook on the view never fires): it must fail
+    loudly, never with a wrong gradient."""
+    torch.manual_seed(0)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(5, 6)
+            self.lin.bias.requires_grad_(False)
+            self.conv = nn.Conv1d(6, 3, 3, padding=1)
+            self.act = nn.ReLU(inplace=True)
+
+        def forward(self, x):  # x: (B, T, 5)
+            h = self.lin(x)
+            h.tanh_()
+            return self.act(self.conv(h.transpose(1, 2))).sum(2)
+
+    examples = [torch.randn(7, 5) for _ in range(B)]
+    args = (M(), examples, lambda exs: torch.stack(exs), lambda m, b: m(b).pow(2).sum(1).mean())
+    if mode == "ghost":
+        with pytest.raises(dpft.UnsupportedModuleError, match="changed in place"):
+            check_model(*args, mode=mode)
+    else:
+        check_model(*args, mode=mode)

@@ -109,3 +109,44 @@ def test_conv_weight_gradient_kernel_paths(name):
         assert rel(sel2.weighted(w, torch.float64), (wv * want[:, idx]).sum(0)) < 1e-10
     else:
         assert c.select_rows(torch.tensor([0])) is None
+
+
+@pytest.mark.parametrize("mode", ["auto", "ghost", "instantiate"])
+@pytest.mark.parametrize("rows", [False, True], ids=["full", "sparta-rows"])
+def test_conv_input_is_unfolded_at_most_once_per_layer_and_step(monkeypatch, mode, rows):
+    """The unfolded input of a convolution (kernel-size times its input) is
+    built for the per-example norm and dropped; nothing builds it again in
+    the same step (a dtype query once did, doubling the unfold work), and a
+    pointwise convolution never copies its input at all."""
+    import dpft.rules.conv as conv_rules
+
+    calls = []
+    real = conv_rules.unfold_nd
+
+    def spy(x, kernel_size, *args, **kwargs):
+        out = real(x, kernel_size, *args, **kwargs)
+        calls.append(out.data_ptr() == x.data_ptr())  # True: a view of the input
+        return out
+
+    monkeypatch.setattr(conv_rules, "unfold_nd", spy)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 8, 1), nn.Tanh(),
+                          nn.Conv2d(8, 4, 3, stride=2), nn.Flatten(), nn.LazyLinear(2))
+    x = torch.randn(6, 3, 9, 9)
+    model(x)
+    if rows:
+        masks = {f"{i}.weight": torch.arange(model[i].out_channels) % 3 == 0 for i in (0, 2, 4)}
+        dpft.sparta.restrict(model, masks)
+    engine = dpft.PrivacyEngine(model, batch_size=6, sample_size=100, steps=5, noise_multiplier=1.0,
+                                clipping_mode=mode)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    engine.attach(opt)
+    for step in range(2):
+        calls.clear()
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        assert len(calls) <= 3, calls
+        # the pointwise layer (the second) needs no unfolded copy
+        assert calls.count(True) <= 1 and calls.count(False) <= 2
+    assert len(calls) >= 1  # the spy sees the unfold (ghost or instantiated norms both build it)

@@ -169,6 +169,25 @@ class _HookDict(dict):
     """A tensor's hook dictionary (weak-referenceable, like torch's OrderedDict)."""
 
 
+class _Tap(torch.autograd.Function):
+    """``out`` made part of the graph through ``weight`` (whose gradient it
+    never gives): the output of a book-keeping layer computed with its weight
+    switched off, when no input requires grad either.  ``out`` is returned
+    itself (marked as modified in place, so that later in-place operations on
+    it stay allowed); a view is copied first, as autograd requires."""
+
+    @staticmethod
+    def forward(ctx: Any, out: Tensor, weight: Tensor) -> Tensor:
+        if out._base is not None:
+            return out.clone()
+        ctx.mark_dirty(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
 def _add_grad_hook(t: Tensor, fn: Callable[[Tensor], None]) -> None:
     """``t.register_hook(fn)`` without the removable handle (these hooks are
     never removed: they go with the graph), which costs a few microseconds
@@ -286,7 +305,6 @@ class Capture:
     def attach(self) -> None:
         h = self._handles
         h.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
-        h.append(self.model.register_forward_hook(self._root_post, always_call=True))
         for b in self.bindings:
             if b.expand:
                 h.append(b.module.register_forward_pre_hook(partial(self._expand_pre, b)))
@@ -296,6 +314,9 @@ class Capture:
             if isinstance(b.rule, FallbackRule) or skip:
                 h.append(b.module.register_forward_pre_hook(partial(self._pre, b), with_kwargs=True))
             h.append(b.module.register_forward_hook(partial(self._post, b)))
+        # after the bindings' hooks: a model that is itself a hooked layer has its
+        # output handled (``_post``) before the forward's state is cleared
+        h.append(self.model.register_forward_hook(self._root_post, always_call=True))
         covered = {k for b in self.bindings for k in b.keys.values()}
         self._param_handles = []
         for name, p in self.model.named_parameters():
@@ -356,23 +377,30 @@ class Capture:
             b.autocast = _autocast_state(dev)
         elif self.book_keeping:
             # Book-keeping: autograd need not compute the (non-private) weight
-            # gradient; we compute the clipped sum ourselves.  Only possible
-            # when the output still requires grad without the weight.
-            if any(isinstance(a, Tensor) and a.requires_grad for a in args):
-                for k in b.params:
-                    if k != "bias" and "." not in k:
-                        p = module._parameters[k]
-                        if p.requires_grad:
-                            p.requires_grad_(False)
-                            b.toggled.append(p)
+            # gradient; we compute the clipped sum ourselves.  Where nothing
+            # else makes the output require grad (the model's first layer:
+            # input without grad), ``_post`` ties it to the graph with
+            # :class:`_Tap`, which costs nothing, so the output gradient still
+            # reaches our hook (autograd would otherwise compute the weight
+            # gradient of that layer only to have it thrown away: a slow
+            # cuDNN kernel for an RGB stem, a dense table for an embedding).
+            for k in b.params:
+                if k != "bias" and "." not in k:
+                    p = module._parameters[k]
+                    if p.requires_grad:
+                        p.requires_grad_(False)
+                        b.toggled.append(p)
 
     def _post(self, b: Binding, module: nn.Module, args: tuple, output: Any) -> Any:
+        tapped: Any = None
         if b.toggled:
             for p in b.toggled:
                 p.requires_grad_(True)
+            if isinstance(output, Tensor) and not output.requires_grad and output.is_floating_point():
+                output = tapped = _Tap.apply(output, b.toggled[0])
             b.toggled = []
         if not (self.enabled and torch.is_grad_enabled()):
-            return None
+            return tapped
         n = self.batch_size
         if b.fallback:
             flat = _flat_tensors(output)
@@ -398,7 +426,7 @@ class Capture:
             return None
         if n is None:
             n = output.shape[0]
-        replaced = None
+        replaced = tapped
         if output.shape[0] != n:
             if output.shape[0] == 1:
                 # broadcast over the batch (e.g. GPT-2 position embeddings with
@@ -540,8 +568,10 @@ class Capture:
             if cs is None and key not in seen:
                 raise UnsupportedModuleError(
                     f"dpft: parameter '{key}' received a gradient through a use that no dpft hook saw "
-                    "(used functionally outside its module, or by a module that does not call it?); "
-                    "its per-example gradient is unknown. Freeze it or route the use through the module."
+                    "(used functionally outside its module, or by a module that does not call it?  Or the "
+                    "module's output is a view, e.g. a Linear's on 3-D input, changed in place afterwards: "
+                    "make that operation out of place); its per-example gradient is unknown. Freeze it or "
+                    "route the use through the module."
                 )
             if grad is None:
                 continue

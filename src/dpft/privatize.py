@@ -307,8 +307,8 @@ class ClippedSum:
             w = _on(columns[gi], p.device)
             cs = contributions.pop(k)  # this layer's activations and output gradients are freed once summed
             half = None
-            # (``right`` only: a lazy layer would rebuild a released ``left``)
-            if any(isinstance(c, Factored) and c.right.dtype in HALF for c in cs):
+            # (``factor_dtype``: a lazy layer would rebuild released factors to answer ``right.dtype``)
+            if any(isinstance(c, Factored) and c.factor_dtype in HALF for c in cs):
                 if shrunk is None:
                     shrunk = weights * HALF_SHRINK
                 half = _on(shrunk[:, gi], p.device)

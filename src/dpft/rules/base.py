@@ -86,6 +86,11 @@ class Factored:
     def cols(self) -> int:
         return self.right.shape[3]
 
+    @property
+    def factor_dtype(self) -> torch.dtype:
+        """The dtype of ``right`` (a lazy layer answers without building it)."""
+        return self.right.dtype
+
     # Optional faster paths of a layer (see ``rules.conv.ConvFactored``); ``None``
     # means "use the generic matrix products on ``left`` / ``right``".
     def per_example(self, dtype: torch.dtype) -> Tensor | None:

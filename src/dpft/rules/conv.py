@@ -46,6 +46,11 @@ def unfold_nd(x: Tensor, kernel_size, dilation, padding, stride, padding_mode: s
     kernel_size, dilation, stride = _tuple(kernel_size, nd), _tuple(dilation, nd), _tuple(stride, nd)
     pads = conv_padding(padding, kernel_size, dilation)
     flat = [p for pair in reversed(pads) for p in pair]
+    if not any(flat) and all(k == 1 for k in kernel_size) and all(s == 1 for s in stride):
+        # a pointwise convolution: the positions are the columns of the input
+        # itself; a transposed view (matrix products read it as it is) rather
+        # than a copy of the whole input
+        return x.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2)
     if any(flat):
         if padding_mode == "zeros":
             x = F.pad(x, flat)
@@ -111,6 +116,10 @@ class ConvFactored(Factored):
     @property
     def positions(self) -> int:
         return math.prod(self.g.shape[2:])
+
+    @property
+    def factor_dtype(self) -> torch.dtype:
+        return self.x.dtype  # ``right`` is the unfolded input
 
     @property
     def groups(self) -> int:
