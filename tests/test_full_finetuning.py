@@ -482,3 +482,76 @@ def test_book_keeping_first_layer_output_modified_in_place(mode):
             check_model(*args, mode=mode)
     else:
         check_model(*args, mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["auto", "ghost"])
+@pytest.mark.parametrize("subset", ["bitfit", "full"])
+def test_lane_parameters_skip_autograd_after_the_check_passes(mode, subset):
+    """Under book-keeping, once the first backward passes have cross-checked
+    the sums against autograd's, biases and normalization weights are switched
+    off for autograd during the forward (their per-example gradients come
+    from the output gradients in the hooks), and the first layer's output is
+    tied to the graph without them; the weights, switched off module by
+    module before, are switched off with them (no per-module hook left).  Every step stays exact against brute
+    force (float64, several steps, the weights moving in between); without
+    book-keeping (ghost) autograd keeps computing them, which shows that the
+    parameter hooks of this test see autograd's gradients."""
+    from reference import clipped_mean, per_example_grads
+
+    torch.manual_seed(0)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln = nn.LayerNorm(5)  # first layer: its input needs no gradient
+            self.lin = nn.Linear(5, 6)
+            self.gn = nn.GroupNorm(2, 6)
+            self.conv = nn.Conv1d(6, 3, 3, padding=1)
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x):  # (B, T, 5)
+            h = torch.tanh(self.lin(self.ln(x))).transpose(1, 2)
+            h = torch.tanh(self.conv(torch.relu(self.gn(h))))
+            return self.head(h.mean(2))
+
+    model = M().double()
+    if subset == "bitfit":
+        dpft.bitfit(model)
+    lane = {n: p for n, p in model.named_parameters() if p.requires_grad and (n.endswith("bias") or n.startswith(("ln.", "gn.")))}
+    autograd_calls = []
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    loss_fn = lambda m, b: m(b).pow(2).sum(1).mean()  # noqa: E731
+    R = 0.05
+    ref = copy.deepcopy(model)  # brute force on a copy without the engine's hooks
+    engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=10, noise_multiplier=0.0,
+                                max_grad_norm=R, clipping_mode=mode)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine.attach(opt)
+    params = dict(model.named_parameters())
+    weights = [n for n in names if n not in lane]
+    for n in names:
+        params[n].register_hook(lambda g, n=n: autograd_calls.append(n))
+    for step in range(4):
+        x = torch.randn(B, 7, 5, dtype=torch.float64)
+        ref.load_state_dict(model.state_dict())
+        grads = per_example_grads(ref, names, [x[i : i + 1] for i in range(B)], loss_fn)
+        want = clipped_mean(grads, [names], R, "abadi", B)
+        before = {n: params[n].detach().clone() for n in names}
+        autograd_calls.clear()
+        loss_fn(model, x).backward()
+        opt.step()
+        opt.zero_grad()
+        for n in names:
+            got = before[n] - params[n].detach()
+            assert torch.allclose(got, want[n], rtol=1e-8, atol=1e-12), (step, n)
+        if mode == "ghost":
+            assert set(autograd_calls) == set(names), step
+        elif step >= 2:
+            assert autograd_calls == [], step
+            # the weights' per-module switches are gone: one switch per forward does it
+            assert not model.lin._forward_pre_hooks and not model.conv._forward_pre_hooks
+        else:  # book-keeping never lets autograd compute a weight's gradient
+            assert set(autograd_calls) == set(lane), step
+            assert set(weights).isdisjoint(autograd_calls)

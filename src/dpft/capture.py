@@ -86,6 +86,7 @@ class Binding:
     early: frozenset[str] = frozenset()  # weights that may be instantiated in the backward hook
     early_by_shape: dict = field(default_factory=dict)  # output-gradient shape -> whether it is instantiated early
     done: Any = None  # the rule's hook to drop saved inputs once eager results are out
+    off: bool = False  # some of its parameters are switched off for autograd in a whole forward
 
 
 def _module_params(module: nn.Module, recursive: bool) -> dict[str, nn.Parameter]:
@@ -171,8 +172,9 @@ class _HookDict(dict):
 
 class _Tap(torch.autograd.Function):
     """``out`` made part of the graph through ``weight`` (whose gradient it
-    never gives): the output of a book-keeping layer computed with its weight
-    switched off, when no input requires grad either.  ``out`` is returned
+    never gives): the output of a book-keeping layer computed with its
+    parameters switched off, when no input requires grad either (``weight``:
+    the layer's weight, or a scalar leaf for a switched-off lane).  ``out`` is returned
     itself (marked as modified in place, so that later in-place operations on
     it stay allowed); a view is copied first, as autograd requires."""
 
@@ -250,6 +252,11 @@ class Capture:
         self.check_passes = 2  # backward passes in which sums are cross-checked
         self._passes = 0
         self._half = False
+        # parameters switched off for autograd during one forward (see _root_pre)
+        self._off: list[nn.Parameter] = []
+        self._off_params: list[nn.Parameter] = []
+        self._pre_handles: list[Any] = []
+        self._tap_leaf: Tensor | None = None
 
     def _plan_lane(self, no_lane: set[str]) -> None:
         """The flat lane: parameters whose per-example gradients are reduced
@@ -277,6 +284,14 @@ class Capture:
             self.lane_offsets[k] = (offset, params[k].numel())
             offset += params[k].numel()
         self.lane_total = offset
+        # lane parameters autograd need not differentiate once the uses are
+        # cross-checked (book-keeping): their per-example gradients come from
+        # the output gradients in the hooks; not those of expanded container
+        # parameters (their hook sits on the expanded copy)
+        expanded = {key for b in self.bindings if b.expand for key in b.keys.values()}
+        self._lane_params = [params[k] for k in keys if k not in expanded]
+        for b in self.bindings:
+            b.off = any(key in self.lane_offsets and key not in expanded for key in b.keys.values())
         self.lane_dtype = torch.float64 if keys and params[keys[0]].dtype == torch.float64 else torch.float32
         self.lane_device = params[keys[0]].device if keys else None
         for b in self.bindings:
@@ -305,14 +320,41 @@ class Capture:
     def attach(self) -> None:
         h = self._handles
         h.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
+        # weights that every one of their modules switches off under book-keeping
+        # (a weight also read by the fallback or another rule stays on)
+        skips = {
+            id(b): self.book_keeping and b.rule.skip_weight_grad and not b.expand
+            and not isinstance(b.rule, FallbackRule) and any(k != "bias" for k in b.params)
+            for b in self.bindings
+        }
+        users: dict[str, list[tuple[Binding, str]]] = {}
+        for b in self.bindings:
+            for local, key in b.keys.items():
+                users.setdefault(key, []).append((b, local))
+        self._off_params = [
+            self._param(key)
+            for key, us in users.items()
+            if all(skips[id(b)] and local != "bias" and "." not in local for b, local in us)
+        ]
         for b in self.bindings:
             if b.expand:
                 h.append(b.module.register_forward_pre_hook(partial(self._expand_pre, b)))
                 h.append(b.module.register_forward_hook(partial(self._expand_post, b), always_call=True))
                 continue
             skip = self.book_keeping and b.rule.skip_weight_grad and any(k != "bias" for k in b.params)
-            if isinstance(b.rule, FallbackRule) or skip:
+            if isinstance(b.rule, FallbackRule):
                 h.append(b.module.register_forward_pre_hook(partial(self._pre, b), with_kwargs=True))
+            elif skip:
+                # per module in the first backward passes (a use of the weight
+                # outside the module still reaches autograd, which the parameter
+                # hooks catch); after them, switched off with the lane in
+                # ``_root_pre`` and this hook removed
+                handle = b.module.register_forward_pre_hook(partial(self._pre, b), with_kwargs=True)
+                h.append(handle)
+                weights = [self._param(b.keys[k]) for k in b.params if k != "bias" and "." not in k]
+                if all(any(w is q for q in self._off_params) for w in weights):
+                    self._pre_handles.append(handle)
+                    b.off = True
             h.append(b.module.register_forward_hook(partial(self._post, b)))
         # after the bindings' hooks: a model that is itself a hooked layer has its
         # output handled (``_post``) before the forward's state is cleared
@@ -331,9 +373,13 @@ class Capture:
             h.remove()
         self._handles = []
         self._param_handles = []
+        self._pre_handles = []
         self._restore_all()
 
     def _restore_all(self) -> None:
+        for p in self._off:
+            p.requires_grad_(True)
+        self._off = []
         for b in self.bindings:
             for p in b.toggled:
                 p.requires_grad_(True)
@@ -357,15 +403,38 @@ class Capture:
         if t is None or t.ndim == 0:
             raise RuntimeError("dpft: the model's forward got no batched tensor argument; cannot tell the batch size")
         self.batch_size = int(t.shape[0])
+        if self.book_keeping and self._passes >= self.check_passes and not self._off:
+            # Book-keeping for the lane (biases, norm weights): autograd computes
+            # no summed gradient for them (a reduction over the whole output
+            # gradient, its AccumulateGrad and parameter hook per layer), only
+            # input gradients; the hooks get the output gradients all the same
+            # (``_post`` ties an output to the graph where nothing else does).
+            # Only after the first backward passes, which cross-check our sums
+            # against autograd's (the parameter hooks are removed after them).
+            for p in self._lane_params + self._off_params:
+                if p.requires_grad:
+                    p.requires_grad_(False)
+                    self._off.append(p)
 
     def _root_post(self, module: nn.Module, args: tuple, output: Any) -> None:
         # the batch size belongs to this forward only: a later call of a submodule
         # on its own must not inherit it (a stale size would "broadcast" a
         # one-example output into copies that are each clipped separately)
         self.batch_size = None
+        if self._off:
+            for p in self._off:
+                p.requires_grad_(True)
+            self._off = []
         # safety net: a forward that raised midway must not leave weights frozen
         if any(b.toggled or b.stash for b in self.bindings):
             self._restore_all()
+
+    def _leaf(self) -> Tensor:
+        """A scalar that requires grad, for :class:`_Tap` where the layer's own
+        parameters are switched off (it never receives a gradient)."""
+        if self._tap_leaf is None:
+            self._tap_leaf = torch.zeros((), requires_grad=True)
+        return self._tap_leaf
 
     def _pre(self, b: Binding, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not self._active():
@@ -393,11 +462,12 @@ class Capture:
 
     def _post(self, b: Binding, module: nn.Module, args: tuple, output: Any) -> Any:
         tapped: Any = None
-        if b.toggled:
+        if b.toggled or (self._off and b.off):
+            anchor = b.toggled[0] if b.toggled else self._leaf()
             for p in b.toggled:
                 p.requires_grad_(True)
             if isinstance(output, Tensor) and not output.requires_grad and output.is_floating_point():
-                output = tapped = _Tap.apply(output, b.toggled[0])
+                output = tapped = _Tap.apply(output, anchor)
             b.toggled = []
         if not (self.enabled and torch.is_grad_enabled()):
             return tapped
@@ -642,6 +712,11 @@ class Capture:
         del received
         self._check_uses(out, lane, seen)
         self._passes += 1
+        if self._passes >= self.check_passes and self._pre_handles:
+            # from the next forward on, ``_root_pre`` switches the weights off
+            for h in self._pre_handles:
+                h.remove()
+            self._pre_handles = []
         if self._passes > self.check_passes and self._param_handles:
             # the uses were cross-checked: stop paying for the parameter hooks
             for h in self._param_handles:
