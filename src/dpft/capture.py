@@ -256,7 +256,7 @@ class Capture:
         self._off: list[nn.Parameter] = []
         self._off_params: list[nn.Parameter] = []
         self._pre_handles: list[Any] = []
-        self._tap_leaf: Tensor | None = None
+        self._tap_leaves: dict[torch.device, Tensor] = {}
 
     def _plan_lane(self, no_lane: set[str]) -> None:
         """The flat lane: parameters whose per-example gradients are reduced
@@ -429,12 +429,15 @@ class Capture:
         if any(b.toggled or b.stash for b in self.bindings):
             self._restore_all()
 
-    def _leaf(self) -> Tensor:
+    def _leaf(self, device: torch.device) -> Tensor:
         """A scalar that requires grad, for :class:`_Tap` where the layer's own
-        parameters are switched off (it never receives a gradient)."""
-        if self._tap_leaf is None:
-            self._tap_leaf = torch.zeros((), requires_grad=True)
-        return self._tap_leaf
+        parameters are switched off (it never receives a gradient).  On the
+        output's device: a node with inputs on two devices would make the
+        backward pass hop between autograd's device threads."""
+        leaf = self._tap_leaves.get(device)
+        if leaf is None:
+            leaf = self._tap_leaves[device] = torch.zeros((), device=device, requires_grad=True)
+        return leaf
 
     def _pre(self, b: Binding, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not self._active():
@@ -463,11 +466,11 @@ class Capture:
     def _post(self, b: Binding, module: nn.Module, args: tuple, output: Any) -> Any:
         tapped: Any = None
         if b.toggled or (self._off and b.off):
-            anchor = b.toggled[0] if b.toggled else self._leaf()
+            anchor = b.toggled[0] if b.toggled else None
             for p in b.toggled:
                 p.requires_grad_(True)
             if isinstance(output, Tensor) and not output.requires_grad and output.is_floating_point():
-                output = tapped = _Tap.apply(output, anchor)
+                output = tapped = _Tap.apply(output, anchor if anchor is not None else self._leaf(output.device))
             b.toggled = []
         if not (self.enabled and torch.is_grad_enabled()):
             return tapped
