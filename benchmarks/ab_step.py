@@ -113,12 +113,14 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     ap.add_argument("--fused", action="store_true", help="torch.optim.SGD(fused=True) for every variant")
     ap.add_argument("--prev-src", default=None, help="directory holding the package dpft_prev (variant prev)")
+    ap.add_argument("--tf32", default="off", choices=["on", "off"],
+                    help="off (default): IEEE float32 everywhere; on: PyTorch's default (TF32 cuDNN convolutions)")
     args = ap.parse_args()
     if args.prev_src:
         sys.path.insert(0, args.prev_src)
     amp = (lambda: torch.autocast(args.device, dtype=torch.bfloat16)) if args.bf16 else contextlib.nullcontext
     torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
     for model_name in args.models.split(","):
         for method in args.methods.split(","):
             kw = {"seq_len": args.seq_len} if args.seq_len else {}
@@ -153,7 +155,7 @@ def main() -> None:
                         if engine is not None:
                             engine.detach()
             base = statistics.median(times["nonprivate"])
-            tag = " bf16" if args.bf16 else ""
+            tag = (" bf16" if args.bf16 else "") + (" tf32" if args.tf32 == "on" else "")
             line = f"{model_name} {method} B={args.batch_size}{tag}: non-private {base:.2f} ms"
             for v in names:
                 t = statistics.median(times[v])

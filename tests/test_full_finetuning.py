@@ -555,3 +555,70 @@ def test_lane_parameters_skip_autograd_after_the_check_passes(mode, subset):
         else:  # book-keeping never lets autograd compute a weight's gradient
             assert set(autograd_calls) == set(lane), step
             assert set(weights).isdisjoint(autograd_calls)
+
+
+@pytest.mark.parametrize("subset", ["bitfit", "full"])
+def test_activation_checkpointing_several_steps_exact(subset):
+    """Activation checkpointing recomputes a block during the backward pass,
+    outside the model's forward; checkpoint requires the recomputation to
+    save what the forward saved.  dpft then keeps its parameter switches per
+    module (the recomputation sees the parameters as the forward did) rather
+    than one switch per forward: several steps run and each is exact."""
+    from torch.utils.checkpoint import checkpoint
+
+    from reference import clipped_mean, per_example_grads
+
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.RMSNorm(6)
+            self.fc = nn.Linear(6, 6)
+            self.ln = nn.LayerNorm(6)
+
+        def forward(self, h):
+            return self.ln(h + torch.tanh(self.fc(self.norm(h))))
+
+    class M(nn.Module):
+        def __init__(self, ckpt):
+            super().__init__()
+            self.ckpt = ckpt
+            self.inp = nn.Linear(5, 6)
+            self.blocks = nn.ModuleList([Block(), Block()])
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = self.inp(x)
+            for blk in self.blocks:
+                h = checkpoint(blk, h, use_reentrant=False) if self.ckpt else blk(h)
+            return self.head(h.mean(1))
+
+    model = M(ckpt=True).double()
+    if subset == "bitfit":
+        dpft.bitfit(model)
+    ref = M(ckpt=False).double()
+    ref.load_state_dict(model.state_dict())
+    for p, q in zip(model.parameters(), ref.parameters()):
+        q.requires_grad_(p.requires_grad)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    loss_fn = lambda m, b: m(b).pow(2).sum(1).mean()  # noqa: E731
+    R = 0.05
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=10, noise_multiplier=0.0,
+                                    max_grad_norm=R)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+        engine.attach(opt)
+    params = dict(model.named_parameters())
+    for step in range(4):
+        x = torch.randn(B, 4, 5, dtype=torch.float64)
+        ref.load_state_dict(model.state_dict())
+        want = clipped_mean(per_example_grads(ref, names, [x[i : i + 1] for i in range(B)], loss_fn), [names], R,
+                            "abadi", B)
+        before = {n: params[n].detach().clone() for n in names}
+        loss_fn(model, x).backward()
+        opt.step()
+        opt.zero_grad()
+        for n in names:
+            assert torch.allclose(before[n] - params[n].detach(), want[n], rtol=1e-8, atol=1e-12), (step, n)

@@ -256,6 +256,11 @@ class Capture:
         self._off: list[nn.Parameter] = []
         self._off_params: list[nn.Parameter] = []
         self._pre_handles: list[Any] = []
+        # a hooked module ran outside the model's forward (activation
+        # checkpointing recomputes blocks during the backward pass): then the
+        # switches stay per module, so that a recomputation sees the
+        # parameters as the forward did (checkpoint compares what both saved)
+        self._outside_root = False
         self._tap_leaves: dict[torch.device, Tensor] = {}
 
     def _plan_lane(self, no_lane: set[str]) -> None:
@@ -403,7 +408,7 @@ class Capture:
         if t is None or t.ndim == 0:
             raise RuntimeError("dpft: the model's forward got no batched tensor argument; cannot tell the batch size")
         self.batch_size = int(t.shape[0])
-        if self.book_keeping and self._passes >= self.check_passes and not self._off:
+        if self.book_keeping and self._passes >= self.check_passes and not self._off and not self._outside_root:
             # Book-keeping for the lane (biases, norm weights): autograd computes
             # no summed gradient for them (a reduction over the whole output
             # gradient, its AccumulateGrad and parameter hook per layer), only
@@ -464,6 +469,8 @@ class Capture:
                         b.toggled.append(p)
 
     def _post(self, b: Binding, module: nn.Module, args: tuple, output: Any) -> Any:
+        if self.batch_size is None and not self._outside_root and self._active():
+            self._outside_root = True
         tapped: Any = None
         if b.toggled or (self._off and b.off):
             anchor = b.toggled[0] if b.toggled else None
@@ -715,7 +722,7 @@ class Capture:
         del received
         self._check_uses(out, lane, seen)
         self._passes += 1
-        if self._passes >= self.check_passes and self._pre_handles:
+        if self._passes >= self.check_passes and self._pre_handles and not self._outside_root:
             # from the next forward on, ``_root_pre`` switches the weights off
             for h in self._pre_handles:
                 h.remove()
