@@ -261,6 +261,9 @@ class Capture:
         # switches stay per module, so that a recomputation sees the
         # parameters as the forward did (checkpoint compares what both saved)
         self._outside_root = False
+        # FSDP2 swaps unsharded copies of the parameters in for each forward:
+        # switching the registered (sharded) ones would not reach them
+        self._sharded = any(hasattr(p, "device_mesh") and hasattr(p, "placements") for p in model.parameters())
         self._tap_leaves: dict[torch.device, Tensor] = {}
 
     def _plan_lane(self, no_lane: set[str]) -> None:
@@ -408,7 +411,8 @@ class Capture:
         if t is None or t.ndim == 0:
             raise RuntimeError("dpft: the model's forward got no batched tensor argument; cannot tell the batch size")
         self.batch_size = int(t.shape[0])
-        if self.book_keeping and self._passes >= self.check_passes and not self._off and not self._outside_root:
+        if (self.book_keeping and self._passes >= self.check_passes and not self._off and not self._outside_root
+                and not self._sharded):
             # Book-keeping for the lane (biases, norm weights): autograd computes
             # no summed gradient for them (a reduction over the whole output
             # gradient, its AccumulateGrad and parameter hook per layer), only
@@ -722,7 +726,7 @@ class Capture:
         del received
         self._check_uses(out, lane, seen)
         self._passes += 1
-        if self._passes >= self.check_passes and self._pre_handles and not self._outside_root:
+        if self._passes >= self.check_passes and self._pre_handles and not self._outside_root and not self._sharded:
             # from the next forward on, ``_root_pre`` switches the weights off
             for h in self._pre_handles:
                 h.remove()
