@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -160,3 +162,46 @@ def check_model(
     err = max_rel_error(got, want)
     assert err <= tol, f"relative error {err:.3e} > {tol}"
     return err
+
+
+def check_steps(
+    model: nn.Module,
+    make: Callable[[], Any],
+    collate: Callable,
+    loss_fn: Callable,
+    *,
+    steps: int = 4,
+    batch_size: int = 6,
+    mode: str = "auto",
+    tol: float = 1e-6,
+) -> None:
+    """Several dpft steps in a row (noise 0, SGD lr=1, fresh examples each
+    step), each compared with the brute-force clipped mean at the current
+    weights.  The engine behaves differently after its first backward passes
+    (they cross-check its sums against autograd's), which a single step never
+    reaches."""
+    model = model.double()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    ref = copy.deepcopy(model)  # the brute force runs on a copy without the engine's hooks
+    first = [make() for _ in range(batch_size)]
+    R = pick_threshold(per_example_grads(ref, names, [to_double(collate([e])) for e in first], loss_fn))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # noise_multiplier=0
+        engine = dpft.PrivacyEngine(model, batch_size=batch_size, sample_size=1000, steps=steps + 1,
+                                    noise_multiplier=0.0, max_grad_norm=R, clipping_mode=mode)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    engine.attach(opt)
+    params = dict(model.named_parameters())
+    for step in range(steps):
+        examples = first if step == 0 else [make() for _ in range(batch_size)]
+        ref.load_state_dict(model.state_dict())
+        grads = per_example_grads(ref, names, [to_double(collate([e])) for e in examples], loss_fn)
+        want = clipped_mean(grads, [names], R, "abadi", batch_size)
+        before = {n: params[n].detach().clone() for n in names}
+        loss_fn(model, to_double(collate(examples))).backward()
+        opt.step()
+        opt.zero_grad()
+        got = {n: before[n] - params[n].detach() for n in names}
+        err = max_rel_error(got, want)
+        assert err <= tol, f"step {step}: relative error {err:.3e} > {tol}"
+    engine.detach()

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from layer_zoo import ZOO, collate, loss_fn
-from reference import check_model
+from reference import check_model, check_steps
 
 import dpft
 
@@ -28,6 +28,20 @@ def build(name, subset):
 def test_layer_exact(name, subset):
     model, examples = build(name, subset)
     check_model(model, examples, collate, loss_fn)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+@pytest.mark.parametrize("subset", ["bias", "all"])
+@pytest.mark.parametrize("mode", ["auto", "ghost"])
+def test_layer_exact_over_steps(name, subset, mode):
+    """Four steps in a row, each exact: past the first backward passes the
+    engine switches the parameters it clips off for autograd (book-keeping)."""
+    factory, make = ZOO[name]
+    model = factory()
+    if subset == "bias" and not dpft.bitfit(model):
+        pytest.skip("no biases")
+    torch.manual_seed(1)
+    check_steps(model, make, collate, loss_fn, mode=mode)
 
 
 @pytest.mark.parametrize(
