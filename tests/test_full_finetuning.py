@@ -557,8 +557,9 @@ def test_lane_parameters_skip_autograd_after_the_check_passes(mode, subset):
             assert set(weights).isdisjoint(autograd_calls)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
 @pytest.mark.parametrize("subset", ["bitfit", "full"])
-def test_activation_checkpointing_several_steps_exact(subset):
+def test_activation_checkpointing_several_steps_exact(subset, reentrant):
     """Activation checkpointing recomputes a block during the backward pass,
     outside the model's forward; checkpoint requires the recomputation to
     save what the forward saved.  dpft then keeps its parameter switches per
@@ -591,7 +592,7 @@ def test_activation_checkpointing_several_steps_exact(subset):
         def forward(self, x):
             h = self.inp(x)
             for blk in self.blocks:
-                h = checkpoint(blk, h, use_reentrant=False) if self.ckpt else blk(h)
+                h = checkpoint(blk, h, use_reentrant=reentrant) if self.ckpt else blk(h)
             return self.head(h.mean(1))
 
     model = M(ckpt=True).double()
