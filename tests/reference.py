@@ -164,6 +164,55 @@ def check_model(
     return err
 
 
+def steps_exact(
+    model: nn.Module,
+    ref: nn.Module,
+    batches: Any,
+    loss_fn: Callable,
+    *,
+    batch_size: int,
+    R: float,
+    mode: str = "auto",
+    tol: float = 1e-6,
+    after_step: Callable[[int], None] | None = None,
+) -> dpft.PrivacyEngine:
+    """Several dpft steps in a row (noise 0, SGD lr=1), each compared with the
+    brute-force clipped mean at the current weights.  ``batches``: an iterable
+    of ``(batch, [single-example batches])``; ``ref``: a copy of ``model``
+    without the engine's hooks (e.g. without activation checkpointing), on
+    which the brute force runs; ``after_step(step)`` is called after each
+    checked step.  The engine behaves differently after its first backward
+    passes (they cross-check its sums against autograd's), which a single
+    step never reaches."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # noise_multiplier=0
+        engine = dpft.PrivacyEngine(model, batch_size=batch_size, sample_size=1000, steps=100, noise_multiplier=0.0,
+                                    max_grad_norm=R, clipping_mode=mode)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    engine.attach(opt)
+    params = dict(model.named_parameters())
+    for step, (batch, singles) in enumerate(batches):
+        ref.load_state_dict(model.state_dict())
+        want = clipped_mean(per_example_grads(ref, names, singles, loss_fn), [names], R, "abadi", batch_size)
+        before = {n: params[n].detach().clone() for n in names}
+        loss_fn(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+        err = max_rel_error({n: before[n] - params[n].detach() for n in names}, want)
+        assert err <= tol, f"step {step}: relative error {err:.3e} > {tol}"
+        if after_step is not None:
+            after_step(step)
+    return engine
+
+
+def tensor_batches(make: Callable[[], Tensor], steps: int) -> Any:
+    """``steps`` batches from ``make()`` (a batched tensor), with their single-example slices."""
+    for _ in range(steps):
+        x = make()
+        yield x, [x[i : i + 1] for i in range(x.shape[0])]
+
+
 def check_steps(
     model: nn.Module,
     make: Callable[[], Any],
@@ -175,33 +224,18 @@ def check_steps(
     mode: str = "auto",
     tol: float = 1e-6,
 ) -> None:
-    """Several dpft steps in a row (noise 0, SGD lr=1, fresh examples each
-    step), each compared with the brute-force clipped mean at the current
-    weights.  The engine behaves differently after its first backward passes
-    (they cross-check its sums against autograd's), which a single step never
-    reaches."""
+    """:func:`steps_exact` for a layer-zoo model (examples from ``make``,
+    batched by ``collate``); the threshold clips some of the first step's
+    examples and not others."""
     model = model.double()
+    ref = copy.deepcopy(model)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    ref = copy.deepcopy(model)  # the brute force runs on a copy without the engine's hooks
     first = [make() for _ in range(batch_size)]
     R = pick_threshold(per_example_grads(ref, names, [to_double(collate([e])) for e in first], loss_fn))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # noise_multiplier=0
-        engine = dpft.PrivacyEngine(model, batch_size=batch_size, sample_size=1000, steps=steps + 1,
-                                    noise_multiplier=0.0, max_grad_norm=R, clipping_mode=mode)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
-    engine.attach(opt)
-    params = dict(model.named_parameters())
-    for step in range(steps):
-        examples = first if step == 0 else [make() for _ in range(batch_size)]
-        ref.load_state_dict(model.state_dict())
-        grads = per_example_grads(ref, names, [to_double(collate([e])) for e in examples], loss_fn)
-        want = clipped_mean(grads, [names], R, "abadi", batch_size)
-        before = {n: params[n].detach().clone() for n in names}
-        loss_fn(model, to_double(collate(examples))).backward()
-        opt.step()
-        opt.zero_grad()
-        got = {n: before[n] - params[n].detach() for n in names}
-        err = max_rel_error(got, want)
-        assert err <= tol, f"step {step}: relative error {err:.3e} > {tol}"
-    engine.detach()
+
+    def batches():
+        for step in range(steps):
+            exs = first if step == 0 else [make() for _ in range(batch_size)]
+            yield to_double(collate(exs)), [to_double(collate([e])) for e in exs]
+
+    steps_exact(model, ref, batches(), loss_fn, batch_size=batch_size, R=R, mode=mode, tol=tol).detach()

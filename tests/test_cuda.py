@@ -237,32 +237,14 @@ def test_switched_off_lane_steps_exact_on_cuda():
     autograd and the first layer's output tied to the graph through a scalar
     on the output's device (a CPU scalar would make the backward pass hop
     between autograd's device threads).  Several steps, each exact."""
-    from reference import clipped_mean, per_example_grads
+    from reference import steps_exact, tensor_batches
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.LayerNorm(5), torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
     model = model.double().cuda()
     dpft.bitfit(model)
-    ref = copy.deepcopy(model)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    loss_fn = lambda m, b: m(b).pow(2).sum(-1).mean()  # noqa: E731
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        engine = dpft.PrivacyEngine(model, batch_size=6, sample_size=100, steps=10, noise_multiplier=0.0,
-                                    max_grad_norm=0.05)
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
-        engine.attach(opt)
-    params = dict(model.named_parameters())
-    for step in range(4):
-        x = torch.randn(6, 3, 5, dtype=torch.float64, device="cuda")
-        ref.load_state_dict(model.state_dict())
-        want = clipped_mean(per_example_grads(ref, names, [x[i : i + 1] for i in range(6)], loss_fn), [names], 0.05,
-                            "abadi", 6)
-        before = {n: params[n].detach().clone() for n in names}
-        loss_fn(model, x).backward()
-        opt.step()
-        opt.zero_grad()
-        for n in names:
-            assert torch.allclose(before[n] - params[n].detach(), want[n], rtol=1e-8, atol=1e-12), (step, n)
+    batches = tensor_batches(lambda: torch.randn(6, 3, 5, dtype=torch.float64, device="cuda"), 4)
+    engine = steps_exact(model, copy.deepcopy(model), batches, lambda m, b: m(b).pow(2).sum(-1).mean(),
+                         batch_size=6, R=0.05, tol=1e-9)
     leaves = engine._capture._tap_leaves
     assert leaves and all(t.is_cuda for t in leaves.values())

@@ -496,7 +496,7 @@ def test_lane_parameters_skip_autograd_after_the_check_passes(mode, subset):
     force (float64, several steps, the weights moving in between); without
     book-keeping (ghost) autograd keeps computing them, which shows that the
     parameter hooks of this test see autograd's gradients."""
-    from reference import clipped_mean, per_example_grads
+    from reference import steps_exact, tensor_batches
 
     torch.manual_seed(0)
 
@@ -520,32 +520,13 @@ def test_lane_parameters_skip_autograd_after_the_check_passes(mode, subset):
     lane = {n: p for n, p in model.named_parameters() if p.requires_grad and (n.endswith("bias") or n.startswith(("ln.", "gn.")))}
     autograd_calls = []
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    loss_fn = lambda m, b: m(b).pow(2).sum(1).mean()  # noqa: E731
-    R = 0.05
-    ref = copy.deepcopy(model)  # brute force on a copy without the engine's hooks
-    engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=10, noise_multiplier=0.0,
-                                max_grad_norm=R, clipping_mode=mode)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        engine.attach(opt)
-    params = dict(model.named_parameters())
+    ref = copy.deepcopy(model)  # the brute force runs on a copy without the engine's hooks
     weights = [n for n in names if n not in lane]
-    for n in names:
-        params[n].register_hook(lambda g, n=n: autograd_calls.append(n))
-    for step in range(4):
-        x = torch.randn(B, 7, 5, dtype=torch.float64)
-        ref.load_state_dict(model.state_dict())
-        grads = per_example_grads(ref, names, [x[i : i + 1] for i in range(B)], loss_fn)
-        want = clipped_mean(grads, [names], R, "abadi", B)
-        before = {n: params[n].detach().clone() for n in names}
-        autograd_calls.clear()
-        loss_fn(model, x).backward()
-        opt.step()
-        opt.zero_grad()
-        for n in names:
-            got = before[n] - params[n].detach()
-            assert torch.allclose(got, want[n], rtol=1e-8, atol=1e-12), (step, n)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            p.register_hook(lambda g, n=n: autograd_calls.append(n))
+
+    def after_step(step):
         if mode == "ghost":
             assert set(autograd_calls) == set(names), step
         elif step >= 2:
@@ -555,6 +536,11 @@ def test_lane_parameters_skip_autograd_after_the_check_passes(mode, subset):
         else:  # book-keeping never lets autograd compute a weight's gradient
             assert set(autograd_calls) == set(lane), step
             assert set(weights).isdisjoint(autograd_calls)
+        autograd_calls.clear()
+
+    batches = tensor_batches(lambda: torch.randn(B, 7, 5, dtype=torch.float64), 4)
+    steps_exact(model, ref, batches, lambda m, b: m(b).pow(2).sum(1).mean(), batch_size=B, R=0.05, mode=mode,
+                tol=1e-9, after_step=after_step)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -567,7 +553,7 @@ def test_activation_checkpointing_several_steps_exact(subset, reentrant):
     than one switch per forward: several steps run and each is exact."""
     from torch.utils.checkpoint import checkpoint
 
-    from reference import clipped_mean, per_example_grads
+    from reference import steps_exact, tensor_batches
 
     torch.manual_seed(0)
 
@@ -602,24 +588,5 @@ def test_activation_checkpointing_several_steps_exact(subset, reentrant):
     ref.load_state_dict(model.state_dict())
     for p, q in zip(model.parameters(), ref.parameters()):
         q.requires_grad_(p.requires_grad)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    loss_fn = lambda m, b: m(b).pow(2).sum(1).mean()  # noqa: E731
-    R = 0.05
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=10, noise_multiplier=0.0,
-                                    max_grad_norm=R)
-        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
-        engine.attach(opt)
-    params = dict(model.named_parameters())
-    for step in range(4):
-        x = torch.randn(B, 4, 5, dtype=torch.float64)
-        ref.load_state_dict(model.state_dict())
-        want = clipped_mean(per_example_grads(ref, names, [x[i : i + 1] for i in range(B)], loss_fn), [names], R,
-                            "abadi", B)
-        before = {n: params[n].detach().clone() for n in names}
-        loss_fn(model, x).backward()
-        opt.step()
-        opt.zero_grad()
-        for n in names:
-            assert torch.allclose(before[n] - params[n].detach(), want[n], rtol=1e-8, atol=1e-12), (step, n)
+    batches = tensor_batches(lambda: torch.randn(B, 4, 5, dtype=torch.float64), 4)
+    steps_exact(model, ref, batches, lambda m, b: m(b).pow(2).sum(1).mean(), batch_size=B, R=0.05, tol=1e-9)
