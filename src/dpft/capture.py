@@ -476,13 +476,15 @@ class Capture:
         if self.batch_size is None and not self._outside_root and self._active():
             self._outside_root = True
         tapped: Any = None
-        if b.toggled or (self._off and b.off):
-            anchor = b.toggled[0] if b.toggled else None
-            for p in b.toggled:
-                p.requires_grad_(True)
+        toggled = b.toggled
+        if toggled or (self._off and b.off):
+            if toggled:
+                for p in toggled:
+                    p.requires_grad_(True)
+                b.toggled = []
             if isinstance(output, Tensor) and not output.requires_grad and output.is_floating_point():
-                output = tapped = _Tap.apply(output, anchor if anchor is not None else self._leaf(output.device))
-            b.toggled = []
+                anchor = toggled[0] if toggled else self._leaf(output.device)
+                output = tapped = _Tap.apply(output, anchor)
         if not (self.enabled and torch.is_grad_enabled()):
             return tapped
         n = self.batch_size
