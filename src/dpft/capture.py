@@ -170,6 +170,15 @@ class _HookDict(dict):
     """A tensor's hook dictionary (weak-referenceable, like torch's OrderedDict)."""
 
 
+def is_dtensor(p: Tensor) -> bool:
+    """Whether ``p`` is a DTensor (an FSDP2-sharded parameter)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(p, DTensor)
+
+
 class _Tap(torch.autograd.Function):
     """``out`` made part of the graph through ``weight`` (whose gradient it
     never gives): the output of a book-keeping layer computed with its
@@ -254,7 +263,7 @@ class Capture:
         self._half = False
         # parameters switched off for autograd during one forward (see _root_pre)
         self._off: list[nn.Parameter] = []
-        self._off_params: list[nn.Parameter] = []
+        self._switchable: list[nn.Parameter] = []  # the lane and the weights _root_pre switches off
         self._pre_handles: list[Any] = []
         # a hooked module ran outside the model's forward (activation
         # checkpointing recomputes blocks during the backward pass): then the
@@ -263,7 +272,7 @@ class Capture:
         self._outside_root = False
         # FSDP2 swaps unsharded copies of the parameters in for each forward:
         # switching the registered (sharded) ones would not reach them
-        self._sharded = any(hasattr(p, "device_mesh") and hasattr(p, "placements") for p in model.parameters())
+        self._sharded = any(is_dtensor(p) for p in model.parameters())
         self._tap_leaves: dict[torch.device, Tensor] = {}
 
     def _plan_lane(self, no_lane: set[str]) -> None:
@@ -339,28 +348,26 @@ class Capture:
         for b in self.bindings:
             for local, key in b.keys.items():
                 users.setdefault(key, []).append((b, local))
-        self._off_params = [
-            self._param(key)
-            for key, us in users.items()
+        off_keys = {
+            key for key, us in users.items()
             if all(skips[id(b)] and local != "bias" and "." not in local for b, local in us)
-        ]
+        }
+        self._switchable = self._lane_params + [self._param(k) for k in users if k in off_keys]
         for b in self.bindings:
             if b.expand:
                 h.append(b.module.register_forward_pre_hook(partial(self._expand_pre, b)))
                 h.append(b.module.register_forward_hook(partial(self._expand_post, b), always_call=True))
                 continue
-            skip = self.book_keeping and b.rule.skip_weight_grad and any(k != "bias" for k in b.params)
             if isinstance(b.rule, FallbackRule):
                 h.append(b.module.register_forward_pre_hook(partial(self._pre, b), with_kwargs=True))
-            elif skip:
+            elif skips[id(b)]:
                 # per module in the first backward passes (a use of the weight
                 # outside the module still reaches autograd, which the parameter
                 # hooks catch); after them, switched off with the lane in
                 # ``_root_pre`` and this hook removed
                 handle = b.module.register_forward_pre_hook(partial(self._pre, b), with_kwargs=True)
                 h.append(handle)
-                weights = [self._param(b.keys[k]) for k in b.params if k != "bias" and "." not in k]
-                if all(any(w is q for q in self._off_params) for w in weights):
+                if all(b.keys[k] in off_keys for k in b.params if k != "bias" and "." not in k):
                     self._pre_handles.append(handle)
                     b.off = True
             h.append(b.module.register_forward_hook(partial(self._post, b)))
@@ -413,14 +420,15 @@ class Capture:
         self.batch_size = int(t.shape[0])
         if (self.book_keeping and self._passes >= self.check_passes and not self._off and not self._outside_root
                 and not self._sharded):
-            # Book-keeping for the lane (biases, norm weights): autograd computes
-            # no summed gradient for them (a reduction over the whole output
-            # gradient, its AccumulateGrad and parameter hook per layer), only
-            # input gradients; the hooks get the output gradients all the same
-            # (``_post`` ties an output to the graph where nothing else does).
-            # Only after the first backward passes, which cross-check our sums
-            # against autograd's (the parameter hooks are removed after them).
-            for p in self._lane_params + self._off_params:
+            # Book-keeping for the lane (biases, norm weights) and the weights:
+            # autograd computes no summed gradient for them (for a bias, a
+            # reduction over the whole output gradient; an AccumulateGrad and a
+            # parameter hook per parameter), only input gradients; the hooks get
+            # the output gradients all the same (``_post`` ties an output to the
+            # graph where nothing else does).  Only after the first backward
+            # passes, which cross-check our sums against autograd's (the
+            # parameter hooks are removed after them).
+            for p in self._switchable:
                 if p.requires_grad:
                     p.requires_grad_(False)
                     self._off.append(p)

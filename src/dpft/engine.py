@@ -26,7 +26,7 @@ from torch import nn
 
 from . import accounting
 from .accounting import Ledger, PrivacyBudgetExceeded
-from .capture import Capture
+from .capture import Capture, is_dtensor
 from .clipping import CLIPPING_FNS, CLIPPING_STYLES, make_groups
 from .methods.sparta import compact_rows
 from .methods.sparta import reattach as sparta_reattach
@@ -47,14 +47,6 @@ def _bad(name: str, value: Any, expected: str) -> ValueError:
 
 def _is_ddp(model: nn.Module) -> bool:
     return isinstance(model, torch.nn.parallel.DistributedDataParallel)
-
-
-def _is_dtensor(p: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return False
-    return isinstance(p, DTensor)
 
 
 class PrivacyEngine:
@@ -258,7 +250,7 @@ class PrivacyEngine:
         self.world_size = dist.get_world_size(group) if ready and distributed is not False else 1
         self.rank = dist.get_rank(group) if self.world_size > 1 else 0
         # FSDP2 (``fully_shard``): parameters are DTensors sharded over the ranks
-        self._sharded = sorted(k for k, p in self.params.items() if _is_dtensor(p))
+        self._sharded = sorted(k for k, p in self.params.items() if is_dtensor(p))
         self._capture.no_early(self._sharded)  # sharded weights: per-example gradients as before, at the end
         if self._sharded:
             if not ready:
