@@ -105,6 +105,7 @@ def main() -> None:
     ap.add_argument("--variants", default="new,old")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=None)
+    ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
@@ -124,6 +125,8 @@ def main() -> None:
     for model_name in args.models.split(","):
         for method in args.methods.split(","):
             kw = {"seq_len": args.seq_len} if args.seq_len else {}
+            if args.image_size:
+                kw["image_size"] = args.image_size
             wl = build(model_name, batch_size=args.batch_size, device=args.device, tiny=args.size == "tiny", **kw)
             if method == "bitfit":
                 dpft.bitfit(wl.model)

@@ -31,9 +31,11 @@ def main() -> None:
     ap.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--tf32", default="off", choices=["on", "off"],
+                    help="cuDNN convolutions in TF32 (PyTorch's default) or IEEE float32; matrix products stay IEEE")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
     wl = build(args.model, batch_size=args.batch_size, device="cuda")
     model = wl.model
     if "bitfit" in args.method:

@@ -373,6 +373,47 @@ def test_long_sequence_weights_are_instantiated_during_backward(mode):
     assert seen["t1.weight"] == {"Factored"}  # two modules: decided at the end, as before
 
 
+@pytest.mark.parametrize("mode", ["auto", "mixed"])
+def test_book_keeping_instantiates_where_the_gram_matrices_cost_more(mode):
+    """Book-keeping (``auto``) also instantiates a single-use weight that the
+    mixed rule leaves to the ghost norm when the Gram matrices cost more
+    (``2 T^2 (p + d)`` flops against writing and reading ``p d`` values) and
+    the per-example gradient is no larger than the input and output gradient
+    it frees (``p d <= T (p + d)``): Linear(256, 256) over 140 positions
+    (``2 * 140^2 < 256^2``).  ``mixed`` keeps the ghost norm.  The update is
+    the brute-force clipped mean either way."""
+    from reference import clipped_mean, per_example_grads, pick_threshold
+
+    torch.manual_seed(0)
+    width, positions = 256, 140
+    c = Factored(right=torch.empty(1, positions, 1, width), shape=torch.Size([width, width]),
+                 left=torch.empty(1, positions, 1, width))
+    assert dpft.norms.prefer_ghost([c]) and dpft.norms.instantiation_pays(c)
+    model = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 2)).double()
+    x = torch.randn(3, positions, width, dtype=torch.float64)
+    loss = lambda m, b: m(b).pow(2).sum(2).mean(1).mean()  # noqa: E731
+    names = [n for n, _ in model.named_parameters()]
+    grads = per_example_grads(model, names, [x[i : i + 1] for i in range(3)], loss)
+    R = pick_threshold(grads)
+    want = clipped_mean(grads, [names], R, "abadi", 3)
+    seen = {}
+    real_add = dpft.privatize.ClippedSum.add
+
+    def spy(self, contributions, *args):
+        for k, cs in contributions.items():
+            seen.setdefault(k, set()).update(type(c).__name__ for c in cs)
+        return real_add(self, contributions, *args)
+
+    dpft.privatize.ClippedSum.add = spy
+    try:
+        got, _ = dpft_update(copy.deepcopy(model), [x], loss, batch_size=3, R=R, mode=mode)
+    finally:
+        dpft.privatize.ClippedSum.add = real_add
+    for k in want:
+        assert torch.allclose(got[k], want[k], rtol=1e-9, atol=1e-12), k
+    assert seen["0.weight"] == ({"Instantiated"} if mode == "auto" else {"Factored"})
+
+
 def test_early_instantiation_is_decided_once_per_shape(monkeypatch):
     """The backward hook asks the mixed rule once per layer and output shape,
     not at every step (most layers of short sequences stay with the ghost norm)."""

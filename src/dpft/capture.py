@@ -27,7 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .rules import FALLBACK, Call, Contribution, Direct, Rule, find_rule
 from . import norms
-from .norms import acc_dtype_of, prefer_ghost
+from .norms import acc_dtype_of, instantiation_pays, prefer_ghost
 from .precision import full_fp32
 from .rules.base import HALF, Factored, UnsupportedModuleError, clear_half_copies
 from .rules.embedding import check_embedding
@@ -605,7 +605,11 @@ class Capture:
         c = b.rule.contributions(call, b.early)[local]
         # decided once per shape: a layer the mixed rule leaves to the ghost norm
         # costs no contribution built twice per step after its first call
-        now = isinstance(c, Factored) and (self.norm_mode == "instantiate" or not prefer_ghost([c]))
+        now = isinstance(c, Factored) and (
+            self.norm_mode == "instantiate"
+            or not prefer_ghost([c])
+            or (self.book_keeping and instantiation_pays(c))
+        )
         b.early_by_shape[shape] = now
         if not now:
             return

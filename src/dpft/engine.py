@@ -77,7 +77,10 @@ class PrivacyEngine:
             else instantiate), ``"bk"`` (book-keeping: mixed norms, the
             clipped sum as one weighted matmul per layer from the kept
             activations and output gradients, and autograd skips the
-            non-private weight gradients), ``"auto"`` (= ``"bk"``).  All give the same result up to rounding; biases
+            non-private weight gradients; a weight used once is also
+            instantiated where that is cheaper than its Gram matrices and
+            needs no more memory than its factors:
+            :func:`dpft.norms.instantiation_pays`), ``"auto"`` (= ``"bk"``).  All give the same result up to rounding; biases
             never need activations.
         accountant: ``"pld"`` or ``"rdp"`` (Google's dp-accounting).
         loss_reduction: ``"mean"`` (each backward is of the mean loss over its

@@ -198,6 +198,30 @@ def prefer_ghost(contribs: list[Factored]) -> bool:
     return 2 * t * t < c0.rows * c0.cols * c0.groups
 
 
+#: multiply-adds per byte of memory traffic at which a GPU's matrix units and
+#: its memory are about equally busy (H100: ~60 TFLOP/s float32 without tensor
+#: cores and ~3.3 TB/s; half-precision tensor cores are ~15x faster)
+FLOPS_PER_BYTE = {"float": 20.0, "half": 300.0}
+
+
+def instantiation_pays(c: Factored) -> bool:
+    """Book-keeping's choice for a layer whose input and output gradient can be
+    freed as soon as its per-example gradient is built (one use).  Building
+    ``G_i`` costs the same matrix product as the book-keeping clipped sum
+    (which then becomes a cheap weighted reduction of ``G_i``) plus writing
+    and reading ``B*P*D`` float32 values; the ghost norm costs the Gram
+    matrices, ``2 T^2 (P + D)`` flops per example.  Instantiate when the Gram
+    matrices take longer and the per-example gradient is no larger than the
+    factors it frees (``P*D <= T*(P + D)``): never more memory than the ghost
+    norm's book-keeping, and less time for long sequences (the rule
+    ``2 T^2 < P D`` keeps the ghost norm up to ``T ~ sqrt(P D / 2)``)."""
+    t, p, d = c.positions, c.rows, c.cols  # per group (the group count cancels out)
+    if p * d > t * (p + d):
+        return False
+    rate = FLOPS_PER_BYTE["half" if c.factor_dtype in HALF else "float"]
+    return 2 * t * t * (p + d) > rate * 12 * p * d
+
+
 def sq_norm(
     contribs: list[Contribution], mode: str, dtype: torch.dtype, grams: GramCache | None = None
 ) -> tuple[Tensor, Tensor | None]:
