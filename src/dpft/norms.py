@@ -204,6 +204,11 @@ def prefer_ghost(contribs: list[Factored]) -> bool:
 FLOPS_PER_BYTE = {"float": 20.0, "half": 300.0}
 
 
+#: how much larger than the factors it frees a per-example gradient built by
+#: book-keeping's instantiation rule may be
+INSTANTIATE_MEMORY = 1.25
+
+
 def instantiation_pays(c: Factored) -> bool:
     """Book-keeping's choice for a layer whose input and output gradient can be
     freed as soon as its per-example gradient is built (one use).  Building
@@ -211,12 +216,14 @@ def instantiation_pays(c: Factored) -> bool:
     (which then becomes a cheap weighted reduction of ``G_i``) plus writing
     and reading ``B*P*D`` float32 values; the ghost norm costs the Gram
     matrices, ``2 T^2 (P + D)`` flops per example.  Instantiate when the Gram
-    matrices take longer and the per-example gradient is no larger than the
-    factors it frees (``P*D <= T*(P + D)``): never more memory than the ghost
-    norm's book-keeping, and less time for long sequences (the rule
-    ``2 T^2 < P D`` keeps the ghost norm up to ``T ~ sqrt(P D / 2)``)."""
+    matrices take longer and the per-example gradient is at most
+    :data:`INSTANTIATE_MEMORY` times the size of the factors it frees
+    (``P*D <= 1.25 T*(P + D)``; the input is freed only where nothing else
+    holds it): about the ghost norm's memory, and less time for long
+    sequences (the rule ``2 T^2 < P D`` keeps the ghost norm up to
+    ``T ~ sqrt(P D / 2)``)."""
     t, p, d = c.positions, c.rows, c.cols  # per group (the group count cancels out)
-    if p * d > t * (p + d):
+    if p * d > INSTANTIATE_MEMORY * t * (p + d):
         return False
     rate = FLOPS_PER_BYTE["half" if c.factor_dtype in HALF else "float"]
     return 2 * t * t * (p + d) > rate * 12 * p * d
