@@ -326,6 +326,25 @@ def test_large_layers_are_not_batched(monkeypatch):
     assert not seen
 
 
+def _update_seeing_kinds(model, batches, loss, **kw):
+    """``dpft_update``, plus the kinds of contribution (``Factored``,
+    ``Instantiated``, ...) the clipped sum received per parameter."""
+    seen: dict[str, set[str]] = {}
+    real_add = dpft.privatize.ClippedSum.add
+
+    def spy(self, contributions, *args):
+        for k, cs in contributions.items():
+            seen.setdefault(k, set()).update(type(c).__name__ for c in cs)
+        return real_add(self, contributions, *args)
+
+    dpft.privatize.ClippedSum.add = spy
+    try:
+        got, _ = dpft_update(model, batches, loss, **kw)
+    finally:
+        dpft.privatize.ClippedSum.add = real_add
+    return got, seen
+
+
 @pytest.mark.parametrize("mode", ["auto", "mixed", "instantiate", "ghost"])
 def test_long_sequence_weights_are_instantiated_during_backward(mode):
     """Where the mixed rule instantiates (2 T^2 >= p d), the per-example
@@ -351,20 +370,8 @@ def test_long_sequence_weights_are_instantiated_during_backward(mode):
 
     model = M().double()
     x = torch.randn(B, 12, 6, dtype=torch.float64)
-    seen = {}
     loss = lambda m, b: m(b).pow(2).sum(2).mean(1).mean()  # noqa: E731
-    real_add = dpft.privatize.ClippedSum.add
-
-    def spy(self, contributions, *args):
-        for k, cs in contributions.items():
-            seen.setdefault(k, set()).update(type(c).__name__ for c in cs)
-        return real_add(self, contributions, *args)
-
-    dpft.privatize.ClippedSum.add = spy
-    try:
-        got, _ = dpft_update(copy.deepcopy(model), [x[:3], x[3:]], loss, batch_size=B, R=0.05, mode=mode)
-    finally:
-        dpft.privatize.ClippedSum.add = real_add
+    got, seen = _update_seeing_kinds(copy.deepcopy(model), [x[:3], x[3:]], loss, batch_size=B, R=0.05, mode=mode)
     want, _ = dpft_update(copy.deepcopy(model), [x], loss, batch_size=B, R=0.05, mode="ghost")
     for k in want:
         assert torch.allclose(got[k], want[k], rtol=1e-9, atol=1e-12), k
@@ -396,19 +403,7 @@ def test_book_keeping_instantiates_where_the_gram_matrices_cost_more(mode):
     grads = per_example_grads(model, names, [x[i : i + 1] for i in range(3)], loss)
     R = pick_threshold(grads)
     want = clipped_mean(grads, [names], R, "abadi", 3)
-    seen = {}
-    real_add = dpft.privatize.ClippedSum.add
-
-    def spy(self, contributions, *args):
-        for k, cs in contributions.items():
-            seen.setdefault(k, set()).update(type(c).__name__ for c in cs)
-        return real_add(self, contributions, *args)
-
-    dpft.privatize.ClippedSum.add = spy
-    try:
-        got, _ = dpft_update(copy.deepcopy(model), [x], loss, batch_size=3, R=R, mode=mode)
-    finally:
-        dpft.privatize.ClippedSum.add = real_add
+    got, seen = _update_seeing_kinds(copy.deepcopy(model), [x], loss, batch_size=3, R=R, mode=mode)
     for k in want:
         assert torch.allclose(got[k], want[k], rtol=1e-9, atol=1e-12), k
     assert seen["0.weight"] == ({"Instantiated"} if mode == "auto" else {"Factored"})
