@@ -198,9 +198,9 @@ def prefer_ghost(contribs: list[Factored]) -> bool:
     return 2 * t * t < c0.rows * c0.cols * c0.groups
 
 
-#: multiply-adds per byte of memory traffic at which a GPU's matrix units and
-#: its memory are about equally busy (H100: ~60 TFLOP/s float32 without tensor
-#: cores and ~3.3 TB/s; half-precision tensor cores are ~15x faster)
+#: flops per byte of memory traffic at which a GPU's matrix units and its
+#: memory are about equally busy (H100: ~60 TFLOP/s float32 without tensor
+#: cores against ~3.3 TB/s; half-precision tensor cores are ~15x faster)
 FLOPS_PER_BYTE = {"float": 20.0, "half": 300.0}
 
 

@@ -6,6 +6,8 @@ gradient: ``sum_t b_t * x_hat_t`` with ``x_hat`` recomputed from the saved input
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -105,7 +107,8 @@ class GroupNormRule(_AffineNormRule):
         # the ATen operator itself: F.group_norm's Python-side checks cost more
         # host time than the kernel launch (ResNets are host-bound on fast GPUs)
         n, c = x.shape[:2]
-        return torch.native_group_norm(x.contiguous(), None, None, n, c, x[0, 0].numel(), m.num_groups, m.eps)[0]
+        hw = math.prod(x.shape[2:])
+        return torch.native_group_norm(x.contiguous(), None, None, n, c, hw, m.num_groups, m.eps)[0]
 
 
 class InstanceNormRule(_AffineNormRule):
