@@ -647,3 +647,31 @@ def test_activation_checkpointing_several_steps_exact(subset, reentrant):
         q.requires_grad_(p.requires_grad)
     batches = tensor_batches(lambda: torch.randn(B, 4, 5, dtype=torch.float64), 4)
     steps_exact(model, ref, batches, lambda m, b: m(b).pow(2).sum(1).mean(), batch_size=B, R=0.05, tol=1e-9)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+def test_group_norm_weight_on_channels_last_and_strided_inputs(layout):
+    """The GroupNorm weight's normalized input is recomputed by the ATen
+    operator, which takes a contiguous or channels-last input as it is and
+    anything else as a copy: the update is exact for both kinds of input."""
+    torch.manual_seed(0)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.gn = nn.GroupNorm(2, 4)
+            self.head = nn.Linear(4 * 5 * 5, 2)
+
+        def forward(self, x):
+            h = self.conv(x)
+            if layout == "channels_last":
+                h = h[:, :4].contiguous(memory_format=torch.channels_last)
+            else:
+                h = h[:, ::2]  # every other channel: neither layout
+            return self.head(torch.tanh(self.gn(h)).flatten(1))
+
+    examples = [torch.randn(3, 7, 7) for _ in range(B)]
+    collate = lambda exs: torch.stack(exs)  # noqa: E731
+    loss = lambda m, x: m(x).pow(2).sum(1).mean()  # noqa: E731
+    check_model(M(), examples, collate, loss)

@@ -84,7 +84,7 @@ class Binding:
     lane: list[tuple[str, str, int, int, tuple[int, ...]]] = field(default_factory=list)  # (local, key, offset, numel, shape)
     slow: frozenset[str] = frozenset()  # params handed to the sink as contributions
     early: frozenset[str] = frozenset()  # weights that may be instantiated in the backward hook
-    early_by_shape: dict = field(default_factory=dict)  # output-gradient shape -> whether it is instantiated early
+    early_by_shape: dict = field(default_factory=dict)  # (output-gradient shape, dtype) -> instantiated early?
     done: Any = None  # the rule's hook to drop saved inputs once eager results are out
     off: bool = False  # some of its parameters are switched off for autograd in a whole forward
 
@@ -567,8 +567,8 @@ class Capture:
             self._half = True
         if b.slow:
             b.rule.on_grad(call, grad, b.slow)
-            if b.early and b.early_by_shape.get(grad.shape, True):
-                self._instantiate_early(b, call, grad.shape)
+            if b.early and b.early_by_shape.get((grad.shape, grad.dtype), True):
+                self._instantiate_early(b, call, (grad.shape, grad.dtype))
         if b.lane:
             n = call.batch_size
             buf = self._lane_buf
@@ -595,7 +595,7 @@ class Capture:
         for b in self.bindings:
             b.early = frozenset(local for local in b.early if b.keys[local] not in drop)
 
-    def _instantiate_early(self, b: Binding, call: Call, shape: torch.Size) -> None:
+    def _instantiate_early(self, b: Binding, call: Call, key: tuple[torch.Size, torch.dtype]) -> None:
         """Build the weight's per-example gradient now if the norm will be taken
         by instantiation anyway (the mixed rule's choice, made on this use's
         positions: the weight has no other use), and free the layer's input
@@ -603,14 +603,15 @@ class Capture:
         much less for long sequences.  Same kernels, same result."""
         (local,) = b.early
         c = b.rule.contributions(call, b.early)[local]
-        # decided once per shape: a layer the mixed rule leaves to the ghost norm
-        # costs no contribution built twice per step after its first call
+        # decided once per output-gradient shape and dtype (the cost rule
+        # depends on both): a layer left to the ghost norm costs no
+        # contribution built twice per step after its first call
         now = isinstance(c, Factored) and (
             self.norm_mode == "instantiate"
             or not prefer_ghost([c])
             or (self.book_keeping and instantiation_pays(c))
         )
-        b.early_by_shape[shape] = now
+        b.early_by_shape[key] = now
         if not now:
             return
         call.check_versions(b.name)  # the input must be what the forward pass multiplied

@@ -108,7 +108,9 @@ class GroupNormRule(_AffineNormRule):
         # host time than the kernel launch (ResNets are host-bound on fast GPUs)
         n, c = x.shape[:2]
         hw = math.prod(x.shape[2:])
-        return torch.native_group_norm(x.contiguous(), None, None, n, c, hw, m.num_groups, m.eps)[0]
+        if not (x.is_contiguous() or (x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last))):
+            x = x.contiguous()  # the operator takes either layout as it is, nothing else
+        return torch.native_group_norm(x, None, None, n, c, hw, m.num_groups, m.eps)[0]
 
 
 class InstanceNormRule(_AffineNormRule):
