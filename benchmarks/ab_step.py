@@ -13,6 +13,8 @@ gradient kernel with the batch folded into the groups), ``unfold``
 (convolution weights through the unfolded input and matrix products only,
 no weight-gradient kernel for the clipped sum),
 ``old`` (all of these, plus hooks added through ``Tensor.register_hook``),
+``rule0`` (book-keeping's instantiation rule with the seventh session's
+constants: ``dpft.norms.INSTANTIATE_MEMORY`` 1.25, no Gram tiles),
 ``prev`` (another copy of the library, e.g. the last commit's, importable as
 the package ``dpft_prev`` from ``--prev-src``: ``git archive HEAD src/dpft |
 tar -x -C /tmp/prev && mv /tmp/prev/src/dpft /tmp/prev/dpft_prev``).
@@ -34,6 +36,7 @@ import torch
 
 import dpft
 import dpft.capture
+import dpft.norms
 import dpft.privatize
 import dpft.rules.conv
 from benchmarks.models import build
@@ -61,6 +64,7 @@ VARIANTS = {
     "unfold": dict(sync=False, hook=True, conv=False),
     "old": dict(sync=True, hook=False, conv=False),
     "prev": dict(sync=False, hook=True, conv=True, package="dpft_prev"),
+    "rule0": dict(sync=False, hook=True, conv=True, norms={"INSTANTIATE_MEMORY": 1.25, "GRAM_TILE": 1}),
 }
 
 
@@ -70,6 +74,9 @@ def variant(v: dict):
     dpft.privatize.ClippedSum.nonfinite_now = flag
     dpft.capture._add_grad_hook = _ORIG_HOOK if v["hook"] else (lambda t, fn: t.register_hook(fn))
     _CONV.grouped_per_example = v.get("grouped", False)
+    saved = {k: getattr(dpft.norms, k) for k in v.get("norms", {})}
+    for k, value in v.get("norms", {}).items():
+        setattr(dpft.norms, k, value)
     if not v["conv"]:
         _CONV.per_example = lambda self, dtype: None
         _CONV.weighted = lambda self, weights, dtype: None
@@ -80,6 +87,8 @@ def variant(v: dict):
         dpft.capture._add_grad_hook = _ORIG_HOOK
         _CONV.per_example, _CONV.weighted = _ORIG_CONV
         _CONV.grouped_per_example = _ORIG_GROUPED
+        for k, value in saved.items():
+            setattr(dpft.norms, k, value)
 
 
 def _sync() -> None:
@@ -132,6 +141,7 @@ def main() -> None:
                 dpft.bitfit(wl.model)
             params = [p for p in wl.model.parameters() if p.requires_grad]
             times: dict[str, list[float]] = {"nonprivate": []}
+            peak: dict[str, float] = {}
             names = args.variants.split(",")
             for v in names:
                 times[v] = []
@@ -154,15 +164,20 @@ def main() -> None:
                             opt.step()
                             opt.zero_grad()
 
+                        if torch.cuda.is_available():
+                            torch.cuda.reset_peak_memory_stats()
                         times[v].append(time_steps(step, args.warmup, args.steps))
+                        if torch.cuda.is_available():
+                            peak[v] = max(peak.get(v, 0.0), torch.cuda.max_memory_allocated() / 2**30)
                         if engine is not None:
                             engine.detach()
             base = statistics.median(times["nonprivate"])
             tag = (" bf16" if args.bf16 else "") + (" tf32" if args.tf32 == "on" else "")
-            line = f"{model_name} {method} B={args.batch_size}{tag}: non-private {base:.2f} ms"
+            mem = (lambda v: f", {peak[v]:.2f} GiB") if peak else (lambda v: "")
+            line = f"{model_name} {method} B={args.batch_size}{tag}: non-private {base:.2f} ms{mem('nonprivate')}"
             for v in names:
                 t = statistics.median(times[v])
-                line += f" | {v} {t:.2f} ms ({base / t:.3f}x)"
+                line += f" | {v} {t:.2f} ms ({base / t:.3f}x{mem(v)})"
             print(line, flush=True)
             del wl, params
             torch.cuda.empty_cache()

@@ -54,6 +54,32 @@ def test_noise_std_and_freshness():
     assert abs(corr.item()) < 0.05
 
 
+@pytest.mark.parametrize("divide", [1, 2, 8])
+def test_noise_added_and_divided_in_one_pass(divide):
+    """``GaussianNoise.add_(t, alpha, divide)`` gives ``(t + alpha z) / divide``
+    (noise and division in one pass for ``divide > 1``): over many values,
+    ``divide * t' - t`` has mean 0 and standard deviation ``alpha``, and is
+    uncorrelated with ``t``; float64 and float32, in several chunks."""
+    import dpft.noise
+
+    for dtype in (torch.float64, torch.float32):
+        noise = dpft.noise.GaussianNoise(seed=3)
+        t = torch.linspace(-50.0, 50.0, 300_000, dtype=dtype)
+        parts = [t[:100_000].clone(), t[100_000:].clone().view(100, -1)]
+        old = dpft.noise.CHUNK
+        dpft.noise.CHUNK = 70_000  # several chunks, one tensor filled piece by piece
+        try:
+            noise.add_(parts, 0.7, divide=divide)
+        finally:
+            dpft.noise.CHUNK = old
+        z = (torch.cat([parts[0], parts[1].reshape(-1)]) * divide - t).double()
+        assert abs(z.mean().item()) < 0.01
+        assert abs(z.std().item() / 0.7 - 1) < 0.01
+        assert abs(torch.corrcoef(torch.stack([z, t.double()]))[0, 1].item()) < 0.01
+    with pytest.raises(ValueError, match="divide"):
+        noise.add_([t], 1.0, divide=0)
+
+
 def test_noise_seed_reproducible():
     outs = []
     for _ in range(2):
@@ -597,8 +623,8 @@ def test_noise_added_in_bounded_chunks(monkeypatch):
 
     monkeypatch.setattr(dpft.noise, "CHUNK", 1000)
     sizes = []
-    orig = torch.randn
-    monkeypatch.setattr(torch, "randn", lambda n, **kw: sizes.append(n) or orig(n, **kw))
+    orig = dpft.noise._draw
+    monkeypatch.setattr(dpft.noise, "_draw", lambda n, *a: sizes.append(n) or orig(n, *a))
 
     def draw(seed):
         ts = [torch.zeros(3, 5), torch.zeros(2500), torch.zeros(40, 30).t(), torch.zeros(7), torch.zeros(600)]

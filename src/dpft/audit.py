@@ -260,8 +260,8 @@ class _ScaledNoise:
     def standard_normal(self, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [z * self._factor for z in self._inner.standard_normal(like)]
 
-    def add_(self, tensors: Sequence[torch.Tensor], alpha: float) -> None:
-        self._inner.add_(tensors, alpha * self._factor)
+    def add_(self, tensors: Sequence[torch.Tensor], alpha: float, divide: int = 1) -> None:
+        self._inner.add_(tensors, alpha * self._factor, divide=divide)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)

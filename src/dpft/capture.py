@@ -274,6 +274,10 @@ class Capture:
         # switching the registered (sharded) ones would not reach them
         self._sharded = any(is_dtensor(p) for p in model.parameters())
         self._tap_leaves: dict[torch.device, Tensor] = {}
+        # inputs of layers that may be instantiated early, by identity: how many
+        # such layers read each (query/key/value share theirs), since the last
+        # backward pass; an input read by several is not freed by one of them
+        self._input_uses: dict[int, int] = {}
 
     def _plan_lane(self, no_lane: set[str]) -> None:
         """The flat lane: parameters whose per-example gradients are reduced
@@ -535,6 +539,11 @@ class Capture:
         call = Call(module, b.rule, n)
         if b.needs_save:
             b.rule.save(call, module, args, output, b.params)
+        if b.early and self.book_keeping and args and isinstance(args[0], Tensor):
+            # (an id is unique while the input lives, and the saved call keeps it alive)
+            uses = self._input_uses
+            key = call.saved["input_id"] = id(args[0])
+            uses[key] = uses.get(key, 0) + 1
         _add_grad_hook(output, partial(self._on_grad, b, call))
         return replaced
 
@@ -609,7 +618,7 @@ class Capture:
         now = isinstance(c, Factored) and (
             self.norm_mode == "instantiate"
             or not prefer_ghost([c])
-            or (self.book_keeping and instantiation_pays(c))
+            or (self.book_keeping and instantiation_pays(c, kept=self._kept_width(call)))
         )
         b.early_by_shape[key] = now
         if not now:
@@ -621,6 +630,16 @@ class Capture:
         call.saved.pop("input", None)
         call.saved.pop("grad", None)
         call.versions.clear()
+
+    def _kept_width(self, call: Call) -> int:
+        """The width of the layer's input if other layers read it too (they
+        keep it: building this layer's per-example gradient frees only its
+        output gradient), else 0."""
+        key = call.saved.get("input_id")
+        if key is None or self._input_uses.get(key, 0) > 1:
+            x = call.saved.get("input")
+            return int(x.shape[-1]) if isinstance(x, Tensor) else 0
+        return 0
 
     def _check_expand(self, b: Binding, grad: Tensor) -> None:
         """A parameter held by a container is expanded over the batch during
@@ -699,6 +718,7 @@ class Capture:
     def _backward_end(self) -> None:
         self._queued = False
         clear_half_copies()
+        self._input_uses = {}
         received, self._received = self._received, []
         lane, self._lane_buf = self._lane_buf, None
         seen, self._lane_seen = self._lane_seen, set()

@@ -483,8 +483,9 @@ class PrivacyEngine:
         for names, flat in flats:
             g = flat  # the engine's own accumulator, reset right after this step: update in place
             if sigma_r > 0:
-                self.noise.add_([g], sigma_r)
-            g.div_(self.batch_size)
+                self.noise.add_([g], sigma_r, divide=self.batch_size)  # noise and division in one pass
+            else:
+                g.div_(self.batch_size)
             for k, view in self._sum._split(names, g):
                 p = self.params[k]
                 p.grad = view if view.dtype == p.dtype else view.to(p.dtype)
@@ -508,8 +509,9 @@ class PrivacyEngine:
         # a few launches for all parameters, and no model-sized noise buffer
         if grads:
             if sigma_r > 0:
-                self.noise.add_(grads, sigma_r)
-            torch._foreach_div_(grads, self.batch_size)
+                self.noise.add_(grads, sigma_r, divide=self.batch_size)  # noise and division in one pass
+            else:
+                torch._foreach_div_(grads, self.batch_size)
         for k in done & self.row_masks.keys():  # restricted Direct parameters (flat buckets): mask
             g = self.params[k].grad
             g.mul_(self.row_masks[k].to(g.device).view_for(g))

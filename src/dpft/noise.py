@@ -20,6 +20,11 @@ from torch import Tensor
 CHUNK = 1 << 24
 
 
+def _draw(n: int, std: float, generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``n`` values of ``N(0, std^2)``, drawn scaled in one kernel."""
+    return torch.empty(n, device=device, dtype=dtype).normal_(0.0, std, generator=generator)
+
+
 class GaussianNoise:
     """Standard normal draws for a list of tensors, one generator per device."""
 
@@ -55,12 +60,17 @@ class GaussianNoise:
                 offset += k
         return out  # type: ignore[return-value]
 
-    def add_(self, tensors: Sequence[Tensor], alpha: float) -> None:
-        """``t += alpha * z`` with fresh ``z ~ N(0, I)`` for every tensor,
-        drawn in chunks of at most :data:`CHUNK` values: never one buffer as
-        large as all the tensors together (for a fully trained model that
-        would be one more copy of the model at every step).  Contiguous
-        tensors larger than a chunk are filled piece by piece."""
+    def add_(self, tensors: Sequence[Tensor], alpha: float, divide: int = 1) -> None:
+        """``t = (t + alpha * z) / divide`` with fresh ``z ~ N(0, I)`` for every
+        tensor, drawn in chunks of at most :data:`CHUNK` values: never one
+        buffer as large as all the tensors together (for a fully trained model
+        that would be one more copy of the model at every step).  Contiguous
+        tensors larger than a chunk are filled piece by piece.  With
+        ``divide > 1`` the noise and the division are one pass over the
+        tensors: ``lerp(t, z', 1 - 1/divide) = t/divide + (1 - 1/divide) z'``
+        with ``z'`` drawn with standard deviation ``alpha / (divide - 1)``."""
+        if divide < 1:
+            raise ValueError(f"divide must be a positive integer, got {divide}")
         pieces: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
         for t in tensors:
             parts = t.view(-1).split(CHUNK) if t.numel() > CHUNK and t.is_contiguous() else (t,)
@@ -73,9 +83,12 @@ class GaussianNoise:
                     total += ts[stop].numel()
                     stop += 1
                 chunk = ts[start:stop]
-                flat = torch.randn(total, generator=self.generator(device), device=device, dtype=dtype)
+                flat = _draw(total, alpha / (divide - 1) if divide > 1 else 1.0, self.generator(device), device, dtype)
                 draws = [z.view(t.shape) for z, t in zip(flat.split([t.numel() for t in chunk]), chunk)]
-                torch._foreach_add_(chunk, draws, alpha=alpha)
+                if divide > 1:
+                    torch._foreach_lerp_(chunk, draws, 1.0 - 1.0 / divide)
+                else:
+                    torch._foreach_add_(chunk, draws, alpha=alpha)
                 start = stop
 
     def state_dict(self) -> dict:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from . import batched
 from .clipping import clip_factors
-from .norms import HALF, HALF_SHRINK, GramCache, acc_dtype_of, cast, sq_norm, weighted_sum
+from .norms import HALF, HALF_SHRINK, GramCache, acc_dtype_of, cast, row_sq_norms, sq_norm, weighted_sum
 from .precision import full_fp32
 from .rows import RowMask, can_compact, restrict
 from .rules.base import Contribution, Direct, Factored, Instantiated
@@ -220,7 +220,7 @@ class ClippedSum:
         for names, flat, owned in buckets:
             col_group = None
             if self.num_groups == 1:
-                parts.append(_on(cast(flat.pow(2).sum(1), norm_dtype), device))
+                parts.append(_on(cast(row_sq_norms(flat), norm_dtype), device))
                 part_groups.append(0)
             else:
                 col_group = self._col_group(names, flat.device)
