@@ -15,6 +15,8 @@ no weight-gradient kernel for the clipped sum),
 ``old`` (all of these, plus hooks added through ``Tensor.register_hook``),
 ``rule0`` (book-keeping's instantiation rule with the seventh session's
 constants: ``dpft.norms.INSTANTIATE_MEMORY`` 1.25, no Gram tiles),
+``chunk512`` (batched layers stacked in chunks of 512 MiB, not 256),
+``unaligned`` (half-precision stacks not padded to 8 positions),
 ``prev`` (another copy of the library, e.g. the last commit's, importable as
 the package ``dpft_prev`` from ``--prev-src``: ``git archive HEAD src/dpft |
 tar -x -C /tmp/prev && mv /tmp/prev/src/dpft /tmp/prev/dpft_prev``).
@@ -36,6 +38,7 @@ import torch
 
 import dpft
 import dpft.capture
+import dpft.batched
 import dpft.norms
 import dpft.privatize
 import dpft.rules.conv
@@ -64,7 +67,10 @@ VARIANTS = {
     "unfold": dict(sync=False, hook=True, conv=False),
     "old": dict(sync=True, hook=False, conv=False),
     "prev": dict(sync=False, hook=True, conv=True, package="dpft_prev"),
-    "rule0": dict(sync=False, hook=True, conv=True, norms={"INSTANTIATE_MEMORY": 1.25, "GRAM_TILE": 1}),
+    "rule0": dict(sync=False, hook=True, conv=True,
+                  patch={"dpft.norms.INSTANTIATE_MEMORY": 1.25, "dpft.norms.GRAM_TILE": 1}),
+    "chunk512": dict(sync=False, hook=True, conv=True, patch={"dpft.batched.CHUNK_BYTES": 1 << 29}),
+    "unaligned": dict(sync=False, hook=True, conv=True, patch={"dpft.batched.ALIGN_POSITIONS": 1}),
 }
 
 
@@ -74,9 +80,10 @@ def variant(v: dict):
     dpft.privatize.ClippedSum.nonfinite_now = flag
     dpft.capture._add_grad_hook = _ORIG_HOOK if v["hook"] else (lambda t, fn: t.register_hook(fn))
     _CONV.grouped_per_example = v.get("grouped", False)
-    saved = {k: getattr(dpft.norms, k) for k in v.get("norms", {})}
-    for k, value in v.get("norms", {}).items():
-        setattr(dpft.norms, k, value)
+    patch = {tuple(k.rsplit(".", 1)): value for k, value in v.get("patch", {}).items()}
+    saved = {(mod, attr): getattr(importlib.import_module(mod), attr) for mod, attr in patch}
+    for (mod, attr), value in patch.items():
+        setattr(importlib.import_module(mod), attr, value)
     if not v["conv"]:
         _CONV.per_example = lambda self, dtype: None
         _CONV.weighted = lambda self, weights, dtype: None
@@ -87,8 +94,8 @@ def variant(v: dict):
         dpft.capture._add_grad_hook = _ORIG_HOOK
         _CONV.per_example, _CONV.weighted = _ORIG_CONV
         _CONV.grouped_per_example = _ORIG_GROUPED
-        for k, value in saved.items():
-            setattr(dpft.norms, k, value)
+        for (mod, attr), value in saved.items():
+            setattr(importlib.import_module(mod), attr, value)
 
 
 def _sync() -> None:

@@ -240,6 +240,38 @@ def test_half_precision_weighted_sum_never_exceeds_clip_factor(device):
 
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_batched_half_precision_layers_are_padded_and_exact(device):
+    """Same-shaped half-precision layers over 7 positions are stacked with zero
+    positions up to 8 (tensor-core products over an unaligned number of
+    positions are slow): the norms are the exact float32 products of the
+    half-precision values, the clipped sums within bfloat16 rounding."""
+    import dpft.batched
+
+    cs = []
+    for seed in range(3):
+        c = _half_factored(device, groups=1, t=7)
+        g = torch.Generator().manual_seed(10 + seed)
+        c.left = (torch.randn(c.left.shape, generator=g) * (seed + 1)).to(torch.bfloat16).to(device)
+        cs.append(c)
+    contributions = {f"l{i}": [c] for i, c in enumerate(cs)}
+    names = list(contributions)
+    assert dpft.batched.plan(contributions, names, "ghost") == [names]
+    (stack, sq), = dpft.batched.norms(contributions, names, torch.float32)
+    assert stack.left.shape[2] == 8 and stack.right.shape[2] == 8
+    assert not bool(stack.left[:, :, 7:].any()) and not bool(stack.right[:, :, 7:].any())
+    for j, c in enumerate(cs):
+        want = _brute(c).pow(2).sum(1)
+        rel = float(((sq[j].double().cpu() - want).abs() / want).max())
+        assert rel < 1e-6, (j, rel)
+    w = torch.rand(3, cs[0].left.shape[0], dtype=torch.float64) + 0.1
+    sums = dpft.batched.weighted(stack, w.to(device), torch.float32, 1.0)
+    for j, c in enumerate(cs):
+        want = (w[j].unsqueeze(1) * _brute(c)).sum(0)
+        got = sums[j].double().cpu().reshape(-1)
+        assert float((got - want).norm() / want.norm()) < 1e-2, j
+
+
 def _shared_input_model(monkeypatch) -> tuple[nn.Module, list]:
     """``SharedInput`` with q, k and out trainable, and the list that records
     the first factor's shape of every matrix product ``norms.bmm_acc`` runs."""
