@@ -2,6 +2,8 @@
 
     python -m benchmarks.ab_step --models gpt2,resnet50gn --methods bitfit,full
 
+(methods: bitfit, full, lora: peft LoRA, r = 16).
+
 For each (model, method) one model is built; the non-private step and the
 private step with each feature set are timed in turn, ``--rounds`` times
 (median step time of ``--steps`` steps after ``--warmup``), on the same model
@@ -146,6 +148,10 @@ def main() -> None:
             wl = build(model_name, batch_size=args.batch_size, device=args.device, tiny=args.size == "tiny", **kw)
             if method == "bitfit":
                 dpft.bitfit(wl.model)
+            elif method == "lora":
+                from benchmarks.models import lora
+
+                lora(wl)
             params = [p for p in wl.model.parameters() if p.requires_grad]
             times: dict[str, list[float]] = {"nonprivate": []}
             peak: dict[str, float] = {}
