@@ -542,6 +542,8 @@ class Capture:
         if b.early and self.book_keeping and args and isinstance(args[0], Tensor):
             # (an id is unique while the input lives, and the saved call keeps it alive)
             uses = self._input_uses
+            if len(uses) > 1 << 16:  # forwards without a backward pass (counts are only a memory hint)
+                uses.clear()
             key = call.saved["input_id"] = id(args[0])
             uses[key] = uses.get(key, 0) + 1
         _add_grad_hook(output, partial(self._on_grad, b, call))
