@@ -377,6 +377,24 @@ def _update_seeing_kinds(model, batches, loss, **kw):
     return got, seen
 
 
+def _exact_over_positions(model, positions, width, mode):
+    """One dpft step of ``model`` on 3 random examples of ``positions`` x
+    ``width`` equals the float64 brute-force clipped mean; returns the kinds
+    of contribution each parameter's clipped sum received."""
+    from reference import clipped_mean, per_example_grads, pick_threshold
+
+    x = torch.randn(3, positions, width, dtype=torch.float64)
+    loss = lambda m, b: m(b).pow(2).sum(2).mean(1).mean()  # noqa: E731
+    names = [n for n, _ in model.named_parameters()]
+    grads = per_example_grads(model, names, [x[i : i + 1] for i in range(3)], loss)
+    R = pick_threshold(grads)
+    want = clipped_mean(grads, [names], R, "abadi", 3)
+    got, seen = _update_seeing_kinds(copy.deepcopy(model), [x], loss, batch_size=3, R=R, mode=mode)
+    for k in want:
+        assert torch.allclose(got[k], want[k], rtol=1e-9, atol=1e-12), k
+    return seen
+
+
 @pytest.mark.parametrize("mode", ["auto", "mixed", "instantiate", "ghost"])
 def test_long_sequence_weights_are_instantiated_during_backward(mode):
     """Where the mixed rule instantiates (2 T^2 >= p d), the per-example
@@ -421,23 +439,13 @@ def test_book_keeping_instantiates_where_the_gram_matrices_cost_more(mode):
     it frees (``p d <= 2 T (p + d)``): Linear(256, 256) over 140 positions
     (``2 * 140^2 < 256^2``).  ``mixed`` keeps the ghost norm.  The update is
     the brute-force clipped mean either way."""
-    from reference import clipped_mean, per_example_grads, pick_threshold
-
     torch.manual_seed(0)
     width, positions = 256, 140
     c = Factored(right=torch.empty(1, positions, 1, width), shape=torch.Size([width, width]),
                  left=torch.empty(1, positions, 1, width))
     assert dpft.norms.prefer_ghost([c]) and dpft.norms.instantiation_pays(c)
     model = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 2)).double()
-    x = torch.randn(3, positions, width, dtype=torch.float64)
-    loss = lambda m, b: m(b).pow(2).sum(2).mean(1).mean()  # noqa: E731
-    names = [n for n, _ in model.named_parameters()]
-    grads = per_example_grads(model, names, [x[i : i + 1] for i in range(3)], loss)
-    R = pick_threshold(grads)
-    want = clipped_mean(grads, [names], R, "abadi", 3)
-    got, seen = _update_seeing_kinds(copy.deepcopy(model), [x], loss, batch_size=3, R=R, mode=mode)
-    for k in want:
-        assert torch.allclose(got[k], want[k], rtol=1e-9, atol=1e-12), k
+    seen = _exact_over_positions(model, positions, width, mode)
     assert seen["0.weight"] == ({"Instantiated"} if mode == "auto" else {"Factored"})
 
 
@@ -447,8 +455,6 @@ def test_book_keeping_keeps_the_ghost_norm_where_other_layers_keep_the_input():
     memory bound counts the output gradient alone.  Linear(256, 256) over 100
     positions: instantiated where it reads its own input (``p d <= 2 T (p + d)``),
     not where three layers share it (``p d > 2 T d``).  Exact either way."""
-    from reference import clipped_mean, per_example_grads, pick_threshold
-
     torch.manual_seed(0)
     width, positions = 256, 100
 
@@ -463,16 +469,7 @@ def test_book_keeping_keeps_the_ghost_norm_where_other_layers_keep_the_input():
             h = torch.tanh(self.q(x) * self.k(x) + self.v(x))
             return self.head(torch.tanh(self.o(h)))
 
-    model = QKV().double()
-    x = torch.randn(3, positions, width, dtype=torch.float64)
-    loss = lambda m, b: m(b).pow(2).sum(2).mean(1).mean()  # noqa: E731
-    names = [n for n, _ in model.named_parameters()]
-    grads = per_example_grads(model, names, [x[i : i + 1] for i in range(3)], loss)
-    R = pick_threshold(grads)
-    want = clipped_mean(grads, [names], R, "abadi", 3)
-    got, seen = _update_seeing_kinds(copy.deepcopy(model), [x], loss, batch_size=3, R=R, mode="auto")
-    for k in want:
-        assert torch.allclose(got[k], want[k], rtol=1e-9, atol=1e-12), k
+    seen = _exact_over_positions(QKV().double(), positions, width, "auto")
     assert seen["o.weight"] == {"Instantiated"}
     assert seen["q.weight"] == seen["k.weight"] == seen["v.weight"] == {"Factored"}
 
