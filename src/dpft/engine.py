@@ -79,7 +79,7 @@ class PrivacyEngine:
             activations and output gradients, and autograd skips the
             non-private weight gradients; a weight used once is also
             instantiated where that is cheaper than its Gram matrices and
-            needs at most 1.25x the memory of its factors:
+            needs at most 2x the memory of the factors it frees:
             :func:`dpft.norms.instantiation_pays`), ``"auto"`` (= ``"bk"``).  All give the same result up to rounding; biases
             never need activations.
         accountant: ``"pld"`` or ``"rdp"`` (Google's dp-accounting).
