@@ -278,6 +278,7 @@ class Capture:
         # such layers read each (query/key/value share theirs), since the last
         # backward pass; an input read by several is not freed by one of them
         self._input_uses: dict[int, int] = {}
+        self._handler = self._on_grad  # one bound method for every call's hook (see Call.fire)
 
     def _plan_lane(self, no_lane: set[str]) -> None:
         """The flat lane: parameters whose per-example gradients are reduced
@@ -546,7 +547,8 @@ class Capture:
                 uses.clear()
             key = call.saved["input_id"] = id(args[0])
             uses[key] = uses.get(key, 0) + 1
-        _add_grad_hook(output, partial(self._on_grad, b, call))
+        call.handler, call.binding = self._handler, b
+        _add_grad_hook(output, call.fire)
         return replaced
 
     def _expand_pre(self, b: Binding, module: nn.Module, args: tuple) -> None:
@@ -631,7 +633,7 @@ class Capture:
         del c
         call.saved.pop("input", None)
         call.saved.pop("grad", None)
-        call.versions.clear()
+        call.versions = ()
 
     def _kept_width(self, call: Call) -> int:
         """The width of the layer's input if other layers read it too (they
@@ -746,8 +748,8 @@ class Capture:
                 # that the sink can free each layer's tensors once it is summed
                 call.saved.clear()
                 call.results.clear()
-                call.versions.clear()
-                call.grads = []
+                call.versions = ()
+                call.grads = ()
                 for local, c in contribs.items():
                     key = b.keys[local]
                     if isinstance(c, Direct):

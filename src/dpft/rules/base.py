@@ -118,25 +118,46 @@ Contribution = Direct | Factored
 
 @dataclass(slots=True, eq=False)
 class Call:
-    """One forward call of a hooked module, filled in by forward and backward hooks."""
+    """One forward call of a hooked module, filled in by forward and backward hooks.
+
+    Made for every hooked module at every forward pass and alive until its
+    backward hook has run, so it holds as few garbage-collected containers as
+    it can: ``grads`` and ``versions`` are empty tuples until used, and the
+    backward hook is the bound method :meth:`fire` (not a ``partial``).
+    Objects that live across Python's young-generation collections are
+    promoted; enough promoted objects trigger a full collection, which walks
+    every object of the process (tens to hundreds of milliseconds once a
+    model and its libraries are loaded)."""
 
     module: nn.Module
     rule: "Rule"
     batch_size: int
     saved: dict[str, Any] = field(default_factory=dict)
-    grads: list[Tensor | None] = field(default_factory=list)
+    grads: "list[Tensor | None] | tuple" = ()
     results: dict[str, Tensor] = field(default_factory=dict)  # eagerly reduced per-example grads
-    versions: list[tuple[Tensor, int]] = field(default_factory=list)
+    versions: tuple = ()  # (tensor, version, tensor, version, ...)
+    #: ``handler(binding, call, grad)``, called by :meth:`fire` with ``binding``
+    handler: Any = None
+    binding: Any = None
+
+    def fire(self, grad: Tensor) -> None:
+        """The backward hook on the module's output."""
+        self.handler(self.binding, self, grad)
 
     def save_input(self, name: str, tensor: Tensor) -> None:
         """Keep ``tensor`` for the backward pass and remember its version,
         so that a later in-place change is detected instead of silently
         giving a wrong gradient."""
         self.saved[name] = tensor
-        self.versions.append((tensor, tensor._version))
+        self.track(tensor)
+
+    def track(self, tensor: Tensor) -> None:
+        """Remember ``tensor``'s version (see :meth:`check_versions`)."""
+        self.versions = (*self.versions, tensor, tensor._version)  # one flat tuple
 
     def check_versions(self, module_name: str) -> None:
-        for tensor, version in self.versions:
+        v = self.versions
+        for tensor, version in zip(v[0::2], v[1::2]):
             if tensor._version != version:
                 raise RuntimeError(
                     f"dpft: the input of module '{module_name}' was modified in place after "

@@ -60,7 +60,7 @@ class FallbackRule(Rule):
         call.saved["kwargs"] = dict(call.saved.pop("kwargs", {}) or {})
         for a in list(args) + list(call.saved["kwargs"].values()):
             if isinstance(a, Tensor):
-                call.versions.append((a, a._version))
+                call.track(a)
 
     def on_grad(self, call: Call, grad: Tensor, params: frozenset[str]) -> None:  # pragma: no cover - grads set by capture
         raise AssertionError

@@ -44,7 +44,7 @@ class _AffineNormRule(Rule):
             # reduced eagerly: the input is no longer needed
             call.saved.pop("input", None)
             call.saved.pop("stats", None)
-            call.versions.clear()
+            call.versions = ()
 
     def contributions(self, call: Call, params: frozenset[str]) -> dict[str, Contribution]:
         return {name: Direct(call.results[name]) for name in params}
@@ -63,7 +63,7 @@ class _AffineNormRule(Rule):
     def done(self, call: Call) -> None:
         call.saved.pop("input", None)
         call.saved.pop("stats", None)
-        call.versions.clear()
+        call.versions = ()
 
 
 class LayerNormRule(_AffineNormRule):
