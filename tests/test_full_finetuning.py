@@ -471,6 +471,26 @@ def test_book_keeping_keeps_the_ghost_norm_where_other_layers_keep_the_input():
 
     seen = _exact_over_positions(QKV().double(), positions, width, "auto")
     assert seen["o.weight"] == {"Instantiated"}
+    # the choice is kept in later steps (the readers are counted only until it is made)
+    model = QKV()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = dpft.PrivacyEngine(model, batch_size=3, sample_size=100, steps=5, noise_multiplier=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine.attach(opt)
+    kinds = []
+    real = dpft.privatize.ClippedSum.add
+    try:
+        dpft.privatize.ClippedSum.add = lambda self, cs, *a: kinds.append(
+            {k: type(c[0]).__name__ for k, c in cs.items() if k.endswith("weight")}) or real(self, cs, *a)
+        for _ in range(4):
+            model(torch.randn(3, positions, width)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        dpft.privatize.ClippedSum.add = real
+    assert [k["o.weight"] for k in kinds] == ["Instantiated"] * 4, kinds
+    assert all(k["q.weight"] == "Factored" for k in kinds), kinds
     assert seen["q.weight"] == seen["k.weight"] == seen["v.weight"] == {"Factored"}
 
 

@@ -540,8 +540,11 @@ class Capture:
         call = Call(module, b.rule, n)
         if b.needs_save:
             b.rule.save(call, module, args, output, b.params)
-        if b.early and self.book_keeping and args and isinstance(args[0], Tensor):
-            # (an id is unique while the input lives, and the saved call keeps it alive)
+        if (b.early and self.book_keeping and args and isinstance(args[0], Tensor)
+                and (output.shape, output.dtype) not in b.early_by_shape):
+            # counted only while this layer's choice for this shape is open (it
+            # is made once, in the backward hook); an id is unique while the
+            # input lives, and the saved call keeps it alive
             uses = self._input_uses
             if len(uses) > 1 << 16:  # forwards without a backward pass (counts are only a memory hint)
                 uses.clear()
@@ -617,15 +620,17 @@ class Capture:
         (local,) = b.early
         c = b.rule.contributions(call, b.early)[local]
         # decided once per output-gradient shape and dtype (the cost rule
-        # depends on both): a layer left to the ghost norm costs no
-        # contribution built twice per step after its first call
-        now = isinstance(c, Factored) and (
-            self.norm_mode == "instantiate"
-            or not prefer_ghost([c])
-            or (self.book_keeping and instantiation_pays(c, kept=self._kept_width(call)))
-        )
-        b.early_by_shape[key] = now
-        if not now:
+        # depends on both) and kept: a layer left to the ghost norm costs no
+        # contribution built twice per step after its first call, and the
+        # readers of an input are counted only while a choice is open
+        now = b.early_by_shape.get(key)
+        if now is None:
+            now = b.early_by_shape[key] = isinstance(c, Factored) and (
+                self.norm_mode == "instantiate"
+                or not prefer_ghost([c])
+                or (self.book_keeping and instantiation_pays(c, kept=self._kept_width(call)))
+            )
+        if not now or not isinstance(c, Factored):
             return
         call.check_versions(b.name)  # the input must be what the forward pass multiplied
         with full_fp32(), torch.no_grad():

@@ -41,10 +41,7 @@ class _AffineNormRule(Rule):
             xhat = self.normalized(call)
             dt = torch.promote_types(grad.dtype, xhat.dtype)
             call.results["weight"] = _reduce(grad.to(dt) * xhat.to(dt), dims)
-            # reduced eagerly: the input is no longer needed
-            call.saved.pop("input", None)
-            call.saved.pop("stats", None)
-            call.versions = ()
+            self.done(call)  # reduced eagerly: the input is no longer needed
 
     def contributions(self, call: Call, params: frozenset[str]) -> dict[str, Contribution]:
         return {name: Direct(call.results[name]) for name in params}
