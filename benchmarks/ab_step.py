@@ -19,6 +19,8 @@ no weight-gradient kernel for the clipped sum),
 constants: ``dpft.norms.INSTANTIATE_MEMORY`` 1.25, no Gram tiles),
 ``chunk512`` (batched layers stacked in chunks of 512 MiB, not 256),
 ``unaligned`` (half-precision stacks not padded to 8 positions),
+``convlate`` (no convolution weight instantiated
+in its backward hook),
 ``prev`` (another copy of the library, e.g. the last commit's, importable as
 the package ``dpft_prev`` from ``--prev-src``: ``git archive HEAD src/dpft |
 tar -x -C /tmp/prev && mv /tmp/prev/src/dpft /tmp/prev/dpft_prev``).
@@ -73,7 +75,18 @@ VARIANTS = {
                   patch={"dpft.norms.INSTANTIATE_MEMORY": 1.25, "dpft.norms.GRAM_TILE": 1}),
     "chunk512": dict(sync=False, hook=True, conv=True, patch={"dpft.batched.CHUNK_BYTES": 1 << 29}),
     "unaligned": dict(sync=False, hook=True, conv=True, patch={"dpft.batched.ALIGN_POSITIONS": 1}),
+    "convlate": dict(sync=False, hook=True, conv=True, patch={"dpft.rules.conv.ConvRule.instantiates_early": False}),
 }
+
+
+def _owner(path: str):
+    """The module, or the class inside a module, that ``path`` names
+    (``dpft.norms``, ``dpft.rules.conv.ConvRule``)."""
+    try:
+        return importlib.import_module(path)
+    except ModuleNotFoundError:
+        mod, name = path.rsplit(".", 1)
+        return getattr(importlib.import_module(mod), name)
 
 
 @contextlib.contextmanager
@@ -83,9 +96,9 @@ def variant(v: dict):
     dpft.capture._add_grad_hook = _ORIG_HOOK if v["hook"] else (lambda t, fn: t.register_hook(fn))
     _CONV.grouped_per_example = v.get("grouped", False)
     patch = {tuple(k.rsplit(".", 1)): value for k, value in v.get("patch", {}).items()}
-    saved = {(mod, attr): getattr(importlib.import_module(mod), attr) for mod, attr in patch}
+    saved = {(mod, attr): getattr(_owner(mod), attr) for mod, attr in patch}
     for (mod, attr), value in patch.items():
-        setattr(importlib.import_module(mod), attr, value)
+        setattr(_owner(mod), attr, value)
     if not v["conv"]:
         _CONV.per_example = lambda self, dtype: None
         _CONV.weighted = lambda self, weights, dtype: None
@@ -97,7 +110,7 @@ def variant(v: dict):
         _CONV.per_example, _CONV.weighted = _ORIG_CONV
         _CONV.grouped_per_example = _ORIG_GROUPED
         for (mod, attr), value in saved.items():
-            setattr(importlib.import_module(mod), attr, value)
+            setattr(_owner(mod), attr, value)
 
 
 def _sync() -> None:

@@ -764,3 +764,131 @@ def test_group_norm_weight_on_channels_last_and_strided_inputs(layout):
     collate = lambda exs: torch.stack(exs)  # noqa: E731
     loss = lambda m, x: m(x).pow(2).sum(1).mean()  # noqa: E731
     check_model(M(), examples, collate, loss)
+
+
+class _ConvGN(nn.Module):
+    """Conv -> GroupNorm -> ReLU(inplace) -> Conv -> GroupNorm: the
+    ResNet pattern (the GroupNorm's input is a convolution's output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.g1 = nn.GroupNorm(2, 8)
+        self.act = nn.ReLU(inplace=True)
+        self.c2 = nn.Conv2d(8, 4, 1)
+        self.g2 = nn.GroupNorm(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.g2(self.c2(self.act(self.g1(self.c1(x)))))
+        return self.head(h.mean((2, 3)))
+
+
+def _convgn_check(mode, layout="contiguous", steps=2):
+    from reference import clipped_mean, per_example_grads, pick_threshold
+
+    torch.manual_seed(0)
+    model = _ConvGN().double()
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64) * 2 + 1.5  # a non-zero mean per group
+    if layout == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 3, (4,))
+    loss = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    names = [n for n, _ in model.named_parameters()]
+    grads = per_example_grads(model, names, [(x[i : i + 1], y[i : i + 1]) for i in range(4)], loss)
+    R = pick_threshold(grads)
+    want = clipped_mean(grads, [names], R, "abadi", 4)
+    for _ in range(steps):  # the first passes cross-check against autograd; later ones switch it off
+        got, seen = _update_seeing_kinds(copy.deepcopy(model), [(x, y)], loss, batch_size=4, R=R, mode=mode)
+        for k in want:
+            assert torch.allclose(got[k], want[k], rtol=1e-9, atol=1e-12), k
+    return seen
+
+
+@pytest.mark.parametrize("mode", ["auto", "ghost", "instantiate"])
+def test_groupnorm_weight_from_the_forward_moments(monkeypatch, mode):
+    """GroupNorm's per-example weight gradient comes from the group means and
+    inverse standard deviations autograd saved in the forward pass
+    (``(sum dy*x - mean * sum dy) * rstd``), never from a recomputed
+    normalized input; the bias reuses ``sum dy``.  Exact against the float64
+    brute force (inputs with a non-zero mean, so that the mean term counts)."""
+    import dpft.rules.norm as norm
+
+    used = []
+    real = norm.GroupNormRule.from_moments
+    monkeypatch.setattr(norm.GroupNormRule, "normalized", lambda self, call: pytest.fail("recomputed"))
+    monkeypatch.setattr(norm.GroupNormRule, "from_moments",
+                        lambda self, *a: used.append(1) or real(self, *a))
+    _convgn_check(mode)
+    assert used
+
+
+def test_groupnorm_weight_in_other_layouts():
+    """Channels-last activations take the same shortcut; a GroupNorm on
+    ``(N, C)`` inputs recomputes the normalized input.  Exact either way."""
+    _convgn_check("auto", layout="channels_last")
+    from reference import check_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.GroupNorm(3, 6), nn.Tanh(), nn.Linear(6, 2))
+    examples = [torch.randn(5) * 2 + 1 for _ in range(B)]
+    check_model(model, examples, lambda exs: torch.stack(exs), lambda m, b: m(b).pow(2).sum(1).mean())
+
+
+def test_groupnorm_moments_rule_level_matches_recomputation():
+    """The two ways of forming the per-example weight gradient agree, on the
+    rule's eager path (the lane), in either order of weight and bias, and on
+    its per-call path, in float64."""
+    from dpft.rules.norm import GroupNormRule
+
+    torch.manual_seed(1)
+    gn = nn.GroupNorm(3, 6).double()
+    x = (torch.randn(5, 6, 4, 3, dtype=torch.float64) * 3 + 2).requires_grad_()
+    out = gn(x)
+    dy = torch.randn_like(out)
+    rule = GroupNormRule()
+    torch.set_grad_enabled(False)  # as in a backward hook
+    try:
+        _gn_rule_paths(gn, rule, x, out, dy)
+    finally:
+        torch.set_grad_enabled(True)
+
+
+def _gn_rule_paths(gn, rule, x, out, dy):
+    from dpft.rules.base import Call
+
+    call = Call(gn, rule, 5)
+    rule.save(call, gn, (x,), out, frozenset({"weight", "bias"}))
+    assert "moments" in call.saved
+    xhat = (x.detach().view(5, 3, -1) - x.detach().view(5, 3, -1).mean(2, keepdim=True))
+    xhat = (xhat / (xhat.pow(2).mean(2, keepdim=True) + gn.eps).sqrt()).view_as(x)
+    want_w = (dy * xhat).sum((2, 3))
+    want_b = dy.sum((2, 3))
+    for order in (("weight", "bias"), ("bias", "weight")):  # the weight reuses the bias's sum when it comes second
+        call = Call(gn, rule, 5)
+        rule.save(call, gn, (x,), out, frozenset({"weight", "bias"}))
+        lane = torch.zeros(5, 12, dtype=torch.float64)
+        for name in order:
+            rule.eager_into(call, dy, name, lane[:, :6] if name == "weight" else lane[:, 6:], False)
+        assert torch.allclose(lane[:, :6], want_w, rtol=1e-12, atol=1e-12), order
+        assert torch.allclose(lane[:, 6:], want_b, rtol=1e-12, atol=1e-12), order
+        rule.eager_into(call, dy, "weight", lane[:, :6], True)  # a second use of the same weight adds
+        assert torch.allclose(lane[:, :6], 2 * want_w, rtol=1e-12, atol=1e-12), order
+    call2 = Call(gn, rule, 5)
+    rule.save(call2, gn, (x,), out, frozenset({"weight", "bias"}))
+    rule.on_grad(call2, dy, frozenset({"weight", "bias"}))
+    assert torch.allclose(call2.results["weight"], want_w, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(call2.results["bias"], want_b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["auto", "mixed", "ghost"])
+def test_convolution_weights_are_instantiated_during_backward(mode):
+    """A convolution whose norm the mixed rule instantiates (many positions,
+    few weights: ``2 T^2 >= P D``) gets its per-example gradient built in its
+    backward hook, like a Linear layer's: its input and output gradient are
+    freed there and the clipped sum is a weighted sum of that gradient.
+    Ghost mode never instantiates.  Exact against the float64 brute force."""
+    seen = _convgn_check(mode)
+    kind = {"ConvFactored"} if mode == "ghost" else {"Instantiated"}
+    assert seen["c1.weight"] == seen["c2.weight"] == kind

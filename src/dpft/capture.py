@@ -317,11 +317,14 @@ class Capture:
         self.lane_dtype = torch.float64 if keys and params[keys[0]].dtype == torch.float64 else torch.float32
         self.lane_device = params[keys[0]].device if keys else None
         for b in self.bindings:
-            b.lane = [
-                (local, key, *self.lane_offsets[key], tuple(params[key].shape))
-                for local, key in b.keys.items()
-                if key in self.lane_offsets
-            ]
+            b.lane = sorted(  # a module's bias first (a normalization weight's shortcut reuses its sum)
+                [
+                    (local, key, *self.lane_offsets[key], tuple(params[key].shape))
+                    for local, key in b.keys.items()
+                    if key in self.lane_offsets
+                ],
+                key=lambda entry: entry[0] != "bias",
+            )
             b.slow = frozenset(local for local, key in b.keys.items() if key not in self.lane_offsets)
             b.early = frozenset(
                 local
@@ -625,10 +628,12 @@ class Capture:
         # readers of an input are counted only while a choice is open
         now = b.early_by_shape.get(key)
         if now is None:
+            # (where the mixed rule instantiates anyway, building the gradient
+            # now never takes more memory than at the end, with the factors kept)
             now = b.early_by_shape[key] = isinstance(c, Factored) and (
                 self.norm_mode == "instantiate"
                 or not prefer_ghost([c])
-                or (self.book_keeping and instantiation_pays(c, kept=self._kept_width(call)))
+                or (self.book_keeping and instantiation_pays(c, kept=self._kept_numel(call)))
             )
         if not now or not isinstance(c, Factored):
             return
@@ -640,14 +645,14 @@ class Capture:
         call.saved.pop("grad", None)
         call.versions = ()
 
-    def _kept_width(self, call: Call) -> int:
-        """The width of the layer's input if other layers read it too (they
-        keep it: building this layer's per-example gradient frees only its
-        output gradient), else 0."""
+    def _kept_numel(self, call: Call) -> int:
+        """Values per example of the layer's input if other layers read it too
+        (they keep it: building this layer's per-example gradient frees only
+        its output gradient), else 0."""
         key = call.saved.get("input_id")
         if key is None or self._input_uses.get(key, 0) > 1:
             x = call.saved.get("input")
-            return int(x.shape[-1]) if isinstance(x, Tensor) else 0
+            return x.numel() // max(1, x.shape[0]) if isinstance(x, Tensor) and x.ndim else 0
         return 0
 
     def _check_expand(self, b: Binding, grad: Tensor) -> None:

@@ -221,6 +221,14 @@ INSTANTIATE_MEMORY = 2.0
 GRAM_TILE = 64
 
 
+def instantiation_fits(c: Factored, kept: int = 0) -> bool:
+    """Whether the per-example gradient is at most :data:`INSTANTIATE_MEMORY`
+    times the values it frees: the layer's factors (:attr:`Factored.held`,
+    per example) less ``kept``, the values per example of an input that other
+    layers keep (query/key/value projections all read theirs)."""
+    return c.rows * c.cols * c.groups <= INSTANTIATE_MEMORY * (c.held - kept)
+
+
 def instantiation_pays(c: Factored, kept: int = 0) -> bool:
     """Book-keeping's choice for a layer whose input and output gradient can be
     freed as soon as its per-example gradient is built (one use).  Building
@@ -229,18 +237,16 @@ def instantiation_pays(c: Factored, kept: int = 0) -> bool:
     and reading ``B*P*D`` float32 values (written once, read by the norm and
     by the weighted sum); the ghost norm costs the Gram matrices,
     ``2 T^2 (P + D)`` flops per example, with ``T`` beyond one tile rounded
-    up to whole tiles (:data:`GRAM_TILE`).  Instantiate when the Gram matrices take longer and
-    the per-example gradient is at most :data:`INSTANTIATE_MEMORY` times the
-    size of the factors it frees (``P*D <= 2 T*(P + D - kept)``, where
-    ``kept`` is the width of a factor that other layers keep: the input of
-    query/key/value projections, which all read it).  The per-example gradients of the
+    up to whole tiles (:data:`GRAM_TILE`).  Instantiate when the Gram matrices
+    take longer and :func:`instantiation_fits` (for a Linear layer that reads
+    its own input: ``P*D <= 2 T*(P + D)``).  The per-example gradients of the
     layers instantiated this way are kept to the end of the backward pass,
     by when the activations that non-private training also keeps are freed.
     Short sequences keep the ghost norm (the rule ``2 T^2 < P D`` keeps it up
     to ``T ~ sqrt(P D / 2)``)."""
-    t, p, d = c.positions, c.rows, c.cols  # per group (the group count cancels out)
-    if p * d > INSTANTIATE_MEMORY * t * (p + d - kept):
+    if not instantiation_fits(c, kept):
         return False
+    t, p, d = c.positions, c.rows, c.cols  # per group (the group count cancels out)
     rate = FLOPS_PER_BYTE["half" if c.factor_dtype in HALF else "float"]
     tiled = -(-t // GRAM_TILE) * GRAM_TILE if t > GRAM_TILE else t  # (small products: smaller tiles)
     return 2 * tiled * tiled * (p + d) > rate * 12 * p * d

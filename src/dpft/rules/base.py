@@ -91,6 +91,13 @@ class Factored:
         """The dtype of ``right`` (a lazy layer answers without building it)."""
         return self.right.dtype
 
+    @property
+    def held(self) -> int:
+        """Values per example the layer keeps for this contribution (what
+        building its per-example gradient frees)."""
+        width = self.cols + (self.rows if self.ids is None else 1)
+        return self.positions * self.groups * width
+
     # Optional faster paths of a layer (see ``rules.conv.ConvFactored``); ``None``
     # means "use the generic matrix products on ``left`` / ``right``".
     def per_example(self, dtype: torch.dtype) -> Tensor | None:

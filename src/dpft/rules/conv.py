@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..precision import full_fp32
-from .base import Call, Contribution, Direct, Factored, Rule, batchify, reduce_into
+from .base import Call, Contribution, Direct, Factored, Instantiated, Rule, batchify, reduce_into
 from .linear import acc_dtype
 
 
@@ -83,9 +83,11 @@ class ConvFactored(Factored):
     position) are built only when a norm needs them and dropped as soon as it
     is known (:meth:`release`), so that one layer's unfolded input at a time
     is alive.  Per-example gradients come from the factors; the weighted sum
-    (book-keeping) comes from the convolution's own weight-gradient kernel,
-    which never materializes the unfolded input.  ``index``: the selected
-    output channels (SPARTA rows)."""
+    (book-keeping) of a layer left to the ghost norm comes from the
+    convolution's own weight-gradient kernel, which never materializes the
+    unfolded input (a layer whose per-example gradient was built, in its
+    backward hook or for its norm, is summed from that gradient).  ``index``:
+    the selected output channels (SPARTA rows)."""
 
     def __init__(self, module: nn.Module, x: Tensor, g: Tensor, n: int, index: Tensor | None = None) -> None:
         self.module, self.x, self.g, self.n, self.index = module, x, g, n, index
@@ -120,6 +122,11 @@ class ConvFactored(Factored):
     @property
     def factor_dtype(self) -> torch.dtype:
         return self.x.dtype  # ``right`` is the unfolded input
+
+    @property
+    def held(self) -> int:
+        # the input and the output gradient as they are (the unfolded input is built on demand)
+        return (self.x.numel() + self.g.numel()) // self.n
 
     @property
     def groups(self) -> int:
@@ -196,6 +203,10 @@ class ConvRule(Rule):
 
     handles = ("weight", "bias")
     casts_input = True
+    #: the weight's per-example gradient may be built in the backward hook
+    #: (see ``Capture._instantiate_early``): then the clipped sum is a
+    #: weighted sum of it, not a weight-gradient convolution at the end
+    instantiates_early = True
 
     def eager_into(self, call: Call, grad: Tensor, name: str, out: Tensor, accumulate: bool) -> None:
         reduce_into(grad, tuple(range(2, grad.ndim)), out, accumulate)
@@ -219,7 +230,8 @@ class ConvRule(Rule):
         if "bias" in params:
             out["bias"] = Direct(call.results["bias"])
         if "weight" in params:
-            out["weight"] = self.weight_contribution(call)
+            early = call.results.get("weight")  # instantiated during backward
+            out["weight"] = Instantiated(early) if early is not None else self.weight_contribution(call)
         return out
 
     def weight_contribution(self, call: Call) -> Factored:
