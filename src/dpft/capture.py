@@ -16,6 +16,8 @@ contributions are handed to a sink (the engine), which clips and sums them.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -205,14 +207,15 @@ def _add_grad_hook(t: Tensor, fn: Callable[[Tensor], None]) -> None:
     per hooked module and step.  Plain tensors with a ``grad_fn`` take the
     short way through the same hook dictionary ``register_hook`` uses; any
     other case (tensor subclasses, hooks already present) the public one."""
-    if type(t) is Tensor and t._backward_hooks is None and t.grad_fn is not None:
+    node = t.grad_fn
+    if node is not None and type(t) is Tensor and t._backward_hooks is None:
         try:
             # a dict subclass can be weakly referenced, as later register_hook
             # calls on the same tensor need; -1 is no handle id (those count up from 0)
             hooks = _HookDict()
             hooks[-1] = fn
             t._backward_hooks = hooks
-            t.grad_fn._register_hook_dict(t)
+            node._register_hook_dict(t)
             return
         except (AttributeError, RuntimeError, TypeError):
             t._backward_hooks = None  # type: ignore[assignment]
@@ -301,9 +304,12 @@ class Capture:
             keys = []  # mixed devices / precisions: no lane (the general path handles them)
         self.lane_keys = tuple(keys)
         self.lane_offsets: dict[str, tuple[int, int]] = {}
+        self.lane_index: dict[str, int] = {}
+        self._lane_shapes = [tuple(params[k].shape) for k in keys]
         offset = 0
-        for k in keys:
+        for i, k in enumerate(keys):
             self.lane_offsets[k] = (offset, params[k].numel())
+            self.lane_index[k] = i
             offset += params[k].numel()
         self.lane_total = offset
         # lane parameters autograd need not differentiate once the uses are
@@ -317,12 +323,10 @@ class Capture:
         self.lane_dtype = torch.float64 if keys and params[keys[0]].dtype == torch.float64 else torch.float32
         self.lane_device = params[keys[0]].device if keys else None
         for b in self.bindings:
-            b.lane = sorted(  # a module's bias first (a normalization weight's shortcut reuses its sum)
-                [
-                    (local, key, *self.lane_offsets[key], tuple(params[key].shape))
-                    for local, key in b.keys.items()
-                    if key in self.lane_offsets
-                ],
+            # (local name, key, index of its view of the lane buffer); a
+            # module's bias first (a normalization weight's shortcut reuses its sum)
+            b.lane = sorted(
+                [(local, key, self.lane_index[key]) for local, key in b.keys.items() if key in self.lane_offsets],
                 key=lambda entry: entry[0] != "bias",
             )
             b.slow = frozenset(local for local, key in b.keys.items() if key not in self.lane_offsets)
@@ -337,8 +341,10 @@ class Capture:
                 and b.keys[local] not in no_lane
             )
             b.needs_save = b.fallback or b.rule.needs_save(b.module, b.params)
-            b.done = getattr(b.rule, "done", None) if not b.slow else None
+            # (a module that saved nothing has nothing to drop after its eager sums)
+            b.done = getattr(b.rule, "done", None) if not b.slow and b.needs_save else None
         self._lane_buf: Tensor | None = None
+        self._lane_views: tuple[Tensor, ...] = ()  # per lane parameter, made with the buffer
         self._lane_seen: set[str] = set()
 
     # -- installation -------------------------------------------------------
@@ -526,17 +532,18 @@ class Capture:
             )
         if not output.requires_grad:
             return None
+        lead = output.shape[0]
         if n is None:
-            n = output.shape[0]
+            n = lead
         replaced = tapped
-        if output.shape[0] != n:
-            if output.shape[0] == 1:
+        if lead != n:
+            if lead == 1:
                 # broadcast over the batch (e.g. GPT-2 position embeddings with
                 # (1, T) position ids): expand so each example gets its own gradient
                 output = replaced = output.expand(n, *output.shape[1:])
             else:
                 raise RuntimeError(
-                    f"dpft: output of module '{b.name}' has leading dimension {output.shape[0]}, "
+                    f"dpft: output of module '{b.name}' has leading dimension {lead}, "
                     f"but the batch size is {n}; dpft needs the batch dimension first "
                     "(e.g. batch_first=True)."
                 )
@@ -588,25 +595,36 @@ class Capture:
             b.rule.on_grad(call, grad, b.slow)
             if b.early and b.early_by_shape.get((grad.shape, grad.dtype), True):
                 self._instantiate_early(b, call, (grad.shape, grad.dtype))
-        if b.lane:
+        lane = b.lane
+        if lane:
+            views = self._lane_views
             n = call.batch_size
-            buf = self._lane_buf
-            if buf is None:
-                buf = self._lane_buf = torch.zeros(n, self.lane_total, dtype=self.lane_dtype, device=self.lane_device)
-            elif buf.shape[0] != n:
-                raise RuntimeError(f"dpft: one backward pass mixed batches of sizes {buf.shape[0]} and {n}")
+            if not views:
+                views = self._new_lane(n)
+            elif self._lane_buf.shape[0] != n:  # type: ignore[union-attr]
+                raise RuntimeError(f"dpft: one backward pass mixed batches of sizes {self._lane_buf.shape[0]} and {n}")  # type: ignore[union-attr]
             seen = self._lane_seen
-            for local, key, off, numel, shape in b.lane:
-                out = buf[:, off : off + numel]
-                if len(shape) != 1:
-                    out = out.view(n, *shape)
-                b.rule.eager_into(call, grad, local, out, key in seen)
+            eager_into = b.rule.eager_into
+            for local, key, index in lane:
+                eager_into(call, grad, local, views[index], key in seen)
                 seen.add(key)
             if b.done is not None:
                 b.done(call)
         if b.slow:
             self._received.append((b, call))
-        self._queue()
+        if not self._queued:
+            self._queue()
+
+    def _new_lane(self, n: int) -> tuple[Tensor, ...]:
+        """The lane buffer of this backward pass, ``(n, total)`` zeros, and
+        every lane parameter's view of it, ``(n, *shape)`` (made in one call,
+        not sliced in each hook)."""
+        buf = self._lane_buf = torch.zeros(n, self.lane_total, dtype=self.lane_dtype, device=self.lane_device)
+        views = buf.split([math.prod(shape) for shape in self._lane_shapes], dim=1)
+        self._lane_views = tuple(
+            v if len(shape) == 1 else v.view(n, *shape) for v, shape in zip(views, self._lane_shapes)
+        )
+        return self._lane_views
 
     def no_early(self, keys: list[str]) -> None:
         """Never instantiate these parameters in the backward hook."""
@@ -735,6 +753,7 @@ class Capture:
         self._input_uses = {}
         received, self._received = self._received, []
         lane, self._lane_buf = self._lane_buf, None
+        self._lane_views = ()
         seen, self._lane_seen = self._lane_seen, set()
         if not received and lane is None:
             if self._autograd:

@@ -62,13 +62,16 @@ class _AffineNormRule(Rule):
         return {name: Direct(call.results[name]) for name in params}
 
     def eager_into(self, call: Call, grad: Tensor, name: str, out: Tensor, accumulate: bool) -> None:
-        dims = call.saved.get("dims")  # the same for the weight and the bias of one call
+        saved = call.saved
+        dims = saved.get("dims")  # the same for the weight and the bias of one call
         if dims is None:
-            dims = call.saved["dims"] = self.reduce_dims(call, grad)
+            dims = saved["dims"] = self.reduce_dims(call, grad)
         if name == "bias":  # (the lane lists a module's bias before its weight)
-            reduce_into(grad, dims, out, accumulate)
-            if not accumulate:
-                call.saved["bias_sum"] = out  # this call's sum alone: the weight's shortcut may use it
+            if accumulate or not dims or out.ndim != grad.ndim - len(dims):
+                reduce_into(grad, dims, out, accumulate)
+            else:  # the common case, without reduce_into's checks (this runs per layer and step)
+                torch.sum(grad, dim=dims, dtype=out.dtype, out=out)
+                saved["bias_sum"] = out  # this call's sum alone: the weight's shortcut may use it
             return
         w = self.from_moments(call, grad, dims, call.saved.get("bias_sum"), None if accumulate else out)
         if w is not None:
