@@ -808,25 +808,24 @@ def _convgn_check(mode, layout="contiguous", steps=2):
 
 @pytest.mark.parametrize("mode", ["auto", "ghost", "instantiate"])
 def test_groupnorm_weight_from_the_forward_moments(monkeypatch, mode):
-    """GroupNorm's per-example weight gradient comes from the group means and
-    inverse standard deviations autograd saved in the forward pass
-    (``(sum dy*x - mean * sum dy) * rstd``), never from a recomputed
-    normalized input; the bias reuses ``sum dy``.  Exact against the float64
-    brute force (inputs with a non-zero mean, so that the mean term counts)."""
+    """GroupNorm's per-example weight and bias gradients come from one call
+    of PyTorch's GroupNorm backward with the batch folded into the channels,
+    using the group statistics autograd saved in the forward pass, never
+    from a recomputed normalized input.  Exact against the float64 brute
+    force (inputs with a non-zero mean, so that the mean term counts)."""
     import dpft.rules.norm as norm
 
     used = []
-    real = norm.GroupNormRule.from_moments
+    real = norm.GroupNormRule.pair
     monkeypatch.setattr(norm.GroupNormRule, "normalized", lambda self, call: pytest.fail("recomputed"))
-    monkeypatch.setattr(norm.GroupNormRule, "from_moments",
-                        lambda self, *a: used.append(1) or real(self, *a))
+    monkeypatch.setattr(norm.GroupNormRule, "pair", lambda self, *a: used.append(1) or real(self, *a))
     _convgn_check(mode)
     assert used
 
 
 def test_groupnorm_weight_in_other_layouts():
-    """Channels-last activations take the same shortcut; a GroupNorm on
-    ``(N, C)`` inputs recomputes the normalized input.  Exact either way."""
+    """Channels-last activations and a GroupNorm on ``(N, C)`` inputs
+    recompute the normalized input.  Exact either way."""
     _convgn_check("auto", layout="channels_last")
     from reference import check_model
 
@@ -865,7 +864,7 @@ def _gn_rule_paths(gn, rule, x, out, dy):
     xhat = (xhat / (xhat.pow(2).mean(2, keepdim=True) + gn.eps).sqrt()).view_as(x)
     want_w = (dy * xhat).sum((2, 3))
     want_b = dy.sum((2, 3))
-    for order in (("weight", "bias"), ("bias", "weight")):  # the weight reuses the bias's sum when it comes second
+    for order in (("weight", "bias"), ("bias", "weight")):  # one kernel call serves both, either order
         call = Call(gn, rule, 5)
         rule.save(call, gn, (x,), out, frozenset({"weight", "bias"}))
         lane = torch.zeros(5, 12, dtype=torch.float64)

@@ -99,6 +99,10 @@ def test_conv_weight_gradient_kernel_paths(name):
     def rel(a, b):
         return float((a - b).norm() / b.norm())
 
+    direct = ConvFactored(conv, x, g, n).per_example(torch.float64)  # the default path (None: generic)
+    assert (direct is not None) == (conv.groups == 1), name
+    if direct is not None:
+        assert rel(direct, want) < 1e-10
     c = ConvFactored(conv, x, g, n)
     c.grouped_per_example = True  # the batch-in-groups kernel path (off by default)
     w = torch.rand(n, dtype=torch.float64)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..norms import bmm_acc
 from ..precision import full_fp32
 from .base import Call, Contribution, Direct, Factored, Instantiated, Rule, batchify, reduce_into
 from .linear import acc_dtype
@@ -181,13 +182,29 @@ class ConvFactored(Factored):
 
     def per_example(self, dtype: torch.dtype) -> Tensor | None:
         if not (self.grouped_per_example and self._fast(dtype)):
-            return None
+            return self._per_example_direct(dtype)
         n, x, g = self.n, self.x, self._grad()
         # the batch folded into the groups: example i's channels form groups i*G .. (i+1)*G
         xb = x.reshape(1, n * x.shape[1], *x.shape[2:])
         gb = g.reshape(1, n * g.shape[1], *g.shape[2:])
         size = [n * self.shape[0], *self.shape[1:]]
         return self._wgrad(xb, gb, size, n * self.module.groups).view(n, *self.shape)
+
+    def _per_example_direct(self, dtype: torch.dtype) -> Tensor | None:
+        """Ungrouped convolutions: the output gradient ``(B, O, L)`` as it is
+        times the unfolded input ``(B, L, C*K)``.  The generic path also
+        copies the output gradient twice, into the factor layout and back.
+        (``F.unfold`` is not used: on CUDA it launches one kernel per example.)"""
+        m = self.module
+        if m.groups != 1:
+            return None
+        n = self.n
+        cols = unfold_nd(self.x, m.kernel_size, m.dilation, m.padding, m.stride, m.padding_mode)  # (B, L, C*K)
+        g = self._grad()
+        left = g.reshape(n, g.shape[1], -1)
+        if left.shape[2] != cols.shape[1]:  # pragma: no cover - the convolution's own arithmetic
+            return None
+        return bmm_acc(left, cols, dtype).view(n, *self.shape)
 
     def weighted(self, weights: Tensor, dtype: torch.dtype) -> Tensor | None:
         if not self._fast(dtype):

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..norms import cast
 from .base import Call, Contribution, Direct, Rule, reduce_into
 from .linear import acc_dtype
 
@@ -35,23 +34,28 @@ class _AffineNormRule(Rule):
     def normalized(self, call: Call) -> Tensor:
         raise NotImplementedError
 
-    def from_moments(
-        self, call: Call, grad: Tensor, dims: tuple[int, ...], db: Tensor | None, out: Tensor | None
-    ) -> Tensor | None:
-        """The per-example weight gradient ``(B, C)`` without recomputing the
-        normalized input, where the layer has a shortcut (else ``None``).
-        ``db``: the output gradient summed over ``dims`` (the bias's per-example
-        gradient) if already known; ``out``: where to write the result, if given."""
+    def pair(self, call: Call, grad: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The per-example weight and bias gradients ``(B, C)`` in one pass,
+        where the layer has such a shortcut (else ``None``)."""
         return None
+
+    def _pair(self, call: Call, grad: Tensor) -> tuple[Tensor, Tensor] | None:
+        """:meth:`pair`, computed once per call (the weight and the bias ask)."""
+        saved = call.saved
+        p = saved.get("pair")
+        if p is None and "moments" in saved:
+            p = saved["pair"] = self.pair(call, grad) or ()
+        return p or None
 
     def on_grad(self, call: Call, grad: Tensor, params: frozenset[str]) -> None:
         dims = self.reduce_dims(call, grad)
-        db = None
+        p = self._pair(call, grad) if "weight" in params else None
         if "bias" in params:
-            db = call.results["bias"] = _reduce(grad, dims)
+            call.results["bias"] = p[1] if p else _reduce(grad, dims)
         if "weight" in params:
-            w = self.from_moments(call, grad, dims, db, None)
-            if w is None:
+            if p:
+                w = p[0]
+            else:
                 xhat = self.normalized(call)
                 dt = torch.promote_types(grad.dtype, xhat.dtype)
                 w = _reduce(grad.to(dt) * xhat.to(dt), dims)
@@ -63,20 +67,18 @@ class _AffineNormRule(Rule):
 
     def eager_into(self, call: Call, grad: Tensor, name: str, out: Tensor, accumulate: bool) -> None:
         saved = call.saved
+        p = self._pair(call, grad) if "moments" in saved else None
+        if p:
+            reduce_into(p[0] if name == "weight" else p[1], (), out, accumulate)
+            return
         dims = saved.get("dims")  # the same for the weight and the bias of one call
         if dims is None:
             dims = saved["dims"] = self.reduce_dims(call, grad)
-        if name == "bias":  # (the lane lists a module's bias before its weight)
+        if name == "bias":
             if accumulate or not dims or out.ndim != grad.ndim - len(dims):
                 reduce_into(grad, dims, out, accumulate)
             else:  # the common case, without reduce_into's checks (this runs per layer and step)
                 torch.sum(grad, dim=dims, dtype=out.dtype, out=out)
-                saved["bias_sum"] = out  # this call's sum alone: the weight's shortcut may use it
-            return
-        w = self.from_moments(call, grad, dims, call.saved.get("bias_sum"), None if accumulate else out)
-        if w is not None:
-            if w is not out:
-                reduce_into(w, (), out, accumulate)
             return
         xhat = self.normalized(call)
         dt = torch.promote_types(grad.dtype, xhat.dtype)
@@ -86,7 +88,7 @@ class _AffineNormRule(Rule):
         call.saved.pop("input", None)
         call.saved.pop("stats", None)
         call.saved.pop("moments", None)
-        call.saved.pop("bias_sum", None)
+        call.saved.pop("pair", None)
         call.versions = ()
 
 
@@ -122,14 +124,30 @@ class LayerNormRule(_AffineNormRule):
         return F.layer_norm(x, m.normalized_shape, None, None, m.eps)
 
 
+#: ones per (dtype, device), grown as needed: the weight argument of
+#: ``native_group_norm_backward`` (it needs one; the sums asked for do not read it)
+_ONES: dict[tuple, Tensor] = {}
+
+
+def _ones(size: int, like: Tensor) -> Tensor:
+    key = (like.dtype, like.device)
+    ones = _ONES.get(key)
+    if ones is None or ones.numel() < size:
+        ones = _ONES[key] = torch.ones(max(size, 2 * (0 if ones is None else ones.numel())), dtype=like.dtype,
+                                       device=like.device)
+    return ones[:size]
+
+
 class GroupNormRule(_AffineNormRule):
-    """``nn.GroupNorm``.  The weight's per-example gradient comes from the
-    group means and inverse standard deviations the forward pass saved for
-    autograd: ``(sum_hw dy*x - mean * sum_hw dy) * rstd`` per example and
-    channel, the way PyTorch's own GroupNorm backward forms the weight
-    gradient, instead of recomputing the normalized input (two reads of the
-    input and a write and read of a temporary as large, per layer).  The
-    ``sum_hw dy`` it needs is the bias's per-example gradient, kept for it."""
+    """``nn.GroupNorm``.  Where the weight trains, both per-example gradients
+    come from one call of PyTorch's own GroupNorm backward kernel with the
+    batch folded into the channels (``N = 1``, ``C = B*C``, ``B*G`` groups):
+    its weight and bias gradients are then per example and channel.  It
+    reads the output gradient and the input once, with the group means and
+    inverse standard deviations that the forward pass saved for autograd,
+    instead of recomputing the normalized input (two more reads of the
+    input, a temporary as large written and read) and summing the output
+    gradient a second time for the bias."""
 
     def save(self, call: Call, module: nn.Module, args: tuple, output: Tensor, params: frozenset[str]) -> None:
         super().save(call, module, args, output, params)
@@ -141,31 +159,21 @@ class GroupNormRule(_AffineNormRule):
                 except (AttributeError, RuntimeError):  # pragma: no cover - another autograd
                     pass
 
-    def from_moments(
-        self, call: Call, grad: Tensor, dims: tuple[int, ...], db: Tensor | None, out: Tensor | None
-    ) -> Tensor | None:
-        moments = call.saved.get("moments")
+    def pair(self, call: Call, grad: Tensor) -> tuple[Tensor, Tensor] | None:
+        mean, rstd = call.saved["moments"]
         x = call.saved.get("input")
-        if (moments is None or x is None or x.shape != grad.shape or x.dtype != grad.dtype or x.ndim < 3
-                or grad.dtype not in (torch.float32, torch.float64)):
+        if (x is None or x.shape != grad.shape or x.dtype != grad.dtype or x.ndim < 3
+                or grad.dtype not in (torch.float32, torch.float64)
+                or not (x.is_contiguous() and grad.is_contiguous())):
             return None
-        mean, rstd = moments
         n, c = grad.shape[:2]
         groups = call.module.num_groups
-        if mean.shape != (n, groups):
+        if mean.shape != (n, groups) or mean.dtype != grad.dtype:
             return None
-        dt = grad.dtype
-        # (batched dot products through torch.bmm read less, but were slower on
-        # an H100: ResNet50-GN DP full 0.52x against 0.57x with TF32 convolutions)
-        ds = (grad * x).sum(dim=dims)
-        db = grad.sum(dim=dims) if db is None else cast(db, dt)
-        shape = (n, groups, c // groups)
-        w = torch.addcmul(ds.view(shape), db.view(shape), cast(mean, dt).view(n, groups, 1), value=-1)
-        r = cast(rstd, dt).view(n, groups, 1)
-        if out is not None and out.dtype == dt:
-            torch.mul(w, r, out=out.view(shape))
-            return out
-        return w.mul_(r).view(n, c)
+        _, w, b = torch.ops.aten.native_group_norm_backward(
+            grad, x, mean, rstd, _ones(n * c, grad), 1, n * c, grad.numel() // (n * c), n * groups, [False, True, True]
+        )
+        return w.view(n, c), b.view(n, c)
 
     def reduce_dims(self, call: Call, grad: Tensor) -> tuple[int, ...]:
         return tuple(range(2, grad.ndim))
