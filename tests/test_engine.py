@@ -558,6 +558,34 @@ def test_norms_and_sums_run_without_tf32_and_restore_user_setting(monkeypatch):
         mm.fp32_precision, conv.fp32_precision = old
 
 
+def test_full_fp32_nests_and_restores_on_error():
+    """``full_fp32`` sets IEEE float32 inside, leaves a setting that already
+    is IEEE alone, and restores the user's settings on exit, nested or after
+    an exception."""
+    from dpft.precision import full_fp32
+
+    mm = torch.backends.cuda.matmul
+    conv = torch.backends.cudnn.conv
+    if not (hasattr(mm, "fp32_precision") and hasattr(conv, "fp32_precision")):
+        pytest.skip("this PyTorch has no per-backend fp32_precision settings")
+    old = (mm.fp32_precision, conv.fp32_precision)
+    try:
+        mm.fp32_precision, conv.fp32_precision = "ieee", "tf32"
+        with full_fp32():
+            assert (mm.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+            with full_fp32():
+                assert (mm.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+            assert (mm.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+        assert (mm.fp32_precision, conv.fp32_precision) == ("ieee", "tf32")
+        mm.fp32_precision = "tf32"
+        with pytest.raises(ValueError):
+            with full_fp32():
+                raise ValueError("inside")
+        assert (mm.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+    finally:
+        mm.fp32_precision, conv.fp32_precision = old
+
+
 def test_fast_output_hooks_coexist_with_user_hooks():
     """dpft adds its output-gradient hooks without removable handles; a user's
     own hooks on the same tensors (registered after, and removed again) and

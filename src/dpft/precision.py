@@ -13,9 +13,6 @@ restores the user's settings afterwards.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 
 
@@ -28,32 +25,48 @@ def _flag_objects() -> list:
     return out
 
 
-@contextlib.contextmanager
-def full_fp32() -> Iterator[None]:
+class full_fp32:  # noqa: N801 - used like the function it replaces: ``with full_fp32(): ...``
     """Float32 matrix products and cuDNN convolutions in IEEE float32 inside.
 
     Uses the per-backend ``fp32_precision`` settings where PyTorch has them
     (setting the legacy ``allow_tf32`` flags as well would mix the two APIs,
-    which recent PyTorch refuses), the legacy flags otherwise."""
-    holders = _flag_objects()
-    if len(holders) == 2:
-        old = [h.fp32_precision for h in holders]
-        for h in holders:
-            h.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            for h, v in zip(holders, old):
-                h.fp32_precision = v
-        return
-    # older PyTorch: the legacy flags  # pragma: no cover
-    old_mm = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with torch.backends.cudnn.flags(
+    which recent PyTorch refuses), the legacy flags otherwise.  A setting that
+    is IEEE already is left alone (nested uses and PyTorch's default for
+    matrix products cost two reads): this runs in per-layer hooks."""
+
+    __slots__ = ("_holders", "_old", "_legacy")
+
+    def __enter__(self) -> None:
+        holders = _HOLDERS if _HOLDERS is not None else _flag_objects()
+        if len(holders) == 2:
+            self._legacy = None
+            changed, old = [], []
+            for h in holders:
+                v = h.fp32_precision
+                if v != "ieee":
+                    changed.append(h)
+                    old.append(v)
+                    h.fp32_precision = "ieee"
+            self._holders, self._old = changed, old
+            return
+        # older PyTorch: the legacy flags  # pragma: no cover
+        self._legacy = torch.backends.cudnn.flags(
             enabled=torch.backends.cudnn.enabled, benchmark=torch.backends.cudnn.benchmark,
             deterministic=torch.backends.cudnn.deterministic, allow_tf32=False,
-        ):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old_mm
+        )
+        self._old = [torch.backends.cuda.matmul.allow_tf32]
+        torch.backends.cuda.matmul.allow_tf32 = False
+        self._legacy.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._legacy is None:
+            for h, v in zip(self._holders, self._old):
+                h.fp32_precision = v
+            return
+        try:  # pragma: no cover
+            self._legacy.__exit__(*exc)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = self._old[0]
+
+
+_HOLDERS: list | None = _flag_objects() or None
