@@ -8,9 +8,10 @@ float32 for the shapes dpft's per-example norms use (CUDA).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+
+from benchmarks.gram_probe import _time_us
 
 MASK = -8192  # 0xFFFFE000: sign, exponent and the 10 mantissa bits TF32 keeps
 
@@ -24,17 +25,6 @@ def split(x: torch.Tensor, nearest: bool = True) -> tuple[torch.Tensor, torch.Te
 def _prec(mode: str) -> None:
     torch.backends.cuda.matmul.fp32_precision = mode
     torch.backends.cudnn.conv.fp32_precision = mode
-
-
-def _time_us(fn, steps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps * 1e6
 
 
 def gram_ieee(x):
@@ -141,7 +131,6 @@ def main() -> None:
             _prec("tf32")
             return wg(xh, gh) + wg(xh, gl) + wg(xl, gh)
 
-        ref = wg(x.double().cpu(), gy.double().cpu()) if False else None
         row = [f"C={c} HW={hw} O={o} k={ks}"]
         base = ieee().double()
         for name, fn in [("ieee", ieee), ("tf32", tf32), ("split3", split3)]:
