@@ -891,3 +891,45 @@ def test_convolution_weights_are_instantiated_during_backward(mode):
     seen = _convgn_check(mode)
     kind = {"ConvFactored"} if mode == "ghost" else {"Instantiated"}
     assert seen["c1.weight"] == seen["c2.weight"] == kind
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_groupnorm_statistics_under_activation_checkpointing(reentrant):
+    """GroupNorm layers inside checkpointed blocks (their statistics are read
+    from the autograd node of the forward pass, which checkpointing packs
+    and recomputes): DP full fine-tuning is exact against the same model
+    without checkpointing, over several steps."""
+    from torch.utils.checkpoint import checkpoint
+
+    from reference import steps_exact, tensor_batches
+
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.gn = nn.GroupNorm(2, 4)
+
+        def forward(self, h):
+            return h + torch.tanh(self.gn(self.conv(h)))
+
+    class M(nn.Module):
+        def __init__(self, ckpt):
+            super().__init__()
+            self.ckpt = ckpt
+            self.inp = nn.Conv2d(3, 4, 1)
+            self.blocks = nn.ModuleList([Block(), Block()])
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.inp(x)
+            for blk in self.blocks:
+                h = checkpoint(blk, h, use_reentrant=reentrant) if self.ckpt else blk(h)
+            return self.head(h.mean((2, 3)))
+
+    model = M(ckpt=True).double()
+    ref = M(ckpt=False).double()
+    ref.load_state_dict(model.state_dict())
+    batches = tensor_batches(lambda: torch.randn(B, 3, 5, 5, dtype=torch.float64) + 1, 4)
+    steps_exact(model, ref, batches, lambda m, b: m(b).pow(2).sum(1).mean(), batch_size=B, R=0.05, tol=1e-9)
