@@ -518,6 +518,20 @@ def test_book_keeping_instantiation_rule_bounds_memory_and_follows_the_cost():
     # tensor cores make the Gram matrices cheaper: half precision keeps them longer
     assert pays(768, 768, 577) and not pays(768, 768, 577, torch.bfloat16)
 
+    # convolutions hold their input and output gradient as they are (not
+    # unfolded): ResNet50's 1x1 1024 -> 256 convolution at 14 x 14 frees about
+    # as much as its per-example gradient takes and is instantiated; its 3x3
+    # 256 -> 256 convolution there would take 5.9x the memory and is not
+    from dpft.rules.conv import ConvFactored
+
+    def conv_pays(cin, cout, k, hw):
+        conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=False)
+        c = ConvFactored(conv, torch.empty(1, cin, hw, hw), torch.empty(1, cout, hw, hw), 1)
+        return dpft.norms.instantiation_pays(c)
+
+    assert conv_pays(1024, 256, 1, 14)
+    assert not conv_pays(256, 256, 3, 14)
+
 
 def test_early_instantiation_is_decided_once_per_shape(monkeypatch):
     """The backward hook asks the mixed rule once per layer and output shape,

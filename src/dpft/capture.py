@@ -17,7 +17,6 @@ contributions are handed to a sink (the engine), which clips and sums them.
 from __future__ import annotations
 
 import math
-
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
