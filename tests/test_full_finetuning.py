@@ -703,6 +703,43 @@ def test_lane_parameters_skip_autograd_after_the_check_passes(mode, subset):
                 tol=1e-9, after_step=after_step)
 
 
+class _Checkpointed(nn.Module):
+    """``inp``, then two ``block()``s (checkpointed if ``ckpt``), then a head
+    on the mean over ``pool`` dims."""
+
+    def __init__(self, inp, block, width, pool, ckpt, reentrant):
+        super().__init__()
+        self.ckpt, self.reentrant, self.pool = ckpt, reentrant, pool
+        self.inp = inp
+        self.blocks = nn.ModuleList([block(), block()])
+        self.head = nn.Linear(width, 2)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        h = self.inp(x)
+        for blk in self.blocks:
+            h = checkpoint(blk, h, use_reentrant=self.reentrant) if self.ckpt else blk(h)
+        return self.head(h.mean(self.pool))
+
+
+def _checkpointing_exact(make, example_shape, subset="full", shift=0.0):
+    """Several DP steps of ``make(ckpt=True)`` equal those of the same model
+    without checkpointing (float64, brute-force clipped means); inputs are
+    standard normal plus ``shift``."""
+    from reference import steps_exact, tensor_batches
+
+    model = make(ckpt=True).double()
+    if subset == "bitfit":
+        dpft.bitfit(model)
+    ref = make(ckpt=False).double()
+    ref.load_state_dict(model.state_dict())
+    for p, q in zip(model.parameters(), ref.parameters()):
+        q.requires_grad_(p.requires_grad)
+    batches = tensor_batches(lambda: torch.randn(B, *example_shape, dtype=torch.float64) + shift, 4)
+    steps_exact(model, ref, batches, lambda m, b: m(b).pow(2).sum(1).mean(), batch_size=B, R=0.05, tol=1e-9)
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 @pytest.mark.parametrize("subset", ["bitfit", "full"])
 def test_activation_checkpointing_several_steps_exact(subset, reentrant):
@@ -711,10 +748,6 @@ def test_activation_checkpointing_several_steps_exact(subset, reentrant):
     save what the forward saved.  dpft then keeps its parameter switches per
     module (the recomputation sees the parameters as the forward did) rather
     than one switch per forward: several steps run and each is exact."""
-    from torch.utils.checkpoint import checkpoint
-
-    from reference import steps_exact, tensor_batches
-
     torch.manual_seed(0)
 
     class Block(nn.Module):
@@ -727,29 +760,10 @@ def test_activation_checkpointing_several_steps_exact(subset, reentrant):
         def forward(self, h):
             return self.ln(h + torch.tanh(self.fc(self.norm(h))))
 
-    class M(nn.Module):
-        def __init__(self, ckpt):
-            super().__init__()
-            self.ckpt = ckpt
-            self.inp = nn.Linear(5, 6)
-            self.blocks = nn.ModuleList([Block(), Block()])
-            self.head = nn.Linear(6, 2)
+    def make(ckpt):
+        return _Checkpointed(nn.Linear(5, 6), Block, 6, (1,), ckpt, reentrant)
 
-        def forward(self, x):
-            h = self.inp(x)
-            for blk in self.blocks:
-                h = checkpoint(blk, h, use_reentrant=reentrant) if self.ckpt else blk(h)
-            return self.head(h.mean(1))
-
-    model = M(ckpt=True).double()
-    if subset == "bitfit":
-        dpft.bitfit(model)
-    ref = M(ckpt=False).double()
-    ref.load_state_dict(model.state_dict())
-    for p, q in zip(model.parameters(), ref.parameters()):
-        q.requires_grad_(p.requires_grad)
-    batches = tensor_batches(lambda: torch.randn(B, 4, 5, dtype=torch.float64), 4)
-    steps_exact(model, ref, batches, lambda m, b: m(b).pow(2).sum(1).mean(), batch_size=B, R=0.05, tol=1e-9)
+    _checkpointing_exact(make, (4, 5), subset)
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "sliced"])
@@ -913,10 +927,6 @@ def test_groupnorm_statistics_under_activation_checkpointing(reentrant):
     from the autograd node of the forward pass, which checkpointing packs
     and recomputes): DP full fine-tuning is exact against the same model
     without checkpointing, over several steps."""
-    from torch.utils.checkpoint import checkpoint
-
-    from reference import steps_exact, tensor_batches
-
     torch.manual_seed(0)
 
     class Block(nn.Module):
@@ -928,22 +938,7 @@ def test_groupnorm_statistics_under_activation_checkpointing(reentrant):
         def forward(self, h):
             return h + torch.tanh(self.gn(self.conv(h)))
 
-    class M(nn.Module):
-        def __init__(self, ckpt):
-            super().__init__()
-            self.ckpt = ckpt
-            self.inp = nn.Conv2d(3, 4, 1)
-            self.blocks = nn.ModuleList([Block(), Block()])
-            self.head = nn.Linear(4, 2)
+    def make(ckpt):
+        return _Checkpointed(nn.Conv2d(3, 4, 1), Block, 4, (2, 3), ckpt, reentrant)
 
-        def forward(self, x):
-            h = self.inp(x)
-            for blk in self.blocks:
-                h = checkpoint(blk, h, use_reentrant=reentrant) if self.ckpt else blk(h)
-            return self.head(h.mean((2, 3)))
-
-    model = M(ckpt=True).double()
-    ref = M(ckpt=False).double()
-    ref.load_state_dict(model.state_dict())
-    batches = tensor_batches(lambda: torch.randn(B, 3, 5, 5, dtype=torch.float64) + 1, 4)
-    steps_exact(model, ref, batches, lambda m, b: m(b).pow(2).sum(1).mean(), batch_size=B, R=0.05, tol=1e-9)
+    _checkpointing_exact(make, (3, 5, 5), shift=1.0)  # a non-zero mean per group
