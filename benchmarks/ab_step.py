@@ -20,7 +20,8 @@ constants: ``dpft.norms.INSTANTIATE_MEMORY`` 1.25, no Gram tiles),
 ``chunk512`` (batched layers stacked in chunks of 512 MiB, not 256),
 ``unaligned`` (half-precision stacks not padded to 8 positions),
 ``convlate`` (no convolution weight instantiated
-in its backward hook),
+in its backward hook), ``nofused`` (every float32 ghost norm from cuBLAS's
+Gram matrices, none from the fused kernel of ``dpft.ghost_kernel``),
 ``prev`` (another copy of the library, e.g. the last commit's, importable as
 the package ``dpft_prev`` from ``--prev-src``: ``git archive HEAD src/dpft |
 tar -x -C /tmp/prev && mv /tmp/prev/src/dpft /tmp/prev/dpft_prev``).
@@ -76,6 +77,7 @@ VARIANTS = {
     "chunk512": dict(sync=False, hook=True, conv=True, patch={"dpft.batched.CHUNK_BYTES": 1 << 29}),
     "unaligned": dict(sync=False, hook=True, conv=True, patch={"dpft.batched.ALIGN_POSITIONS": 1}),
     "convlate": dict(sync=False, hook=True, conv=True, patch={"dpft.rules.conv.ConvRule.instantiates_early": False}),
+    "nofused": dict(sync=False, hook=True, conv=True, patch={"dpft.ghost_kernel.ENABLED": False}),
 }
 
 

@@ -248,3 +248,91 @@ def test_switched_off_lane_steps_exact_on_cuda():
                          batch_size=6, R=0.05, tol=1e-9)
     leaves = engine._capture._tap_leaves
     assert leaves and all(t.is_cuda for t in leaves.values())
+
+
+def _needs_triton():
+    from dpft import ghost_kernel
+
+    if not ghost_kernel.triton_ok():
+        pytest.skip("Triton is not importable")
+    return ghost_kernel
+
+
+@pytest.mark.parametrize(
+    "n,t,d,p",
+    [(3, 129, 33, 70), (5, 197, 768, 96), (2, 300, 64, 64), (1, 130, 8, 8), (4, 256, 100, 2304), (6, 1, 40, 24),
+     (4, 50, 30, 20)],
+)
+def test_fused_ghost_norm_matches_float64(n, t, d, p):
+    """The fused ghost-norm kernel (upper-triangular tiles of both Gram
+    matrices, tf32x3 products) against float64 ``||A_i^T G_i||^2``: positions
+    and columns that are not whole tiles, an input that is a strided view,
+    and examples of very different scales."""
+    gk = _needs_triton()
+    torch.manual_seed(0)
+    wide = torch.randn(n, t, d + 5, device="cuda")
+    a = wide[:, :, 2 : 2 + d]  # rows of stride d + 5
+    g = torch.randn(n, t, p, device="cuda") * torch.logspace(-3, 3, n, device="cuda").view(n, 1, 1)
+    assert gk.usable(a, g, torch.float32)
+    got = gk.ghost_sq_norm(a, g).double()
+    want = torch.einsum("ntd,ntp->ndp", a.double(), g.double()).flatten(1).pow(2).sum(1)
+    rel = float(((got - want).abs() / want).max())
+    assert rel < 1e-6, rel
+
+
+def test_fused_ghost_norm_applies_only_where_it_should():
+    gk = _needs_triton()
+    a = torch.randn(2, 197, 16, device="cuda")
+    g = torch.randn(2, 197, 8, device="cuda")
+    assert gk.usable(a, g, torch.float32)
+    assert not gk.usable(a, g, torch.float64)  # float64 accumulation keeps cuBLAS's float64 products
+    assert not gk.usable(a.double(), g.double(), torch.float64)
+    assert not gk.usable(a.bfloat16(), g.bfloat16(), torch.float32)
+    wide_a, wide_g = torch.randn(2, 100, 2000, device="cuda"), torch.randn(2, 100, 2000, device="cuda")
+    assert not gk.usable(wide_a, wide_g, torch.float32)  # 6 programs over 4000 columns: cuBLAS
+    assert gk.usable(torch.randn(32, 100, 2000, device="cuda"), torch.randn(32, 100, 2000, device="cuda"), torch.float32)
+    assert not gk.usable(a.mT.contiguous().mT, g, torch.float32)  # columns not contiguous
+    assert not gk.usable(a.cpu(), g.cpu(), torch.float32)
+
+
+@pytest.mark.parametrize("layout", ["single", "shared", "stacked"])
+def test_clipped_sum_uses_fused_ghost_norm_exactly(monkeypatch, layout):
+    """In ghost mode a float32 layer over 197 positions takes its norm from the
+    fused kernel (calls counted): layer by layer (``single``: two layers of
+    different shapes) and for same-shaped layers stacked into one batch
+    (``stacked``: one call for both).  Layers reading one input (``shared``,
+    like query / key / value) keep cuBLAS's Gram matrices, the shared one
+    computed once.  Every clipped sum matches float64."""
+    gk = _needs_triton()
+    from torch import nn
+
+    from dpft.privatize import ClippedSum
+    from dpft.rules.base import Factored
+
+    calls = []
+    real = gk.ghost_sq_norm
+    monkeypatch.setattr(gk, "ghost_sq_norm", lambda a, g: calls.append(tuple(a.shape)) or real(a, g))
+    torch.manual_seed(0)
+    n, t, p = 8, 197, 96
+    ds = [160, 160] if layout == "stacked" else [160, 72]
+    left = torch.randn(n, t, 1, p, device="cuda")
+    lefts = [left, left] if layout == "shared" else [left, torch.randn(n, t, 1, p, device="cuda")]
+    rights = [torch.randn(n, t, 1, d, device="cuda") * (1 + k) for k, d in enumerate(ds)]
+    weights = {f"w{k}": nn.Parameter(torch.zeros(p, d, device="cuda")) for k, d in enumerate(ds)}
+    g64 = {
+        f"w{k}": torch.einsum("ntp,ntd->npd", lefts[k][:, :, 0].double(), rights[k][:, :, 0].double())
+        for k in range(2)
+    }
+    norms = sum(g.flatten(1).pow(2).sum(1) for g in g64.values()).sqrt()
+    R = float(norms.median())
+    scale = torch.clamp(R / norms, max=1.0).view(-1, 1, 1)
+    cs = ClippedSum(weights, [list(weights)], R, "abadi", "ghost")
+    cs.add(
+        {f"w{k}": [Factored(left=lefts[k], right=rights[k], shape=torch.Size((p, d)))] for k, d in enumerate(ds)},
+        n, 1.0,
+    )
+    assert calls == {"single": [(n, t, p)] * 2, "shared": [], "stacked": [(2 * n, t, p)]}[layout]
+    for name, g in g64.items():
+        want = (scale * g).sum(0)
+        rel = float((cs.sums[name].double() - want).norm() / want.norm())
+        assert rel < 1e-5, (name, rel)

@@ -298,6 +298,22 @@ def test_layers_reading_one_input_share_its_gram_matrix(monkeypatch):
     assert len(grams) == 3 + 2, calls
 
 
+def test_gram_cache_knows_which_factors_serve_several_layers():
+    """A factor read by two layers is "shared" (its Gram matrix is worth
+    building once, so the fused single-layer kernel must not be used for it)
+    until its last use has taken the stored Gram matrix; a factor of one
+    layer never is."""
+    x, y1, y2 = torch.randn(2, 5, 1, 3), torch.randn(2, 5, 1, 4), torch.randn(2, 5, 1, 4)
+    cache = dpft.norms.GramCache(
+        [Factored(left=x, right=y1, shape=torch.Size((3, 4))), Factored(left=x, right=y2, shape=torch.Size((3, 4)))]
+    )
+    assert cache.shared(x) and not cache.shared(y1) and not cache.shared(y2)
+    first = cache.gram(x, torch.float32)
+    assert cache.shared(x)  # stored for the second layer
+    assert cache.gram(x, torch.float32) is first
+    assert not cache.shared(x)
+
+
 def test_layers_reading_one_input_share_one_half_precision_copy(monkeypatch):
     """Under autocast the float32 input of query/key/value-style layers is kept
     as ONE bfloat16 copy (not one per layer), so its Gram matrix is shared too;

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import ghost_kernel
 from .norms import GHOST_BLOCK, HALF, bmm_acc, is_plain, prefer_ghost, scale_thinner
 from .rules.base import Contribution, Factored
 
@@ -143,7 +144,11 @@ def norms(
         shapes = [c.shape for c in cs]
         del cs
         p, n = left.shape[:2]
-        sq = (_gram(left, dtype) * _gram(right, dtype)).sum(dim=(1, 2)).view(p, n)
+        lv, rv = left.view(p * n, rows, -1), right.view(p * n, rows, -1)
+        if ghost_kernel.usable(lv, rv, dtype):  # float32 on CUDA: one fused kernel, no Gram matrices in memory
+            sq = ghost_kernel.ghost_sq_norm(lv, rv).view(p, n)
+        else:
+            sq = (_gram(left, dtype) * _gram(right, dtype)).sum(dim=(1, 2)).view(p, n)
         out.append((Stack(chunk, shapes, left, right), sq))
     return out
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import ghost_kernel
 from .rules.base import HALF, Contribution, Direct, Factored
 
 
@@ -165,6 +166,11 @@ class GramCache:
                     self.uses[k] = self.uses.get(k, 0) + 1
         self.store: dict[tuple, Tensor] = {}
 
+    def shared(self, t: Tensor) -> bool:
+        """Whether the Gram matrix of ``t`` serves more than the layer asking."""
+        k = _key(t)
+        return self.uses.get(k, 0) > 1 or any(key[0] == k for key in self.store)
+
     def gram(self, t: Tensor, dtype: torch.dtype) -> Tensor:
         """``(B, T, 1, k) -> (B, T, T)``."""
         k = _key(t)
@@ -179,8 +185,22 @@ class GramCache:
         return g
 
 
+def _fused(c: Factored, dtype: torch.dtype, grams: GramCache | None) -> Tensor | None:
+    """``||G_i||^2`` of one plain contribution in one fused kernel
+    (:mod:`dpft.ghost_kernel`) where that applies and neither of its Gram
+    matrices is shared with another layer; None otherwise.  No ``T x T``
+    matrix is built, so any sequence length fits in memory."""
+    left = c.left.reshape(c.left.shape[0], c.left.shape[1], c.left.shape[3])  # type: ignore[union-attr]
+    right = c.right.reshape(c.right.shape[0], c.right.shape[1], c.right.shape[3])
+    if not ghost_kernel.usable(left, right, dtype):
+        return None
+    if grams is not None and (grams.shared(c.left) or grams.shared(c.right)):  # type: ignore[arg-type]
+        return None
+    return ghost_kernel.ghost_sq_norm(left, right)
+
+
 def _ghost_plain(c: Factored, dtype: torch.dtype, grams: GramCache | None) -> Tensor:
-    """``||G_i||^2`` of one plain contribution (see :func:`is_plain`)."""
+    """``||G_i||^2`` of one plain contribution (see :func:`is_plain`) from its two Gram matrices."""
     if grams is None:
         grams = GramCache([])
     return (grams.gram(c.left, dtype) * grams.gram(c.right, dtype)).sum(dim=(1, 2))  # type: ignore[arg-type]
@@ -270,8 +290,12 @@ def sq_norm(
     )
     if use_ghost:
         c0 = factored[0]
-        if len(factored) == 1 and is_plain(c0) and c0.right.shape[0] * c0.positions**2 <= GHOST_BLOCK:
-            return _ghost_plain(c0, dtype, grams), None
+        if len(factored) == 1 and is_plain(c0):
+            fused = _fused(c0, dtype, grams)
+            if fused is not None:
+                return fused, None
+            if c0.right.shape[0] * c0.positions**2 <= GHOST_BLOCK:
+                return _ghost_plain(c0, dtype, grams), None
         sq = ghost_sq_norm(factored, dtype)
         for c in factored:
             if not c.sum_needs_factors(dtype):
