@@ -28,22 +28,19 @@ SHAPES = (
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=SHAPES, help="BxTxDxP, comma-separated")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="the factors' dtype (bfloat16: what a layer keeps under autocast; float32 results)")
+
     args = ap.parse_args()
     if not torch.cuda.is_available() or not ghost_kernel.triton_ok():
         raise SystemExit("ghost_probe needs a CUDA device and Triton")
     torch.backends.cuda.matmul.allow_tf32 = False
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, {args.dtype} factors; "
-          "microseconds per layer (B examples)")
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}; microseconds per layer (B examples)")
     print("| B x T x D x P | cuBLAS Gram | fused | fused / cuBLAS | rel. error cuBLAS | rel. error fused |")
     print("| --- | --- | --- | --- | --- | --- |")
     for shape in args.shapes.split(","):
         n, t, d, p = (int(v) for v in shape.split("x"))
         torch.manual_seed(0)
-        dt = getattr(torch, args.dtype)
-        a = torch.randn(n, t, d, device="cuda").to(dt)
-        g = torch.randn(n, t, p, device="cuda").to(dt)
+        a = torch.randn(n, t, d, device="cuda")
+        g = torch.randn(n, t, p, device="cuda")
         c = Factored(left=a.unsqueeze(2), right=g.unsqueeze(2), shape=torch.Size((d, p)))
         want = torch.einsum("ntd,ntp->ndp", a.double(), g.double()).flatten(1).pow(2).sum(1)
 

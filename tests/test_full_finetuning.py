@@ -314,6 +314,25 @@ def test_gram_cache_knows_which_factors_serve_several_layers():
     assert not cache.shared(x)
 
 
+def test_fused_ghost_kernel_cost_rule_and_cpu_fallback():
+    """Where the fused ghost-norm kernel is expected to pay (the H100
+    measurements its constants come from), and that CPU factors never take
+    it: their norms come from the Gram matrices, as before."""
+    from dpft import ghost_kernel as gk
+
+    assert gk.pays(32, 197, 768 + 2304)  # ViT-base qkv: 320 programs
+    assert gk.pays(32, 64, 768 + 3072)  # 32 programs
+    assert not gk.pays(8, 100, 768 + 3072)  # 24 programs over 3840 columns each: cuBLAS was faster
+    assert gk.pays(8, 64, 768 + 768)  # few programs, but short passes
+    a, g = torch.randn(32, 197, 1, 16), torch.randn(32, 197, 1, 8)
+    assert not gk.usable(a[:, :, 0], g[:, :, 0], torch.float32)
+    c = Factored(left=a, right=g, shape=torch.Size((16, 8)))
+    assert dpft.norms._fused(c, torch.float32, None) is None
+    want = torch.einsum("ntd,ntp->ndp", a[:, :, 0].double(), g[:, :, 0].double()).flatten(1).pow(2).sum(1)
+    got, _ = dpft.norms.sq_norm([c], "ghost", torch.float32)
+    assert torch.allclose(got.double(), want, rtol=1e-5)
+
+
 def test_layers_reading_one_input_share_one_half_precision_copy(monkeypatch):
     """Under autocast the float32 input of query/key/value-style layers is kept
     as ONE bfloat16 copy (not one per layer), so its Gram matrix is shared too;

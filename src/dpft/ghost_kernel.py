@@ -10,8 +10,8 @@ writes them to memory, and a third kernel multiplies and sums them.  Both
 Gram matrices are symmetric, and in tiles of 128 positions ``T = 197``
 costs as much as 256.  The kernel here computes, per example, only the
 64 x 64 tiles on and above the diagonal of both Gram matrices, multiplies
-them in registers and writes one number per tile (off-diagonal tiles count
-twice); nothing ``T x T`` reaches memory.
+them in registers and writes one number per tile pair (off-diagonal
+pairs count twice); nothing ``T x T`` reaches memory.
 
 The tile products use Triton's ``tf32x3`` precision: each float32 operand is
 split into a TF32 high part and a TF32 remainder, and three tensor-core
@@ -23,8 +23,8 @@ matrices; plain TF32 (one product) is ~1e-3 off and is never used for
 norms (see :mod:`dpft.precision`).
 
 On an H100 it takes 0.42-0.72x the time of the cuBLAS path wherever it is
-used (B = 32 at T = 100 / 197 / 256: about 0.69 / 0.49 / 0.5x) (``python -m benchmarks.ghost_probe``).  It is used for
-float32 factors on CUDA where the work fills the GPU (:func:`usable`) and
+used (B = 32 at T = 100 / 197 / 256: about 0.69 / 0.49 / 0.5x; ``python -m
+benchmarks.ghost_probe``).  It is used for float32 factors on CUDA where the work fills the GPU (:func:`usable`) and
 Triton is importable; everything else (CPU, float64, half-precision
 factors, small batches of wide layers) keeps the cuBLAS path.
 """
@@ -46,8 +46,9 @@ ENABLED = True
 #: programs, 108 us against 84 us; B = 32, T = 64, same widths: 32 programs,
 #: 109 against 171 us) ...
 MIN_PROGRAMS = 32
-#: ... and slower for narrow ones at any count (B = 8, T = 64, 768 + 768
-#: columns: 8 programs, 48 against 69 us)
+#: ... while for layers with at most this many columns (input plus output
+#: gradient) the fused kernel wins even with few programs (B = 8, T = 64,
+#: 768 + 768 columns: 8 programs, 48 against 69 us)
 NARROW_COLUMNS = 2048
 
 #: tile of positions, slice of columns per step, warps and pipeline stages
@@ -62,7 +63,7 @@ def _kernel():  # pragma: no cover - needs a CUDA device and Triton
 
     @triton.jit
     def ghost_tiles(a_ptr, g_ptr, i_ptr, j_ptr, out_ptr, T, D, P, sab, sat, sgb, sgt, n_pairs,
-                    BT: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr):
+                    BT: tl.constexpr, BK: tl.constexpr):
         pair = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         i = tl.load(i_ptr + pair)
@@ -78,14 +79,14 @@ def _kernel():  # pragma: no cover - needs a CUDA device and Triton
             kk = k + ks
             x = tl.load(a + rows[:, None] * sat + kk[None, :], mask=row_ok & (kk[None, :] < D), other=0.0)
             y = tl.load(a + cols[None, :] * sat + kk[:, None], mask=col_ok & (kk[:, None] < D), other=0.0)
-            gram_a = tl.dot(x, y, gram_a, input_precision=PREC)
+            gram_a = tl.dot(x, y, gram_a, input_precision="tf32x3")
         g = g_ptr + b * sgb
         gram_g = tl.zeros((BT, BT), tl.float32)
         for k in range(0, P, BK):
             kk = k + ks
             x = tl.load(g + rows[:, None] * sgt + kk[None, :], mask=row_ok & (kk[None, :] < P), other=0.0)
             y = tl.load(g + cols[None, :] * sgt + kk[:, None], mask=col_ok & (kk[:, None] < P), other=0.0)
-            gram_g = tl.dot(x, y, gram_g, input_precision=PREC)
+            gram_g = tl.dot(x, y, gram_g, input_precision="tf32x3")
         v = tl.sum(tl.sum(gram_a * gram_g, axis=1), axis=0)
         v = tl.where(i == j, v, 2.0 * v)
         tl.store(out_ptr + b * n_pairs + pair, v)
@@ -104,6 +105,15 @@ def triton_ok() -> bool:
     return True
 
 
+def pays(examples: int, positions: int, columns: int) -> bool:
+    """Whether the fused kernel is expected to beat cuBLAS for ``examples``
+    examples of ``positions`` positions and ``columns`` columns (input plus
+    output gradient): it runs one program per example and tile pair, and
+    loses where few programs each make a long pass over many columns."""
+    tiles = -(-positions // BLOCK_T)
+    return examples * tiles * (tiles + 1) // 2 >= MIN_PROGRAMS or columns <= NARROW_COLUMNS
+
+
 def usable(left: Tensor, right: Tensor, dtype: torch.dtype) -> bool:
     """Whether :func:`ghost_sq_norm` applies and pays: float32 ``(B, T, k)``
     factors on CUDA with unit stride along ``k``, float32 accumulation, enough
@@ -112,11 +122,9 @@ def usable(left: Tensor, right: Tensor, dtype: torch.dtype) -> bool:
     if not (ENABLED and left.is_cuda and left.dim() == 3 and right.dim() == 3):
         return False
     n, t = left.shape[:2]
-    tiles = -(-t // BLOCK_T)
-    if n * tiles * (tiles + 1) // 2 < MIN_PROGRAMS and left.shape[2] + right.shape[2] > NARROW_COLUMNS:
-        return False
     return (
-        dtype == torch.float32
+        pays(n, t, left.shape[2] + right.shape[2])
+        and dtype == torch.float32
         and left.dtype == torch.float32
         and right.dtype == torch.float32
         and left.device == right.device
@@ -155,7 +163,6 @@ def ghost_sq_norm(left: Tensor, right: Tensor) -> Tensor:  # pragma: no cover - 
     _kernel()[(n_pairs, n)](
         left, right, rows, cols, out, t, d, p,
         left.stride(0), left.stride(1), right.stride(0), right.stride(1), n_pairs,
-        BT=BLOCK_T, BK=BLOCK_K, PREC="tf32x3" if left.dtype == torch.float32 else "ieee",
-        num_warps=WARPS, num_stages=STAGES,
+        BT=BLOCK_T, BK=BLOCK_K, num_warps=WARPS, num_stages=STAGES,
     )
     return out.sum(1)
