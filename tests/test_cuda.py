@@ -336,3 +336,18 @@ def test_clipped_sum_uses_fused_ghost_norm_exactly(monkeypatch, layout):
         want = (scale * g).sum(0)
         rel = float((cs.sums[name].double() - want).norm() / want.norm())
         assert rel < 1e-5, (name, rel)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_fused_ghost_norm_on_a_device_that_is_not_current():
+    """Triton launches on the current device: factors on cuda:1 while cuda:0
+    is current must still give the right norms (on cuda:1)."""
+    gk = _needs_triton()
+    torch.manual_seed(0)
+    a = torch.randn(8, 197, 64, device="cuda:1")
+    g = torch.randn(8, 197, 48, device="cuda:1")
+    with torch.cuda.device(0):
+        got = gk.ghost_sq_norm(a, g)
+    assert got.device == a.device
+    want = torch.einsum("ntd,ntp->ndp", a.double(), g.double()).flatten(1).pow(2).sum(1)
+    assert float(((got.double() - want).abs() / want).max()) < 1e-6

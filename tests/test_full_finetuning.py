@@ -333,6 +333,31 @@ def test_fused_ghost_kernel_cost_rule_and_cpu_fallback():
     assert torch.allclose(got.double(), want, rtol=1e-5)
 
 
+def test_fused_ghost_kernel_that_cannot_run_falls_back_once(monkeypatch):
+    """A GPU or Triton build that cannot compile or launch the fused kernel:
+    the first failure warns, returns None (the caller takes the cuBLAS path)
+    and switches the kernel off; a failure after the kernel has run is an
+    error, never a silent fallback."""
+    from dpft import ghost_kernel as gk
+
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("no TF32 here")
+
+            return launch
+
+    monkeypatch.setattr(gk, "_kernel", lambda: Broken())
+    monkeypatch.setattr(gk, "_WORKS", None)
+    a, g = torch.randn(4, 70, 8), torch.randn(4, 70, 6)
+    with pytest.warns(RuntimeWarning, match="fused ghost-norm kernel could not run"):
+        assert gk.ghost_sq_norm(a, g) is None
+    assert gk._WORKS is False
+    monkeypatch.setattr(gk, "_WORKS", True)
+    with pytest.raises(RuntimeError, match="no TF32"):
+        gk.ghost_sq_norm(a, g)
+
+
 def test_layers_reading_one_input_share_one_half_precision_copy(monkeypatch):
     """Under autocast the float32 input of query/key/value-style layers is kept
     as ONE bfloat16 copy (not one per layer), so its Gram matrix is shared too;

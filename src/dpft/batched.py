@@ -145,8 +145,10 @@ def norms(
         del cs
         p, n = left.shape[:2]
         lv, rv = left.view(p * n, rows, -1), right.view(p * n, rows, -1)
-        if ghost_kernel.usable(lv, rv, dtype):  # float32 on CUDA: one fused kernel, no Gram matrices in memory
-            sq = ghost_kernel.ghost_sq_norm(lv, rv).view(p, n)
+        # float32 on CUDA: one fused kernel, no Gram matrices in memory
+        fused = ghost_kernel.ghost_sq_norm(lv, rv) if ghost_kernel.usable(lv, rv, dtype) else None
+        if fused is not None:
+            sq = fused.view(p, n)
         else:
             sq = (_gram(left, dtype) * _gram(right, dtype)).sum(dim=(1, 2)).view(p, n)
         out.append((Stack(chunk, shapes, left, right), sq))

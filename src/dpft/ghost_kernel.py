@@ -31,7 +31,9 @@ factors, small batches of wide layers) keeps the cuBLAS path.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import warnings
 
 import torch
 from torch import Tensor
@@ -118,8 +120,8 @@ def usable(left: Tensor, right: Tensor, dtype: torch.dtype) -> bool:
     """Whether :func:`ghost_sq_norm` applies and pays: float32 ``(B, T, k)``
     factors on CUDA with unit stride along ``k``, float32 accumulation, enough
     work to spread over the GPU (:data:`MIN_PROGRAMS`, :data:`NARROW_COLUMNS`)
-    and Triton available."""
-    if not (ENABLED and left.is_cuda and left.dim() == 3 and right.dim() == 3):
+    a GPU with TF32 tensor cores, and Triton available and working."""
+    if not (ENABLED and _WORKS is not False and left.is_cuda and left.dim() == 3 and right.dim() == 3):
         return False
     n, t = left.shape[:2]
     return (
@@ -132,8 +134,21 @@ def usable(left: Tensor, right: Tensor, dtype: torch.dtype) -> bool:
         and 0 < n <= 65535  # the grid's second dimension
         and left.stride(2) == 1
         and right.stride(2) == 1
+        and _tensor_cores(left.device)
         and triton_ok()
     )
+
+
+_CAPABLE: dict[torch.device, bool] = {}
+
+
+def _tensor_cores(device: torch.device) -> bool:
+    """Whether the GPU has TF32 tensor cores (compute capability 8.0 and up:
+    A100, H100, RTX 30xx and later), which ``tf32x3`` products need."""
+    ok = _CAPABLE.get(device)
+    if ok is None:
+        ok = _CAPABLE[device] = torch.cuda.get_device_capability(device) >= (8, 0)
+    return ok
 
 
 _PAIRS: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
@@ -150,19 +165,47 @@ def _pairs(n_tiles: int, device: torch.device) -> tuple[Tensor, Tensor]:
     return got
 
 
-def ghost_sq_norm(left: Tensor, right: Tensor) -> Tensor:  # pragma: no cover - needs a CUDA device
+#: whether the kernel has run on this host (None: not tried yet); a failure
+#: at the first launch (a GPU or Triton build that cannot compile it) turns
+#: the fused path off for the process, with a warning
+_WORKS: bool | None = None
+
+
+def ghost_sq_norm(left: Tensor, right: Tensor) -> Tensor | None:
     """``(B, T, D), (B, T, P) -> (B,)``: ``||left_i^T right_i||_F^2`` per
     example, from the upper-triangular tiles of both Gram matrices (see the
-    module doc).  The caller checks :func:`usable` first."""
+    module doc).  The caller checks :func:`usable` first.  None (and a
+    warning, once) if the kernel cannot be built or launched here: the
+    caller then takes the cuBLAS path.  Once it has run, a failure is an
+    error."""
+    global _WORKS
     n, t, d = left.shape
     p = right.shape[2]
     tiles = -(-t // BLOCK_T)
     rows, cols = _pairs(tiles, left.device)
     n_pairs = rows.numel()
     out = torch.empty(n, n_pairs, device=left.device, dtype=torch.float32)
-    _kernel()[(n_pairs, n)](
-        left, right, rows, cols, out, t, d, p,
-        left.stride(0), left.stride(1), right.stride(0), right.stride(1), n_pairs,
-        BT=BLOCK_T, BK=BLOCK_K, num_warps=WARPS, num_stages=STAGES,
-    )
+    # Triton launches on the current device: make it the tensors' one (a model on cuda:1)
+    here = left.is_cuda and left.device.index != torch.cuda.current_device()
+    try:
+        with torch.cuda.device(left.device) if here else contextlib.nullcontext():
+            _kernel()[(n_pairs, n)](
+                left, right, rows, cols, out, t, d, p,
+                left.stride(0), left.stride(1), right.stride(0), right.stride(1), n_pairs,
+                BT=BLOCK_T, BK=BLOCK_K, num_warps=WARPS, num_stages=STAGES,
+            )
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # Triton raises its own compiler and driver errors
+        if _WORKS:
+            raise
+        _WORKS = False
+        warnings.warn(
+            f"dpft: the fused ghost-norm kernel could not run here ({type(e).__name__}: {e}); "
+            "per-example norms come from cuBLAS's Gram matrices instead (same values, slower)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    _WORKS = True
     return out.sum(1)
