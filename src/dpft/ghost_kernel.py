@@ -134,6 +134,7 @@ def usable(left: Tensor, right: Tensor, dtype: torch.dtype) -> bool:
         and 0 < n <= 65535  # the grid's second dimension
         and left.stride(2) == 1
         and right.stride(2) == 1
+        and t * max(left.stride(1), right.stride(1), 1) < 2**31  # offsets within one example are int32
         and _tensor_cores(left.device)
         and triton_ok()
     )
