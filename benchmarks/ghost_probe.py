@@ -28,7 +28,6 @@ SHAPES = (
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=SHAPES, help="BxTxDxP, comma-separated")
-
     args = ap.parse_args()
     if not torch.cuda.is_available() or not ghost_kernel.triton_ok():
         raise SystemExit("ghost_probe needs a CUDA device and Triton")

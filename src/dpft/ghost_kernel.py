@@ -24,9 +24,10 @@ norms (see :mod:`dpft.precision`).
 
 On an H100 it takes 0.42-0.72x the time of the cuBLAS path wherever it is
 used (B = 32 at T = 100 / 197 / 256: about 0.69 / 0.49 / 0.5x; ``python -m
-benchmarks.ghost_probe``).  It is used for float32 factors on CUDA where the work fills the GPU (:func:`usable`) and
-Triton is importable; everything else (CPU, float64, half-precision
-factors, small batches of wide layers) keeps the cuBLAS path.
+benchmarks.ghost_probe``).  It is used for float32 factors on CUDA where
+the work fills the GPU (:func:`usable`) and Triton is importable;
+everything else (CPU, float64, half-precision factors, small batches of
+wide layers) keeps the cuBLAS path.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def pays(examples: int, positions: int, columns: int) -> bool:
 def usable(left: Tensor, right: Tensor, dtype: torch.dtype) -> bool:
     """Whether :func:`ghost_sq_norm` applies and pays: float32 ``(B, T, k)``
     factors on CUDA with unit stride along ``k``, float32 accumulation, enough
-    work to spread over the GPU (:data:`MIN_PROGRAMS`, :data:`NARROW_COLUMNS`)
+    work to spread over the GPU (:data:`MIN_PROGRAMS`, :data:`NARROW_COLUMNS`),
     a GPU with TF32 tensor cores, and Triton available and working."""
     if not (ENABLED and _WORKS is not False and left.is_cuda and left.dim() == 3 and right.dim() == 3):
         return False
