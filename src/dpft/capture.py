@@ -25,14 +25,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
 
-from .rules import FALLBACK, Call, Contribution, Direct, Rule, find_rule
+from .rules import BUILTIN, FALLBACK, Call, Contribution, Direct, Rule, find_rule
 from . import norms
 from .norms import acc_dtype_of, instantiation_pays, prefer_ghost
 from .precision import full_fp32
 from .rules.base import HALF, Factored, UnsupportedModuleError, clear_half_copies
 from .rules.embedding import check_embedding
 from .rules.fallback import FallbackRule, _flat_tensors, rng_state
+from .rules.functional import CONVERSIONS, OPS, OPS_OF, overriding_parent
 
 
 class BatchNormError(TypeError):
@@ -88,6 +90,11 @@ class Binding:
     early_by_shape: dict = field(default_factory=dict)  # (output-gradient shape, dtype) -> instantiated early?
     done: Any = None  # the rule's hook to drop saved inputs once eager results are out
     off: bool = False  # some of its parameters are switched off for autograd in a whole forward
+    book_keeping: bool = False  # its weights are switched off in its forward (after the first passes)
+    #: the parent class whose operator the rule computes, where the module's
+    #: class overrides its forward: the operator call is caught inside it
+    tap: type | None = None
+    mode: Any = None  # the active :class:`_OpTap` during the module's forward
 
 
 def _module_params(module: nn.Module, recursive: bool) -> dict[str, nn.Parameter]:
@@ -152,7 +159,9 @@ def plan_model(model: nn.Module) -> tuple[list[Binding], dict[str, str]]:
             for k in params:
                 bindings.append(Binding(module, label, rule, frozenset([k]), {k: keys[k]}, expand=True))
         else:
-            bindings.append(Binding(module, label, rule, frozenset(params), keys))
+            parent = overriding_parent(module)
+            tap = parent if parent is not None and BUILTIN.get(parent) is rule else None
+            bindings.append(Binding(module, label, rule, frozenset(params), keys, tap=tap))
     return bindings, owner
 
 
@@ -231,6 +240,58 @@ def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
 
 
 Sink = Callable[[dict[str, list[Contribution]], int, "tuple[tuple[str, ...], Tensor] | None"], None]
+
+
+def _named(b: Binding, e: Exception) -> Exception:
+    """``e`` as an error that names the module (dpft's own errors pass as they are)."""
+    if isinstance(e, (UnsupportedModuleError, torch.OutOfMemoryError)) or str(e).startswith("dpft:"):
+        return e
+    return UnsupportedModuleError(
+        f"dpft: module '{b.name}' ({type(b.module).__name__}): its per-example gradients could not be "
+        f"computed ({type(e).__name__}: {e}). Freeze its parameters, or report this module to dpft."
+    )
+
+
+class _OpTap(TorchFunctionMode):
+    """Active during the forward of a module whose class overrides its
+    parent's ``forward`` (see :mod:`dpft.rules.functional`): catches the
+    parent's operator called with the module's weight and hands that call
+    (its own input and output) to the rule, as if the parent's forward had
+    run.  A call whose other arguments differ from what the rule reads off the
+    module is refused."""
+
+    def __init__(self, capture: "Capture", b: Binding) -> None:
+        super().__init__()
+        self.capture, self.b = capture, b
+        self.ops = OPS_OF[b.tap]  # type: ignore[index]
+        self.weight = b.module._parameters.get("weight")
+        self.aliases: list[Tensor] = []  # value-preserving conversions of the weight (kept alive: ids)
+
+    def _is_weight(self, t: Any) -> bool:
+        return t is self.weight or any(t is a for a in self.aliases)
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in self.ops:
+            spec = OPS[func]
+            bound = spec.bind(args, kwargs)
+            if self.weight is not None and self._is_weight(bound.get("weight")):
+                b = self.b
+                why = spec.check(b.module, bound)
+                if why is not None:
+                    raise UnsupportedModuleError(
+                        f"dpft: module '{b.name}' ({type(b.module).__name__}) overrides the forward of "
+                        f"{b.tap.__name__} and calls {getattr(func, '__name__', func)} with {why}; "  # type: ignore[union-attr]
+                        "dpft's per-example rule would compute another function's gradient. Freeze its "
+                        "parameters or register a rule for this class with dpft.register_rule."
+                    )
+                replaced = self.capture._post(b, b.module, (bound["input"],), out)
+                if replaced is not None:
+                    out = replaced
+        elif func in CONVERSIONS and args and self._is_weight(args[0]) and isinstance(out, Tensor):
+            self.aliases.append(out)
+        return out
 
 
 class Capture:
@@ -353,7 +414,7 @@ class Capture:
         # weights that every one of their modules switches off under book-keeping
         # (a weight also read by the fallback or another rule stays on)
         skips = {
-            id(b): self.book_keeping and b.rule.skip_weight_grad and not b.expand
+            id(b): self.book_keeping and b.rule.skip_weight_grad and not b.expand and b.tap is None
             and not isinstance(b.rule, FallbackRule) and any(k != "bias" for k in b.params)
             for b in self.bindings
         }
@@ -367,6 +428,10 @@ class Capture:
         }
         self._switchable = self._lane_params + [self._param(k) for k in users if k in off_keys]
         for b in self.bindings:
+            if b.tap is not None:
+                h.append(b.module.register_forward_pre_hook(partial(self._tap_pre, b)))
+                h.append(b.module.register_forward_hook(partial(self._tap_post, b), always_call=True))
+                continue
             if b.expand:
                 h.append(b.module.register_forward_pre_hook(partial(self._expand_pre, b)))
                 h.append(b.module.register_forward_hook(partial(self._expand_post, b), always_call=True))
@@ -374,6 +439,7 @@ class Capture:
             if isinstance(b.rule, FallbackRule):
                 h.append(b.module.register_forward_pre_hook(partial(self._pre, b), with_kwargs=True))
             elif skips[id(b)]:
+                b.book_keeping = True
                 # per module in the first backward passes (a use of the weight
                 # outside the module still reaches autograd, which the parameter
                 # hooks catch); after them, switched off with the lane in
@@ -477,7 +543,9 @@ class Capture:
             b.rng = rng_state(dev)
             b.kwargs = kwargs
             b.autocast = _autocast_state(dev)
-        elif self.book_keeping:
+        elif self.book_keeping and self._passes >= self.check_passes:
+            # (not in the first backward passes: there autograd's weight
+            # gradient is the reference each per-example sum is checked against)
             # Book-keeping: autograd need not compute the (non-private) weight
             # gradient; we compute the clipped sum ourselves.  Where nothing
             # else makes the output require grad (the model's first layer:
@@ -506,6 +574,12 @@ class Capture:
             if isinstance(output, Tensor) and not output.requires_grad and output.is_floating_point():
                 anchor = toggled[0] if toggled else self._leaf(output.device)
                 output = tapped = _Tap.apply(output, anchor)
+        elif b.book_keeping and isinstance(output, Tensor) and output._base is not None and output.requires_grad:
+            # the first backward passes, where book-keeping leaves the weight on
+            # (autograd's gradient is the reference of the self-check): a view
+            # is copied as it will be once the weight is off, so that an
+            # in-place change after the layer (``h.tanh_()``) works alike
+            output = tapped = _Tap.apply(output, self._leaf(output.device))
         if not (self.enabled and torch.is_grad_enabled()):
             return tapped
         n = self.batch_size
@@ -548,7 +622,10 @@ class Capture:
                 )
         call = Call(module, b.rule, n)
         if b.needs_save:
-            b.rule.save(call, module, args, output, b.params)
+            try:
+                b.rule.save(call, module, args, output, b.params)
+            except (IndexError, TypeError, ValueError) as e:
+                raise _named(b, e) from e
         if (b.early and self.book_keeping and args and isinstance(args[0], Tensor)
                 and (output.shape, output.dtype) not in b.early_by_shape):
             # counted only while this layer's choice for this shape is open (it
@@ -562,6 +639,16 @@ class Capture:
         call.handler, call.binding = self._handler, b
         _add_grad_hook(output, call.fire)
         return replaced
+
+    def _tap_pre(self, b: Binding, module: nn.Module, args: tuple) -> None:
+        if self._active():
+            b.mode = _OpTap(self, b)
+            b.mode.__enter__()
+
+    def _tap_post(self, b: Binding, module: nn.Module, args: tuple, output: Any) -> None:
+        mode, b.mode = b.mode, None
+        if mode is not None:
+            mode.__exit__(None, None, None)
 
     def _expand_pre(self, b: Binding, module: nn.Module, args: tuple) -> None:
         if not self._active():
@@ -586,33 +673,36 @@ class Capture:
     def _on_grad(self, b: Binding, call: Call, grad: Tensor) -> None:
         if not self.enabled:
             return
-        if b.expand and self._passes < self.check_passes and grad.shape[0] > 1:
-            self._check_expand(b, grad)
-        if grad.dtype in HALF:
-            self._half = True
-        if b.slow:
-            b.rule.on_grad(call, grad, b.slow)
-            if b.early and b.early_by_shape.get((grad.shape, grad.dtype), True):
-                self._instantiate_early(b, call, (grad.shape, grad.dtype))
-        lane = b.lane
-        if lane:
-            views = self._lane_views
-            n = call.batch_size
-            if not views:
-                views = self._new_lane(n)
-            elif self._lane_buf.shape[0] != n:  # type: ignore[union-attr]
-                raise RuntimeError(f"dpft: one backward pass mixed batches of sizes {self._lane_buf.shape[0]} and {n}")  # type: ignore[union-attr]
-            seen = self._lane_seen
-            eager_into = b.rule.eager_into
-            for local, key, index in lane:
-                eager_into(call, grad, local, views[index], key in seen)
-                seen.add(key)
-            if b.done is not None:
-                b.done(call)
-        if b.slow:
-            self._received.append((b, call))
-        if not self._queued:
-            self._queue()
+        try:
+            if b.expand and self._passes < self.check_passes and grad.shape[0] > 1:
+                self._check_expand(b, grad)
+            if grad.dtype in HALF:
+                self._half = True
+            if b.slow:
+                b.rule.on_grad(call, grad, b.slow)
+                if b.early and b.early_by_shape.get((grad.shape, grad.dtype), True):
+                    self._instantiate_early(b, call, (grad.shape, grad.dtype))
+            lane = b.lane
+            if lane:
+                views = self._lane_views
+                n = call.batch_size
+                if not views:
+                    views = self._new_lane(n)
+                elif self._lane_buf.shape[0] != n:  # type: ignore[union-attr]
+                    raise RuntimeError(f"dpft: one backward pass mixed batches of sizes {self._lane_buf.shape[0]} and {n}")  # type: ignore[union-attr]
+                seen = self._lane_seen
+                eager_into = b.rule.eager_into
+                for local, key, index in lane:
+                    eager_into(call, grad, local, views[index], key in seen)
+                    seen.add(key)
+                if b.done is not None:
+                    b.done(call)
+            if b.slow:
+                self._received.append((b, call))
+            if not self._queued:
+                self._queue()
+        except (IndexError, TypeError, ValueError, RuntimeError) as e:
+            raise _named(b, e) from e
 
     def _new_lane(self, n: int) -> tuple[Tensor, ...]:
         """The lane buffer of this backward pass, ``(n, total)`` zeros, and
@@ -706,10 +796,14 @@ class Capture:
         self._autograd[key] = grad if self._passes < self.check_passes else None
         self._queue()
 
-    def _check_uses(self, out: dict[str, list[Contribution]], lane: Tensor | None, seen: set[str]) -> None:
+    def _check_uses(self, out: dict[str, list[Contribution]], lane: Tensor | None, seen: set[str], n: int) -> None:
         """Catch uses of a trainable parameter that bypass its module's hooks
         (e.g. ``F.linear(x, other.weight)``): autograd delivered a gradient
-        that dpft has no per-example account of."""
+        that dpft has no per-example account of.  In the first backward passes
+        the per-example gradients of every parameter, summed over the
+        examples, must also equal autograd's gradient (every contribution
+        kind: biases, norm weights, embeddings, weight matrices): a rule that
+        computed another function's gradient is caught before any step."""
         autograd, self._autograd = self._autograd, {}
         half, self._half = self._half, False
         for key, grad in autograd.items():
@@ -730,15 +824,20 @@ class Capture:
             elif all(isinstance(c, Direct) for c in cs):
                 ours = sum(c.grad.sum(0) for c in cs)
             else:
-                continue
+                dt = acc_dtype_of(self._param(key).dtype)
+                device = next(c.grad.device if isinstance(c, Direct) else c.right.device for c in cs)
+                with full_fp32(), torch.no_grad():
+                    ours = norms.weighted_sum(cs, torch.ones(n, dtype=dt, device=device), dt)
             want = grad.to(ours.dtype)
             tol = 5e-2 if half or grad.dtype in HALF else 1e-3
             err = float((ours - want).norm())
             if err > tol * float(want.norm()) + 1e-6 * (1 + float(ours.norm())):
                 raise UnsupportedModuleError(
-                    f"dpft: parameter '{key}' is also used outside the module dpft hooks for it "
-                    f"(its summed per-example gradients differ from autograd's by {err:.3g}); "
-                    "its per-example gradient would be wrong. Freeze it or route every use through the module."
+                    f"dpft: the per-example gradients of parameter '{key}' (module '{self.owner.get(key, '?')}'), "
+                    f"summed over the examples, differ from autograd's gradient by {err:.3g} (relative "
+                    f"{err / max(float(want.norm()), 1e-30):.3g}): the parameter is also used outside the module "
+                    "dpft hooks for it, or that module computes something its per-example rule does not model. "
+                    "Its per-example gradient would be wrong. Freeze it, or route every use through the module."
                 )
 
     def _queue(self) -> None:
@@ -756,7 +855,7 @@ class Capture:
         seen, self._lane_seen = self._lane_seen, set()
         if not received and lane is None:
             if self._autograd:
-                self._check_uses({}, None, seen)
+                self._check_uses({}, None, seen, 0)
             return
         sizes = {call.batch_size for _, call in received}
         if lane is not None:
@@ -771,7 +870,10 @@ class Capture:
                 call.check_versions(b.name)
                 if b.fallback and self._passes < self.check_passes:
                     call.saved["check_mixing"] = b.name  # the first passes also check that examples stay apart
-                contribs = b.rule.contributions(call, b.slow)
+                try:
+                    contribs = b.rule.contributions(call, b.slow)
+                except (IndexError, TypeError, ValueError, RuntimeError) as e:
+                    raise _named(b, e) from e
                 # from here on the contributions hold the only references, so
                 # that the sink can free each layer's tensors once it is summed
                 call.saved.clear()
@@ -791,7 +893,7 @@ class Capture:
         finally:
             self.enabled = True
         del received
-        self._check_uses(out, lane, seen)
+        self._check_uses(out, lane, seen, n)
         self._passes += 1
         if self._passes >= self.check_passes and self._pre_handles and not self._outside_root and not self._sharded:
             # from the next forward on, ``_root_pre`` switches the weights off

@@ -40,6 +40,10 @@ def register_rule(match: type | tuple[type, ...] | Matcher, rule: Rule, *, first
         _REGISTRY.append((matcher, rule))
 
 
+#: the built-in rule of each parent class whose operator ``rules.functional`` knows
+BUILTIN: dict[type, Rule] = {}
+
+
 def find_rule(module: nn.Module) -> Rule | None:
     """The rule for ``module``, or ``None``."""
     for matcher, rule in _REGISTRY:
@@ -51,19 +55,28 @@ def find_rule(module: nn.Module) -> Rule | None:
 FALLBACK = FallbackRule()
 
 register_rule(nn.MultiheadAttention, MultiheadAttentionRule())
-register_rule(nn.Linear, LinearRule())
+BUILTIN[nn.Linear] = LinearRule()
+BUILTIN[nn.Embedding] = EmbeddingRule()
+BUILTIN[nn.LayerNorm] = LayerNormRule()
+BUILTIN[nn.GroupNorm] = GroupNormRule()
+BUILTIN.update(dict.fromkeys(CONV_TYPES, ConvRule()))
+if hasattr(nn, "RMSNorm"):
+    BUILTIN[nn.RMSNorm] = RMSNormRule()
+
+register_rule(nn.Linear, BUILTIN[nn.Linear])
 register_rule(is_hf_conv1d, HFConv1DRule())
-register_rule(CONV_TYPES, ConvRule())
+register_rule(CONV_TYPES, BUILTIN[nn.Conv2d])
 register_rule(CONV_TRANSPOSE_TYPES, ConvTransposeRule())
-register_rule(nn.Embedding, EmbeddingRule())
-register_rule(nn.LayerNorm, LayerNormRule())
-register_rule(nn.GroupNorm, GroupNormRule())
+register_rule(nn.Embedding, BUILTIN[nn.Embedding])
+register_rule(nn.LayerNorm, BUILTIN[nn.LayerNorm])
+register_rule(nn.GroupNorm, BUILTIN[nn.GroupNorm])
 register_rule(INSTANCE_NORM_TYPES, InstanceNormRule())
 if hasattr(nn, "RMSNorm"):
-    register_rule(nn.RMSNorm, RMSNormRule())
+    register_rule(nn.RMSNorm, BUILTIN[nn.RMSNorm])
 register_rule(is_hf_rmsnorm, RMSNormRule())
 
 __all__ = [
+    "BUILTIN",
     "Call",
     "Contribution",
     "Direct",
