@@ -294,10 +294,16 @@ class Holder(nn.Module):
         return self.lin(x) * self.scale
 
 
-def test_unsupported_parameter_named():
-    with pytest.raises(dpft.UnsupportedModuleError, match="scale") as e:
-        engine_for(Holder())
-    assert "Holder" in str(e.value)
+def test_container_parameter_takes_the_generic_path():
+    """A parameter held directly by a module with children (here a scale,
+    like a layer scale) is no longer refused: the container is bound to the
+    exact generic path (its exactness: tests/test_generic_path.py)."""
+    from dpft.capture import plan_model
+    from dpft.rules import FALLBACK
+
+    bindings, _ = plan_model(Holder())
+    (container,) = [b for b in bindings if b.name == "Holder"]
+    assert container.rule is FALLBACK and container.params == {"scale"}
 
 
 def test_bitfit_names():

@@ -25,9 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
-from .rules import BUILTIN, FALLBACK, Call, Contribution, Direct, Rule, find_rule
+from .rules import BUILTIN, FALLBACK, PARAMETRIZED, Call, Contribution, Direct, Rule, find_rule
 from . import norms
 from .norms import acc_dtype_of, instantiation_pays, prefer_ghost
 from .precision import full_fp32
@@ -117,7 +118,7 @@ def plan_model(model: nn.Module) -> tuple[list[Binding], dict[str, str]]:
     for mname, module in model.named_modules():
         if id(module) in skip:
             continue
-        rule = find_rule(module)
+        rule = PARAMETRIZED if parametrize.is_parametrized(module) else find_rule(module)
         recursive = isinstance(rule, FallbackRule) and rule.recursive
         params = {k: p for k, p in _module_params(module, recursive).items() if p.requires_grad}
         if recursive:
@@ -131,27 +132,17 @@ def plan_model(model: nn.Module) -> tuple[list[Binding], dict[str, str]]:
             check_embedding(module, label)
         expand = False
         if rule is not None and not all(rule.supports(module, k) for k in params):
-            bad = [k for k in params if not rule.supports(module, k)]
-            if not list(module.children()):
-                rule = FALLBACK
-            else:
-                raise UnsupportedModuleError(
-                    f"dpft: parameter '{bad[0]}' of module '{label}' ({type(module).__name__}) is "
-                    "not handled by its rule; freeze it (requires_grad=False)."
-                )
+            # a parameter its rule does not know: the whole module takes the exact generic path
+            rule = FALLBACK
         if rule is None:
-            if not list(module.children()):
-                rule = FALLBACK
-            elif all(p.ndim >= 2 and p.shape[0] == 1 for p in params.values()):
+            if list(module.children()) and all(p.ndim >= 2 and p.shape[0] == 1 for p in params.values()):
                 rule, expand = EXPAND, True
             else:
-                bad = next(k for k, p in params.items() if not (p.ndim >= 2 and p.shape[0] == 1))
-                raise UnsupportedModuleError(
-                    f"dpft: trainable parameter '{(mname + '.' if mname else '') + bad}' is held "
-                    f"directly by module '{label}' ({type(module).__name__}), which has child modules "
-                    "and no per-example rule; dpft cannot compute its per-example gradient exactly. "
-                    "Freeze it (requires_grad=False), or register a rule with dpft.register_rule."
-                )
+                # a leaf of unknown type, or parameters held directly by a container
+                # (layer scale, class embedding, relative position tables, SSM
+                # parameters): the generic path recomputes the module's forward
+                # and pulls each example's output gradient back to them
+                rule = FALLBACK
         keys = {k: canonical[id(p)] for k, p in params.items()}
         for k in keys.values():
             owner.setdefault(k, label)

@@ -16,7 +16,7 @@ from torch import nn
 from .base import Call, Contribution, Direct, Factored, Rule
 from .conv import CONV_TRANSPOSE_TYPES, CONV_TYPES, ConvRule, ConvTransposeRule
 from .embedding import EmbeddingRule
-from .fallback import FallbackRule, MultiheadAttentionRule
+from .fallback import FallbackRule, MultiheadAttentionRule, ParametrizedRule
 from .linear import HFConv1DRule, LinearRule, is_hf_conv1d
 from .norm import INSTANCE_NORM_TYPES, GroupNormRule, InstanceNormRule, LayerNormRule, RMSNormRule, is_hf_rmsnorm
 
@@ -53,6 +53,7 @@ def find_rule(module: nn.Module) -> Rule | None:
 
 
 FALLBACK = FallbackRule()
+PARAMETRIZED = ParametrizedRule()
 
 register_rule(nn.MultiheadAttention, MultiheadAttentionRule())
 BUILTIN[nn.Linear] = LinearRule()
@@ -82,6 +83,7 @@ __all__ = [
     "Direct",
     "Factored",
     "FALLBACK",
+    "PARAMETRIZED",
     "Rule",
     "find_rule",
     "register_rule",

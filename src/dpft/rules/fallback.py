@@ -1,11 +1,19 @@
-"""The exact fallback for modules without a fast rule: per-example
-gradients of the module's trainable parameters by ``torch.func`` (a vmapped
-vector-Jacobian product of the module applied to one example at a time).
+"""The exact generic path for parameters without a fast rule: per-example
+gradients of a module's trainable parameters by recomputing the module's
+forward and pulling each example's output gradient back to them (a batched
+vector-Jacobian product, ``is_grads_batched``).
 
-It keeps the module's inputs until the end of the backward pass, so it is
-slower and heavier than the dedicated rules, but exact.  It is used for
-``nn.MultiheadAttention`` (whose ``out_proj`` is applied functionally, so no
-module hook would see it) and for leaf modules of unknown types.
+It keeps the module's inputs until the end of the backward pass and costs a
+recomputation plus one backward per example through the part of the module
+that leads to those parameters, so it is slower and heavier than the
+dedicated rules, but exact.  It is used for ``nn.MultiheadAttention`` (whose
+``out_proj`` is applied functionally, so no module hook would see it), leaf
+modules of unknown types, parameters held directly by a container module
+(layer scale, class embeddings, relative position tables, SSM parameters:
+the container is recomputed, its children's parameters keep their own
+rules) and parametrized modules (weight norm: the module that uses the
+parametrized weight is recomputed).  The first backward passes also check
+that one example's output gradient reaches no other example's input.
 """
 
 from __future__ import annotations
@@ -179,6 +187,15 @@ def rng_state(device: torch.device | None) -> tuple:
     if device is not None and device.type == "cuda":
         cuda = torch.cuda.get_rng_state(device)
     return (torch.get_rng_state(), cuda)
+
+
+class ParametrizedRule(FallbackRule):
+    """A module with ``torch.nn.utils.parametrize`` parametrizations (weight
+    norm, spectral norm, orthogonal, ...): its parametrized weights are computed
+    from the parametrizations' own parameters in its forward, so the module is
+    recomputed as a whole; covers the parametrizations' parameters and its own."""
+
+    recursive = True
 
 
 class MultiheadAttentionRule(FallbackRule):
