@@ -374,13 +374,16 @@ def _head_param_names(model: nn.Module) -> list[str]:
                       f"(looked for {', '.join(_HEAD_NAMES)})")
 
 
-def _bitfit(model: nn.Module, extra: list[str]) -> list[str]:
+def _bitfit(model: nn.Module, extra: list[str], notes: list[str] | None = None) -> list[str]:
     from .methods.bitfit import bitfit
-    return list(bitfit(model, extra=extra))
+    # a bias-free model (Llama, T5, ...) first gets zero-initialised biases, said in the notes
+    return list(bitfit(model, extra=extra, log=None if notes is None else notes.append))
 
 
-def select_trainable(model: nn.Module, method: str, lora_rank: int = 8) -> nn.Module:
-    """Freeze/unfreeze (and for LoRA wrap) ``model`` for ``method``; returns the model to train."""
+def select_trainable(model: nn.Module, method: str, lora_rank: int = 8,
+                     notes: list[str] | None = None) -> nn.Module:
+    """Freeze/unfreeze (and for LoRA wrap) ``model`` for ``method``; returns the model to train.
+    ``notes``: where a change to the model is said (bitfit adding biases)."""
     head = set(_head_param_names(model))
     base = method.replace("nonprivate-", "")
     if base == "full":
@@ -388,12 +391,12 @@ def select_trainable(model: nn.Module, method: str, lora_rank: int = 8) -> nn.Mo
             p.requires_grad_(True)
         return model
     if base == "bitfit":
-        _bitfit(model, sorted(head))
+        _bitfit(model, sorted(head), notes)
         return model
     if base == "sparta":
         # biases + head for now; the selected rows of the candidate weights join after
         # the private scoring pass (see _sparta_phases)
-        _bitfit(model, sorted(head))
+        _bitfit(model, sorted(head), notes)
         return model
     if base == "last-layer":
         for n, p in model.named_parameters():
@@ -843,7 +846,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
                          f"new {task.num_labels}-class head")
     if r.dropout is not None:
         set_dropout(model, r.dropout)
-    model = select_trainable(model, r.method, r.lora_rank)
+    model = select_trainable(model, r.method, r.lora_rank, notes=notes)
     model.to(device)
     model.train()
     trainable, total = count_params(model)
