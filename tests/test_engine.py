@@ -497,7 +497,7 @@ def test_batch_dimension_not_first_is_an_error():
     model = SeqFirst()
     engine = engine_for(model)
     engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(RuntimeError, match="batch dimension first"):
+    with pytest.raises(dpft.UnsupportedModuleError, match="batch dimension first"):
         model(torch.randn(8, 5, 3)).sum().backward()
 
 

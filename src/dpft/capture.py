@@ -92,6 +92,7 @@ class Binding:
     done: Any = None  # the rule's hook to drop saved inputs once eager results are out
     off: bool = False  # some of its parameters are switched off for autograd in a whole forward
     book_keeping: bool = False  # its weights are switched off in its forward (after the first passes)
+    rows: int = 0  # rows per example where its output flattens examples' rows into dim 0
     #: the parent class whose operator the rule computes, where the module's
     #: class overrides its forward: the operator call is caught inside it
     tap: type | None = None
@@ -333,6 +334,10 @@ class Capture:
         # backward pass; an input read by several is not freed by one of them
         self._input_uses: dict[int, int] = {}
         self._handler = self._on_grad  # one bound method for every call's hook (see Call.fire)
+        # batch-first (or verified example-major flattened) outputs of hooked
+        # layers in this forward, in the first passes: where flattened rows
+        # are checked against (see _check_rows)
+        self._anchors: list[Tensor] = []
 
     def _plan_lane(self, no_lane: set[str]) -> None:
         """The flat lane: parameters whose per-example gradients are reduced
@@ -508,6 +513,7 @@ class Capture:
         # on its own must not inherit it (a stale size would "broadcast" a
         # one-example output into copies that are each clipped separately)
         self.batch_size = None
+        self._anchors = []
         if self._off:
             for p in self._off:
                 p.requires_grad_(True)
@@ -598,20 +604,35 @@ class Capture:
             return None
         lead = output.shape[0]
         if n is None:
-            n = lead
+            # (a recomputation under activation checkpointing: no root forward
+            # around it; a layer seen with examples' rows flattened keeps its factor)
+            n = lead // b.rows if b.rows and lead % b.rows == 0 else lead
         replaced = tapped
+        rows = 0
         if lead != n:
+            x = args[0] if args and isinstance(args[0], Tensor) else None
             if lead == 1:
                 # broadcast over the batch (e.g. GPT-2 position embeddings with
                 # (1, T) position ids): expand so each example gets its own gradient
                 output = replaced = output.expand(n, *output.shape[1:])
+            elif lead % n == 0 and x is not None and x.shape[0] == lead and b.rule.rows_ok(module, x):
+                # examples' rows flattened into the leading dimension ((B*T, d) in
+                # OPT, windows (B*nW, N, d) in Swin): each example's rows must be
+                # one contiguous block, which the first passes verify
+                rows = b.rows = lead // n
+                if self._passes < self.check_passes and self.batch_size is not None:
+                    self._check_rows(b, x, output, n)
+                    self._anchors.append(output)  # verified: example j's rows are block j
+                args = (x.unflatten(0, (n, rows)), *args[1:])
             else:
-                raise RuntimeError(
-                    f"dpft: output of module '{b.name}' has leading dimension {lead}, "
-                    f"but the batch size is {n}; dpft needs the batch dimension first "
-                    "(e.g. batch_first=True)."
+                raise UnsupportedModuleError(
+                    f"dpft: output of module '{b.name}' ({type(module).__name__}) has leading dimension "
+                    f"{lead}, but the batch size is {n}; dpft needs the batch dimension first (e.g. "
+                    "batch_first=True), or examples' rows flattened example by example into it."
                 )
-        call = Call(module, b.rule, n)
+        elif self._passes < self.check_passes and self.batch_size is not None and output.requires_grad:
+            self._anchors.append(output)
+        call = Call(module, b.rule, n, rows=rows)
         if b.needs_save:
             try:
                 b.rule.save(call, module, args, output, b.params)
@@ -641,6 +662,49 @@ class Capture:
         if mode is not None:
             mode.__exit__(None, None, None)
 
+    def _check_rows(self, b: Binding, x: Tensor, output: Tensor, n: int) -> None:
+        """Verify that rows ``j*k .. (j+1)*k - 1`` of ``output`` belong to
+        example ``j`` alone: either the layer's input ``x`` is a flat view of
+        a contiguous batch-first tensor (token ids reshaped to ``(B*T,)``), or,
+        pulled back to the nearest batch-first tensor before this layer
+        (another hooked layer's output), a random gradient on those rows
+        reaches example ``j`` and no other.  A time-major flattening
+        (``(T*B, d)``) or windows mixing examples would be caught.  Only in
+        the first backward passes' forwards; a few examples are probed."""
+        base = x._base
+        if (base is not None and base.shape[0] == n and base.is_contiguous() and x.is_contiguous()
+                and x.data_ptr() == base.data_ptr() and x.numel() == base.numel()):
+            return
+        k = output.shape[0] // n
+        probes = sorted({0, n - 1, n // 2})
+        for anchor in reversed(self._anchors):
+            for j in probes:
+                cot = torch.zeros_like(output)
+                cot[j * k : (j + 1) * k] = torch.randn_like(cot[j * k : (j + 1) * k])
+                self.enabled = False  # (this pull-back must not reach dpft's own hooks)
+                try:
+                    (g,) = torch.autograd.grad(output, anchor, cot, retain_graph=True, allow_unused=True)
+                finally:
+                    self.enabled = True
+                if g is None:
+                    break  # this anchor is not upstream of the layer: try an earlier one
+                reached = g.detach().reshape(n, -1).ne(0).any(dim=1)
+                reached[j] = False
+                if bool(reached.any()):
+                    raise UnsupportedModuleError(
+                        f"dpft: module '{b.name}' ({type(b.module).__name__}) has {output.shape[0]} rows for "
+                        f"{n} examples, and rows {j * k}..{(j + 1) * k - 1} depend on other examples than "
+                        f"example {j}: the rows are not flattened example by example, so dpft cannot tell "
+                        "whose they are. Keep the batch dimension first, or freeze this module."
+                    )
+            else:
+                return
+        raise UnsupportedModuleError(
+            f"dpft: module '{b.name}' ({type(b.module).__name__}) has {output.shape[0]} rows for {n} "
+            "examples and no batch-first tensor before it to check which rows are whose; dpft will "
+            "not guess. Keep the batch dimension first, or freeze this module."
+        )
+
     def _expand_pre(self, b: Binding, module: nn.Module, args: tuple) -> None:
         if not self._active():
             return
@@ -665,6 +729,8 @@ class Capture:
         if not self.enabled:
             return
         try:
+            if call.rows:
+                grad = grad.unflatten(0, (call.batch_size, call.rows))
             if b.expand and self._passes < self.check_passes and grad.shape[0] > 1:
                 self._check_expand(b, grad)
             if grad.dtype in HALF:

@@ -142,6 +142,9 @@ class Call:
     saved: dict[str, Any] = field(default_factory=dict)
     grads: "list[Tensor | None] | tuple" = ()
     results: dict[str, Tensor] = field(default_factory=dict)  # eagerly reduced per-example grads
+    #: rows per example where the layer's output flattens examples' rows into
+    #: its leading dimension (the output gradient is unflattened to ``(B, rows, ...)``)
+    rows: int = 0
     versions: tuple = ()  # (tensor, version, tensor, version, ...)
     #: ``handler(binding, call, grad)``, called by :meth:`fire` with ``binding``
     handler: Any = None
@@ -222,6 +225,13 @@ class Rule:
     #: parameters whose per-example gradient the rule produces eagerly as a
     #: :class:`Direct` in ``call.results`` (eligible for the engine's flat lane)
     eager: tuple[str, ...] = ("bias",)
+
+    def rows_ok(self, module: nn.Module, x: Tensor) -> bool:
+        """Whether the rule is right for input ``x`` of this module with its
+        leading dimension split into (examples, rows): true where the layer
+        works along its trailing dimensions only (Linear, LayerNorm over the
+        last dims, RMSNorm, Embedding)."""
+        return False
 
     def needs_input(self, module: nn.Module, params: frozenset[str]) -> bool:
         """Whether the module's input must be kept (a weight trains)."""

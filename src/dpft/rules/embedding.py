@@ -17,6 +17,9 @@ class EmbeddingRule(Rule):
     def needs_save(self, module: nn.Module, params: frozenset[str]) -> bool:
         return True
 
+    def rows_ok(self, module: nn.Module, x: Tensor) -> bool:
+        return True
+
     def save(self, call: Call, module: nn.Module, args: tuple, output: Tensor, params: frozenset[str]) -> None:
         call.saved["ids"] = args[0]
 

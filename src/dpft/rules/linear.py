@@ -32,6 +32,9 @@ class LinearRule(Rule):
     casts_input = True
     transposed = False  # HF Conv1D stores the weight as (in, out)
 
+    def rows_ok(self, module: nn.Module, x: Tensor) -> bool:
+        return True
+
     def on_grad(self, call: Call, grad: Tensor, params: frozenset[str]) -> None:
         if "bias" in params:
             call.results["bias"] = sum_positions(grad)

@@ -101,6 +101,10 @@ class LayerNormRule(_AffineNormRule):
         if "weight" in params:
             call.save_input("input", args[0])
 
+    def rows_ok(self, module: nn.Module, x: Tensor) -> bool:
+        shape = tuple(module.normalized_shape)
+        return x.ndim > len(shape) and tuple(x.shape[-len(shape):]) == shape
+
     def reduce_dims(self, call: Call, grad: Tensor) -> tuple[int, ...]:
         shape = tuple(call.module.normalized_shape)
         k = len(shape)
@@ -225,6 +229,10 @@ class RMSNormRule(_AffineNormRule):
     def save(self, call: Call, module: nn.Module, args: tuple, output: Tensor, params: frozenset[str]) -> None:
         if "weight" in params:
             call.save_input("input", args[0])
+
+    def rows_ok(self, module: nn.Module, x: Tensor) -> bool:
+        k = module.weight.ndim
+        return x.ndim > k and tuple(x.shape[-k:]) == tuple(module.weight.shape)
 
     def reduce_dims(self, call: Call, grad: Tensor) -> tuple[int, ...]:
         k = call.module.weight.ndim
