@@ -139,3 +139,53 @@ def test_container_that_mixes_examples_is_refused():
     engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(dpft.UnsupportedModuleError, match="'body' .*mixes examples"):
         model(torch.randn(B, T, D, dtype=torch.float64)).sum().backward()
+
+
+class BiasTable(nn.Module):
+    """Swin/BEiT's relative position bias: a module whose output is the same
+    for every example (heads x positions x positions), added to each
+    example's scores by its caller."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(2 * T - 1, 2) * 0.5)
+        pos = torch.arange(T)
+        self.register_buffer("index", pos[:, None] - pos[None, :] + T - 1)
+
+    def forward(self):
+        return self.table[self.index].permute(2, 0, 1)  # (heads, T, T)
+
+
+class BucketAttention(nn.Module):
+    """Attention with a batch-independent bias from a child: either a table
+    module (Swin/BEiT) or an embedding of relative buckets (T5)."""
+
+    def __init__(self, embedding: bool):
+        super().__init__()
+        self.qkv = nn.Linear(D, 3 * D)
+        self.embedding = embedding
+        if embedding:
+            self.bias = nn.Embedding(2 * T - 1, 2)
+        else:
+            self.bias = BiasTable()
+
+    def forward(self, x):  # (B, T, D), 2 heads
+        n = x.shape[0]
+        q, k, v = self.qkv(x).view(n, T, 3, 2, D // 2).permute(2, 0, 3, 1, 4)
+        if self.embedding:
+            pos = torch.arange(T)
+            bias = self.bias(pos[:, None] - pos[None, :] + T - 1).permute(2, 0, 1)  # (T, T) ids -> (heads, T, T)
+        else:
+            bias = self.bias()
+        scores = q @ k.transpose(-1, -2) + bias
+        return (scores.softmax(-1) @ v).transpose(1, 2).reshape(n, T, D)
+
+
+@pytest.mark.parametrize("mode", ["auto", "ghost"])
+@pytest.mark.parametrize("embedding", [False, True], ids=["table-module", "bucket-embedding"])
+def test_batch_independent_outputs_exact(embedding, mode):
+    """The bias module's output carries no examples: its parameters are
+    handed to the enclosing attention module, recomputed by the generic path."""
+    torch.manual_seed(0)
+    check_steps(Model(BucketAttention(embedding)), lambda: (torch.randn(T, D), torch.randint(0, 3, ())), _collate,
+                _loss, steps=3, batch_size=B, mode=mode)

@@ -28,12 +28,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
-from .rules import BUILTIN, FALLBACK, PARAMETRIZED, Call, Contribution, Direct, Rule, find_rule
+from .rules import BUILTIN, ESCALATED, FALLBACK, PARAMETRIZED, Call, Contribution, Direct, Rule, find_rule
 from . import norms
 from .norms import acc_dtype_of, instantiation_pays, prefer_ghost
 from .precision import full_fp32
 from .rules.base import HALF, Factored, UnsupportedModuleError, clear_half_copies
-from .rules.embedding import check_embedding
+from .rules.embedding import EmbeddingRule, check_embedding
 from .rules.fallback import FallbackRule, _flat_tensors, rng_state
 from .rules.functional import CONVERSIONS, OPS, OPS_OF, overriding_parent
 
@@ -336,8 +336,16 @@ class Capture:
         self._handler = self._on_grad  # one bound method for every call's hook (see Call.fire)
         # batch-first (or verified example-major flattened) outputs of hooked
         # layers in this forward, in the first passes: where flattened rows
-        # are checked against (see _check_rows)
+        # are checked against (see _rows_problem)
         self._anchors: list[Tensor] = []
+        # enclosing modules that may take over parameters whose module returned
+        # no per-example output (see _escalate): their inputs in this forward
+        names = dict(model.named_modules())
+        self._names = {id(m): k for k, m in names.items()}
+        self._parents = {id(m): (k.rpartition(".")[0], names[k.rpartition(".")[0]]) for k, m in names.items() if k}
+        self._stash: dict[int, tuple] = {}
+        self._pending: dict[int, list[Binding]] = {}
+        self._escalated: dict[tuple, Binding] = {}
 
     def _plan_lane(self, no_lane: set[str]) -> None:
         """The flat lane: parameters whose per-example gradients are reduced
@@ -448,6 +456,19 @@ class Capture:
             h.append(b.module.register_forward_hook(partial(self._post, b)))
         # after the bindings' hooks: a model that is itself a hooked layer has its
         # output handled (``_post``) before the forward's state is cleared
+        # the modules enclosing a generic-path binding or an embedding (whose
+        # output may not carry the examples: a relative position table) keep
+        # their inputs during the forward, in case one must take over (_escalate)
+        enclosing: dict[int, nn.Module] = {}
+        for b in self.bindings:
+            if b.fallback or isinstance(b.rule, EmbeddingRule):
+                parent = self._parents.get(id(b.module))
+                while parent is not None:
+                    enclosing[id(parent[1])] = parent[1]
+                    parent = self._parents.get(id(parent[1]))
+        for m in enclosing.values():
+            h.append(m.register_forward_pre_hook(self._anc_pre, with_kwargs=True))
+            h.append(m.register_forward_hook(self._anc_post, always_call=True))
         h.append(self.model.register_forward_hook(self._root_post, always_call=True))
         covered = {k for b in self.bindings for k in b.keys.values()}
         self._param_handles = []
@@ -514,6 +535,7 @@ class Capture:
         # one-example output into copies that are each clipped separately)
         self.batch_size = None
         self._anchors = []
+        self._stash, self._pending = {}, {}
         if self._off:
             for p in self._off:
                 p.requires_grad_(True)
@@ -584,16 +606,12 @@ class Capture:
             flat = _flat_tensors(output)
             if not any(t is not None and t.requires_grad for t in flat):
                 return None
-            call = Call(module, b.rule, n if n is not None else flat[0].shape[0])
-            call.saved["kwargs"] = b.kwargs
-            call.saved["rng"] = b.rng
-            call.saved["autocast"] = b.autocast
+            if n is not None and not self._batched(b, flat, n):
+                self._escalate(b)
+                return None
+            self._fallback_call(b, module, args, (b.kwargs, b.rng, b.autocast), flat,
+                                n if n is not None else flat[0].shape[0])
             b.kwargs, b.rng = {}, None
-            b.rule.save(call, module, args, output, b.params)
-            call.grads = [None] * len(flat)
-            for i, t in enumerate(flat):
-                if t is not None and t.requires_grad:
-                    t.register_hook(partial(self._on_fallback_grad, b, call, i))
             return None
         if not isinstance(output, Tensor):
             raise UnsupportedModuleError(
@@ -619,11 +637,19 @@ class Capture:
                 # examples' rows flattened into the leading dimension ((B*T, d) in
                 # OPT, windows (B*nW, N, d) in Swin): each example's rows must be
                 # one contiguous block, which the first passes verify
-                rows = b.rows = lead // n
+                problem = None
                 if self._passes < self.check_passes and self.batch_size is not None:
-                    self._check_rows(b, x, output, n)
+                    problem = self._rows_problem(b, x, output, n)
+                if problem is not None:
+                    if not b.lane and self._escalate(b, strict=False):
+                        return replaced  # (an enclosing module's recomputation takes these parameters)
+                    raise UnsupportedModuleError(problem)
+                if self._passes < self.check_passes and self.batch_size is not None:
                     self._anchors.append(output)  # verified: example j's rows are block j
+                rows = b.rows = lead // n
                 args = (x.unflatten(0, (n, rows)), *args[1:])
+            elif self.batch_size is not None and not b.lane and self._escalate(b, strict=False):
+                return replaced  # (an enclosing module's recomputation takes these parameters)
             else:
                 raise UnsupportedModuleError(
                     f"dpft: output of module '{b.name}' ({type(module).__name__}) has leading dimension "
@@ -662,7 +688,81 @@ class Capture:
         if mode is not None:
             mode.__exit__(None, None, None)
 
-    def _check_rows(self, b: Binding, x: Tensor, output: Tensor, n: int) -> None:
+    def _fallback_call(self, b: Binding, module: nn.Module, args: tuple, state: tuple, flat: list, n: int) -> None:
+        """A generic-path call of ``module``: keep its inputs (and the RNG and
+        autocast state its forward saw) and hook every output that needs a gradient."""
+        call = Call(module, b.rule, n)
+        call.saved["kwargs"], call.saved["rng"], call.saved["autocast"] = state
+        b.rule.save(call, module, args, None, b.params)
+        call.grads = [None] * len(flat)
+        for i, t in enumerate(flat):
+            if t is not None and t.requires_grad:
+                t.register_hook(partial(self._on_fallback_grad, b, call, i))
+
+    def _batched(self, b: Binding, flat: list, n: int) -> bool:
+        """Whether the outputs needing a gradient carry the examples: leading
+        dimension ``n``, or examples' rows flattened into it (verified in the
+        first passes, see :meth:`_rows_problem`)."""
+        dim = b.rule.batch_dim(b.module) if isinstance(b.rule, FallbackRule) else 0
+        outs = [t for t in flat if t is not None and t.requires_grad]
+        if not all(t.ndim > dim and t.shape[dim] % n == 0 for t in outs):
+            return False
+        if self._passes < self.check_passes and self.batch_size is not None:
+            for t in outs:
+                if t.shape[dim] != n and (dim != 0 or self._rows_problem(b, t, t, n) is not None):
+                    return False
+                self._anchors.append(t)
+        return True
+
+    def _escalate(self, b: Binding, strict: bool = True) -> bool:
+        """``b``'s module returned no per-example output (a relative position
+        table, a bias shared by the batch): its parameters' per-example
+        gradients appear only where the output meets the examples.  Hand them
+        to the nearest enclosing module running in this forward, whose
+        recomputation (the generic path) pulls each example's output gradient
+        back to them; see :meth:`_anc_post`."""
+        parent = self._parents.get(id(b.module))
+        while parent is not None and id(parent[1]) not in self._stash:
+            parent = self._parents.get(id(parent[1]))
+        if parent is None:
+            if not strict:
+                return False
+            raise UnsupportedModuleError(
+                f"dpft: module '{b.name}' ({type(b.module).__name__}) returned no per-example output and no "
+                "enclosing module can be recomputed for it; freeze its parameters."
+            )
+        self._pending.setdefault(id(parent[1]), []).append(b)
+        return True
+
+    def _anc_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._active() and self.batch_size is not None:
+            dev = next((a.device for a in args if isinstance(a, Tensor)), None)
+            self._stash[id(module)] = (args, kwargs, (kwargs, rng_state(dev), _autocast_state(dev)))
+
+    def _anc_post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        stash = self._stash.pop(id(module), None)
+        pending = self._pending.pop(id(module), None)
+        if not pending or stash is None or not self._active():
+            return
+        name = self._names[id(module)]
+        local = {id(m): (k + "." if k else "") for k, m in module.named_modules()}
+        keys = {local[id(b.module)] + k: key for b in pending for k, key in b.keys.items()}
+        esc = self._escalated.get((id(module), frozenset(keys)))
+        if esc is None:
+            esc = self._escalated[(id(module), frozenset(keys))] = Binding(
+                module, name or type(module).__name__, ESCALATED, frozenset(keys), keys, fallback=True,
+                slow=frozenset(keys),
+            )
+        flat = _flat_tensors(output)
+        if not any(t is not None and t.requires_grad for t in flat):
+            return
+        n = self.batch_size
+        if not self._batched(esc, flat, n):  # type: ignore[arg-type]
+            self._escalate(esc)
+            return
+        self._fallback_call(esc, module, stash[0], stash[2], flat, n)  # type: ignore[arg-type]
+
+    def _rows_problem(self, b: Binding, x: Tensor, output: Tensor, n: int) -> str | None:
         """Verify that rows ``j*k .. (j+1)*k - 1`` of ``output`` belong to
         example ``j`` alone: either the layer's input ``x`` is a flat view of
         a contiguous batch-first tensor (token ids reshaped to ``(B*T,)``), or,
@@ -670,11 +770,12 @@ class Capture:
         (another hooked layer's output), a random gradient on those rows
         reaches example ``j`` and no other.  A time-major flattening
         (``(T*B, d)``) or windows mixing examples would be caught.  Only in
-        the first backward passes' forwards; a few examples are probed."""
+        the first backward passes' forwards; a few examples are probed.
+        Returns what is wrong, or ``None``."""
         base = x._base
         if (base is not None and base.shape[0] == n and base.is_contiguous() and x.is_contiguous()
                 and x.data_ptr() == base.data_ptr() and x.numel() == base.numel()):
-            return
+            return None
         k = output.shape[0] // n
         probes = sorted({0, n - 1, n // 2})
         for anchor in reversed(self._anchors):
@@ -691,15 +792,15 @@ class Capture:
                 reached = g.detach().reshape(n, -1).ne(0).any(dim=1)
                 reached[j] = False
                 if bool(reached.any()):
-                    raise UnsupportedModuleError(
+                    return (
                         f"dpft: module '{b.name}' ({type(b.module).__name__}) has {output.shape[0]} rows for "
                         f"{n} examples, and rows {j * k}..{(j + 1) * k - 1} depend on other examples than "
                         f"example {j}: the rows are not flattened example by example, so dpft cannot tell "
                         "whose they are. Keep the batch dimension first, or freeze this module."
                     )
             else:
-                return
-        raise UnsupportedModuleError(
+                return None
+        return (
             f"dpft: module '{b.name}' ({type(b.module).__name__}) has {output.shape[0]} rows for {n} "
             "examples and no batch-first tensor before it to check which rows are whose; dpft will "
             "not guess. Keep the batch dimension first, or freeze this module."

@@ -16,7 +16,7 @@ from torch import nn
 from .base import Call, Contribution, Direct, Factored, Rule
 from .conv import CONV_TRANSPOSE_TYPES, CONV_TYPES, ConvRule, ConvTransposeRule
 from .embedding import EmbeddingRule
-from .fallback import FallbackRule, MultiheadAttentionRule, ParametrizedRule
+from .fallback import EnclosingRule, FallbackRule, MultiheadAttentionRule, ParametrizedRule
 from .linear import HFConv1DRule, LinearRule, is_hf_conv1d
 from .norm import INSTANCE_NORM_TYPES, GroupNormRule, InstanceNormRule, LayerNormRule, RMSNormRule, is_hf_rmsnorm
 
@@ -54,6 +54,9 @@ def find_rule(module: nn.Module) -> Rule | None:
 
 FALLBACK = FallbackRule()
 PARAMETRIZED = ParametrizedRule()
+#: an enclosing module recomputed for parameters of a module inside it that
+#: returned no per-example output (``Capture._escalate``)
+ESCALATED = EnclosingRule()
 
 register_rule(nn.MultiheadAttention, MultiheadAttentionRule())
 BUILTIN[nn.Linear] = LinearRule()
@@ -82,6 +85,7 @@ __all__ = [
     "Contribution",
     "Direct",
     "Factored",
+    "ESCALATED",
     "FALLBACK",
     "PARAMETRIZED",
     "Rule",

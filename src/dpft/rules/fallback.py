@@ -93,7 +93,7 @@ class FallbackRule(Rule):
         def probe(a: Any) -> Any:
             if id(a) in copies:
                 return copies[id(a)]
-            if isinstance(a, Tensor) and a.is_floating_point() and a.ndim > bdim and a.shape[bdim] == n:
+            if isinstance(a, Tensor) and a.is_floating_point() and a.ndim > bdim and a.shape[bdim] % n == 0:
                 t = a.detach().requires_grad_()
                 probes.append((t, bdim))
                 # (a forward that works in place on its input must not touch the leaf)
@@ -123,7 +123,10 @@ class FallbackRule(Rule):
             for _, g in pairs:
                 onehot = torch.zeros(len(idx), n, dtype=g.dtype, device=g.device)
                 onehot[torch.arange(len(idx)), idx] = 1
-                shape = [len(idx)] + [n if d == bdim else 1 for d in range(g.ndim)]
+                rows = g.shape[bdim] // n  # > 1: examples' rows flattened into the batch dim, example by example
+                if rows > 1:
+                    onehot = onehot.repeat_interleave(rows, dim=1)
+                shape = [len(idx)] + [g.shape[bdim] if d == bdim else 1 for d in range(g.ndim)]
                 cots.append(g.unsqueeze(0) * onehot.view(shape))
             gs = torch.autograd.grad(
                 [o for o, _ in pairs], plist + [t for t, _ in probes], grad_outputs=cots,
@@ -194,6 +197,15 @@ class ParametrizedRule(FallbackRule):
     norm, spectral norm, orthogonal, ...): its parametrized weights are computed
     from the parametrizations' own parameters in its forward, so the module is
     recomputed as a whole; covers the parametrizations' parameters and its own."""
+
+    recursive = True
+
+
+class EnclosingRule(FallbackRule):
+    """An enclosing module recomputed for parameters of a module inside it
+    whose output does not carry the examples (a relative position table, a
+    bias shared by the whole batch): the per-example gradients appear only
+    where that output meets the examples, in the enclosing module's output."""
 
     recursive = True
 
