@@ -243,3 +243,22 @@ def test_other_device_types_draw_on_the_cpu(monkeypatch):
     n = GaussianNoise(2)
     g = n._fresh("meta", 0)
     assert g.device.type == "cpu"
+
+
+def test_secure_mode_in_chunks_and_non_contiguous(monkeypatch):
+    """Secure mode fills every entry of float32 / float64, contiguous or not,
+    tensors larger than a chunk piece by piece, with the right std, and is
+    reproducible from the seed."""
+    monkeypatch.setattr(dpft.noise, "CHUNK", 1000)
+
+    def draw(seed):
+        ts = [torch.zeros(3, 5), torch.zeros(2500, dtype=torch.float64), torch.zeros(40, 30).t(), torch.zeros(600)]
+        GaussianNoise(seed, secure=True).add_(ts, 2.0, divide=2)
+        return ts
+
+    ts = draw(1)
+    flat = torch.cat([t.reshape(-1).double() for t in ts])
+    assert bool((flat != 0).all()) and len(torch.unique(flat)) == flat.numel()
+    assert abs(float(flat.std()) - 1.0) < 0.05  # (0 + 2 z) / 2
+    assert all(torch.equal(a, b) for a, b in zip(ts, draw(1)))
+    assert ts[1].dtype == torch.float64 and not ts[2].is_contiguous()

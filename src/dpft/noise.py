@@ -289,11 +289,11 @@ class GaussianNoise:
                 chunk = ts[start:stop]
                 if self.secure:
                     flat = self._noise(total, alpha, device, dtype)
-                    for z, t in zip(flat.split([t.numel() for t in chunk]), chunk):
-                        z = z.view(t.shape).add_(t)  # float64: t + alpha z
-                        if divide > 1:
-                            z.div_(divide)
-                        t.copy_(z)  # one rounding
+                    zs = [z.view(t.shape) for z, t in zip(flat.split([t.numel() for t in chunk]), chunk)]
+                    torch._foreach_add_(zs, chunk)  # float64: t + alpha z
+                    if divide > 1:
+                        torch._foreach_div_(zs, float(divide))
+                    torch._foreach_copy_(chunk, zs)  # one rounding
                 else:
                     flat = self._noise(total, alpha / (divide - 1) if divide > 1 else 1.0, device, dtype)
                     draws = [z.view(t.shape) for z, t in zip(flat.split([t.numel() for t in chunk]), chunk)]
