@@ -168,6 +168,7 @@ def test_full_batch_loader_raises_under_strict_before_the_step():
         _step(model, engine, opt, batch)
     assert engine.steps == 2
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert engine.epsilon_caveat == MISMATCH_CAVEAT  # the two steps taken were accounted for the wrong sampling
 
 
 def test_batch_size_larger_than_told_warns():
@@ -297,3 +298,19 @@ def test_distributed_full_batch_raises_on_every_rank_at_the_same_step(tmp_path):
     r0, r1 = _spawn(tmp_path, "full-strict")
     assert r0["raised_at"] is not None and r0["raised_at"] == r1["raised_at"]
     assert r0["total"] == r1["total"] == 60 * r0["raised_at"]  # the global count, read a step late
+
+
+def test_the_documented_under_count_example():
+    """README / dpft.sampling_check: σ = 2.5, 20 steps, δ = 1e-5 reports ε ≈ 2.1
+    at q = 0.25 where a full-batch loader (q = 1) runs a mechanism with ε ≈ 8.7
+    (checked with dp_accounting directly)."""
+    import dp_accounting
+    from dp_accounting.pld import PLDAccountant
+
+    def eps(q):
+        acc = PLDAccountant(neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+                            value_discretization_interval=1e-4)
+        acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(2.5)), 20)
+        return acc.get_epsilon(1e-5)
+
+    assert round(eps(0.25), 1) == 2.1 and round(eps(1.0), 1) == 8.7

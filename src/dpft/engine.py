@@ -520,9 +520,9 @@ class PrivacyEngine:
         msg = self.sampling_check.observe(count)
         if msg is None:
             return
+        self.ledger.add_caveat(MISMATCH_CAVEAT)  # the steps already taken were accounted for the wrong sampling
         if self.strict and not final:
             raise SamplingMismatch(msg + " (Nothing was changed by this step.)")
-        self.ledger.add_caveat(MISMATCH_CAVEAT)
         if not self._sampling_warned:
             self._sampling_warned = True
             _warn_sampling(msg, stacklevel=6)
@@ -783,4 +783,6 @@ class PrivacyEngine:
             if not math.isclose(float(state[k]), mine, rel_tol=1e-12):
                 raise ValueError(f"engine state has {k}={state[k]!r}, this engine has {mine!r}")
         self.ledger.load_state_dict(state["ledger"])
+        if not self.poisson:
+            self.ledger.add_caveat(NON_POISSON_CAVEAT)
         self.noise.load_state_dict(state["noise"])
