@@ -6,7 +6,6 @@ with poisson=False, and ε is then labelled."""
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import warnings
