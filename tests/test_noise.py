@@ -262,3 +262,28 @@ def test_secure_mode_in_chunks_and_non_contiguous(monkeypatch):
     assert abs(float(flat.std()) - 1.0) < 0.05  # (0 + 2 z) / 2
     assert all(torch.equal(a, b) for a, b in zip(ts, draw(1)))
     assert ts[1].dtype == torch.float64 and not ts[2].is_contiguous()
+
+
+def test_state_of_another_stream_is_not_continued():
+    """Rank 0's state loaded by rank 1 (a resumed distributed run): rank 1 neither
+    copies rank 0's noise nor restarts its own seeded stream (which would repeat
+    noise it already used); it draws fresh noise from OS entropy."""
+    rank0, rank1 = GaussianNoise(5, stream=0), GaussianNoise(5, stream=1)
+    rank0.add_([torch.zeros(100)], 1.0)
+    state = rank0.state_dict()
+    rank1.load_state_dict(state)
+    t1 = torch.zeros(1000)
+    rank1.add_([t1], 1.0)
+    cont0 = GaussianNoise(5, stream=0)
+    cont0.load_state_dict(state)
+    t0 = torch.zeros(1000)
+    cont0.add_([t0], 1.0)
+    assert not torch.equal(t1, t0)  # not rank 0's continuation
+    ref = torch.zeros(1000)
+    GaussianNoise(5, stream=1).add_([ref], 1.0)
+    assert not torch.equal(t1, ref)  # not rank 1's seeded start again
+    same = GaussianNoise(5, stream=1)  # while its own state is continued exactly
+    same.load_state_dict(GaussianNoise(5, stream=1).state_dict())
+    again = torch.zeros(1000)
+    same.add_([again], 1.0)
+    assert torch.equal(again, ref)

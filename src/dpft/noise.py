@@ -24,7 +24,9 @@ gone, so the generators' secrets must be out of reach of enumeration:
 * **State.**  :meth:`GaussianNoise.state_dict` holds the generators' full
   states (and the seed): resuming from it continues the very same noise
   stream, and it reveals all future noise, so a checkpoint holding it must be
-  kept as private as the data.
+  kept as private as the data.  A state saved by another stream (another
+  rank) is not continued: the generators are then keyed afresh from OS
+  entropy, so that no two ranks share noise and no rank repeats its own.
 * **Secure mode** (``secure=True``, ``PrivacyEngine(secure_mode=True)``): a
   mitigation of floating-point attacks on Gaussian sampling (Mironov 2012
   for the Laplace mechanism; for Gaussian samplers and DP-SGD, Holohan &
@@ -181,6 +183,7 @@ class GaussianNoise:
         self.secure = bool(secure)
         self._gens: dict[str, list[torch.Generator]] = {}
         self._pending_states: dict[str, list[Tensor]] = {}
+        self._entropy_only = False  # set when a loaded state belonged to another stream
 
     # -- generators ----------------------------------------------------------
     @property
@@ -190,7 +193,7 @@ class GaussianNoise:
 
     def _words(self, name: str, j: int, n: int) -> np.ndarray:
         """``n`` random 32-bit words for generator ``j`` of device ``name``."""
-        if self.seed is None:
+        if self.seed is None or self._entropy_only:
             return np.frombuffer(secrets.token_bytes(4 * n), dtype=np.uint32).copy()
         code = int.from_bytes(name.encode(), "little")
         ss = np.random.SeedSequence(self.seed, spawn_key=(self.stream, code, j), pool_size=8)
@@ -315,10 +318,22 @@ class GaussianNoise:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue the noise streams of :meth:`state_dict` (also accepts the
-        one-generator-per-device states of earlier dpft versions)."""
-        self.seed = _check_seed(state.get("seed"))
-        self.stream = int(state.get("stream", self.stream))
+        one-generator-per-device states of earlier dpft versions).
+
+        A state saved by another stream (e.g. rank 0's engine state loaded on
+        every rank of a resumed distributed run) is not continued: that would
+        give this rank the same noise as the other one, and restarting this
+        rank's own seeded stream would repeat noise it already used.  The
+        generators are then keyed afresh from OS entropy (independent noise;
+        this rank's noise after the resume is not reproducible)."""
+        saved = state.get("stream")
         self._gens = {}
+        if saved is not None and int(saved) != self.stream:
+            self._pending_states = {}
+            self._entropy_only = True
+            return
+        self.seed = _check_seed(state.get("seed"))
+        self._entropy_only = False
         self._pending_states = {
             k: list(v) if isinstance(v, (list, tuple)) else [v] for k, v in state.get("states", {}).items()
         }
