@@ -244,59 +244,61 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, port, mode, out):
+def _run_rank(rank, mode):
+    n, b = 60, 6
+    strict = mode == "full-strict"
+    model, engine, opt = _engine(batch_size=b, sample_size=n, steps=100, strict=strict)
+    data = _task(n)
+    result = {"warned": False, "raised_at": None}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if mode == "poisson":
+            loader = dpft.data.poisson_loader(data, b, steps=80, seed=3)  # shards the global batch
+            for batch in loader:
+                _step(model, engine, opt, batch, physical=2)
+            engine.detach()
+        else:  # every rank: all its share of the data at every step (q = 1, told 0.1)
+            x, y = data.tensors
+            mine = (x[rank::W], y[rank::W])
+            for t in range(10):
+                try:
+                    _step(model, engine, opt, mine)
+                except SamplingMismatch:
+                    result["raised_at"] = t
+                    break
+    result["warned"] = any(issubclass(w.category, SamplingMismatchWarning) for w in caught)
+    result["steps"] = engine.sampling_check.steps
+    result["total"] = engine.sampling_check.total
+    return result
+
+
+def _worker(rank, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=W)
     torch.set_num_threads(1)
     try:
-        n, b = 60, 6
-        strict = mode == "full-strict"
-        model, engine, opt = _engine(batch_size=b, sample_size=n, steps=100, strict=strict)
-        data = _task(n)
-        result = {"warned": False, "raised_at": None}
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            if mode == "poisson":
-                loader = dpft.data.poisson_loader(data, b, steps=80, seed=3)  # shards the global batch
-                for batch in loader:
-                    _step(model, engine, opt, batch, physical=2)
-                engine.detach()
-            else:  # every rank: all its share of the data at every step (q = 1, told 0.1)
-                x, y = data.tensors
-                mine = (x[rank::W], y[rank::W])
-                for t in range(10):
-                    try:
-                        _step(model, engine, opt, mine)
-                    except SamplingMismatch:
-                        result["raised_at"] = t
-                        break
-        result["warned"] = any(issubclass(w.category, SamplingMismatchWarning) for w in caught)
-        result["steps"] = engine.sampling_check.steps
-        result["total"] = engine.sampling_check.total
-        torch.save(result, f"{out}/rank{rank}.pt")
+        results = {mode: _run_rank(rank, mode) for mode in ("poisson", "full-strict")}
+        torch.save(results, f"{out}/rank{rank}.pt")
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(tmp_path, mode):
-    mp.start_processes(_worker, args=(_port(), mode, str(tmp_path)), nprocs=W, join=True, start_method="spawn")
-    return [torch.load(f"{tmp_path}/rank{r}.pt") for r in range(W)]
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
-def test_distributed_poisson_loader_never_warns(tmp_path):
-    r0, r1 = _spawn(tmp_path, "poisson")
-    assert not r0["warned"] and not r1["warned"]
-    # both ranks checked the same global counts (the last one at detach)
-    assert r0["steps"] == r1["steps"] == 80 and r0["total"] == r1["total"]
+def test_distributed(tmp_path):
+    """Data parallel (gloo, 2 ranks, one launch for both cases): the Poisson
+    loader (each rank its share of the global batch, physical chunks) never
+    warns and both ranks check the same global counts; a full-batch loader
+    raises on both ranks at the same step."""
+    mp.start_processes(_worker, args=(_port(), str(tmp_path)), nprocs=W, join=True, start_method="spawn")
+    r0, r1 = [torch.load(f"{tmp_path}/rank{r}.pt") for r in range(W)]
+    p0, p1 = r0["poisson"], r1["poisson"]
+    assert not p0["warned"] and not p1["warned"]
+    assert p0["steps"] == p1["steps"] == 80 and p0["total"] == p1["total"]  # the last one at detach
+    f0, f1 = r0["full-strict"], r1["full-strict"]
+    assert f0["raised_at"] is not None and f0["raised_at"] == f1["raised_at"]
+    assert f0["total"] == f1["total"] == 60 * f0["raised_at"]  # the global count, read a step late
 
-
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
-def test_distributed_full_batch_raises_on_every_rank_at_the_same_step(tmp_path):
-    r0, r1 = _spawn(tmp_path, "full-strict")
-    assert r0["raised_at"] is not None and r0["raised_at"] == r1["raised_at"]
-    assert r0["total"] == r1["total"] == 60 * r0["raised_at"]  # the global count, read a step late
 
 
 def test_the_documented_under_count_example():
