@@ -351,3 +351,126 @@ def test_fused_ghost_norm_on_a_device_that_is_not_current():
     assert got.device == a.device
     want = torch.einsum("ntd,ntp->ndp", a.double(), g.double()).flatten(1).pow(2).sum(1)
     assert float(((got.double() - want).abs() / want).max()) < 1e-6
+
+
+# --------------------------------------------------------------------------
+# noise generators on the GPU (Philox): full key and offset, exact round trip
+
+
+def _cuda_noise(seed, n=4096, **kw):
+    from dpft.noise import GaussianNoise
+
+    t = torch.zeros(n, device="cuda")
+    GaussianNoise(seed, **kw).add_([t], 1.0)
+    return t.cpu()
+
+
+@pytest.mark.parametrize("bit", [32, 63, 64, 100, 200])
+def test_cuda_seeds_differing_only_in_high_bits_give_different_noise(bit):
+    s = 0x1234_5678
+    assert not torch.equal(_cuda_noise(s), _cuda_noise(s + 2**bit))
+    assert torch.equal(_cuda_noise(s + 2**bit), _cuda_noise(s + 2**bit))
+
+
+def test_cuda_default_generator_is_keyed_and_offset_from_os_entropy(monkeypatch):
+    """Without a seed the CUDA generator's Philox key (64 bits) and counter
+    offset (62 bits, a multiple of 4) come from ``secrets``, as independent
+    words, and the generator's state is exactly that."""
+    import secrets
+    import struct
+
+    import numpy as np
+
+    import dpft.noise
+
+    taken = []
+    real = secrets.token_bytes
+
+    def spy(n):
+        b = real(n)
+        taken.append(b)
+        return b
+
+    monkeypatch.setattr(dpft.noise.secrets, "token_bytes", spy)
+    g = dpft.noise.GaussianNoise().generator(torch.device("cuda"))
+    assert len(taken) == 1 and len(taken[0]) == 16
+    w = [int(x) for x in np.frombuffer(taken[0], dtype=np.uint32)]
+    key, offset = struct.unpack("<QQ", bytes(g.get_state().numpy()))
+    assert key == w[0] | w[1] << 32
+    assert offset == 4 * ((w[2] | w[3] << 32) >> 2) and offset % 4 == 0
+    assert g.initial_seed() == key
+
+
+def test_cuda_philox_key_and_offset_both_matter():
+    from dpft.noise import philox_state
+
+    def draw(key, offset):
+        g = torch.Generator(device="cuda")
+        g.set_state(philox_state(key, offset))
+        return torch.randn(1000, device="cuda", generator=g).cpu()
+
+    base = draw(2**63 + 5, 4 * 2**50)
+    assert torch.equal(base, draw(2**63 + 5, 4 * 2**50))
+    assert not torch.equal(base, draw(5, 4 * 2**50))  # high key bit
+    assert not torch.equal(base, draw(2**63 + 5, 4 * 2**50 + 2**40))  # high offset bits
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_cuda_state_round_trip(secure):
+    from dpft.noise import GaussianNoise
+
+    a = GaussianNoise(secure=secure)
+    a.add_([torch.zeros(10_000, device="cuda")], 1.0)
+    b = GaussianNoise(secure=secure)
+    b.load_state_dict(a.state_dict())
+    ta, tb = torch.zeros(10_000, device="cuda"), torch.zeros(10_000, device="cuda")
+    a.add_([ta], 2.0, divide=3)
+    b.add_([tb], 2.0, divide=3)
+    assert torch.equal(ta, tb)
+
+
+def test_cuda_secure_mode_sum_and_single_rounding():
+    from dpft.noise import SECURE_DRAWS, GaussianNoise
+
+    alpha, divide = 0.9, 16
+    t = torch.linspace(-2.0, 2.0, 1_000_000, device="cuda")
+    out = t.clone()
+    GaussianNoise(3, secure=True).add_([out], alpha, divide=divide)
+    gens = GaussianNoise(3, secure=True).generators(torch.device("cuda"))
+    assert len(gens) == SECURE_DRAWS
+    z = sum(torch.empty(t.numel(), device="cuda", dtype=torch.float64).normal_(0.0, alpha / 2, generator=g)
+            for g in gens)
+    assert torch.equal(out, ((t.double() + z) / divide).float())
+    noise = (out.double() * divide - t.double()) / alpha
+    assert abs(float(noise.std()) - 1.0) < 0.01 and abs(float(noise.mean())) < 0.01
+
+
+def test_cuda_engine_resume_gives_the_same_noise():
+    import torch.nn as nn
+
+    def make():
+        torch.manual_seed(0)
+        model = nn.Linear(3, 300).cuda()
+        dpft.bitfit(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            engine = dpft.PrivacyEngine(model, batch_size=4, sample_size=40, steps=10, noise_multiplier=1.0,
+                                        poisson=False)
+        opt = torch.optim.SGD([model.bias], lr=1.0)
+        engine.attach(opt)
+        return model, engine, opt
+
+    def step(model, opt):
+        model(torch.ones(4, 3, device="cuda")).sum().mul(0).backward()
+        opt.step()
+        opt.zero_grad()
+
+    m1, e1, o1 = make()
+    step(m1, o1)
+    m2, e2, o2 = make()
+    e2.load_state_dict(e1.state_dict())
+    with torch.no_grad():
+        m2.bias.copy_(m1.bias)
+    step(m1, o1)
+    step(m2, o2)
+    assert torch.equal(m1.bias, m2.bias)

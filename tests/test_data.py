@@ -335,3 +335,18 @@ def test_split_physical_of_empty_loader_batch_yields_nothing():
     ds = xy_dataset(10)
     (batch,) = list(poisson_loader(ds, 1, sample_rate=1e-9, steps=1, seed=0))
     assert list(split_physical(batch, 4)) == []
+
+
+@pytest.mark.parametrize("bit", [32, 64, 128, 255])
+def test_seeds_differing_only_in_high_bits_give_different_batches(bit):
+    """Batches come from full MT19937 states, not from ``manual_seed`` (which
+    keeps 32 bits on the CPU): seeds differing only in a high bit differ, and
+    the shuffled loader's order too."""
+    s = 987_654_321
+    a = PoissonBatchSampler(1000, batch_size=100, seed=s)
+    b = PoissonBatchSampler(1000, batch_size=100, seed=s + 2**bit)
+    assert a.batch(0, 0) != b.batch(0, 0)
+    assert a.batch(0, 0) == PoissonBatchSampler(1000, batch_size=100, seed=s).batch(0, 0)
+    ds = TensorDataset(torch.arange(64))
+    first = [next(iter(shuffled_loader(ds, 8, seed=x)))[0].tolist() for x in (s, s + 2**bit)]
+    assert first[0] != first[1]

@@ -106,7 +106,7 @@ def test_one_step_equals_engine_poisson(tmp_path):
     data = _cls_data()
     model = _bert()
     init = copy.deepcopy(model)
-    args = _args(tmp_path, per_device_train_batch_size=3, gradient_accumulation_steps=2, seed=7)
+    args = _args(tmp_path, per_device_train_batch_size=3, gradient_accumulation_steps=2, seed=7, data_seed=7)
     trainer = DPTrainer(model=model, args=args, train_dataset=data, noise_multiplier=0.0, max_grad_norm=R)
     trainer.train()
     sampler = trainer.dp_train_dataloader.batch_sampler

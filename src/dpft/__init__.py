@@ -14,6 +14,7 @@ from .engine import PrivacyEngine
 from .methods import sparta
 from .methods.bitfit import bitfit
 from .rules import register_rule
+from .sampling_check import SamplingMismatch, SamplingMismatchWarning
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,8 @@ __all__ = [
     "BatchNormError",
     "PrivacyBudgetExceeded",
     "PrivacyEngine",
+    "SamplingMismatch",
+    "SamplingMismatchWarning",
     "UnsupportedModuleError",
     "accounting",
     "bitfit",

@@ -418,9 +418,12 @@ class Ledger:
 
     _CACHE_SIZE = 64
 
-    def __init__(self, segments: Iterable[Sequence[Any]] = ()) -> None:
+    def __init__(self, segments: Iterable[Sequence[Any]] = (), caveats: Iterable[str] = ()) -> None:
         self._segments: list[Segment] = []
+        self._caveats: list[str] = []
         self._cache: OrderedDict[tuple[Any, ...], float] = OrderedDict()
+        for text in caveats:
+            self.add_caveat(text)
         for seg in segments:
             if len(seg) != 3:
                 raise ValueError(f"segments must hold (noise_multiplier, sample_rate, steps) triples, got {seg!r}")
@@ -434,6 +437,21 @@ class Ledger:
         q = _check_sample_rate(sample_rate)
         n = _check_steps(steps)
         self._segments = _merged(self._segments, (sigma, q, n))
+
+    def add_caveat(self, text: str) -> None:
+        """Attach a label to every ε this ledger reports: a condition the
+        accountant's assumptions did not meet (e.g. "assumes Poisson sampling;
+        the batches were not Poisson-sampled").  Kept once, in order."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"a caveat must be a non-empty string, got {text!r}")
+        if text not in self._caveats:
+            self._caveats.append(text)
+
+    @property
+    def caveats(self) -> tuple[str, ...]:
+        """The labels of :meth:`add_caveat`: empty when ε rests only on the
+        accountant's own assumptions (Poisson subsampled Gaussian steps)."""
+        return tuple(self._caveats)
 
     @property
     def steps(self) -> int:
@@ -498,6 +516,7 @@ class Ledger:
             "noise_multipliers": [s for s, _, _ in self._segments],
             "sample_rates": [q for _, q, _ in self._segments],
             "steps": [n for _, _, n in self._segments],
+            "caveats": list(self._caveats),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -508,10 +527,11 @@ class Ledger:
             raise ValueError(f"state is not a Ledger state_dict: {state!r}") from exc
         if not (len(sigmas) == len(rates) == len(steps)):
             raise ValueError(f"state has lists of different lengths: {state!r}")
-        fresh = Ledger()
+        fresh = Ledger(caveats=state.get("caveats", ()))
         for s, q, n in zip(sigmas, rates, steps):
             fresh.record(s, q, n)
         self._segments = fresh._segments
+        self._caveats = fresh._caveats
         self._cache.clear()
 
     @classmethod
@@ -525,6 +545,7 @@ class Ledger:
         """An independent copy (the cache is shared-nothing but pre-filled)."""
         other = Ledger()
         other._segments = list(self._segments)
+        other._caveats = list(self._caveats)
         other._cache = OrderedDict(self._cache)
         return other
 
@@ -536,6 +557,8 @@ class Ledger:
     __hash__ = None  # type: ignore[assignment]  # mutable
 
     def __repr__(self) -> str:
+        if self._caveats:
+            return f"Ledger({self._segments!r}, caveats={self._caveats!r})"
         return f"Ledger({self._segments!r})"
 
 

@@ -20,6 +20,11 @@ Two layers:
   white-box gradient canaries, runs the attack and returns an
   :class:`AuditResult` with the certified lower bound next to the engine's
   own claimed ε for exactly the steps run.
+* :func:`distinguishing_audit` (in :mod:`dpft.audit_trials`): the classical
+  many-trial test, with up to 10^5 or more independent trials per world,
+  threshold tests and Clopper–Pearson bounds; it does not saturate like the
+  one-run bound and catches subtler bugs (noise of half the claimed σ).
+  ``dpft audit`` runs both.
 
 The bound (Steinke, Nasr & Jagielski, "Privacy Auditing with One (1)
 Training Run", NeurIPS 2023, arXiv:2305.08846)
@@ -79,10 +84,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from .audit_trials import DistinguishingResult, distinguishing_audit
+
 __all__ = [
     "AuditResult",
+    "DistinguishingResult",
     "MODES",
     "SCORES",
+    "distinguishing_audit",
     "epsilon_lower_bound",
     "one_run_audit",
     "one_run_p_value",
@@ -730,10 +739,11 @@ def add_cli_parser(subparsers: Any) -> Any:
     """Add the ``audit`` subcommand to ``dpft``'s argparse subparsers."""
     a = subparsers.add_parser(
         "audit",
-        help="empirical ε lower bound of your engine settings (one-run audit)",
-        description="Train a small canary task with a PrivacyEngine configured like yours and "
-        "report the ε lower bound that a one-run audit (Steinke, Nasr & Jagielski 2023) "
-        "certifies, next to the engine's claimed ε. A lower bound above the claim means a "
+        help="empirical ε lower bounds of your engine settings (one-run + many-trial audits)",
+        description="Train small canary tasks with a PrivacyEngine configured like yours and "
+        "report the ε lower bounds that a one-run audit (Steinke, Nasr & Jagielski 2023) and a "
+        "many-trial distinguishing test (gradient canaries, Clopper-Pearson bounds; --trials) "
+        "certify, next to the engine's claimed ε. A lower bound above the claim means a "
         "privacy bug; one below it proves nothing about privacy. Exit code 1 on a violation.",
     )
     a.add_argument("--mode", choices=MODES, default="bitfit", help="what trains (default bitfit)")
@@ -757,6 +767,11 @@ def add_cli_parser(subparsers: Any) -> Any:
     a.add_argument("--guesses", default="auto",
                    help="'auto' (default), 'wide', or K_IN,K_OUT: canaries guessed in / out")
     a.add_argument("--score", choices=SCORES, default="llr", help="default llr")
+    a.add_argument("--trials", type=int, default=50_000,
+                   help="distinguishing test: independent trials per world (canary present / absent; "
+                   "default 50000; 0 skips the test)")
+    a.add_argument("--trials-task", choices=("embedding", "bitfit", "full", "sparta"), default="embedding",
+                   help="distinguishing test's canary task (default embedding: cost linear in the trials)")
     a.add_argument("--seed", type=int, help="seed everything (default: OS entropy)")
     a.add_argument("--json", action="store_true", help="print the result as one JSON object")
     return a
@@ -797,8 +812,39 @@ def run_cli(ns: Any) -> int:
             score=ns.score,
             seed=ns.seed,
         )
+        trials = None
+        if ns.trials:
+            from .audit_trials import distinguishing_audit
+
+            trials = distinguishing_audit(
+                ns.trials_task,
+                target_epsilon=ns.epsilon,
+                noise_multiplier=ns.sigma,
+                steps=ns.steps,
+                epochs=ns.epochs,
+                batch_size=ns.batch_size,
+                sample_size=ns.sample_size,
+                target_delta=ns.delta,
+                max_grad_norm=ns.max_grad_norm,
+                clipping_fn=ns.clipping_fn,
+                clipping_style=ns.clipping_style,
+                clipping_mode=ns.clipping_mode,
+                accountant=ns.accountant,
+                trials=ns.trials,
+                confidence=ns.confidence,
+                score=ns.score,
+                seed=None if ns.seed is None else int(np.random.SeedSequence([ns.seed, 1]).generate_state(1)[0]),
+            )
     except ValueError as e:
         print(f"dpft audit: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(result.as_dict()) if ns.json else result.summary())
-    return 1 if result.violation else 0
+    if ns.json:
+        out = result.as_dict()
+        if trials is not None:
+            out["distinguishing"] = trials.as_dict()
+        print(json.dumps(out))
+    else:
+        print(result.summary())
+        if trials is not None:
+            print(trials.summary())
+    return 1 if result.violation or (trials is not None and trials.violation) else 0

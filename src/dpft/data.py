@@ -53,9 +53,20 @@ def _check_positive_int(x: Any, name: str) -> int:
     return int(x)
 
 
+def _mt_state(seed: int, key: tuple[int, ...] = ()) -> torch.Tensor:
+    """A full MT19937 state (624 words) for a CPU ``torch.Generator``, expanded
+    from ``seed`` and ``key`` by ``numpy.random.SeedSequence`` (256-bit pool).
+    ``manual_seed`` would keep only 32 bits on the CPU: every batch would then be
+    one of 2^32 possible batches, which a strong adversary could enumerate."""
+    from .noise import mt19937_state
+
+    words = np.random.SeedSequence(seed, spawn_key=key, pool_size=8).generate_state(624, np.uint32)
+    return mt19937_state(words)
+
+
 def _check_seed(x: Any) -> int:
     if x is None:
-        return secrets.randbits(128)
+        return secrets.randbits(256)
     if not isinstance(x, numbers.Integral) or isinstance(x, bool) or x < 0:
         raise ValueError(f"seed must be a non-negative integer or None, got {x!r}")
     return int(x)
@@ -85,7 +96,7 @@ def _shared_seed() -> int:
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("with world_size > 1 and no initialized process group, pass the same seed on every rank")
-    box = [secrets.randbits(128) if dist.get_rank() == 0 else None]
+    box = [secrets.randbits(256) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return int(box[0])  # type: ignore[arg-type]
 
@@ -100,13 +111,15 @@ class PoissonBatchSampler(Sampler[list[int]]):
         batch_size: expected batch size B; then ``q = B / N`` (needs B <= N).
         steps: batches per iteration (one "epoch" of the sampler); default
             ``round(1 / q)``, i.e. one expected pass over the data.
-        seed: non-negative integer for reproducible batches; default: 128
-            bits from the OS (``secrets``).
+        seed: non-negative integer for reproducible batches (all its bits
+            are used); default: 256 bits from the OS (``secrets``).
 
     Each iteration yields ``steps`` lists of indices (sorted, possibly
     empty); ``len(sampler) == steps``.  Batch ``i`` of iteration ``e`` is drawn
-    with a ``torch.Generator`` seeded from ``numpy.random.SeedSequence(seed,
-    spawn_key=(e, i))``, so every batch is a pure function of
+    with a CPU ``torch.Generator`` whose whole MT19937 state (624 words) comes
+    from ``numpy.random.SeedSequence(seed, spawn_key=(e, i), pool_size=8)``
+    (not ``manual_seed``, which keeps 32 bits on the CPU and would make each
+    batch one of only 2^32 possible ones), so every batch is a pure function of
     ``(seed, e, i)``: the state is just ``(seed, epoch, position)``, resuming
     is O(1) (no replay), and it does not depend on how far a ``DataLoader``
     prefetched.  Inclusion is ``torch.rand(N, dtype=float64) < q``: O(N) per
@@ -178,10 +191,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
 
     def batch(self, epoch: int, index: int) -> list[int]:
         """Batch ``index`` of iteration ``epoch`` (a pure function of the seed)."""
-        state = np.random.SeedSequence(self.seed, spawn_key=(int(epoch), int(index))).generate_state(
-            2, np.uint32
-        )
-        self._generator.manual_seed(int(state[0]) << 32 | int(state[1]))
+        self._generator.set_state(_mt_state(self.seed, (int(epoch), int(index))))
         u = torch.rand(self.num_samples, generator=self._generator, dtype=torch.float64)
         idx = torch.nonzero(u < self.sample_rate).flatten()
         if self.world_size > 1:
@@ -377,7 +387,7 @@ def shuffled_loader(
             raise ValueError(f"shuffled_loader does not accept {key}=; got {key}={kw[key]!r}")
     b = _check_positive_int(batch_size, "batch_size")
     generator = torch.Generator()
-    generator.manual_seed(_check_seed(seed) % (1 << 64))
+    generator.set_state(_mt_state(_check_seed(seed)))
     return DataLoader(dataset, batch_size=b, shuffle=True, drop_last=True, generator=generator, **kw)
 
 

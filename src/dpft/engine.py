@@ -32,6 +32,8 @@ from .methods.sparta import compact_rows
 from .methods.sparta import reattach as sparta_reattach
 from .methods.sparta import row_masks as sparta_masks
 from .noise import GaussianNoise
+from .sampling_check import NON_POISSON_CAVEAT, MISMATCH_CAVEAT, SamplingCheck, SamplingMismatch
+from .sampling_check import warn as _warn_sampling
 from .privatize import ClippedSum
 from .rules.base import Contribution
 
@@ -86,7 +88,28 @@ class PrivacyEngine:
         loss_reduction: ``"mean"`` (each backward is of the mean loss over its
             physical batch) or ``"sum"``.
         on_budget_exceeded: ``"raise"`` (default) or ``"warn"``.
-        noise_seed: seed of the noise generator (default: OS entropy).
+        noise_seed: seed of the noise generator, for reproducible
+            experiments, never for a release: the noise is exactly as secret
+            as the seed (all its bits are used).  Default: every generator's
+            full state from OS entropy (:mod:`dpft.noise`).  A checkpoint
+            holding :meth:`state_dict` reveals the noise still to come: keep it
+            as private as the data.
+        secure_mode: draw each noise value as the sum of 4 independent float64
+            draws (each from its own generator) and round the noisy gradient
+            once, a mitigation of floating-point attacks on Gaussian sampling
+            (:mod:`dpft.noise`); the noise is still exactly ``N(0, sigma^2 R^2)``
+            in real arithmetic, so the accounting is unchanged.  Costs four
+            float64 draws per value instead of one draw (README: measured cost).
+        poisson: ``True`` (default): the batches are Poisson-sampled (e.g. by
+            :func:`dpft.data.poisson_loader`), as the accountant assumes, and
+            the engine checks the number of examples of each step against it
+            (:mod:`dpft.sampling_check`).  ``False`` accepts fixed-size
+            (shuffled) batches explicitly: ε is then still the Poisson ε and is
+            labelled as such (:attr:`epsilon_caveat`).
+        strict: raise :class:`dpft.sampling_check.SamplingMismatch` (before the
+            step is applied) when the batches do not match the sampling the
+            accountant assumes, instead of a
+            :class:`~dpft.sampling_check.SamplingMismatchWarning`.
         ledger: continue an existing :class:`dpft.accounting.Ledger` (e.g. the
             previous phase of a schedule): ``epsilon`` is then the total.
         epsilon_budget: with ``noise_multiplier``, a hard budget on the total
@@ -140,6 +163,9 @@ class PrivacyEngine:
         ledger: Ledger | None = None,
         epsilon_budget: float | None = None,
         distributed: bool | None = None,
+        secure_mode: bool = False,
+        poisson: bool = True,
+        strict: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise _bad("model", model, "a torch.nn.Module")
@@ -272,9 +298,18 @@ class PrivacyEngine:
                 self._group = self.params[self._sharded[0]].device_mesh.get_group()
             self.world_size = dist.get_world_size(self._group)
             self.rank = dist.get_rank(self._group)
-        if noise_seed is not None and self.world_size > 1:
-            noise_seed = (int(noise_seed) * 1_000_003 + self.rank) % (2**63)  # independent per rank
-        self.noise = GaussianNoise(noise_seed)
+        for name, flag in (("secure_mode", secure_mode), ("poisson", poisson), ("strict", strict)):
+            if not isinstance(flag, bool):
+                raise _bad(name, flag, "True or False")
+        self.secure_mode, self.poisson, self.strict = secure_mode, poisson, strict
+        # independent noise per rank (the stream), whether seeded or not
+        self.noise = GaussianNoise(noise_seed, stream=self.rank, secure=secure_mode)
+        self.sampling_check = SamplingCheck(sample_size, self.sample_rate, batch_size, poisson=poisson)
+        if not poisson:
+            self.ledger.add_caveat(NON_POISSON_CAVEAT)
+        self._seen = 0  # examples of the step being accumulated (this rank)
+        self._sampling_warned = False
+        self._count_pending: tuple[torch.Tensor, Any] | None = None  # a step's all-reduced count, not yet read
         self._optimizer: torch.optim.Optimizer | None = None
         self._orig: dict[str, Any] = {}
         self._empty_batches = 0
@@ -332,8 +367,7 @@ class PrivacyEngine:
             return engine_step(orig_step, closure)
 
         def zero_grad(set_to_none: bool = True) -> None:
-            self._sum.reset()
-            self._empty_batches = 0
+            self._clear_step()
             orig_zero(set_to_none=set_to_none)
 
         step.__dpft__ = True  # type: ignore[attr-defined]
@@ -362,10 +396,18 @@ class PrivacyEngine:
             opt.__dict__.update(self._orig)
         self._optimizer = None
         self._attached = False
-        self._sum.reset()
+        self._clear_step()
+        self._read_pending_count(final=True)
 
     # -- the flow -----------------------------------------------------------
+    def _clear_step(self) -> None:
+        """Forget what was accumulated for the next step."""
+        self._sum.reset()
+        self._empty_batches = 0
+        self._seen = 0
+
     def _on_backward(self, contributions: dict[str, list[Contribution]], batch_size: int, lane=None) -> None:
+        self._seen += int(batch_size)
         scale = float(batch_size) if self.loss_reduction == "mean" else 1.0
         self._sum.add(contributions, batch_size, scale, lane)
 
@@ -442,6 +484,59 @@ class PrivacyEngine:
                 )
         self._dropped = pending
 
+    def _check_sampling(self) -> None:
+        """Feed the number of examples of the step about to be taken to
+        :attr:`sampling_check`; warn, or raise under ``strict`` (before the
+        step is applied), when the batches do not match the sampling the
+        accountant assumes.  Distributed: the count is all-reduced (one
+        integer) and read at the next step, so no rank waits for the device;
+        every rank sees the same counts and so takes the same decision."""
+        if self.world_size > 1 or self._sharded:
+            self._read_pending_count()
+            dev = next(iter(self.params.values())).device
+            count = torch.full((1,), self._seen, dtype=torch.int64, device=dev)
+            torch.distributed.all_reduce(count, group=self._group)
+            if count.device.type == "cuda":
+                host = torch.empty(1, dtype=torch.int64, pin_memory=True)
+                host.copy_(count, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                self._count_pending = (host, event)
+            else:
+                self._count_pending = (count, None)
+            return
+        self._observe_count(self._seen)
+
+    def _read_pending_count(self, final: bool = False) -> None:
+        pending, self._count_pending = self._count_pending, None
+        if pending is None:
+            return
+        host, event = pending
+        if event is not None:
+            event.synchronize()
+        self._observe_count(int(host), final=final)
+
+    def _observe_count(self, count: int, final: bool = False) -> None:
+        msg = self.sampling_check.observe(count)
+        if msg is None:
+            return
+        self.ledger.add_caveat(MISMATCH_CAVEAT)  # the steps already taken were accounted for the wrong sampling
+        if self.strict and not final:
+            raise SamplingMismatch(msg + " (Nothing was changed by this step.)")
+        if not self._sampling_warned:
+            self._sampling_warned = True
+            _warn_sampling(msg, stacklevel=6)
+
+    @property
+    def epsilon_caveat(self) -> str | None:
+        """``None`` when the reported ε rests only on the accountant's own
+        assumptions (Poisson sampling at rate ``sample_rate``), else a label
+        to print next to ε: the batches were declared not Poisson
+        (``poisson=False``), or the sampling check found them not to match
+        (see :mod:`dpft.sampling_check`).  Kept in the ledger, so it carries
+        over to later phases and checkpoints."""
+        return "; ".join(self.ledger.caveats) or None
+
     def _check_finite(self) -> None:
         if self._sum.drop_nonfinite:  # nothing to refuse: the bad examples were left out on the device
             taken = self._sum.take_flag()
@@ -459,8 +554,7 @@ class PrivacyEngine:
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self._group)
             flag = t
         if flag is not None and (bool(flag) if distributed else self._sum.nonfinite_now()):
-            self._sum.reset()
-            self._empty_batches = 0
+            self._clear_step()
             for p in self.params.values():
                 p.grad = None  # no gradient of the refused step (autograd's own bias gradients included)
             raise FloatingPointError(
@@ -554,6 +648,7 @@ class PrivacyEngine:
             raise RuntimeError("dpft: release() called without a backward() since the last step")
         self._check_budget()
         self._check_finite()
+        self._check_sampling()
         totals = self._sum.totals()
         sigma_r = self.noise_multiplier * self.max_grad_norm
         out: dict[str, torch.Tensor] = {}
@@ -569,8 +664,7 @@ class PrivacyEngine:
             t = out[k]
             out[k] = t * rm.to(t.device).view_for(t)
         self.ledger.record(self.noise_multiplier, self.sample_rate, 1)
-        self._sum.reset()
-        self._empty_batches = 0
+        self._clear_step()
         return out
 
     def _privatize_distributed(self, sigma_r: float) -> None:
@@ -652,9 +746,9 @@ class PrivacyEngine:
             )
         self._check_budget()
         self._check_finite()
+        self._check_sampling()
         self.privatize()
-        self._sum.reset()
-        self._empty_batches = 0
+        self._clear_step()
         compact = compact_rows(self._optimizer) if self.row_masks else {}
         frozen_rows = [
             (p, rm, p.detach().index_select(rm.dim, rm.unselected.to(p.device)))
@@ -689,4 +783,6 @@ class PrivacyEngine:
             if not math.isclose(float(state[k]), mine, rel_tol=1e-12):
                 raise ValueError(f"engine state has {k}={state[k]!r}, this engine has {mine!r}")
         self.ledger.load_state_dict(state["ledger"])
+        if not self.poisson:
+            self.ledger.add_caveat(NON_POISSON_CAVEAT)
         self.noise.load_state_dict(state["noise"])

@@ -39,10 +39,13 @@ What changes compared with ``Trainer``:
   of at most ``per_device_train_batch_size`` examples inside
   :meth:`training_step` (the Trainer's own gradient accumulation is set to 1,
   so one Trainer "step" is one logical batch); an empty batch is declared to
-  the engine (noise-only step).  The sampling seed is ``args.data_seed`` or
-  ``args.seed``.  With ``poisson=False`` the Trainer's usual shuffled
-  fixed-size batches are used and a warning says that ε is then the Poisson
-  ε reported by convention, not a guarantee.
+  the engine (noise-only step).  The sampling seed is ``args.data_seed`` when
+  set (reproducible, for experiments), else drawn from OS entropy: subsampling
+  amplifies privacy only while the batches stay secret, so the public
+  ``args.seed`` (42 by default) is never used for them.  With ``poisson=False``
+  the Trainer's usual shuffled fixed-size batches are used, a warning says that
+  ε is then the Poisson ε reported by convention, not a guarantee, and the
+  engine labels it so (``trainer.dp_engine.epsilon_caveat``).
 * ``epsilon`` (spent so far, at ``target_delta``) is added to every log.
 * **Checkpoints**: every ``checkpoint-N/`` folder the Trainer writes also
   holds ``dpft_state.pt``: the privacy ledger, the noise generator and the
@@ -253,6 +256,7 @@ class DPTrainer(Trainer):
             clipping_style=clipping_style,
             accountant=accountant,
             noise_seed=noise_seed,
+            poisson=self.poisson,
         )
         self.dp_engine: PrivacyEngine | None = None
         self.dp_train_dataloader = None
@@ -274,7 +278,7 @@ class DPTrainer(Trainer):
         else:
             collator = self._get_collator_with_removed_columns(collator, description="training")
         n = len(dataset)
-        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        seed = self.args.data_seed  # None: OS entropy (args.seed is public, the batches must not be)
         kw: dict[str, Any] = {"num_workers": self.args.dataloader_num_workers, "pin_memory": self.args.dataloader_pin_memory}
         if self.args.dataloader_num_workers > 0:
             kw["persistent_workers"] = self.args.dataloader_persistent_workers
