@@ -30,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 from .rules import BUILTIN, FALLBACK, PARAMETRIZED, Call, Contribution, Direct, Rule, find_rule
 from . import norms
-from .norms import acc_dtype_of, instantiation_fits, instantiation_pays, prefer_ghost
+from .norms import acc_dtype_of, instantiation_frees, instantiation_pays, prefer_ghost
 from .precision import full_fp32
 from .rules.base import HALF, Factored, UnsupportedModuleError, clear_half_copies
 from .rules.embedding import check_embedding
@@ -797,7 +797,7 @@ class Capture:
         much less for long sequences.  Same kernels, same result.
 
         Under activation checkpointing (``key`` ends with True) also wherever
-        :func:`~dpft.norms.instantiation_fits`: the alternative keeps the
+        :func:`~dpft.norms.instantiation_frees` memory: the alternative keeps the
         layer's input and output gradient to the end of the backward pass,
         while the non-private run frees them with the segment's activations
         (DP-LoRA's per-example gradients, ``r x d``, are far smaller)."""
@@ -814,7 +814,7 @@ class Capture:
             now = b.early_by_shape[key] = isinstance(c, Factored) and (
                 self.norm_mode == "instantiate"
                 or not prefer_ghost([c])
-                or (len(key) == 3 and instantiation_fits(c))
+                or (len(key) == 3 and instantiation_frees(c, acc_dtype_of(self._param(b.keys[local]).dtype)))
                 or (self.book_keeping and instantiation_pays(c, kept=self._kept_numel(call)))
             )
         if not now or not isinstance(c, Factored):
