@@ -32,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 
 from .rules import BUILTIN, ESCALATED, FALLBACK, PARAMETRIZED, Call, Contribution, Direct, Rule, find_rule
 from . import norms
-from .norms import acc_dtype_of, instantiation_pays, prefer_ghost
+from .norms import acc_dtype_of, instantiation_frees, instantiation_pays, prefer_ghost
 from .precision import full_fp32
 from .rules.base import HALF, Factored, UnsupportedModuleError, clear_half_copies
 from .rules.embedding import EmbeddingRule, check_embedding
@@ -201,6 +201,41 @@ class _Tap(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         return grad, None
+
+
+def _saving_hooks_active() -> bool:
+    """Whether saved-tensor hooks (:class:`torch.autograd.graph.saved_tensors_hooks`)
+    decide how autograd keeps the tensors saved now: non-reentrant activation
+    checkpointing (``torch.utils.checkpoint(..., use_reentrant=False)``, the
+    default of Hugging Face's ``gradient_checkpointing_enable``) in its
+    forward and its recomputation, or ``save_on_cpu`` offloading.  Where torch
+    does not say, False (the inputs are kept as usual)."""
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    except (AttributeError, TypeError, RuntimeError):  # pragma: no cover - another torch
+        return False
+
+
+class _Pack(torch.autograd.Function):
+    """Saves a layer's captured inputs as autograd saves its own tensors,
+    through the active saved-tensor hooks: under non-reentrant activation
+    checkpointing nothing is kept in the forward pass, and reading them back
+    in the backward pass (``out.grad_fn.saved_tensors``) returns the
+    recomputed values, like every tensor the segment's backward reads.  The
+    recomputation packs the same tensors in the same order, so checkpoint's
+    count of saved tensors matches.  ``anchor`` (a scalar leaf that requires
+    grad) makes autograd record the node; its output feeds nothing, so its
+    backward never runs."""
+
+    @staticmethod
+    def forward(ctx: Any, anchor: Tensor, *tensors: Tensor) -> Tensor:
+        ctx.save_for_backward(*tensors)
+        ctx.count = len(tensors)
+        return anchor.new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, ...]:  # pragma: no cover - never reached
+        return (None,) * (1 + ctx.count)
 
 
 def _add_grad_hook(t: Tensor, fn: Callable[[Tensor], None]) -> None:
@@ -569,6 +604,16 @@ class Capture:
         self.batch_size = None
         self._anchors.clear()
         self._stash, self._pending = {}, {}
+        if self._active():
+            # the end-of-backward callback belongs to the backward pass that
+            # starts from the model's output: queued by the first hook to
+            # fire, which under reentrant activation checkpointing may run in
+            # the nested backward pass of the last segment (when nothing
+            # outside the segments trains, e.g. LoRA with frozen embeddings
+            # and head); queued there, it would clip each segment on its own
+            for t in _flat_tensors(output):
+                if t is not None and t.requires_grad and t.grad_fn is not None:
+                    _add_grad_hook(t, self._on_output_grad)
         if self._off:
             for p in self._off:
                 p.requires_grad_(True)
@@ -692,12 +737,24 @@ class Capture:
         elif self._passes < self.check_passes and self.batch_size is not None and output.requires_grad:
             self._anchors.append(output)
         call = Call(module, b.rule, n, rows=rows)
+        # under activation checkpointing (a recomputation by reentrant
+        # checkpointing runs outside the model's forward; non-reentrant
+        # checkpointing saves through its hooks) the weight's per-example
+        # gradient is built as soon as its output gradient arrives wherever
+        # it fits (see ``_instantiate_early``): the layer's captures are then
+        # freed with the segment's activations, not kept to the end of the pass
+        ckpt = self.batch_size is None
         if b.needs_save:
             try:
                 b.rule.save(call, module, args, output, b.params)
             except (IndexError, TypeError, ValueError) as e:
                 raise _named(b, e) from e
-        if (b.early and self.book_keeping and args and isinstance(args[0], Tensor)
+            if call.versions and _saving_hooks_active():
+                self._pack(call, output)
+                ckpt = True
+        if ckpt and b.early:
+            call.saved["ckpt"] = True
+        elif (b.early and self.book_keeping and args and isinstance(args[0], Tensor)
                 and (output.shape, output.dtype) not in b.early_by_shape):
             # counted only while this layer's choice for this shape is open (it
             # is made once, in the backward hook); an id is unique while the
@@ -710,6 +767,20 @@ class Capture:
         call.handler, call.binding = self._handler, b
         _add_grad_hook(output, call.fire)
         return replaced
+
+    def _pack(self, call: Call, output: Tensor) -> None:
+        """Hand the inputs the rule saved (those it tracks) to the active
+        saved-tensor hooks instead of keeping them (see :class:`_Pack`);
+        ``_on_grad`` reads them back."""
+        tracked = call.versions[0::2]
+        names = [k for k, v in call.saved.items() if isinstance(v, Tensor) and any(v is t for t in tracked)]
+        if not names or len(names) != len(tracked):
+            return  # (a rule that tracks what it does not save by name: kept as usual)
+        out = _Pack.apply(self._leaf(output.device), *[call.saved.pop(k).detach() for k in names])
+        call.saved["packed"] = (names, out)
+        # checkpoint recomputes the values the forward pass used (it checks
+        # their metadata); an in-place change after the forward is not seen
+        call.versions = ()
 
     def _tap_pre(self, b: Binding, module: nn.Module, args: tuple) -> None:
         if self._active():
@@ -863,6 +934,10 @@ class Capture:
         if not self.enabled:
             return
         try:
+            packed = call.saved.pop("packed", None)
+            if packed is not None:  # recomputed by checkpoint (or brought back by the hooks)
+                names, out = packed
+                call.saved.update(zip(names, out.grad_fn.saved_tensors))
             if call.rows:
                 grad = grad.unflatten(0, (call.batch_size, call.rows))
             if b.expand and self._passes < self.check_passes and grad.shape[0] > 1:
@@ -871,8 +946,10 @@ class Capture:
                 self._half = True
             if b.slow:
                 b.rule.on_grad(call, grad, b.slow)
-                if b.early and b.early_by_shape.get((grad.shape, grad.dtype), True):
-                    self._instantiate_early(b, call, (grad.shape, grad.dtype))
+                if b.early:
+                    key = (grad.shape, grad.dtype, True) if call.saved.get("ckpt") else (grad.shape, grad.dtype)
+                    if b.early_by_shape.get(key, True):
+                        self._instantiate_early(b, call, key)
             lane = b.lane
             if lane:
                 views = self._lane_views
@@ -912,12 +989,18 @@ class Capture:
         for b in self.bindings:
             b.early = frozenset(local for local in b.early if b.keys[local] not in drop)
 
-    def _instantiate_early(self, b: Binding, call: Call, key: tuple[torch.Size, torch.dtype]) -> None:
+    def _instantiate_early(self, b: Binding, call: Call, key: tuple) -> None:
         """Build the weight's per-example gradient now if the norm will be taken
         by instantiation anyway (the mixed rule's choice, made on this use's
         positions: the weight has no other use), and free the layer's input
         and output gradient: ``B*P*D`` values kept instead of ``B*T*(P+D)``,
-        much less for long sequences.  Same kernels, same result."""
+        much less for long sequences.  Same kernels, same result.
+
+        Under activation checkpointing (``key`` ends with True) also wherever
+        :func:`~dpft.norms.instantiation_frees` memory: the alternative keeps the
+        layer's input and output gradient to the end of the backward pass,
+        while the non-private run frees them with the segment's activations
+        (DP-LoRA's per-example gradients, ``r x d``, are far smaller)."""
         (local,) = b.early
         c = b.rule.contributions(call, b.early)[local]
         # decided once per output-gradient shape and dtype (the cost rule
@@ -931,6 +1014,7 @@ class Capture:
             now = b.early_by_shape[key] = isinstance(c, Factored) and (
                 self.norm_mode == "instantiate"
                 or not prefer_ghost([c])
+                or (len(key) == 3 and instantiation_frees(c, acc_dtype_of(self._param(b.keys[local]).dtype)))
                 or (self.book_keeping and instantiation_pays(c, kept=self._kept_numel(call)))
             )
         if not now or not isinstance(c, Factored):
@@ -980,6 +1064,10 @@ class Capture:
         if first:
             self._received.append((b, call))
         self._queue()
+
+    def _on_output_grad(self, grad: Tensor) -> None:
+        if self.enabled:
+            self._queue()
 
     def _on_param_grad(self, key: str, grad: Tensor) -> None:
         if not self.enabled:

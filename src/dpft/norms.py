@@ -249,6 +249,15 @@ def instantiation_fits(c: Factored, kept: int = 0) -> bool:
     return c.rows * c.cols * c.groups <= INSTANTIATE_MEMORY * (c.held - kept)
 
 
+def instantiation_frees(c: Factored, dtype: torch.dtype) -> bool:
+    """Whether the per-example gradient, accumulated in ``dtype``, takes no
+    more bytes than the layer's factors it frees (:attr:`Factored.held`
+    values per example in :attr:`Factored.factor_dtype`): activation
+    checkpointing's rule for building it in the backward hook (DP-LoRA's
+    ``r x d`` gradients always; full weights at long enough sequences)."""
+    return c.rows * c.cols * c.groups * dtype.itemsize <= c.held * c.factor_dtype.itemsize
+
+
 def instantiation_pays(c: Factored, kept: int = 0) -> bool:
     """Book-keeping's choice for a layer whose input and output gradient can be
     freed as soon as its per-example gradient is built (one use).  Building

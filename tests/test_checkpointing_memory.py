@@ -1,0 +1,327 @@
+"""Activation checkpointing: what dpft holds, and that it stays exact.
+
+Checkpointing frees a segment's activations after the forward and
+recomputes them during the backward pass; dpft must not undo that by
+keeping every weight layer's input alive.  The memory tests count the
+tensor storage referenced by dpft's live per-call records (``Call.saved``
+and ``Call.results``, found with the garbage collector), not wall time or
+process memory:
+
+* between forward and backward, dpft holds at most one segment's captures
+  (not the whole model's);
+* during the backward pass, after each segment's backward, the same bound
+  holds (each layer's input and output gradient are dropped as soon as its
+  per-example gradient is built).
+
+The bound ("one segment's captures") is measured on the same model without
+checkpointing: the bytes dpft keeps for the layers of one block after the
+forward pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+import dpft
+from dpft.rules import Call
+from reference import check_steps, steps_exact, tensor_batches
+
+
+def _tensors(value, out):
+    if isinstance(value, Tensor):
+        out.append(value)
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            _tensors(v, out)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _tensors(v, out)
+
+
+def held_bytes(modules: set[int] | None = None) -> int:
+    """Bytes of the distinct tensor storages referenced by live dpft calls
+    (``saved`` and ``results``); only calls of ``modules`` (ids) if given."""
+    gc.collect()
+    found: list[Tensor] = []
+    for obj in gc.get_objects():
+        if type(obj) is Call and (modules is None or id(obj.module) in modules):
+            _tensors(obj.saved, found)
+            _tensors(obj.results, found)
+    seen: dict[int, int] = {}
+    for t in found:
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm = nn.RMSNorm(d)
+        self.fc1 = nn.Linear(d, 4 * d)
+        self.fc2 = nn.Linear(4 * d, d)
+
+    def forward(self, h):
+        return h + self.fc2(F.gelu(self.fc1(self.norm(h))))
+
+
+class Stack(nn.Module):
+    """``inp``, ``n`` blocks (each checkpointed if ``mode`` is ``"reentrant"``
+    or ``"non-reentrant"``), a head on the mean over positions.  ``probe(h)``
+    is called on every block's input (to hook it)."""
+
+    def __init__(self, d=16, n=8, mode=None):
+        super().__init__()
+        self.mode = mode
+        self.inp = nn.Linear(4, d)
+        self.blocks = nn.ModuleList([Block(d) for _ in range(n)])
+        self.head = nn.Linear(d, 2)
+        self.probe = None
+
+    def forward(self, x):
+        h = self.inp(x)
+        for blk in self.blocks:
+            if self.probe is not None:
+                self.probe(h)
+            if self.mode is None:
+                h = blk(h)
+            else:
+                h = checkpoint(blk, h, use_reentrant=self.mode == "reentrant")
+        return self.head(h.mean(1))
+
+
+def _engine(model, B, R=1.0, **kw):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=1000, steps=10, noise_multiplier=1.0,
+                                max_grad_norm=R, **kw)
+    engine.attach(opt)
+    return engine, opt
+
+
+def _segment_bound(model, mods_of_first, run) -> int:
+    """Bytes dpft keeps for one segment's layers after a forward without checkpointing."""
+    engine, opt = _engine(model, 4)
+    loss = run(model)
+    bound = held_bytes(mods_of_first)
+    loss.backward()
+    opt.zero_grad()
+    engine.detach()
+    return bound
+
+
+def _measure(model, run, probe_of) -> tuple[int, int]:
+    """(bytes held between forward and backward, most bytes held at a
+    segment boundary during the backward pass), over three steps (the first
+    two cross-check against autograd and keep more)."""
+    engine, opt = _engine(model, 4)
+    during: list[int] = []
+    after_forward = 0
+    for step in range(3):
+        during.clear()
+
+        def probe(h):
+            if h.requires_grad:
+                h.register_hook(lambda g: during.append(held_bytes()))
+
+        probe_of(model, probe)
+        loss = run(model)
+        after_forward = held_bytes()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    probe_of(model, None)
+    engine.detach()
+    assert during, "no segment boundary was reached"
+    return after_forward, max(during)
+
+
+def _stack_probe(model, fn):
+    model.probe = fn
+
+
+@pytest.mark.parametrize("subset", ["full", "lora"])
+@pytest.mark.parametrize("mode", ["non-reentrant", "reentrant"])
+def test_checkpointed_stack_holds_one_segment(mode, subset):
+    """A checkpointed stack of 8 blocks: dpft holds at most one block's
+    captures between forward and backward and at every segment boundary of
+    the backward pass (without the change: all 8 blocks' inputs after the
+    forward, and every layer's input and output gradient to the end of the
+    backward pass)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 512, 4)
+
+    def make(mode):
+        torch.manual_seed(1)
+        m = Stack(mode=mode)
+        if subset == "lora":
+            _loraize(m)
+        return m
+
+    def run(m):
+        return m(x).pow(2).sum(1).mean()
+
+    ref = make(None)
+    first = {id(m) for m in ref.blocks[0].modules()}
+    bound = _segment_bound(ref, first, run)
+    assert bound > 0
+    model = make(mode)
+    after_forward, during = _measure(model, run, _stack_probe)
+    assert after_forward <= bound, f"held {after_forward} bytes after the forward, one segment is {bound}"
+    assert during <= bound, f"held {during} bytes during the backward, one segment is {bound}"
+
+
+class LoRALinear(nn.Module):
+    """A frozen Linear plus a trainable low-rank update (as LoRA adapters)."""
+
+    def __init__(self, base: nn.Linear, r: int = 2):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.a = nn.Linear(base.in_features, r, bias=False)
+        self.b = nn.Linear(r, base.out_features, bias=False)
+        nn.init.normal_(self.b.weight, std=0.1)
+
+    def forward(self, x):
+        return self.base(x) + self.b(self.a(x))
+
+
+def _loraize(model: Stack) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for blk in model.blocks:
+        blk.fc1 = LoRALinear(blk.fc1)
+        blk.fc2 = LoRALinear(blk.fc2)
+    model.head.requires_grad_(True)
+    model.inp.requires_grad_(True)  # (reentrant checkpointing needs block inputs that require grad)
+
+
+# -- Hugging Face: gradient_checkpointing_enable() on a tiny Llama with LoRA --
+
+transformers = pytest.importorskip("transformers")
+
+
+def _tiny_llama(layers=4):
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=50,
+                                   max_position_embeddings=256, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _lora(model):
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                          lora_dropout=0.0, init_lora_weights=False)
+    return peft.get_peft_model(model, cfg)
+
+
+def lm_loss(model, ids):
+    logits = model(input_ids=ids, use_cache=False).logits
+    per_tok = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                              reduction="none")
+    return per_tok.view(ids.shape[0], -1).mean(1).mean()
+
+
+def _decoder_layers(model):
+    return model.get_base_model().model.layers
+
+
+def _hf_probe(model, fn):
+    layers = _decoder_layers(model)
+    for h in getattr(model, "_probe_handles", []):
+        h.remove()
+    model._probe_handles = []
+    if fn is not None:
+        for layer in layers:
+            model._probe_handles.append(layer.register_forward_pre_hook(
+                lambda mod, args, kwargs: fn(args[0] if args else kwargs["hidden_states"]), with_kwargs=True))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_hf_gradient_checkpointing_lora_holds_one_layer(reentrant):
+    """``gradient_checkpointing_enable()`` on a 4-layer Llama with LoRA on
+    q, k, v, o (peft): dpft holds at most one decoder layer's captures
+    between forward and backward and during the backward pass."""
+    ids = torch.randint(0, 50, (4, 128), generator=torch.Generator().manual_seed(0))
+    ref = _lora(_tiny_llama())
+    ref.train()
+    first = {id(m) for m in _decoder_layers(ref)[0].modules()}
+    bound = _segment_bound(ref, first, lambda m: lm_loss(m, ids))
+    assert bound > 0
+    model = _lora(_tiny_llama())
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if reentrant:
+        model.enable_input_require_grads()  # the embeddings are frozen
+    after_forward, during = _measure(model, lambda m: lm_loss(m, ids), _hf_probe)
+    assert after_forward <= bound, f"held {after_forward} bytes after the forward, one layer is {bound}"
+    assert during <= bound, f"held {during} bytes during the backward, one layer is {bound}"
+
+
+# -- exactness under checkpointing (float64 brute force, several steps) --
+
+
+def _early_choices(engine) -> dict:
+    return {b.name: dict(b.early_by_shape) for b in engine._capture.bindings if b.early_by_shape}
+
+
+@pytest.mark.parametrize("subset", ["full", "lora", "bitfit"])
+@pytest.mark.parametrize("mode", ["non-reentrant", "reentrant"])
+def test_checkpointed_stack_exact(mode, subset):
+    """DP full, LoRA and BiTFiT of a checkpointed stack equal the brute-force
+    clipped means of the same model without checkpointing, over several
+    steps (float64).  The shapes are chosen so that the mixed rule alone
+    would take ghost norms at the end (``2 T^2 < P D``) while the per-example
+    gradients fit: under checkpointing they are built in the backward hook
+    instead, and that path is the one checked."""
+    B, T, d = 4, 32, 32
+
+    def make(ckpt):
+        torch.manual_seed(3)
+        m = Stack(d=d, n=2, mode=mode if ckpt else None)
+        if subset == "lora":
+            _loraize(m)
+        return m.double()
+
+    model, ref = make(True), make(False)
+    if subset == "bitfit":
+        dpft.bitfit(model)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        q.requires_grad_(p.requires_grad)
+    batches = tensor_batches(lambda: torch.randn(B, T, 4, dtype=torch.float64), 4)
+    engine = steps_exact(model, ref, batches, lambda m, b: m(b).pow(2).sum(1).mean(), batch_size=B, R=0.05,
+                         tol=1e-9)
+    choices = _early_choices(engine)
+    if subset == "full":
+        # fc1 (32 -> 128): 2 T^2 = 2048 < P D = 4096 <= T (P + D) = 5120 (the captures it frees)
+        assert all(v is True for k, v in choices["blocks.0.fc1"].items() if len(k) == 3), choices
+        assert any(len(k) == 3 for k in choices["blocks.0.fc1"]), choices
+    engine.detach()
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_hf_gradient_checkpointing_lora_exact(reentrant):
+    """peft LoRA on a tiny Llama with ``gradient_checkpointing_enable()``:
+    several steps equal the brute force on the same model without
+    checkpointing (float64)."""
+    B, T = 4, 12
+    model = _lora(_tiny_llama(layers=2)).double()
+    model.train()
+    ref = copy.deepcopy(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if reentrant:
+        model.enable_input_require_grads()
+    gen = torch.Generator().manual_seed(1)
+
+    def batches():
+        for _ in range(3):
+            ids = torch.randint(0, 50, (B, T), generator=gen)
+            yield ids, [ids[i : i + 1] for i in range(B)]
+
+    steps_exact(model, ref, batches(), lm_loss, batch_size=B, R=0.01, tol=1e-6).detach()
