@@ -34,14 +34,14 @@ class Flat(nn.Module):
         self.head = nn.Linear(D, 3)
         self.ckpt = ckpt
 
-    def mlp(self, h):
-        return self.fc2(torch.tanh(self.norm(self.fc1(h))))
-
     def forward(self, ids):
         n, t = ids.shape
         h = self.emb(ids.reshape(-1))  # (B*T, d): ids flattened
-        h = self.inp(h.view(n, t, -1)).reshape(-1, h.shape[-1])  # batch-first, then flattened
-        h = h + (checkpoint(self.mlp, h, use_reentrant=False) if self.ckpt else self.mlp(h))
+        h = torch.tanh(self.inp(h.view(n, t, -1))).reshape(-1, h.shape[-1])  # batch-first, then flattened
+        # (inside a checkpointed region only a flat view of a batch-first
+        # tensor can be verified: the first layer after the reshape)
+        u = checkpoint(self.fc1, h, use_reentrant=False) if self.ckpt else self.fc1(h)
+        h = h + self.fc2(torch.tanh(self.norm(u)))
         return self.head(h.view(n, t, -1).mean(1))
 
 
@@ -115,4 +115,24 @@ def test_flattened_rows_without_anything_to_check_against_are_refused():
                                 max_grad_norm=1.0)
     engine.attach(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
     with pytest.raises(dpft.UnsupportedModuleError, match="'fc' .*no batch-first tensor before it"):
+        model(torch.randint(0, V, (B, T)))
+
+
+def test_unverifiable_rows_inside_a_checkpointed_region_are_refused():
+    """Inside a non-reentrant checkpointed region a pull-back would make
+    checkpoint recompute mid-forward: rows that only a pull-back could verify
+    are refused there, with the reason."""
+
+    class Inside(Flat):
+        def forward(self, ids):
+            n, t = ids.shape
+            h = self.inp(self.emb(ids)).reshape(-1, D)
+            u = checkpoint(lambda z: self.fc2(torch.tanh(self.norm(self.fc1(z)))), h, use_reentrant=False)
+            return self.head((h + u).view(n, t, -1).mean(1))
+
+    model = Inside().double()
+    engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=10, noise_multiplier=1.0,
+                                max_grad_norm=1.0)
+    engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(dpft.UnsupportedModuleError, match="'norm' .*inside an activation-checkpointed region"):
         model(torch.randint(0, V, (B, T)))

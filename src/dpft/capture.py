@@ -880,6 +880,15 @@ class Capture:
         if (base is not None and base.shape[0] == n and base.is_contiguous() and x.is_contiguous()
                 and x.data_ptr() == base.data_ptr() and x.numel() == base.numel()):
             return None
+        if _saving_hooks_active():
+            # a pull-back here would make non-reentrant checkpointing recompute
+            # its region in the middle of the region's own forward
+            return (
+                f"dpft: module '{b.name}' ({type(b.module).__name__}) has {output.shape[0]} rows for {n} "
+                "examples inside an activation-checkpointed region, where dpft can verify which rows are "
+                "whose only if the layer's input is a flat view of a batch-first tensor; it will not guess. "
+                "Keep the batch dimension first, checkpoint without this layer, or freeze it."
+            )
         k = output.shape[0] // n
         probes = sorted({0, n - 1, n // 2})
         for anchor in reversed(self._anchors):
