@@ -95,6 +95,8 @@ class Binding:
     off: bool = False  # some of its parameters are switched off for autograd in a whole forward
     book_keeping: bool = False  # its weights are switched off in its forward (after the first passes)
     rows: int = 0  # rows per example where its output flattens examples' rows into dim 0
+    #: flattened rows: None (not seen yet), "" (verified example by example), else what is wrong
+    verdict: str | None = None
     #: the parent class whose operator the rule computes, where the module's
     #: class overrides its forward: the operator call is caught inside it
     tap: type | None = None
@@ -714,15 +716,19 @@ class Capture:
             elif lead % n == 0 and x is not None and x.shape[0] == lead and b.rule.rows_ok(module, x):
                 # examples' rows flattened into the leading dimension ((B*T, d) in
                 # OPT, windows (B*nW, N, d) in Swin): each example's rows must be
-                # one contiguous block, which the first passes verify
-                problem = None
-                if self._passes < self.check_passes and self.batch_size is not None:
-                    problem = self._rows_problem(b, x, output, n)
-                if problem is not None:
-                    if not b.lane and self._escalate(b, strict=False):
+                # one contiguous block, verified the first time (the verdict is
+                # kept: the layout is the model's, a later step cannot change it)
+                problem = b.verdict
+                if problem is None:
+                    if self.batch_size is None:  # a recomputation, never seen in a forward
+                        problem = f"dpft: module '{b.name}': rows of a layer first seen in a recomputation"
+                    else:
+                        problem = b.verdict = self._rows_problem(b, x, output, n) or ""
+                if problem:
+                    if self.batch_size is not None and not b.lane and self._escalate(b, strict=False):
                         return replaced  # (an enclosing module's recomputation takes these parameters)
                     raise UnsupportedModuleError(problem)
-                if self._passes < self.check_passes and self.batch_size is not None:
+                if self.batch_size is not None:
                     self._anchors.append(output)  # verified: example j's rows are block j
                 rows = b.rows = lead // n
                 args = (x.unflatten(0, (n, rows)), *args[1:])
@@ -734,7 +740,7 @@ class Capture:
                     f"{lead}, but the batch size is {n}; dpft needs the batch dimension first (e.g. "
                     "batch_first=True), or examples' rows flattened example by example into it."
                 )
-        elif self._passes < self.check_passes and self.batch_size is not None and output.requires_grad:
+        elif self.batch_size is not None and output.requires_grad:
             self._anchors.append(output)
         call = Call(module, b.rule, n, rows=rows)
         # under activation checkpointing (a recomputation by reentrant
@@ -811,11 +817,15 @@ class Capture:
         outs = [t for t in flat if t is not None and t.requires_grad]
         if not all(t.ndim > dim and t.shape[dim] % n == 0 for t in outs):
             return False
-        if self._passes < self.check_passes and self.batch_size is not None:
-            for t in outs:
-                if t.shape[dim] != n and (dim != 0 or self._rows_problem(b, t, t, n) is not None):
-                    return False
-                self._anchors.append(t)
+        flat_rows = [t for t in outs if t.shape[dim] != n]
+        if flat_rows:
+            if b.verdict is None:  # verified the first time, the verdict kept (see _post)
+                b.verdict = next((p for t in flat_rows if (p := self._rows_problem(b, t, t, n) if dim == 0
+                                                            else "batch dim not first")), "")
+            if b.verdict:
+                return False
+        if self.batch_size is not None:
+            self._anchors.extend(outs)
         return True
 
     def _escalate(self, b: Binding, strict: bool = True) -> bool:
