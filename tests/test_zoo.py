@@ -107,6 +107,15 @@ class Recorder(torch.optim.SGD):
         return super().step(closure)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _forget_timm():
+    """timm may be imported over the test-only torchvision stand-in for the
+    zoo: leave it unimported after this module, as the rest of the suite
+    expects (on CI, timm is installed but cannot be imported)."""
+    yield
+    Z.forget_timm()
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny models: one thread is fastest, and far faster on a shared machine."""
@@ -126,7 +135,7 @@ def _zoo() -> dict[str, Z.Arch]:
         pass
     else:
         zoo.update(Z.transformers_zoo())
-    if Z.import_timm() is not None:
+    if Z.timm_installed():
         zoo.update(Z.timm_zoo())
     return zoo
 
@@ -383,7 +392,7 @@ def test_zoo_covers_the_issue_list():
     want = ["bert", "roberta", "deberta-v2", "electra", "modernbert", "gpt2", "gpt-neox", "opt", "bloom", "llama",
             "mistral", "qwen2", "gemma", "gemma2", "gemma3", "mixtral", "phi3", "mamba", "t5", "bart", "whisper",
             "wav2vec2", "biogpt", "vit", "swin", "convnext", "beit", "clip-vision"]
-    if Z.import_timm() is not None:
+    if Z.timm_installed():
         want += ["timm-resnet", "timm-resnetv2", "timm-efficientnet", "timm-regnet", "timm-mobilevit", "timm-convnext",
                  "timm-swin"]
     assert not [n for n in want if n not in ZOO]
@@ -403,6 +412,16 @@ def test_zoo_pads_some_examples(name):
         pytest.skip("transformers is not installed")
     batch = ZOO[name].make(B, torch.Generator().manual_seed(0))
     assert "attention_mask" in batch and not bool(batch["attention_mask"].bool().all())
+
+
+def test_torchvision_stand_in_stays_in_the_zoo():
+    """The test-only torchvision stand-in is never left where other code would find it."""
+    if not Z.timm_installed():
+        pytest.skip("timm is not installed")
+    Z.import_timm()
+    tv = sys.modules.get("torchvision")
+    assert tv is None or not getattr(tv, "SHIM", False)
+    assert Z.SHIMS not in sys.path
 
 
 # -- BatchNorm conversion --------------------------------------------------------------------------

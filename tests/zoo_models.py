@@ -290,6 +290,14 @@ def transformers_zoo() -> dict[str, Arch]:
 SHIMS = os.path.join(os.path.dirname(__file__), "shims")
 
 
+_SHIMMED = False  # timm is imported over the test-only torchvision stand-in
+
+
+def timm_installed() -> bool:
+    """Whether timm is installed (without importing it)."""
+    return importlib.util.find_spec("timm") is not None
+
+
 def import_timm():
     """Import timm, or return ``None`` when it is not installed.
 
@@ -299,15 +307,19 @@ def import_timm():
     defines just the names timm reads to build models.  It is taken off
     ``sys.path`` and out of ``sys.modules`` right after, so that nothing else
     (transformers checks ``find_spec("torchvision")``) believes torchvision
-    is installed; timm keeps the few stand-ins it imported."""
-    if importlib.util.find_spec("timm") is None:
+    is installed; timm keeps the few stand-ins it imported.  Call
+    :func:`forget_timm` when done, so that later code finds timm as
+    unimportable as it was."""
+    global _SHIMMED
+    if not timm_installed():
         return None
     if "timm" in sys.modules:
         return sys.modules["timm"]
     try:
         import torchvision  # noqa: F401
     except Exception:  # absent, or present but broken (its C++ operators do not load)
-        _drop_torchvision()
+        _drop("torchvision")
+        _drop("timm")  # (what a failed import of timm left behind)
         sys.path.insert(0, SHIMS)
         try:
             import torchvision
@@ -316,14 +328,24 @@ def import_timm():
             import timm
         finally:
             sys.path.remove(SHIMS)
-            _drop_torchvision()
+            _drop("torchvision")
+        _SHIMMED = True
     import timm
 
     return timm
 
 
-def _drop_torchvision() -> None:
-    for k in [k for k in sys.modules if k == "torchvision" or k.startswith("torchvision.")]:
+def forget_timm() -> None:
+    """Undo :func:`import_timm`'s import of timm over the stand-in (a no-op
+    when timm was imported over a real torchvision)."""
+    global _SHIMMED
+    if _SHIMMED:
+        _drop("timm")
+        _SHIMMED = False
+
+
+def _drop(package: str) -> None:
+    for k in [k for k in sys.modules if k == package or k.startswith(package + ".")]:
         del sys.modules[k]
 
 
@@ -385,6 +407,7 @@ def _timm(name: str, build: Callable, head: list[str], lora: list[str]) -> Arch:
     def make():
         import dpft
 
+        import_timm()  # (timm's modules are imported over the stand-in torchvision where needed)
         # 4 groups at most: GroupNorm needs more than one value per group (1x1 maps at the end)
         return dpft.convert_batchnorm_to_groupnorm(build(), max_groups=4)
 
