@@ -46,9 +46,9 @@ class Arch:
 #: float64 model (transformers' RMSNorm / T5 LayerNorm variance casts, float32
 #: softmax in eager attention): batched and one-example forwards then differ
 #: by float32 rounding (relative ~1e-7, up to ~2e-6 on a LoRA tensor of
-#: Gemma2), whatever dpft does.  With those casts disabled (a diagnostic
-#: monkeypatch, not used here) the same cases agree to ~1e-14.  A dpft error
-#: is orders of magnitude larger.
+#: Gemma2), whatever dpft does.  With those casts disabled (``python
+#: tests/test_zoo.py --float64``, a diagnostic monkeypatch) the same cases
+#: agree to ~1e-14.  A dpft error is orders of magnitude larger.
 F32 = 1e-5
 
 
@@ -252,7 +252,7 @@ def transformers_zoo() -> dict[str, Arch]:
         hf_causal("phi3", "Phi3Config", "Phi3ForCausalLM", ["qkv_proj"], base=dict(LLAMA_LIKE, num_key_value_heads=2), tol=F32),
         hf_causal("mamba", "MambaConfig", "MambaForCausalLM", ["in_proj", "x_proj"],
                   base=dict(hidden_size=16, state_size=4, num_hidden_layers=2, vocab_size=V, expand=2, conv_kernel=3,
-                            time_step_rank=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+                            time_step_rank=2, pad_token_id=0, bos_token_id=1, eos_token_id=2), tol=F32),
         hf_causal("biogpt", "BioGptConfig", "BioGptForCausalLM", ["q_proj", "v_proj"], pad=1, pad_token_id=1),
         Arch("t5", lambda: _model("T5ForConditionalGeneration", _config(
             "T5Config", d_model=16, d_kv=8, d_ff=24, num_layers=1, num_decoder_layers=1, num_heads=2, vocab_size=V,
