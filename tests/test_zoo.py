@@ -161,7 +161,9 @@ def prepare(arch: Z.Arch, method: str, gc: bool = False) -> nn.Module:
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
     if method == "bitfit":
-        names = dpft.bitfit(model, extra=arch.head)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # (it says which zero biases it added to a bias-free model)
+            names = dpft.bitfit(model, extra=arch.head)
         if not [n for n in names if not _in(n, arch.head)]:
             raise Refused(f"dpft.bitfit: the model has no biases; nothing but the head ({arch.head}) would train")
     elif method == "full":
@@ -304,12 +306,14 @@ def run_case(name: str, method: str, clip: str, mode: str = "auto", gc: bool = F
 
 EXPECTED: dict[tuple[str, ...], tuple[type, str]] = {}
 
-_NO_BIAS = "dpft.bitfit makes nothing but the head trainable: the model has no bias (issue 22, Build 5)"
-for _n in ("modernbert", "llama", "mistral", "gemma", "gemma2", "gemma3", "mixtral", "phi3", "t5"):
-    EXPECTED[(_n, "bitfit")] = (Refused, _NO_BIAS)
+_NO_BIAS = "dpft.bitfit makes nothing but the head trainable: the model has no bias (issue 22, Build 5)"  # (prepare)
 
-_BT = "dpft: output of module '{}' has leading dimension {}, but the batch size is 3 ({})"
 EXPECTED.update({
+    # silently wrong
+    ("t5", "full", "clip"): (Wrong, "from the third backward pass on (after the two self-checked passes), in every "
+                                    "clipping mode: encoder relative_attention_bias.weight off by 0.097 at step 2 "
+                                    "(0.55 at step 3), every other tensor by ~1e-4 through the wrong norms; the "
+                                    "unclipped sum is right, so its per-example split is wrong"),
     # crashes: internal errors
     ("deberta-v2", "bitfit"): (Crash, "RuntimeError in transformers' disentangled_attention_bias (bmm expected "
                                       "[6, 8], got [18, 8]): dpft expands the batch-independent rel_embeddings "
@@ -320,33 +324,25 @@ EXPECTED.update({
     ("mamba", "lora"): (Crash, "RuntimeError: view size is not compatible with input tensor's size and stride, "
                                "in dpft/batched.py weighted (same-shaped LoRA layers batched)"),
     # refused with dpft's own message
-    ("opt", "bitfit"): (Refused, _BT.format("model.decoder.layers.0.final_layer_norm", 18, "tokens flattened to B*T")),
-    ("opt", "full"): (Refused, _BT.format("model.decoder.layers.0.final_layer_norm", 18, "tokens flattened to B*T")),
-    ("mixtral", "full"): (Refused, "dpft: module 'model.layers.1.mlp.experts' (MixtralExperts): its per-example "
-                                   "gradients could not be computed (size of tensor a (18) must match b (3)): "
-                                   "experts routed per token"),
+    ("mixtral", "full"): (Refused, "dpft: per-example gradients of 'model.layers.1.mlp.gate.weight' (the router) "
+                                   "summed differ from autograd's (relative 1)"),
     ("mamba", "bitfit"): (Refused, "dpft: parameter 'backbone.layers.1.mixer.dt_proj.bias' received a gradient "
-                                   "through a use that no dpft hook saw"),
+                                   "through a use that no dpft hook saw (transformers' Mamba uses dt_proj "
+                                   "functionally)"),
     ("mamba", "full"): (Refused, "dpft: the per-example gradients of 'backbone.layers.1.mixer.D' summed differ "
                                  "from autograd's (relative 0.48): 'also used outside the module'"),
-    ("t5", "full"): (Refused, _BT.format("encoder.block.0.layer.0.SelfAttention.relative_attention_bias", 6,
-                                         "batch-independent relative position bias")),
-    ("whisper", "full"): (Refused, _BT.format("model.encoder.embed_positions", 4, "batch-independent positions")),
-    ("swin", "bitfit"): (Refused, _BT.format("swin.encoder.layers.0.blocks.0.attention.q_proj", 12, "windows")),
-    ("swin", "full"): (Refused, _BT.format("swin.encoder.layers.0.blocks.0.attention.q_proj", 12, "windows")),
-    ("swin", "lora"): (Refused, _BT.format("...attention.q_proj.lora_A.default", 12, "windows")),
+    ("whisper", "full"): (Refused, "dpft: parameter 'model.decoder.embed_positions.weight' received a gradient "
+                                   "through a use that no dpft hook saw (WhisperPositionalEmbedding indexes its "
+                                   "weight)"),
     ("timm-resnetv2", "full"): (Refused, "dpft: parameter 'stages.1.blocks.0.conv3.weight' received a gradient "
                                          "through a use that no dpft hook saw (timm StdConv2d standardizes its "
                                          "weight in forward)"),
     ("timm-resnetv2", "lora"): (Refused, "dpft: parameter '...conv2.lora_B.default.weight' received a gradient "
                                          "through a use that no dpft hook saw (peft builds the LoRA factors with "
                                          "type(base_layer): StdConv2d)"),
-    ("timm-mobilevit", "bitfit"): (Refused, _BT.format("stages.1.1.transformer.0.norm1", 12, "patches")),
-    ("timm-mobilevit", "full"): (Refused, _BT.format("stages.1.1.transformer.0.norm1", 12, "patches")),
-    ("timm-mobilevit", "lora"): (Refused, _BT.format("...transformer.0.attn.qkv.lora_A.default", 12, "patches")),
-    ("timm-swin", "bitfit"): (Refused, _BT.format("layers.0.blocks.0.attn.qkv", 12, "windows")),
-    ("timm-swin", "full"): (Refused, _BT.format("layers.0.blocks.0.attn.qkv", 12, "windows")),
-    ("timm-swin", "lora"): (Refused, _BT.format("...attn.qkv.lora_A.default", 12, "windows")),
+    ("timm-mobilevit", "lora"): (Refused, "dpft: module '...transformer.0.attn.qkv.lora_A.default' (Linear) has 12 "
+                                          "rows for 3 examples and no batch-first tensor before it to check which "
+                                          "rows are whose"),
 })
 
 
@@ -439,14 +435,9 @@ class ConversionChanged(AssertionError):
     """convert_batchnorm_to_groupnorm changed more than the normalization."""
 
 
-#: converted modules that are wrong today, with how
-CONVERSION_EXPECTED = {
-    "timm-resnet": "13/13 GroupNorms built in float32 inside the float64 model",
-    "timm-efficientnet": "the ReLU fused in timm's BatchNormAct2d is dropped (output off by ~2); all 10 GroupNorms "
-                         "built in float32 inside the float64 model",
-    "timm-regnet": "the ReLU fused in timm's BatchNormAct2d is dropped (output off by ~2); all 17 GroupNorms built "
-                   "in float32 inside the float64 model",
-}
+#: converted modules that are wrong today, with how (none since the conversion keeps
+#: timm's fused activations and the dtype)
+CONVERSION_EXPECTED: dict[str, str] = {}
 
 
 def _conversion_case(name):
