@@ -334,6 +334,10 @@ EXPECTED.update({
     ("whisper", "full"): (Refused, "dpft: parameter 'model.decoder.embed_positions.weight' received a gradient "
                                    "through a use that no dpft hook saw (WhisperPositionalEmbedding indexes its "
                                    "weight)"),
+    ("beit-shared-bias", "full"): (Refused, "dpft: the per-example gradients of 'beit.shared_position_bias."
+                                            "relative_position_bias_table' (one batch-independent table used by "
+                                            "every layer) summed over the examples differ from autograd's "
+                                            "(first-pass self-check)"),
     ("timm-resnetv2", "full"): (Refused, "dpft: parameter 'stages.1.blocks.0.conv3.weight' received a gradient "
                                          "through a use that no dpft hook saw (timm StdConv2d standardizes its "
                                          "weight in forward)"),

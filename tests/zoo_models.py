@@ -277,9 +277,14 @@ def transformers_zoo() -> dict[str, Arch]:
                    embed_dim=8, depths=[1, 1], num_heads=[2, 2], window_size=2, mlp_ratio=2.0),
         _hf_vision("convnext", "ConvNextConfig", "ConvNextForImageClassification", ["pwconv1", "pwconv2"], image_size=8,
                    patch_size=2, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2),
+        # layer scale and a relative position bias table per layer (batch-independent outputs) ...
         _hf_vision("beit", "BeitConfig", "BeitForImageClassification", ["q_proj", "v_proj"], image_size=8, patch_size=4,
                    hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
-                   use_mean_pooling=True, layer_scale_init_value=0.1),
+                   use_mean_pooling=True, layer_scale_init_value=0.1, use_relative_position_bias=True),
+        # ... or one table shared by every layer
+        _hf_vision("beit-shared-bias", "BeitConfig", "BeitForImageClassification", ["q_proj", "v_proj"], image_size=8,
+                   patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
+                   use_mean_pooling=True, layer_scale_init_value=0.1, use_shared_relative_position_bias=True),
         Arch("clip-vision", _clip, image_inputs(8), cls_loss, ["classifier"], ["q_proj", "v_proj"]),
     ]
     return {a.name: a for a in archs}
