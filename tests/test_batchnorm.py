@@ -5,7 +5,6 @@ device are preserved, and an unknown BatchNorm subclass is refused."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
 
 import pytest
@@ -259,9 +258,22 @@ def test_converted_fused_network_is_exact():
     check_model(net, examples, _stack, _cls_loss)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm not installed")
-def test_real_timm_batchnormact():
-    from timm.layers import BatchNormAct2d as TimmBNAct
+@pytest.fixture
+def timm_layers():
+    """timm.layers; where torchvision cannot load beside the pinned CPU torch (CI),
+    timm is imported over the test-only stand-in of tests/shims and forgotten after."""
+    import zoo_models
+
+    if zoo_models.import_timm() is None:
+        pytest.skip("timm not installed")
+    import timm.layers
+
+    yield timm.layers
+    zoo_models.forget_timm()
+
+
+def test_real_timm_batchnormact(timm_layers):
+    TimmBNAct = timm_layers.BatchNormAct2d
 
     net = nn.Sequential(nn.Conv2d(3, 8, 3), TimmBNAct(8, act_layer=nn.SiLU), TimmBNAct(8, apply_act=False)).double()
     net.eval()
