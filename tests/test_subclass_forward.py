@@ -201,9 +201,37 @@ def test_operator_with_other_arguments_is_refused():
         model(torch.randn(B, 3, dtype=torch.float64)).sum()
 
 
-def test_unmodelled_use_of_the_weight_is_refused():
-    """A subclass whose weight does not enter through the parent's operator
-    (here: a product before it) gets no per-example account: refused."""
+class StdConv2d(nn.Conv2d):
+    """timm's StdConv2d: the weight is standardized before the operator, so
+    the operator never sees the module's weight as it is."""
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
+                         momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
+
+
+@pytest.mark.parametrize("mode", ["auto", "ghost"])
+def test_weight_transformed_before_the_operator_takes_the_generic_path(mode):
+    """Where the weight does not enter the parent's operator as it is, the
+    module takes the exact generic path (recomputation) from its first call on."""
+    torch.manual_seed(0)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = StdConv2d(2, 4, 3, bias=False)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.conv(x)).mean((2, 3)))
+
+    check_steps(Model(), _image_example, _collate, _loss, steps=3, batch_size=B, mode=mode)
+
+
+def test_weight_transformed_before_the_operator_with_a_bias_in_the_lane_is_refused():
+    """With its bias already reduced in the hooks (the lane), the module
+    cannot move to the generic path: the unmodelled use is refused."""
 
     class Tripled(nn.Linear):
         def forward(self, x):

@@ -309,11 +309,6 @@ EXPECTED: dict[tuple[str, ...], tuple[type, str]] = {}
 _NO_BIAS = "dpft.bitfit makes nothing but the head trainable: the model has no bias (issue 22, Build 5)"  # (prepare)
 
 EXPECTED.update({
-    # silently wrong
-    ("t5", "full", "clip"): (Wrong, "from the third backward pass on (after the two self-checked passes), in every "
-                                    "clipping mode: encoder relative_attention_bias.weight off by 0.097 at step 2 "
-                                    "(0.55 at step 3), every other tensor by ~1e-4 through the wrong norms; the "
-                                    "unclipped sum is right, so its per-example split is wrong"),
     # crashes: internal errors
     ("deberta-v2", "bitfit"): (Crash, "RuntimeError in transformers' disentangled_attention_bias (bmm expected "
                                       "[6, 8], got [18, 8]): dpft expands the batch-independent rel_embeddings "
@@ -338,12 +333,6 @@ EXPECTED.update({
                                             "relative_position_bias_table' (one batch-independent table used by "
                                             "every layer) summed over the examples differ from autograd's "
                                             "(first-pass self-check)"),
-    ("timm-resnetv2", "full"): (Refused, "dpft: parameter 'stages.1.blocks.0.conv3.weight' received a gradient "
-                                         "through a use that no dpft hook saw (timm StdConv2d standardizes its "
-                                         "weight in forward)"),
-    ("timm-resnetv2", "lora"): (Refused, "dpft: parameter '...conv2.lora_B.default.weight' received a gradient "
-                                         "through a use that no dpft hook saw (peft builds the LoRA factors with "
-                                         "type(base_layer): StdConv2d)"),
     ("timm-mobilevit", "lora"): (Refused, "dpft: module '...transformer.0.attn.qkv.lora_A.default' (Linear) has 12 "
                                           "rows for 3 examples and no batch-first tensor before it to check which "
                                           "rows are whose"),

@@ -327,6 +327,7 @@ class _OpTap(TorchFunctionMode):
         self.ops = OPS_OF[b.tap]  # type: ignore[index]
         self.weight = b.module._parameters.get("weight")
         self.aliases: list[Tensor] = []  # value-preserving conversions of the weight (kept alive: ids)
+        self.hits = 0  # operator calls caught with the weight
 
     def _is_weight(self, t: Any) -> bool:
         return t is self.weight or any(t is a for a in self.aliases)
@@ -347,6 +348,7 @@ class _OpTap(TorchFunctionMode):
                         "dpft's per-example rule would compute another function's gradient. Freeze its "
                         "parameters or register a rule for this class with dpft.register_rule."
                     )
+                self.hits += 1
                 replaced = self.capture._post(b, b.module, (bound["input"],), out)
                 if replaced is not None:
                     out = replaced
@@ -502,7 +504,7 @@ class Capture:
         self._switchable = self._lane_params + [self._param(k) for k in users if k in off_keys]
         for b in self.bindings:
             if b.tap is not None:
-                h.append(b.module.register_forward_pre_hook(partial(self._tap_pre, b)))
+                h.append(b.module.register_forward_pre_hook(partial(self._tap_pre, b), with_kwargs=True))
                 h.append(b.module.register_forward_hook(partial(self._tap_post, b), always_call=True))
                 continue
             if b.expand:
@@ -788,15 +790,38 @@ class Capture:
         # their metadata); an in-place change after the forward is not seen
         call.versions = ()
 
-    def _tap_pre(self, b: Binding, module: nn.Module, args: tuple) -> None:
+    def _tap_pre(self, b: Binding, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if b.fallback:  # moved to the generic path (below)
+            return self._pre(b, module, args, kwargs)
         if self._active():
+            dev = next((a.device for a in args if isinstance(a, Tensor)), None)
+            b.kwargs, b.rng, b.autocast = kwargs, rng_state(dev), _autocast_state(dev)
             b.mode = _OpTap(self, b)
             b.mode.__enter__()
 
-    def _tap_post(self, b: Binding, module: nn.Module, args: tuple, output: Any) -> None:
+    def _tap_post(self, b: Binding, module: nn.Module, args: tuple, output: Any) -> Any:
+        if b.fallback:
+            return self._post(b, module, args, output)
         mode, b.mode = b.mode, None
-        if mode is not None:
-            mode.__exit__(None, None, None)
+        if mode is None:
+            return None
+        mode.__exit__(None, None, None)
+        state, b.kwargs, b.rng = (b.kwargs, b.rng, b.autocast), {}, None
+        if mode.hits or b.lane or output is None:
+            return None
+        # the weight never entered the parent's operator as it is (timm's
+        # StdConv2d standardizes it first): the module takes the exact generic
+        # path from now on, this forward's call included
+        flat = _flat_tensors(output)
+        if not any(t is not None and t.requires_grad for t in flat):
+            return None
+        b.rule, b.fallback, b.early = FALLBACK, True, frozenset()
+        n = self.batch_size
+        if n is not None and not self._batched(b, flat, n):
+            self._escalate(b)
+            return None
+        self._fallback_call(b, module, args, state, flat, n if n is not None else flat[0].shape[0])
+        return None
 
     def _fallback_call(self, b: Binding, module: nn.Module, args: tuple, state: tuple, flat: list, n: int) -> None:
         """A generic-path call of ``module``: keep its inputs (and the RNG and
