@@ -1227,6 +1227,9 @@ class _NonFinite(Exception):
 
 # --- the training loop -----------------------------------------------------------
 
+_now = time.monotonic  # the clock of the periodic checkpoints (a test moves it)
+
+
 
 class _Run:
     """The training loop of a prepared job, its checkpoints, and every way out of it."""
@@ -1243,7 +1246,7 @@ class _Run:
         self.n_lines = 0
         self.last_acc: float | None = None
         self.saved_step: int | None = None     # step of the newest checkpoint on disk
-        self.last_save = time.monotonic()
+        self.last_save = _now()
         self.step_rng: dict | None = None      # RNG state at the start of the step in progress
         self.in_step = False                   # a step has begun and is not yet applied
         self._mine_empty = False
@@ -1296,7 +1299,7 @@ class _Run:
     def save_checkpoint(self, rng: dict | None = None) -> None:
         """Write checkpoint.pt atomically (a second Ctrl-C waits for it)."""
         j = self.j
-        self.last_save = time.monotonic()
+        self.last_save = _now()
         if j.world.rank != 0:
             self.saved_step = self.step
             return
@@ -1317,7 +1320,7 @@ class _Run:
         r = self.j.r
         if end_of_epoch or (r.checkpoint_every and self.step % r.checkpoint_every == 0):
             return True
-        return bool(r.checkpoint_minutes) and time.monotonic() - self.last_save >= 60 * r.checkpoint_minutes
+        return bool(r.checkpoint_minutes) and _now() - self.last_save >= 60 * r.checkpoint_minutes
 
     # -- evaluation -----------------------------------------------------------
     def run_eval(self, epoch: int, final: bool) -> float | None:
@@ -1393,7 +1396,7 @@ class _Run:
         idx = j.plan.batch(epoch, b)
         loss_sum, correct = self.compute(idx)
         if len(idx) and not math.isfinite(loss_sum):
-            raise _NonFinite(f"the training loss is {loss_sum / len(idx)}")
+            raise _NonFinite(f"the training loss is {'NaN' if math.isnan(loss_sum) else 'infinite'}")
         with self.interrupts.critical():
             row = self.apply(idx, loss_sum, correct)
             self.in_step = False
