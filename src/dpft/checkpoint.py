@@ -46,7 +46,15 @@ def describe_os_error(e: BaseException) -> str:
     return text
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *, what: str = "file") -> None:
+def default_mode(kind: str = "file") -> int:
+    """The permissions a new file (or folder) gets under the process umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if kind == "dir" else 0o666) & ~mask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *, what: str = "file",
+                 private: bool = False) -> None:
     """Write ``path`` through ``write(f)`` so that it is either the old file or the new one.
 
     The bytes go to a temporary file in the same directory, which is flushed
@@ -54,11 +62,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *,
     file is removed, ``path`` is untouched, and :class:`CheckpointError` says
     which file and why (``no space left on device``, ``permission denied``).
     A ``KeyboardInterrupt`` during the write also removes the temporary file.
+    ``private``: the file is readable by its owner only (0600); otherwise it gets
+    the usual permissions under the umask.
     """
     path = Path(path)
     tmp = None
     try:
         f, tmp = _open_temp(path)
+        if not private:
+            os.chmod(tmp, default_mode())
         with f:
             write(f)
             f.flush()
@@ -73,9 +85,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *,
                 os.unlink(tmp)
 
 
-def atomic_save(obj: Any, path: str | os.PathLike, *, what: str = "checkpoint") -> None:
-    """``torch.save(obj)`` to ``path`` through :func:`atomic_write`."""
-    atomic_write(path, lambda f: torch.save(obj, f), what=what)
+def atomic_save(obj: Any, path: str | os.PathLike, *, what: str = "checkpoint", private: bool = True) -> None:
+    """``torch.save(obj)`` to ``path`` through :func:`atomic_write`; owner-only by default
+    (a checkpoint holds the secret seeds of the sampling and the noise)."""
+    atomic_write(path, lambda f: torch.save(obj, f), what=what, private=private)
 
 
 def read_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu",

@@ -110,8 +110,11 @@ def export(out: str | os.PathLike, model: nn.Module, *, kind: str, label_names: 
             "label_names": list(label_names), "max_seq_len": max_seq_len,
             "image_shape": list(image_shape) if image_shape is not None else None,
             "source_model": source_model}
+    from .checkpoint import default_mode
+
     tmp = Path(tempfile.mkdtemp(prefix=f".{RELEASE_DIR}.", suffix=".tmp", dir=out))
     try:
+        os.chmod(tmp, default_mode("dir"))  # meant to be shared: the usual permissions
         was_training = plain.training
         save_model(plain.eval(), str(tmp / "model.safetensors"))
         plain.train(was_training)
@@ -124,6 +127,8 @@ def export(out: str | os.PathLike, model: nn.Module, *, kind: str, label_names: 
         (tmp / "dpft_model.json").write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / "privacy.json").write_text(json.dumps(privacy, indent=2, default=str) + "\n")
         (tmp / "README.md").write_text(_readme(meta, privacy))
+        for f in tmp.rglob("*"):
+            os.chmod(f, default_mode("dir" if f.is_dir() else "file"))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
