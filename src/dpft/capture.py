@@ -586,6 +586,10 @@ class Capture:
     def _on_grad(self, b: Binding, call: Call, grad: Tensor) -> None:
         if not self.enabled:
             return
+        if call.batch_size == 0:
+            raise ValueError(
+                "dpft: backward() of a batch with 0 examples; an empty Poisson batch has no "
+                "forward/backward: call engine.record_empty_batch() instead, then optimizer.step()")
         if b.expand and self._passes < self.check_passes and grad.shape[0] > 1:
             self._check_expand(b, grad)
         if grad.dtype in HALF:
