@@ -40,14 +40,21 @@ def make_reviews_csv(path: Path, copies: int = 24, labels: tuple = (1, 0)) -> st
 
 
 def tiny_args(model: str, data: str, out, *extra) -> list[str]:
+    """`dpft train` of the tiny BERT; one torch thread (the model's operations are too small
+    to gain from more, and a busy machine makes several threads wait on each other)."""
     return ["train", "--model", model, "--dataset", data, "--out", str(out), "--max-seq-len", "16",
-            "--batch-size", "16", "--epochs", "1", "--no-progress", *map(str, extra)]
+            "--batch-size", "16", "--epochs", "1", "--no-progress", "--num-threads", "1", *map(str, extra)]
 
 
 def run_cli(argv, capsys) -> tuple[int, str, str]:
+    """``dpft ARGV`` in this process: (exit code, stdout, stderr); torch's thread count is restored."""
     from dpft import cli
 
-    code = cli.main([str(a) for a in argv])
+    threads = torch.get_num_threads()
+    try:
+        code = cli.main([str(a) for a in argv])
+    finally:
+        torch.set_num_threads(threads)
     out = capsys.readouterr()
     return code, out.out, out.err
 

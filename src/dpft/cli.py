@@ -25,8 +25,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .choices import (ACCOUNTANTS, CLIPPING_FNS, CLIPPING_MODES, LR_SCHEDULES, MAX_EPSILON, METHODS, OPTIMIZERS,
-                      PACKAGED_DATASETS, SPARTA_SELECTIONS)
+from .choices import (ACCOUNTANTS, CLIPPING_FNS, CLIPPING_MODES, LR_SCHEDULES, MAX_EPSILON, METHODS, MIN_EPSILON,
+                      OPTIMIZERS, PACKAGED_DATASETS, SPARTA_SELECTIONS)
 from .errors import ConfigError, DataUnavailable, RunFailed
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -132,7 +132,7 @@ def _add_train_parser(sub) -> None:
                         "the public baselines random / magnitude (no scoring pass: the whole ε goes to "
                         "training)")
     g = t.add_argument_group("privacy")
-    g.add_argument("--epsilon", type=float, help=f"target ε (default 3; at most {MAX_EPSILON:g})")
+    g.add_argument("--epsilon", type=float, help=f"target ε (default 3; {MIN_EPSILON:g} to {MAX_EPSILON:g})")
     g.add_argument("--delta", type=float, help="δ (default dpft.accounting.default_delta(N), "
                                                "at most 1/(10·N))")
     g.add_argument("--max-grad-norm", type=float, help="clipping threshold R (default 1.0)")
@@ -216,8 +216,8 @@ def _add_accountant_parser(sub) -> None:
                     "from --sample-rate/--steps or from --batch-size/--sample-size/--epochs.")
     what = a.add_mutually_exclusive_group(required=True)
     what.add_argument("--sigma", "--noise-multiplier", dest="sigma", type=float, help="noise multiplier σ")
-    what.add_argument("--epsilon", type=float, help=f"target ε (at most {MAX_EPSILON:g}): print the σ that "
-                                                    "reaches it")
+    what.add_argument("--epsilon", type=float, help=f"target ε ({MIN_EPSILON:g} to {MAX_EPSILON:g}): print the σ "
+                                                    "that reaches it")
     a.add_argument("--sample-rate", "-q", type=float, help="sampling rate q")
     a.add_argument("--steps", type=int, help="number of steps")
     a.add_argument("--batch-size", type=int, help="expected batch size B (q = B/N)")
@@ -386,6 +386,9 @@ def _cmd_accountant(ns: argparse.Namespace) -> int:
         if ns.epsilon > MAX_EPSILON:
             raise ConfigError(f"--epsilon {ns.epsilon:g} is above {MAX_EPSILON:g}: no meaningful guarantee, and "
                               "calibrating σ for it takes minutes (for no privacy, σ = 0)")
+        if ns.epsilon < MIN_EPSILON:
+            raise ConfigError(f"--epsilon {ns.epsilon:g} is below {MIN_EPSILON:g}: the accountant cannot resolve "
+                              "an ε that small")
     if ns.sigma is not None and not (math.isfinite(ns.sigma) and ns.sigma >= 0):
         raise ConfigError(f"--sigma must be a finite number >= 0, got {ns.sigma!r}")
     from . import accounting

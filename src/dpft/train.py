@@ -41,8 +41,8 @@ from torch import nn
 
 from . import offline
 from .checkpoint import CheckpointError, atomic_save, atomic_write, read_checkpoint
-from .choices import (ACCOUNTANTS, CLIPPING_FNS, CLIPPING_MODES, DEVICES, LR_SCHEDULES, MAX_EPSILON,
-                      METHODS, OPTIMIZERS, PRIVATE_METHODS, SPARTA_SELECTIONS)
+from .choices import (ACCOUNTANTS, CLIPPING_FNS, CLIPPING_MODES, DEVICES, LR_SCHEDULES, MAX_EPSILON, METHODS,
+                      MIN_EPSILON, OPTIMIZERS, PRIVATE_METHODS, SPARTA_SELECTIONS)
 from .errors import ConfigError, DataUnavailable, RunFailed
 from .offline import TaskData
 
@@ -67,6 +67,7 @@ _OPERATIONAL = {"out", "resume", "overwrite", "device", "num_threads", "stop_aft
 
 CHECKPOINT = "checkpoint.pt"
 MONITOR_SIZE = 512  # evaluation examples used for the progress evaluations
+EPSILON_POINTS = 10  # steps of a run whose metrics.jsonl row carries ε (plus the first and the last)
 
 
 @dataclass
@@ -203,6 +204,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.epsilon is not None and isinstance(cfg.epsilon, (int, float)) and cfg.epsilon > MAX_EPSILON:
         raise ConfigError(f"--epsilon {cfg.epsilon:g} is above {MAX_EPSILON:g}: no meaningful guarantee (and σ "
                           "would take minutes to calibrate); for no privacy use a nonprivate-* method")
+    if cfg.epsilon is not None and isinstance(cfg.epsilon, (int, float)) and 0 < cfg.epsilon < MIN_EPSILON:
+        raise ConfigError(f"--epsilon {cfg.epsilon:g} is below {MIN_EPSILON:g}: the accountant cannot resolve "
+                          "an ε that small")
     if cfg.clipping_mode is not None and cfg.clipping_mode not in CLIPPING_MODES:
         raise ConfigError(f"unknown clipping mode {cfg.clipping_mode!r}; choose one of {', '.join(CLIPPING_MODES)}")
     if cfg.density is not None and not (isinstance(cfg.density, (int, float)) and not isinstance(cfg.density, bool)
@@ -1382,10 +1386,23 @@ class _Run:
         row = {"event": "step", "step": self.step, "epoch": (self.step - 1) // j.steps_per_epoch + 1,
                "batch_size": int(n), "loss": loss_sum / n if n else None,
                "train_accuracy": correct / n if n else None,
-               "epsilon": _epsilon(j.engine) if j.engine is not None else None,
+               "epsilon": self.row_epsilon(),
                "lr": j.optimizer.param_groups[0]["lr"], "time": round(self.elapsed(), 3)}
         self.record(row)
         return row
+
+    def row_epsilon(self) -> float | None:
+        """ε after this step for metrics.jsonl: at EPSILON_POINTS evenly spaced steps and the last
+        one (each value is an accountant query that takes up to a second; the engine's budget
+        check needs none per step). A pure function of the step, so a resumed run writes the
+        same rows."""
+        j = self.j
+        if j.engine is None:
+            return None
+        every = max(1, math.ceil(j.steps_total / EPSILON_POINTS))
+        if self.step == 1 or self.step % every == 0 or self.step == j.steps_total:
+            return _epsilon(j.engine)
+        return None
 
     def one_step(self, epoch: int, b: int) -> dict:
         """Draw, compute and apply one logical batch. A non-finite loss or a second Ctrl-C
@@ -1415,13 +1432,13 @@ class _Run:
             last = min(j.steps_per_epoch, j.steps_total - epoch * j.steps_per_epoch)
             bar = tqdm(total=last, initial=first, desc=f"epoch {epoch + 1}/{math.ceil(r.epochs)}",
                        unit="step", leave=True, dynamic_ncols=True)
-            loss_avg = None
+            loss_avg, eps = None, None
             try:
                 for b in range(first, last):
                     row = self.one_step(epoch, b)
                     if row["loss"] is not None:
                         loss_avg = row["loss"] if loss_avg is None else 0.9 * loss_avg + 0.1 * row["loss"]
-                    eps = row["epsilon"]
+                    eps = row["epsilon"] if row["epsilon"] is not None else eps
                     bar.set_postfix_str(_postfix(loss_avg, row["train_accuracy"], eps, self.last_acc), refresh=False)
                     bar.update(1)
                     end_of_epoch = b == last - 1
@@ -1905,6 +1922,20 @@ def write_report(out: Path, summary: dict) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    fig = report_figure(out, summary)
+    path = out / "report.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report_figure(out: Path, summary: dict):
+    """The figure of report.png (three panels: loss, accuracy, ε) from out/metrics.jsonl.
+
+    The accuracy panel draws the majority-class line of the full evaluation split and,
+    when the progress evaluations use a subset, that subset's own majority line; the
+    ε axis starts at 0."""
+    import matplotlib.pyplot as plt
     steps, losses, eps, monitor, final = [], [], [], [], []
     for line in (out / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
@@ -1964,10 +1995,7 @@ def write_report(out: Path, summary: dict) -> Path | None:
         title += "  ·  NOT LEARNED (accuracy at the majority baseline; see summary.json warnings)"
     fig.suptitle(title, color="red" if summary.get("learned") is False else "black")
     fig.tight_layout()
-    path = out / "report.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 __all__ += ["evaluate", "BatchPlan", "physical_chunks", "select_trainable", "write_report",
