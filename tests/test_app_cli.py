@@ -254,3 +254,31 @@ def test_a_run_that_does_not_learn_says_so_in_summary_and_output(tmp_path, capsy
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["learned"] is False and summary["warnings"][0].startswith("NOT LEARNED")
     assert "!! NOT LEARNED" in stdout
+
+
+# ---------------------------------------------------------------------------
+# extras and system packages (items 9 and 4)
+
+
+def test_extras_exist_and_messages_say_how_to_keep_torch(monkeypatch):
+    import tomllib
+
+    from dpft import offline
+    from dpft.offline import DataUnavailable
+
+    extras = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    extras = extras["project"]["optional-dependencies"]
+    assert any(d.startswith("timm") for d in extras["vision"]) and any(d.startswith("datasets") for d in extras["data"])
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm fails
+    with pytest.raises(DataUnavailable) as e:
+        offline.load_timm_model("timm:resnet18", 10)
+    msg = str(e.value)
+    assert 'dpft[vision]' in msg and f'torch=={torch.__version__.split("+")[0]}' in msg and "\n" not in msg
+
+
+def test_fashion_mnist_message_names_the_system_package(tmp_path):
+    from dpft import offline
+    from dpft.offline import DataUnavailable
+
+    with pytest.raises(DataUnavailable, match="Debian/Ubuntu package dataset-fashion-mnist, not from pip"):
+        offline.fashion_mnist(tmp_path)

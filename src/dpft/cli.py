@@ -25,8 +25,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .choices import (ACCOUNTANTS, CLIPPING_FNS, CLIPPING_MODES, LR_SCHEDULES, MAX_EPSILON, METHODS, MIN_EPSILON,
-                      OPTIMIZERS, PACKAGED_DATASETS, SPARTA_SELECTIONS)
+from .choices import (ACCOUNTANTS, CLIPPING_FNS, CLIPPING_MODES, CLIPPING_STYLES, LR_SCHEDULES, MAX_EPSILON, METHODS, MIN_EPSILON,
+                      OPTIMIZERS, SPARTA_SELECTIONS)
 from .errors import ConfigError, DataUnavailable, RunFailed
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -108,7 +108,8 @@ def _add_train_parser(sub) -> None:
                                    "images, from scratch), 'cnn-fmnist' (a CNN pretrained on the public "
                                    "Fashion-MNIST, built once and cached), a timm name for images ('timm:NAME'), "
                                    "or a Hugging Face model name/path")
-    g.add_argument("--dataset", help=f"{', '.join(PACKAGED_DATASETS)} (packaged; default rotten-tomatoes), "
+    g.add_argument("--dataset", help="rotten-tomatoes (default) and mnist (from pip packages), fashion-mnist (from "
+                                     "the Debian package dataset-fashion-mnist), "
                                      "a CSV/TSV/JSONL file with a text and a label column (20%% of it is held "
                                      "out for evaluation unless --test-file is given), or a Hugging Face "
                                      "dataset name")
@@ -139,6 +140,10 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--clipping-fn", choices=CLIPPING_FNS, help="default abadi")
     g.add_argument("--clipping-mode", choices=CLIPPING_MODES, help="how per-example norms are computed "
                                                                    "(default auto: the fastest per layer)")
+    g.add_argument("--clipping-style", choices=CLIPPING_STYLES,
+                   help="all-layer: one clipping group; separate-head: the new classification head and the "
+                        "rest are clipped as two groups, each to R/√2, so that the head keeps its share "
+                        "(default for full, lora, sparta; all-layer otherwise)")
     g.add_argument("--accountant", choices=ACCOUNTANTS, help="default pld")
     g.add_argument("--poisson", action=argparse.BooleanOptionalAction,
                    help="Poisson sampling (default) or shuffled fixed-size batches")

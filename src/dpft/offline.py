@@ -254,8 +254,9 @@ def fashion_mnist(root: str | os.PathLike | None = None) -> TaskData:
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
         raise DataUnavailable(
-            f"Fashion-MNIST not found under {root} (missing {missing[0]}). Install it with: "
-            "apt-get install dataset-fashion-mnist (or set DPFT_FASHION_MNIST_DIR)")
+            f"Fashion-MNIST not found under {root} (missing {missing[0]}): it comes from the Debian/Ubuntu "
+            "package dataset-fashion-mnist, not from pip: apt-get install dataset-fashion-mnist (as root), or "
+            "set DPFT_FASHION_MNIST_DIR to a folder with its four idx .gz files")
     x_tr = _read_idx(paths["train", "images"]).astype(np.float32)[:, None] / 255.0
     x_te = _read_idx(paths["t10k", "images"]).astype(np.float32)[:, None] / 255.0
     y_tr = _read_idx(paths["train", "labels"]).astype(np.int64)
@@ -418,7 +419,8 @@ def hf_dataset(name: str, seed: int = 0, *, text_column: str | None = None,
     if importlib.util.find_spec("datasets") is None:
         raise DataUnavailable(
             f"unknown dataset '{name}': not one of {sorted(PACKAGED_DATASETS)}, not a local file, "
-            "and the Hugging Face 'datasets' package is not installed (pip install datasets)")
+            "and the Hugging Face 'datasets' package is not installed: pip install "
+            f"\"torch=={torch.__version__.split('+')[0]}\" \"dpft[data]\" (torch pinned so that pip keeps yours)")
     import datasets  # noqa: PLC0415
     config = None
     if ":" in name:
@@ -908,7 +910,9 @@ def load_timm_model(name: str, num_labels: int, in_channels: int = 1, *,
         raise DataUnavailable(
             f"--model {name}: not a built-in image model (cnn, cnn-fmnist, a saved checkpoint), and "
             f"timm is not importable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            "pip install timm for timm models") from e
+            f"for timm models install dpft's vision extra with your torch pinned, so that pip keeps it: "
+            f"pip install \"torch=={torch.__version__.split('+')[0]}\" \"dpft[vision]\" (or bash scripts/setup.sh "
+            f"test,vision)") from e
     try:
         model = timm.create_model(spec, pretrained=True, num_classes=num_labels, in_chans=in_channels)
     except Exception as e:  # noqa: BLE001 - unknown name, hub/network/cache errors have many types
