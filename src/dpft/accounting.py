@@ -51,6 +51,7 @@ Timings (2-core x86 CPU, dp_accounting 0.6.0, one query, measured)
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from collections import OrderedDict
@@ -191,9 +192,18 @@ def _pld_epsilon(event: dp_accounting.DpEvent, delta: float) -> float:
 
 
 def _rdp_epsilon(event: dp_accounting.DpEvent, delta: float) -> float:
-    acc = RdpAccountant(neighboring_relation=_NEIGHBORING)
-    acc.compose(event)
-    return float(acc.get_epsilon(delta))
+    # dp-accounting logs (through absl) a WARNING for each fractional RDP order whose
+    # series does not converge and is dropped; dropping an order only makes ε larger
+    # (never an under-count), so these lines are noise for our callers: silenced here.
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(max(level, logging.ERROR))
+    try:
+        acc = RdpAccountant(neighboring_relation=_NEIGHBORING)
+        acc.compose(event)
+        return float(acc.get_epsilon(delta))
+    finally:
+        absl.setLevel(level)
 
 
 def _segments_epsilon(segments: Sequence[Segment], delta: float, accountant: str) -> float:

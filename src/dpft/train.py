@@ -21,6 +21,7 @@ a few minutes, and says so).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -39,7 +40,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import offline
-from .offline import DataUnavailable, TaskData
+from .checkpoint import CheckpointError, atomic_save, atomic_write, read_checkpoint
+from .choices import (ACCOUNTANTS, CLIPPING_FNS, CLIPPING_MODES, CLIPPING_STYLES, DEVICES, LR_SCHEDULES, MAX_EPSILON, METHODS,
+                      MIN_EPSILON, OPTIMIZERS, PRIVATE_METHODS, SPARTA_SELECTIONS)
+from .errors import ConfigError, DataUnavailable, RunFailed
+from .offline import TaskData
 
 __all__ = [
     "ConfigError",
@@ -52,29 +57,17 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
-    """A user error in the job's configuration (the CLI prints it on one line, exit code 2)."""
-
-
 class NotAvailableYet(ConfigError):
     """The requested method exists in the plan but has not landed in this version."""
 
 
-METHODS = ("bitfit", "full", "lora", "last-layer", "sparta", "nonprivate-full", "nonprivate-bitfit")
-PRIVATE_METHODS = ("bitfit", "full", "lora", "last-layer", "sparta")
-CLIPPING_FNS = ("abadi", "automatic")
-ACCOUNTANTS = ("pld", "rdp")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-OPTIMIZERS = ("adam", "sgd")
-LR_SCHEDULES = ("constant", "linear", "cosine")
-SPARTA_SELECTIONS = ("scores", "random", "magnitude")  # random/magnitude: public, no scoring pass
-
 # Fields that may change between an interrupted run and its --resume.
 _OPERATIONAL = {"out", "resume", "overwrite", "device", "num_threads", "stop_after_steps",
-                "progress", "checkpoint_every", "config"}
+                "progress", "checkpoint_every", "checkpoint_minutes", "config"}
 
 CHECKPOINT = "checkpoint.pt"
 MONITOR_SIZE = 512  # evaluation examples used for the progress evaluations
+EPSILON_POINTS = 10  # steps of a run whose metrics.jsonl row carries ε (plus the first and the last)
 
 
 @dataclass
@@ -83,6 +76,9 @@ class TrainConfig:
 
     model: str | None = None            # "minilm" (packaged), "cnn", a HF name/path
     dataset: str | None = None          # "rotten-tomatoes", "mnist", "fashion-mnist", file, HF name
+    test_file: str | None = None        # evaluation file for a CSV/JSONL --dataset (default: hold out 20 %)
+    text_column: str | None = None      # column names of a CSV/JSONL/HF dataset (default: found by name)
+    label_column: str | None = None
     method: str | None = None           # one of METHODS; default "bitfit"
     epsilon: float | None = None        # target ε; default 3
     delta: float | None = None          # default: the engine's (below 1/N)
@@ -96,6 +92,7 @@ class TrainConfig:
     max_grad_norm: float | None = None
     clipping_fn: str | None = None      # "abadi" | "automatic"
     clipping_mode: str | None = None    # passed to the engine; "auto" by default
+    clipping_style: str | None = None   # "all-layer" | "separate-head" (default when weights below the head train)
     accountant: str | None = None       # "pld" | "rdp" | "prv"
     poisson: bool | None = None         # Poisson sampling (default) or shuffled fixed batches
     device: str | None = None           # "auto" | "cpu" | "cuda" | "cuda:1" | "mps"
@@ -117,7 +114,8 @@ class TrainConfig:
     dropout: float | None = None        # override every dropout probability (e.g. 0); None: model's
     num_threads: int | None = None
     eval_every: int | None = None       # steps between progress evaluations (default: 8 per run; 0: none)
-    checkpoint_every: int | None = None  # steps between checkpoints (0: at each epoch end only)
+    checkpoint_every: int | None = None  # steps between checkpoints (0: none by step count)
+    checkpoint_minutes: float | None = None  # minutes between checkpoints (default 2; 0: none by time)
     stop_after_steps: int | None = None  # stop (checkpointed, resumable) after this many steps
     progress: bool | None = None        # progress bar
 
@@ -147,11 +145,29 @@ GPU_TEXT_EPOCHS = 3
 CPU_SCORING_EPOCHS = 0.5
 GPU_SCORING_EPOCHS = 1.0
 
+CPU_TEXT_BATCH = 128
+GPU_TEXT_BATCH = 512
+DEFAULT_CHECKPOINT_MINUTES = 2.0
+
+# Adam learning rates of the text methods (GPU defaults: 3 epochs at batch 512 and 128
+# tokens; the CPU job: CPU_TEXT_EPOCHS at batch 128 and 64 tokens). docs/utility.md's GPU
+# search found DP full fine-tuning at lr 5e-4 stuck at the majority class (57 %) and 1.5e-3
+# at 75 % (validation split): 1.5e-3 is the GPU default. On the CPU job (79 noisier steps)
+# full fine-tuning moves the body slowly (1e-4) and the new head at 1e-2 like the other
+# methods; clipped as one group its head stalled at the majority class at both 3e-4 and 5e-5.
 _DEFAULT_HEAD_LR = {"bitfit": 1e-2, "lora": 1e-2, "sparta": 1e-2, "nonprivate-bitfit": 1e-2}
-_DEFAULT_LR = {  # Adam
-    "bitfit": 3e-3, "last-layer": 3e-2, "lora": 2e-3, "full": 5e-4, "sparta": 1e-3,
+_DEFAULT_LR = {
+    "bitfit": 3e-3, "last-layer": 3e-2, "lora": 2e-3, "full": 1.5e-3, "sparta": 1e-3,
     "nonprivate-bitfit": 1e-3, "nonprivate-full": 5e-5,
 }
+_DEFAULT_HEAD_LR_CPU = {**_DEFAULT_HEAD_LR, "full": 1e-2}
+_DEFAULT_LR_CPU = {**_DEFAULT_LR, "full": 1e-4}
+# Where weight matrices below the new head train, their per-example gradients grow with the
+# head's weights and, clipped together with the head's, squeeze the head's share of the
+# clipped gradient until the head stops learning (measured: DP full fine-tuning stalled at the
+# majority class). Clipped as its own group the head keeps R/√2 whatever the rest does.
+# (DP-LoRA learned on the CPU job clipped as one group, 74.5 % against 57.0 %, so it keeps that.)
+_DEFAULT_CLIPPING_STYLE = {"full": "separate-head", "sparta": "separate-head"}
 
 
 def _pick_device(name: str) -> torch.device:
@@ -187,11 +203,25 @@ def validate(cfg: TrainConfig) -> None:
     """Checks that need no data or model; raise ConfigError naming the option."""
     if cfg.method is not None and cfg.method not in METHODS:
         raise ConfigError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    if cfg.checkpoint_minutes is not None and not (
+            isinstance(cfg.checkpoint_minutes, (int, float)) and not isinstance(cfg.checkpoint_minutes, bool)
+            and math.isfinite(cfg.checkpoint_minutes) and cfg.checkpoint_minutes >= 0):
+        raise ConfigError(f"--checkpoint-minutes must be a non-negative number, got {cfg.checkpoint_minutes!r}")
     for name in ("epsilon", "lr", "head_lr", "max_grad_norm", "epochs", "scoring_epochs"):
         v = getattr(cfg, name)
         if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)
                               or not math.isfinite(v) or v <= 0):
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {v!r}")
+    if cfg.epsilon is not None and isinstance(cfg.epsilon, (int, float)) and cfg.epsilon > MAX_EPSILON:
+        raise ConfigError(f"--epsilon {cfg.epsilon:g} is above {MAX_EPSILON:g}: no meaningful guarantee (and σ "
+                          "would take minutes to calibrate); for no privacy use a nonprivate-* method")
+    if cfg.epsilon is not None and isinstance(cfg.epsilon, (int, float)) and 0 < cfg.epsilon < MIN_EPSILON:
+        raise ConfigError(f"--epsilon {cfg.epsilon:g} is below {MIN_EPSILON:g}: the accountant cannot resolve "
+                          "an ε that small")
+    if cfg.clipping_style is not None and cfg.clipping_style not in CLIPPING_STYLES:
+        raise ConfigError(f"unknown clipping style {cfg.clipping_style!r}; choose one of {', '.join(CLIPPING_STYLES)}")
+    if cfg.clipping_mode is not None and cfg.clipping_mode not in CLIPPING_MODES:
+        raise ConfigError(f"unknown clipping mode {cfg.clipping_mode!r}; choose one of {', '.join(CLIPPING_MODES)}")
     if cfg.density is not None and not (isinstance(cfg.density, (int, float)) and not isinstance(cfg.density, bool)
                                         and 0 < cfg.density <= 1):
         raise ConfigError(f"--density must be in (0, 1], got {cfg.density!r}")
@@ -215,7 +245,12 @@ def validate(cfg: TrainConfig) -> None:
         v = getattr(cfg, name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
-    for name in ("eval_every", "checkpoint_every", "stop_after_steps", "seed", "dp_seed"):
+    if cfg.stop_after_steps is not None and (isinstance(cfg.stop_after_steps, bool)
+                                             or not isinstance(cfg.stop_after_steps, int)
+                                             or cfg.stop_after_steps <= 0):
+        raise ConfigError(f"--stop-after-steps must be a positive integer (leave it out for no limit), "
+                          f"got {cfg.stop_after_steps!r}")
+    for name in ("eval_every", "checkpoint_every", "seed", "dp_seed"):
         v = getattr(cfg, name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
             raise ConfigError(f"--{name.replace('_', '-')} must be a non-negative integer, got {v!r}")
@@ -269,6 +304,7 @@ def resolve(cfg: TrainConfig, kind: str | None = None, device: torch.device | No
     r.optimizer = r.optimizer or "adam"
     r.lr_schedule = r.lr_schedule or "constant"
     r.clipping_mode = r.clipping_mode or "auto"
+    r.clipping_style = r.clipping_style or _DEFAULT_CLIPPING_STYLE.get(r.method, "all-layer")
     r.accountant = r.accountant or "pld"
     r.max_grad_norm = float(r.max_grad_norm) if r.max_grad_norm is not None else 1.0
     r.lora_rank = r.lora_rank or 8
@@ -293,55 +329,19 @@ def resolve(cfg: TrainConfig, kind: str | None = None, device: torch.device | No
         raise ConfigError("--density, --scoring-epochs, --warmup-epochs and --sparta-selection apply to "
                           "--method sparta only")
     r.checkpoint_every = 0 if r.checkpoint_every is None else r.checkpoint_every
-    r.stop_after_steps = r.stop_after_steps or None
+    r.checkpoint_minutes = DEFAULT_CHECKPOINT_MINUTES if r.checkpoint_minutes is None else float(r.checkpoint_minutes)
     r.progress = True if r.progress is None else bool(r.progress)
-    if r.lr is None:
-        r.lr = _DEFAULT_LR[r.method] if kind == "text" else (
-            2e-3 if r.method in ("nonprivate-full", "nonprivate-bitfit") else 1e-2)
-    if r.head_lr is None:
-        # The head is new (randomly initialised) and wants a larger step than the biases;
-        # full fine-tuning and last-layer use one learning rate for everything.
-        r.head_lr = _DEFAULT_HEAD_LR.get(r.method) or r.lr
+    _resolve_lr(r, kind, on_cpu)
     if r.dropout is None and private:
         # measured on the validation split: dropout only adds variance to the noisy DP updates
         r.dropout = 0.0
+    given = {"batch_size": r.batch_size is not None, "epochs": r.epochs is not None}
     if kind == "text":
-        if r.max_seq_len is None:
-            r.max_seq_len = CPU_TEXT_MAX_SEQ_LEN if on_cpu else GPU_TEXT_MAX_SEQ_LEN
-            if on_cpu:
-                notes.append(f"CPU run: sequences truncated to {r.max_seq_len} tokens by default "
-                             f"(--max-seq-len to change; {GPU_TEXT_MAX_SEQ_LEN} on a GPU)")
-        if r.train_size is None:
-            if on_cpu and n_train_total is not None and n_train_total > CPU_TEXT_TRAIN_SIZE:
-                r.train_size = CPU_TEXT_TRAIN_SIZE
-                notes.append(f"CPU run: training on a random {CPU_TEXT_TRAIN_SIZE:,} of {n_train_total:,} "
-                             "training examples by default (--train-size all for everything; a GPU "
-                             "uses all)")
-            else:
-                r.train_size = "all"
-        # Tuned on a held-out part of the training split (--validation-size 1000), three
-        # seeds each; never on the test set.
-        if r.epochs is None:
-            if private:
-                r.epochs = CPU_TEXT_EPOCHS if on_cpu else GPU_TEXT_EPOCHS
-                if on_cpu:
-                    notes.append(f"CPU run: {CPU_TEXT_EPOCHS} epoch by default (--epochs to change; "
-                                 f"{GPU_TEXT_EPOCHS} on a GPU)")
-            else:
-                r.epochs = 2
-        if r.batch_size is None:
-            r.batch_size = (128 if on_cpu else 512) if private else 32
-        if r.max_physical_batch_size is None:
-            r.max_physical_batch_size = 64 if on_cpu else 256
+        _resolve_text_sizes(r, on_cpu, private, n_train_total, notes)
     else:
-        r.max_seq_len = r.max_seq_len or None  # unused for images (0 would fail validate() on --resume)
-        r.train_size = r.train_size if r.train_size is not None else "all"
-        if r.epochs is None:
-            r.epochs = 10 if private else 3
-        if r.batch_size is None:
-            r.batch_size = 256 if private else 64
-        if r.max_physical_batch_size is None:
-            r.max_physical_batch_size = 256
+        _resolve_image_sizes(r, private)
+    if n_train_total is not None:
+        _fit_small_data(r, _effective_train_size(r, n_train_total), private, given, notes)
     r.eval_size = r.eval_size if r.eval_size is not None else "all"
     if isinstance(r.train_size, int) is False:
         r.train_size = "all" if _size(r.train_size, "train-size") is None else _size(r.train_size, "train-size")
@@ -355,6 +355,101 @@ def resolve(cfg: TrainConfig, kind: str | None = None, device: torch.device | No
         notes.append("--no-poisson: shuffled fixed-size batches; the reported ε assumes Poisson "
                      "sampling and is then only a heuristic, not a proof")
     return r, notes
+
+
+def _resolve_lr(r: TrainConfig, kind: str, on_cpu: bool) -> None:
+    """The learning rates of the method (Adam), tuned per method and device (see the tables above)."""
+    if r.lr is None:
+        if kind == "text":
+            r.lr = (_DEFAULT_LR_CPU if on_cpu else _DEFAULT_LR).get(r.method) or _DEFAULT_LR[r.method]
+        else:
+            r.lr = 2e-3 if r.method in ("nonprivate-full", "nonprivate-bitfit") else 1e-2
+    if r.head_lr is None:
+        # The head is new (randomly initialised) and wants a larger step than the body;
+        # without its own default it shares --lr.
+        table = (_DEFAULT_HEAD_LR_CPU if on_cpu else _DEFAULT_HEAD_LR) if kind == "text" else {}
+        r.head_lr = table.get(r.method) or r.lr
+
+
+def _resolve_text_sizes(r: TrainConfig, on_cpu: bool, private: bool, n_train_total: int | None,
+                        notes: list[str]) -> None:
+    """Sequence length, training subsample, epochs and batch sizes of a text job."""
+    if r.max_seq_len is None:
+        r.max_seq_len = CPU_TEXT_MAX_SEQ_LEN if on_cpu else GPU_TEXT_MAX_SEQ_LEN
+        if on_cpu:
+            notes.append(f"CPU run: sequences truncated to {r.max_seq_len} tokens by default "
+                         f"(--max-seq-len to change; {GPU_TEXT_MAX_SEQ_LEN} on a GPU)")
+    if r.train_size is None:
+        if on_cpu and n_train_total is not None and n_train_total > CPU_TEXT_TRAIN_SIZE:
+            r.train_size = CPU_TEXT_TRAIN_SIZE
+            notes.append(f"CPU run: training on a random {CPU_TEXT_TRAIN_SIZE:,} of {n_train_total:,} "
+                         "training examples by default (--train-size all for everything; a GPU "
+                         "uses all)")
+        else:
+            r.train_size = "all"
+    if r.epochs is None:
+        if private:
+            r.epochs = CPU_TEXT_EPOCHS if on_cpu else GPU_TEXT_EPOCHS
+            if on_cpu:
+                notes.append(f"CPU run: {CPU_TEXT_EPOCHS:g} epoch(s) by default (--epochs to change; "
+                             f"{GPU_TEXT_EPOCHS} on a GPU)")
+        else:
+            r.epochs = 2
+    if r.batch_size is None:
+        r.batch_size = (CPU_TEXT_BATCH if on_cpu else GPU_TEXT_BATCH) if private else 32
+    if r.max_physical_batch_size is None:
+        r.max_physical_batch_size = 64 if on_cpu else 256
+
+
+def _resolve_image_sizes(r: TrainConfig, private: bool) -> None:
+    r.max_seq_len = r.max_seq_len or None  # unused for images (0 would fail validate() on --resume)
+    r.train_size = r.train_size if r.train_size is not None else "all"
+    if r.epochs is None:
+        r.epochs = 10 if private else 3
+    if r.batch_size is None:
+        r.batch_size = 256 if private else 64
+    if r.max_physical_batch_size is None:
+        r.max_physical_batch_size = 256
+
+
+def _effective_train_size(r: TrainConfig, n_train_total: int) -> int:
+    """Training examples after --train-size and --validation-size (as the job will see them)."""
+    n = n_train_total - (r.validation_size or 0) if r.validation_size and r.validation_size < n_train_total \
+        else n_train_total
+    size = _size(r.train_size, "train-size")
+    return n if size is None else min(size, n)
+
+
+#: A small training set still gets at least this many optimizer steps by default
+#: (more epochs), and at least SMALL_DATA_STEPS_PER_EPOCH steps per epoch (a smaller batch).
+SMALL_DATA_MIN_STEPS = 60
+SMALL_DATA_STEPS_PER_EPOCH = 8
+SMALL_DATA_MAX_EPOCHS = 30
+
+
+def _fit_small_data(r: TrainConfig, n: int, private: bool, given: dict[str, bool], notes: list[str]) -> None:
+    """Defaults that fit a small training set: a default batch that would give fewer than
+    SMALL_DATA_STEPS_PER_EPOCH steps per epoch shrinks (a power of two, at least 8), and
+    default epochs grow until the run has SMALL_DATA_MIN_STEPS steps (at most
+    SMALL_DATA_MAX_EPOCHS). Options given explicitly are never changed; what was
+    chosen is said in a note."""
+    if n < 2:
+        return
+    changed = []
+    if not given["batch_size"] and n < SMALL_DATA_STEPS_PER_EPOCH * r.batch_size:
+        b = 2 ** int(math.floor(math.log2(max(1, n // SMALL_DATA_STEPS_PER_EPOCH))))
+        r.batch_size = max(1, min(r.batch_size, max(8, b), n))
+        changed.append(f"logical batch {r.batch_size}")
+    steps_per_epoch = math.ceil(n / r.batch_size)
+    if not given["epochs"] and r.epochs * steps_per_epoch < SMALL_DATA_MIN_STEPS:
+        r.epochs = float(min(SMALL_DATA_MAX_EPOCHS, math.ceil(SMALL_DATA_MIN_STEPS / steps_per_epoch)))
+        if r.epochs.is_integer():
+            r.epochs = int(r.epochs)
+        changed.append(f"{r.epochs:g} epochs")
+    if changed:
+        steps = max(1, math.ceil(r.epochs * steps_per_epoch))
+        notes.append(f"small training set ({n:,} examples): {' and '.join(changed)} by default, "
+                     f"{steps} steps (--batch-size / --epochs to change)")
 
 
 # ---------------------------------------------------------------------------
@@ -555,8 +650,13 @@ def _derive_seed(secret: int, stream: int) -> int:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Encoded, device: torch.device, batch_size: int,
-             autocast: Callable, subset: np.ndarray | None = None) -> float:
-    """Accuracy on the evaluation split (or on the examples ``subset`` of it)."""
+             autocast: Callable, subset: np.ndarray | None = None,
+             cancel: Callable[[], bool] | None = None) -> float | None:
+    """Accuracy on the evaluation split (or on the examples ``subset`` of it).
+
+    ``cancel``: checked before each batch; when it returns True the evaluation
+    stops and ``None`` is returned (a Ctrl-C need not wait for a long evaluation).
+    """
     was_training = model.training
     model.eval()
     order = np.arange(len(data.y_test)) if subset is None else np.asarray(subset)
@@ -565,13 +665,17 @@ def evaluate(model: nn.Module, data: Encoded, device: torch.device, batch_size: 
     if lens is not None:
         order = order[np.argsort(lens[order], kind="stable")]
     correct = 0
-    for start in range(0, n, batch_size):
-        idx = order[start:start + batch_size]
-        inputs, y = data.batch("test", idx, device)
-        with autocast():
-            logits = _forward(model, inputs)
-        correct += int((logits.argmax(-1) == y).sum())
-    model.train(was_training)
+    try:
+        for start in range(0, n, batch_size):
+            if cancel is not None and cancel():
+                return None
+            idx = order[start:start + batch_size]
+            inputs, y = data.batch("test", idx, device)
+            with autocast():
+                logits = _forward(model, inputs)
+            correct += int((logits.argmax(-1) == y).sum())
+    finally:
+        model.train(was_training)
     return correct / max(n, 1)
 
 
@@ -588,7 +692,8 @@ def _default_out(r: TrainConfig) -> str:
 def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
     """Refuse to mix runs: an existing run needs --resume or --overwrite; other files, a new dir.
 
-    Only checks: the directory is created when the first file is written.
+    Also checks that the directory can be written (a read-only folder is a one-line error
+    before any work). The directory itself is created when the first file is written.
     """
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a directory")
@@ -596,6 +701,7 @@ def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
     if resume:
         if not has_run or not (out / CHECKPOINT).is_file():
             raise ConfigError(f"--resume: {out} holds no dpft checkpoint to resume from")
+        _check_writable(out)
         return
     if out.is_dir() and any(out.iterdir()):
         if has_run and not overwrite:
@@ -603,6 +709,17 @@ def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
                               "--overwrite to replace it")
         if not has_run:
             raise ConfigError(f"--out {out} is not empty and holds no dpft run; choose another directory")
+    _check_writable(out)
+
+
+def _check_writable(out: Path) -> None:
+    """``out`` (or the nearest existing folder above it) accepts new files."""
+    probe = out
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        where = "" if probe == out else f" (its existing parent {probe} is not writable)"
+        raise ConfigError(f"--out {out} cannot be written{where}: choose a folder you can write to")
 
 
 def _check_resume_config(saved: dict, r: TrainConfig) -> None:
@@ -612,9 +729,25 @@ def _check_resume_config(saved: dict, r: TrainConfig) -> None:
         raise ConfigError("--resume with a different configuration: " + "; ".join(diffs))
 
 
+def _read_config_json(out: Path) -> dict:
+    path = out / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--resume: {path} cannot be read ({e.__class__.__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); the run cannot be resumed") from e
+    if not isinstance(saved, dict):
+        raise ConfigError(f"--resume: {path} does not hold a dpft configuration")
+    return saved
+
+
 def merge_resume_config(cfg: TrainConfig) -> TrainConfig:
     """For --resume: the saved configuration, overridden by the options given now."""
-    saved = json.loads((Path(cfg.out) / "config.json").read_text())
+    saved = _read_config_json(Path(cfg.out))
+    unknown = sorted(set(saved) - set(TrainConfig.field_names()))
+    if unknown:
+        raise ConfigError(f"--resume: {Path(cfg.out) / 'config.json'} has options this dpft does not know "
+                          f"({', '.join(unknown[:3])}); it was written by another version")
     # a stop point belongs to the interrupted invocation, not to the run
     merged = {k: saved.get(k) for k in TrainConfig.field_names() if k not in ("stop_after_steps", "overwrite")}
     for k, v in cfg.to_dict().items():
@@ -640,16 +773,9 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=offline.json_default) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=2, default=offline.json_default) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()), what="file")
 
 
 # ---------------------------------------------------------------------------
@@ -665,6 +791,22 @@ def _fmt_eps(x: float | None) -> str:
     return f"{x:.3f}"
 
 
+def clipping_groups(model: nn.Module, style: str):
+    """The engine's ``clipping_style`` for ``style``: ``"all-layer"``, or for
+    ``"separate-head"`` two groups of trainable parameter names, the new
+    classification head and everything else (each clipped to R/√2); one group
+    when only one of them trains."""
+    if style == "all-layer":
+        return "all-layer"
+    inner = getattr(model, "module", model)  # DistributedDataParallel
+    head = set(_head_param_names(_unwrap(inner)))
+    names = [n for n, p in inner.named_parameters() if p.requires_grad]
+    groups = [[n for n in names if _strip_peft(n) in head or any(n.endswith("." + h) for h in head)]]
+    groups.append([n for n in names if n not in set(groups[0])])
+    groups = [g for g in groups if g]
+    return "all-layer" if len(groups) < 2 else groups
+
+
 def _make_engine(model, r: TrainConfig, n_train: int, steps_total: int, noise_seed: int):
     import dpft
     engine_cls = getattr(dpft, "PrivacyEngine", None)
@@ -673,14 +815,14 @@ def _make_engine(model, r: TrainConfig, n_train: int, steps_total: int, noise_se
                               "in this build; use a nonprivate-* method")
     kwargs = dict(batch_size=r.batch_size, sample_size=n_train, target_epsilon=r.epsilon,
                   target_delta=r.delta, max_grad_norm=r.max_grad_norm, clipping_fn=r.clipping_fn,
-                  clipping_style="all-layer", clipping_mode=r.clipping_mode,
+                  clipping_style=clipping_groups(model, r.clipping_style), clipping_mode=r.clipping_mode,
                   accountant=r.accountant, loss_reduction="mean", noise_seed=noise_seed)
     try:
         engine = engine_cls(model, steps=steps_total, **kwargs)
     except NotImplementedError as e:
         raise NotAvailableYet(f"method {r.method}: the engine cannot train these parameters "
                               f"yet: {e}") from e
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RuntimeError) as e:  # RuntimeError: σ cannot be calibrated
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"method {r.method}: {msg}") from e
     return engine
@@ -691,10 +833,18 @@ def _make_sparta(model, r: TrainConfig, n_train: int):
     scoring + training steps (no scoring steps with a public ``--sparta-selection``);
     candidates are the Linear weights outside the head."""
     from .methods.sparta import Sparta, default_candidates
+
+    class _Sparta(Sparta):
+        """Each phase's engine clips with ``r.clipping_style`` over what trains in that phase."""
+
+        def _engine(self, phase: str, **kw: Any):
+            self.engine_kwargs["clipping_style"] = clipping_groups(self.model, r.clipping_style)
+            return super()._engine(phase, **kw)
+
     head = sorted(_head_param_names(model))
     candidates = [n for n in default_candidates(model) if n not in head]
     try:
-        return Sparta(model, batch_size=r.batch_size, sample_size=n_train, target_epsilon=r.epsilon,
+        return _Sparta(model, batch_size=r.batch_size, sample_size=n_train, target_epsilon=r.epsilon,
                       train_epochs=r.epochs, scoring_epochs=r.scoring_epochs, warmup_epochs=r.warmup_epochs,
                       density=r.density, selection=r.sparta_selection, candidates=candidates, always_train=head,
                       target_delta=r.delta, accountant=r.accountant, max_grad_norm=r.max_grad_norm,
@@ -702,7 +852,7 @@ def _make_sparta(model, r: TrainConfig, n_train: int):
                       loss_reduction="mean")
     except NotImplementedError as e:
         raise NotAvailableYet(f"method sparta: the engine cannot train these parameters yet: {e}") from e
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RuntimeError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"method sparta: {msg}") from e
 
@@ -782,9 +932,111 @@ def _sparta_trainable(model: nn.Module) -> int:
     return n
 
 
+class _Spent:
+    """The privacy spent so far, for the report on every way out of a run.
+
+    ``source`` is the engine (or the SPARTA driver, whose ledger also counts its
+    scoring steps) once one exists; before that nothing private has been released.
+    """
+
+    def __init__(self) -> None:
+        self.source: Any = None
+
+    def epsilon(self) -> float | None:
+        return None if self.source is None else float(self.source.epsilon)
+
+    def text(self) -> str:
+        eps = self.epsilon()
+        if eps is None:
+            return "no private step was taken (no privacy spent)"
+        delta = getattr(self.source, "target_delta", None)
+        d = f", δ = {delta:.3g}" if delta is not None else ""
+        return f"ε spent so far {_fmt_eps(eps)}{d} (spent whether or not the run finishes)"
+
+
+@dataclass
+class _Job:
+    """What one run is made of: the resolved options, the data, the model and its privacy."""
+
+    r: TrainConfig
+    notes: list[str]
+    log: Callable[[str], None]
+    world: "_World"
+    device: torch.device
+    out: Path
+    task: TaskData
+    t_start: float
+    data: Any = None                    # Encoded
+    model: Any = None
+    net: Any = None                     # the model as trained (DDP-wrapped under torchrun)
+    tokenizer: Any = None
+    trainable: int = 0
+    total: int = 0
+    n_train: int = 0
+    steps_per_epoch: int = 0
+    steps_total: int = 0
+    dp_secret: int = 0
+    plan: Any = None                    # BatchPlan
+    ckpt: dict | None = None
+    autocast: Callable = None           # type: ignore[assignment]
+    optimizer: Any = None
+    engine: Any = None
+    sp: Any = None                      # SPARTA driver
+
+    @property
+    def private(self) -> bool:
+        return self.r.method in PRIVATE_METHODS
+
+
 def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
-    """Run one job; returns the summary dict (also written to ``out/summary.json``)."""
-    log = log or (lambda s: print(s, flush=True))
+    """Run one job; returns the summary dict (also written to ``out/summary.json``).
+
+    A run stopped early (``--stop-after-steps``, Ctrl-C) returns
+    ``{"stopped": True, "status": ..., "step": ..., "epsilon": ...}`` after
+    writing a checkpoint that ``--resume`` continues. A fault (non-finite loss,
+    a full disk) raises :class:`RunFailed`, whose message names the last
+    checkpoint and the ε spent; every other way out logs the ε spent too.
+    """
+    log = log or _print
+    spent = _Spent()
+    try:
+        job = _prepare(cfg, log, spent)
+        return _Run(job, spent).run()
+    except (ConfigError, DataUnavailable, RunFailed):
+        raise
+    except KeyboardInterrupt:
+        if spent.source is not None:  # e.g. during SPARTA's scoring pass: nothing to resume from
+            log(f"  interrupted before the first training checkpoint; {spent.text()}")
+        raise
+    except Exception:
+        if spent.source is not None:
+            log(f"  the run failed; {spent.text()}")
+        raise
+
+
+def _print(s: str) -> None:
+    print(s, flush=True)
+
+
+# --- building the job ----------------------------------------------------------
+
+
+def _prepare(cfg: TrainConfig, log: Callable[[str], None], spent: _Spent) -> _Job:
+    """Options, output folder, data, model, optimizer and privacy engine; runs SPARTA's
+    warm-up and scoring phases (which spend privacy) when the method is sparta."""
+    job = _resolve_job(cfg, log)
+    _prepare_data(job)
+    _build_model(job)
+    _build_privacy(job)
+    spent.source = job.sp if job.sp is not None else job.engine
+    _log_plan(job)
+    if job.sp is not None:
+        _run_sparta_phases(job)
+    return job
+
+
+def _resolve_job(cfg: TrainConfig, log: Callable[[str], None]) -> _Job:
+    """Validate, merge a --resume configuration, pick the device and the output folder."""
     t_start = time.perf_counter()
     validate(cfg)
     if cfg.resume:
@@ -793,7 +1045,6 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
         prepare_out(Path(cfg.out), resume=True, overwrite=False)
         cfg = merge_resume_config(cfg)
         validate(cfg)
-
     device = _pick_device(cfg.device or "auto")
     world = _World(device)  # joins the process group under torchrun (WORLD_SIZE > 1)
     device = world.device
@@ -801,13 +1052,14 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
         log = lambda s: None  # noqa: E731 - one voice: rank 0 logs and writes the run directory
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    ds_name = cfg.dataset or "rotten-tomatoes"
-    task = offline.load_dataset(ds_name, seed=cfg.seed or 0)
+    task = offline.load_task(cfg.dataset or "rotten-tomatoes", seed=cfg.seed or 0, test_file=cfg.test_file,
+                             text_column=cfg.text_column, label_column=cfg.label_column)
     r, notes = resolve(cfg, kind=task.kind, device=device, n_train_total=len(task.y_train))
+    notes = list(task.notes) + notes
     out = Path(world.same(r.out or _default_out(r)))  # rank 0's choice (a default name has a time)
     r.out = str(out)
     if r.resume:
-        _check_resume_config(json.loads((out / "config.json").read_text()), r)
+        _check_resume_config(_read_config_json(out), r)
     else:
         prepare_out(out, resume=False, overwrite=r.overwrite)
     world.barrier()  # every rank has checked --out before rank 0 writes into it
@@ -818,308 +1070,645 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
             raise ConfigError(f"--batch-size {r.batch_size} is smaller than the number of processes ({world.size})")
         notes.append(f"data parallel over {world.size} processes ({world.backend}): each takes 1 in "
                      f"{world.size} examples of each global logical batch of {r.batch_size}")
+    return _Job(r=r, notes=notes, log=log, world=world, device=device, out=out, task=task, t_start=t_start)
 
-    # --- data ------------------------------------------------------------------
+
+def _prepare_data(job: _Job) -> None:
+    """The validation split (--validation-size) and the subsamples of the splits."""
+    r, task = job.r, job.task
     if r.validation_size:
+        if r.validation_size >= len(task.y_train):
+            raise ConfigError(f"--validation-size {r.validation_size} must be smaller than the training set "
+                              f"({len(task.y_train):,} examples)")
         task = task.validation_split(r.validation_size, seed=r.seed)
-        notes.append(f"evaluating on {len(task.y_test):,} held-out TRAINING examples "
-                     "(--validation-size), not on the test set")
+        job.notes.append(f"evaluating on {len(task.y_test):,} held-out TRAINING examples "
+                         "(--validation-size), not on the test set")
     task = task.subset(_size(r.train_size, "train-size"), _size(r.eval_size, "eval-size"), seed=r.seed)
-    n_train = len(task.y_train)
-    if n_train < 2:
-        raise ConfigError(f"the training set has {n_train} example(s); need at least 2")
-    torch.manual_seed(r.seed)
+    job.n_train = len(task.y_train)
+    if job.n_train < 2:
+        raise ConfigError(f"the training set has {job.n_train} example(s); need at least 2")
+    if r.batch_size > job.n_train:
+        raise ConfigError(f"--batch-size {r.batch_size} is larger than the training set ({job.n_train:,})")
+    job.task = task
+    job.steps_per_epoch = math.ceil(job.n_train / r.batch_size)  # the engine's convention
+    job.steps_total = max(1, math.ceil(r.epochs * job.steps_per_epoch))
+    if r.eval_every is None:
+        r.eval_every = max(1, math.ceil(job.steps_total / 8))
 
-    # --- model -------------------------------------------------------------------
-    tokenizer = None
+
+def _build_model(job: _Job) -> None:
+    """The model with its new head, frozen/unfrozen (or LoRA-wrapped) for the method."""
+    r, task = job.r, job.task
+    torch.manual_seed(r.seed)
     if task.kind == "text":
-        model, tokenizer = offline.load_text_model(
+        model, job.tokenizer = offline.load_text_model(
             None if offline.is_packaged_text_model(r.model) else r.model, task.num_labels)
     else:
         in_ch = int(task.x_train.shape[1])
         # --model cnn-fmnist builds (once, cached) and logs the public Fashion-MNIST CNN
-        model = offline.load_image_model(r.model, task.num_labels, in_ch, log=log)
+        model = offline.load_image_model(r.model, task.num_labels, in_ch, log=job.log)
         if getattr(model, "pretrained_info", None):
             pi = model.pretrained_info
-            notes.append(f"{r.model}: public weights pretrained (non-privately) on Fashion-MNIST, "
-                         f"{100 * pi['test_accuracy']:.1f}% Fashion-MNIST test accuracy ({pi['path']}); "
-                         f"new {task.num_labels}-class head")
+            job.notes.append(f"{r.model}: public weights pretrained (non-privately) on Fashion-MNIST, "
+                             f"{100 * pi['test_accuracy']:.1f}% Fashion-MNIST test accuracy ({pi['path']}); "
+                             f"new {task.num_labels}-class head")
     if r.dropout is not None:
         set_dropout(model, r.dropout)
-    model = select_trainable(model, r.method, r.lora_rank, notes=notes)
-    model.to(device)
+    model = select_trainable(model, r.method, r.lora_rank, notes=job.notes)
+    model.to(job.device)
     model.train()
-    trainable, total = count_params(model)
-    data = Encoded(task, tokenizer, r.max_seq_len)
+    job.model = model
+    job.trainable, job.total = count_params(model)
+    job.data = Encoded(task, job.tokenizer, r.max_seq_len)
+    use_autocast = r.bf16 and job.device.type in ("cuda", "cpu")
+    dev = job.device.type
+    job.autocast = (lambda: torch.autocast(dev, dtype=torch.bfloat16)) if use_autocast \
+        else (lambda: torch.autocast(dev, enabled=False))
 
-    private = r.method in PRIVATE_METHODS
-    if r.batch_size > n_train:
-        raise ConfigError(f"--batch-size {r.batch_size} is larger than the training set ({n_train:,})")
-    steps_per_epoch = math.ceil(n_train / r.batch_size)  # the engine's convention
-    steps_total = max(1, math.ceil(r.epochs * steps_per_epoch))
-    if r.eval_every is None:
-        r.eval_every = max(1, math.ceil(steps_total / 8))
-    # The randomness DP relies on (batch sampling, noise) comes from a secret seed:
-    # OS entropy unless --dp-seed; kept in the checkpoint so that --resume continues it.
-    ckpt = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False) if r.resume else None
-    if ckpt is not None:
-        dp_secret = int(ckpt["dp_seed"])
+
+def _build_privacy(job: _Job) -> None:
+    """The secret seed, the batch plan, the optimizer and the engine (or SPARTA's driver).
+
+    The randomness DP relies on (batch sampling, noise) comes from a secret seed:
+    OS entropy unless --dp-seed; kept in the checkpoint so that --resume continues it.
+    """
+    r = job.r
+    job.ckpt = _load_run_checkpoint(job.out) if r.resume else None
+    if job.ckpt is not None:
+        dp_secret = int(job.ckpt["dp_seed"])
     else:
         dp_secret = r.dp_seed if r.dp_seed is not None else secrets.randbits(63)
-    dp_secret = world.same(dp_secret)  # all ranks draw the same global Poisson batches
-    plan = BatchPlan(n_train, r.batch_size, steps_per_epoch, _derive_seed(dp_secret, 0),
-                     poisson=r.poisson and private)
-    sp = None
+    job.dp_secret = job.world.same(dp_secret)  # all ranks draw the same global Poisson batches
+    job.plan = BatchPlan(job.n_train, r.batch_size, job.steps_per_epoch, _derive_seed(job.dp_secret, 0),
+                         poisson=r.poisson and job.private)
     if r.method == "sparta":
         # optimizer and engine come after the scoring pass (or from the checkpoint's row selection)
-        sp = _make_sparta(model, r, n_train)
-        optimizer, engine, net = None, None, model
-    else:
-        optimizer = make_optimizer(model, r)
-        net = world.wrap(model)  # DistributedDataParallel under torchrun (the engine unwraps it)
-        engine = _make_engine(net, r, n_train, steps_total, _derive_seed(dp_secret, 1)) if private else None
-        if engine is not None:
-            engine.attach(optimizer)
-    dp = engine if engine is not None else sp
+        job.sp = _make_sparta(job.model, r, job.n_train)
+        job.net = job.model
+        return
+    job.optimizer = make_optimizer(job.model, r)
+    job.net = job.world.wrap(job.model)  # DistributedDataParallel under torchrun (the engine unwraps it)
+    if job.private:
+        job.engine = _make_engine(job.net, r, job.n_train, job.steps_total, _derive_seed(job.dp_secret, 1))
+        job.engine.attach(job.optimizer)
 
-    majority_label, majority_acc = task.majority_baseline()
-    cpu_note = "" if device.type != "cpu" else f", {torch.get_num_threads()} threads"
-    log(f"dpft train: {r.method} on {task.description}")
-    log(f"  model {r.model} ({total:,} parameters, {trainable:,} trainable = "
-        f"{100 * trainable / total:.2f}%), device {device}{cpu_note}")
-    for note in notes:
+
+def _load_run_checkpoint(out: Path) -> dict:
+    """``out/checkpoint.pt`` for --resume; a damaged file is a one-line error."""
+    try:
+        ckpt = read_checkpoint(out / CHECKPOINT)
+    except CheckpointError as e:
+        raise ConfigError(f"--resume: {e}") from e
+    needed = {"model", "optimizer", "engine", "rng", "step", "metrics_lines", "dp_seed"}
+    if not isinstance(ckpt, dict) or not needed <= set(ckpt):
+        raise ConfigError(f"--resume: {out / CHECKPOINT} is not a dpft train checkpoint")
+    return ckpt
+
+
+def _log_plan(job: _Job) -> None:
+    """What is about to run: data, model, the notes on chosen defaults, the DP parameters."""
+    r, log, sp = job.r, job.log, job.sp
+    dp = job.engine if job.engine is not None else sp
+    cpu_note = "" if job.device.type != "cpu" else f", {torch.get_num_threads()} threads"
+    log(f"dpft train: {r.method} on {job.task.description}")
+    log(f"  model {r.model} ({job.total:,} parameters, {job.trainable:,} trainable = "
+        f"{100 * job.trainable / job.total:.2f}%), device {job.device}{cpu_note}")
+    for note in job.notes:
         log(f"  note: {note}")
     if dp is not None:
         if sp is not None:
             warm = f"{sp.steps['warmup']} warm-up + " if sp.steps["warmup"] else ""
             scoring = f"{sp.steps['scoring']} scoring + " if sp.steps["scoring"] else ""
-            step_text = f"{warm}{scoring}{steps_total} training steps"
+            step_text = f"{warm}{scoring}{job.steps_total} training steps"
         else:
-            step_text = f"{steps_total} steps"
+            step_text = f"{job.steps_total} steps"
         log(f"  DP: target ε = {r.epsilon:g}, δ = {dp.target_delta:.3g}, σ = "
-            f"{dp.noise_multiplier:.4f}, q = {min(1.0, r.batch_size / n_train):.4f}, "
-            f"{step_text}, clip {r.clipping_fn} R = {r.max_grad_norm:g}, "
+            f"{dp.noise_multiplier:.4f}, q = {min(1.0, r.batch_size / job.n_train):.4f}, "
+            f"{step_text}, clip {r.clipping_fn} R = {r.max_grad_norm:g} ({r.clipping_style}), "
             f"accountant {r.accountant}")
     if sp is not None:
         log(f"  SPARTA: density {r.density:g} of the rows of {len(sp.candidates)} candidate weights "
             f"(+ biases and head), "
             + (f"scoring {r.scoring_epochs:g} epoch(s)" if sp.steps["scoring"] else f"{sp.selection} selection")
             + (f", warm-up {r.warmup_epochs:g} epoch(s)" if sp.steps["warmup"] else ""))
-    log(f"  {n_train:,} training / {len(task.y_test):,} evaluation examples, logical batch "
+    log(f"  {job.n_train:,} training / {len(job.task.y_test):,} evaluation examples, logical batch "
         f"{r.batch_size}, physical ≤ {r.max_physical_batch_size}, lr {r.lr:g} (head {r.head_lr:g}), "
         f"{r.epochs:g} epoch{'' if r.epochs == 1 else 's'}, "
-        f"output {out}")
+        f"output {job.out}")
 
-    use_autocast = r.bf16 and device.type in ("cuda", "cpu")
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_autocast \
-        else (lambda: torch.autocast(device.type, enabled=False))
 
-    if sp is not None:
-        engine = _sparta_phases(sp, model, r, data, device, autocast, n_train, steps_per_epoch,
-                                dp_secret, ckpt, log)
-        optimizer = engine.optimizer
-        trainable = _sparta_trainable(model)
-        rows = sum(int(m.sum()) for m in sp.masks.values())
-        log(f"  SPARTA: {rows:,} of {sum(m.numel() for m in sp.masks.values()):,} candidate rows "
-            f"selected; {trainable:,} trainable parameters ({100 * trainable / total:.2f}%)")
+def _run_sparta_phases(job: _Job) -> None:
+    """SPARTA's warm-up and scoring (or the row selection from the checkpoint); then the
+    engine and optimizer of its sparse training phase."""
+    r, sp = job.r, job.sp
+    job.engine = _sparta_phases(sp, job.model, r, job.data, job.device, job.autocast, job.n_train,
+                                job.steps_per_epoch, job.dp_secret, job.ckpt, job.log)
+    job.optimizer = job.engine.optimizer
+    job.trainable = _sparta_trainable(job.model)
+    rows = sum(int(m.sum()) for m in sp.masks.values())
+    job.log(f"  SPARTA: {rows:,} of {sum(m.numel() for m in sp.masks.values()):,} candidate rows "
+            f"selected; {job.trainable:,} trainable parameters ({100 * job.trainable / job.total:.2f}%)")
 
-    # --- state (fresh or resumed) -----------------------------------------------
-    step = 0
-    metrics_path = out / "metrics.jsonl"
-    elapsed_before = 0.0
-    if ckpt is not None:
-        missing = set(_trainable_state(model)) ^ set(ckpt["model"])
-        if missing:
-            raise ConfigError(f"--resume: checkpoint parameters do not match the model ({sorted(missing)[:3]})")
-        with torch.no_grad():
-            named = dict(model.named_parameters())
-            for n, t in ckpt["model"].items():
-                named[n].copy_(t.to(named[n].device, named[n].dtype))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if engine is not None:
-            engine.load_state_dict(ckpt["engine"])
-        _set_rng_state(ckpt["rng"])
-        step = ckpt["step"]
-        elapsed_before = ckpt.get("elapsed", 0.0)
-        lines = metrics_path.read_text().splitlines()[: ckpt["metrics_lines"]] if metrics_path.exists() else []
-        if world.rank == 0:
-            metrics_path.write_text("".join(line + "\n" for line in lines))
-        log(f"  resumed from step {step} (ε so far {_fmt_eps(_epsilon(engine))})")
-    elif world.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "config.json", r.to_dict())
-        metrics_path.write_text("")
-        for stale in ("summary.json", "report.png", CHECKPOINT):
-            (out / stale).unlink(missing_ok=True)
-    world.barrier()
 
-    lengths = data.lengths("train")
-    metrics_file = open(metrics_path, "a") if world.rank == 0 else None
-    n_lines = len(metrics_path.read_text().splitlines())
+# --- Ctrl-C ----------------------------------------------------------------------
 
-    def record(obj: dict) -> None:
-        nonlocal n_lines
-        if world.rank != 0:
-            n_lines += 1
+
+class _Interrupts:
+    """Ctrl-C during the training loop.
+
+    The first Ctrl-C is acknowledged at once; the run stops after the step in
+    progress (a progress evaluation is cut short), writes a checkpoint and
+    exits, resumable. A second Ctrl-C stops at once: the unfinished step is
+    rolled back (none of it was applied, it is not accounted) and the last
+    finished step is checkpointed. While a step is being applied or a
+    checkpoint written (:meth:`critical`), a second Ctrl-C waits for its end.
+    """
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
+        self.requested = False
+        self.exiting = False
+        self._pending = False
+        self._depth = 0
+        self._old: Any = None
+
+    def install(self) -> None:
+        if threading_main():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+
+    def uninstall(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
+
+    def _handler(self, signum, frame) -> None:
+        if not self.requested:
+            self.requested = True
+            self.say("\n  Ctrl-C: stopping after the current step, with a checkpoint (Ctrl-C again to "
+                     "stop at once: the unfinished step is rolled back)")
             return
-        metrics_file.write(json.dumps(obj, default=offline.json_default) + "\n")
-        metrics_file.flush()
-        n_lines += 1
-
-    def save_checkpoint() -> None:
-        if world.rank != 0:
+        if self._depth or self.exiting:
+            self._pending = not self.exiting
+            self.say("  Ctrl-C: writing the checkpoint first, one moment")
             return
-        _atomic_save({"model": _trainable_state(model), "optimizer": optimizer.state_dict(),
-                      "engine": engine.state_dict() if engine is not None else None,
-                      "rng": _rng_state(), "step": step, "metrics_lines": n_lines, "dp_seed": dp_secret,
-                      "elapsed": elapsed_before + time.perf_counter() - t_train,
-                      **({"sparta_masks": sp.masks} if sp is not None else {})},
-                     out / CHECKPOINT)
+        raise KeyboardInterrupt
 
-    # Ctrl-C: finish the current step, checkpoint, exit (resumable); a second Ctrl-C aborts.
-    interrupted = {"flag": False}
-    old_handler = None
-    if threading_main():
-        def on_sigint(signum, frame):
-            if interrupted["flag"]:
-                raise KeyboardInterrupt
-            interrupted["flag"] = True
-        old_handler = signal.signal(signal.SIGINT, on_sigint)
+    @contextlib.contextmanager
+    def critical(self):
+        """A section that a second Ctrl-C must not cut (it takes effect right after it)."""
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+        if self._depth == 0 and self._pending and not self.exiting:
+            self._pending = False
+            raise KeyboardInterrupt
 
-    tqdm = _tqdm(r.progress and world.rank == 0)
-    t_train = time.perf_counter()
-    last_acc = None
-    stopped = None
-    eval_bs = 2 * r.max_physical_batch_size
-    # Progress evaluations (before training, every eval_every steps, at epoch ends) use a
-    # fixed subset of at most MONITOR_SIZE evaluation examples; the final one uses all.
-    n_eval = len(task.y_test)
-    monitor = None
-    if n_eval > MONITOR_SIZE:
-        monitor = np.sort(np.random.default_rng([r.seed, 17]).permutation(n_eval)[:MONITOR_SIZE])
 
-    def run_eval(epoch: int, final: bool) -> float:
-        subset = None if final else monitor
-        # under torchrun rank 0 alone evaluates (the model is the same on every rank)
-        acc = evaluate(model, data, device, eval_bs, autocast, subset) if world.rank == 0 else math.nan
-        record({"event": "eval", "step": step, "epoch": epoch, "test_accuracy": acc,
-                "examples": n_eval if subset is None else len(subset), "final": final,
-                "epsilon": _epsilon(engine) if engine is not None else None})
+class _NonFinite(Exception):
+    """A step whose loss (or per-example gradient) is NaN or infinite; nothing of it was applied."""
+
+
+# --- the training loop -----------------------------------------------------------
+
+_now = time.monotonic  # the clock of the periodic checkpoints (a test moves it)
+
+
+
+class _Run:
+    """The training loop of a prepared job, its checkpoints, and every way out of it."""
+
+    def __init__(self, job: _Job, spent: _Spent) -> None:
+        self.j = job
+        self.log = job.log
+        self.spent = spent
+        self.step = 0
+        self.elapsed_before = 0.0
+        self.t_train = time.perf_counter()
+        self.metrics_path = job.out / "metrics.jsonl"
+        self.metrics_file: Any = None
+        self.n_lines = 0
+        self.last_acc: float | None = None
+        self.saved_step: int | None = None     # step of the newest checkpoint on disk
+        self.last_save = _now()
+        self.step_rng: dict | None = None      # RNG state at the start of the step in progress
+        self.in_step = False                   # a step has begun and is not yet applied
+        self._mine_empty = False
+        self.interrupts = _Interrupts(self.log)
+        n_eval = len(job.task.y_test)
+        # Progress evaluations (before training, every eval_every steps, at epoch ends) use a
+        # fixed subset of at most MONITOR_SIZE evaluation examples; the final one uses all.
+        self.monitor = None
+        if n_eval > MONITOR_SIZE:
+            self.monitor = np.sort(np.random.default_rng([job.r.seed, 17]).permutation(n_eval)[:MONITOR_SIZE])
+
+    # -- state ----------------------------------------------------------------
+    def restore(self) -> None:
+        """Load the checkpoint of a --resume, or start a fresh run directory."""
+        j, ckpt = self.j, self.j.ckpt
+        if ckpt is not None:
+            _restore_checkpoint(j, ckpt)
+            self.step = ckpt["step"]
+            self.saved_step = self.step
+            self.elapsed_before = ckpt.get("elapsed", 0.0)
+            lines = self.metrics_path.read_text().splitlines()[: ckpt["metrics_lines"]] \
+                if self.metrics_path.exists() else []
+            if j.world.rank == 0:
+                self.metrics_path.write_text("".join(line + "\n" for line in lines))
+            self.log(f"  resumed from step {self.step} ({self.spent.text()})")
+        elif j.world.rank == 0:
+            j.out.mkdir(parents=True, exist_ok=True)
+            _write_json(j.out / "config.json", j.r.to_dict())
+            self.metrics_path.write_text("")
+            for stale in ("summary.json", "report.png", CHECKPOINT):
+                (j.out / stale).unlink(missing_ok=True)
+            _remove_release(j.out)
+        j.world.barrier()
+        if j.world.rank == 0:
+            self.metrics_file = open(self.metrics_path, "a")
+        self.n_lines = len(self.metrics_path.read_text().splitlines())
+
+    def record(self, obj: dict) -> None:
+        """One line of metrics.jsonl (rank 0 writes; every rank counts the lines)."""
+        self.n_lines += 1
+        if self.metrics_file is None:
+            return
+        try:
+            self.metrics_file.write(json.dumps(obj, default=offline.json_default) + "\n")
+            self.metrics_file.flush()
+        except OSError as e:
+            from .checkpoint import describe_os_error
+            raise CheckpointError(f"cannot write {self.metrics_path}: {describe_os_error(e)}") from e
+
+    def save_checkpoint(self, rng: dict | None = None) -> None:
+        """Write checkpoint.pt atomically (a second Ctrl-C waits for it)."""
+        j = self.j
+        self.last_save = _now()
+        if j.world.rank != 0:
+            self.saved_step = self.step
+            return
+        state = {"model": _trainable_state(j.model), "optimizer": j.optimizer.state_dict(),
+                 "engine": j.engine.state_dict() if j.engine is not None else None,
+                 "rng": rng if rng is not None else _rng_state(), "step": self.step,
+                 "metrics_lines": self.n_lines, "dp_seed": j.dp_secret,
+                 "elapsed": self.elapsed(),
+                 **({"sparta_masks": j.sp.masks} if j.sp is not None else {})}
+        with self.interrupts.critical():
+            atomic_save(state, j.out / CHECKPOINT)
+            self.saved_step = self.step
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t_train
+
+    def checkpoint_due(self, end_of_epoch: bool) -> bool:
+        r = self.j.r
+        if end_of_epoch or (r.checkpoint_every and self.step % r.checkpoint_every == 0):
+            return True
+        return bool(r.checkpoint_minutes) and _now() - self.last_save >= 60 * r.checkpoint_minutes
+
+    # -- evaluation -----------------------------------------------------------
+    def run_eval(self, epoch: int, final: bool) -> float | None:
+        """Accuracy on the evaluation split (a fixed subset for progress evaluations);
+        a Ctrl-C cuts an evaluation short (nothing is recorded; a cut final evaluation
+        is made by --resume)."""
+        j = self.j
+        subset = None if final else self.monitor
+        if j.world.rank == 0:  # under torchrun rank 0 alone evaluates (the model is the same everywhere)
+            cancel = lambda: self.interrupts.requested  # noqa: E731
+            acc = evaluate(j.model, j.data, j.device, 2 * j.r.max_physical_batch_size, j.autocast, subset,
+                           cancel=cancel)
+            if acc is None:
+                return None
+        else:
+            acc = math.nan
+        self.record({"event": "eval", "step": self.step, "epoch": epoch, "test_accuracy": acc,
+                     "examples": len(j.task.y_test) if subset is None else len(subset), "final": final,
+                     "epsilon": _epsilon(j.engine) if j.engine is not None else None})
+        self.last_acc = acc
         return acc
 
-    if step == 0 and r.eval_every:
-        run_eval(0, final=False)
-    try:
-        while step < steps_total and stopped is None:
-            epoch = step // steps_per_epoch
-            first = step - epoch * steps_per_epoch
-            last = min(steps_per_epoch, steps_total - epoch * steps_per_epoch)
+    # -- one step -------------------------------------------------------------
+    def compute(self, idx: np.ndarray) -> tuple[float, int]:
+        """Forward and backward of this process's share of a logical batch, in physical
+        chunks; returns the summed loss and the correct predictions of the global batch."""
+        j = self.j
+        mine = idx[j.world.rank::j.world.size]  # this process's share of the global batch
+        loss_sum, correct = 0.0, 0
+        chunks = physical_chunks(mine, j.r.max_physical_batch_size, j.data.lengths("train"))
+        for chunk in chunks:
+            inputs, y = j.data.batch("train", chunk, j.device)
+            with j.autocast():
+                logits = _forward(j.net, inputs)
+            loss = F.cross_entropy(logits.float(), y)
+            if j.private or len(chunks) == 1:
+                loss.backward()
+            else:  # non-private accumulation: weight each chunk by its share
+                (loss * len(chunk) / len(mine)).backward()
+            loss_sum += float(loss.detach()) * len(chunk)
+            correct += int((logits.argmax(-1) == y).sum())
+        self._mine_empty = len(mine) == 0
+        return j.world.sum(loss_sum, correct)
+
+    def apply(self, idx: np.ndarray, loss_sum: float, correct: float) -> dict:
+        """The optimizer step (privatized by the engine) and its metrics row."""
+        j = self.j
+        set_lr(j.optimizer, j.r, self.step, j.steps_total)
+        try:
+            if self._mine_empty and j.engine is not None:
+                _empty_step(j.engine, j.optimizer)
+            else:
+                j.optimizer.step()
+        except FloatingPointError as e:  # the engine refused a non-finite per-example gradient
+            raise _NonFinite(f"a per-example gradient is NaN or infinite ({str(e).splitlines()[0]})") from e
+        j.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        n = len(idx)
+        row = {"event": "step", "step": self.step, "epoch": (self.step - 1) // j.steps_per_epoch + 1,
+               "batch_size": int(n), "loss": loss_sum / n if n else None,
+               "train_accuracy": correct / n if n else None,
+               "epsilon": self.row_epsilon(),
+               "lr": j.optimizer.param_groups[0]["lr"], "time": round(self.elapsed(), 3)}
+        self.record(row)
+        return row
+
+    def row_epsilon(self) -> float | None:
+        """ε after this step for metrics.jsonl: at EPSILON_POINTS evenly spaced steps and the last
+        one (each value is an accountant query that takes up to a second; the engine's budget
+        check needs none per step). A pure function of the step, so a resumed run writes the
+        same rows."""
+        j = self.j
+        if j.engine is None:
+            return None
+        every = max(1, math.ceil(j.steps_total / EPSILON_POINTS))
+        if self.step == 1 or self.step % every == 0 or self.step == j.steps_total:
+            return _epsilon(j.engine)
+        return None
+
+    def one_step(self, epoch: int, b: int) -> dict:
+        """Draw, compute and apply one logical batch. A non-finite loss or a second Ctrl-C
+        before the step is applied leaves the model, optimizer and ledger as they were."""
+        j = self.j
+        self.step_rng = _rng_state()
+        self.in_step = True
+        idx = j.plan.batch(epoch, b)
+        loss_sum, correct = self.compute(idx)
+        if len(idx) and not math.isfinite(loss_sum):
+            raise _NonFinite(f"the training loss is {'NaN' if math.isnan(loss_sum) else 'infinite'}")
+        with self.interrupts.critical():
+            row = self.apply(idx, loss_sum, correct)
+            self.in_step = False
+        return row
+
+    # -- the loop -------------------------------------------------------------
+    def loop(self) -> str | None:
+        """All remaining steps; returns why it stopped early (None: it finished)."""
+        j, r = self.j, self.j.r
+        tqdm = _tqdm(r.progress and j.world.rank == 0)
+        if self.step == 0 and r.eval_every:
+            self.run_eval(0, final=False)
+        while self.step < j.steps_total:
+            epoch = self.step // j.steps_per_epoch
+            first = self.step - epoch * j.steps_per_epoch
+            last = min(j.steps_per_epoch, j.steps_total - epoch * j.steps_per_epoch)
             bar = tqdm(total=last, initial=first, desc=f"epoch {epoch + 1}/{math.ceil(r.epochs)}",
                        unit="step", leave=True, dynamic_ncols=True)
-            loss_avg = None
-            for b in range(first, last):
-                idx = plan.batch(epoch, b)
-                mine = idx[world.rank::world.size]  # this process's share of the global batch
-                loss_sum, correct = 0.0, 0
-                chunks = physical_chunks(mine, r.max_physical_batch_size, lengths)
-                for chunk in chunks:
-                    inputs, y = data.batch("train", chunk, device)
-                    with autocast():
-                        logits = _forward(net, inputs)
-                    loss = F.cross_entropy(logits.float(), y)
-                    if private or len(chunks) == 1:
-                        loss.backward()
-                    else:  # non-private accumulation: weight each chunk by its share
-                        (loss * len(chunk) / len(mine)).backward()
-                    loss_sum += float(loss.detach()) * len(chunk)
-                    correct += int((logits.argmax(-1) == y).sum())
-                loss_sum, correct = world.sum(loss_sum, correct)
-                set_lr(optimizer, r, step, steps_total)
-                if len(mine) == 0 and engine is not None:
-                    _empty_step(engine, optimizer)
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                eps = _epsilon(engine)
-                row = {"event": "step", "step": step, "epoch": epoch + 1, "batch_size": int(len(idx)),
-                       "loss": loss_sum / len(idx) if len(idx) else None,
-                       "train_accuracy": correct / len(idx) if len(idx) else None,
-                       "epsilon": eps if engine is not None else None,
-                       "lr": optimizer.param_groups[0]["lr"],
-                       "time": round(elapsed_before + time.perf_counter() - t_train, 3)}
-                record(row)
-                if row["loss"] is not None:
-                    loss_avg = row["loss"] if loss_avg is None else 0.9 * loss_avg + 0.1 * row["loss"]
-                bar.set_postfix_str(_postfix(loss_avg, row["train_accuracy"], eps, last_acc), refresh=False)
-                bar.update(1)
-                end_of_epoch = b == last - 1
-                if (r.eval_every and step % r.eval_every == 0) or end_of_epoch:
-                    last_acc = run_eval(epoch + 1, final=step == steps_total)
-                    bar.set_postfix_str(_postfix(loss_avg, row["train_accuracy"], eps, last_acc))
-                if r.stop_after_steps and step >= r.stop_after_steps and step < steps_total:
-                    stopped = f"stopped after {step} steps (--stop-after-steps)"
-                elif interrupted["flag"]:
-                    stopped = f"interrupted after step {step}"
-                if end_of_epoch or stopped or (r.checkpoint_every and step % r.checkpoint_every == 0):
-                    save_checkpoint()
-                if stopped:
-                    break
-            bar.close()
-    finally:
-        if metrics_file is not None:
-            metrics_file.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGINT, old_handler)
+            loss_avg, eps = None, None
+            try:
+                for b in range(first, last):
+                    row = self.one_step(epoch, b)
+                    if row["loss"] is not None:
+                        loss_avg = row["loss"] if loss_avg is None else 0.9 * loss_avg + 0.1 * row["loss"]
+                    eps = row["epsilon"] if row["epsilon"] is not None else eps
+                    bar.set_postfix_str(_postfix(loss_avg, row["train_accuracy"], eps, self.last_acc), refresh=False)
+                    bar.update(1)
+                    end_of_epoch = b == last - 1
+                    if (r.eval_every and self.step % r.eval_every == 0) or end_of_epoch:
+                        self.run_eval(epoch + 1, final=self.step == j.steps_total)
+                        bar.set_postfix_str(_postfix(loss_avg, row["train_accuracy"], eps, self.last_acc))
+                    stopped = None
+                    if r.stop_after_steps and self.step >= r.stop_after_steps and self.step < j.steps_total:
+                        stopped = f"stopped after {self.step} steps (--stop-after-steps)"
+                    elif self.interrupts.requested:
+                        stopped = f"interrupted (Ctrl-C) after step {self.step}"
+                    if stopped or self.checkpoint_due(end_of_epoch):
+                        self.save_checkpoint()
+                    if stopped:
+                        return stopped
+            finally:
+                bar.close()
+        return None
 
-    train_time = elapsed_before + time.perf_counter() - t_train
-    if stopped:
-        log(f"  {stopped}; checkpoint saved. Continue with: dpft train --out {out} --resume")
-        world.close()
-        return {"stopped": True, "step": step, "out": str(out)}
+    def run(self) -> dict:
+        """Train to the end (then evaluate, summarise, release) or to a stop; on a fault,
+        roll back the unfinished step, checkpoint, and raise :class:`RunFailed`."""
+        j = self.j
+        try:
+            self.restore()
+            self.interrupts.install()
+            try:
+                stopped = self.loop()
+            except KeyboardInterrupt:  # a second Ctrl-C
+                stopped = self.stop_at_once()
+            except _NonFinite as e:
+                raise RunFailed(self.fault_message(str(e))) from e
+            finally:
+                self.interrupts.uninstall()
+            if stopped is not None:
+                return self.stopped(stopped)
+            return _finish(j, self)
+        except CheckpointError as e:
+            raise RunFailed(f"{e}. {self.resume_hint(after_fault=True)}; {self.spent.text()}") from e
+        finally:
+            if self.metrics_file is not None:
+                self.metrics_file.close()
 
-    final_rows = [json.loads(x) for x in metrics_path.read_text().splitlines()]
+    def stop_at_once(self) -> str:
+        """A second Ctrl-C: drop the unfinished step (nothing of it was applied) and
+        checkpoint the last finished one, with the RNG state it ended with."""
+        j = self.j
+        self.interrupts.exiting = True
+        if j.optimizer is not None:
+            j.optimizer.zero_grad(set_to_none=True)
+        rolled_back = self.in_step
+        if self.saved_step != self.step:
+            self.save_checkpoint(rng=self.step_rng if rolled_back else None)
+        undo = "; the unfinished step was rolled back" if rolled_back else ""
+        return f"interrupted (second Ctrl-C) after step {self.step}{undo}"
+
+    def fault_message(self, what: str) -> str:
+        """Roll back the step that failed, checkpoint the last good one, and say what to do."""
+        j = self.j
+        self.interrupts.exiting = True
+        if j.optimizer is not None:
+            j.optimizer.zero_grad(set_to_none=True)
+        finite = all(bool(torch.isfinite(p).all()) for p in j.model.parameters() if p.requires_grad)
+        if not finite:
+            saved = "the parameters are no longer finite, so no checkpoint was written"
+        elif self.saved_step != self.step:
+            self.save_checkpoint(rng=self.step_rng)
+            saved = f"checkpoint of step {self.step} saved"
+        else:
+            saved = f"checkpoint of step {self.step} kept"
+        r = j.r
+        return (f"{what} at step {self.step + 1}; the step was not applied and training stopped. "
+                f"Likely causes: a learning rate too high for this model and data (--lr {r.lr:g}, head "
+                f"{r.head_lr:g}: start a new run with a smaller one) or invalid values in the data. "
+                f"{saved} in {j.out}; {self.spent.text()}")
+
+    def resume_hint(self, after_fault: bool = False) -> str:
+        if self.saved_step is None:
+            return "no checkpoint of this run was written yet: it must be started again"
+        fix = "free space or fix the folder, then " if after_fault else ""
+        return (f"the checkpoint of step {self.saved_step} in {self.j.out} is intact: {fix}continue with "
+                f"dpft train --out {self.j.out} --resume")
+
+    def stopped(self, reason: str) -> dict:
+        """A resumable stop (--stop-after-steps, Ctrl-C): say so, with the ε spent."""
+        j = self.j
+        status = "interrupted" if "Ctrl-C" in reason else "stopped"
+        self.log(f"  {reason}; checkpoint saved; {self.spent.text()}. Continue with: "
+                 f"dpft train --out {j.out} --resume")
+        j.world.close()
+        return {"stopped": True, "status": status, "step": self.step, "out": str(j.out),
+                "epsilon": self.spent.epsilon(),
+                "delta": getattr(self.spent.source, "target_delta", None)}
+
+
+def _restore_checkpoint(j: _Job, ckpt: dict) -> None:
+    """Put the checkpoint's parameters, optimizer, engine and RNG state back."""
+    missing = set(_trainable_state(j.model)) ^ set(ckpt["model"])
+    if missing:
+        raise ConfigError(f"--resume: checkpoint parameters do not match the model ({sorted(missing)[:3]})")
+    with torch.no_grad():
+        named = dict(j.model.named_parameters())
+        for n, t in ckpt["model"].items():
+            named[n].copy_(t.to(named[n].device, named[n].dtype))
+    j.optimizer.load_state_dict(ckpt["optimizer"])
+    if j.engine is not None:
+        j.engine.load_state_dict(ckpt["engine"])
+    _set_rng_state(ckpt["rng"])
+
+
+# --- the end of a run ------------------------------------------------------------
+
+
+def _finish(j: _Job, run: _Run) -> dict:
+    """Final evaluation, summary.json (with the learning check), report.png and the
+    release folder; prints the summary."""
+    r, world = j.r, j.world
+    final_rows = [json.loads(x) for x in run.metrics_path.read_text().splitlines()] if world.rank == 0 else []
     final_rows = [x for x in final_rows if x.get("event") == "eval" and x.get("final")]
-    if final_rows and final_rows[-1]["step"] == step:
+    if final_rows and final_rows[-1]["step"] == run.step:
         last_acc = final_rows[-1]["test_accuracy"]
-    elif world.rank == 0:  # e.g. resumed from a checkpoint written after the last step
-        last_acc = evaluate(model, data, device, eval_bs, autocast)
+    else:  # e.g. resumed from a checkpoint written after the last step
+        last_acc = run.run_eval(math.ceil(r.epochs), final=True)
+    summary = _summary(j, run, last_acc)
+    if j.engine is not None:
+        j.engine.detach()
+    if world.rank == 0:
+        _write_json(j.out / "summary.json", summary)
+        plot = write_report(j.out, summary)
+        _print_summary(summary, j.log, plot)
+        release = _write_release(j, summary)
+        if release is not None:
+            j.log(f"  release: {release}/ (the model, its labels and privacy.json, no secrets: safe to "
+                  f"share as far as DP allows); predict with: dpft predict --run {j.out} --input FILE.csv")
+    world.close()
+    return summary
+
+
+def _privacy_record(j: _Job, summary: dict) -> dict:
+    """privacy.json of the release: what the guarantee is, in numbers (no secrets, no accuracies)."""
+    import dpft
+
+    r = j.r
+    rec = {
+        "private": summary["private"], "method": r.method, "model": r.model, "dataset": summary["dataset"],
+        "epsilon": summary["epsilon"] if summary["private"] else None, "delta": summary["delta"],
+        "target_epsilon": summary["target_epsilon"], "noise_multiplier": summary["noise_multiplier"],
+        "accountant": r.accountant if summary["private"] else None,
+        "steps": summary["steps"], "sample_rate": summary["sample_rate"], "batch_size": r.batch_size,
+        "training_examples": summary["train_size"], "epochs": r.epochs,
+        "sampling": "Poisson" if r.poisson else "shuffled fixed-size batches (the ε assumes Poisson: a heuristic)",
+        "clipping": {"function": r.clipping_fn, "max_grad_norm": r.max_grad_norm, "style": r.clipping_style},
+        "privacy_unit": "one training example (one row of the training data), add/remove adjacency",
+        "trainable_parameters": summary["trainable_parameters"], "total_parameters": summary["total_parameters"],
+        "dpft_version": getattr(dpft, "__version__", None),
+    }
+    if "sparta" in summary:
+        rec["steps_in_ledger"] = summary["sparta"]["ledger_steps"]
+        rec["sparta"] = {k: summary["sparta"][k] for k in ("density", "selection", "scoring_steps",
+                                                            "warmup_steps", "training_steps")}
+    return rec
+
+
+def _write_release(j: _Job, summary: dict) -> Path | None:
+    """out/release/: the model, its labels and privacy.json (see :mod:`dpft.release`)."""
+    from .release import ReleaseError, export
+
+    image_shape = None if j.task.kind == "text" else list(np.asarray(j.task.x_train).shape[1:])
+    try:
+        return export(j.out, j.model, kind=j.task.kind, label_names=j.task.label_names,
+                      privacy=_privacy_record(j, summary), tokenizer=j.tokenizer,
+                      max_seq_len=j.r.max_seq_len if j.task.kind == "text" else None,
+                      image_shape=image_shape, source_model=j.r.model)
+    except ReleaseError as e:
+        j.log(f"  note: no release folder: {e}")
+        return None
+    except OSError as e:
+        from .checkpoint import describe_os_error
+        raise CheckpointError(f"cannot write the release folder {j.out / 'release'}: {describe_os_error(e)}") from e
+
+
+def _remove_release(out: Path) -> None:
+    import shutil
+
+    from .release import RELEASE_DIR
+    if (out / RELEASE_DIR).is_dir():
+        shutil.rmtree(out / RELEASE_DIR)
+
+
+def _summary(j: _Job, run: _Run, last_acc: float) -> dict:
+    r, task, engine = j.r, j.task, j.engine
+    majority_label, majority_acc = task.majority_baseline()
     summary = {
         "method": r.method, "model": r.model, "dataset": task.name,
-        "trainable_parameters": trainable, "total_parameters": total,
-        "trainable_percent": 100 * trainable / total,
-        "train_size": n_train, "eval_size": int(len(task.y_test)),
+        "trainable_parameters": j.trainable, "total_parameters": j.total,
+        "trainable_percent": 100 * j.trainable / j.total,
+        "train_size": j.n_train, "eval_size": int(len(task.y_test)),
         "eval_split": "validation" if r.validation_size else "test",
         "test_accuracy": last_acc, "majority_label": majority_label, "majority_baseline": majority_acc,
+        "label_names": list(task.label_names),
         "epsilon": _epsilon(engine) if engine is not None else float("inf"),
         "target_epsilon": r.epsilon if engine is not None else None,
         "delta": engine.target_delta if engine is not None else None,
         "noise_multiplier": engine.noise_multiplier if engine is not None else 0.0,
-        "sample_rate": min(1.0, r.batch_size / n_train),
-        "steps": step, "epochs": r.epochs, "batch_size": r.batch_size, "lr": r.lr,
+        "sample_rate": min(1.0, r.batch_size / j.n_train),
+        "steps": run.step, "epochs": r.epochs, "batch_size": r.batch_size, "lr": r.lr, "head_lr": r.head_lr,
         "max_seq_len": r.max_seq_len or None,
-        "train_time_s": train_time,
-        "wall_time_s": time.perf_counter() - t_start + elapsed_before,
-        "peak_memory_mb": _peak_memory_mb(device), "device": str(device),
-        "private": engine is not None, "out": str(out),
+        "train_time_s": run.elapsed(),
+        "wall_time_s": time.perf_counter() - j.t_start + run.elapsed_before,
+        "peak_memory_mb": _peak_memory_mb(j.device), "device": str(j.device),
+        "private": engine is not None, "out": str(j.out),
     }
-    if sp is not None:
+    if j.sp is not None:
+        sp = j.sp
         summary["sparta"] = {
             "density": r.density, "selection": sp.selection, "candidates": len(sp.candidates),
             "selected_rows": sum(int(m.sum()) for m in sp.masks.values()),
             "candidate_rows": sum(m.numel() for m in sp.masks.values()),
             "warmup_steps": sp.steps["warmup"], "scoring_steps": sp.steps["scoring"],
-            "training_steps": step, "ledger_steps": engine.steps,
+            "training_steps": run.step, "ledger_steps": engine.steps,
         }
-    if engine is not None:
-        engine.detach()
-    if world.size > 1:
-        summary["world_size"] = world.size
-    if world.rank == 0:
-        _write_json(out / "summary.json", summary)
-        plot = write_report(out, summary)
-        _print_summary(summary, log, plot)
-    world.close()
+    if j.world.size > 1:
+        summary["world_size"] = j.world.size
+    if run.monitor is not None:
+        top = task.label_names.index(majority_label)
+        summary["progress_eval"] = {"examples": int(len(run.monitor)),
+                                    "majority_baseline": float(np.mean(task.y_test[run.monitor] == top))}
+    rows = [json.loads(x) for x in run.metrics_path.read_text().splitlines()] if j.world.rank == 0 else []
+    summary.update(learning_check(summary, rows))
     return summary
 
 
@@ -1285,6 +1874,55 @@ def _peak_memory_mb(device: torch.device) -> float:
         return float("nan")
 
 
+#: A run must beat always predicting the majority class by this much to count as learned.
+LEARNED_MARGIN = 0.01
+
+
+def learning_check(summary: dict, rows: list[dict]) -> dict:
+    """``{"learned": bool | None, "warnings": [...]}`` for summary.json.
+
+    A run whose accuracy is not above the majority baseline by LEARNED_MARGIN did
+    not learn anything useful; the warning names the likely causes read from the
+    run itself (training loss rising or flat, too few steps, a small training set).
+    """
+    acc, base = summary.get("test_accuracy"), summary.get("majority_baseline")
+    if acc is None or base is None or not (math.isfinite(acc) and math.isfinite(base)):
+        return {"learned": None, "warnings": []}
+    if acc > base + LEARNED_MARGIN:
+        return {"learned": True, "warnings": []}
+    split = summary.get("eval_split", "test")
+    msg = (f"NOT LEARNED: {split} accuracy {acc:.4f} is not above the majority baseline {base:.4f} "
+           f"(always '{summary.get('majority_label')}') by {100 * LEARNED_MARGIN:g} point(s); the model is "
+           f"no better than a constant. Likely causes: " + "; ".join(_likely_causes(summary, rows)))
+    return {"learned": False, "warnings": [msg]}
+
+
+def _likely_causes(summary: dict, rows: list[dict]) -> list[str]:
+    losses = [r["loss"] for r in rows if r.get("event") == "step" and r.get("loss") is not None
+              and math.isfinite(r["loss"])]
+    lr, steps, n = summary.get("lr"), summary.get("steps", 0), summary.get("train_size", 0)
+    causes = []
+    if len(losses) >= 10:
+        k = max(2, len(losses) // 5)
+        first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
+        if last > 1.05 * first:
+            causes.append(f"the training loss rose ({first:.3f} -> {last:.3f}): the learning rate is probably "
+                          f"too high (--lr {lr:g}, --head-lr {summary.get('head_lr', lr):g}: try 3-10x smaller)")
+        elif last > 0.97 * first:
+            causes.append(f"the training loss hardly fell ({first:.3f} -> {last:.3f}): the learning rate may be "
+                          f"too low or too high under the noise (--lr {lr:g}), or there are too few steps")
+    if steps < SMALL_DATA_MIN_STEPS:
+        causes.append(f"only {steps} optimizer steps: too few for the data size ({n:,} examples; more "
+                      "--epochs, or a smaller --batch-size)")
+    if summary.get("private") and n and n < 2000:
+        causes.append(f"a small training set ({n:,} examples): at ε = {summary.get('target_epsilon')} the "
+                      "noise needed is large compared with the signal of so few examples")
+    if not causes:
+        causes.append(f"the learning rate (--lr {lr:g}; try 3x smaller and 3x larger) or too few steps for "
+                      f"the data size ({steps} steps over {n:,} examples; more --epochs)")
+    return causes
+
+
 def _print_summary(s: dict, log, plot: Path | None) -> None:
     rows = [
         ("method", s["method"] + ("" if s["private"] else " (NOT private)")),
@@ -1304,11 +1942,17 @@ def _print_summary(s: dict, log, plot: Path | None) -> None:
     log("")
     for k, v in rows:
         log(f"  {k:<{width}}  {v}")
+    for w in s.get("warnings", []):
+        bar = "!" * 78
+        log(f"  {bar}")
+        log(f"  !! {w}")
+        log(f"  {bar}")
     extra = ", report.png" if plot else ""
     log(f"  results in {s['out']}/ (summary.json, metrics.jsonl, config.json{extra}, {CHECKPOINT})")
     if s["private"]:
-        log(f"  keep {CHECKPOINT} as private as the data: it holds the secret seed of the batch "
-            "sampling and the noise")
+        log(f"  keep {CHECKPOINT} and metrics.jsonl as private as the data: the checkpoint holds the secret "
+            "seed of the batch sampling and the noise, metrics.jsonl the training loss of each batch "
+            "(not private)")
 
 
 def write_report(out: Path, summary: dict) -> Path | None:
@@ -1319,6 +1963,20 @@ def write_report(out: Path, summary: dict) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    fig = report_figure(out, summary)
+    path = out / "report.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report_figure(out: Path, summary: dict):
+    """The figure of report.png (three panels: loss, accuracy, ε) from out/metrics.jsonl.
+
+    The accuracy panel draws the majority-class line of the full evaluation split and,
+    when the progress evaluations use a subset, that subset's own majority line; the
+    ε axis starts at 0."""
+    import matplotlib.pyplot as plt
     steps, losses, eps, monitor, final = [], [], [], [], []
     for line in (out / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
@@ -1342,20 +2000,30 @@ def write_report(out: Path, summary: dict) -> Path | None:
         axes[0].legend(loc="upper right")
     axes[0].set(title="training loss", xlabel="step", xlim=(0, max(summary["steps"], 1) * 1.04))
     split = summary["eval_split"]
+    sub_base = (summary.get("progress_eval") or {}).get("majority_baseline")
     if monitor:
         k = monitor[0][2]
-        sub = f" ({k:,}-example subset)" if final and k and k < (final[-1][2] or 0) else ""
+        is_subset = bool(final and k and k < (final[-1][2] or 0))
+        sub = f" ({k:,}-example subset)" if is_subset else ""
         axes[1].plot([m[0] for m in monitor], [m[1] for m in monitor], "o-", ms=3, color="tab:green",
                      label=f"{split}{sub}")
+        if is_subset and sub_base is not None:
+            axes[1].axhline(sub_base, ls=":", color="tab:green", alpha=0.7,
+                            label=f"majority class on the subset ({sub_base:.3f})")
     if final:
         axes[1].plot([f[0] for f in final], [f[1] for f in final], "D", ms=7, color="darkgreen",
                      label=f"{split} (all {final[-1][2]:,})")
-    axes[1].axhline(summary["majority_baseline"], ls="--", color="grey", label="majority class")
+    axes[1].axhline(summary["majority_baseline"], ls="--", color="grey",
+                    label=f"majority class ({summary['majority_baseline']:.3f})")
     axes[1].set(title=f"{split} accuracy", xlabel="step")
+    if summary.get("learned") is False:
+        axes[1].text(0.5, 0.5, "NOT LEARNED:\nno better than the\nmajority class", color="red", ha="center",
+                     va="center", fontsize=13, fontweight="bold", transform=axes[1].transAxes, alpha=0.8)
     axes[1].legend(loc="lower right", fontsize=8)
     if eps:
         axes[2].plot([s for s, _ in eps], [e for _, e in eps], color="tab:red")
         axes[2].axhline(summary["target_epsilon"], ls="--", color="grey", label="target")
+        axes[2].set_ylim(bottom=0, top=max(summary["target_epsilon"], max(e for _, e in eps)) * 1.08)
         axes[2].legend(loc="lower right")
         axes[2].set(title=f"ε spent (δ = {summary['delta']:.2g})", xlabel="step")
     else:
@@ -1363,13 +2031,13 @@ def write_report(out: Path, summary: dict) -> Path | None:
                      transform=axes[2].transAxes)
         axes[2].set_title("ε")
         axes[2].axis("off")
-    fig.suptitle(f"dpft {summary['method']} · {summary['model']} · {summary['dataset']}")
+    title = f"dpft {summary['method']} · {summary['model']} · {summary['dataset']}"
+    if summary.get("learned") is False:
+        title += "  ·  NOT LEARNED (accuracy at the majority baseline; see summary.json warnings)"
+    fig.suptitle(title, color="red" if summary.get("learned") is False else "black")
     fig.tight_layout()
-    path = out / "report.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 __all__ += ["evaluate", "BatchPlan", "physical_chunks", "select_trainable", "write_report",
-            "DataUnavailable"]
+            "DataUnavailable", "RunFailed", "learning_check"]
