@@ -644,8 +644,10 @@ class BatchPlan:
 
 
 def _derive_seed(secret: int, stream: int) -> int:
-    state = np.random.SeedSequence([secret, stream]).generate_state(2, np.uint32)
-    return (int(state[0]) << 31 | int(state[1]) >> 1) % (2**63)
+    """A 256-bit seed of stream ``stream`` from the run's secret (noise and batches
+    take all its bits: no 2^63 or 2^32 seed space to search)."""
+    state = np.random.SeedSequence([secret, stream]).generate_state(8, np.uint32)
+    return sum(int(w) << (32 * i) for i, w in enumerate(state))
 
 
 @torch.no_grad()
@@ -816,7 +818,7 @@ def _make_engine(model, r: TrainConfig, n_train: int, steps_total: int, noise_se
     kwargs = dict(batch_size=r.batch_size, sample_size=n_train, target_epsilon=r.epsilon,
                   target_delta=r.delta, max_grad_norm=r.max_grad_norm, clipping_fn=r.clipping_fn,
                   clipping_style=clipping_groups(model, r.clipping_style), clipping_mode=r.clipping_mode,
-                  accountant=r.accountant, loss_reduction="mean", noise_seed=noise_seed)
+                  accountant=r.accountant, loss_reduction="mean", noise_seed=noise_seed, poisson=r.poisson)
     try:
         engine = engine_cls(model, steps=steps_total, **kwargs)
     except NotImplementedError as e:
@@ -849,7 +851,7 @@ def _make_sparta(model, r: TrainConfig, n_train: int):
                       density=r.density, selection=r.sparta_selection, candidates=candidates, always_train=head,
                       target_delta=r.delta, accountant=r.accountant, max_grad_norm=r.max_grad_norm,
                       clipping_fn=r.clipping_fn, clipping_style="all-layer", clipping_mode=r.clipping_mode,
-                      loss_reduction="mean")
+                      loss_reduction="mean", poisson=r.poisson)
     except NotImplementedError as e:
         raise NotAvailableYet(f"method sparta: the engine cannot train these parameters yet: {e}") from e
     except (TypeError, ValueError, RuntimeError) as e:
@@ -1137,7 +1139,7 @@ def _build_privacy(job: _Job) -> None:
     if job.ckpt is not None:
         dp_secret = int(job.ckpt["dp_seed"])
     else:
-        dp_secret = r.dp_seed if r.dp_seed is not None else secrets.randbits(63)
+        dp_secret = r.dp_seed if r.dp_seed is not None else secrets.randbits(256)
     job.dp_secret = job.world.same(dp_secret)  # all ranks draw the same global Poisson batches
     job.plan = BatchPlan(job.n_train, r.batch_size, job.steps_per_epoch, _derive_seed(job.dp_secret, 0),
                          poisson=r.poisson and job.private)
