@@ -84,7 +84,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .audit_trials import DistinguishingResult, distinguishing_audit
+from .audit_trials import Claim, DistinguishingResult, distinguishing_audit
 
 __all__ = [
     "AuditResult",
@@ -315,7 +315,7 @@ def _quiet_absl() -> Iterator[None]:
 
 
 @dataclass(frozen=True)
-class AuditResult:
+class AuditResult(Claim):
     """The outcome of :func:`one_run_audit`.
 
     Attributes:
@@ -355,24 +355,9 @@ class AuditResult:
     seconds: float
     planted: str | None = None
 
-    @property
-    def violation(self) -> bool:
-        """Whether the certified lower bound exceeds the claimed ε (a privacy bug)."""
-        return self.epsilon_lower_bound > self.claimed_epsilon
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain-python fields plus ``violation``."""
-        out = asdict(self)
-        out["violation"] = self.violation
-        return out
-
     def summary(self) -> str:
         """One human-readable paragraph."""
-        verdict = (
-            "VIOLATION: the run leaks more than claimed"
-            if self.violation
-            else "consistent with the claim (a lower bound, not a proof of privacy)"
-        )
+        verdict = self.verdict()
         return (
             f"one-run audit ({self.mode}, {self.score} score): ε >= {self.epsilon_lower_bound:.3f} at "
             f"{100 * self.confidence:g}% confidence; claimed ε = {self.claimed_epsilon:.3f} "

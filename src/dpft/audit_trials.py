@@ -188,8 +188,34 @@ def _thresholds(steps: int, q: float, sigma: float, score: str, trials: int, see
 # the result
 
 
+class Claim:
+    """What an audit reports: an ε it certifies (a lower bound) next to the
+    ε the engine claimed.  Mixed into the audits' result dataclasses."""
+
+    epsilon_lower_bound: float
+    claimed_epsilon: float
+
+    @property
+    def violation(self) -> bool:
+        """Whether the certified lower bound exceeds the claimed ε (a privacy bug)."""
+        return self.epsilon_lower_bound > self.claimed_epsilon
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain-python fields plus ``violation``."""
+        out = asdict(self)  # type: ignore[call-overload]
+        out["violation"] = self.violation
+        return out
+
+    def verdict(self) -> str:
+        return (
+            "VIOLATION: the run leaks more than claimed"
+            if self.violation
+            else "consistent with the claim (a lower bound, not a proof of privacy)"
+        )
+
+
 @dataclass(frozen=True)
-class DistinguishingResult:
+class DistinguishingResult(Claim):
     """The outcome of :func:`distinguishing_audit`.
 
     Attributes:
@@ -226,22 +252,8 @@ class DistinguishingResult:
     seconds: float
     planted: str | None = None
 
-    @property
-    def violation(self) -> bool:
-        """Whether the certified lower bound exceeds the claimed ε (a privacy bug)."""
-        return self.epsilon_lower_bound > self.claimed_epsilon
-
-    def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["violation"] = self.violation
-        return out
-
     def summary(self) -> str:
-        verdict = (
-            "VIOLATION: the run leaks more than claimed"
-            if self.violation
-            else "consistent with the claim (a lower bound, not a proof of privacy)"
-        )
+        verdict = self.verdict()
         at = ""
         if self.threshold is not None:
             at = (f"; best test: score >= {self.threshold:.4g} ({self.direction}), "
