@@ -326,9 +326,6 @@ EXPECTED.update({
                                    "functionally)"),
     ("mamba", "full"): (Refused, "dpft: the per-example gradients of 'backbone.layers.1.mixer.D' summed over the "
                                  "examples differ from autograd's (first-pass self-check)"),
-    ("whisper", "full"): (Refused, "dpft: parameter 'model.decoder.embed_positions.weight' received a gradient "
-                                   "through a use that no dpft hook saw (WhisperPositionalEmbedding indexes its "
-                                   "weight)"),
     ("beit-shared-bias", "full"): (Refused, "dpft: the per-example gradients of 'beit.shared_position_bias."
                                             "relative_position_bias_table' (one batch-independent table used by "
                                             "every layer) summed over the examples differ from autograd's "
