@@ -776,50 +776,21 @@ def run_cli(ns: Any) -> int:
             print(f"dpft audit: error: --guesses must be auto, wide or K_IN,K_OUT, got {ns.guesses!r}",
                   file=sys.stderr)
             return 2
+    # the configuration both audits run (the engine's arguments, as given)
+    config = dict(
+        target_epsilon=ns.epsilon, noise_multiplier=ns.sigma, steps=ns.steps, epochs=ns.epochs,
+        batch_size=ns.batch_size, sample_size=ns.sample_size, target_delta=ns.delta,
+        max_grad_norm=ns.max_grad_norm, clipping_fn=ns.clipping_fn, clipping_style=ns.clipping_style,
+        clipping_mode=ns.clipping_mode, accountant=ns.accountant, confidence=ns.confidence, score=ns.score,
+    )
     try:
-        result = one_run_audit(
-            ns.mode,
-            target_epsilon=ns.epsilon,
-            noise_multiplier=ns.sigma,
-            steps=ns.steps,
-            epochs=ns.epochs,
-            batch_size=ns.batch_size,
-            sample_size=ns.sample_size,
-            target_delta=ns.delta,
-            max_grad_norm=ns.max_grad_norm,
-            clipping_fn=ns.clipping_fn,
-            clipping_style=ns.clipping_style,
-            clipping_mode=ns.clipping_mode,
-            accountant=ns.accountant,
-            num_canaries=ns.num_canaries,
-            confidence=ns.confidence,
-            guesses=guesses,
-            score=ns.score,
-            seed=ns.seed,
-        )
+        result = one_run_audit(ns.mode, num_canaries=ns.num_canaries, guesses=guesses, seed=ns.seed, **config)
         trials = None
         if ns.trials:
             from .audit_trials import distinguishing_audit
 
-            trials = distinguishing_audit(
-                ns.trials_task,
-                target_epsilon=ns.epsilon,
-                noise_multiplier=ns.sigma,
-                steps=ns.steps,
-                epochs=ns.epochs,
-                batch_size=ns.batch_size,
-                sample_size=ns.sample_size,
-                target_delta=ns.delta,
-                max_grad_norm=ns.max_grad_norm,
-                clipping_fn=ns.clipping_fn,
-                clipping_style=ns.clipping_style,
-                clipping_mode=ns.clipping_mode,
-                accountant=ns.accountant,
-                trials=ns.trials,
-                confidence=ns.confidence,
-                score=ns.score,
-                seed=None if ns.seed is None else int(np.random.SeedSequence([ns.seed, 1]).generate_state(1)[0]),
-            )
+            seed = None if ns.seed is None else int(np.random.SeedSequence([ns.seed, 1]).generate_state(1)[0])
+            trials = distinguishing_audit(ns.trials_task, trials=ns.trials, seed=seed, **config)
     except ValueError as e:
         print(f"dpft audit: error: {e}", file=sys.stderr)
         return 2
