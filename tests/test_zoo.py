@@ -175,7 +175,11 @@ def prepare(arch: Z.Arch, method: str, gc: bool = False) -> nn.Module:
                               modules_to_save=arch.head or None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # fan_in_fan_out for GPT-2's Conv1D
-            model = peft.get_peft_model(model, cfg)
+            try:
+                model = peft.get_peft_model(model, cfg)
+            except TypeError as e:  # peft itself cannot wrap the layer (peft 0.22 passes padding_mode to
+                # timm's StdConv2d, which does not take it): nothing of dpft's to check
+                pytest.skip(f"peft {peft.__version__} cannot wrap {arch.name}: {e}")
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for n, p in model.named_parameters():
