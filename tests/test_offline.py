@@ -192,7 +192,7 @@ def test_image_model_names(tmp_path, monkeypatch):
     torch.save(offline.SmallCNN(10).state_dict(), tmp_path / "cnn.pt")
     assert isinstance(offline.load_image_model(str(tmp_path / "cnn.pt"), 10), offline.SmallCNN)
     monkeypatch.setitem(sys.modules, "timm", None)  # as on a machine without timm
-    with pytest.raises(DataUnavailable, match="--model resnet50: not a built-in image model .*pip install timm"):
+    with pytest.raises(DataUnavailable, match=r"--model resnet50: not a built-in image model .*dpft\[vision\]"):
         offline.load_image_model("resnet50", 10)
 
 
