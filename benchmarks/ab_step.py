@@ -25,6 +25,8 @@ Gram matrices, none from the fused kernel of ``dpft.ghost_kernel``),
 ``prev`` (another copy of the library, e.g. the last commit's, importable as
 the package ``dpft_prev`` from ``--prev-src``: ``git archive HEAD src/dpft |
 tar -x -C /tmp/prev && mv /tmp/prev/src/dpft /tmp/prev/dpft_prev``).
+Memory: peak allocated over the timed steps, and separately over the
+warm-up steps (where the engine's first passes run its self-check).
 ``--bf16`` runs every step under bfloat16 autocast; ``--fused`` uses
 ``torch.optim.SGD(fused=True)`` for every variant.  Development tool;
 published numbers come from ``benchmarks.speed``.
@@ -120,10 +122,12 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(step, warmup: int, steps: int) -> float:
+def time_steps(step, warmup: int, steps: int, on_warm=None) -> float:
     for _ in range(warmup):
         step()
     _sync()
+    if on_warm is not None:
+        on_warm()
     t = time.perf_counter()
     for _ in range(steps):
         step()
@@ -170,6 +174,7 @@ def main() -> None:
             params = [p for p in wl.model.parameters() if p.requires_grad]
             times: dict[str, list[float]] = {"nonprivate": []}
             peak: dict[str, float] = {}
+            first: dict[str, float] = {}  # peak over the warm-up steps (the engine's first passes self-check)
             names = args.variants.split(",")
             for v in names:
                 times[v] = []
@@ -192,16 +197,21 @@ def main() -> None:
                             opt.step()
                             opt.zero_grad()
 
+                        def warm(v=v):
+                            if torch.cuda.is_available():
+                                first[v] = max(first.get(v, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+                                torch.cuda.reset_peak_memory_stats()
+
                         if torch.cuda.is_available():
                             torch.cuda.reset_peak_memory_stats()
-                        times[v].append(time_steps(step, args.warmup, args.steps))
+                        times[v].append(time_steps(step, args.warmup, args.steps, warm))
                         if torch.cuda.is_available():
                             peak[v] = max(peak.get(v, 0.0), torch.cuda.max_memory_allocated() / 2**30)
                         if engine is not None:
                             engine.detach()
             base = statistics.median(times["nonprivate"])
             tag = (" bf16" if args.bf16 else "") + (" tf32" if args.tf32 == "on" else "")
-            mem = (lambda v: f", {peak[v]:.2f} GiB") if peak else (lambda v: "")
+            mem = (lambda v: f", {peak[v]:.2f} GiB, warm-up {first[v]:.2f} GiB") if peak else (lambda v: "")
             line = f"{model_name} {method} B={args.batch_size}{tag}: non-private {base:.2f} ms{mem('nonprivate')}"
             for v in names:
                 t = statistics.median(times[v])
