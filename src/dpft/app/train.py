@@ -1,7 +1,7 @@
-"""The `dpft train` job as a library function: ``dpft.train.train(TrainConfig(...))``.
+"""The `dpft train` job as a library function: ``dpft.app.train.train(TrainConfig(...))``.
 
 One private fine-tuning run, start to finish: load the model and the data
-(offline by default, see :mod:`dpft.offline`), pick the trainable parameters for
+(offline by default, see :mod:`dpft.app.offline`), pick the trainable parameters for
 the method, wrap the optimizer in a :class:`dpft.PrivacyEngine` calibrated to the
 target ε, train with Poisson-sampled logical batches split into physical
 batches, evaluate, and write everything a user needs into ``out``:
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import offline
-from .checkpoint import CheckpointError, atomic_save, atomic_write, read_checkpoint
+from ..checkpoint import CheckpointError, atomic_save, atomic_write, read_checkpoint
 from .choices import (ACCOUNTANTS, CLIPPING_FNS, CLIPPING_MODES, CLIPPING_STYLES, DEVICES, LR_SCHEDULES, MAX_EPSILON, METHODS,
                       MIN_EPSILON, OPTIMIZERS, PRIVATE_METHODS, SPARTA_SELECTIONS)
 from .errors import ConfigError, DataUnavailable, RunFailed
@@ -470,7 +470,7 @@ def _head_param_names(model: nn.Module) -> list[str]:
 
 
 def _bitfit(model: nn.Module, extra: list[str], notes: list[str] | None = None) -> list[str]:
-    from .methods.bitfit import bitfit
+    from ..methods.bitfit import bitfit
     # a bias-free model (Llama, T5, ...) first gets zero-initialised biases, said in the notes
     return list(bitfit(model, extra=extra, log=None if notes is None else notes.append))
 
@@ -628,7 +628,7 @@ class BatchPlan:
         self.n, self.batch_size, self.steps, self.seed, self.poisson = n, batch_size, steps_per_epoch, seed, poisson
         self._sampler = None
         if poisson:
-            from .data import PoissonBatchSampler
+            from ..data import PoissonBatchSampler
             # the global batch on every process (under torchrun each takes its share of it)
             self._sampler = PoissonBatchSampler(n, batch_size=min(batch_size, n), steps=steps_per_epoch,
                                                 seed=seed, rank=0, world_size=1)
@@ -834,7 +834,7 @@ def _make_sparta(model, r: TrainConfig, n_train: int):
     """The :class:`dpft.methods.sparta.Sparta` of the run: σ calibrated for warm-up +
     scoring + training steps (no scoring steps with a public ``--sparta-selection``);
     candidates are the Linear weights outside the head."""
-    from .methods.sparta import Sparta, default_candidates
+    from ..methods.sparta import Sparta, default_candidates
 
     class _Sparta(Sparta):
         """Each phase's engine clips with ``r.clipping_style`` over what trains in that phase."""
@@ -925,7 +925,7 @@ def _sparta_phases(sp, model, r: TrainConfig, data: Encoded, device, autocast, n
 
 def _sparta_trainable(model: nn.Module) -> int:
     """Trainable parameters, counting only the selected rows of row-restricted weights."""
-    from .methods.sparta import ATTR
+    from ..methods.sparta import ATTR
     n = 0
     for p in model.parameters():
         if p.requires_grad:
@@ -1340,7 +1340,7 @@ class _Run:
             self.metrics_file.write(json.dumps(obj, default=offline.json_default) + "\n")
             self.metrics_file.flush()
         except OSError as e:
-            from .checkpoint import describe_os_error
+            from ..checkpoint import describe_os_error
             raise CheckpointError(f"cannot write {self.metrics_path}: {describe_os_error(e)}") from e
 
     def save_checkpoint(self, rng: dict | None = None) -> None:
@@ -1646,7 +1646,7 @@ def _privacy_record(j: _Job, summary: dict) -> dict:
 
 
 def _write_release(j: _Job, summary: dict) -> Path | None:
-    """out/release/: the model, its labels and privacy.json (see :mod:`dpft.release`)."""
+    """out/release/: the model, its labels and privacy.json (see :mod:`dpft.app.release`)."""
     from .release import ReleaseError, export
 
     image_shape = None if j.task.kind == "text" else list(np.asarray(j.task.x_train).shape[1:])
@@ -1659,7 +1659,7 @@ def _write_release(j: _Job, summary: dict) -> Path | None:
         j.log(f"  note: no release folder: {e}")
         return None
     except OSError as e:
-        from .checkpoint import describe_os_error
+        from ..checkpoint import describe_os_error
         raise CheckpointError(f"cannot write the release folder {j.out / 'release'}: {describe_os_error(e)}") from e
 
 

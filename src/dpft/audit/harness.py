@@ -20,7 +20,7 @@ Two layers:
   white-box gradient canaries, runs the attack and returns an
   :class:`AuditResult` with the certified lower bound next to the engine's
   own claimed ε for exactly the steps run.
-* :func:`distinguishing_audit` (in :mod:`dpft.audit_trials`): the classical
+* :func:`distinguishing_audit` (in :mod:`dpft.audit.trials`): the classical
   many-trial test, with up to 10^5 or more independent trials per world,
   threshold tests and Clopper–Pearson bounds; it does not saturate like the
   one-run bound and catches subtler bugs (noise of half the claimed σ).
@@ -84,7 +84,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .audit_trials import Claim, DistinguishingResult, distinguishing_audit
+from .trials import Claim, DistinguishingResult, distinguishing_audit
 
 __all__ = [
     "AuditResult",
@@ -280,7 +280,7 @@ class _ScaledNoise:
 def _clipping_disabled() -> Iterator[None]:
     """Replace the clipping factors the engine uses (``dpft.privatize.clip_factors``)
     by ones: every per-example gradient enters the sum unclipped."""
-    from . import privatize
+    from .. import privatize
 
     original = privatize.clip_factors
 
@@ -550,10 +550,10 @@ def one_run_audit(
         >>> r.epsilon_lower_bound <= r.claimed_epsilon
         True
     """
-    from .data import PoissonBatchSampler
-    from .engine import PrivacyEngine
-    from .methods.bitfit import bitfit
-    from .methods.sparta import restrict
+    from ..data import PoissonBatchSampler
+    from ..engine import PrivacyEngine
+    from ..methods.bitfit import bitfit
+    from ..methods.sparta import restrict
 
     start = time.perf_counter()
     if mode not in MODES:
@@ -787,7 +787,7 @@ def run_cli(ns: Any) -> int:
         result = one_run_audit(ns.mode, num_canaries=ns.num_canaries, guesses=guesses, seed=ns.seed, **config)
         trials = None
         if ns.trials:
-            from .audit_trials import distinguishing_audit
+            from .trials import distinguishing_audit
 
             seed = None if ns.seed is None else int(np.random.SeedSequence([ns.seed, 1]).generate_state(1)[0])
             trials = distinguishing_audit(ns.trials_task, trials=ns.trials, seed=seed, **config)

@@ -171,7 +171,7 @@ def _thresholds(steps: int, q: float, sigma: float, score: str, trials: int, see
     public settings only: upper-tail quantiles of the score without the canary
     and lower-tail quantiles of the score with it, at probabilities from 1/2
     down to about 3 / trials."""
-    from .audit import _simulate_scores
+    from .harness import _simulate_scores
 
     rng = np.random.default_rng(seed)
     budget = 40_000_000 if score == "llr" else 400_000_000  # draws
@@ -306,8 +306,8 @@ def _embedding_task(included: np.ndarray, R: float, canary_scale: float, rng: np
 
 def _linear_task(task: str, included: np.ndarray, R: float, canary_scale: float, rng: np.random.Generator,
                  gen: torch.Generator) -> _Task:
-    from .methods.bitfit import bitfit
-    from .methods.sparta import restrict
+    from ..methods.bitfit import bitfit
+    from ..methods.sparta import restrict
 
     S = included.shape[0]
     n_in = int(included.sum())
@@ -410,9 +410,9 @@ def distinguishing_audit(
         ValueError: bad settings (as the engine raises them, plus bad
             ``task``, ``trials``, ``score``, ``slots_per_run``).
     """
-    from .audit import _clipping_disabled, _quiet_absl, _ScaledNoise, _step_score
-    from .data import PoissonBatchSampler
-    from .engine import PrivacyEngine
+    from .harness import _clipping_disabled, _quiet_absl, _ScaledNoise, _step_score
+    from ..data import PoissonBatchSampler
+    from ..engine import PrivacyEngine
 
     start = time.perf_counter()
     if task not in TRIAL_TASKS:
