@@ -15,7 +15,8 @@ import pytest
 
 from dpft import accounting, privatize
 from dpft.app import cli
-from dpft.audit.trials import clopper_pearson, distinguishing_audit, threshold_lower_bound
+from dpft.audit.stats import clopper_pearson, threshold_lower_bound
+from dpft.audit.trials import distinguishing_audit
 from dpft.sampling_check import SamplingMismatchWarning
 
 
@@ -56,7 +57,7 @@ def test_bound_with_a_grid_stays_below_a_gaussian_mechanism():
     """Sums of Gaussian updates of a correct mechanism (σ = 1, 2 steps, q = 1):
     over 40 repetitions with the audit's own threshold grid, no bound exceeds
     the true ε."""
-    from dpft.audit.trials import _thresholds
+    from dpft.audit.stats import _thresholds
 
     sigma, steps, trials, delta = 1.0, 2, 5000, 1e-5
     true_eps = accounting.epsilon(noise_multiplier=sigma, sample_rate=1.0, steps=steps, delta=delta)

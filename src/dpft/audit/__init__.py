@@ -1,13 +1,35 @@
 """Empirical privacy auditing: checks a privacy claim from the outside.
 
-``dpft.audit`` is the public entry point; the work is in :mod:`dpft.audit.harness`
-(the one-run audit and its command line) and :mod:`dpft.audit.trials` (the
-many-trial distinguishing audit). See docs/audit.md.
+``dpft.audit`` is the public entry point (see docs/audit.md). Its modules:
+
+* :mod:`dpft.audit.stats`: the bounds and the attack's simulated scores (numpy
+  and scipy only, no torch);
+* :mod:`dpft.audit.harness`: the one-run audit, which trains a small canary task
+  with a :class:`dpft.PrivacyEngine` (planted bugs, for the tests, are set on
+  that engine alone);
+* :mod:`dpft.audit.trials`: the many-trial distinguishing audit;
+* :mod:`dpft.audit.cli`: ``dpft audit``.
 """
 
-from .harness import *  # noqa: F401,F403
-from .harness import __all__ as _harness_all
-from .harness import add_cli_parser, run_cli  # noqa: F401
-from .trials import TRIAL_TASKS, clopper_pearson, threshold_lower_bound  # noqa: F401
+from .cli import add_cli_parser, run_cli
+from .harness import MODES, SCORES, AuditResult, one_run_audit
+from .stats import Claim, clopper_pearson, epsilon_lower_bound, one_run_p_value, perfect_guess_ceiling, threshold_lower_bound
+from .trials import TRIAL_TASKS, DistinguishingResult, distinguishing_audit
 
-__all__ = [*_harness_all, "TRIAL_TASKS", "clopper_pearson", "threshold_lower_bound"]
+__all__ = [
+    "AuditResult",
+    "Claim",
+    "DistinguishingResult",
+    "MODES",
+    "SCORES",
+    "TRIAL_TASKS",
+    "add_cli_parser",
+    "clopper_pearson",
+    "distinguishing_audit",
+    "epsilon_lower_bound",
+    "one_run_audit",
+    "one_run_p_value",
+    "perfect_guess_ceiling",
+    "run_cli",
+    "threshold_lower_bound",
+]
