@@ -206,7 +206,8 @@ def _fake_run(tmp_path: Path, losses, final_acc: float) -> tuple[Path, dict]:
 
 def test_report_epsilon_axis_from_zero_and_subset_majority_line(tmp_path):
     pytest.importorskip("matplotlib")
-    from dpft.app.train import learning_check, report_figure
+    from dpft.app.report import report_figure
+    from dpft.app.summarize import learning_check
 
     out, summary = _fake_run(tmp_path, [0.7] * 20, 0.8)
     summary.update(learning_check(summary, []))
@@ -222,7 +223,8 @@ def test_report_epsilon_axis_from_zero_and_subset_majority_line(tmp_path):
 
 def test_learning_check_says_loudly_when_nothing_was_learned(tmp_path):
     pytest.importorskip("matplotlib")
-    from dpft.app.train import learning_check, report_figure
+    from dpft.app.report import report_figure
+    from dpft.app.summarize import learning_check
 
     rising = [0.68 + 0.02 * i for i in range(50)]
     out, summary = _fake_run(tmp_path, rising, 0.5745)
@@ -293,7 +295,8 @@ def test_full_fine_tuning_defaults_keep_the_head_learning():
     """DP full fine-tuning's defaults: the head is clipped as its own group (else the body's
     growing gradients squeeze it out and the run ends at the majority class), its learning rate
     is the head's default, and the GPU rate is the one that learned in docs/utility.md."""
-    from dpft.app.train import TrainConfig, clipping_groups, resolve, select_trainable
+    from dpft.app.build import clipping_groups, select_trainable
+    from dpft.app.train import TrainConfig, resolve
 
     cpu, _ = resolve(TrainConfig(method="full"), kind="text", device=torch.device("cpu"), n_train_total=10_000)
     assert (cpu.clipping_style, cpu.lr, cpu.head_lr) == ("separate-head", 1e-4, 1e-2)
