@@ -17,7 +17,7 @@ Two tasks, each a grid of ``dpft train`` jobs (:func:`dpft.app.train.train`):
   SPARTA, SPARTA with random rows and non-private full fine-tuning.
 
 Protocol.  Per (task, method) a small hyper-parameter search (learning-rate
-multipliers x epoch multipliers around train.py's own defaults) runs at one ε
+multipliers x epoch multipliers around the job's own defaults) runs at one ε
 (``--search-epsilon``, 3) and one seed (0) on a validation split held out of the
 training set (``--validation-size``); the configuration with the best
 validation accuracy is then trained on the whole training set and evaluated on
@@ -62,9 +62,9 @@ SCHEMA = 1
 # ----------------------------------------------------------------------------
 # What is measured
 
-#: TrainConfig field through which train.py would choose SPARTA's row-selection
+#: TrainConfig field through which the job would choose SPARTA's row-selection
 #: strategy ("scores" = SPARTA, "random" = the random-rows baseline). Until
-#: train.py has it, the ``sparta-random`` variant is reported as not run.
+#: the job has it, the ``sparta-random`` variant is reported as not run.
 SPARTA_SELECTION_FIELD = "sparta_selection"
 
 
@@ -101,7 +101,7 @@ class Task:
     name: str
     title: str
     dataset: str
-    kind: str                      # "text" | "image" (train.py's data kind)
+    kind: str                      # "text" | "image" (the job's data kind)
     model: str                     # default model (``--sentiment-model`` / ``--vision-model``)
     methods: tuple[str, ...]
     validation_size: int
@@ -157,9 +157,9 @@ EPSILONS = (1.0, 3.0, 8.0)
 SEEDS = (0, 1, 2)
 SEARCH_EPSILON = 3.0
 SEARCH_SEED = 0
-LR_FACTORS = (1.0, 1 / 3, 3.0)      # the default first: ties go to train.py's defaults
+LR_FACTORS = (1.0, 1 / 3, 3.0)      # the default first: ties go to the job's defaults
 EPOCH_FACTORS = (1.0, 2.0)
-#: options that train.py resolves per device; pinned to its GPU defaults so that a
+#: options that the job resolves per device; pinned to its GPU defaults so that a
 #: CPU run of the grid is the same experiment
 PINNED_FROM_DEFAULTS = ("batch_size", "epochs", "lr", "head_lr", "scoring_epochs", "density")
 
@@ -233,12 +233,12 @@ def _fmt_float(x: float) -> float:
 
 
 def unsupported_reason(variant: Variant) -> str | None:
-    """Why train.py cannot run this variant (None when it can)."""
+    """Why the job cannot run this variant (None when it can)."""
     from dpft.app.train import TrainConfig
     fields = set(TrainConfig.field_names())
     missing = [k for k, _ in variant.extra if k not in fields]
     if missing:
-        return (f"train.py does not expose {', '.join(missing)} (TrainConfig / `dpft train` option "
+        return (f"the job does not expose {', '.join(missing)} (TrainConfig / `dpft train` option "
                 f"--{missing[0].replace('_', '-')}); not run")
     return None
 
@@ -266,7 +266,7 @@ def preflight(task: Task, model: str, variant: Variant) -> str | None:
 
 
 def task_defaults(task: Task, variant: Variant, model: str | None = None) -> dict[str, Any]:
-    """train.py's own defaults for this method on this task (and model), as on a GPU."""
+    """the job's own defaults for this method on this task (and model), as on a GPU."""
     import torch
 
     from dpft.app.train import TrainConfig, resolve
@@ -315,7 +315,7 @@ def base_fields(plan: Plan, task: Task, variant: Variant) -> dict[str, Any]:
 
 
 def search_grid(plan: Plan, task: Task, variant: Variant) -> list[dict[str, float]]:
-    """Learning-rate and epoch multipliers around train.py's defaults (default first)."""
+    """Learning-rate and epoch multipliers around the job's defaults (default first)."""
     d = task_defaults(task, variant, plan.models[task.name])
     epochs = QUICK_FIXED["epochs"] if plan.quick else d["epochs"]
     grid = []
@@ -1055,14 +1055,14 @@ def write_report(records: Sequence[dict[str, Any]], docs: Path, sources: Sequenc
         "the head); DP last layer trains the head only; SPARTA spends 1 epoch of "
         "Poisson-sampled steps privately scoring the rows of every encoder weight, keeps the top 20 % "
         "of each and trains them with the biases and the head (one ledger for all steps); *SPARTA, "
-        f"random rows* picks the rows uniformly at random instead (needs train.py's "
+        f"random rows* picks the rows uniformly at random instead (needs the job's "
         f"`{SPARTA_SELECTION_FIELD}` option). The non-private references train without clipping or noise.")
     add("* **Privacy**: Poisson sampling, per-example clipping (Abadi, R = 1, all layers together), "
         "Gaussian noise with σ calibrated by `dp-accounting`'s PLD accountant so that the planned steps "
-        "spend the target ε (add/remove adjacency); δ is train.py's default, at most 1/(10 N) and "
+        "spend the target ε (add/remove adjacency); δ is the job's default, at most 1/(10 N) and "
         "at most 1e-5. The *ε spent* column is the accountant's value at the end of each run.")
-    add("* **Defaults** (pinned in every job so that a CPU rerun is the same experiment): train.py's GPU "
-        "defaults for the method (`dpft.app.train.resolve` on a CUDA device): logical batch, epochs, "
+    add("* **Defaults** (pinned in every job so that a CPU rerun is the same experiment): the job's GPU "
+        "defaults for the method (`dpft.app.config.resolve` on a CUDA device): logical batch, epochs, "
         "learning rates, SPARTA's scoring epochs and density; Adam, constant learning rate, dropout 0 "
         "for the private methods. Text: sequences cut at 128 tokens.")
     add("* **Seeds**: `--seed s` (data order of the subsample, head initialisation, dropout) and "
@@ -1079,11 +1079,11 @@ def write_report(records: Sequence[dict[str, Any]], docs: Path, sources: Sequenc
                                   "epsilon": SEARCH_EPSILON, "seed": SEARCH_SEED}
     add(f"Per task and method: learning rate (and head learning rate) × "
         f"{{{', '.join(f'{x:.3g}' for x in g0['lr_factors'])}}} and epochs × "
-        f"{{{', '.join(f'{x:g}' for x in g0['epoch_factors'])}}} around train.py's defaults "
+        f"{{{', '.join(f'{x:g}' for x in g0['epoch_factors'])}}} around the job's defaults "
         f"({len(g0['lr_factors']) * len(g0['epoch_factors'])} runs), at ε = {g0.get('epsilon') or SEARCH_EPSILON:g} "
         f"for the private methods and seed {g0.get('seed', SEARCH_SEED)}, trained on the training split "
         "minus a held-out validation split and scored on that validation split. The best validation "
-        "accuracy (ties: the earlier grid point, train.py's default first) is then used for every ε "
+        "accuracy (ties: the earlier grid point, the job's default first) is then used for every ε "
         "and seed of the test runs, trained on the whole training split and scored on the test split. "
         "The test split is never used for a choice.")
     add("")
@@ -1384,9 +1384,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--search-epsilon", type=float, default=SEARCH_EPSILON, help="ε of the search runs (3)")
     p.add_argument("--search-seed", type=int, default=SEARCH_SEED)
     p.add_argument("--lr-factors", type=_floats, default=None,
-                   help="search: multipliers of train.py's default learning rates (1,0.333,3)")
+                   help="search: multipliers of the job's default learning rates (1,0.333,3)")
     p.add_argument("--epoch-factors", type=_floats, default=None,
-                   help="search: multipliers of train.py's default epochs (1,2)")
+                   help="search: multipliers of the job's default epochs (1,2)")
     p.add_argument("--validation-size", type=int, default=None,
                    help="held-out training examples for the search (default: sentiment 1000, vision 500)")
     p.add_argument("--sentiment-model", default=TASKS["sentiment"].model)
