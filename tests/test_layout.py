@@ -174,8 +174,22 @@ def test_audit_statistics_import_no_torch():
     assert proc.stdout.strip() == "False"
 
 
-@pytest.mark.parametrize("name", ["dpft.audit", "dpft.app.cli"])
-def test_public_entry_points_resolve(name):
+def test_the_dpft_script_is_the_app_cli():
+    """pyproject's ``dpft`` script entry names a function that exists."""
+    import importlib
+    import tomllib
+
+    entry = tomllib.loads((SRC.parent / "pyproject.toml").read_text())["project"]["scripts"]["dpft"]
+    module, _, attr = entry.partition(":")
+    assert module == "dpft.app.cli"
+    assert callable(getattr(importlib.import_module(module), attr))
+
+
+@pytest.mark.parametrize("name", ["dpft.audit", "dpft.audit.stats", "dpft.audit.trials", "dpft.app.train"])
+def test_public_names_resolve(name):
+    """Every name a public module exports is there."""
     import importlib
 
-    assert importlib.import_module(name) is not None
+    module = importlib.import_module(name)
+    missing = [n for n in module.__all__ if not hasattr(module, n)]
+    assert not missing, f"{name}.__all__ names missing attributes: {missing}"
