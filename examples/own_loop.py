@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import dpft
-from dpft import offline
+from dpft.app import offline
 
 
 def main(argv: list[str] | None = None) -> dict:

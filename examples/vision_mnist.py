@@ -35,7 +35,7 @@ full fine-tuning. Biases alone (or the head alone) adapt Fashion-MNIST
 features to digits only partly: on this small CNN the methods that move
 weights do much better than DP-BiTFiT, unlike on the pretrained transformers.
 
-Uses the public API only: ``dpft.offline`` (data, the cached public model),
+Uses the public API only: ``dpft.app.offline`` (data, the cached public model),
 ``dpft.bitfit``, ``dpft.PrivacyEngine``, ``dpft.data`` (Poisson sampling,
 physical batches) and ``dpft.methods.sparta.Sparta``.
 """
@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dpft
-from dpft import offline
+from dpft.app import offline
 from dpft.methods.sparta import Sparta, default_candidates
 
 METHODS = ("bitfit", "full", "last-layer", "sparta")

@@ -48,7 +48,7 @@ def tiny_args(model: str, data: str, out, *extra) -> list[str]:
 
 def run_cli(argv, capsys) -> tuple[int, str, str]:
     """``dpft ARGV`` in this process: (exit code, stdout, stderr); torch's thread count is restored."""
-    from dpft import cli
+    from dpft.app import cli
 
     threads = torch.get_num_threads()
     try:

@@ -66,7 +66,8 @@ def test_train_refuses_epsilon_out_of_range(capsys, tmp_path, eps, match):
 
 
 def test_version(capsys):
-    from dpft import __version__, cli
+    from dpft import __version__
+    from dpft.app import cli
 
     with pytest.raises(SystemExit) as e:
         cli.main(["--version"])
@@ -74,7 +75,7 @@ def test_version(capsys):
 
 
 def _train_parser():
-    from dpft import cli
+    from dpft.app import cli
 
     return cli.build_parser(audit=False)._subparsers._group_actions[0].choices["train"]
 
@@ -97,7 +98,7 @@ def test_clipping_mode_is_checked(capsys):
 
 
 def test_audit_takes_method_like_train():
-    from dpft import cli
+    from dpft.app import cli
 
     ns = cli.build_parser().parse_args(["audit", "--method", "full", "--epsilon", "1"])
     assert ns.mode == "full"
@@ -121,7 +122,7 @@ def test_help_does_not_import_torch():
 
 @needs_pandas
 def test_labels_one_and_two_make_two_classes(tmp_path):
-    from dpft import offline
+    from dpft.app import offline
 
     path = make_reviews_csv(tmp_path / "r.csv", copies=4, labels=(2, 1))
     task = offline.local_table(path)
@@ -137,8 +138,8 @@ def test_labels_one_and_two_make_two_classes(tmp_path):
 
 @needs_pandas
 def test_test_file_and_named_columns(tmp_path):
-    from dpft import offline
-    from dpft.offline import DataUnavailable
+    from dpft.app import offline
+    from dpft.app.offline import DataUnavailable
 
     train = tmp_path / "train.csv"
     train.write_text("review_text,stars\n" + "".join(f"good {i},5\nbad {i},1\n" for i in range(10)))
@@ -155,7 +156,7 @@ def test_test_file_and_named_columns(tmp_path):
 
 
 def test_small_data_defaults_are_chosen_and_said():
-    from dpft.train import TrainConfig, resolve
+    from dpft.app.train import TrainConfig, resolve
 
     cpu = torch.device("cpu")
     r, notes = resolve(TrainConfig(dataset="f.csv"), kind="text", device=cpu, n_train_total=192)
@@ -205,7 +206,8 @@ def _fake_run(tmp_path: Path, losses, final_acc: float) -> tuple[Path, dict]:
 
 def test_report_epsilon_axis_from_zero_and_subset_majority_line(tmp_path):
     pytest.importorskip("matplotlib")
-    from dpft.train import learning_check, report_figure
+    from dpft.app.report import report_figure
+    from dpft.app.summarize import learning_check
 
     out, summary = _fake_run(tmp_path, [0.7] * 20, 0.8)
     summary.update(learning_check(summary, []))
@@ -221,7 +223,8 @@ def test_report_epsilon_axis_from_zero_and_subset_majority_line(tmp_path):
 
 def test_learning_check_says_loudly_when_nothing_was_learned(tmp_path):
     pytest.importorskip("matplotlib")
-    from dpft.train import learning_check, report_figure
+    from dpft.app.report import report_figure
+    from dpft.app.summarize import learning_check
 
     rising = [0.68 + 0.02 * i for i in range(50)]
     out, summary = _fake_run(tmp_path, rising, 0.5745)
@@ -263,8 +266,8 @@ def test_a_run_that_does_not_learn_says_so_in_summary_and_output(tmp_path, capsy
 def test_extras_exist_and_messages_say_how_to_keep_torch(monkeypatch):
     import tomllib
 
-    from dpft import offline
-    from dpft.offline import DataUnavailable
+    from dpft.app import offline
+    from dpft.app.offline import DataUnavailable
 
     extras = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
     extras = extras["project"]["optional-dependencies"]
@@ -277,8 +280,8 @@ def test_extras_exist_and_messages_say_how_to_keep_torch(monkeypatch):
 
 
 def test_fashion_mnist_message_names_the_system_package(tmp_path):
-    from dpft import offline
-    from dpft.offline import DataUnavailable
+    from dpft.app import offline
+    from dpft.app.offline import DataUnavailable
 
     with pytest.raises(DataUnavailable, match="Debian/Ubuntu package dataset-fashion-mnist, not from pip"):
         offline.fashion_mnist(tmp_path)
@@ -292,7 +295,8 @@ def test_full_fine_tuning_defaults_keep_the_head_learning():
     """DP full fine-tuning's defaults: the head is clipped as its own group (else the body's
     growing gradients squeeze it out and the run ends at the majority class), its learning rate
     is the head's default, and the GPU rate is the one that learned in docs/utility.md."""
-    from dpft.train import TrainConfig, clipping_groups, resolve, select_trainable
+    from dpft.app.build import clipping_groups, select_trainable
+    from dpft.app.train import TrainConfig, resolve
 
     cpu, _ = resolve(TrainConfig(method="full"), kind="text", device=torch.device("cpu"), n_train_total=10_000)
     assert (cpu.clipping_style, cpu.lr, cpu.head_lr) == ("separate-head", 1e-4, 1e-2)

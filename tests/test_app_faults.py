@@ -37,7 +37,7 @@ def _args(tiny, out, *extra):
 
 def _nan_after(monkeypatch, calls: int):
     """Training forwards return NaN logits from the ``calls``-th on (evaluation is untouched)."""
-    from dpft import train as train_mod
+    from dpft.app import loop as train_mod
 
     real, seen = train_mod._forward, {"n": 0}
 
@@ -180,7 +180,7 @@ def test_full_disk_during_a_run_names_the_cause_and_the_intact_checkpoint(tiny, 
 def _sigint_at(monkeypatch, capsys, call: int, times: int = 1):
     """Send ``times`` SIGINTs from inside the ``call``-th training forward; returns what had been
     printed right after the first one (the acknowledgement must be there already)."""
-    from dpft import train as train_mod
+    from dpft.app import loop as train_mod
 
     real, seen = train_mod._forward, {"n": 0, "printed": None}
 
@@ -201,7 +201,7 @@ def _sigint_at(monkeypatch, capsys, call: int, times: int = 1):
 @pytest.fixture(scope="module")
 def whole_run(tiny, tmp_path_factory):
     """The uninterrupted run the interrupted ones must equal after --resume."""
-    from dpft import cli
+    from dpft.app import cli
 
     out = tmp_path_factory.mktemp("whole") / "run"
     threads = torch.get_num_threads()
@@ -265,8 +265,8 @@ def test_stop_after_zero_steps_is_an_error(tiny, tmp_path, capsys):
 
 
 def test_periodic_checkpoints_are_on_by_default(tiny, tmp_path, capsys, monkeypatch):
-    from dpft import train as train_mod
-    from dpft.train import TrainConfig, resolve
+    from dpft.app import loop as train_mod
+    from dpft.app.train import TrainConfig, resolve
 
     r, _ = resolve(TrainConfig(), kind="text", device=torch.device("cpu"), n_train_total=10_000)
     assert r.checkpoint_minutes == 2.0 and r.checkpoint_every == 0

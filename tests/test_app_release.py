@@ -72,7 +72,7 @@ def test_release_holds_the_model_and_privacy_but_no_secrets(tiny, tmp_path, caps
             assert b"test_accuracy" not in blob and b'"loss"' not in blob, path
     assert not any(p.name in ("checkpoint.pt", "metrics.jsonl", "config.json") for p in rel.iterdir())
     # the release alone rebuilds the model: no peft, no base checkpoint needed
-    from dpft import release
+    from dpft.app import release
     loaded = release.load(out)
     assert not any("lora" in n for n, _ in loaded.model.named_parameters())
     assert type(loaded.model).__name__ == "BertForSequenceClassification"
@@ -129,7 +129,7 @@ def test_image_release_and_predict(tmp_path, capsys):
     assert code == 0, err
     meta = json.loads((out / "release" / "dpft_model.json").read_text())
     assert meta["architecture"]["class"] == "SmallCNN" and meta["image_shape"] == [1, 28, 28]
-    from dpft import offline, release
+    from dpft.app import offline, release
     task = offline.mnist()
     images = (task.x_test[:10] * 255).round().astype(np.uint8)[:, 0]  # (N, H, W) pixels 0..255
     np.save(tmp_path / "digits.npy", images)

@@ -25,11 +25,13 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import special, stats
 
-from dpft import accounting, cli, privatize
+from dpft import accounting, privatize
+from dpft.app import cli
 from dpft.audit import (
     AuditResult,
     epsilon_lower_bound,
@@ -283,3 +285,28 @@ def test_planted_bugs_are_caught_at_epsilon_8_with_12000_canaries():
     for plant in ("no_clipping", "noise_div10"):
         res = one_run_audit("bitfit", _plant=plant, **kw)
         assert res.violation, res.summary()
+
+
+def test_planted_bug_stays_in_its_own_engine():
+    """A planted bug (no clipping) changes the engine it is set on and no other:
+    the process's clipping is never patched."""
+    from dpft import PrivacyEngine
+    from dpft.audit.harness import _plant_bug
+
+    def update(plant):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        engine = PrivacyEngine(model, batch_size=1, sample_size=10, steps=1, noise_multiplier=0.0, max_grad_norm=0.1)
+        _plant_bug(engine, plant, {})
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        engine.attach(opt)
+        before = [p.detach().clone() for p in model.parameters()]
+        (model(torch.full((1, 3), 10.0)).sum() * 100).backward()
+        opt.step()
+        engine.detach()
+        return float(sum((p.detach() - b).pow(2).sum() for p, b in zip(model.parameters(), before)).sqrt())
+
+    clipped, planted = update(None), update("no_clipping")
+    assert clipped == pytest.approx(0.1, rel=1e-4)  # lr 1, one example, norm clipped to R = 0.1
+    assert planted > 100 * clipped  # the planted engine did not clip
+    assert update(None) == pytest.approx(clipped, rel=1e-6)  # a later engine clips again

@@ -296,7 +296,7 @@ def test_add_zero_biases_rejects_a_name_that_is_not_a_layer():
 def test_train_cli_bitfit_on_a_bias_free_llama(tmp_path, capsys):
     from transformers import BertTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-    from dpft import cli
+    from dpft.app import cli
 
     path = tmp_path / "tiny-llama"
     path.mkdir()

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpft import cli
-from dpft.train import TrainConfig
+from dpft.app import cli
+from dpft.app.train import TrainConfig
 
 HAVE_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
 HAVE_PANDAS = importlib.util.find_spec("pandas") is not None
@@ -54,7 +54,7 @@ def test_flags_parse_into_train_config():
 
 
 def test_defaults_depend_on_device_and_are_said():
-    from dpft.train import resolve
+    from dpft.app.train import resolve
     cpu, notes = resolve(TrainConfig(), kind="text", device=torch.device("cpu"), n_train_total=10_000)
     assert (cpu.method, cpu.model, cpu.dataset, cpu.epsilon) == ("bitfit", "minilm", "rotten-tomatoes", 3.0)
     assert (cpu.max_seq_len, cpu.epochs, cpu.batch_size, cpu.train_size) == (64, 1, 128, "all")
@@ -144,7 +144,7 @@ def test_bad_sparta_options(capsys, tmp_path, argv, match):
 
 
 def test_sparta_defaults_depend_on_device():
-    from dpft.train import resolve
+    from dpft.app.train import resolve
     cpu, notes = resolve(TrainConfig(method="sparta"), kind="text", device=torch.device("cpu"),
                          n_train_total=10_000)
     assert (cpu.density, cpu.scoring_epochs, cpu.warmup_epochs, cpu.lr, cpu.head_lr) == (0.2, 0.5, 0.0, 1e-3, 1e-2)

@@ -74,7 +74,7 @@ def test_own_loop_example_quick(capfd):
 
 @pytest.fixture(scope="module")
 def vision_cache(tmp_path_factory):
-    from dpft import offline
+    from dpft.app import offline
 
     if not (offline.FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("Debian package dataset-fashion-mnist not installed")
@@ -84,7 +84,7 @@ def vision_cache(tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["bitfit", "sparta"])
 def test_vision_example_quick(method, vision_cache, monkeypatch, capsys):
-    from dpft import offline
+    from dpft.app import offline
 
     monkeypatch.setenv("DPFT_CACHE", str(vision_cache))
     out = load("vision_mnist").main(["--quick", "--method", method])

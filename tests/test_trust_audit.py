@@ -1,4 +1,4 @@
-"""The many-trial distinguishing audit (dpft.audit_trials): its statistics
+"""The many-trial distinguishing audit (dpft.audit.trials): its statistics
 (Clopper–Pearson, the threshold bound's coverage), that a correct engine stays
 below its claim, and that it has the power to catch planted bugs (noise of
 half the claimed σ, clipping switched off)."""
@@ -13,8 +13,10 @@ import warnings
 import numpy as np
 import pytest
 
-from dpft import accounting, cli, privatize
-from dpft.audit_trials import clopper_pearson, distinguishing_audit, threshold_lower_bound
+from dpft import accounting, privatize
+from dpft.app import cli
+from dpft.audit.stats import clopper_pearson, threshold_lower_bound
+from dpft.audit.trials import distinguishing_audit
 from dpft.sampling_check import SamplingMismatchWarning
 
 
@@ -55,7 +57,7 @@ def test_bound_with_a_grid_stays_below_a_gaussian_mechanism():
     """Sums of Gaussian updates of a correct mechanism (σ = 1, 2 steps, q = 1):
     over 40 repetitions with the audit's own threshold grid, no bound exceeds
     the true ε."""
-    from dpft.audit_trials import _thresholds
+    from dpft.audit.stats import _thresholds
 
     sigma, steps, trials, delta = 1.0, 2, 5000, 1e-5
     true_eps = accounting.epsilon(noise_multiplier=sigma, sample_rate=1.0, steps=steps, delta=delta)

@@ -165,7 +165,7 @@ def test_report_targets_from_data(tmp_path):
 @pytest.mark.parametrize("variant", ["bitfit", "sparta-random"])
 def test_plan_starts_from_train_defaults(variant):
     utility = _import_utility()
-    from dpft.train import _DEFAULT_LR
+    from dpft.app.config import _DEFAULT_LR
     args = utility.parse_args(["--device", "cpu", "--tasks", "sentiment,vision"])
     plan = utility.make_plan(args)
     task = utility.TASKS["sentiment" if variant == "bitfit" else "vision"]

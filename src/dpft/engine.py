@@ -28,13 +28,13 @@ from . import accounting
 from .accounting import Ledger, PrivacyBudgetExceeded
 from .capture import Capture, is_dtensor
 from .clipping import CLIPPING_FNS, CLIPPING_STYLES, make_groups
-from .methods.sparta import compact_rows
-from .methods.sparta import reattach as sparta_reattach
-from .methods.sparta import row_masks as sparta_masks
 from .noise import GaussianNoise
 from .sampling_check import NON_POISSON_CAVEAT, MISMATCH_CAVEAT, SamplingCheck, SamplingMismatch
 from .sampling_check import warn as _warn_sampling
 from .privatize import ClippedSum
+from .rows import compact_rows
+from .rows import reattach as sparta_reattach
+from .rows import row_masks as sparta_masks
 from .rules.base import Contribution
 
 CLIPPING_MODES = ("auto", "bk", "ghost", "mixed", "instantiate")

@@ -54,6 +54,9 @@ class ClippedSum:
         self.num_groups = len(groups)
         self.group_norm = max_grad_norm / math.sqrt(self.num_groups)
         self.clipping_fn = clipping_fn
+        #: (norms, max_norm, fn) -> per-example factors; per instance, so that an audit can plant
+        #: a bug (no clipping) in one engine without touching the rest of the process
+        self.clip_factors = clip_factors
         self.mode = mode
         self.sums: dict[str, Tensor] = {}
         # row-restricted weights (SPARTA): the sums of their selected rows only (rows along the mask's dim)
@@ -267,7 +270,7 @@ class ClippedSum:
             # the current device (a model spread over several GPUs in one process)
             self._flag_event = torch.cuda.Event()
             self._flag_event.record(torch.cuda.current_stream(bad.device))
-        weights = clip_factors(norms, self.group_norm, self.clipping_fn) * scale  # (B, K)
+        weights = self.clip_factors(norms, self.group_norm, self.clipping_fn) * scale  # (B, K)
         if self.drop_nonfinite:
             # a left-out example contributes zero, which any clipped gradient may: the sensitivity is unchanged
             weights = torch.where(finite.unsqueeze(1), weights, 0.0)

@@ -10,10 +10,11 @@ columns of the selected rows alone enter the norms and the clipped sum.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .rules.base import Contribution, Direct, Factored
 
@@ -115,3 +116,42 @@ def restrict(c: Contribution, rm: RowMask, compact: bool = True) -> tuple[Contri
             return replace(c, right=select_last(c.right, idx), shape=torch.Size(shape)), True
         return replace(c, right=c.right * rm.mask.to(c.right.dtype)), False
     raise NotImplementedError(f"dpft: row restriction along dim {rm.dim} of a parameter of shape {tuple(c.shape)}")
+
+
+# ---------------------------------------------------------------------------
+# Where a restriction lives: shared by dpft.methods.sparta (which sets it) and
+# the engine (which reads it), so that the engine imports no method.
+
+#: the attribute of a restricted parameter holding its :class:`RowMask`
+ATTR = "_dpft_rows"
+#: the attribute of a compacted optimizer holding ``id(weight) -> twin`` (see dpft.sparta.RowCompact)
+TWINS = "_dpft_twins"
+#: the attribute of a module noting the masks of its restricted parameters (see :func:`reattach`)
+REGISTRY = "_dpft_row_registry"
+
+
+def reattach(model: nn.Module) -> None:
+    """Give every restricted parameter of ``model`` its row mask back where a
+    copy lost it (``copy.deepcopy`` of a model drops attributes of its
+    Parameters; the owning modules keep a note of the masks)."""
+    for module in model.modules():
+        reg = module.__dict__.get(REGISTRY)
+        if not reg:
+            continue
+        for local, rm in reg.items():
+            p = module._parameters.get(local)
+            if p is not None and not hasattr(p, ATTR):
+                setattr(p, ATTR, rm if rm.mask.device == p.device else rm.to(p.device))
+
+
+def row_masks(params: Mapping[str, nn.Parameter]) -> dict[str, RowMask]:
+    """The row masks of the given parameters (those restricted)."""
+    return {n: getattr(p, ATTR) for n, p in params.items() if hasattr(p, ATTR)}
+
+
+def compact_rows(optimizer: torch.optim.Optimizer | None) -> dict[int, Tensor]:
+    """``id(weight) -> compact row tensor`` for the weights ``optimizer`` holds
+    compactly (empty for any other optimizer): those
+    :func:`dpft.sparta.compact_optimizer` made, which hold the ``TWINS`` attribute."""
+    twins = vars(optimizer).get(TWINS) if optimizer is not None else None
+    return {k: t.rows for k, t in twins.items()} if twins else {}

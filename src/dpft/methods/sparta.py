@@ -24,10 +24,8 @@ from torch import Tensor, nn
 
 from .. import accounting
 from ..data import split_physical
-from ..rows import RowMask
+from ..rows import ATTR, REGISTRY, RowMask, compact_rows, reattach, row_masks  # noqa: F401 (dpft.sparta's names)
 from ..rules.linear import is_hf_conv1d
-
-ATTR = "_dpft_rows"
 
 
 def row_dim(module: nn.Module, local_name: str) -> int:
@@ -72,23 +70,6 @@ def restrict(model: nn.Module, masks: Mapping[str, Tensor]) -> list[str]:
     return done
 
 
-REGISTRY = "_dpft_row_registry"
-
-
-def reattach(model: nn.Module) -> None:
-    """Give every restricted parameter of ``model`` its row mask back where a
-    copy lost it (``copy.deepcopy`` of a model drops attributes of its
-    Parameters; the owning modules keep a note of the masks)."""
-    for module in model.modules():
-        reg = module.__dict__.get(REGISTRY)
-        if not reg:
-            continue
-        for local, rm in reg.items():
-            p = module._parameters.get(local)
-            if p is not None and not hasattr(p, ATTR):
-                setattr(p, ATTR, rm if rm.mask.device == p.device else rm.to(p.device))
-
-
 def unrestrict(model: nn.Module) -> None:
     """Remove all row restrictions (the parameters stay trainable)."""
     for p in model.parameters():
@@ -96,11 +77,6 @@ def unrestrict(model: nn.Module) -> None:
             delattr(p, ATTR)
     for module in model.modules():
         module.__dict__.pop(REGISTRY, None)
-
-
-def row_masks(params: Mapping[str, nn.Parameter]) -> dict[str, RowMask]:
-    """The row masks of the given parameters (those restricted)."""
-    return {n: getattr(p, ATTR) for n, p in params.items() if hasattr(p, ATTR)}
 
 
 # ---------------------------------------------------------------------------
@@ -321,13 +297,6 @@ def compact_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer
     for group in optimizer.param_groups:
         _compact_group(optimizer, group)
     return optimizer
-
-
-def compact_rows(optimizer: torch.optim.Optimizer | None) -> dict[int, Tensor]:
-    """``id(weight) -> compact row tensor`` for the weights ``optimizer`` holds
-    compactly (empty for any other optimizer)."""
-    twins = getattr(optimizer, "_dpft_twins", None) if isinstance(optimizer, RowCompact) else None
-    return {k: t.rows for k, t in twins.items()} if twins else {}
 
 
 # ---------------------------------------------------------------------------

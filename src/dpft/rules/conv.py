@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops import bmm_acc
 from ..precision import full_fp32
 from .base import Call, Contribution, Direct, Factored, Instantiated, Rule, batchify, reduce_into
 from .linear import acc_dtype
@@ -203,8 +204,6 @@ class ConvFactored(Factored):
         left = g.reshape(n, g.shape[1], -1)
         if left.shape[2] != cols.shape[1]:  # pragma: no cover - the convolution's own arithmetic
             return None
-        from ..norms import bmm_acc  # here, not at the top: dpft.norms imports this package
-
         return bmm_acc(left, cols, dtype).view(n, *self.shape)
 
     def weighted(self, weights: Tensor, dtype: torch.dtype) -> Tensor | None:

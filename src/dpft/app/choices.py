@@ -1,8 +1,8 @@
 """The fixed choices of the ``dpft`` command's options.
 
 Kept free of heavy imports (no torch, numpy or pandas) so that ``dpft --help``
-and ``dpft train --help`` answer at once; :mod:`dpft.train`, :mod:`dpft.offline`
-and :mod:`dpft.cli` share these tuples.
+and ``dpft train --help`` answer at once; :mod:`dpft.app.train`, :mod:`dpft.app.offline`
+and :mod:`dpft.app.cli` share these tuples.
 """
 
 from __future__ import annotations

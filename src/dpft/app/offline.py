@@ -923,7 +923,7 @@ def load_timm_model(name: str, num_labels: int, in_channels: int = 1, *,
     from torch.nn.modules.batchnorm import _BatchNorm
 
     if any(isinstance(m, _BatchNorm) for m in model.modules()):
-        from .batchnorm import convert_batchnorm_to_groupnorm
+        from ..batchnorm import convert_batchnorm_to_groupnorm
 
         model = convert_batchnorm_to_groupnorm(model)
         if log is not None:

@@ -1,4 +1,4 @@
-"""The ``dpft`` command: a thin argparse layer over :mod:`dpft.train` and :mod:`dpft.accounting`.
+"""The ``dpft`` command: a thin argparse layer over :mod:`dpft.app.train` and :mod:`dpft.accounting`.
 
     dpft train                                   # DP-BiTFiT, MiniLM, Rotten Tomatoes, ε = 3
     dpft train --config job.yaml --epsilon 8     # a YAML/TOML file, flags override it
@@ -60,7 +60,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
     return f"dpft {__version__}"
 
 
@@ -74,7 +74,7 @@ def build_parser(audit: bool = True) -> argparse.ArgumentParser:
     _add_predict_parser(sub)
     _add_accountant_parser(sub)
     if audit:
-        from .audit import add_cli_parser as _add_audit_parser
+        from ..audit import add_cli_parser as _add_audit_parser
         a = _add_audit_parser(sub)
         _alias(a, "--mode", "--method")  # the same word as `dpft train --method`
     else:
@@ -354,7 +354,7 @@ def _finite_positive(value: float | None, flag: str) -> None:
 
 def _accountant_inputs(ns: argparse.Namespace) -> tuple[float, int, float]:
     """(q, steps, δ) from the flags, each checked with a one-line error."""
-    from . import accounting
+    from .. import accounting
     for value, flag in ((ns.sample_rate, "--sample-rate"), (ns.epochs, "--epochs"), (ns.delta, "--delta")):
         if value is not None and not math.isfinite(value):
             raise ConfigError(f"{flag} must be a finite number, got {value!r}")
@@ -396,7 +396,7 @@ def _cmd_accountant(ns: argparse.Namespace) -> int:
                               "an ε that small")
     if ns.sigma is not None and not (math.isfinite(ns.sigma) and ns.sigma >= 0):
         raise ConfigError(f"--sigma must be a finite number >= 0, got {ns.sigma!r}")
-    from . import accounting
+    from .. import accounting
     q, steps, delta = _accountant_inputs(ns)
     common = dict(sample_rate=q, steps=steps, delta=delta, accountant=ns.accountant)
     try:
@@ -436,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "predict":
             return _cmd_predict(ns)
         if ns.command == "audit":
-            from .audit import run_cli as _cmd_audit
+            from ..audit import run_cli as _cmd_audit
             return _cmd_audit(ns)
         return _cmd_accountant(ns)
     except (ConfigError, DataUnavailable) as e:

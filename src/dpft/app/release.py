@@ -110,7 +110,7 @@ def export(out: str | os.PathLike, model: nn.Module, *, kind: str, label_names: 
             "label_names": list(label_names), "max_seq_len": max_seq_len,
             "image_shape": list(image_shape) if image_shape is not None else None,
             "source_model": source_model}
-    from .checkpoint import default_mode
+    from ..checkpoint import default_mode
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{RELEASE_DIR}.", suffix=".tmp", dir=out))
     try:
@@ -157,7 +157,7 @@ A model fine-tuned by `dpft train` ({privacy.get('method')} on {privacy.get('dat
 | `privacy.json` | ε, δ, σ, steps, sampling rate, clipping, accountant, privacy unit |
 
 Predictions: `dpft predict --run THIS_FOLDER --input file.csv`, or
-`dpft.release.load("THIS_FOLDER")` in Python.
+`dpft.app.release.load("THIS_FOLDER")` in Python.
 
 What is safe to share: this folder. The DP guarantee covers the trained weights;
 the label names come from the training data's label column (not protected by DP),
@@ -266,7 +266,7 @@ def _rebuild(root: Path, meta: dict) -> tuple[nn.Module, Any]:
 
             model = timm.create_model(arch["name"], pretrained=False, num_classes=n, in_chans=arch["in_channels"])
             if any(isinstance(m, _BatchNorm) for m in model.modules()):
-                from .batchnorm import convert_batchnorm_to_groupnorm
+                from ..batchnorm import convert_batchnorm_to_groupnorm
 
                 model = convert_batchnorm_to_groupnorm(model)
             return model, None

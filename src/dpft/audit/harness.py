@@ -8,8 +8,8 @@ about privacy: it only says this attack did not catch a violation.
 
 Two layers:
 
-* :func:`epsilon_lower_bound` / :func:`one_run_p_value`: the statistics of a
-  one-run audit.  ``m`` canaries are each included in the training set
+* :func:`epsilon_lower_bound` / :func:`one_run_p_value` (in :mod:`dpft.audit.stats`,
+  no torch): the statistics of a one-run audit.  ``m`` canaries are each included in the training set
   independently with probability 1/2; after training the auditor guesses
   "included" or "excluded" for ``r`` of them (abstaining on the rest) and
   gets ``v`` right.  For an (ε, δ)-DP training run, ``v`` cannot be much
@@ -20,7 +20,7 @@ Two layers:
   white-box gradient canaries, runs the attack and returns an
   :class:`AuditResult` with the certified lower bound next to the engine's
   own claimed ε for exactly the steps run.
-* :func:`distinguishing_audit` (in :mod:`dpft.audit_trials`): the classical
+* :func:`distinguishing_audit` (in :mod:`dpft.audit.trials`): the classical
   many-trial test, with up to 10^5 or more independent trials per world,
   threshold tests and Clopper–Pearson bounds; it does not saturate like the
   one-run bound and catches subtler bugs (noise of half the claimed σ).
@@ -84,175 +84,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .audit_trials import Claim, DistinguishingResult, distinguishing_audit
+from .stats import Claim, _check_confidence, _check_count, _choose_guesses, _guess, _step_score, epsilon_lower_bound
 
-__all__ = [
-    "AuditResult",
-    "DistinguishingResult",
-    "MODES",
-    "SCORES",
-    "distinguishing_audit",
-    "epsilon_lower_bound",
-    "one_run_audit",
-    "one_run_p_value",
-    "perfect_guess_ceiling",
-]
+__all__ = ["AuditResult", "MODES", "SCORES", "one_run_audit"]
 
 MODES: tuple[str, ...] = ("bitfit", "full", "sparta")
 SCORES: tuple[str, ...] = ("llr", "sum")
-
-# --------------------------------------------------------------------------
-# the statistics
-
-
-def _check_count(x: Any, name: str) -> int:
-    if not isinstance(x, numbers.Integral) or isinstance(x, bool) or x < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {x!r}")
-    return int(x)
-
-
-def _check_mrv(m: Any, r: Any, v: Any) -> tuple[int, int, int]:
-    m, r, v = _check_count(m, "m"), _check_count(r, "r"), _check_count(v, "v")
-    if m < 1:
-        raise ValueError(f"m must be >= 1 (the number of canaries), got {m}")
-    if not v <= r <= m:
-        raise ValueError(f"need 0 <= v <= r <= m, got m={m}, r={r}, v={v}")
-    return m, r, v
-
-
-def _check_delta(delta: Any) -> float:
-    if not isinstance(delta, numbers.Real) or isinstance(delta, bool) or not 0 <= delta < 1:
-        raise ValueError(f"delta must be in [0, 1), got {delta!r}")
-    return float(delta)
-
-
-def _check_confidence(confidence: Any) -> float:
-    if not isinstance(confidence, numbers.Real) or isinstance(confidence, bool) or not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
-    return float(confidence)
-
-
-def _p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
-    """The bound on P[W >= v] for an (epsilon, delta)-DP run (no input checks)."""
-    from scipy import special, stats
-
-    if v == 0:
-        return 1.0
-    q = float(special.expit(epsilon))  # accuracy of epsilon-randomized response
-    tail = float(stats.binom.sf(v - 1, r, q))  # f(v) = P[Binomial(r, q) >= v]
-    if delta == 0.0 or tail >= 1.0:
-        return min(1.0, tail)
-    # f(v - i) - f(v) = P[v - i <= B <= v - 1]: cumulative pmf going down from v - 1
-    below = stats.binom.pmf(np.arange(v - 1, -1, -1), r, q)
-    window = np.cumsum(below) / np.arange(1, v + 1)
-    return min(1.0, tail + 2.0 * m * delta * float(window.max()))
-
-
-def one_run_p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
-    """Upper bound on the probability of ``v`` or more correct guesses out of
-    ``r`` (``m`` canaries) if the run is (``epsilon``, ``delta``)-DP.
-
-    ``min(1, f(v) + 2 m δ max_{1<=i<=v} (f(v-i) - f(v)) / i)`` with
-    ``f(k) = P[Binomial(r, e^ε/(1+e^ε)) >= k]`` (Steinke, Nasr & Jagielski
-    2023; see the module docstring).  A value below ``β`` rejects the claim
-    "(epsilon, delta)-DP" at confidence ``1 - β``.
-    """
-    m, r, v = _check_mrv(m, r, v)
-    delta = _check_delta(delta)
-    if not isinstance(epsilon, numbers.Real) or isinstance(epsilon, bool) or not epsilon >= 0:
-        raise ValueError(f"epsilon must be a number >= 0, got {epsilon!r}")
-    return _p_value(m, r, v, float(epsilon), delta)
-
-
-def _bisect(p, lo: float, hi: float, beta: float, tol: float) -> float:
-    """Invariant p(lo) < beta <= p(hi); returns the final lo (within ``tol`` of a crossing)."""
-    while hi - lo > tol:
-        mid = 0.5 * (lo + hi)
-        if p(mid) < beta:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
-def _lower_bound(m: int, r: int, v: int, delta: float, beta: float, tol: float) -> float:
-    """:func:`epsilon_lower_bound` without input checks, to absolute tolerance ``tol``."""
-    if v == 0:
-        return 0.0
-
-    def pure(e: float) -> float:
-        return _p_value(m, r, v, e, 0.0)
-
-    def p(e: float) -> float:
-        return _p_value(m, r, v, e, delta)
-
-    # p(e) >= pure(e), and pure is increasing in e: the bound lies below the
-    # first e with pure(e) >= beta.
-    if pure(0.0) >= beta:
-        return 0.0
-    hi = 1.0
-    while pure(hi) < beta:
-        hi *= 2.0
-        if hi > 1e4:  # cannot happen for v <= r (pure -> 1); guards against float trouble
-            raise RuntimeError(f"no upper bracket for m={m}, r={r}, v={v}")
-    if delta == 0.0:
-        return _bisect(pure, 0.0, hi, beta, tol)
-    hi = _bisect(pure, 0.0, hi, beta, tol) + tol  # pure(hi) >= beta still
-    if 2.0 * m * delta <= 1.0:  # p increasing in epsilon: plain bisection is exact
-        if p(0.0) >= beta:
-            return 0.0
-        return _bisect(p, 0.0, hi, beta, tol)
-    # p may be non-monotone: take the largest rejected grid point, refine above it
-    grid = np.linspace(0.0, hi, 257)
-    rejected = [i for i, e in enumerate(grid) if p(float(e)) < beta]
-    if not rejected:
-        return 0.0
-    i = rejected[-1]
-    if i == len(grid) - 1:  # p(hi) >= pure(hi) >= beta: cannot happen, kept for safety
-        return float(grid[i])
-    return _bisect(p, float(grid[i]), float(grid[i + 1]), beta, tol)
-
-
-def epsilon_lower_bound(m: int, r: int, v: int, delta: float, confidence: float = 0.95) -> float:
-    """The largest ε that ``v`` correct guesses out of ``r`` (``m`` canaries)
-    rule out at ``confidence``: with probability at least ``confidence`` over
-    the canaries' inclusion bits, a run that is (ε, ``delta``)-DP for the
-    returned ε would not have produced this many correct guesses.
-
-    Implements the one-run audit bound of Steinke, Nasr & Jagielski (NeurIPS
-    2023, arXiv:2305.08846) for (ε, δ)-DP (δ = 0: their pure-DP main
-    theorem), via :func:`one_run_p_value`; the module docstring states the
-    bound, why the returned value is valid and the theorem numbering.  The
-    returned ε always has ``one_run_p_value(m, r, v, ε, delta) < 1 - confidence``
-    (or is 0) and is within 1e-9 below the threshold.
-
-    Args:
-        m: number of canaries, each included independently with probability 1/2.
-        r: number of guesses (canaries not abstained on), fixed before looking
-            at the canaries' inclusion bits.
-        v: number of correct guesses.
-        delta: the δ of the claim being audited (0 for pure DP).
-        confidence: ``1 - β``, e.g. 0.95.
-
-    Returns:
-        ε >= 0 (0 when nothing is ruled out).  Never more than the δ = 0 value,
-        which for ``v = r`` is ``-log(β^(-1/r) - 1)`` (:func:`perfect_guess_ceiling`).
-    """
-    m, r, v = _check_mrv(m, r, v)
-    delta = _check_delta(delta)
-    beta = 1.0 - _check_confidence(confidence)
-    return _lower_bound(m, r, v, delta, beta, 1e-9)
-
-
-def perfect_guess_ceiling(r: int, confidence: float = 0.95) -> float:
-    """The most a one-run audit can certify with ``r`` guesses (all correct, δ = 0):
-    ``-log(β^(-1/r) - 1)``, about ``log(r / log(1/β))``."""
-    r = _check_count(r, "r")
-    beta = 1.0 - _check_confidence(confidence)
-    if r == 0:
-        return 0.0
-    return max(0.0, -math.log(math.expm1(-math.log(beta) / r)))
-
 
 # --------------------------------------------------------------------------
 # planted bugs (tests only): the audit must catch them
@@ -276,22 +113,19 @@ class _ScaledNoise:
         return getattr(self._inner, name)
 
 
-@contextlib.contextmanager
-def _clipping_disabled() -> Iterator[None]:
-    """Replace the clipping factors the engine uses (``dpft.privatize.clip_factors``)
-    by ones: every per-example gradient enters the sum unclipped."""
-    from . import privatize
+def _no_clip(norms: torch.Tensor, max_norm: float, fn: str) -> torch.Tensor:
+    return torch.ones_like(norms)
 
-    original = privatize.clip_factors
 
-    def no_clip(norms: torch.Tensor, max_norm: float, fn: str) -> torch.Tensor:
-        return torch.ones_like(norms)
-
-    privatize.clip_factors = no_clip
-    try:
-        yield
-    finally:
-        privatize.clip_factors = original
+def _plant_bug(engine: Any, plant: str | None, noise_factors: dict[str, float]) -> None:
+    """Plant a bug (tests only) in this one engine, nothing else in the process:
+    ``"no_clipping"``: every per-example gradient enters the sum unclipped (the
+    engine's clipped sum gets clipping factors of one); a name in ``noise_factors``:
+    the engine's noise is that factor of the claimed σ."""
+    if plant == "no_clipping":
+        engine._sum.clip_factors = _no_clip
+    elif plant in noise_factors:
+        engine.noise = _ScaledNoise(engine.noise, noise_factors[plant])
 
 
 _PLANTS = (None, "no_clipping", "noise_div10")
@@ -370,77 +204,6 @@ class AuditResult(Claim):
 
 _D_IN = 4  # input features; canary inputs are unit vectors
 _D_ORD = 8  # output coordinates used by ordinary examples
-
-
-def _step_score(x: np.ndarray, score: str, q: float, sigma: float) -> np.ndarray:
-    """Per-step evidence for "included" from a normalized update ``x`` (units of R)."""
-    if score == "sum":
-        return x
-    # log-likelihood ratio of one Poisson-subsampled Gaussian step: the canary
-    # adds 1 with probability q, noise has std sigma
-    a = (2.0 * x - 1.0) / (2.0 * sigma * sigma)
-    log_1mq = math.log1p(-q) if q < 1.0 else -math.inf
-    return np.logaddexp(log_1mq, math.log(q) + a)
-
-
-def _simulate_scores(
-    included: np.ndarray, steps: int, q: float, sigma: float, score: str, rng: np.random.Generator
-) -> np.ndarray:
-    """Scores of the nominal mechanism (clipped contribution exactly R, noise σR)."""
-    m = included.shape[0]
-    if score == "sum":
-        k = rng.binomial(steps, q, size=m) * included
-        return k + sigma * math.sqrt(steps) * rng.standard_normal(m)
-    total = np.zeros(m)
-    chunk = max(1, 2_000_000 // max(1, m))
-    for start in range(0, steps, chunk):
-        t = min(chunk, steps - start)
-        hit = (rng.random((t, m)) < q) & included[None, :]
-        x = hit + sigma * rng.standard_normal((t, m))
-        total += _step_score(x, score, q, sigma).sum(0)
-    return total
-
-
-def _guess(scores: np.ndarray, k_in: int, k_out: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Indices guessed "in" (the ``k_in`` highest scores) and "out" (the ``k_out`` lowest);
-    ties are broken at random."""
-    order = np.lexsort((rng.random(scores.shape[0]), scores))  # ascending score
-    return order[len(order) - k_in :] if k_in else order[:0], order[:k_out]
-
-
-_FRACTIONS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5)
-_SIM_REPS = 8
-
-
-def _choose_guesses(
-    m: int, steps: int, q: float, sigma: float, score: str, delta: float, confidence: float, seed: int
-) -> tuple[int, int]:
-    """(k_in, k_out) maximizing the bound on ``_SIM_REPS`` simulated runs of the *nominal*
-    mechanism: a fixed rule of the public settings, never of the audited bits."""
-    rng = np.random.default_rng(seed)
-    reps = []
-    for _ in range(_SIM_REPS):
-        included = rng.random(m) < 0.5
-        scores = _simulate_scores(included, steps, q, sigma, score, rng)
-        reps.append((included, scores))
-    sizes = sorted({max(1, int(round(f * m))) for f in _FRACTIONS})
-    # rank by the expected bound, then (when no choice certifies anything) by
-    # the evidence against epsilon = 0
-    best, best_key = (sizes[-1], sizes[-1]), (-1.0, -math.inf)
-    for k_in in sizes:
-        for k_out in [0, *sizes]:
-            if k_in + k_out > m:
-                continue
-            correct = []
-            for included, scores in reps:
-                g_in, g_out = _guess(scores, k_in, k_out, rng)
-                correct.append(int(included[g_in].sum()) + int((~included[g_out]).sum()))
-            v = int(np.floor(np.mean(correct)))
-            eps = _lower_bound(m, k_in + k_out, v, delta, 1.0 - confidence, 1e-3)
-            key = (eps, -_p_value(m, k_in + k_out, v, 0.0, 0.0))
-            if key > best_key:
-                best, best_key = (k_in, k_out), key
-    return best
 
 
 def _seeds(seed: int | None) -> list[int]:
@@ -550,10 +313,10 @@ def one_run_audit(
         >>> r.epsilon_lower_bound <= r.claimed_epsilon
         True
     """
-    from .data import PoissonBatchSampler
-    from .engine import PrivacyEngine
-    from .methods.bitfit import bitfit
-    from .methods.sparta import restrict
+    from ..data import PoissonBatchSampler
+    from ..engine import PrivacyEngine
+    from ..methods.bitfit import bitfit
+    from ..methods.sparta import restrict
 
     start = time.perf_counter()
     if mode not in MODES:
@@ -643,8 +406,7 @@ def one_run_audit(
             accountant=accountant,
             noise_seed=s_noise,
         )
-    if _plant == "noise_div10":
-        engine.noise = _ScaledNoise(engine.noise, 0.1)  # type: ignore[assignment]
+    _plant_bug(engine, _plant, {"noise_div10": 0.1})
     sigma, q, T = engine.noise_multiplier, engine.sample_rate, engine.planned_steps
     if sigma == 0 and score == "llr":
         score = "sum"  # no noise: the likelihood ratio is degenerate
@@ -666,22 +428,20 @@ def one_run_audit(
     # -- training ------------------------------------------------------------
     sampler = PoissonBatchSampler(X.shape[0], sample_rate=q, steps=T, seed=s_batches)
     totals = np.zeros(m)
-    plant = _clipping_disabled() if _plant == "no_clipping" else contextlib.nullcontext()
     prev = position()
     try:
-        with plant:
-            for batch in sampler:
-                if not batch:
-                    engine.record_empty_batch()
-                else:
-                    ids = torch.tensor(batch)
-                    for chunk in ids.split(max_physical_batch_size):
-                        batch_loss(chunk).backward()
-                optimizer.step()
-                optimizer.zero_grad()
-                now = position()
-                totals += _step_score((now - prev) / R, score, q, sigma)
-                prev = now
+        for batch in sampler:
+            if not batch:
+                engine.record_empty_batch()
+            else:
+                ids = torch.tensor(batch)
+                for chunk in ids.split(max_physical_batch_size):
+                    batch_loss(chunk).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            now = position()
+            totals += _step_score((now - prev) / R, score, q, sigma)
+            prev = now
     finally:
         engine.detach()
     with _quiet_absl():
@@ -716,91 +476,3 @@ def one_run_audit(
     )
 
 
-# --------------------------------------------------------------------------
-# command line: ``dpft audit``
-
-
-def add_cli_parser(subparsers: Any) -> Any:
-    """Add the ``audit`` subcommand to ``dpft``'s argparse subparsers."""
-    a = subparsers.add_parser(
-        "audit",
-        help="empirical ε lower bounds of your engine settings (one-run + many-trial audits)",
-        description="Train small canary tasks with a PrivacyEngine configured like yours and "
-        "report the ε lower bounds that a one-run audit (Steinke, Nasr & Jagielski 2023) and a "
-        "many-trial distinguishing test (gradient canaries, Clopper-Pearson bounds; --trials) "
-        "certify, next to the engine's claimed ε. A lower bound above the claim means a "
-        "privacy bug; one below it proves nothing about privacy. Exit code 1 on a violation.",
-    )
-    a.add_argument("--mode", choices=MODES, default="bitfit", help="what trains (default bitfit)")
-    what = a.add_mutually_exclusive_group(required=True)
-    what.add_argument("--epsilon", type=float, help="target ε (σ calibrated by the engine)")
-    what.add_argument("--sigma", "--noise-multiplier", dest="sigma", type=float, help="noise multiplier σ")
-    length = a.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, help="training steps (default 20)")
-    length.add_argument("--epochs", type=float, help="epochs (steps = epochs · ceil(N/B))")
-    a.add_argument("--batch-size", type=int, default=500, help="expected batch size B (default 500)")
-    a.add_argument("--sample-size", type=int, default=2000,
-                   help="data set size N, canary slots included (default 2000); q = B/N")
-    a.add_argument("--delta", type=float, help="δ (default dpft.accounting.default_delta(N))")
-    a.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping threshold R (default 1)")
-    a.add_argument("--clipping-fn", choices=("abadi", "automatic"), default="abadi")
-    a.add_argument("--clipping-style", choices=("all-layer", "layer-wise", "param-wise"), default="all-layer")
-    a.add_argument("--clipping-mode", choices=("auto", "bk", "ghost", "mixed", "instantiate"), default="auto")
-    a.add_argument("--accountant", choices=("pld", "rdp"), default="pld")
-    a.add_argument("--num-canaries", type=int, default=1000, help="m (default 1000)")
-    a.add_argument("--confidence", type=float, default=0.95, help="1 - β (default 0.95)")
-    a.add_argument("--guesses", default="auto",
-                   help="'auto' (default), 'wide', or K_IN,K_OUT: canaries guessed in / out")
-    a.add_argument("--score", choices=SCORES, default="llr", help="default llr")
-    a.add_argument("--trials", type=int, default=50_000,
-                   help="distinguishing test: independent trials per world (canary present / absent; "
-                   "default 50000; 0 skips the test)")
-    a.add_argument("--trials-task", choices=("embedding", "bitfit", "full", "sparta"), default="embedding",
-                   help="distinguishing test's canary task (default embedding: cost linear in the trials)")
-    a.add_argument("--seed", type=int, help="seed everything (default: OS entropy)")
-    a.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    return a
-
-
-def run_cli(ns: Any) -> int:
-    """Run ``dpft audit`` from parsed arguments; 0 = consistent, 1 = violation, 2 = bad input."""
-    import json
-    import sys
-
-    guesses: Any = ns.guesses
-    if guesses not in ("auto", "wide"):
-        try:
-            k_in, k_out = (int(k) for k in str(guesses).split(","))
-            guesses = (k_in, k_out)
-        except ValueError:
-            print(f"dpft audit: error: --guesses must be auto, wide or K_IN,K_OUT, got {ns.guesses!r}",
-                  file=sys.stderr)
-            return 2
-    # the configuration both audits run (the engine's arguments, as given)
-    config = dict(
-        target_epsilon=ns.epsilon, noise_multiplier=ns.sigma, steps=ns.steps, epochs=ns.epochs,
-        batch_size=ns.batch_size, sample_size=ns.sample_size, target_delta=ns.delta,
-        max_grad_norm=ns.max_grad_norm, clipping_fn=ns.clipping_fn, clipping_style=ns.clipping_style,
-        clipping_mode=ns.clipping_mode, accountant=ns.accountant, confidence=ns.confidence, score=ns.score,
-    )
-    try:
-        result = one_run_audit(ns.mode, num_canaries=ns.num_canaries, guesses=guesses, seed=ns.seed, **config)
-        trials = None
-        if ns.trials:
-            from .audit_trials import distinguishing_audit
-
-            seed = None if ns.seed is None else int(np.random.SeedSequence([ns.seed, 1]).generate_state(1)[0])
-            trials = distinguishing_audit(ns.trials_task, trials=ns.trials, seed=seed, **config)
-    except ValueError as e:
-        print(f"dpft audit: error: {e}", file=sys.stderr)
-        return 2
-    if ns.json:
-        out = result.as_dict()
-        if trials is not None:
-            out["distinguishing"] = trials.as_dict()
-        print(json.dumps(out))
-    else:
-        print(result.summary())
-        if trials is not None:
-            print(trials.summary())
-    return 1 if result.violation or (trials is not None and trials.violation) else 0

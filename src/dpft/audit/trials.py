@@ -71,17 +71,18 @@ What it proves, and what it does not
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
+
+from .stats import Claim, _step_score, _thresholds, clopper_pearson, threshold_lower_bound
 
 __all__ = [
     "TRIAL_TASKS",
@@ -95,123 +96,12 @@ TRIAL_TASKS: tuple[str, ...] = ("embedding", "bitfit", "full", "sparta")
 
 _PLANT_NOISE = {"noise_half": 0.5, "noise_div10": 0.1}
 _PLANTS = (None, "no_clipping", *_PLANT_NOISE)
-_GRID = 10  # thresholds per tail
 _N_ORD = 256  # ordinary examples per run
 _D_IN, _D_ORD = 4, 8  # the linear task's input width and ordinary outputs
 
 
 # --------------------------------------------------------------------------
-# the statistics
-
-
-def clopper_pearson(k: int, n: int, alpha: float) -> tuple[float, float]:
-    """One-sided Clopper–Pearson bounds for a binomial rate from ``k`` successes
-    in ``n`` trials: ``(lo, hi)`` with ``P[p < lo] <= alpha`` and ``P[p > hi] <= alpha``
-    (each exact, from the beta quantiles)."""
-    from scipy import stats
-
-    if not (isinstance(n, numbers.Integral) and n >= 1 and isinstance(k, numbers.Integral) and 0 <= k <= n):
-        raise ValueError(f"need integers 0 <= k <= n, n >= 1, got k={k!r}, n={n!r}")
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
-    lo = 0.0 if k == 0 else float(stats.beta.ppf(alpha, k, n - k + 1))
-    hi = 1.0 if k == n else float(stats.beta.ppf(1 - alpha, k + 1, n - k))
-    return lo, hi
-
-
-def threshold_lower_bound(
-    scores_in: np.ndarray,
-    scores_out: np.ndarray,
-    thresholds: Sequence[float],
-    delta: float,
-    confidence: float = 0.95,
-) -> dict[str, Any]:
-    """The ε lower bound of threshold tests ``score >= τ`` for every ``τ`` in
-    ``thresholds`` (fixed before looking at the scores), at ``confidence``
-    jointly over all of them (Bonferroni: each of the ``2 G`` one-sided
-    Clopper–Pearson bounds at level ``(1 - confidence) / (2 G)``).
-
-    Returns a dict: ``epsilon`` (the largest bound, >= 0), ``threshold`` and
-    ``direction`` (``"in"``: ``log((TPR-δ)/FPR)``, ``"out"``:
-    ``log((1-FPR-δ)/(1-TPR))``) where it was reached, the counts
-    ``true_positives`` / ``false_positives`` there, and the bounds
-    ``tpr_lower`` / ``fpr_upper``."""
-    s_in = np.sort(np.asarray(scores_in, dtype=np.float64))
-    s_out = np.sort(np.asarray(scores_out, dtype=np.float64))
-    n_in, n_out = len(s_in), len(s_out)
-    if n_in < 1 or n_out < 1:
-        raise ValueError("need at least one trial in each world")
-    taus = [float(t) for t in thresholds]
-    if not taus:
-        raise ValueError("need at least one threshold")
-    a = (1.0 - confidence) / (2 * len(taus))
-    best: dict[str, Any] = {
-        "epsilon": 0.0, "threshold": None, "direction": None, "true_positives": None,
-        "false_positives": None, "tpr_lower": None, "fpr_upper": None,
-    }
-    for tau in taus:
-        tp = n_in - int(np.searchsorted(s_in, tau, side="left"))
-        fp = n_out - int(np.searchsorted(s_out, tau, side="left"))
-        tpr_lo = clopper_pearson(tp, n_in, a)[0]
-        fpr_hi = clopper_pearson(fp, n_out, a)[1]
-        for direction, num, den in (("in", tpr_lo - delta, fpr_hi), ("out", 1.0 - fpr_hi - delta, 1.0 - tpr_lo)):
-            if num > 0 and den > 0:
-                eps = math.log(num / den)
-                if eps > best["epsilon"]:
-                    best = {
-                        "epsilon": eps, "threshold": tau, "direction": direction, "true_positives": tp,
-                        "false_positives": fp, "tpr_lower": tpr_lo, "fpr_upper": fpr_hi,
-                    }
-    return best
-
-
-def _thresholds(steps: int, q: float, sigma: float, score: str, trials: int, seed: int) -> list[float]:
-    """The threshold grid: quantiles of the *nominal* mechanism's score (a
-    canary's clipped contribution exactly R, noise σR), simulated from the
-    public settings only: upper-tail quantiles of the score without the canary
-    and lower-tail quantiles of the score with it, at probabilities from 1/2
-    down to about 3 / trials."""
-    from .audit import _simulate_scores
-
-    rng = np.random.default_rng(seed)
-    budget = 40_000_000 if score == "llr" else 400_000_000  # draws
-    n_sim = int(min(max(20_000, 10 * trials), max(20_000, budget // max(1, steps))))
-    out = _simulate_scores(np.zeros(n_sim, dtype=bool), steps, q, sigma, score, rng)
-    inn = _simulate_scores(np.ones(n_sim, dtype=bool), steps, q, sigma, score, rng)
-    p_min = max(3.0 / trials, 10.0 / n_sim)
-    probs = np.geomspace(0.5, min(0.5, p_min), _GRID)
-    taus = np.concatenate([np.quantile(out, 1.0 - probs), np.quantile(inn, probs)])
-    return sorted({float(t) for t in taus if np.isfinite(t)})
-
-
-# --------------------------------------------------------------------------
 # the result
-
-
-class Claim:
-    """What an audit reports: an ε it certifies (a lower bound) next to the
-    ε the engine claimed.  Mixed into the audits' result dataclasses."""
-
-    epsilon_lower_bound: float
-    claimed_epsilon: float
-
-    @property
-    def violation(self) -> bool:
-        """Whether the certified lower bound exceeds the claimed ε (a privacy bug)."""
-        return self.epsilon_lower_bound > self.claimed_epsilon
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain-python fields plus ``violation``."""
-        out = asdict(self)  # type: ignore[call-overload]
-        out["violation"] = self.violation
-        return out
-
-    def verdict(self) -> str:
-        return (
-            "VIOLATION: the run leaks more than claimed"
-            if self.violation
-            else "consistent with the claim (a lower bound, not a proof of privacy)"
-        )
 
 
 @dataclass(frozen=True)
@@ -306,8 +196,8 @@ def _embedding_task(included: np.ndarray, R: float, canary_scale: float, rng: np
 
 def _linear_task(task: str, included: np.ndarray, R: float, canary_scale: float, rng: np.random.Generator,
                  gen: torch.Generator) -> _Task:
-    from .methods.bitfit import bitfit
-    from .methods.sparta import restrict
+    from ..methods.bitfit import bitfit
+    from ..methods.sparta import restrict
 
     S = included.shape[0]
     n_in = int(included.sum())
@@ -410,9 +300,9 @@ def distinguishing_audit(
         ValueError: bad settings (as the engine raises them, plus bad
             ``task``, ``trials``, ``score``, ``slots_per_run``).
     """
-    from .audit import _clipping_disabled, _quiet_absl, _ScaledNoise, _step_score
-    from .data import PoissonBatchSampler
-    from .engine import PrivacyEngine
+    from .harness import _plant_bug, _quiet_absl
+    from ..data import PoissonBatchSampler
+    from ..engine import PrivacyEngine
 
     start = time.perf_counter()
     if task not in TRIAL_TASKS:
@@ -469,28 +359,25 @@ def distinguishing_audit(
             engine_args.update(target_epsilon=None, noise_multiplier=sigma, steps=T, epochs=None, target_delta=delta)
             taus = _thresholds(T, q, sigma, "sum" if sigma == 0 else score, trials, int(s_grid.generate_state(1)[0]))
         engine.sampling_check.population = t.present  # the data set is the present canaries + ordinary examples
-        if _plant in _PLANT_NOISE:
-            engine.noise = _ScaledNoise(engine.noise, _PLANT_NOISE[_plant])  # type: ignore[assignment]
+        _plant_bug(engine, _plant, _PLANT_NOISE)
         run_score = "sum" if sigma == 0 else score
         opt = torch.optim.SGD([p for p in t.model.parameters() if p.requires_grad], lr=float(batch_size))
         engine.attach(opt)
         sampler = PoissonBatchSampler(t.present, sample_rate=q, steps=T, seed=s_batches)
         total = np.zeros(2 * k)
         prev = t.position()
-        plant = _clipping_disabled() if _plant == "no_clipping" else contextlib.nullcontext()
         try:
-            with plant:
-                for batch in sampler:
-                    if not batch:
-                        engine.record_empty_batch()
-                    else:
-                        for chunk in torch.tensor(batch).split(max_physical_batch_size):
-                            t.loss(chunk).backward()
-                    opt.step()
-                    opt.zero_grad()
-                    now = t.position()
-                    total += _step_score((now - prev) / R, run_score, q, sigma)
-                    prev = now
+            for batch in sampler:
+                if not batch:
+                    engine.record_empty_batch()
+                else:
+                    for chunk in torch.tensor(batch).split(max_physical_batch_size):
+                        t.loss(chunk).backward()
+                opt.step()
+                opt.zero_grad()
+                now = t.position()
+                total += _step_score((now - prev) / R, run_score, q, sigma)
+                prev = now
         finally:
             engine.detach()
         if claimed is None:
