@@ -39,11 +39,18 @@ recompiles.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Any
 
 import torch
 from torch import nn
+
+try:
+    from torch._C._dynamo.eval_frame import get_eval_frame_callback as _get_callback
+except ImportError:  # pragma: no cover - a torch without Dynamo
+    def _get_callback() -> Any:
+        return None
 
 __all__ = ["CompileSupport", "CompiledAutogradError", "unwrap"]
 
@@ -61,6 +68,10 @@ COMPILED_AUTOGRAD_MESSAGE = (
     "gradient hooks would run on traced values, not on each step's gradients. Turn compiled autograd "
     "off while the engine is attached; torch.compile of the model's forward is supported."
 )
+
+
+def _dynamo() -> Any:
+    return importlib.import_module("torch._dynamo")
 
 
 def _optimized_module_type() -> type | None:
@@ -99,9 +110,7 @@ def _dynamo_used() -> bool:
 def _callback_active() -> bool:
     """Whether Dynamo's frame evaluation callback is set (a ``torch.compile``
     region is running, and the code calling us was not compiled into a graph)."""
-    from torch._C._dynamo.eval_frame import get_eval_frame_callback
-
-    cb = get_eval_frame_callback()
+    cb = _get_callback()
     return cb is not None and cb is not False
 
 
@@ -116,25 +125,35 @@ class CompileSupport:
         self.opaque = False
         self._eager_forwards: list[nn.Module] = []
         self._watch_handle: Any = None
+        self._sink: Any = None
 
     # -- attach / detach ----------------------------------------------------
     def attach(self) -> None:
         if _dynamo_used():
             torch.compiler.reset()  # graphs traced without the hooks must not run with them
+        # skipped by Dynamo (not traced) but run with its callback still set,
+        # which is how it tells a compiled forward from an eager one
+        watch = _dynamo().disable(self._watch, recursive=False, reason=REASON)
+        self._watch_handle = self.capture.model.register_forward_pre_hook(watch, prepend=True, with_kwargs=True)
+        # compiled autograd switched on around backward() only: refused when
+        # the backward pass hands its per-example gradients over
+        self._sink = sink = self.capture.sink
+
+        def checked_sink(*args: Any) -> None:
+            if compiled_autograd_on():
+                raise CompiledAutogradError(COMPILED_AUTOGRAD_MESSAGE)
+            sink(*args)
+
+        self.capture.sink = checked_sink
         if self.compiled:
             self.make_opaque()
-        else:
-            import torch._dynamo
-
-            # skipped by Dynamo (not traced) but run with its callback still
-            # set, which is how the hook tells a compiled forward from an eager one
-            watch = torch._dynamo.disable(self._watch, recursive=False, reason=REASON)
-            self._watch_handle = self.capture.model.register_forward_pre_hook(watch, prepend=True, with_kwargs=True)
 
     def detach(self) -> None:
         if self._watch_handle is not None:
             self._watch_handle.remove()
             self._watch_handle = None
+        if self._sink is not None:
+            self.capture.sink, self._sink = self._sink, None
         for m in self._eager_forwards:
             m.__dict__.pop("forward", None)
         self._eager_forwards = []
@@ -145,15 +164,13 @@ class CompileSupport:
     def _watch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if not self.opaque and _callback_active():
             _make_opaque_eagerly(self)
-        if self.opaque and "torch._dynamo" in sys.modules and compiled_autograd_on():
+        if compiled_autograd_on():
             raise CompiledAutogradError(COMPILED_AUTOGRAD_MESSAGE)
 
     def make_opaque(self) -> None:
         """Replace every module hook of the capture by a Dynamo-disabled
         wrapper (same handle ids: removing a handle still removes it), and run
         the forward of generic-path and operator-tap modules eagerly."""
-        import torch._dynamo
-
         if self.opaque:
             return
         cap = self.capture
@@ -163,13 +180,13 @@ class CompileSupport:
                 continue
             fn = d[h.id]
             if not getattr(fn, "_torchdynamo_disable", False):
-                d[h.id] = torch._dynamo.disable(fn, reason=REASON)
+                d[h.id] = _dynamo().disable(fn, reason=REASON)
         for b in cap.bindings:
             m = b.module
             if (b.fallback or b.tap is not None) and "forward" not in m.__dict__ and m is not cap.model:
                 # the generic path replays this forward (its dropout masks must be
                 # eager ones); an operator tap reads its operators one by one
-                m.forward = torch._dynamo.disable(m.forward, reason=REASON)
+                m.forward = _dynamo().disable(m.forward, reason=REASON)
                 self._eager_forwards.append(m)
         self.opaque = True
         if compiled_autograd_on():
@@ -177,6 +194,4 @@ class CompileSupport:
 
 
 def _make_opaque_eagerly(support: CompileSupport) -> None:
-    import torch._dynamo
-
-    torch._dynamo.disable(support.make_opaque, reason=REASON)()
+    _dynamo().disable(support.make_opaque, reason=REASON)()

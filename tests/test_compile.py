@@ -1,0 +1,257 @@
+"""``torch.compile`` with dpft attached (dpft.compiled): the compiled model's
+private update equals the brute-force per-example clipped mean (float64,
+relative error <= 1e-6) step after step, in both orders (engine on the
+compiled module, or compile after attaching), for DP full, DP-BiTFiT and
+DP-LoRA; noise once per step and every step in the ledger; what cannot be
+exact is refused.
+
+Backend "aot_eager" (Dynamo + AOTAutograd, eager kernels) keeps these CPU
+tests fast; they exercise what matters to dpft: Dynamo's graph breaks around
+the hooks and AOTAutograd's compiled backward feeding the gradient hooks.
+One case runs the default inductor backend (C++ kernels, also float64)."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dpft
+from dpft.compiled import CompiledAutogradError
+from reference import clipped_mean, max_rel_error, per_example_grads, pick_threshold, to_double
+
+torch._dynamo = pytest.importorskip("torch._dynamo")
+
+B = 4
+TOL = 1e-6
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch.compiler.reset()
+    yield
+    torch.compiler.reset()
+
+
+def mlp():
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.LayerNorm(8), nn.Linear(8, 3))
+    return model, lambda: (torch.randn(5), torch.randint(0, 3, ())), _stack, _cls_loss
+
+
+def _stack(examples):
+    return tuple(torch.stack(v) for v in zip(*examples))
+
+
+def _cls_loss(model, batch):
+    x, y = batch
+    out = model(x)
+    return F.cross_entropy(out.logits if hasattr(out, "logits") else out, y)
+
+
+def _builders():
+    import test_models as tm
+
+    return {"mlp": mlp, "cnn": tm.resnet, "gpt2": tm.gpt2, "vit": tm.vit}
+
+
+LORA_TARGETS = {"mlp": ["0", "3"], "gpt2": ["c_attn"], "vit": ["query", "value"]}
+
+
+def _make(name: str, method: str):
+    model, make, collate, loss_fn = _builders()[name]()
+    if method == "bitfit":
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.endswith("bias"))
+    elif method == "lora":
+        peft = pytest.importorskip("peft")
+        model = peft.get_peft_model(model, peft.LoraConfig(r=2, lora_alpha=4, target_modules=LORA_TARGETS[name]))
+        torch.manual_seed(1)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:  # peft starts B at zero: make A's gradients non-zero too
+                nn.init.normal_(p, std=0.3)
+    return model.double(), make, collate, loss_fn
+
+
+def _engine(model, R, **kw):
+    args = dict(batch_size=B, sample_size=100, steps=50, noise_multiplier=0.0, max_grad_norm=R)
+    args.update(kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # noise_multiplier=0
+        return dpft.PrivacyEngine(model, **args)
+
+
+def run_exact(name: str, method: str, order: str, *, steps: int = 4, backend: str = "aot_eager", mode: str | None = None,
+              tol: float = TOL) -> float:
+    """``steps`` private steps of the compiled model, each compared with the
+    brute-force clipped mean at the current weights (the engine changes path
+    after its first backward passes: book-keeping switches weights off)."""
+    model, make, collate, loss_fn = _make(name, method)
+    ref = copy.deepcopy(model)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    first = [make() for _ in range(B)]
+    R = pick_threshold(per_example_grads(ref, names, [to_double(collate([e])) for e in first], loss_fn))
+    compile_kw = {"backend": backend} if mode is None else {"mode": mode}
+    if order == "before":
+        compiled = torch.compile(model, **compile_kw)
+        engine = _engine(compiled, R)
+        assert engine.trainable_names == names  # the original model's names, not _orig_mod.*
+    else:
+        engine = _engine(model, R)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    engine.attach(opt)
+    if order == "after":
+        compiled = torch.compile(model, **compile_kw)
+    params = dict(model.named_parameters())
+    worst = 0.0
+    for step in range(steps):
+        exs = first if step == 0 else [make() for _ in range(B)]
+        batch, singles = to_double(collate(exs)), [to_double(collate([e])) for e in exs]
+        ref.load_state_dict(model.state_dict())
+        want = clipped_mean(per_example_grads(ref, names, singles, loss_fn), [names], R, "abadi", B)
+        before = {n: params[n].detach().clone() for n in names}
+        loss_fn(compiled, batch).backward()
+        opt.step()
+        opt.zero_grad()
+        err = max_rel_error({n: before[n] - params[n].detach() for n in names}, want)
+        assert err <= tol, f"step {step}: relative error {err:.3e} > {tol}"
+        worst = max(worst, err)
+    assert engine._compile.opaque  # the hooks ran eagerly, not traced by Dynamo
+    assert engine.steps == steps
+    engine.detach()
+    return worst
+
+
+@pytest.mark.parametrize("method", ["full", "bitfit", "lora"])
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_mlp_exact(method, order):
+    run_exact("mlp", method, order)
+
+
+@pytest.mark.parametrize("method", ["full", "bitfit"])
+def test_cnn_exact(method):
+    # GroupNorm ResNet with in-place residual adds and ReLUs: the compiled segments mutate
+    # the hooked layers' outputs in place
+    run_exact("cnn", method, "before", steps=3)
+
+
+@pytest.mark.parametrize("method,order", [("full", "before"), ("bitfit", "after"), ("lora", "before")])
+def test_gpt2_exact(method, order):
+    run_exact("gpt2", method, order, steps=3)
+
+
+@pytest.mark.parametrize("method,order", [("full", "after"), ("bitfit", "before"), ("lora", "after")])
+def test_vit_exact(method, order):
+    run_exact("vit", method, order, steps=3)
+
+
+def _cxx_compiler() -> bool:
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+@pytest.mark.skipif(not _cxx_compiler(), reason="inductor's CPU backend compiles C++: no C++ compiler on this machine")
+def test_inductor_default_mode_exact():
+    # the default backend (inductor, mode="default"): fused C++ kernels between the hooked layers
+    run_exact("mlp", "full", "before", steps=3, backend="inductor")
+
+
+def test_noise_once_per_step_and_ledger():
+    """Under compile, with noise: the same updates as the eager engine with the
+    same noise seed (noise drawn at optimizer.step(), once, never in backward),
+    accumulation over two physical batches per step, every step in the ledger."""
+    model, make, collate, loss_fn = _make("mlp", "full")
+    eager_model = copy.deepcopy(model)
+    batches = [[to_double(collate([make() for _ in range(2)])) for _ in range(2)] for _ in range(4)]
+
+    def train(m, compile_it):
+        engine = dpft.PrivacyEngine(torch.compile(m, backend="aot_eager") if compile_it else m, batch_size=B,
+                                    sample_size=100, steps=50, noise_multiplier=1.3, max_grad_norm=0.5, noise_seed=7)
+        opt = engine.attach(torch.optim.SGD(m.parameters(), lr=0.1))
+        fwd = torch.compile(m, backend="aot_eager") if compile_it else m
+        draws = []
+        add = engine.noise.add_
+
+        def counted(*a, **k):
+            draws.append(engine.steps)
+            return add(*a, **k)
+
+        engine.noise.add_ = counted
+        for step, phys in enumerate(batches):
+            for batch in phys:
+                loss_fn(fwd, batch).backward()
+                assert len(draws) == 0 or draws[-1] == step - 1  # no noise in backward
+            opt.step()
+            opt.zero_grad()
+            assert engine.steps == step + 1 and engine.ledger.steps == step + 1
+        assert sorted(set(draws)) == list(range(len(batches)))  # every step drew noise, each in its own step()
+        return engine
+
+    e1 = train(model, True)
+    e0 = train(eager_model, False)
+    for (n, p), q in zip(model.named_parameters(), eager_model.parameters()):
+        assert torch.allclose(p, q, rtol=1e-9, atol=1e-12), n
+    assert e1.epsilon == pytest.approx(e0.epsilon, rel=1e-12) and e1.epsilon < float("inf")
+
+
+def test_graphs_compiled_before_attaching_are_not_reused():
+    """A compiled model run before the engine existed: its cached graphs have no
+    dpft hooks (Dynamo does not guard on module hooks); attaching clears them."""
+    model, make, collate, loss_fn = _make("mlp", "full")
+    compiled = torch.compile(model, backend="aot_eager")
+    loss_fn(compiled, to_double(collate([make() for _ in range(B)]))).backward()  # warm-up, no engine
+    model.zero_grad(set_to_none=True)
+    ref = copy.deepcopy(model)
+    names = [n for n, _ in model.named_parameters()]
+    exs = [make() for _ in range(B)]
+    grads = per_example_grads(ref, names, [to_double(collate([e])) for e in exs], loss_fn)
+    R = pick_threshold(grads)
+    engine = _engine(model, R)
+    opt = engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss_fn(compiled, to_double(collate(exs))).backward()
+    opt.step()
+    got = {n: before[n] - p.detach() for n, p in model.named_parameters()}
+    assert max_rel_error(got, clipped_mean(grads, [names], R, "abadi", B)) <= TOL
+
+
+def test_detach_gives_back_ordinary_compiled_training():
+    model, make, collate, loss_fn = _make("mlp", "full")
+    compiled = torch.compile(model, backend="aot_eager")
+    engine = _engine(compiled, 1.0)
+    opt = engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
+    for _ in range(3):  # past the first passes: book-keeping switches weights off in the forward
+        loss_fn(compiled, to_double(collate([make() for _ in range(B)]))).backward()
+        opt.step()
+        opt.zero_grad()
+    engine.detach()
+    batch = to_double(collate([make() for _ in range(B)]))
+    loss_fn(compiled, batch).backward()
+    ref = copy.deepcopy(model)
+    ref.zero_grad(set_to_none=True)
+    loss_fn(ref, batch).backward()
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert p.grad is not None and torch.allclose(p.grad, q.grad, rtol=1e-10, atol=1e-12), n
+
+
+def test_compiled_autograd_refused():
+    model, make, collate, loss_fn = _make("mlp", "full")
+    engine = _engine(torch.compile(model, backend="aot_eager"), 1.0)
+    engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch._dynamo.config.patch(compiled_autograd=True), pytest.raises(Exception, match="compiled autograd"):
+        loss_fn(compiled, to_double(collate([make() for _ in range(B)]))).backward()
+    assert issubclass(CompiledAutogradError, RuntimeError)
+
+
+def test_fullgraph_refused():
+    """One graph cannot hold dpft's hooks: Dynamo's error names the disabled hook."""
+    model, make, collate, loss_fn = _make("mlp", "full")
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    engine = _engine(compiled, 1.0)
+    engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
+    with pytest.raises(Exception, match="dpft capture hook"):
+        loss_fn(compiled, to_double(collate([make() for _ in range(B)])))
