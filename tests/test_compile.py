@@ -295,3 +295,33 @@ def test_fullgraph_refused():
     engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
     with pytest.raises(Exception, match="dpft capture hook"):
         loss_fn(compiled, to_double(collate([make() for _ in range(B)])))
+
+
+@pytest.mark.parametrize("method,later", [("full", False), ("bitfit", False), ("full", True)])
+def test_hook_free_instance_compiled_first(method, later):
+    """Another instance of the same classes, without hooks, compiled and run while
+    the engine is attached: its graphs (which inline the modules' calls) must not
+    be reused for the hooked model (Dynamo skips guards on module hooks unless told)."""
+    model, make, collate, loss_fn = _make("mlp", method)
+    plain, ref = copy.deepcopy(model), copy.deepcopy(model)  # (copied before the engine hooks the model)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    exs = [make() for _ in range(B)]
+    grads = per_example_grads(ref, names, [to_double(collate([e])) for e in exs], loss_fn)
+    R = pick_threshold(grads)
+    engine = _engine(torch.compile(model, backend="aot_eager"), R)
+    opt = engine.attach(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0))
+    if later:  # past the first passes, where the engine no longer cross-checks with autograd
+        for _ in range(3):
+            loss_fn(torch.compile(model, backend="aot_eager"), to_double(collate([make() for _ in range(B)]))).backward()
+            opt.step()
+            opt.zero_grad()
+        ref.load_state_dict(model.state_dict())
+        grads = per_example_grads(ref, names, [to_double(collate([e])) for e in exs], loss_fn)
+    for _ in range(2):
+        loss_fn(torch.compile(plain, backend="aot_eager"), to_double(collate(exs))).backward()
+    params = dict(model.named_parameters())
+    before = {n: params[n].detach().clone() for n in names}
+    loss_fn(torch.compile(model, backend="aot_eager"), to_double(collate(exs))).backward()
+    opt.step()
+    got = {n: before[n] - params[n].detach() for n in names}
+    assert max_rel_error(got, clipped_mean(grads, [names], R, "abadi", B)) <= TOL

@@ -114,6 +114,27 @@ def _callback_active() -> bool:
     return cb is not None and cb is not False
 
 
+_GUARDING = [0, None]  # attached engines, Dynamo's own skip_nnmodule_hook_guards before the first
+
+
+def _guard_hooks(on: bool) -> None:
+    """While any engine is attached, Dynamo guards on module hooks
+    (``skip_nnmodule_hook_guards=False``): a graph compiled for a module
+    without dpft's hooks (another instance of the same class, or this one
+    before attaching) is otherwise reused for a hooked one, and its hooks
+    never run.  Dynamo's own setting is restored when the last engine detaches."""
+    config = _dynamo().config
+    if on:
+        if _GUARDING[0] == 0:
+            _GUARDING[1] = config.skip_nnmodule_hook_guards
+            config.skip_nnmodule_hook_guards = False
+        _GUARDING[0] += 1
+    else:
+        _GUARDING[0] -= 1
+        if _GUARDING[0] == 0:
+            config.skip_nnmodule_hook_guards = _GUARDING[1]
+
+
 class CompileSupport:
     """Makes an attached :class:`~dpft.capture.Capture`'s hooks opaque to
     Dynamo when the model runs under ``torch.compile`` (see the module
@@ -129,6 +150,7 @@ class CompileSupport:
 
     # -- attach / detach ----------------------------------------------------
     def attach(self) -> None:
+        _guard_hooks(True)
         if _dynamo_used():
             torch.compiler.reset()  # graphs traced without the hooks must not run with them
         # skipped by Dynamo (not traced) but run with its callback still set,
@@ -159,6 +181,7 @@ class CompileSupport:
         self._eager_forwards = []
         if _dynamo_used():
             torch.compiler.reset()  # graphs traced with the hooks must not run without them
+        _guard_hooks(False)
 
     # -- the switch ---------------------------------------------------------
     def _watch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
