@@ -325,3 +325,65 @@ def test_hook_free_instance_compiled_first(method, later):
     opt.step()
     got = {n: before[n] - params[n].detach() for n in names}
     assert max_rel_error(got, clipped_mean(grads, [names], R, "abadi", B)) <= TOL
+
+
+class _TapLinear(nn.Linear):
+    """Overrides its parent's forward: dpft catches the F.linear call inside it."""
+
+    def forward(self, x):
+        return 2.0 * F.linear(x, self.weight, self.bias)
+
+
+class _ScaleDrop(nn.Module):
+    """A module no rule knows, with dropout: the generic path replays its forward
+    with the random state its forward saw."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, d))
+
+    def forward(self, x):
+        return F.dropout(torch.tanh(x) * self.scale, 0.3, self.training)
+
+
+def special():
+    model = nn.Sequential(_TapLinear(5, 8), nn.Tanh(), _ScaleDrop(8), nn.Linear(8, 3))
+    return model, lambda: (torch.randn(5), torch.randint(0, 3, ())), _stack, _cls_loss
+
+
+@pytest.mark.skipif(not _cxx_compiler(), reason="inductor's CPU backend compiles C++: no C++ compiler on this machine")
+def test_inductor_generic_path_and_operator_tap_exact():
+    """Under inductor, dropout inside a compiled graph draws other random numbers
+    than the eager replay of the generic path: such modules run eagerly."""
+    model, make, collate, loss_fn = special()
+    model = model.double()
+    ref = copy.deepcopy(model)
+    names = [n for n, _ in model.named_parameters()]
+
+    def reference_grads(exs, seed):
+        grads = []
+        for i in range(len(exs)):  # example i sees the dropout mask row the batch forward gave it
+            torch.manual_seed(seed)
+            x, y = to_double(collate(exs))
+            loss = F.cross_entropy(ref(x)[i : i + 1], y[i : i + 1])
+            grads.append({n: g.detach() for n, g in zip(names, torch.autograd.grad(loss, list(ref.parameters())))})
+        return grads
+
+    data = [[make() for _ in range(B)] for _ in range(3)]
+    R = pick_threshold(reference_grads(data[0], 100))
+    compiled = torch.compile(model)
+    engine = _engine(compiled, R)
+    assert {b.name: (b.fallback, b.tap is not None) for b in engine._capture.bindings} == {
+        "0": (False, True), "2": (True, False), "3": (False, False)}
+    opt = engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
+    params = dict(model.named_parameters())
+    for step, exs in enumerate(data):
+        ref.load_state_dict(model.state_dict())
+        want = clipped_mean(reference_grads(exs, 100 + step), [names], R, "abadi", B)
+        before = {n: params[n].detach().clone() for n in names}
+        torch.manual_seed(100 + step)
+        loss_fn(compiled, to_double(collate(exs))).backward()
+        opt.step()
+        opt.zero_grad()
+        err = max_rel_error({n: before[n] - params[n].detach() for n in names}, want)
+        assert err <= TOL, f"step {step}: relative error {err:.3e}"
