@@ -30,11 +30,16 @@ Both orders work:
 Refused, with a message saying what to do: compiled autograd (Dynamo tracing
 the backward pass would run dpft's gradient hooks on traced values), and
 ``torch.compile(..., fullgraph=True)`` (one graph cannot hold dpft's hooks;
-Dynamo's own error names the hook).  Graphs compiled before the engine was
-attached were traced without its hooks (Dynamo does not guard on module hooks
-by default), so attaching and detaching an engine clear Dynamo's caches
-(``torch.compiler.reset()``) when anything has been compiled: the next call
-recompiles.
+Dynamo's own error names the hook).
+
+Dynamo does not guard on module hooks by default: a graph traced for a
+module without dpft's hooks (this model before the engine was attached, or
+another instance of the same classes) would be reused for the hooked model,
+and its hooks would never run.  So while any engine is attached Dynamo guards
+on them (``torch._dynamo.config.skip_nnmodule_hook_guards = False``; its own
+value is restored when the last engine detaches), and attaching or detaching
+an engine clears Dynamo's caches (``torch.compiler.reset()``) when anything
+has been compiled: the next call recompiles.
 """
 
 from __future__ import annotations

@@ -58,7 +58,8 @@ class PrivacyEngine:
 
     Args:
         model: any ``nn.Module``; trainable parameters are those with
-            ``requires_grad=True`` when the engine is created.
+            ``requires_grad=True`` when the engine is created.  A
+            ``torch.compile``'d module is accepted (:mod:`dpft.compiled`).
         batch_size: expected logical batch size ``B`` (the divisor of the
             privatized gradient); ``sample_rate = batch_size / sample_size``.
         sample_size: number of training examples ``N``.
