@@ -199,6 +199,11 @@ def test_inductor_default_mode_exact():
     run_exact("mlp", "full", "before", steps=3, backend="inductor")
 
 
+@pytest.mark.skipif(not _cxx_compiler(), reason="inductor's CPU backend compiles C++: no C++ compiler on this machine")
+def test_inductor_max_autotune_no_cudagraphs_exact():
+    run_exact("mlp", "full", "after", steps=3, mode="max-autotune-no-cudagraphs")
+
+
 def test_noise_once_per_step_and_ledger():
     """Under compile, with noise: the same updates as the eager engine with the
     same noise seed (noise drawn at optimizer.step(), once, never in backward),
