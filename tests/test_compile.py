@@ -128,12 +128,14 @@ def _engine(model, R, **kw):
 
 
 def run_exact(name: str, method: str, order: str, *, steps: int = 4, backend: str = "aot_eager", mode: str | None = None,
-              tol: float = TOL) -> float:
+              tol: float = TOL, prepare=None) -> float:
     """``steps`` private steps of the compiled model, each compared with the
     brute-force clipped mean at the current weights (the engine changes path
     after its first backward passes: book-keeping switches weights off)."""
     model, make, collate, loss_fn = _make(name, method)
     ref = copy.deepcopy(model)
+    if prepare is not None:
+        prepare(model)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     first = [make() for _ in range(B)]
     R = pick_threshold(per_example_grads(ref, names, [to_double(collate([e])) for e in first], loss_fn))
@@ -187,6 +189,12 @@ def test_gpt2_exact(method, order):
 @pytest.mark.parametrize("method,order", [("full", "after"), ("bitfit", "before"), ("lora", "after")])
 def test_vit_exact(method, order):
     run_exact("vit", method, order, steps=3)
+
+
+def test_gpt2_activation_checkpointing_exact():
+    # Hugging Face's default (non-reentrant): dpft's captures go through checkpoint's
+    # saved-tensor hooks, here inside compiled code
+    run_exact("gpt2", "full", "before", steps=3, prepare=lambda m: m.gradient_checkpointing_enable())
 
 
 def _cxx_compiler() -> bool:
