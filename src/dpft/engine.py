@@ -27,6 +27,8 @@ from torch import nn
 from . import accounting
 from .accounting import Ledger, PrivacyBudgetExceeded
 from .capture import Capture, is_dtensor
+from .compiled import CompileSupport
+from .compiled import unwrap as _unwrap_compiled
 from .clipping import CLIPPING_FNS, CLIPPING_STYLES, make_groups
 from .noise import GaussianNoise
 from .sampling_check import NON_POISSON_CAVEAT, MISMATCH_CAVEAT, SamplingCheck, SamplingMismatch
@@ -56,7 +58,8 @@ class PrivacyEngine:
 
     Args:
         model: any ``nn.Module``; trainable parameters are those with
-            ``requires_grad=True`` when the engine is created.
+            ``requires_grad=True`` when the engine is created.  A
+            ``torch.compile``'d module is accepted (:mod:`dpft.compiled`).
         batch_size: expected logical batch size ``B`` (the divisor of the
             privatized gradient); ``sample_rate = batch_size / sample_size``.
         sample_size: number of training examples ``N``.
@@ -169,6 +172,8 @@ class PrivacyEngine:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise _bad("model", model, "a torch.nn.Module")
+        # torch.compile(model): the engine hooks model._orig_mod (dpft.compiled)
+        model, self._compiled = _unwrap_compiled(model)
         # DistributedDataParallel: the engine hooks the wrapped module and does
         # the all-reduce itself (of the clipped sums); DDP's own all-reduce of
         # the raw gradients is switched off while attached (see attach()).
@@ -374,6 +379,8 @@ class PrivacyEngine:
         optimizer.step = step  # type: ignore[method-assign]
         optimizer.zero_grad = zero_grad  # type: ignore[method-assign]
         self._capture.attach()
+        self._compile = CompileSupport(self._capture, self._compiled)
+        self._compile.attach()
         if self._ddp is not None:
             # DDP would all-reduce (average) the raw, unclipped gradients in
             # backward: wasted bandwidth, and not what is applied; the engine
@@ -387,6 +394,9 @@ class PrivacyEngine:
         """Remove all hooks and give the optimizer its own ``step`` back."""
         self._report_dropped(wait=True)
         self._capture.detach()
+        if getattr(self, "_compile", None) is not None:
+            self._compile.detach()
+            self._compile = None
         if self._ddp is not None and hasattr(self, "_ddp_sync"):
             self._ddp.require_backward_grad_sync = self._ddp_sync
         opt = self._optimizer
