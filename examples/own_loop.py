@@ -3,7 +3,7 @@ packaged all-MiniLM-L6-v2 on the packaged Rotten Tomatoes reviews, offline,
 in a plain PyTorch loop with Poisson-sampled batches.
 
     python examples/own_loop.py            # 3 epochs over 10,000 reviews at ε = 3
-    python examples/own_loop.py --quick    # seconds: 256 reviews, 16 tokens (the tests run this)
+    python examples/own_loop.py --quick    # seconds: 2 epochs over 256 reviews, 16 tokens (tests)
 
 The block between the ``README`` markers is what the README shows, word for word
 (tests/test_examples.py checks that the two agree).
@@ -22,7 +22,7 @@ from dpft.app import offline
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="256 reviews, short sequences (seconds)")
+    ap.add_argument("--quick", action="store_true", help="2 epochs over 256 reviews, short sequences (seconds)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     task = offline.rotten_tomatoes()
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
         task = task.subset(256, 64)
     train_set = list(zip(task.x_train, task.y_train.tolist()))  # (text, label) pairs
     model, tokenizer = offline.load_text_model(None, task.num_labels)  # a new 2-class head "classifier"
-    epochs, batch_size, max_len = (1, 64, 16) if args.quick else (3, 256, 64)
+    epochs, batch_size, max_len = (2, 64, 16) if args.quick else (3, 256, 64)
 
     # README >>>
     dpft.bitfit(model, extra=["classifier"])  # train the biases and the new head; freeze the rest

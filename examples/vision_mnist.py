@@ -108,8 +108,10 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         model = offline.load_pretrained_cnn(10, config=public)
         info = model.pretrained_info
-        print(f"public model: FeatureCNN pretrained on Fashion-MNIST ({100 * info['test_accuracy']:.1f}% "
-              f"Fashion-MNIST test accuracy{', QUICK tiny pretraining' if args.quick else ''}), {info['path']}")
+        public = "Fashion-MNIST" if info.get("public_data", "fashion-mnist") == "fashion-mnist" \
+            else "scikit-learn's digits (Fashion-MNIST not installed)"
+        print(f"public model: FeatureCNN pretrained on {public} ({100 * info['test_accuracy']:.1f}% "
+              f"test accuracy there{', QUICK tiny pretraining' if args.quick else ''}), {info['path']}")
 
     # 2. private: MNIST, DP fine-tuning
     task = offline.mnist()

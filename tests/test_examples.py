@@ -62,7 +62,8 @@ def test_own_loop_example_quick(capfd):
         pytest.skip("scattertext not installed")
     out = load("own_loop").main(["--quick"])
     assert "classifier.weight" in out["trainable"] and "classifier.bias" in out["trainable"]
-    assert out["steps"] == out["planned_steps"] == 4  # 256 / 64, one epoch: all planned steps ran
+    # 2 epochs of 256 / 64: every planned step ran (not one epoch of a run declared for more)
+    assert out["steps"] == out["planned_steps"] == 8
     assert math.isfinite(out["epsilon"]) and 0.99 * 3.0 <= out["epsilon"] <= 3.0
     err = capfd.readouterr().err
     assert "WARNING:absl" not in err

@@ -260,8 +260,10 @@ def _build_model(job: _Job) -> None:
         model = offline.load_image_model(r.model, task.num_labels, in_ch, log=job.log)
         if getattr(model, "pretrained_info", None):
             pi = model.pretrained_info
-            job.notes.append(f"{r.model}: public weights pretrained (non-privately) on Fashion-MNIST, "
-                             f"{100 * pi['test_accuracy']:.1f}% Fashion-MNIST test accuracy ({pi['path']}); "
+            public = "Fashion-MNIST" if pi.get("public_data", "fashion-mnist") == "fashion-mnist" \
+                else "scikit-learn's digits (Fashion-MNIST not installed)"
+            job.notes.append(f"{r.model}: public weights pretrained (non-privately) on {public}, "
+                             f"{100 * pi['test_accuracy']:.1f}% test accuracy there ({pi['path']}); "
                              f"new {task.num_labels}-class head")
     if r.dropout is not None:
         set_dropout(model, r.dropout)

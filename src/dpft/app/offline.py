@@ -255,8 +255,9 @@ def fashion_mnist(root: str | os.PathLike | None = None) -> TaskData:
     if missing:
         raise DataUnavailable(
             f"Fashion-MNIST not found under {root} (missing {missing[0]}): it comes from the Debian/Ubuntu "
-            "package dataset-fashion-mnist, not from pip: apt-get install dataset-fashion-mnist (as root), or "
-            "set DPFT_FASHION_MNIST_DIR to a folder with its four idx .gz files")
+            "package dataset-fashion-mnist, not from pip: apt-get install dataset-fashion-mnist (as root; "
+            "scripts/setup.sh does where allowed), or set DPFT_FASHION_MNIST_DIR to a folder with its four idx "
+            ".gz files (--dataset mnist is packaged by pip)")
     x_tr = _read_idx(paths["train", "images"]).astype(np.float32)[:, None] / 255.0
     x_te = _read_idx(paths["t10k", "images"]).astype(np.float32)[:, None] / 255.0
     y_tr = _read_idx(paths["train", "labels"]).astype(np.int64)
@@ -706,11 +707,12 @@ class PretrainConfig:
     train_size: int | None = None
     seed: int = 0
 
-    def key(self) -> str:
-        """Hash of the architecture (the module's text) and of this recipe: the cache key."""
+    def key(self, data: str = "fashion-mnist") -> str:
+        """Hash of the architecture (the module's text), of this recipe and of the public data
+        (``fashion-mnist``, or the fallback ``sklearn-digits``): the cache key."""
         with torch.random.fork_rng(devices=[]):  # building the module draws random weights
             arch = repr(FeatureCNN(10, 1, self.widths, self.hidden))
-        blob = json.dumps({"format": _PRETRAIN_FORMAT, "arch": arch, "data": "fashion-mnist/train",
+        blob = json.dumps({"format": _PRETRAIN_FORMAT, "arch": arch, "data": f"{data}/train",
                            "config": dataclasses.asdict(self)}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -819,9 +821,11 @@ def pretrained_cnn(config: PretrainConfig | None = None, *, cache: str | os.Path
     """
     config = config or _default_pretrain_config()
     log = log or _print
-    key = config.key()
+    source = FASHION_MNIST if data is not None else public_pretraining_source()
+    key = config.key(source)
     path = Path(cache).expanduser() if cache is not None else cache_dir()
-    path = path / f"cnn-fmnist-{key}.pt"
+    path = path / (f"cnn-fmnist-{key}.pt" if source == FASHION_MNIST
+                   else f"cnn-fmnist-{source}-{key}.pt")
     if path.is_file():
         try:
             record = torch.load(path, map_location="cpu", weights_only=True)
@@ -831,25 +835,28 @@ def pretrained_cnn(config: PretrainConfig | None = None, *, cache: str | os.Path
                 model = FeatureCNN(10, 1, tuple(config.widths), config.hidden)
             model.load_state_dict(record["state_dict"])
             info = {k: record[k] for k in ("key", "config", "test_accuracy", "train_seconds")}
-            return model, {**info, "path": str(path), "built": False}
+            if source != FASHION_MNIST:
+                log(f"dpft: {fallback_note()}")
+            return model, {**info, "path": str(path), "built": False, "public_data": source}
         except Exception as e:  # noqa: BLE001 - torn/foreign/old file: rebuild it
             first = (str(e).strip().splitlines() or [""])[0][:200]
             log(f"dpft: cannot use the cached public CNN {path} ({type(e).__name__}: {first}); rebuilding it")
     if data is None:
-        data = fashion_mnist()
+        data = load_public_data(source, log)
     n = len(data.y_train) if config.train_size is None else min(config.train_size, len(data.y_train))
+    what = "Fashion-MNIST images" if source == FASHION_MNIST else "scikit-learn digits"
     log(f"dpft: building the public pretrained CNN 'cnn-fmnist' (once): non-private training on "
-        f"{n:,} Fashion-MNIST images, {config.epochs:g} epoch(s), batch {config.batch_size}; "
+        f"{n:,} {what}, {config.epochs:g} epoch(s), batch {config.batch_size}; "
         f"it will be cached at {path}")
     model, acc, seconds = _pretrain(config, data)
     record = {"format": _PRETRAIN_FORMAT, "key": key, "config": dataclasses.asdict(config),
               "arch": repr(model), "state_dict": model.state_dict(), "test_accuracy": acc,
               "train_seconds": seconds, "torch": str(torch.__version__)}
     _atomic_torch_save(record, path)
-    log(f"dpft: public CNN trained in {seconds:.0f} s, Fashion-MNIST test accuracy {100 * acc:.1f}%; "
+    log(f"dpft: public CNN trained in {seconds:.0f} s, {what.split()[0]} test accuracy {100 * acc:.1f}%; "
         f"saved to {path}")
     info = {"key": key, "config": dataclasses.asdict(config), "test_accuracy": acc,
-            "train_seconds": seconds, "path": str(path), "built": True}
+            "train_seconds": seconds, "path": str(path), "built": True, "public_data": source}
     return model, info
 
 
@@ -942,3 +949,86 @@ def json_default(o):
         return str(o)
     return str(o)
 
+
+# ---------------------------------------------------------------------------
+# The public image data of cnn-fmnist, with a pip fallback
+# ---------------------------------------------------------------------------
+# The public image data that ``--model cnn-fmnist`` is pretrained on, with a pip fallback.
+#
+# Fashion-MNIST comes from the Debian/Ubuntu package ``dataset-fashion-mnist``
+# (``scripts/setup.sh`` installs it where apt-get is allowed); no pip package ships
+# it. Where it is missing, the public CNN is pretrained instead on scikit-learn's
+# 1,797 8x8 handwritten digits (the UCI "optical recognition of handwritten
+# digits" set, which scikit-learn ships as a data file; read directly, scikit-learn
+# itself is never imported), each scaled to 20x20 and centred in a 28x28 frame
+# like MNIST's digits. They are public data from another source than MNIST (the
+# usual private task), so public pretraining / private fine-tuning still holds;
+# the features are those of digits rather than of clothing, and the run says so.
+
+#: The data names that go into the public CNN's cache key.
+FASHION_MNIST = "fashion-mnist"
+SKLEARN_DIGITS = "sklearn-digits"
+#: 1,797 digits split once (seed 0): 300 held out to report the pretraining accuracy.
+DIGITS_TEST_SIZE = 300
+
+
+def fashion_mnist_installed(root: str | os.PathLike | None = None) -> bool:
+    """Whether the four Fashion-MNIST idx files are where :func:`fashion_mnist` reads them."""
+    root = Path(root or os.environ.get("DPFT_FASHION_MNIST_DIR", FASHION_MNIST_DIR))
+    return all((root / f"{k}-{kind}-idx{1 if kind == 'labels' else 3}-ubyte.gz").is_file()
+               for k in ("train", "t10k") for kind in ("images", "labels"))
+
+
+def _digits_file() -> Path:
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.origin:
+        raise DataUnavailable(
+            "neither Fashion-MNIST (Debian package dataset-fashion-mnist: apt-get install "
+            "dataset-fashion-mnist, as root) nor the fallback, scikit-learn's digits (pip install "
+            "--no-deps scikit-learn; scripts/setup.sh does), is installed: --model cnn-fmnist needs one")
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():
+        raise DataUnavailable(f"{path} is missing; reinstall with: pip install --no-deps scikit-learn")
+    return path
+
+
+def sklearn_digits(seed: int = 0):
+    """scikit-learn's 1,797 handwritten digits as 1x28x28 images in [0, 1] (MNIST's layout: the
+    digit scaled to 20x20, centred), split 1,497 train / 300 test with a fixed permutation."""
+    import torch
+
+
+    with gzip.open(_digits_file(), "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    x, y = table[:, :64] / 16.0, table[:, 64].astype(np.int64)
+    small = torch.as_tensor(x).reshape(-1, 1, 8, 8)
+    big = torch.nn.functional.interpolate(small, size=(20, 20), mode="bilinear", align_corners=False)
+    images = torch.nn.functional.pad(big, (4, 4, 4, 4)).clamp_(0.0, 1.0).numpy()
+    perm = np.random.default_rng(seed).permutation(len(y))
+    te, tr = perm[:DIGITS_TEST_SIZE], perm[DIGITS_TEST_SIZE:]
+    return TaskData(SKLEARN_DIGITS, "image", images[tr], y[tr], images[te], y[te], [str(d) for d in range(10)],
+                    f"scikit-learn digits (8x8, scaled to 28x28), {len(tr)} train / {len(te)} test")
+
+
+def public_pretraining_source() -> str:
+    """:data:`FASHION_MNIST` where it is installed, else :data:`SKLEARN_DIGITS`."""
+    return FASHION_MNIST if fashion_mnist_installed() else SKLEARN_DIGITS
+
+
+def fallback_note() -> str:
+    """What a run prints when the public CNN is pretrained on the fallback."""
+    return ("Fashion-MNIST is not installed (the Debian/Ubuntu package dataset-fashion-mnist; "
+            "scripts/setup.sh installs it where apt-get is allowed): the public CNN 'cnn-fmnist' is "
+            "pretrained on scikit-learn's 1,797 8x8 handwritten digits (scaled to 28x28) instead, "
+            "public data of another source than MNIST; apt-get install dataset-fashion-mnist (as root) "
+            "for the documented model")
+
+
+def load_public_data(source: str, log: Callable[[str], None] | None = None):
+    """The training data of the public CNN for ``source`` (see :func:`public_pretraining_source`)."""
+    if source == FASHION_MNIST:
+        return fashion_mnist()
+    if log is not None:
+        log(f"dpft: {fallback_note()}")
+    return sklearn_digits()
