@@ -351,3 +351,64 @@ def test_epsilon_is_dp_accounting_at_user_rate():
     acc2 = PLDAccountant(dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE, value_discretization_interval=1e-4)
     acc2.compose(dp_accounting.PoissonSampledDpEvent(B / (16 * users), dp_accounting.GaussianDpEvent(sigma)), steps)
     assert acc2.get_epsilon(delta) < engine.epsilon
+
+
+# --------------------------------------------------------------------------
+# a user-level canary audit (one-run, Steinke, Nasr & Jagielski 2023)
+
+
+def _canary_run(unit: str, m: int, k: int, sigma: float, steps: int, seed: int):
+    """m canary users, each in the data with probability 1/2, each with k
+    identical white-box examples whose gradient points along the user's own
+    coordinate of a bias vector (far above R: always clipped to exactly R).
+    Full-batch steps (q = 1).  Returns (inclusion bits, scores, claimed epsilon)."""
+    rng = torch.Generator().manual_seed(seed)
+    included = torch.rand(m, generator=rng) < 0.5
+    users = included.nonzero().flatten()
+    ex_users = users.repeat_interleave(k)
+    torch.manual_seed(seed)
+    model = nn.Linear(1, m)
+    model.weight.requires_grad_(False)
+    nn.init.zeros_(model.bias)
+    n = len(users) if unit == "user" else len(ex_users)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = dpft.PrivacyEngine(model, batch_size=n, sample_size=n, steps=steps, noise_multiplier=sigma,
+                                    max_grad_norm=1.0, target_delta=1e-5, loss_reduction="sum",
+                                    privacy_unit=unit, noise_seed=seed)
+    opt = engine.attach(torch.optim.SGD([model.bias], lr=float(n)))  # undo the division by B
+    onehot = F.one_hot(ex_users, m).float()
+    for _ in range(steps):
+        if unit == "user":
+            engine.set_units(ex_users)
+        (-(model(torch.zeros(len(ex_users), 1)) * onehot).sum() * 100).backward()
+        opt.step()
+        opt.zero_grad()
+    engine.detach()
+    return included, model.bias.detach().clone(), engine.epsilon
+
+
+def _audit(included, scores, r: int) -> tuple[int, int]:
+    order = torch.argsort(scores)
+    guess_in, guess_out = order[-r // 2 :], order[: r // 2]
+    v = int(included[guess_in].sum()) + int((~included[guess_out]).sum())
+    return r, v
+
+
+def test_user_level_canary_audit():
+    """Each canary user has k = 8 examples.  Under the user-level engine the
+    certified lower bound on a user's epsilon stays below the claim; under the
+    example-level engine at the same sigma and q the same audit certifies a
+    user's epsilon far above the (per-example) claim: group privacy, not a bug."""
+    from dpft.audit import epsilon_lower_bound
+
+    m, k, sigma, steps = 1000, 8, 4.0, 4
+    inc, scores, eps_user = _canary_run("user", m, k, sigma, steps, seed=11)
+    r, v = _audit(inc, scores, 200)
+    lb_user = epsilon_lower_bound(m, r, v, 1e-5)
+    inc, scores, eps_example = _canary_run("example", m, k, sigma, steps, seed=11)
+    r, v2 = _audit(inc, scores, 200)
+    lb_example = epsilon_lower_bound(m, r, v2, 1e-5)
+    assert eps_user == pytest.approx(eps_example, rel=1e-6)  # same sigma, q = 1, steps: the same claim
+    assert lb_user <= eps_user, (lb_user, eps_user)
+    assert lb_example > eps_example + 1.0, (lb_example, eps_example)
