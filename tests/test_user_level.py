@@ -412,3 +412,116 @@ def test_user_level_canary_audit():
     assert eps_user == pytest.approx(eps_example, rel=1e-6)  # same sigma, q = 1, steps: the same claim
     assert lb_user <= eps_user, (lb_user, eps_user)
     assert lb_example > eps_example + 1.0, (lb_example, eps_example)
+
+
+# --------------------------------------------------------------------------
+# DPTrainer(privacy_unit="user")
+
+
+def _hf_setup():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    model = transformers.BertForSequenceClassification(cfg)
+    g = torch.Generator().manual_seed(1)
+    n = 18
+    ids = torch.randint(1, 50, (n, 5), generator=g)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    data = [{"input_ids": ids[i], "attention_mask": torch.ones(5, dtype=torch.long), "labels": labels[i]} for i in range(n)]
+    users = [f"u{(i * 7) % 6}" for i in range(n)]  # 6 users of 3 examples, interleaved
+    return transformers, model, data, users
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_dptrainer_user_level_equals_engine(tmp_path):
+    transformers, model, data, users = _hf_setup()
+    init = copy.deepcopy(model)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), report_to=[], save_strategy="no", use_cpu=True, optim="sgd",
+        learning_rate=1.0, lr_scheduler_type="constant", weight_decay=0.0, max_steps=1, logging_steps=1,
+        disable_tqdm=True, per_device_train_batch_size=4, gradient_accumulation_steps=1, data_seed=5,
+    )
+    R = 0.5
+    from dpft.hf import DPTrainer
+
+    trainer = DPTrainer(model=model, args=args, train_dataset=data, noise_multiplier=0.0, max_grad_norm=R,
+                        privacy_unit="user", user_ids=users)
+    trainer.train()
+    engine = trainer.dp_engine
+    assert engine.privacy_unit == "user" and engine.sample_size == 6 and engine.sample_rate == pytest.approx(4 / 6)
+    sampler = trainer.dp_train_dataloader.batch_sampler
+    idx = sampler.batch(0, 0)
+    assert len({users[i] for i in idx}) >= 2
+    # the reference: the engine at user level over the same examples in chunks of 4
+    ref = dpft.PrivacyEngine(init, batch_size=4, sample_size=6, steps=1, noise_multiplier=0.0, max_grad_norm=R,
+                             privacy_unit="user")
+    opt = ref.attach(torch.optim.SGD(init.parameters(), lr=1.0))
+    for start in range(0, len(idx), 4):
+        chunk = idx[start:start + 4]
+        batch = transformers.default_data_collator([data[i] for i in chunk])
+        y = batch.pop("labels")
+        ref.set_units([users[i] for i in chunk])
+        F.cross_entropy(init(**batch).logits, y).backward()
+    opt.step()
+    for (k, a), b in zip(model.named_parameters(), init.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), copy.deepcopy(_hf_setup()[1]).parameters()))
+
+
+def test_dptrainer_user_column_of_a_hf_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    transformers, model, data, users = _hf_setup()
+    ds = datasets.Dataset.from_dict({
+        "input_ids": [d["input_ids"].tolist() for d in data], "attention_mask": [[1] * 5] * len(data),
+        "labels": [int(d["labels"]) for d in data], "author": users,
+    })
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), report_to=[], save_strategy="no", use_cpu=True, max_steps=3,
+        disable_tqdm=True, per_device_train_batch_size=2, logging_steps=1,
+    )
+    from dpft.hf import DPTrainer
+
+    trainer = DPTrainer(model=model, args=args, train_dataset=ds, target_epsilon=2.0, privacy_unit="user",
+                        user_column="author", max_per_user=2)
+    trainer.train()
+    assert trainer.dp_engine.steps == 3 and trainer.dp_engine.sample_size == 6
+    assert 0 < trainer.dp_engine.epsilon <= 2.0
+    with pytest.raises(ValueError, match="no column 'writer'"):
+        DPTrainer(model=model, args=args, train_dataset=ds, target_epsilon=2.0, privacy_unit="user", user_column="writer")
+    with pytest.raises(ValueError, match="exactly one of user_column"):
+        DPTrainer(model=model, args=args, train_dataset=ds, target_epsilon=2.0, privacy_unit="user")
+
+
+class _ColumnList(list):
+    """A list of example dicts that also answers ``ds[column]`` and ``column_names``
+    (what DPTrainer reads of a datasets.Dataset), for CPU tests without ``datasets``."""
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self[0])
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return [row[key] for row in self]
+        return super().__getitem__(key)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_dptrainer_user_column_without_datasets(tmp_path):
+    transformers, model, data, users = _hf_setup()
+    ds = _ColumnList([{**d, "author": u} for d, u in zip(data, users)])
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), report_to=[], save_strategy="no", use_cpu=True, max_steps=3,
+        disable_tqdm=True, per_device_train_batch_size=2, logging_steps=1,
+    )
+    from dpft.hf import DPTrainer
+
+    trainer = DPTrainer(model=model, args=args, train_dataset=ds, target_epsilon=2.0, privacy_unit="user",
+                        user_column="author", max_per_user=2)
+    trainer.train()
+    assert trainer.dp_engine.steps == 3 and trainer.dp_engine.sample_size == 6
+    assert trainer.dp_train_dataloader.batch_sampler.max_per_user == 2
+    assert 0 < trainer.dp_engine.epsilon <= 2.0

@@ -479,13 +479,22 @@ class _WithUnit:
 
 
 class _UnitCollate:
-    """Collates ``(item, unit)`` pairs into ``(batch, units)``, units a LongTensor."""
+    """Collates ``(item, unit)`` pairs into ``(batch, units)``, units a
+    LongTensor, or with ``key`` into the (mapping) batch with ``batch[key] = units``."""
 
-    def __init__(self, collate_fn: Callable[[list[Any]], Any]) -> None:
+    def __init__(self, collate_fn: Callable[[list[Any]], Any], key: str | None = None) -> None:
         self.collate_fn = collate_fn
+        self.key = key
 
-    def __call__(self, pairs: list[tuple[Any, int]]) -> tuple[Any, torch.Tensor]:
-        return self.collate_fn([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs], dtype=torch.long)
+    def __call__(self, pairs: list[tuple[Any, int]]) -> Any:
+        batch = self.collate_fn([p[0] for p in pairs])
+        units = torch.tensor([p[1] for p in pairs], dtype=torch.long)
+        if self.key is None:
+            return batch, units
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"user_poisson_loader(units_key=...) needs batches that are mappings, got {type(batch).__name__}")
+        batch[self.key] = units
+        return batch
 
 
 class UserPoissonLoader(PoissonLoader):
@@ -511,6 +520,7 @@ def user_poisson_loader(
     max_per_user: int | None = None,
     steps: int | None = None,
     seed: int | None = None,
+    units_key: str | None = None,
     **dataloader_kwargs: Any,
 ) -> UserPoissonLoader:
     """A ``DataLoader`` for user-level DP: Poisson sampling of users.
@@ -533,6 +543,8 @@ def user_poisson_loader(
 
     An empty batch (no user drawn) yields zero-length tensors, as
     :func:`poisson_loader` does; call ``engine.record_empty_batch()``.
+    ``units_key``: for batches that are mappings (dicts), put ``units`` into
+    each batch under this key instead of yielding ``(batch, units)``.
     Other arguments as in :func:`poisson_loader`.
     """
     for key in _FORBIDDEN_LOADER_KWARGS:
@@ -552,7 +564,7 @@ def user_poisson_loader(
     return UserPoissonLoader(
         wrapped,
         batch_sampler=sampler,
-        collate_fn=_EmptySafeCollate(wrapped, _UnitCollate(collate_fn)),
+        collate_fn=_EmptySafeCollate(wrapped, _UnitCollate(collate_fn, units_key)),
         expected_batch_size=expected,
         **dataloader_kwargs,
     )
