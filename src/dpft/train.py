@@ -79,6 +79,8 @@ class TrainConfig:
     test_file: str | None = None        # evaluation file for a CSV/JSONL --dataset (default: hold out 20 %)
     text_column: str | None = None      # column names of a CSV/JSONL/HF dataset (default: found by name)
     label_column: str | None = None
+    privacy_unit: str | None = None     # "example" (default) | "user": ε protects all of a user's examples
+    user_column: str | None = None      # the user of each training example (CSV/JSONL/HF column; movie_name)
     method: str | None = None           # one of METHODS; default "bitfit"
     epsilon: float | None = None        # target ε; default 3
     delta: float | None = None          # default: the engine's (below 1/N)
@@ -203,6 +205,16 @@ def validate(cfg: TrainConfig) -> None:
     """Checks that need no data or model; raise ConfigError naming the option."""
     if cfg.method is not None and cfg.method not in METHODS:
         raise ConfigError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    if cfg.privacy_unit not in (None, "example", "user"):
+        raise ConfigError(f"unknown privacy unit {cfg.privacy_unit!r}; choose example or user")
+    if cfg.privacy_unit == "user":
+        if cfg.method == "sparta":
+            raise ConfigError("--privacy-unit user with --method sparta is not supported by dpft train yet "
+                              "(the library supports it: PrivacyEngine(privacy_unit='user'))")
+        if cfg.poisson is False:
+            raise ConfigError("--privacy-unit user samples users (Poisson); --no-poisson is not supported with it")
+    elif cfg.user_column is not None:
+        raise ConfigError("--user-column needs --privacy-unit user")
     if cfg.checkpoint_minutes is not None and not (
             isinstance(cfg.checkpoint_minutes, (int, float)) and not isinstance(cfg.checkpoint_minutes, bool)
             and math.isfinite(cfg.checkpoint_minutes) and cfg.checkpoint_minutes >= 0):
@@ -298,6 +310,7 @@ def resolve(cfg: TrainConfig, kind: str | None = None, device: torch.device | No
     r.epsilon = float(r.epsilon) if r.epsilon is not None else 3.0
     r.seed = 0 if r.seed is None else r.seed
     r.poisson = True if r.poisson is None else bool(r.poisson)
+    r.privacy_unit = r.privacy_unit or "example"
     r.bf16 = bool(r.bf16)
     r.resume, r.overwrite = bool(r.resume), bool(r.overwrite)
     r.clipping_fn = r.clipping_fn or "abadi"
@@ -624,10 +637,15 @@ class BatchPlan:
     Otherwise: a seeded permutation per epoch cut into batches of ``batch_size``.
     """
 
-    def __init__(self, n: int, batch_size: int, steps_per_epoch: int, seed: int, poisson: bool):
+    def __init__(self, n: int, batch_size: int, steps_per_epoch: int, seed: int, poisson: bool,
+                 units: np.ndarray | None = None):
         self.n, self.batch_size, self.steps, self.seed, self.poisson = n, batch_size, steps_per_epoch, seed, poisson
         self._sampler = None
-        if poisson:
+        if units is not None:  # --privacy-unit user: Poisson sampling of users (all their examples)
+            from .data import UserPoissonBatchSampler
+            self._sampler = UserPoissonBatchSampler(torch.as_tensor(units), batch_size=batch_size,
+                                                    steps=steps_per_epoch, seed=seed)
+        elif poisson:
             from .data import PoissonBatchSampler
             # the global batch on every process (under torchrun each takes its share of it)
             self._sampler = PoissonBatchSampler(n, batch_size=min(batch_size, n), steps=steps_per_epoch,
@@ -819,6 +837,8 @@ def _make_engine(model, r: TrainConfig, n_train: int, steps_total: int, noise_se
                   target_delta=r.delta, max_grad_norm=r.max_grad_norm, clipping_fn=r.clipping_fn,
                   clipping_style=clipping_groups(model, r.clipping_style), clipping_mode=r.clipping_mode,
                   accountant=r.accountant, loss_reduction="mean", noise_seed=noise_seed, poisson=r.poisson)
+    if r.privacy_unit == "user":
+        kwargs["privacy_unit"] = "user"  # n_train: the number of users
     try:
         engine = engine_cls(model, steps=steps_total, **kwargs)
     except NotImplementedError as e:
@@ -984,6 +1004,13 @@ class _Job:
     optimizer: Any = None
     engine: Any = None
     sp: Any = None                      # SPARTA driver
+    units: Any = None                   # --privacy-unit user: the user (0..U-1) of each training example
+    n_units: int = 0                    # training examples, or distinct users: the accountant's N
+    batch_given: bool = True            # --batch-size given (else a user-level default is derived)
+
+    @property
+    def user_level(self) -> bool:
+        return self.r.privacy_unit == "user" and self.private
 
     @property
     def private(self) -> bool:
@@ -1055,7 +1082,8 @@ def _resolve_job(cfg: TrainConfig, log: Callable[[str], None]) -> _Job:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     task = offline.load_task(cfg.dataset or "rotten-tomatoes", seed=cfg.seed or 0, test_file=cfg.test_file,
-                             text_column=cfg.text_column, label_column=cfg.label_column)
+                             text_column=cfg.text_column, label_column=cfg.label_column,
+                             user_column=cfg.user_column if cfg.privacy_unit == "user" else None)
     r, notes = resolve(cfg, kind=task.kind, device=device, n_train_total=len(task.y_train))
     notes = list(task.notes) + notes
     out = Path(world.same(r.out or _default_out(r)))  # rank 0's choice (a default name has a time)
@@ -1072,7 +1100,13 @@ def _resolve_job(cfg: TrainConfig, log: Callable[[str], None]) -> _Job:
             raise ConfigError(f"--batch-size {r.batch_size} is smaller than the number of processes ({world.size})")
         notes.append(f"data parallel over {world.size} processes ({world.backend}): each takes 1 in "
                      f"{world.size} examples of each global logical batch of {r.batch_size}")
-    return _Job(r=r, notes=notes, log=log, world=world, device=device, out=out, task=task, t_start=t_start)
+        if r.privacy_unit == "user":
+            raise ConfigError("--privacy-unit user under torchrun is not supported (run it on one process)")
+    if r.privacy_unit == "user" and task.u_train is None:
+        raise ConfigError("--privacy-unit user needs --user-column NAME: the column of the training data "
+                          "that names each example's user (the packaged rotten-tomatoes data: movie_name)")
+    return _Job(r=r, notes=notes, log=log, world=world, device=device, out=out, task=task, t_start=t_start,
+                batch_given=cfg.batch_size is not None)
 
 
 def _prepare_data(job: _Job) -> None:
@@ -1089,13 +1123,41 @@ def _prepare_data(job: _Job) -> None:
     job.n_train = len(task.y_train)
     if job.n_train < 2:
         raise ConfigError(f"the training set has {job.n_train} example(s); need at least 2")
-    if r.batch_size > job.n_train:
+    job.n_units = job.n_train
+    if job.user_level:
+        _prepare_users(job, task)
+    elif r.batch_size > job.n_train:
         raise ConfigError(f"--batch-size {r.batch_size} is larger than the training set ({job.n_train:,})")
     job.task = task
-    job.steps_per_epoch = math.ceil(job.n_train / r.batch_size)  # the engine's convention
+    job.steps_per_epoch = math.ceil(job.n_units / r.batch_size)  # the engine's convention
     job.steps_total = max(1, math.ceil(r.epochs * job.steps_per_epoch))
     if r.eval_every is None:
         r.eval_every = max(1, math.ceil(job.steps_total / 8))
+
+
+def _prepare_users(job: _Job, task: TaskData) -> None:
+    """--privacy-unit user: number the users; --batch-size is the expected number of
+    *users* per step (default: the example-level default scaled by U / N, so that a
+    step holds as many examples on average and q is the same)."""
+    r = job.r
+    index: dict[Any, int] = {}
+    job.units = np.array([index.setdefault(u, len(index)) for u in task.u_train], dtype=np.int64)
+    job.n_units = len(index)
+    if job.n_units < 2:
+        raise ConfigError(f"--privacy-unit user: the training set has {job.n_units} user(s); need at least 2")
+    if not job.batch_given:
+        examples = r.batch_size
+        r.batch_size = max(1, min(job.n_units, round(examples * job.n_units / job.n_train)))
+        job.notes.append(f"--privacy-unit user: logical batch of {r.batch_size} users by default (expected "
+                         f"{r.batch_size * job.n_train / job.n_units:.0f} examples, as {examples} examples at "
+                         "example level; --batch-size counts users)")
+    if r.batch_size > job.n_units:
+        raise ConfigError(f"--batch-size {r.batch_size} is larger than the number of users ({job.n_units:,}); "
+                          "with --privacy-unit user it counts users")
+    sizes = np.bincount(job.units)
+    job.notes.append(f"privacy unit: user ({task.user_column or 'user column'}): {job.n_units:,} users, "
+                     f"{sizes.min()} to {sizes.max()} (median {int(np.median(sizes))}) training examples each; "
+                     "ε protects all of a user's examples")
 
 
 def _build_model(job: _Job) -> None:
@@ -1142,7 +1204,7 @@ def _build_privacy(job: _Job) -> None:
         dp_secret = r.dp_seed if r.dp_seed is not None else secrets.randbits(256)
     job.dp_secret = job.world.same(dp_secret)  # all ranks draw the same global Poisson batches
     job.plan = BatchPlan(job.n_train, r.batch_size, job.steps_per_epoch, _derive_seed(job.dp_secret, 0),
-                         poisson=r.poisson and job.private)
+                         poisson=r.poisson and job.private, units=job.units if job.user_level else None)
     if r.method == "sparta":
         # optimizer and engine come after the scoring pass (or from the checkpoint's row selection)
         job.sp = _make_sparta(job.model, r, job.n_train)
@@ -1151,7 +1213,7 @@ def _build_privacy(job: _Job) -> None:
     job.optimizer = make_optimizer(job.model, r)
     job.net = job.world.wrap(job.model)  # DistributedDataParallel under torchrun (the engine unwraps it)
     if job.private:
-        job.engine = _make_engine(job.net, r, job.n_train, job.steps_total, _derive_seed(job.dp_secret, 1))
+        job.engine = _make_engine(job.net, r, job.n_units, job.steps_total, _derive_seed(job.dp_secret, 1))
         job.engine.attach(job.optimizer)
 
 
@@ -1185,7 +1247,8 @@ def _log_plan(job: _Job) -> None:
         else:
             step_text = f"{job.steps_total} steps"
         log(f"  DP: target ε = {r.epsilon:g}, δ = {dp.target_delta:.3g}, σ = "
-            f"{dp.noise_multiplier:.4f}, q = {min(1.0, r.batch_size / job.n_train):.4f}, "
+            f"{dp.noise_multiplier:.4f}, q = {min(1.0, r.batch_size / job.n_units):.4f}"
+            f"{' (users)' if job.user_level else ''}, "
             f"{step_text}, clip {r.clipping_fn} R = {r.max_grad_norm:g} ({r.clipping_style}), "
             f"accountant {r.accountant}")
     if sp is not None:
@@ -1403,6 +1466,8 @@ class _Run:
             with j.autocast():
                 logits = _forward(j.net, inputs)
             loss = F.cross_entropy(logits.float(), y)
+            if j.engine is not None and j.user_level:
+                j.engine.set_units(j.units[chunk])
             if j.private or len(chunks) == 1:
                 loss.backward()
             else:  # non-private accumulation: weight each chunk by its share
@@ -1632,9 +1697,12 @@ def _privacy_record(j: _Job, summary: dict) -> dict:
         "accountant": r.accountant if summary["private"] else None,
         "steps": summary["steps"], "sample_rate": summary["sample_rate"], "batch_size": r.batch_size,
         "training_examples": summary["train_size"], "epochs": r.epochs,
+        "users": summary.get("users"),
         "sampling": "Poisson" if r.poisson else "shuffled fixed-size batches (the ε assumes Poisson: a heuristic)",
         "clipping": {"function": r.clipping_fn, "max_grad_norm": r.max_grad_norm, "style": r.clipping_style},
-        "privacy_unit": "one training example (one row of the training data), add/remove adjacency",
+        "privacy_unit": (f"user: all the training examples of one {j.task.user_column or 'user'} value "
+                         "(add/remove one user)") if summary.get("privacy_unit") == "user"
+        else "one training example (one row of the training data), add/remove adjacency",
         "trainable_parameters": summary["trainable_parameters"], "total_parameters": summary["total_parameters"],
         "dpft_version": getattr(dpft, "__version__", None),
     }
@@ -1686,7 +1754,13 @@ def _summary(j: _Job, run: _Run, last_acc: float) -> dict:
         "target_epsilon": r.epsilon if engine is not None else None,
         "delta": engine.target_delta if engine is not None else None,
         "noise_multiplier": engine.noise_multiplier if engine is not None else 0.0,
-        "sample_rate": min(1.0, r.batch_size / j.n_train),
+        "sample_rate": min(1.0, r.batch_size / j.n_units),
+        # what ε protects: one training example, or all the training examples of one user
+        "privacy_unit": r.privacy_unit if engine is not None else None,
+        "epsilon_unit": None if engine is None else (
+            f"all training examples of one user ({task.user_column or 'user'})" if j.user_level
+            else "one training example"),
+        "users": j.n_units if j.user_level else None,
         "steps": run.step, "epochs": r.epochs, "batch_size": r.batch_size, "lr": r.lr, "head_lr": r.head_lr,
         "max_seq_len": r.max_seq_len or None,
         "train_time_s": run.elapsed(),
@@ -1933,10 +2007,12 @@ def _print_summary(s: dict, log, plot: Path | None) -> None:
         (f"{s['eval_split']} accuracy", f"{s['test_accuracy']:.4f}  ({s['eval_size']:,} examples)"),
         ("majority baseline", f"{s['majority_baseline']:.4f}  (always '{s['majority_label']}')"),
         ("ε (spent / target)", f"{_fmt_eps(s['epsilon'])} / {s['target_epsilon']:g}"
+         + (f"  (per {s.get('epsilon_unit')})" if s.get("epsilon_unit") else "")
          if s["private"] else "inf (no privacy)"),
         ("δ", f"{s['delta']:.3g}" if s["delta"] is not None else "-"),
         ("σ (noise multiplier)", f"{s['noise_multiplier']:.4f}"),
-        ("steps", f"{s['steps']}  (q = {s['sample_rate']:.4f}, {s['train_size']:,} training examples)"),
+        ("steps", f"{s['steps']}  (q = {s['sample_rate']:.4f}, {s['train_size']:,} training examples"
+                  + (f", {s['users']:,} users)" if s.get("users") else ")")),
         ("wall time", f"{s['wall_time_s']:.1f} s  (training {s['train_time_s']:.1f} s)"),
         ("peak memory", f"{s['peak_memory_mb']:.0f} MB ({'GPU' if s['device'].startswith('cuda') else 'process RSS'})"),
     ]
