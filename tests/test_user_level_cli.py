@@ -53,3 +53,32 @@ def test_train_user_level_needs_a_user_column(tmp_path, capsys):
     assert code != 0 and "no column 'author'" in err and "Traceback" not in err
     code, _, err = run_cli(tiny_args(model, data, tmp_path / "run3", "--user-column", "author"), capsys)
     assert code != 0 and "--user-column needs --privacy-unit user" in err
+
+
+def test_rotten_tomatoes_has_movies_as_users():
+    from dpft import offline
+
+    try:
+        task = offline.load_task("rotten-tomatoes", user_column="movie_name")
+    except offline.DataUnavailable as e:
+        pytest.skip(str(e))
+    assert len(task.u_train) == len(task.y_train) and task.user_column == "movie_name"
+    movies = set(task.u_train)
+    assert 100 < len(movies) < len(task.u_train)
+    sub = task.subset(300, 50, seed=1)
+    assert len(sub.u_train) == 300 and set(sub.u_train) <= movies
+    val = task.validation_split(100, seed=0)
+    assert len(val.u_train) == len(val.y_train)
+    with pytest.raises(offline.DataUnavailable, match="one user column, movie_name"):
+        offline.load_task("rotten-tomatoes", user_column="critic")
+
+
+def test_user_level_defaults_and_refusals():
+    from dpft.train import ConfigError, TrainConfig, validate
+
+    with pytest.raises(ConfigError, match="--method sparta"):
+        validate(TrainConfig(privacy_unit="user", method="sparta"))
+    with pytest.raises(ConfigError, match="--no-poisson"):
+        validate(TrainConfig(privacy_unit="user", poisson=False))
+    with pytest.raises(ConfigError, match="unknown privacy unit"):
+        validate(TrainConfig(privacy_unit="person"))

@@ -1257,7 +1257,7 @@ def _log_plan(job: _Job) -> None:
             + (f"scoring {r.scoring_epochs:g} epoch(s)" if sp.steps["scoring"] else f"{sp.selection} selection")
             + (f", warm-up {r.warmup_epochs:g} epoch(s)" if sp.steps["warmup"] else ""))
     log(f"  {job.n_train:,} training / {len(job.task.y_test):,} evaluation examples, logical batch "
-        f"{r.batch_size}, physical ≤ {r.max_physical_batch_size}, lr {r.lr:g} (head {r.head_lr:g}), "
+        f"{r.batch_size}{' users' if job.user_level else ''}, physical ≤ {r.max_physical_batch_size}, lr {r.lr:g} (head {r.head_lr:g}), "
         f"{r.epochs:g} epoch{'' if r.epochs == 1 else 's'}, "
         f"output {job.out}")
 
