@@ -36,7 +36,7 @@ def test_train_user_level_csv(tmp_path, capsys):
     # 12 authors in all, 20 % of the rows held out for evaluation: the users are those of the training rows
     assert s["sample_rate"] == pytest.approx(4 / 12)
     assert s["steps"] == 3  # ceil(12 users / 4) per epoch
-    assert "per all training examples of one user (author)" in stdout
+    assert "(protects all training examples of one user (author))" in stdout
     assert "privacy unit: user (author): 12 users" in stdout
     privacy = json.loads((out / "release" / "privacy.json").read_text())
     assert privacy["privacy_unit"].startswith("user: all the training examples of one author value")

@@ -2007,7 +2007,7 @@ def _print_summary(s: dict, log, plot: Path | None) -> None:
         (f"{s['eval_split']} accuracy", f"{s['test_accuracy']:.4f}  ({s['eval_size']:,} examples)"),
         ("majority baseline", f"{s['majority_baseline']:.4f}  (always '{s['majority_label']}')"),
         ("ε (spent / target)", f"{_fmt_eps(s['epsilon'])} / {s['target_epsilon']:g}"
-         + (f"  (per {s.get('epsilon_unit')})" if s.get("epsilon_unit") else "")
+         + (f"  (protects {s.get('epsilon_unit')})" if s.get("epsilon_unit") else "")
          if s["private"] else "inf (no privacy)"),
         ("δ", f"{s['delta']:.3g}" if s["delta"] is not None else "-"),
         ("σ (noise multiplier)", f"{s['noise_multiplier']:.4f}"),
