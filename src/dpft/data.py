@@ -42,6 +42,9 @@ __all__ = [
     "poisson_loader",
     "shuffled_loader",
     "split_physical",
+    "UserPoissonBatchSampler",
+    "UserPoissonLoader",
+    "user_poisson_loader",
 ]
 
 _FORBIDDEN_LOADER_KWARGS = ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last")
@@ -357,6 +360,212 @@ def poisson_loader(
         batch_sampler=sampler,
         collate_fn=_EmptySafeCollate(dataset, collate_fn),
         expected_batch_size=b,
+        **dataloader_kwargs,
+    )
+
+
+# --------------------------------------------------------------------------
+# user-level sampling (PrivacyEngine(privacy_unit="user"))
+
+
+def _dense_units(user_ids: Any, n: int) -> tuple[torch.Tensor, list[Any]]:
+    """``(unit of each example as 0..U-1, the distinct user ids in that order)``;
+    ids are numbered in order of first appearance."""
+    if isinstance(user_ids, torch.Tensor):
+        if user_ids.dim() != 1 or user_ids.is_floating_point():
+            raise ValueError("user_ids must be a 1-D integer tensor or a sequence of ints / strings")
+        user_ids = user_ids.tolist()
+    elif isinstance(user_ids, np.ndarray):
+        user_ids = user_ids.tolist()
+    ids = list(user_ids)
+    if len(ids) != n:
+        raise ValueError(f"user_ids must have one id per example: got {len(ids)} ids for {n} examples")
+    index: dict[Any, int] = {}
+    out = []
+    for i, u in enumerate(ids):
+        if u is None or (isinstance(u, float) and (u != u)):
+            raise ValueError(f"user_ids[{i}] is missing ({u!r}): every example needs a user id")
+        out.append(index.setdefault(u, len(index)))
+    return torch.tensor(out, dtype=torch.long), list(index)
+
+
+class UserPoissonBatchSampler(PoissonBatchSampler):
+    """Poisson sampling of *users*: each of the U users joins each batch
+    independently with probability ``sample_rate``, bringing all of their
+    examples, or, with ``max_per_user=k``, a uniformly random subset of at
+    most ``k`` of them (drawn afresh at every step; fewer examples per user
+    cost less memory and time, never privacy: a user's examples are clipped
+    together).  Batch ``i`` of iteration ``e`` is a pure function of
+    ``(seed, e, i)`` as in :class:`PoissonBatchSampler`; a batch lists each
+    sampled user's examples together, users in increasing order.
+
+    Args:
+        user_ids: one user id per example (ints or strings).
+        sample_rate / batch_size: the user sampling rate q, or the expected
+            number of users per batch (``q = batch_size / U``).
+        max_per_user: ``None`` (default: all of a sampled user's examples) or ``k >= 1``.
+        steps, seed: as in :class:`PoissonBatchSampler` (``steps`` default ``round(1/q)``).
+    """
+
+    def __init__(
+        self,
+        user_ids: Any,
+        sample_rate: float | None = None,
+        *,
+        batch_size: int | None = None,
+        max_per_user: int | None = None,
+        steps: int | None = None,
+        seed: int | None = None,
+    ) -> None:
+        if isinstance(user_ids, torch.Tensor) and not user_ids.is_floating_point() and user_ids.dim() == 1:
+            units, users = _dense_units(user_ids, user_ids.shape[0])
+        else:
+            ids = list(user_ids)
+            units, users = _dense_units(ids, len(ids))
+        super().__init__(len(users), sample_rate, batch_size=batch_size, steps=steps, seed=seed)
+        if max_per_user is not None:
+            max_per_user = _check_positive_int(max_per_user, "max_per_user")
+        self.max_per_user = max_per_user
+        self.units = units  # (N,) dense user index of every example
+        self.users = users  # the distinct ids, index -> id
+        order = torch.argsort(units, stable=True)
+        counts = torch.bincount(units, minlength=len(users))
+        self._members = list(order.split(counts.tolist()))  # per user, its example indices
+
+    @property
+    def num_users(self) -> int:
+        return self.num_samples
+
+    def batch(self, epoch: int, index: int) -> list[int]:
+        """Batch ``index`` of iteration ``epoch``: the examples of the sampled users."""
+        self._generator.set_state(_mt_state(self.seed, (int(epoch), int(index))))
+        u = torch.rand(self.num_samples, generator=self._generator, dtype=torch.float64)
+        chosen = torch.nonzero(u < self.sample_rate).flatten().tolist()
+        out: list[int] = []
+        k = self.max_per_user
+        for user in chosen:
+            members = self._members[user]
+            if k is not None and len(members) > k:
+                pick = torch.randperm(len(members), generator=self._generator)[:k].sort().values
+                members = members[pick]
+            out.extend(members.tolist())
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["max_per_user"] = self.max_per_user
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("max_per_user") != self.max_per_user:
+            raise ValueError(
+                f"state max_per_user={state.get('max_per_user')!r} does not match this sampler's {self.max_per_user!r}"
+            )
+        super().load_state_dict(state)
+
+
+class _WithUnit:
+    """``dataset[i] -> (dataset[i], unit of i)`` (picklable, for workers)."""
+
+    def __init__(self, dataset: Dataset, units: torch.Tensor) -> None:
+        self.dataset = dataset
+        self.units = units
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        return self.dataset[i], int(self.units[i])
+
+
+class _UnitCollate:
+    """Collates ``(item, unit)`` pairs into ``(batch, units)``, units a
+    LongTensor, or with ``key`` into the (mapping) batch with ``batch[key] = units``."""
+
+    def __init__(self, collate_fn: Callable[[list[Any]], Any], key: str | None = None) -> None:
+        self.collate_fn = collate_fn
+        self.key = key
+
+    def __call__(self, pairs: list[tuple[Any, int]]) -> Any:
+        batch = self.collate_fn([p[0] for p in pairs])
+        units = torch.tensor([p[1] for p in pairs], dtype=torch.long)
+        if self.key is None:
+            return batch, units
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"user_poisson_loader(units_key=...) needs batches that are mappings, got {type(batch).__name__}")
+        batch[self.key] = units
+        return batch
+
+
+class UserPoissonLoader(PoissonLoader):
+    """A :class:`PoissonLoader` over a :class:`UserPoissonBatchSampler`
+    (see :func:`user_poisson_loader`): yields ``(batch, units)``."""
+
+    @property
+    def users(self) -> list[Any]:
+        """The distinct user ids; ``units`` index into this list."""
+        return self.batch_sampler.users  # type: ignore[union-attr]
+
+    @property
+    def num_users(self) -> int:
+        return self.batch_sampler.num_users  # type: ignore[union-attr]
+
+
+def user_poisson_loader(
+    dataset: Dataset,
+    user_ids: Any,
+    batch_size: int | None = None,
+    *,
+    sample_rate: float | None = None,
+    max_per_user: int | None = None,
+    steps: int | None = None,
+    seed: int | None = None,
+    units_key: str | None = None,
+    **dataloader_kwargs: Any,
+) -> UserPoissonLoader:
+    """A ``DataLoader`` for user-level DP: Poisson sampling of users.
+
+    Each user joins each logical batch independently with probability
+    ``q = batch_size / U`` (U = number of distinct ``user_ids``) or
+    ``sample_rate``, with all of their examples (``max_per_user=None``) or a
+    random subset of at most ``max_per_user``.  Yields ``(batch, units)``:
+    the collated examples and a LongTensor with each example's user (an
+    index into ``loader.users``).  Pass ``units`` to
+    :meth:`dpft.PrivacyEngine.set_units` before each backward pass, and
+    ``batch_size=<expected users per step>``, ``sample_size=loader.num_users``
+    to ``PrivacyEngine(..., privacy_unit="user")``::
+
+        for batch, units in loader:
+            for chunk, u in dpft.data.split_physical((batch, units), 32):
+                engine.set_units(u)
+                loss_fn(model, chunk).backward()
+            optimizer.step(); optimizer.zero_grad()
+
+    An empty batch (no user drawn) yields zero-length tensors, as
+    :func:`poisson_loader` does; call ``engine.record_empty_batch()``.
+    ``units_key``: for batches that are mappings (dicts), put ``units`` into
+    each batch under this key instead of yielding ``(batch, units)``.
+    Other arguments as in :func:`poisson_loader`.
+    """
+    for key in _FORBIDDEN_LOADER_KWARGS:
+        if key in dataloader_kwargs:
+            raise ValueError(f"user_poisson_loader does not accept {key}=; got {key}={dataloader_kwargs[key]!r}")
+    n = len(dataset)  # type: ignore[arg-type]
+    if n < 1:
+        raise ValueError(f"dataset must not be empty, got len(dataset)={n!r}")
+    sampler = UserPoissonBatchSampler(
+        user_ids, sample_rate, batch_size=batch_size, max_per_user=max_per_user, steps=steps, seed=seed
+    )
+    if len(sampler.units) != n:
+        raise ValueError(f"user_ids must have one id per example: got {len(sampler.units)} ids for {n} examples")
+    expected = batch_size if batch_size is not None else max(1, round(sampler.sample_rate * sampler.num_users))
+    collate_fn = dataloader_kwargs.pop("collate_fn", None) or default_collate
+    wrapped = _WithUnit(dataset, sampler.units)
+    return UserPoissonLoader(
+        wrapped,
+        batch_sampler=sampler,
+        collate_fn=_EmptySafeCollate(wrapped, _UnitCollate(collate_fn, units_key)),
+        expected_batch_size=expected,
         **dataloader_kwargs,
     )
 

@@ -38,6 +38,7 @@ from .rows import compact_rows
 from .rows import reattach as sparta_reattach
 from .rows import row_masks as sparta_masks
 from .rules.base import Contribution
+from .units import PRIVACY_UNITS, UserClippedSum
 
 CLIPPING_MODES = ("auto", "bk", "ghost", "mixed", "instantiate")
 ACCOUNTANTS = ("pld", "rdp")
@@ -109,6 +110,15 @@ class PrivacyEngine:
             (:mod:`dpft.sampling_check`).  ``False`` accepts fixed-size
             (shuffled) batches explicitly: ε is then still the Poisson ε and is
             labelled as such (:attr:`epsilon_caveat`).
+        privacy_unit: ``"example"`` (default: epsilon protects one example)
+            or ``"user"`` (epsilon protects all the examples of one user:
+            :mod:`dpft.units`).  At user level ``batch_size`` is the expected
+            number of *users* per step and ``sample_size`` the number of
+            users, so ``sample_rate`` is the user sampling rate; call
+            :meth:`set_units` with the user id of every example before each
+            ``backward()``; each user's examples in the step are summed, then
+            clipped to ``R``; the noise stays ``sigma R``.  Not with
+            distributed training.
         strict: raise :class:`dpft.sampling_check.SamplingMismatch` (before the
             step is applied) when the batches do not match the sampling the
             accountant assumes, instead of a
@@ -169,6 +179,7 @@ class PrivacyEngine:
         secure_mode: bool = False,
         poisson: bool = True,
         strict: bool = False,
+        privacy_unit: str = "example",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise _bad("model", model, "a torch.nn.Module")
@@ -223,6 +234,9 @@ class PrivacyEngine:
             raise _bad("epsilon_budget", epsilon_budget, "a positive number")
         if on_budget_exceeded not in ON_BUDGET:
             raise _bad("on_budget_exceeded", on_budget_exceeded, f"one of {ON_BUDGET}")
+        if privacy_unit not in PRIVACY_UNITS:
+            raise _bad("privacy_unit", privacy_unit, f"one of {PRIVACY_UNITS}")
+        self.privacy_unit = privacy_unit
 
         self.model = model
         self.batch_size = batch_size
@@ -263,7 +277,8 @@ class PrivacyEngine:
             norm_mode=norm_mode,
         )
         self.groups = make_groups(clipping_style, list(self.params), self._capture.owner)
-        self._sum = ClippedSum(self.params, self.groups, self.max_grad_norm, clipping_fn, norm_mode, self.row_masks)
+        sum_cls = UserClippedSum if privacy_unit == "user" else ClippedSum
+        self._sum = sum_cls(self.params, self.groups, self.max_grad_norm, clipping_fn, norm_mode, self.row_masks)
         # every trainable parameter's per-example gradient in the flat lane (DP-BiTFiT):
         # a NaN/Inf example is left out on the device and the step never waits for the check
         self._sum.drop_nonfinite = set(self.params) <= set(self._capture.lane_keys)
@@ -303,6 +318,11 @@ class PrivacyEngine:
                 self._group = self.params[self._sharded[0]].device_mesh.get_group()
             self.world_size = dist.get_world_size(self._group)
             self.rank = dist.get_rank(self._group)
+        if privacy_unit == "user" and (self.world_size > 1 or self._sharded):
+            raise NotImplementedError(
+                "dpft: privacy_unit='user' with distributed training is not supported (a user's examples "
+                "on several ranks would have to be summed before clipping); train on one process"
+            )
         for name, flag in (("secure_mode", secure_mode), ("poisson", poisson), ("strict", strict)):
             if not isinstance(flag, bool):
                 raise _bad(name, flag, "True or False")
@@ -415,6 +435,23 @@ class PrivacyEngine:
         self._sum.reset()
         self._empty_batches = 0
         self._seen = 0
+
+    def set_units(self, units: Any) -> None:
+        """The user ids of the examples of the next ``backward()``
+        (``privacy_unit="user"`` only): one id (an int or a string) per
+        example, in batch order -- a 1-D integer tensor, a numpy array or a
+        list.  Call it before every backward pass; a user's examples may be
+        spread over several physical batches of one step.
+        :func:`dpft.data.user_poisson_loader` yields the ids beside each batch."""
+        if self.privacy_unit != "user":
+            raise RuntimeError("dpft: set_units() is for PrivacyEngine(privacy_unit='user')")
+        self._sum.set_units(units)  # type: ignore[attr-defined]
+
+    def _finalize_units(self) -> None:
+        """User level: clip each user's summed gradient; the sampling check counts users."""
+        if self.privacy_unit == "user":
+            self._sum.finalize()  # type: ignore[attr-defined]
+            self._seen = self._sum.users  # type: ignore[attr-defined]
 
     def _on_backward(self, contributions: dict[str, list[Contribution]], batch_size: int, lane=None) -> None:
         self._seen += int(batch_size)
@@ -656,6 +693,7 @@ class PrivacyEngine:
         scoring pass."""
         if self._sum.backward_passes == 0 and self._empty_batches == 0:
             raise RuntimeError("dpft: release() called without a backward() since the last step")
+        self._finalize_units()
         self._check_budget()
         self._check_finite()
         self._check_sampling()
@@ -754,6 +792,7 @@ class PrivacyEngine:
                 "dpft: optimizer.step() called without a backward() since the last step; "
                 "for an empty Poisson batch call engine.record_empty_batch() first"
             )
+        self._finalize_units()
         self._check_budget()
         self._check_finite()
         self._check_sampling()
@@ -785,6 +824,7 @@ class PrivacyEngine:
             "target_epsilon": self.target_epsilon,
             "max_grad_norm": self.max_grad_norm,
             "planned_steps": self.planned_steps,
+            "privacy_unit": self.privacy_unit,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -792,6 +832,9 @@ class PrivacyEngine:
             mine = getattr(self, k)
             if not math.isclose(float(state[k]), mine, rel_tol=1e-12):
                 raise ValueError(f"engine state has {k}={state[k]!r}, this engine has {mine!r}")
+        unit = state.get("privacy_unit", "example")
+        if unit != self.privacy_unit:
+            raise ValueError(f"engine state has privacy_unit={unit!r}, this engine has {self.privacy_unit!r}")
         self.ledger.load_state_dict(state["ledger"])
         if not self.poisson:
             self.ledger.add_caveat(NON_POISSON_CAVEAT)

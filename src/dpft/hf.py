@@ -85,10 +85,13 @@ try:
 except ImportError as exc:  # pragma: no cover
     raise ImportError("dpft.hf needs the `transformers` package: pip install transformers") from exc
 
-from .data import poisson_loader, split_physical
+from .data import poisson_loader, split_physical, user_poisson_loader
 from .engine import PrivacyEngine
 
 __all__ = ["DPTrainer", "per_example_loss", "DP_STATE_NAME"]
+
+#: the key under which the user loader puts each example's user into a batch (popped before the model)
+UNITS_KEY = "_dpft_units"
 
 #: The file, inside each ``checkpoint-N/`` folder, that holds the DP state.
 DP_STATE_NAME = "dpft_state.pt"
@@ -176,6 +179,16 @@ class DPTrainer(Trainer):
         noise_seed: passed to ``PrivacyEngine``.
         poisson: Poisson-subsampled logical batches (default) or the
             Trainer's shuffled fixed-size batches.
+        privacy_unit: ``"example"`` (default) or ``"user"``: epsilon then
+            protects all the examples of one user (:mod:`dpft.units`).  Give
+            the users as ``user_column`` (a column of an HF ``datasets``
+            train set; it never reaches the model) or ``user_ids`` (one id
+            per training example).  Users are Poisson-sampled at
+            ``q = B / U`` with ``B = per_device_train_batch_size *
+            gradient_accumulation_steps`` now the expected number of *users*
+            per step (each bringing all of their examples, or at most
+            ``max_per_user`` of them), split into physical chunks of
+            ``per_device_train_batch_size`` examples.
 
     After ``create_optimizer`` (i.e. once ``train()`` starts), the engine is
     ``trainer.dp_engine``.  Checkpoints hold its state (:data:`DP_STATE_NAME`);
@@ -196,6 +209,10 @@ class DPTrainer(Trainer):
         accountant: str = "pld",
         noise_seed: int | None = None,
         poisson: bool = True,
+        privacy_unit: str = "example",
+        user_column: str | None = None,
+        user_ids: Any = None,
+        max_per_user: int | None = None,
         **kwargs: Any,
     ) -> None:
         if (target_epsilon is None) == (noise_multiplier is None):
@@ -226,6 +243,9 @@ class DPTrainer(Trainer):
             )
         if self.train_dataset is None or not hasattr(self.train_dataset, "__len__"):
             raise ValueError("DPTrainer needs a map-style train_dataset with a length")
+        self.privacy_unit = privacy_unit
+        self._user_ids = self._read_user_ids(privacy_unit, user_column, user_ids, poisson)
+        self.max_per_user = max_per_user
         if a.max_grad_norm not in (None, 0, 0.0):
             if a.max_grad_norm != 1.0:  # 1.0 is the TrainingArguments default
                 warnings.warn(
@@ -257,11 +277,40 @@ class DPTrainer(Trainer):
             accountant=accountant,
             noise_seed=noise_seed,
             poisson=self.poisson,
+            privacy_unit=privacy_unit,
         )
         self.dp_engine: PrivacyEngine | None = None
         self.dp_train_dataloader = None
 
     # -- data ----------------------------------------------------------------
+    def _read_user_ids(self, unit: str, column: str | None, ids: Any, poisson: bool) -> list[Any] | None:
+        if unit not in ("example", "user"):
+            raise ValueError(f"DPTrainer: privacy_unit must be 'example' or 'user', got {unit!r}")
+        if unit == "example":
+            if column is not None or ids is not None:
+                raise ValueError("DPTrainer: user_column / user_ids need privacy_unit='user'")
+            return None
+        if not poisson:
+            raise ValueError("DPTrainer: privacy_unit='user' samples users (Poisson); poisson=False is not supported")
+        if (column is None) == (ids is None):
+            raise ValueError("DPTrainer(privacy_unit='user'): give exactly one of user_column (a column of "
+                             "train_dataset) or user_ids (one id per training example)")
+        if column is not None:
+            names = getattr(self.train_dataset, "column_names", None)
+            if names is None or column not in names:
+                raise ValueError(f"DPTrainer: train_dataset has no column {column!r} (columns: {names}); "
+                                 "pass user_ids=... for a dataset without columns")
+            ids = self.train_dataset[column]
+        ids = list(ids.tolist() if hasattr(ids, "tolist") else ids)
+        if len(ids) != len(self.train_dataset):
+            raise ValueError(f"DPTrainer: {len(ids)} user ids for {len(self.train_dataset)} training examples")
+        return ids
+
+    @property
+    def num_units(self) -> int:
+        """The number of privacy units: examples, or distinct users."""
+        return len(self.train_dataset) if self._user_ids is None else len(set(self._user_ids))
+
     def get_train_dataloader(self):  # type: ignore[override]
         if not self.poisson:
             return super().get_train_dataloader()
@@ -283,6 +332,15 @@ class DPTrainer(Trainer):
         if self.args.dataloader_num_workers > 0:
             kw["persistent_workers"] = self.args.dataloader_persistent_workers
             kw["prefetch_factor"] = self.args.dataloader_prefetch_factor
+        if self._user_ids is not None:
+            # users Poisson-sampled at q = B / U (B: expected users per step); ceil(U / B) steps per epoch
+            u = self.num_units
+            self.dp_train_dataloader = user_poisson_loader(
+                dataset, self._user_ids, min(self.logical_batch_size, u), max_per_user=self.max_per_user,
+                steps=math.ceil(u / self.logical_batch_size), seed=seed, collate_fn=collator,
+                units_key=UNITS_KEY, **kw,
+            )
+            return self.dp_train_dataloader
         # steps per epoch: ceil(N / B), as PrivacyEngine(epochs=...) counts them
         self.dp_train_dataloader = poisson_loader(
             dataset,
@@ -303,8 +361,8 @@ class DPTrainer(Trainer):
                 raise RuntimeError("DPTrainer: the planned number of steps is not known when creating the optimizer")
             self.dp_engine = PrivacyEngine(
                 self.model,
-                batch_size=self.logical_batch_size,
-                sample_size=len(self.train_dataset),
+                batch_size=min(self.logical_batch_size, self.num_units),
+                sample_size=self.num_units,
                 steps=steps,
                 **self._engine_kwargs,
             )
@@ -331,7 +389,8 @@ class DPTrainer(Trainer):
             "poisson": self.poisson,
             "sampling_seed": self._sampling_seed(),
             "logical_batch_size": self.logical_batch_size,
-            "sample_size": len(self.train_dataset),
+            "sample_size": self.num_units,
+            "privacy_unit": self.privacy_unit,
         }
 
     def load_dp_state_dict(self, state: dict[str, Any]) -> None:
@@ -342,8 +401,8 @@ class DPTrainer(Trainer):
         if state.get("format") != _DP_STATE_FORMAT:
             raise ValueError(f"DPTrainer: unknown DP state format {state.get('format')!r}")
         for key, mine in (("poisson", self.poisson), ("logical_batch_size", self.logical_batch_size),
-                          ("sample_size", len(self.train_dataset))):
-            if state[key] != mine:
+                          ("sample_size", self.num_units), ("privacy_unit", self.privacy_unit)):
+            if state.get(key, "example" if key == "privacy_unit" else None) != mine:
                 raise ValueError(f"DPTrainer: the checkpoint was trained with {key}={state[key]!r}, "
                                  f"this trainer has {key}={mine!r}; resume with the same setup")
         # checks noise multiplier, sampling rate, R and delta against this engine
@@ -426,15 +485,21 @@ class DPTrainer(Trainer):
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
+        units = inputs.pop(UNITS_KEY) if self._user_ids is not None else None
         n = _batch_size(inputs)
         engine = self.dp_engine
         assert engine is not None, "DPTrainer: the engine is created in create_optimizer"
         if n == 0:  # empty Poisson batch: noise-only step, accounted as usual
             engine.record_empty_batch()
             return torch.zeros((), device=self.args.device)
-        chunks = split_physical(inputs, self.physical_batch_size) if self.poisson else [inputs]
+        if units is not None:
+            pairs = split_physical((inputs, units), self.physical_batch_size)
+        else:
+            pairs = ((c, None) for c in (split_physical(inputs, self.physical_batch_size) if self.poisson else [inputs]))
         total = torch.zeros((), device=self.args.device)
-        for chunk in chunks:
+        for chunk, chunk_units in pairs:
+            if chunk_units is not None:
+                engine.set_units(chunk_units)
             with self.compute_loss_context_manager():
                 loss = self.compute_loss(model, chunk)
             # plain mean over the physical batch: no 1/gradient_accumulation_steps

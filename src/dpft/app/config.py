@@ -40,6 +40,8 @@ class TrainConfig:
     test_file: str | None = None        # evaluation file for a CSV/JSONL --dataset (default: hold out 20 %)
     text_column: str | None = None      # column names of a CSV/JSONL/HF dataset (default: found by name)
     label_column: str | None = None
+    privacy_unit: str | None = None     # "example" (default) | "user": ε protects all of a user's examples
+    user_column: str | None = None      # the user of each training example (CSV/JSONL/HF column; movie_name)
     method: str | None = None           # one of METHODS; default "bitfit"
     epsilon: float | None = None        # target ε; default 3
     delta: float | None = None          # default: the engine's (below 1/N)
@@ -164,6 +166,16 @@ def validate(cfg: TrainConfig) -> None:
     """Checks that need no data or model; raise ConfigError naming the option."""
     if cfg.method is not None and cfg.method not in METHODS:
         raise ConfigError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    if cfg.privacy_unit not in (None, "example", "user"):
+        raise ConfigError(f"unknown privacy unit {cfg.privacy_unit!r}; choose example or user")
+    if cfg.privacy_unit == "user":
+        if cfg.method == "sparta":
+            raise ConfigError("--privacy-unit user with --method sparta is not supported by dpft train yet "
+                              "(the library supports it: PrivacyEngine(privacy_unit='user'))")
+        if cfg.poisson is False:
+            raise ConfigError("--privacy-unit user samples users (Poisson); --no-poisson is not supported with it")
+    elif cfg.user_column is not None:
+        raise ConfigError("--user-column needs --privacy-unit user")
     if cfg.checkpoint_minutes is not None and not (
             isinstance(cfg.checkpoint_minutes, (int, float)) and not isinstance(cfg.checkpoint_minutes, bool)
             and math.isfinite(cfg.checkpoint_minutes) and cfg.checkpoint_minutes >= 0):
@@ -259,6 +271,7 @@ def resolve(cfg: TrainConfig, kind: str | None = None, device: torch.device | No
     r.epsilon = float(r.epsilon) if r.epsilon is not None else 3.0
     r.seed = 0 if r.seed is None else r.seed
     r.poisson = True if r.poisson is None else bool(r.poisson)
+    r.privacy_unit = r.privacy_unit or "example"
     r.bf16 = bool(r.bf16)
     r.resume, r.overwrite = bool(r.resume), bool(r.overwrite)
     r.clipping_fn = r.clipping_fn or "abadi"

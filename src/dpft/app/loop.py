@@ -343,6 +343,8 @@ class _Run:
             with j.autocast():
                 logits = _forward(j.net, inputs)
             loss = F.cross_entropy(logits.float(), y)
+            if j.engine is not None and j.user_level:
+                j.engine.set_units(j.units[chunk])
             if j.private or len(chunks) == 1:
                 loss.backward()
             else:  # non-private accumulation: weight each chunk by its share

