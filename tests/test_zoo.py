@@ -323,8 +323,6 @@ EXPECTED.update({
     ("mamba", "lora"): (Crash, "RuntimeError: view size is not compatible with input tensor's size and stride, "
                                "in dpft/batched.py weighted (same-shaped LoRA layers batched)"),
     # refused with dpft's own message
-    ("mixtral", "full"): (Refused, "dpft: per-example gradients of 'model.layers.1.mlp.gate.weight' (the router) "
-                                   "summed over the examples differ from autograd's (first-pass self-check)"),
     ("mamba", "bitfit"): (Refused, "dpft: parameter 'backbone.layers.1.mixer.dt_proj.bias' received a gradient "
                                    "through a use that no dpft hook saw (transformers' Mamba uses dt_proj "
                                    "functionally)"),

@@ -107,13 +107,16 @@ class FallbackRule(Rule):
                 args = tuple(probe(a) for a in args[:k]) + tuple(args[k:])
             out = module.forward(*args, **kwargs)
         outs = _flat_tensors(out)
-        pairs = [
-            (o, g)
-            for o, g in zip(outs, call.grads)
-            if o is not None and g is not None and o.requires_grad
-        ]
+        pairs = []
+        seen: set[int] = set()
+        for o, g in zip(outs, call.grads):
+            # (an output returned twice got the whole gradient in each of its hooks: counted once)
+            if o is not None and g is not None and o.requires_grad and id(o) not in seen:
+                seen.add(id(o))
+                pairs.append((o, g))
         if not pairs:
             return {}
+        pairs = _external(pairs, [t for t, _ in probes] + list(plist) + _leaves(args, kwargs))
         numel = sum(g.numel() for _, g in pairs)
         chunk = max(1, min(n, (1 << 26) // max(1, numel)))
         parts: list[list[Tensor]] = [[] for _ in names]
@@ -138,6 +141,64 @@ class FallbackRule(Rule):
             for i, (gk, p) in enumerate(zip(gs, plist)):
                 parts[i].append(gk if gk is not None else torch.zeros(len(idx), *p.shape, dtype=p.dtype, device=p.device))
         return {k: Direct(torch.cat(v)) for k, v in zip(names, parts)}
+
+
+def _leaves(args: tuple, kwargs: dict) -> list[Tensor]:
+    """The module's tensor inputs (where a walk of its recomputed graph stops)."""
+    return [a for a in _flat_tensors(list(args) + list(kwargs.values())) if isinstance(a, Tensor)]
+
+
+def _nodes_above(root: Any, stop: set[Any]) -> set[Any]:
+    """The autograd nodes reachable from ``root`` without passing a node of ``stop``."""
+    seen: set[Any] = set()
+    todo = [root] if root is not None else []
+    while todo:
+        node = todo.pop()
+        if node in seen or node in stop:
+            continue
+        seen.add(node)
+        todo.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    return seen
+
+
+def _external(pairs: list[tuple[Tensor, Tensor]], inputs: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """The outputs' gradients with what reached them through the module's
+    other outputs taken out.
+
+    The hook on a module's output receives that output's whole gradient.
+    When one output is computed from another (a router returns its logits
+    and the top-k weights computed from them), the upstream output's gradient
+    already contains the downstream one's pulled back through the module:
+    pulling back both would count that path twice.  Here each upstream
+    output keeps only its own (external) part, ``g_j - sum_k J_kj^T ext_k``
+    over the outputs ``k`` computed from it, from the last outputs down."""
+    if len(pairs) < 2:
+        return pairs
+    stop = {t.grad_fn for t in inputs if t.grad_fn is not None}
+    nodes = [o.grad_fn for o, _ in pairs]
+    # downstream[j]: the outputs whose graph reaches output j's node (through other outputs or not)
+    reach = [_nodes_above(n, stop) for n in nodes]
+    downstream = [[k for k in range(len(pairs)) if k != j and nodes[j] is not None and nodes[j] in reach[k]]
+                  for j in range(len(pairs))]
+    if not any(downstream):
+        return pairs
+    ext: dict[int, Tensor] = {}
+    todo = list(range(len(pairs)))
+    while todo:
+        ready = [j for j in todo if all(k in ext for k in downstream[j])]
+        if not ready:  # (a cycle cannot happen in autograd's graph)
+            raise RuntimeError("dpft: the module's outputs depend on each other in a cycle")
+        for j in ready:
+            o, g = pairs[j]
+            ks = downstream[j]
+            if ks:
+                internal = torch.autograd.grad([pairs[k][0] for k in ks], o, [ext[k] for k in ks],
+                                               retain_graph=True, allow_unused=True)[0]
+                if internal is not None:
+                    g = g - internal
+            ext[j] = g
+            todo.remove(j)
+    return [(o, ext[j]) for j, (o, _) in enumerate(pairs)]
 
 
 def _check_apart(grads: Any, probes: list[tuple[Tensor, int]], idx: Tensor, n: int, name: str, module: nn.Module) -> None:
