@@ -130,7 +130,7 @@ def _one_thread():
 # -- the zoo ---------------------------------------------------------------------------------------
 
 def _zoo() -> dict[str, Z.Arch]:
-    zoo: dict[str, Z.Arch] = {}
+    zoo: dict[str, Z.Arch] = {"moe-linear": Z.hand_moe()}
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -358,8 +358,8 @@ def _case(name: str, method: str, clip: str, mode: str = "auto", gc: bool = Fals
 
 #: every case runs under clipping_mode="auto" (book-keeping, the default); these also under other modes
 MODES = {
-    "ghost": ["bert", "gpt2", "llama", "t5", "vit", "timm-resnet", "timm-convnext"],
-    "instantiate": ["gpt2", "gemma", "biogpt", "timm-efficientnet"],
+    "ghost": ["bert", "gpt2", "llama", "mixtral", "moe-linear", "t5", "vit", "timm-resnet", "timm-convnext"],
+    "instantiate": ["gpt2", "gemma", "mixtral", "moe-linear", "biogpt", "timm-efficientnet"],
 }
 GC = ["bert", "gpt2", "llama", "t5"]  # also with gradient checkpointing (transformers' own)
 

@@ -688,7 +688,7 @@ class Capture:
             flat = _flat_tensors(output)
             if not any(t is not None and t.requires_grad for t in flat):
                 return None
-            if n is not None and not self._batched(b, flat, n):
+            if n is not None and not self._batched(b, flat, n, args):
                 self._escalate(b)
                 return None
             self._fallback_call(b, module, args, (b.kwargs, b.rng, b.autocast), flat,
@@ -817,7 +817,7 @@ class Capture:
             return None
         b.rule, b.fallback, b.early = FALLBACK, True, frozenset()
         n = self.batch_size
-        if n is not None and not self._batched(b, flat, n):
+        if n is not None and not self._batched(b, flat, n, args):
             self._escalate(b)
             return None
         self._fallback_call(b, module, args, state, flat, n if n is not None else flat[0].shape[0])
@@ -834,10 +834,12 @@ class Capture:
             if t is not None and t.requires_grad:
                 t.register_hook(partial(self._on_fallback_grad, b, call, i))
 
-    def _batched(self, b: Binding, flat: list, n: int) -> bool:
+    def _batched(self, b: Binding, flat: list, n: int, args: tuple = ()) -> bool:
         """Whether the outputs needing a gradient carry the examples: leading
         dimension ``n``, or examples' rows flattened into it (verified in the
-        first passes, see :meth:`_rows_problem`)."""
+        first passes, see :meth:`_rows_problem`; for a generic-path module
+        with a batch-first data argument, by the recomputation's check that
+        each example's output rows reach its own input alone)."""
         dim = b.rule.batch_dim(b.module) if isinstance(b.rule, FallbackRule) else 0
         outs = [t for t in flat if t is not None and t.requires_grad]
         if not all(t.ndim > dim and t.shape[dim] % n == 0 for t in outs):
@@ -847,11 +849,27 @@ class Capture:
             if b.verdict is None:  # verified the first time, the verdict kept (see _post)
                 b.verdict = next((p for t in flat_rows if (p := self._rows_problem(b, t, t, n) if dim == 0
                                                             else "batch dim not first")), "")
+                if b.verdict and self._checked_by_recomputation(b, args, n, dim):
+                    # the first passes' recomputation pulls each example's rows back to
+                    # that batch-first argument and refuses rows that reach another example
+                    b.verdict = ""
             if b.verdict:
                 return False
         if self.batch_size is not None:
             self._anchors.extend(outs)
         return True
+
+    def _checked_by_recomputation(self, b: Binding, args: tuple, n: int, dim: int) -> bool:
+        """Whether the generic path's first passes will verify ``b``'s row
+        layout: a positional data argument it probes (see
+        :func:`dpft.rules.fallback._check_apart`) is batch-first (``n`` rows,
+        not flattened), and those checks are still ahead."""
+        rule = b.rule
+        if not isinstance(rule, FallbackRule) or self._passes >= self.check_passes or self.batch_size is None:
+            return False
+        k = len(args) if rule.data_args is None else rule.data_args
+        return any(isinstance(a, Tensor) and a.is_floating_point() and a.ndim > dim and a.shape[dim] == n
+                   for a in args[:k])
 
     def _escalate(self, b: Binding, strict: bool = True) -> bool:
         """``b``'s module returned no per-example output (a relative position
@@ -896,7 +914,7 @@ class Capture:
         if not any(t is not None and t.requires_grad for t in flat):
             return
         n = self.batch_size
-        if not self._batched(esc, flat, n):  # type: ignore[arg-type]
+        if not self._batched(esc, flat, n, stash[0]):  # type: ignore[arg-type]
             self._escalate(esc)
             return
         self._fallback_call(esc, module, stash[0], stash[2], flat, n)  # type: ignore[arg-type]
@@ -1243,6 +1261,24 @@ class Capture:
                 h.remove()
             self._param_handles = []
         self.sink(out, n, (self.lane_keys, lane) if lane is not None else None)
+
+    def generic_path(self) -> dict[str, str]:
+        """The trainable parameters whose per-example gradients take the exact
+        generic path (a recomputation of their module, see
+        :mod:`dpft.rules.fallback`) instead of a fast rule: canonical name ->
+        the module recomputed and why.  Before the first step this is the
+        plan; modules that switch to the generic path in a forward (a weight
+        that never reached its operator, a batch-independent output taken over
+        by an enclosing module) show after it."""
+        out: dict[str, str] = {}
+        for b in self.bindings:
+            if b.fallback:
+                for local, key in b.keys.items():
+                    out[key] = f"module '{b.name}' ({type(b.module).__name__}): {b.rule.why}"
+        for esc in self._escalated.values():
+            for local, key in esc.keys.items():
+                out[key] = f"module '{esc.name}' ({type(esc.module).__name__}): {esc.rule.why}"
+        return out
 
     def _param(self, key: str) -> nn.Parameter:
         if not hasattr(self, "_params"):

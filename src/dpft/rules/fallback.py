@@ -53,6 +53,8 @@ class FallbackRule(Rule):
     handles = None
     recursive = False
     eager: tuple[str, ...] = ()
+    #: why a module takes this path (reported by ``PrivacyEngine.generic_path``)
+    why = "no fast rule covers this module or parameter"
     #: how many leading positional arguments carry examples (``None``: all);
     #: the first backward passes check that these stay apart
     data_args: int | None = None
@@ -259,6 +261,8 @@ class ParametrizedRule(FallbackRule):
     from the parametrizations' own parameters in its forward, so the module is
     recomputed as a whole; covers the parametrizations' parameters and its own."""
 
+    why = "parametrized weight (recomputed with its parametrizations)"
+
     recursive = True
 
 
@@ -268,11 +272,41 @@ class EnclosingRule(FallbackRule):
     bias shared by the whole batch): the per-example gradients appear only
     where that output meets the examples, in the enclosing module's output."""
 
+    why = "recomputed for a batch-independent output of a module inside it"
+
     recursive = True
+
+
+class RoutedExpertsRule(FallbackRule):
+    """A mixture-of-experts block that holds its experts as separate modules
+    (a ``ModuleList`` named ``experts``, each expert's ``nn.Linear`` layers
+    called on the tokens routed to it: older Mixtral, Qwen2-MoE, DeepSeek
+    style).  An expert's input rows are the tokens of several examples,
+    gathered by the router: neither batch-first nor example by example, so no
+    per-layer rule may claim them (even when the number of routed tokens
+    happens to equal the batch size).  The block is recomputed as a whole,
+    which maps each token back to its example: exact per-example gradients
+    for the router, the experts and any shared expert."""
+
+    why = "mixture of experts (tokens routed to per-expert modules)"
+
+    recursive = True
+
+
+def is_moe_block(module: nn.Module) -> bool:
+    """Whether ``module`` holds its experts as a list of modules with
+    parameters (see :class:`RoutedExpertsRule`)."""
+    for name, child in module.named_children():
+        if "expert" in name.lower() and isinstance(child, (nn.ModuleList, nn.ModuleDict)) and len(child) >= 2:
+            if sum(1 for e in child.children() if any(True for _ in e.parameters())) >= 2:
+                return True
+    return False
 
 
 class MultiheadAttentionRule(FallbackRule):
     """``nn.MultiheadAttention``: covers its own projections and ``out_proj``."""
+
+    why = "nn.MultiheadAttention (out_proj applied functionally)"
 
     recursive = True
     data_args = 3  # query, key, value (a positional attn_mask is shared by the batch)
