@@ -320,8 +320,6 @@ EXPECTED.update({
     ("deberta-v2", "full"): (Crash, "RuntimeError in transformers' disentangled_attention_bias (bmm expected "
                                     "[6, 8], got [18, 8]): dpft expands the batch-independent rel_embeddings "
                                     "LayerNorm output to the batch"),
-    ("mamba", "lora"): (Crash, "RuntimeError: view size is not compatible with input tensor's size and stride, "
-                               "in dpft/batched.py weighted (same-shaped LoRA layers batched)"),
     # refused with dpft's own message
     ("mamba", "bitfit"): (Refused, "dpft: parameter 'backbone.layers.1.mixer.dt_proj.bias' received a gradient "
                                    "through a use that no dpft hook saw (transformers' Mamba uses dt_proj "
