@@ -324,8 +324,6 @@ EXPECTED.update({
     ("mamba", "bitfit"): (Refused, "dpft: parameter 'backbone.layers.1.mixer.dt_proj.bias' received a gradient "
                                    "through a use that no dpft hook saw (transformers' Mamba uses dt_proj "
                                    "functionally)"),
-    ("mamba", "full"): (Refused, "dpft: the per-example gradients of 'backbone.layers.1.mixer.D' summed over the "
-                                 "examples differ from autograd's (first-pass self-check)"),
     ("beit-shared-bias", "full"): (Refused, "dpft: the per-example gradients of 'beit.shared_position_bias."
                                             "relative_position_bias_table' (one batch-independent table used by "
                                             "every layer) summed over the examples differ from autograd's "

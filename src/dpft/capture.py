@@ -36,7 +36,7 @@ from .norms import acc_dtype_of, instantiation_frees, instantiation_pays, prefer
 from .precision import full_fp32
 from .rules.base import HALF, Factored, UnsupportedModuleError, clear_half_copies
 from .rules.embedding import EmbeddingRule, check_embedding
-from .rules.fallback import FallbackRule, _flat_tensors, rng_state
+from .rules.fallback import FallbackRule, _flat_tensors, fresh_caches, rng_state
 from .rules.functional import CONVERSIONS, OPS, OPS_OF, overriding_parent
 
 
@@ -101,6 +101,11 @@ class Binding:
     #: class overrides its forward: the operator call is caught inside it
     tap: type | None = None
     mode: Any = None  # the active :class:`_OpTap` during the module's forward
+    ran: int = 0  # forwards of the module seen (see Capture._absorb_idle)
+    #: generic-path container: the bindings of modules inside it, and their ``ran`` when its forward began
+    inner: list = field(default_factory=list)
+    snapshot: tuple = ()
+    absorbed: bool = False  # its parameters were taken over by an enclosing generic-path module
 
 
 def _module_params(module: nn.Module, recursive: bool) -> dict[str, nn.Parameter]:
@@ -376,7 +381,12 @@ class Capture:
         # instantiated is instantiated as soon as its output gradient arrives
         self.norm_mode = norm_mode
         self.bindings, self.owner = plan_model(model)
-        self._plan_lane(set(no_lane))
+        self._no_lane = set(no_lane)
+        self._plan_lane(self._no_lane)
+        for b in self.bindings:
+            if isinstance(b.rule, FallbackRule) and not b.rule.recursive and not b.expand:
+                inside = {id(m) for m in b.module.modules()} - {id(b.module)}
+                b.inner = [c for c in self.bindings if id(c.module) in inside and not c.expand]
         self.batch_size: int | None = None
         self.enabled = True
         self._received: list[tuple[Binding, Call]] = []
@@ -637,12 +647,14 @@ class Capture:
         return leaf
 
     def _pre(self, b: Binding, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not self._active():
+        if not self._active() or b.absorbed:
             return
         if isinstance(b.rule, FallbackRule):
+            if b.inner and self._passes < self.check_passes:
+                b.snapshot = tuple(c.ran for c in b.inner)
             dev = next((a.device for a in args if isinstance(a, Tensor)), None)
             b.rng = rng_state(dev)
-            b.kwargs = kwargs
+            b.kwargs = fresh_caches(module, kwargs)
             b.autocast = _autocast_state(dev)
         elif self.book_keeping and self._passes >= self.check_passes:
             # (not in the first backward passes: there autograd's weight
@@ -663,6 +675,9 @@ class Capture:
                         b.toggled.append(p)
 
     def _post(self, b: Binding, module: nn.Module, args: tuple, output: Any) -> Any:
+        if b.absorbed:
+            return None
+        b.ran += 1
         if self.batch_size is None and not self._outside_root and self._active():
             self._outside_root = True
         tapped: Any = None
@@ -685,6 +700,8 @@ class Capture:
             return tapped
         n = self.batch_size
         if b.fallback:
+            if b.snapshot:
+                self._absorb_idle(b)
             flat = _flat_tensors(output)
             if not any(t is not None and t.requires_grad for t in flat):
                 return None
@@ -791,17 +808,18 @@ class Capture:
         call.versions = ()
 
     def _tap_pre(self, b: Binding, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if b.fallback:  # moved to the generic path (below)
+        if b.fallback or b.absorbed:  # moved to the generic path (below)
             return self._pre(b, module, args, kwargs)
         if self._active():
             dev = next((a.device for a in args if isinstance(a, Tensor)), None)
-            b.kwargs, b.rng, b.autocast = kwargs, rng_state(dev), _autocast_state(dev)
+            b.kwargs, b.rng, b.autocast = fresh_caches(module, kwargs), rng_state(dev), _autocast_state(dev)
             b.mode = _OpTap(self, b)
             b.mode.__enter__()
 
     def _tap_post(self, b: Binding, module: nn.Module, args: tuple, output: Any) -> Any:
-        if b.fallback:
+        if b.fallback or b.absorbed:
             return self._post(b, module, args, output)
+        b.ran += 1
         mode, b.mode = b.mode, None
         if mode is None:
             return None
@@ -822,6 +840,34 @@ class Capture:
             return None
         self._fallback_call(b, module, args, state, flat, n if n is not None else flat[0].shape[0])
         return None
+
+    def _absorb_idle(self, b: Binding) -> None:
+        """In the first passes: modules inside the generic-path container ``b``
+        that did not run during its forward, although their parameters train
+        (Mamba's ``dt_proj``, whose weight and bias the mixer uses directly),
+        are taken over by ``b``: its recomputation covers their parameters
+        too, from this forward on (their own hooks would never see a use)."""
+        idle = [c for c, r in zip(b.inner, b.snapshot) if c.ran == r and not c.absorbed]
+        b.snapshot = ()
+        if not idle:
+            return
+        prefix = {id(m): k + "." for k, m in b.module.named_modules() if k}
+        moved: set[str] = set()
+        for c in idle:
+            c.absorbed = True
+            for local, key in c.keys.items():
+                b.keys[prefix[id(c.module)] + local] = key
+                moved.add(key)
+            self.bindings.remove(c)
+        b.params = frozenset(b.keys)
+        b.inner = [c for c in b.inner if not c.absorbed]
+        offs = {id(x): x.off for x in self.bindings}
+        self._plan_lane(self._no_lane)
+        for x in self.bindings:
+            x.off = x.off or offs[id(x)]
+        gone = {id(self._param(k)) for k in moved}
+        self._switchable = [p for p in self._switchable if id(p) not in gone]
+        self._lane_params = [p for p in self._lane_params if id(p) not in gone]
 
     def _fallback_call(self, b: Binding, module: nn.Module, args: tuple, state: tuple, flat: list, n: int) -> None:
         """A generic-path call of ``module``: keep its inputs (and the RNG and
@@ -894,6 +940,7 @@ class Capture:
     def _anc_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._active() and self.batch_size is not None:
             dev = next((a.device for a in args if isinstance(a, Tensor)), None)
+            kwargs = fresh_caches(module, kwargs)
             self._stash[id(module)] = (args, kwargs, (kwargs, rng_state(dev), _autocast_state(dev)))
 
     def _anc_post(self, module: nn.Module, args: tuple, output: Any) -> None:

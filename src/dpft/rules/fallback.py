@@ -79,7 +79,10 @@ class FallbackRule(Rule):
         module = call.module
         n = call.batch_size
         bdim = self.batch_dim(module)
-        named = dict(module.named_parameters()) if self.recursive else dict(module.named_parameters(recurse=False))
+        # (dotted names: parameters of modules inside it, recursive rules or
+        # modules taken over because they never ran, see Capture._absorb_idle)
+        recurse = self.recursive or any("." in k for k in params)
+        named = dict(module.named_parameters()) if recurse else dict(module.named_parameters(recurse=False))
         names = sorted(params)
         plist = [named[k] for k in names]
         # Recompute the module's forward on the whole batch with the RNG state
@@ -143,6 +146,31 @@ class FallbackRule(Rule):
             for i, (gk, p) in enumerate(zip(gs, plist)):
                 parts[i].append(gk if gk is not None else torch.zeros(len(idx), *p.shape, dtype=p.dtype, device=p.device))
         return {k: Direct(torch.cat(v)) for k, v in zip(names, parts)}
+
+
+def fresh_cache(module: nn.Module, value: Any) -> Any:
+    """``None`` for a transformers cache (``past_key_values``, Mamba's
+    recurrent state) that holds nothing yet for this module's layer (read
+    before the module's forward), else ``value``.  The module's forward fills the cache, so a
+    recomputation given the same object would read this forward's own states
+    as if they came before it (Mamba's scan then starts from its final
+    state); without a cache it computes what the forward did."""
+    layer = getattr(module, "layer_idx", None)
+    seq = getattr(value, "get_seq_length", None)
+    if layer is None or seq is None or "Cache" not in type(value).__name__ or isinstance(value, Tensor):
+        return value
+    try:
+        empty = int(seq(layer)) == 0
+    except (TypeError, ValueError, IndexError, AttributeError, RuntimeError):
+        return value
+    return None if empty else value
+
+
+def fresh_caches(module: nn.Module, kwargs: dict) -> dict:
+    """``kwargs`` with :func:`fresh_cache` applied (called before the module's forward)."""
+    if not kwargs:
+        return kwargs
+    return {k: fresh_cache(module, v) for k, v in kwargs.items()}
 
 
 def _leaves(args: tuple, kwargs: dict) -> list[Tensor]:
