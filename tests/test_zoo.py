@@ -321,9 +321,6 @@ EXPECTED.update({
                                     "[6, 8], got [18, 8]): dpft expands the batch-independent rel_embeddings "
                                     "LayerNorm output to the batch"),
     # refused with dpft's own message
-    ("mamba", "bitfit"): (Refused, "dpft: parameter 'backbone.layers.1.mixer.dt_proj.bias' received a gradient "
-                                   "through a use that no dpft hook saw (transformers' Mamba uses dt_proj "
-                                   "functionally)"),
     ("beit-shared-bias", "full"): (Refused, "dpft: the per-example gradients of 'beit.shared_position_bias."
                                             "relative_position_bias_table' (one batch-independent table used by "
                                             "every layer) summed over the examples differ from autograd's "

@@ -427,6 +427,9 @@ class Capture:
         self._stash: dict[int, tuple] = {}
         self._pending: dict[int, list[Binding]] = {}
         self._escalated: dict[tuple, Binding] = {}
+        self._watched: dict[int, tuple[nn.Module, list[Binding]]] = {}
+        self._watch_snap: dict[int, list[int]] = {}
+        self._idle_in: dict[int, list[Binding]] = {}  # module id -> hooked children it recomputes (never ran)
 
     def _plan_lane(self, no_lane: set[str]) -> None:
         """The flat lane: parameters whose per-example gradients are reduced
@@ -547,9 +550,24 @@ class Capture:
                 while parent is not None:
                     enclosing[id(parent[1])] = parent[1]
                     parent = self._parents.get(id(parent[1]))
+        # in the first passes, the parent of every other hooked module too:
+        # a module that never runs while its parameters train (used
+        # functionally by its parent, e.g. Mamba's ``dt_proj``) is handed to
+        # that parent's recomputation (see _watch)
+        self._watched = {}
+        for b in self.bindings:
+            parent = self._parents.get(id(b.module))
+            if parent is not None and not b.expand and not b.fallback:
+                self._watched.setdefault(id(parent[1]), (parent[1], []))[1].append(b)
+        self._watch_handles = []
+        self._enclosing = set(enclosing)
         for m in enclosing.values():
             h.append(m.register_forward_pre_hook(self._anc_pre, with_kwargs=True))
             h.append(m.register_forward_hook(self._anc_post, always_call=True))
+        for key, (m, _) in self._watched.items():
+            if key not in enclosing:
+                self._watch_handles.append(m.register_forward_pre_hook(self._anc_pre, with_kwargs=True))
+                self._watch_handles.append(m.register_forward_hook(self._anc_post, always_call=True))
         h.append(self.model.register_forward_hook(self._root_post, always_call=True))
         covered = {k for b in self.bindings for k in b.keys.values()}
         self._param_handles = []
@@ -562,8 +580,9 @@ class Capture:
                 h.append(m.register_forward_pre_hook(partial(self._batchnorm_pre, name)))
 
     def detach(self) -> None:
-        for h in self._handles + self._param_handles:
+        for h in self._handles + self._param_handles + getattr(self, "_watch_handles", []):
             h.remove()
+        self._watch_handles = []
         self._handles = []
         self._param_handles = []
         self._pre_handles = []
@@ -841,6 +860,32 @@ class Capture:
         self._fallback_call(b, module, args, state, flat, n if n is not None else flat[0].shape[0])
         return None
 
+    def _watch(self, module: nn.Module, snap: list[int]) -> None:
+        """The first passes: hooked children of ``module`` that did not run
+        during its forward although their parameters train (the parent used
+        their weights directly) are handed to ``module``'s recomputation, in
+        this forward and every later one."""
+        children = self._watched[id(module)][1]
+        idle = [c for c, r in zip(children, snap) if c.ran == r and not c.absorbed and c in self.bindings]
+        if not idle:
+            return
+        for c in idle:
+            c.absorbed = True
+            self.bindings.remove(c)
+        self._idle_in.setdefault(id(module), []).extend(idle)
+        self._replan_lane({k for c in idle for k in c.keys.values()})
+
+    def _replan_lane(self, moved: set[str]) -> None:
+        """The flat lane planned again after the parameters ``moved`` left
+        their modules' rules for a recomputation (before the backward pass)."""
+        offs = {id(x): x.off for x in self.bindings}
+        self._plan_lane(self._no_lane)
+        for x in self.bindings:
+            x.off = x.off or offs[id(x)]
+        gone = {id(self._param(k)) for k in moved}
+        self._switchable = [p for p in self._switchable if id(p) not in gone]
+        self._lane_params = [p for p in self._lane_params if id(p) not in gone]
+
     def _absorb_idle(self, b: Binding) -> None:
         """In the first passes: modules inside the generic-path container ``b``
         that did not run during its forward, although their parameters train
@@ -861,13 +906,7 @@ class Capture:
             self.bindings.remove(c)
         b.params = frozenset(b.keys)
         b.inner = [c for c in b.inner if not c.absorbed]
-        offs = {id(x): x.off for x in self.bindings}
-        self._plan_lane(self._no_lane)
-        for x in self.bindings:
-            x.off = x.off or offs[id(x)]
-        gone = {id(self._param(k)) for k in moved}
-        self._switchable = [p for p in self._switchable if id(p) not in gone]
-        self._lane_params = [p for p in self._lane_params if id(p) not in gone]
+        self._replan_lane(moved)
 
     def _fallback_call(self, b: Binding, module: nn.Module, args: tuple, state: tuple, flat: list, n: int) -> None:
         """A generic-path call of ``module``: keep its inputs (and the RNG and
@@ -938,14 +977,23 @@ class Capture:
         return True
 
     def _anc_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        watched = self._watched.get(id(module))
+        if watched is not None and self._passes < self.check_passes and self._active():
+            self._watch_snap[id(module)] = [b.ran for b in watched[1]]
         if self._active() and self.batch_size is not None:
             dev = next((a.device for a in args if isinstance(a, Tensor)), None)
             kwargs = fresh_caches(module, kwargs)
             self._stash[id(module)] = (args, kwargs, (kwargs, rng_state(dev), _autocast_state(dev)))
 
     def _anc_post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        snap = self._watch_snap.pop(id(module), None)
+        if snap is not None:
+            self._watch(module, snap)
         stash = self._stash.pop(id(module), None)
         pending = self._pending.pop(id(module), None)
+        idle = self._idle_in.get(id(module))
+        if idle:
+            pending = (pending or []) + idle
         if not pending or stash is None or not self._active():
             return
         name = self._names[id(module)]
@@ -1302,6 +1350,16 @@ class Capture:
             for h in self._pre_handles:
                 h.remove()
             self._pre_handles = []
+        if self._passes >= self.check_passes and self._watch_handles:
+            # the parents watched in the first passes: kept only where they took a child over
+            for h in self._watch_handles:
+                h.remove()
+            self._watch_handles = []
+            for key in self._idle_in.keys() - self._enclosing:
+                m = self._watched[key][0]
+                self._handles.append(m.register_forward_pre_hook(self._anc_pre, with_kwargs=True))
+                self._handles.append(m.register_forward_hook(self._anc_post, always_call=True))
+            self._watched = {}
         if self._passes > self.check_passes and self._param_handles:
             # the uses were cross-checked: stop paying for the parameter hooks
             for h in self._param_handles:

@@ -1,0 +1,120 @@
+"""Parameters of a hooked module used directly by its parent (the module
+itself never runs: Mamba's ``dt_proj``, whose weight and bias the mixer
+reads), and generic-path modules given a transformers-style cache that their
+forward fills: exact per-example gradients (float64, several steps, some
+examples clipped), against a brute-force per-example loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from reference import check_steps
+
+import dpft
+
+B, T, D = 4, 5, 6
+
+
+class Mixer(nn.Module):
+    """Reads ``proj``'s weight and bias itself (``proj`` never runs); ``D``
+    is held by the mixer (a container parameter) when ``own`` is set."""
+
+    def __init__(self, own: bool) -> None:
+        super().__init__()
+        self.inp = nn.Linear(D, D)
+        self.proj = nn.Linear(D, D)
+        self.D = nn.Parameter(torch.randn(D)) if own else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x)
+        h = torch.tanh(h @ self.proj.weight.t() + self.proj.bias) * h
+        return h + x * self.D if self.D is not None else h
+
+
+class ToyCache:
+    """A stand-in for a transformers cache: per layer, the states its
+    module stored during this forward."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, Tensor] = {}
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        s = self.states.get(layer_idx)
+        return 0 if s is None else s.shape[1]
+
+
+class Scan(nn.Module):
+    """A recurrence that starts from the cached state if there is one, and
+    stores its final state (like Mamba's scan): recomputed with the filled
+    cache, it would start from its own final state."""
+
+    def __init__(self, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.decay = nn.Parameter(torch.rand(D) * 0.5 + 0.25)  # a container parameter: the generic path
+        self.inp = nn.Linear(D, D)
+
+    def forward(self, x: Tensor, cache: ToyCache | None = None) -> Tensor:
+        u = self.inp(x)
+        s = cache.states[self.layer_idx][:, -1] if cache is not None and cache.get_seq_length(self.layer_idx) else torch.zeros_like(u[:, 0])
+        out = []
+        for t in range(u.shape[1]):
+            s = self.decay * s + u[:, t]
+            out.append(s)
+        h = torch.stack(out, 1)
+        if cache is not None:
+            cache.states[self.layer_idx] = h.detach()
+        return h
+
+
+class Model(nn.Module):
+    def __init__(self, body: nn.Module, cached: bool = False) -> None:
+        super().__init__()
+        self.body = body
+        self.cached = cached
+        self.out = nn.Linear(D, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.body(x, cache=ToyCache()) if self.cached else self.body(x)
+        return self.out(h.mean(1))
+
+
+def _loss(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def _collate(examples):
+    return tuple(torch.stack(v) for v in zip(*examples))
+
+
+def _make():
+    return torch.randn(T, D), torch.randint(0, 3, ())
+
+
+@pytest.mark.parametrize("mode", ["auto", "ghost"])
+@pytest.mark.parametrize("own", [False, True], ids=["parent-without-parameters", "generic-path-parent"])
+def test_module_used_by_its_parent_full(own, mode):
+    torch.manual_seed(0)
+    model = Model(Mixer(own))
+    check_steps(model, _make, _collate, _loss, steps=3, batch_size=B, mode=mode)
+    assert "body.proj.weight" in dpft.PrivacyEngine(
+        Model(Mixer(own)), batch_size=B, sample_size=100, steps=3, noise_multiplier=1.0, max_grad_norm=1.0
+    ).trainable_names
+
+
+@pytest.mark.parametrize("own", [False, True], ids=["parent-without-parameters", "generic-path-parent"])
+def test_module_used_by_its_parent_bitfit(own):
+    """DP-BiTFiT: ``proj.bias`` would be reduced in the flat lane by its own (never called) module."""
+    torch.manual_seed(0)
+    model = Model(Mixer(own))
+    dpft.bitfit(model, extra=["body.D"] if own else [])
+    check_steps(model, _make, _collate, _loss, steps=3, batch_size=B)
+
+
+def test_generic_path_module_given_a_cache_it_fills():
+    torch.manual_seed(0)
+    check_steps(Model(Scan(layer_idx=0), cached=True), _make, _collate, _loss, steps=3, batch_size=B)
