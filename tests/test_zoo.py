@@ -321,10 +321,6 @@ EXPECTED.update({
                                     "[6, 8], got [18, 8]): dpft expands the batch-independent rel_embeddings "
                                     "LayerNorm output to the batch"),
     # refused with dpft's own message
-    ("beit-shared-bias", "full"): (Refused, "dpft: the per-example gradients of 'beit.shared_position_bias."
-                                            "relative_position_bias_table' (one batch-independent table used by "
-                                            "every layer) summed over the examples differ from autograd's "
-                                            "(first-pass self-check)"),
     ("timm-mobilevit", "lora"): (Refused, "dpft: module '...transformer.0.attn.qkv.lora_A.default' (Linear) has 12 "
                                           "rows for 3 examples and no batch-first tensor before it to check which "
                                           "rows are whose"),

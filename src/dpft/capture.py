@@ -1378,8 +1378,13 @@ class Capture:
         out: dict[str, str] = {}
         for b in self.bindings:
             if b.fallback:
+                why = b.rule.why
+                if type(b.rule) is FallbackRule:
+                    why = ("parameters held directly by a module with children (layer scale, class token, "
+                           "position table, SSM parameter)" if any(True for _ in b.module.children())
+                           else "a module type without a fast rule, or a weight it does not pass to its operator")
                 for local, key in b.keys.items():
-                    out[key] = f"module '{b.name}' ({type(b.module).__name__}): {b.rule.why}"
+                    out[key] = f"module '{b.name}' ({type(b.module).__name__}): {why}"
         for esc in self._escalated.values():
             for local, key in esc.keys.items():
                 out[key] = f"module '{esc.name}' ({type(esc.module).__name__}): {esc.rule.why}"
