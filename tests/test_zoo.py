@@ -313,13 +313,6 @@ EXPECTED: dict[tuple[str, ...], tuple[type, str]] = {}
 _NO_BIAS = "dpft.bitfit makes nothing but the head trainable: the model has no bias (issue 22, Build 5)"  # (prepare)
 
 EXPECTED.update({
-    # crashes: internal errors
-    ("deberta-v2", "bitfit"): (Crash, "RuntimeError in transformers' disentangled_attention_bias (bmm expected "
-                                      "[6, 8], got [18, 8]): dpft expands the batch-independent rel_embeddings "
-                                      "LayerNorm output to the batch"),
-    ("deberta-v2", "full"): (Crash, "RuntimeError in transformers' disentangled_attention_bias (bmm expected "
-                                    "[6, 8], got [18, 8]): dpft expands the batch-independent rel_embeddings "
-                                    "LayerNorm output to the batch"),
     # refused with dpft's own message
     ("timm-mobilevit", "lora"): (Refused, "dpft: module '...transformer.0.attn.qkv.lora_A.default' (Linear) has 12 "
                                           "rows for 3 examples and no batch-first tensor before it to check which "

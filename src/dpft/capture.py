@@ -429,6 +429,9 @@ class Capture:
         self._escalated: dict[tuple, Binding] = {}
         self._watched: dict[int, tuple[nn.Module, list[Binding]]] = {}
         self._watch_snap: dict[int, list[int]] = {}
+        self._batch_first_now: set[int] = set()  # bindings with a batch-first output in this forward
+        self._escalated_now: set[int] = set()  # bindings whose output went to an enclosing module in this forward
+        self._targets: set[int] = set()  # modules that took over parameters of a module inside them
         self._idle_in: dict[int, list[Binding]] = {}  # module id -> hooked children it recomputes (never ran)
 
     def _plan_lane(self, no_lane: set[str]) -> None:
@@ -636,6 +639,8 @@ class Capture:
         # one-example output into copies that are each clipped separately)
         self.batch_size = None
         self._anchors.clear()
+        self._batch_first_now = set()
+        self._escalated_now = set()
         self._stash, self._pending = {}, {}
         if self._active():
             # the end-of-backward callback belongs to the backward pass that
@@ -748,6 +753,16 @@ class Capture:
         if lead != n:
             x = args[0] if args and isinstance(args[0], Tensor) else None
             if lead == 1:
+                if id(b) in self._batch_first_now and not isinstance(b.rule, EmbeddingRule):
+                    self._mixed_use(b)
+                if not isinstance(b.rule, EmbeddingRule) and self.batch_size is not None and self._escalate(b, strict=False):
+                    # a layer applied to a tensor shared by the batch (DeBERTa's
+                    # pos_key_proj on the relative position embeddings): the model's
+                    # code may combine its output with shape-dependent operations
+                    # (repeat, bmm), so its shape stays; the enclosing module's
+                    # recomputation gives each example its gradient
+                    self._escalated_now.add(id(b))
+                    return replaced
                 # broadcast over the batch (e.g. GPT-2 position embeddings with
                 # (1, T) position ids): expand so each example gets its own gradient
                 output = replaced = output.expand(n, *output.shape[1:])
@@ -763,14 +778,14 @@ class Capture:
                     else:
                         problem = b.verdict = self._rows_problem(b, x, output, n) or ""
                 if problem:
-                    if self.batch_size is not None and not b.lane and self._escalate(b, strict=False):
+                    if self.batch_size is not None and self._escalate(b, strict=False):
                         return replaced  # (an enclosing module's recomputation takes these parameters)
                     raise UnsupportedModuleError(problem)
                 if self.batch_size is not None:
                     self._anchors.append(output)  # verified: example j's rows are block j
                 rows = b.rows = lead // n
                 args = (x.unflatten(0, (n, rows)), *args[1:])
-            elif self.batch_size is not None and not b.lane and self._escalate(b, strict=False):
+            elif self.batch_size is not None and self._escalate(b, strict=False):
                 return replaced  # (an enclosing module's recomputation takes these parameters)
             else:
                 raise UnsupportedModuleError(
@@ -779,7 +794,10 @@ class Capture:
                     "batch_first=True), or examples' rows flattened example by example into it."
                 )
         elif self.batch_size is not None and output.requires_grad:
+            if id(b) in self._escalated_now:
+                self._mixed_use(b)
             self._anchors.append(output)
+            self._batch_first_now.add(id(b))
         call = Call(module, b.rule, n, rows=rows)
         # under activation checkpointing (a recomputation by reentrant
         # checkpointing runs outside the model's forward; non-reentrant
@@ -859,6 +877,19 @@ class Capture:
             return None
         self._fallback_call(b, module, args, state, flat, n if n is not None else flat[0].shape[0])
         return None
+
+    def _mixed_use(self, b: Binding) -> None:
+        """``b``'s layer ran on the batch and, in the same forward, on a tensor
+        shared by the batch (DeBERTa with ``share_att_key``: query_proj on the
+        relative position embeddings): the shared use's gradient can only come
+        from an enclosing module's recomputation, which would count the batch
+        use twice."""
+        raise UnsupportedModuleError(
+            f"dpft: module '{b.name}' ({type(b.module).__name__}) is applied both to the batch and, in the same "
+            "forward, to a tensor shared by the whole batch (leading dimension 1, e.g. relative position "
+            "embeddings); dpft cannot give each example its own gradient of the shared use without changing "
+            "the shape the model's code sees. Freeze this module's parameters (e.g. train it with LoRA instead)."
+        )
 
     def _watch(self, module: nn.Module, snap: list[int]) -> None:
         """The first passes: hooked children of ``module`` that did not run
@@ -974,6 +1005,7 @@ class Capture:
                 "enclosing module can be recomputed for it; freeze its parameters."
             )
         self._pending.setdefault(id(parent[1]), []).append(b)
+        self._targets.add(id(parent[1]))
         return True
 
     def _anc_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -987,7 +1019,7 @@ class Capture:
 
     def _anc_post(self, module: nn.Module, args: tuple, output: Any) -> None:
         snap = self._watch_snap.pop(id(module), None)
-        if snap is not None:
+        if snap is not None and output is not None:  # (not after a forward that raised)
             self._watch(module, snap)
         stash = self._stash.pop(id(module), None)
         pending = self._pending.pop(id(module), None)
@@ -1339,6 +1371,14 @@ class Capture:
                                 f"dpft: per-example gradient of '{key}' from module '{b.name}' has shape "
                                 f"{tuple(c.grad.shape)}, expected {expected}"
                             )
+                        if key in self.lane_offsets:
+                            # a lane parameter's use taken over by an enclosing module's recomputation
+                            if lane is None:
+                                lane = torch.zeros(n, self.lane_total, dtype=self.lane_dtype, device=self.lane_device)
+                            off, numel = self.lane_offsets[key]
+                            lane[:, off : off + numel] += c.grad.reshape(n, -1).to(lane.dtype)
+                            seen.add(key)
+                            continue
                     out.setdefault(key, []).append(c)
         finally:
             self.enabled = True
@@ -1355,7 +1395,9 @@ class Capture:
             for h in self._watch_handles:
                 h.remove()
             self._watch_handles = []
-            for key in self._idle_in.keys() - self._enclosing:
+            for key in (self._idle_in.keys() | self._targets) - self._enclosing:
+                if key not in self._watched:
+                    continue
                 m = self._watched[key][0]
                 self._handles.append(m.register_forward_pre_hook(self._anc_pre, with_kwargs=True))
                 self._handles.append(m.register_forward_hook(self._anc_post, always_call=True))
