@@ -382,6 +382,10 @@ class Capture:
         self.norm_mode = norm_mode
         self.bindings, self.owner = plan_model(model)
         self._no_lane = set(no_lane)
+        self._holders: dict[str, int] = {}  # parameter -> how many bindings hold it (tied weights: several)
+        for b in self.bindings:
+            for key in b.keys.values():
+                self._holders[key] = self._holders.get(key, 0) + 1
         self._plan_lane(self._no_lane)
         for b in self.bindings:
             if isinstance(b.rule, FallbackRule) and not b.rule.recursive and not b.expand:
@@ -755,7 +759,9 @@ class Capture:
             if lead == 1:
                 if id(b) in self._batch_first_now and not isinstance(b.rule, EmbeddingRule):
                     self._mixed_use(b)
-                if not isinstance(b.rule, EmbeddingRule) and self.batch_size is not None and self._escalate(b, strict=False):
+                if (not isinstance(b.rule, EmbeddingRule) and self.batch_size is not None
+                        and not any(self._holders.get(k, 0) > 1 for k in b.keys.values())
+                        and self._escalate(b, strict=False)):
                     # a layer applied to a tensor shared by the batch (DeBERTa's
                     # pos_key_proj on the relative position embeddings): the model's
                     # code may combine its output with shape-dependent operations
@@ -897,7 +903,10 @@ class Capture:
         their weights directly) are handed to ``module``'s recomputation, in
         this forward and every later one."""
         children = self._watched[id(module)][1]
-        idle = [c for c, r in zip(children, snap) if c.ran == r and not c.absorbed and c in self.bindings]
+        # (a module holding a parameter that other hooked modules also hold, e.g. T5's
+        # ``shared`` tied to ``embed_tokens`` and ``lm_head``, is an alias: their hooks see the uses)
+        idle = [c for c, r in zip(children, snap) if c.ran == r and not c.absorbed and c in self.bindings
+                and not any(self._holders.get(k, 0) > 1 for k in c.keys.values())]
         if not idle:
             return
         for c in idle:
