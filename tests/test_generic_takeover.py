@@ -118,3 +118,29 @@ def test_module_used_by_its_parent_bitfit(own):
 def test_generic_path_module_given_a_cache_it_fills():
     torch.manual_seed(0)
     check_steps(Model(Scan(layer_idx=0), cached=True), _make, _collate, _loss, steps=3, batch_size=B)
+
+
+def test_row_checks_leave_the_dropout_stream_alone():
+    """T5 trained with dropout: the first passes' check of flattened rows
+    draws random probes inside the forward; drawn from the model's RNG
+    stream, they moved it, the generic path's replay of the decoder then drew
+    other dropout masks and the first-pass self-check refused the relative
+    attention bias (its gradient differed from autograd's)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.T5Config(d_model=16, d_kv=8, d_ff=24, num_layers=1, num_decoder_layers=1, num_heads=2,
+                                vocab_size=64, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+                                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, use_cache=False,
+                                dropout_rate=0.1)
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(cfg).double().train()
+    src, tgt = torch.randint(2, 64, (B, 8)), torch.randint(2, 64, (B, 3))
+    dec = torch.cat([torch.zeros_like(tgt[:, :1]), tgt[:, :-1]], 1)
+    engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=10, noise_multiplier=1.0, max_grad_norm=1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine.attach(opt)
+    for _ in range(3):  # (the self-check runs in the first two)
+        logits = model(input_ids=src, decoder_input_ids=dec).logits
+        F.cross_entropy(logits.reshape(-1, 64), tgt.reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad()
+    assert any("relative_attention_bias" in k for k in engine.generic_path())

@@ -1083,7 +1083,12 @@ class Capture:
         for anchor in reversed(self._anchors):
             for j in probes:
                 cot = torch.zeros_like(output)
-                cot[j * k : (j + 1) * k] = torch.randn_like(cot[j * k : (j + 1) * k])
+                # (from a generator of dpft's own: the model's RNG stream, which dropout
+                # reads and the generic path replays, must not move)
+                gen = torch.Generator(device=cot.device)
+                gen.manual_seed(j)
+                cot[j * k : (j + 1) * k] = torch.randn(cot[j * k : (j + 1) * k].shape, generator=gen,
+                                                       dtype=cot.dtype, device=cot.device)
                 self.enabled = False  # (this pull-back must not reach dpft's own hooks)
                 try:
                     (g,) = torch.autograd.grad(output, anchor, cot, retain_graph=True, allow_unused=True)
