@@ -312,12 +312,7 @@ EXPECTED: dict[tuple[str, ...], tuple[type, str]] = {}
 
 _NO_BIAS = "dpft.bitfit makes nothing but the head trainable: the model has no bias (issue 22, Build 5)"  # (prepare)
 
-EXPECTED.update({
-    # refused with dpft's own message
-    ("timm-mobilevit", "lora"): (Refused, "dpft: module '...transformer.0.attn.qkv.lora_A.default' (Linear) has 12 "
-                                          "rows for 3 examples and no batch-first tensor before it to check which "
-                                          "rows are whose"),
-})
+# (every case of the zoo passes today: an entry here is a strict xfail)
 
 
 def expected(name: str, method: str, clip: str, mode: str, gc: bool) -> tuple[type, str] | None:

@@ -615,13 +615,24 @@ class Capture:
         if module.training and self.enabled and torch.is_grad_enabled():
             raise BatchNormError(f"dpft: module '{name}' ({type(module).__name__}) is in training mode. " + BATCHNORM_MESSAGE)
 
-    def _root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if not self._active():
             return
         t = _first_tensor(args, kwargs)
         if t is None or t.ndim == 0:
             raise RuntimeError("dpft: the model's forward got no batched tensor argument; cannot tell the batch size")
         self.batch_size = int(t.shape[0])
+        replaced = None
+        if self._passes < self.check_passes and t.is_floating_point() and not t.requires_grad and not self._outside_root:
+            # the first passes: the model's input (pixels, features) made a leaf that requires
+            # grad, the earliest batch-first tensor to check flattened rows against
+            # (MobileViT's patches with frozen layers before them, see _rows_problem)
+            leaf = t.detach().requires_grad_()
+            self._anchors.append(leaf)
+            if any(a is t for a in args):
+                replaced = (tuple(leaf if a is t else a for a in args), kwargs)
+            elif any(v is t for v in kwargs.values()):
+                replaced = (args, {k: leaf if v is t else v for k, v in kwargs.items()})
         if (self.book_keeping and self._passes >= self.check_passes and not self._off and not self._outside_root
                 and not self._sharded):
             # Book-keeping for the lane (biases, norm weights) and the weights:
@@ -636,6 +647,7 @@ class Capture:
                 if p.requires_grad:
                     p.requires_grad_(False)
                     self._off.append(p)
+        return replaced
 
     def _root_post(self, module: nn.Module, args: tuple, output: Any) -> None:
         # the batch size belongs to this forward only: a later call of a submodule
