@@ -250,17 +250,16 @@ def table_row(row: dict) -> str:
 
 
 def generic_details(row: dict, limit: int) -> list[str]:
-    """The generic-path parameters of one model grouped by reason, a few module names each."""
-    by_why: dict[str, list[str]] = {}
+    """The generic-path parameters of one model, grouped by the reason and
+    the module recomputed (a few parameter names each)."""
+    by: dict[tuple[str, str], list[str]] = {}
     for key, why in row.get("generic", {}).items():
         module, reason = why.split("'")[1], why.split("): ", 1)[-1]
-        names = by_why.setdefault(reason, [])
-        if module not in names:
-            names.append(module)
+        by.setdefault((reason, module), []).append(key)
     lines = []
-    for reason, modules in by_why.items():
-        shown = ", ".join(modules[:limit]) + (f", ... ({len(modules)} modules)" if len(modules) > limit else "")
-        lines.append(f"- {row['model']}: {reason}: {shown}")
+    for (reason, module), keys in by.items():
+        shown = ", ".join(keys[:limit]) + (f", ... ({len(keys)} tensors)" if len(keys) > limit else "")
+        lines.append(f"- {row['model']}: `{module}`, {reason}: {shown}")
     return lines
 
 
@@ -276,7 +275,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--experts-impl", default="eager", help="transformers experts_implementation of the MoE")
     ap.add_argument("--tiny", action="store_true", help="tiny configs (a CPU smoke check)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--details", type=int, default=6, help="module names listed per generic-path reason")
+    ap.add_argument("--details", type=int, default=4, help="parameter names listed per recomputed module")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     names = [m.strip() for m in args.models.split(",") if m.strip()]
