@@ -106,6 +106,7 @@ class Binding:
     inner: list = field(default_factory=list)
     snapshot: tuple = ()
     absorbed: bool = False  # its parameters were taken over by an enclosing generic-path module
+    reason: str = ""  # why its output went to an enclosing module (said if none can take it)
 
 
 def _module_params(module: nn.Module, recursive: bool) -> dict[str, nn.Parameter]:
@@ -566,15 +567,16 @@ class Capture:
             parent = self._parents.get(id(b.module))
             if parent is not None and not b.expand and not b.fallback:
                 self._watched.setdefault(id(parent[1]), (parent[1], []))[1].append(b)
-        self._watch_handles = []
+        self._watch_handles: dict[int, list[Any]] = {}
         self._enclosing = set(enclosing)
         for m in enclosing.values():
             h.append(m.register_forward_pre_hook(self._anc_pre, with_kwargs=True))
             h.append(m.register_forward_hook(self._anc_post, always_call=True))
         for key, (m, _) in self._watched.items():
             if key not in enclosing:
-                self._watch_handles.append(m.register_forward_pre_hook(self._anc_pre, with_kwargs=True))
-                self._watch_handles.append(m.register_forward_hook(self._anc_post, always_call=True))
+                # (before _root_post, which ends the forward's state: a model that is itself a target)
+                self._watch_handles[key] = [m.register_forward_pre_hook(self._anc_pre, with_kwargs=True),
+                                            m.register_forward_hook(self._anc_post, always_call=True)]
         h.append(self.model.register_forward_hook(self._root_post, always_call=True))
         covered = {k for b in self.bindings for k in b.keys.values()}
         self._param_handles = []
@@ -587,9 +589,9 @@ class Capture:
                 h.append(m.register_forward_pre_hook(partial(self._batchnorm_pre, name)))
 
     def detach(self) -> None:
-        for h in self._handles + self._param_handles + getattr(self, "_watch_handles", []):
+        for h in self._handles + self._param_handles + [h for hs in getattr(self, "_watch_handles", {}).values() for h in hs]:
             h.remove()
-        self._watch_handles = []
+        self._watch_handles = {}
         self._handles = []
         self._param_handles = []
         self._pre_handles = []
@@ -796,7 +798,10 @@ class Capture:
                     else:
                         problem = b.verdict = self._rows_problem(b, x, output, n) or ""
                 if problem:
-                    if self.batch_size is not None and self._escalate(b, strict=False):
+                    b.reason = problem
+                    # (not inside an activation-checkpointed region: its recomputation
+                    # would save what this forward did not)
+                    if self.batch_size is not None and not _saving_hooks_active() and self._escalate(b, strict=False):
                         return replaced  # (an enclosing module's recomputation takes these parameters)
                     raise UnsupportedModuleError(problem)
                 if self.batch_size is not None:
@@ -1021,6 +1026,10 @@ class Capture:
         if parent is None:
             if not strict:
                 return False
+            if b.reason:
+                raise UnsupportedModuleError(
+                    b.reason + " (Nor does any module enclosing it return a per-example output it could be "
+                    "recomputed for.)")
             raise UnsupportedModuleError(
                 f"dpft: module '{b.name}' ({type(b.module).__name__}) returned no per-example output and no "
                 "enclosing module can be recomputed for it; freeze its parameters."
@@ -1063,6 +1072,7 @@ class Capture:
             return
         n = self.batch_size
         if not self._batched(esc, flat, n, stash[0]):  # type: ignore[arg-type]
+            esc.reason = next((b.reason for b in pending if b.reason), esc.reason)
             self._escalate(esc)
             return
         self._fallback_call(esc, module, stash[0], stash[2], flat, n)  # type: ignore[arg-type]
@@ -1416,17 +1426,12 @@ class Capture:
             for h in self._pre_handles:
                 h.remove()
             self._pre_handles = []
-        if self._passes >= self.check_passes and self._watch_handles:
+        if self._passes >= self.check_passes and self._watched:
             # the parents watched in the first passes: kept only where they took a child over
-            for h in self._watch_handles:
-                h.remove()
-            self._watch_handles = []
-            for key in (self._idle_in.keys() | self._targets) - self._enclosing:
-                if key not in self._watched:
-                    continue
-                m = self._watched[key][0]
-                self._handles.append(m.register_forward_pre_hook(self._anc_pre, with_kwargs=True))
-                self._handles.append(m.register_forward_hook(self._anc_post, always_call=True))
+            keep = self._idle_in.keys() | self._targets
+            for key in [k for k in self._watch_handles if k not in keep]:
+                for h in self._watch_handles.pop(key):
+                    h.remove()
             self._watched = {}
         if self._passes > self.check_passes and self._param_handles:
             # the uses were cross-checked: stop paying for the parameter hooks
