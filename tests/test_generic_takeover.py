@@ -144,3 +144,40 @@ def test_row_checks_leave_the_dropout_stream_alone():
         opt.step()
         opt.zero_grad()
     assert any("relative_attention_bias" in k for k in engine.generic_path())
+
+
+class WithUnused(nn.Module):
+    """A trainable module the forward never calls (a pooler no head reads)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(D, D)
+        self.unused = nn.Linear(D, D)
+        self.out = nn.Linear(D, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.inp(x)).mean(1))
+
+
+@pytest.mark.parametrize("bitfit", [False, True], ids=["full", "bitfit"])
+def test_unused_module_is_not_taken_over(bitfit):
+    """An unused module is not run by its parent either: after the first
+    pass it keeps its own hooks (the parent, here the whole model, is not
+    recomputed at every step for it), and the updates stay exact."""
+    torch.manual_seed(0)
+    model = WithUnused()
+    if bitfit:
+        dpft.bitfit(model)
+    check_steps(model, _make, _collate, _loss, steps=3, batch_size=B)
+    model = WithUnused().double()
+    engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=10, noise_multiplier=0.0,
+                                max_grad_norm=1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine.attach(opt)
+    for _ in range(3):
+        x, y = _collate([_make() for _ in range(B)])
+        _loss(model, (x.double(), y)).backward()
+        opt.step()
+        opt.zero_grad()
+    assert engine.generic_path() == {}
+    assert engine._capture._idle_in == {}

@@ -107,6 +107,7 @@ class Binding:
     snapshot: tuple = ()
     absorbed: bool = False  # its parameters were taken over by an enclosing generic-path module
     reason: str = ""  # why its output went to an enclosing module (said if none can take it)
+    unused: bool = False  # did not run and its parameters got no gradient (see Capture._unused_back)
 
 
 def _module_params(module: nn.Module, recursive: bool) -> dict[str, nn.Parameter]:
@@ -522,7 +523,8 @@ class Capture:
             key for key, us in users.items()
             if all(skips[id(b)] and local != "bias" and "." not in local for b, local in us)
         }
-        self._switchable = self._lane_params + [self._param(k) for k in users if k in off_keys]
+        self._off_weights = [self._param(k) for k in users if k in off_keys]
+        self._switchable = self._lane_params + self._off_weights
         for b in self.bindings:
             if b.tap is not None:
                 h.append(b.module.register_forward_pre_hook(partial(self._tap_pre, b), with_kwargs=True))
@@ -922,7 +924,7 @@ class Capture:
         children = self._watched[id(module)][1]
         # (a module holding a parameter that other hooked modules also hold, e.g. T5's
         # ``shared`` tied to ``embed_tokens`` and ``lm_head``, is an alias: their hooks see the uses)
-        idle = [c for c, r in zip(children, snap) if c.ran == r and not c.absorbed and c in self.bindings
+        idle = [c for c, r in zip(children, snap) if c.ran == r and not c.absorbed and not c.unused and c in self.bindings
                 and not any(self._holders.get(k, 0) > 1 for k in c.keys.values())]
         if not idle:
             return
@@ -934,14 +936,36 @@ class Capture:
 
     def _replan_lane(self, moved: set[str]) -> None:
         """The flat lane planned again after the parameters ``moved`` left
-        their modules' rules for a recomputation (before the backward pass)."""
+        their modules' rules for a recomputation, or came back (before the
+        backward pass, or at its end)."""
         offs = {id(x): x.off for x in self.bindings}
         self._plan_lane(self._no_lane)
         for x in self.bindings:
             x.off = x.off or offs[id(x)]
-        gone = {id(self._param(k)) for k in moved}
-        self._switchable = [p for p in self._switchable if id(p) not in gone]
-        self._lane_params = [p for p in self._lane_params if id(p) not in gone]
+        ruled = {id(self._param(k)) for b in self.bindings for k in b.keys.values()}
+        taken = {id(self._param(k)) for cs in self._idle_in.values() for c in cs for k in c.keys.values()}
+        taken |= {id(self._param(k)) for b in self.bindings if b.fallback for k in b.keys.values()}
+        self._switchable = self._lane_params + [p for p in self._off_weights if id(p) in ruled and id(p) not in taken]
+
+    def _unused_back(self, got: set[str]) -> None:
+        """After a first backward pass: a module taken over because it did
+        not run (see :meth:`_watch`) whose parameters got no gradient at all
+        is simply unused in this model's forward (CLIP's text tower under an
+        image classifier, a pooler no head reads): it gets its own hooks
+        back, so that its parent is not recomputed at every step for nothing."""
+        back = []
+        for key, cs in list(self._idle_in.items()):
+            for c in [c for c in cs if not any(k in got for k in c.keys.values())]:
+                cs.remove(c)
+                c.absorbed, c.unused = False, True
+                self.bindings.append(c)
+                back.append(c)
+            if not cs:
+                del self._idle_in[key]
+        if back:
+            self._replan_lane(set())
+            keys = {k for c in back for k in c.keys.values()}
+            self._escalated = {k: e for k, e in self._escalated.items() if not keys & set(e.keys.values())}
 
     def _absorb_idle(self, b: Binding) -> None:
         """In the first passes: modules inside the generic-path container ``b``
@@ -1419,6 +1443,7 @@ class Capture:
         finally:
             self.enabled = True
         del received
+        got = set(self._autograd) if self._idle_in and self._passes < self.check_passes else None
         self._check_uses(out, lane, seen, n)
         self._passes += 1
         if self._passes >= self.check_passes and self._pre_handles and not self._outside_root and not self._sharded:
@@ -1439,6 +1464,8 @@ class Capture:
                 h.remove()
             self._param_handles = []
         self.sink(out, n, (self.lane_keys, lane) if lane is not None else None)
+        if got is not None:  # (after the sink: the lane's layout may change)
+            self._unused_back(got)
 
     def generic_path(self) -> dict[str, str]:
         """The trainable parameters whose per-example gradients take the exact
