@@ -801,9 +801,10 @@ class Capture:
                         problem = b.verdict = self._rows_problem(b, x, output, n) or ""
                 if problem:
                     b.reason = problem
-                    # (not inside an activation-checkpointed region: its recomputation
-                    # would save what this forward did not)
-                    if self.batch_size is not None and not _saving_hooks_active() and self._escalate(b, strict=False):
+                    # (a layer with lane parameters not inside an activation-checkpointed
+                    # region: its recomputation would save what this forward did not)
+                    if (self.batch_size is not None and not (b.lane and _saving_hooks_active())
+                            and self._escalate(b, strict=False)):
                         return replaced  # (an enclosing module's recomputation takes these parameters)
                     raise UnsupportedModuleError(problem)
                 if self.batch_size is not None:
