@@ -181,3 +181,52 @@ def test_unused_module_is_not_taken_over(bitfit):
         opt.zero_grad()
     assert engine.generic_path() == {}
     assert engine._capture._idle_in == {}
+
+
+class SharedTable(nn.Module):
+    """DeBERTa's disentangled attention in miniature: ``pos_proj`` runs on a
+    table shared by the whole batch (leading dimension 1) and the result is
+    repeated to the batch with ``repeat`` and multiplied with ``bmm``, which
+    need its shape as it is."""
+
+    def __init__(self, shared_use_of_q: bool = False) -> None:
+        super().__init__()
+        self.table = nn.Embedding(4, D)
+        self.q = nn.Linear(D, D)
+        self.pos_proj = nn.Linear(D, D)
+        self.shared_use_of_q = shared_use_of_q
+
+    def forward(self, x: Tensor) -> Tensor:
+        q = self.q(x)  # (B, T, D)
+        rel = self.table.weight[None, :T - 1]  # (1, P, D): the same for every example
+        pos = (self.q if self.shared_use_of_q else self.pos_proj)(rel)
+        pos = pos.repeat(x.shape[0], 1, 1)  # (B, P, D): breaks if pos were expanded to (B, P, D)
+        return torch.bmm(q, pos.transpose(1, 2))  # (B, T, P)
+
+
+class SharedTableModel(nn.Module):
+    def __init__(self, shared_use_of_q: bool = False) -> None:
+        super().__init__()
+        self.body = SharedTable(shared_use_of_q)
+        self.out = nn.Linear(T - 1, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.body(x).mean(1))
+
+
+@pytest.mark.parametrize("bitfit", [False, True], ids=["full", "bitfit"])
+def test_layer_on_a_table_shared_by_the_batch_keeps_its_shape(bitfit):
+    torch.manual_seed(0)
+    model = SharedTableModel()
+    if bitfit:
+        dpft.bitfit(model)
+    check_steps(model, _make, _collate, _loss, steps=3, batch_size=B)
+
+
+def test_layer_on_the_batch_and_on_a_shared_table_is_refused():
+    model = SharedTableModel(shared_use_of_q=True).double()
+    engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=10, noise_multiplier=1.0,
+                                max_grad_norm=1.0)
+    engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(dpft.UnsupportedModuleError, match="'body.q' .*both to the batch"):
+        model(torch.randn(B, T, D, dtype=torch.float64))

@@ -631,12 +631,14 @@ class Capture:
             # the first passes: the model's input (pixels, features) made a leaf that requires
             # grad, the earliest batch-first tensor to check flattened rows against
             # (MobileViT's patches with frozen layers before them, see _rows_problem)
+            # (the model gets a copy: in-place changes of its input stay allowed)
             leaf = t.detach().requires_grad_()
             self._anchors.append(leaf)
+            x = leaf.clone()
             if any(a is t for a in args):
-                replaced = (tuple(leaf if a is t else a for a in args), kwargs)
+                replaced = (tuple(x if a is t else a for a in args), kwargs)
             elif any(v is t for v in kwargs.values()):
-                replaced = (args, {k: leaf if v is t else v for k, v in kwargs.items()})
+                replaced = (args, {k: x if v is t else v for k, v in kwargs.items()})
         if (self.book_keeping and self._passes >= self.check_passes and not self._off and not self._outside_root
                 and not self._sharded):
             # Book-keeping for the lane (biases, norm weights) and the weights:
