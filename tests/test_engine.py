@@ -360,12 +360,31 @@ class OnlyFunctional(nn.Module):
         return self.a(x) + nn.functional.linear(x, self.b.weight, self.b.bias)
 
 
-def test_functional_only_use_is_caught():
-    model = OnlyFunctional()
+@pytest.mark.parametrize("mode", ["ghost", "auto"])
+def test_functional_only_use_is_exact(mode):
+    """``b`` never runs (its parent reads its weight and bias): found in the
+    first forward and handed to the parent's recomputation (issue 22)."""
+    from reference import check_steps
+
+    torch.manual_seed(0)
+    check_steps(OnlyFunctional(), lambda: torch.randn(3), lambda xs: torch.stack(xs),
+                lambda m, x: m(x).pow(2).sum(1).mean(), steps=3, batch_size=8, mode=mode)
+
+
+class UsedByTheLoss(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+
+
+def test_use_outside_the_forward_is_caught():
+    """A use of a parameter outside the model's forward (in the loss) has no
+    per-example account anywhere: refused, naming the parameter."""
+    model = UsedByTheLoss()
     engine = engine_for(model, clipping_mode="ghost")
     engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(dpft.UnsupportedModuleError, match="b\\.(weight|bias)"):
-        model(torch.randn(8, 3)).pow(2).mean().backward()
+    with pytest.raises(dpft.UnsupportedModuleError, match="a\\.weight"):
+        (model.a(torch.randn(8, 3)).pow(2).mean() + model.a.weight.sum()).backward()
 
 
 @pytest.mark.parametrize("where", ["loss", "one-example"])
@@ -487,7 +506,11 @@ def test_fallback_module_that_keeps_examples_apart_is_exact():
         check_model(model, examples, torch.stack, lambda m, b: m(b).pow(2).sum(2).mean(1).mean(), mode=mode)
 
 
-def test_batch_dimension_not_first_is_an_error():
+def test_batch_dimension_not_first_is_exact():
+    """A layer run sequence-first (its leading dimension is not the batch) is
+    handed to the enclosing module, whose output is batch-first (issue 22)."""
+    from reference import check_steps
+
     class SeqFirst(nn.Module):
         def __init__(self):
             super().__init__()
@@ -496,11 +519,9 @@ def test_batch_dimension_not_first_is_an_error():
         def forward(self, x):  # x: (B, T, 3) but the layer runs sequence-first
             return self.lin(x.transpose(0, 1)).transpose(0, 1)
 
-    model = SeqFirst()
-    engine = engine_for(model)
-    engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(dpft.UnsupportedModuleError, match="batch dimension first"):
-        model(torch.randn(8, 5, 3)).sum().backward()
+    torch.manual_seed(0)
+    check_steps(SeqFirst(), lambda: torch.randn(5, 3), lambda xs: torch.stack(xs),
+                lambda m, x: m(x).pow(2).sum((1, 2)).mean(), steps=3, batch_size=8)
 
 
 def test_sequence_first_multihead_attention_is_exact():

@@ -95,27 +95,25 @@ def test_time_major_flattening_is_refused():
         model(torch.randn(B, T, 3, dtype=torch.float64))
 
 
-def test_flattened_rows_without_anything_to_check_against_are_refused():
-    """Bias-only training where nothing before the flattened layers requires
-    a gradient: no tensor to verify the rows against, so dpft refuses
-    instead of assuming the layout."""
+class NoAnchor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(V, D)
+        self.fc = nn.Linear(D, 3)
 
-    class NoAnchor(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(V, D)
-            self.fc = nn.Linear(D, 3)
+    def forward(self, ids):
+        return self.fc(self.emb(ids.reshape(-1))).view(*ids.shape, 3).mean(1)
 
-        def forward(self, ids):
-            return self.fc(self.emb(ids.reshape(-1))).view(*ids.shape, 3).mean(1)
 
-    model = NoAnchor().double()
+def test_flattened_rows_without_anything_to_check_against_take_the_enclosing_module():
+    """Bias-only training where nothing before the flattened layer requires
+    a gradient: no tensor to verify its rows against, so dpft does not
+    assume the layout: the enclosing module, whose output is batch-first,
+    is recomputed for the layer's parameters (exact)."""
+    torch.manual_seed(0)
+    model = NoAnchor()
     dpft.bitfit(model)
-    engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=10, noise_multiplier=1.0,
-                                max_grad_norm=1.0)
-    engine.attach(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
-    with pytest.raises(dpft.UnsupportedModuleError, match="'fc' .*no batch-first tensor before it"):
-        model(torch.randint(0, V, (B, T)))
+    check_steps(model, _example, _collate, _loss, steps=3, batch_size=B)
 
 
 def test_unverifiable_rows_inside_a_checkpointed_region_are_refused():

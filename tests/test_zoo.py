@@ -130,7 +130,7 @@ def _one_thread():
 # -- the zoo ---------------------------------------------------------------------------------------
 
 def _zoo() -> dict[str, Z.Arch]:
-    zoo: dict[str, Z.Arch] = {}
+    zoo: dict[str, Z.Arch] = {"moe-linear": Z.hand_moe()}
     try:
         import transformers  # noqa: F401
     except ImportError:
@@ -312,32 +312,7 @@ EXPECTED: dict[tuple[str, ...], tuple[type, str]] = {}
 
 _NO_BIAS = "dpft.bitfit makes nothing but the head trainable: the model has no bias (issue 22, Build 5)"  # (prepare)
 
-EXPECTED.update({
-    # crashes: internal errors
-    ("deberta-v2", "bitfit"): (Crash, "RuntimeError in transformers' disentangled_attention_bias (bmm expected "
-                                      "[6, 8], got [18, 8]): dpft expands the batch-independent rel_embeddings "
-                                      "LayerNorm output to the batch"),
-    ("deberta-v2", "full"): (Crash, "RuntimeError in transformers' disentangled_attention_bias (bmm expected "
-                                    "[6, 8], got [18, 8]): dpft expands the batch-independent rel_embeddings "
-                                    "LayerNorm output to the batch"),
-    ("mamba", "lora"): (Crash, "RuntimeError: view size is not compatible with input tensor's size and stride, "
-                               "in dpft/batched.py weighted (same-shaped LoRA layers batched)"),
-    # refused with dpft's own message
-    ("mixtral", "full"): (Refused, "dpft: per-example gradients of 'model.layers.1.mlp.gate.weight' (the router) "
-                                   "summed over the examples differ from autograd's (first-pass self-check)"),
-    ("mamba", "bitfit"): (Refused, "dpft: parameter 'backbone.layers.1.mixer.dt_proj.bias' received a gradient "
-                                   "through a use that no dpft hook saw (transformers' Mamba uses dt_proj "
-                                   "functionally)"),
-    ("mamba", "full"): (Refused, "dpft: the per-example gradients of 'backbone.layers.1.mixer.D' summed over the "
-                                 "examples differ from autograd's (first-pass self-check)"),
-    ("beit-shared-bias", "full"): (Refused, "dpft: the per-example gradients of 'beit.shared_position_bias."
-                                            "relative_position_bias_table' (one batch-independent table used by "
-                                            "every layer) summed over the examples differ from autograd's "
-                                            "(first-pass self-check)"),
-    ("timm-mobilevit", "lora"): (Refused, "dpft: module '...transformer.0.attn.qkv.lora_A.default' (Linear) has 12 "
-                                          "rows for 3 examples and no batch-first tensor before it to check which "
-                                          "rows are whose"),
-})
+# (every case of the zoo passes today: an entry here is a strict xfail)
 
 
 def expected(name: str, method: str, clip: str, mode: str, gc: bool) -> tuple[type, str] | None:
@@ -360,8 +335,8 @@ def _case(name: str, method: str, clip: str, mode: str = "auto", gc: bool = Fals
 
 #: every case runs under clipping_mode="auto" (book-keeping, the default); these also under other modes
 MODES = {
-    "ghost": ["bert", "gpt2", "llama", "t5", "vit", "timm-resnet", "timm-convnext"],
-    "instantiate": ["gpt2", "gemma", "biogpt", "timm-efficientnet"],
+    "ghost": ["bert", "gpt2", "llama", "mixtral", "moe-linear", "t5", "vit", "timm-resnet", "timm-convnext"],
+    "instantiate": ["gpt2", "gemma", "mixtral", "moe-linear", "biogpt", "timm-efficientnet"],
 }
 GC = ["bert", "gpt2", "llama", "t5"]  # also with gradient checkpointing (transformers' own)
 

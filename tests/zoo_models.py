@@ -290,6 +290,79 @@ def transformers_zoo() -> dict[str, Arch]:
     return {a.name: a for a in archs}
 
 
+# -- a hand-written mixture of experts -------------------------------------------------------------
+
+
+class _Expert(nn.Module):
+    """A gated MLP expert: three ``nn.Linear`` (older Mixtral's ``w1``/``w2``/``w3``)."""
+
+    def __init__(self, d: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(d, hidden, bias=False)
+        self.w3 = nn.Linear(d, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class HandMoE(nn.Module):
+    """A sparse mixture-of-experts block written the way older Mixtral and
+    Qwen2-MoE were: a router ``nn.Linear``, top-k routing, each expert (a
+    module of ``nn.Linear`` layers) called on the tokens gathered for it and
+    scattered back with ``index_add_``, plus a shared expert on every token.
+    Returns ``(hidden, router_logits)``."""
+
+    def __init__(self, d: int, hidden: int, experts: int, top_k: int) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.gate = nn.Linear(d, experts, bias=False)
+        self.experts = nn.ModuleList(_Expert(d, hidden) for _ in range(experts))
+        self.shared_expert = _Expert(d, hidden)
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        b, t, d = h.shape
+        x = h.view(-1, d)
+        logits = self.gate(x)
+        weights, chosen = torch.topk(F.softmax(logits, dim=-1), self.top_k, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        mask = F.one_hot(chosen, len(self.experts)).permute(2, 1, 0)  # (experts, top_k, tokens)
+        for e, expert in enumerate(self.experts):
+            slot, token = torch.where(mask[e])
+            if token.numel() == 0:
+                continue
+            out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
+        out = out + self.shared_expert(x)
+        return out.view(b, t, d), logits
+
+
+class _Out:
+    def __init__(self, logits: Tensor) -> None:
+        self.logits = logits
+
+
+class HandMoELM(nn.Module):
+    """A tiny causal LM of pre-norm MoE blocks (no attention: the blocks are what is tested)."""
+
+    def __init__(self, d: int = 8, layers: int = 2, experts: int = 4, top_k: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(V, d)
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(layers))
+        self.moes = nn.ModuleList(HandMoE(d, 12, experts, top_k) for _ in range(layers))
+        self.lm_head = nn.Linear(d, V)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> _Out:
+        h = self.embed(input_ids)
+        for norm, moe in zip(self.norms, self.moes):
+            h = h + moe(norm(h))[0]
+        return _Out(self.lm_head(h))
+
+
+def hand_moe() -> Arch:
+    return Arch("moe-linear", HandMoELM, lm_inputs(0), lm_loss, [], ["w1", "w2", "gate"], library="torch")
+
+
 # -- timm ------------------------------------------------------------------------------------------
 
 SHIMS = os.path.join(os.path.dirname(__file__), "shims")

@@ -120,7 +120,7 @@ def plan(contributions: dict[str, list[Contribution]], names: list[str], mode: s
 def _gram(x: Tensor, dtype: torch.dtype) -> Tensor:
     """``(P, B, T, k) -> (P * B, T, T)``."""
     p, n, t, k = x.shape
-    x = x.view(p * n, t, k)
+    x = x.reshape(p * n, t, k)
     return bmm_acc(x, x.transpose(1, 2), dtype)
 
 
@@ -144,7 +144,7 @@ def norms(
         shapes = [c.shape for c in cs]
         del cs
         p, n = left.shape[:2]
-        lv, rv = left.view(p * n, rows, -1), right.view(p * n, rows, -1)
+        lv, rv = left.reshape(p * n, rows, -1), right.reshape(p * n, rows, -1)
         # float32 on CUDA: one fused kernel, no Gram matrices in memory
         fused = ghost_kernel.ghost_sq_norm(lv, rv) if ghost_kernel.usable(lv, rv, dtype) else None
         if fused is not None:
@@ -169,5 +169,5 @@ def weighted(stack: Stack, weights: Tensor, dtype: torch.dtype, shrink: float) -
     w = (weights * shrink if half else weights.to(dtype)).view(-1, n, 1, 1)
     left, right = scale_thinner(left, right, w, half)
     stack.left = stack.right = None  # type: ignore[assignment]  # freed once summed
-    total = bmm_acc(left.view(p, n * t, -1).transpose(1, 2), right.view(p, n * t, -1), dtype)
-    return [s.view(shape) for s, shape in zip(total.unbind(0), stack.shapes)]
+    total = bmm_acc(left.reshape(p, n * t, -1).transpose(1, 2), right.reshape(p, n * t, -1), dtype)
+    return [s.reshape(shape) for s, shape in zip(total.unbind(0), stack.shapes)]

@@ -36,7 +36,7 @@ from .norms import acc_dtype_of, instantiation_frees, instantiation_pays, prefer
 from .precision import full_fp32
 from .rules.base import HALF, Factored, UnsupportedModuleError, clear_half_copies
 from .rules.embedding import EmbeddingRule, check_embedding
-from .rules.fallback import FallbackRule, _flat_tensors, rng_state
+from .rules.fallback import FallbackRule, _flat_tensors, fresh_caches, rng_state
 from .rules.functional import CONVERSIONS, OPS, OPS_OF, overriding_parent
 
 
@@ -101,6 +101,13 @@ class Binding:
     #: class overrides its forward: the operator call is caught inside it
     tap: type | None = None
     mode: Any = None  # the active :class:`_OpTap` during the module's forward
+    ran: int = 0  # forwards of the module seen (see Capture._absorb_idle)
+    #: generic-path container: the bindings of modules inside it, and their ``ran`` when its forward began
+    inner: list = field(default_factory=list)
+    snapshot: tuple = ()
+    absorbed: bool = False  # its parameters were taken over by an enclosing generic-path module
+    reason: str = ""  # why its output went to an enclosing module (said if none can take it)
+    unused: bool = False  # did not run and its parameters got no gradient (see Capture._unused_back)
 
 
 def _module_params(module: nn.Module, recursive: bool) -> dict[str, nn.Parameter]:
@@ -376,7 +383,16 @@ class Capture:
         # instantiated is instantiated as soon as its output gradient arrives
         self.norm_mode = norm_mode
         self.bindings, self.owner = plan_model(model)
-        self._plan_lane(set(no_lane))
+        self._no_lane = set(no_lane)
+        self._holders: dict[str, int] = {}  # parameter -> how many bindings hold it (tied weights: several)
+        for b in self.bindings:
+            for key in b.keys.values():
+                self._holders[key] = self._holders.get(key, 0) + 1
+        self._plan_lane(self._no_lane)
+        for b in self.bindings:
+            if isinstance(b.rule, FallbackRule) and not b.rule.recursive and not b.expand:
+                inside = {id(m) for m in b.module.modules()} - {id(b.module)}
+                b.inner = [c for c in self.bindings if id(c.module) in inside and not c.expand]
         self.batch_size: int | None = None
         self.enabled = True
         self._received: list[tuple[Binding, Call]] = []
@@ -417,6 +433,12 @@ class Capture:
         self._stash: dict[int, tuple] = {}
         self._pending: dict[int, list[Binding]] = {}
         self._escalated: dict[tuple, Binding] = {}
+        self._watched: dict[int, tuple[nn.Module, list[Binding]]] = {}
+        self._watch_snap: dict[int, list[int]] = {}
+        self._batch_first_now: set[int] = set()  # bindings with a batch-first output in this forward
+        self._escalated_now: set[int] = set()  # bindings whose output went to an enclosing module in this forward
+        self._targets: set[int] = set()  # modules that took over parameters of a module inside them
+        self._idle_in: dict[int, list[Binding]] = {}  # module id -> hooked children it recomputes (never ran)
 
     def _plan_lane(self, no_lane: set[str]) -> None:
         """The flat lane: parameters whose per-example gradients are reduced
@@ -501,7 +523,8 @@ class Capture:
             key for key, us in users.items()
             if all(skips[id(b)] and local != "bias" and "." not in local for b, local in us)
         }
-        self._switchable = self._lane_params + [self._param(k) for k in users if k in off_keys]
+        self._off_weights = [self._param(k) for k in users if k in off_keys]
+        self._switchable = self._lane_params + self._off_weights
         for b in self.bindings:
             if b.tap is not None:
                 h.append(b.module.register_forward_pre_hook(partial(self._tap_pre, b), with_kwargs=True))
@@ -537,9 +560,25 @@ class Capture:
                 while parent is not None:
                     enclosing[id(parent[1])] = parent[1]
                     parent = self._parents.get(id(parent[1]))
+        # in the first passes, the parent of every other hooked module too:
+        # a module that never runs while its parameters train (used
+        # functionally by its parent, e.g. Mamba's ``dt_proj``) is handed to
+        # that parent's recomputation (see _watch)
+        self._watched = {}
+        for b in self.bindings:
+            parent = self._parents.get(id(b.module))
+            if parent is not None and not b.expand and not b.fallback:
+                self._watched.setdefault(id(parent[1]), (parent[1], []))[1].append(b)
+        self._watch_handles: dict[int, list[Any]] = {}
+        self._enclosing = set(enclosing)
         for m in enclosing.values():
             h.append(m.register_forward_pre_hook(self._anc_pre, with_kwargs=True))
             h.append(m.register_forward_hook(self._anc_post, always_call=True))
+        for key, (m, _) in self._watched.items():
+            if key not in enclosing:
+                # (before _root_post, which ends the forward's state: a model that is itself a target)
+                self._watch_handles[key] = [m.register_forward_pre_hook(self._anc_pre, with_kwargs=True),
+                                            m.register_forward_hook(self._anc_post, always_call=True)]
         h.append(self.model.register_forward_hook(self._root_post, always_call=True))
         covered = {k for b in self.bindings for k in b.keys.values()}
         self._param_handles = []
@@ -552,8 +591,9 @@ class Capture:
                 h.append(m.register_forward_pre_hook(partial(self._batchnorm_pre, name)))
 
     def detach(self) -> None:
-        for h in self._handles + self._param_handles:
+        for h in self._handles + self._param_handles + [h for hs in getattr(self, "_watch_handles", {}).values() for h in hs]:
             h.remove()
+        self._watch_handles = {}
         self._handles = []
         self._param_handles = []
         self._pre_handles = []
@@ -579,13 +619,26 @@ class Capture:
         if module.training and self.enabled and torch.is_grad_enabled():
             raise BatchNormError(f"dpft: module '{name}' ({type(module).__name__}) is in training mode. " + BATCHNORM_MESSAGE)
 
-    def _root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if not self._active():
             return
         t = _first_tensor(args, kwargs)
         if t is None or t.ndim == 0:
             raise RuntimeError("dpft: the model's forward got no batched tensor argument; cannot tell the batch size")
         self.batch_size = int(t.shape[0])
+        replaced = None
+        if self._passes < self.check_passes and t.is_floating_point() and not t.requires_grad and not self._outside_root:
+            # the first passes: the model's input (pixels, features) made a leaf that requires
+            # grad, the earliest batch-first tensor to check flattened rows against
+            # (MobileViT's patches with frozen layers before them, see _rows_problem)
+            # (the model gets a copy: in-place changes of its input stay allowed)
+            leaf = t.detach().requires_grad_()
+            self._anchors.append(leaf)
+            x = leaf.clone()
+            if any(a is t for a in args):
+                replaced = (tuple(x if a is t else a for a in args), kwargs)
+            elif any(v is t for v in kwargs.values()):
+                replaced = (args, {k: x if v is t else v for k, v in kwargs.items()})
         if (self.book_keeping and self._passes >= self.check_passes and not self._off and not self._outside_root
                 and not self._sharded):
             # Book-keeping for the lane (biases, norm weights) and the weights:
@@ -600,6 +653,7 @@ class Capture:
                 if p.requires_grad:
                     p.requires_grad_(False)
                     self._off.append(p)
+        return replaced
 
     def _root_post(self, module: nn.Module, args: tuple, output: Any) -> None:
         # the batch size belongs to this forward only: a later call of a submodule
@@ -607,6 +661,8 @@ class Capture:
         # one-example output into copies that are each clipped separately)
         self.batch_size = None
         self._anchors.clear()
+        self._batch_first_now = set()
+        self._escalated_now = set()
         self._stash, self._pending = {}, {}
         if self._active():
             # the end-of-backward callback belongs to the backward pass that
@@ -637,12 +693,14 @@ class Capture:
         return leaf
 
     def _pre(self, b: Binding, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if not self._active():
+        if not self._active() or b.absorbed:
             return
         if isinstance(b.rule, FallbackRule):
+            if b.inner and self._passes < self.check_passes:
+                b.snapshot = tuple(c.ran for c in b.inner)
             dev = next((a.device for a in args if isinstance(a, Tensor)), None)
             b.rng = rng_state(dev)
-            b.kwargs = kwargs
+            b.kwargs = fresh_caches(module, kwargs)
             b.autocast = _autocast_state(dev)
         elif self.book_keeping and self._passes >= self.check_passes:
             # (not in the first backward passes: there autograd's weight
@@ -663,6 +721,9 @@ class Capture:
                         b.toggled.append(p)
 
     def _post(self, b: Binding, module: nn.Module, args: tuple, output: Any) -> Any:
+        if b.absorbed:
+            return None
+        b.ran += 1
         if self.batch_size is None and not self._outside_root and self._active():
             self._outside_root = True
         tapped: Any = None
@@ -685,10 +746,12 @@ class Capture:
             return tapped
         n = self.batch_size
         if b.fallback:
+            if b.snapshot:
+                self._absorb_idle(b)
             flat = _flat_tensors(output)
             if not any(t is not None and t.requires_grad for t in flat):
                 return None
-            if n is not None and not self._batched(b, flat, n):
+            if n is not None and not self._batched(b, flat, n, args):
                 self._escalate(b)
                 return None
             self._fallback_call(b, module, args, (b.kwargs, b.rng, b.autocast), flat,
@@ -712,6 +775,18 @@ class Capture:
         if lead != n:
             x = args[0] if args and isinstance(args[0], Tensor) else None
             if lead == 1:
+                if id(b) in self._batch_first_now and not isinstance(b.rule, EmbeddingRule):
+                    self._mixed_use(b)
+                if (not isinstance(b.rule, EmbeddingRule) and self.batch_size is not None
+                        and not any(self._holders.get(k, 0) > 1 for k in b.keys.values())
+                        and self._escalate(b, strict=False)):
+                    # a layer applied to a tensor shared by the batch (DeBERTa's
+                    # pos_key_proj on the relative position embeddings): the model's
+                    # code may combine its output with shape-dependent operations
+                    # (repeat, bmm), so its shape stays; the enclosing module's
+                    # recomputation gives each example its gradient
+                    self._escalated_now.add(id(b))
+                    return replaced
                 # broadcast over the batch (e.g. GPT-2 position embeddings with
                 # (1, T) position ids): expand so each example gets its own gradient
                 output = replaced = output.expand(n, *output.shape[1:])
@@ -727,14 +802,18 @@ class Capture:
                     else:
                         problem = b.verdict = self._rows_problem(b, x, output, n) or ""
                 if problem:
-                    if self.batch_size is not None and not b.lane and self._escalate(b, strict=False):
+                    b.reason = problem
+                    # (a layer with lane parameters not inside an activation-checkpointed
+                    # region: its recomputation would save what this forward did not)
+                    if (self.batch_size is not None and not (b.lane and _saving_hooks_active())
+                            and self._escalate(b, strict=False)):
                         return replaced  # (an enclosing module's recomputation takes these parameters)
                     raise UnsupportedModuleError(problem)
                 if self.batch_size is not None:
                     self._anchors.append(output)  # verified: example j's rows are block j
                 rows = b.rows = lead // n
                 args = (x.unflatten(0, (n, rows)), *args[1:])
-            elif self.batch_size is not None and not b.lane and self._escalate(b, strict=False):
+            elif self.batch_size is not None and self._escalate(b, strict=False):
                 return replaced  # (an enclosing module's recomputation takes these parameters)
             else:
                 raise UnsupportedModuleError(
@@ -743,7 +822,10 @@ class Capture:
                     "batch_first=True), or examples' rows flattened example by example into it."
                 )
         elif self.batch_size is not None and output.requires_grad:
+            if id(b) in self._escalated_now:
+                self._mixed_use(b)
             self._anchors.append(output)
+            self._batch_first_now.add(id(b))
         call = Call(module, b.rule, n, rows=rows)
         # under activation checkpointing (a recomputation by reentrant
         # checkpointing runs outside the model's forward; non-reentrant
@@ -791,17 +873,18 @@ class Capture:
         call.versions = ()
 
     def _tap_pre(self, b: Binding, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if b.fallback:  # moved to the generic path (below)
+        if b.fallback or b.absorbed:  # moved to the generic path (below)
             return self._pre(b, module, args, kwargs)
         if self._active():
             dev = next((a.device for a in args if isinstance(a, Tensor)), None)
-            b.kwargs, b.rng, b.autocast = kwargs, rng_state(dev), _autocast_state(dev)
+            b.kwargs, b.rng, b.autocast = fresh_caches(module, kwargs), rng_state(dev), _autocast_state(dev)
             b.mode = _OpTap(self, b)
             b.mode.__enter__()
 
     def _tap_post(self, b: Binding, module: nn.Module, args: tuple, output: Any) -> Any:
-        if b.fallback:
+        if b.fallback or b.absorbed:
             return self._post(b, module, args, output)
+        b.ran += 1
         mode, b.mode = b.mode, None
         if mode is None:
             return None
@@ -817,11 +900,97 @@ class Capture:
             return None
         b.rule, b.fallback, b.early = FALLBACK, True, frozenset()
         n = self.batch_size
-        if n is not None and not self._batched(b, flat, n):
+        if n is not None and not self._batched(b, flat, n, args):
             self._escalate(b)
             return None
         self._fallback_call(b, module, args, state, flat, n if n is not None else flat[0].shape[0])
         return None
+
+    def _mixed_use(self, b: Binding) -> None:
+        """``b``'s layer ran on the batch and, in the same forward, on a tensor
+        shared by the batch (DeBERTa with ``share_att_key``: query_proj on the
+        relative position embeddings): the shared use's gradient can only come
+        from an enclosing module's recomputation, which would count the batch
+        use twice."""
+        raise UnsupportedModuleError(
+            f"dpft: module '{b.name}' ({type(b.module).__name__}) is applied both to the batch and, in the same "
+            "forward, to a tensor shared by the whole batch (leading dimension 1, e.g. relative position "
+            "embeddings); dpft cannot give each example its own gradient of the shared use without changing "
+            "the shape the model's code sees. Freeze this module's parameters (e.g. train it with LoRA instead)."
+        )
+
+    def _watch(self, module: nn.Module, snap: list[int]) -> None:
+        """The first passes: hooked children of ``module`` that did not run
+        during its forward although their parameters train (the parent used
+        their weights directly) are handed to ``module``'s recomputation, in
+        this forward and every later one."""
+        children = self._watched[id(module)][1]
+        # (a module holding a parameter that other hooked modules also hold, e.g. T5's
+        # ``shared`` tied to ``embed_tokens`` and ``lm_head``, is an alias: their hooks see the uses)
+        idle = [c for c, r in zip(children, snap) if c.ran == r and not c.absorbed and not c.unused and c in self.bindings
+                and not any(self._holders.get(k, 0) > 1 for k in c.keys.values())]
+        if not idle:
+            return
+        for c in idle:
+            c.absorbed = True
+            self.bindings.remove(c)
+        self._idle_in.setdefault(id(module), []).extend(idle)
+        self._replan_lane({k for c in idle for k in c.keys.values()})
+
+    def _replan_lane(self, moved: set[str]) -> None:
+        """The flat lane planned again after the parameters ``moved`` left
+        their modules' rules for a recomputation, or came back (before the
+        backward pass, or at its end)."""
+        offs = {id(x): x.off for x in self.bindings}
+        self._plan_lane(self._no_lane)
+        for x in self.bindings:
+            x.off = x.off or offs[id(x)]
+        ruled = {id(self._param(k)) for b in self.bindings for k in b.keys.values()}
+        taken = {id(self._param(k)) for cs in self._idle_in.values() for c in cs for k in c.keys.values()}
+        taken |= {id(self._param(k)) for b in self.bindings if b.fallback for k in b.keys.values()}
+        self._switchable = self._lane_params + [p for p in self._off_weights if id(p) in ruled and id(p) not in taken]
+
+    def _unused_back(self, got: set[str]) -> None:
+        """After a first backward pass: a module taken over because it did
+        not run (see :meth:`_watch`) whose parameters got no gradient at all
+        is simply unused in this model's forward (CLIP's text tower under an
+        image classifier, a pooler no head reads): it gets its own hooks
+        back, so that its parent is not recomputed at every step for nothing."""
+        back = []
+        for key, cs in list(self._idle_in.items()):
+            for c in [c for c in cs if not any(k in got for k in c.keys.values())]:
+                cs.remove(c)
+                c.absorbed, c.unused = False, True
+                self.bindings.append(c)
+                back.append(c)
+            if not cs:
+                del self._idle_in[key]
+        if back:
+            self._replan_lane(set())
+            keys = {k for c in back for k in c.keys.values()}
+            self._escalated = {k: e for k, e in self._escalated.items() if not keys & set(e.keys.values())}
+
+    def _absorb_idle(self, b: Binding) -> None:
+        """In the first passes: modules inside the generic-path container ``b``
+        that did not run during its forward, although their parameters train
+        (Mamba's ``dt_proj``, whose weight and bias the mixer uses directly),
+        are taken over by ``b``: its recomputation covers their parameters
+        too, from this forward on (their own hooks would never see a use)."""
+        idle = [c for c, r in zip(b.inner, b.snapshot) if c.ran == r and not c.absorbed]
+        b.snapshot = ()
+        if not idle:
+            return
+        prefix = {id(m): k + "." for k, m in b.module.named_modules() if k}
+        moved: set[str] = set()
+        for c in idle:
+            c.absorbed = True
+            for local, key in c.keys.items():
+                b.keys[prefix[id(c.module)] + local] = key
+                moved.add(key)
+            self.bindings.remove(c)
+        b.params = frozenset(b.keys)
+        b.inner = [c for c in b.inner if not c.absorbed]
+        self._replan_lane(moved)
 
     def _fallback_call(self, b: Binding, module: nn.Module, args: tuple, state: tuple, flat: list, n: int) -> None:
         """A generic-path call of ``module``: keep its inputs (and the RNG and
@@ -834,10 +1003,12 @@ class Capture:
             if t is not None and t.requires_grad:
                 t.register_hook(partial(self._on_fallback_grad, b, call, i))
 
-    def _batched(self, b: Binding, flat: list, n: int) -> bool:
+    def _batched(self, b: Binding, flat: list, n: int, args: tuple = ()) -> bool:
         """Whether the outputs needing a gradient carry the examples: leading
         dimension ``n``, or examples' rows flattened into it (verified in the
-        first passes, see :meth:`_rows_problem`)."""
+        first passes, see :meth:`_rows_problem`; for a generic-path module
+        with a batch-first data argument, by the recomputation's check that
+        each example's output rows reach its own input alone)."""
         dim = b.rule.batch_dim(b.module) if isinstance(b.rule, FallbackRule) else 0
         outs = [t for t in flat if t is not None and t.requires_grad]
         if not all(t.ndim > dim and t.shape[dim] % n == 0 for t in outs):
@@ -847,11 +1018,27 @@ class Capture:
             if b.verdict is None:  # verified the first time, the verdict kept (see _post)
                 b.verdict = next((p for t in flat_rows if (p := self._rows_problem(b, t, t, n) if dim == 0
                                                             else "batch dim not first")), "")
+                if b.verdict and self._checked_by_recomputation(b, args, n, dim):
+                    # the first passes' recomputation pulls each example's rows back to
+                    # that batch-first argument and refuses rows that reach another example
+                    b.verdict = ""
             if b.verdict:
                 return False
         if self.batch_size is not None:
             self._anchors.extend(outs)
         return True
+
+    def _checked_by_recomputation(self, b: Binding, args: tuple, n: int, dim: int) -> bool:
+        """Whether the generic path's first passes will verify ``b``'s row
+        layout: a positional data argument it probes (see
+        :func:`dpft.rules.fallback._check_apart`) is batch-first (``n`` rows,
+        not flattened), and those checks are still ahead."""
+        rule = b.rule
+        if not isinstance(rule, FallbackRule) or self._passes >= self.check_passes or self.batch_size is None:
+            return False
+        k = len(args) if rule.data_args is None else rule.data_args
+        return any(isinstance(a, Tensor) and a.is_floating_point() and a.ndim > dim and a.shape[dim] == n
+                   for a in args[:k])
 
     def _escalate(self, b: Binding, strict: bool = True) -> bool:
         """``b``'s module returned no per-example output (a relative position
@@ -866,21 +1053,36 @@ class Capture:
         if parent is None:
             if not strict:
                 return False
+            if b.reason:
+                raise UnsupportedModuleError(
+                    b.reason + " (Nor does any module enclosing it return a per-example output it could be "
+                    "recomputed for.)")
             raise UnsupportedModuleError(
                 f"dpft: module '{b.name}' ({type(b.module).__name__}) returned no per-example output and no "
                 "enclosing module can be recomputed for it; freeze its parameters."
             )
         self._pending.setdefault(id(parent[1]), []).append(b)
+        self._targets.add(id(parent[1]))
         return True
 
     def _anc_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        watched = self._watched.get(id(module))
+        if watched is not None and self._passes < self.check_passes and self._active():
+            self._watch_snap[id(module)] = [b.ran for b in watched[1]]
         if self._active() and self.batch_size is not None:
             dev = next((a.device for a in args if isinstance(a, Tensor)), None)
+            kwargs = fresh_caches(module, kwargs)
             self._stash[id(module)] = (args, kwargs, (kwargs, rng_state(dev), _autocast_state(dev)))
 
     def _anc_post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        snap = self._watch_snap.pop(id(module), None)
+        if snap is not None and output is not None:  # (not after a forward that raised)
+            self._watch(module, snap)
         stash = self._stash.pop(id(module), None)
         pending = self._pending.pop(id(module), None)
+        idle = self._idle_in.get(id(module))
+        if idle:
+            pending = (pending or []) + idle
         if not pending or stash is None or not self._active():
             return
         name = self._names[id(module)]
@@ -896,7 +1098,8 @@ class Capture:
         if not any(t is not None and t.requires_grad for t in flat):
             return
         n = self.batch_size
-        if not self._batched(esc, flat, n):  # type: ignore[arg-type]
+        if not self._batched(esc, flat, n, stash[0]):  # type: ignore[arg-type]
+            esc.reason = next((b.reason for b in pending if b.reason), esc.reason)
             self._escalate(esc)
             return
         self._fallback_call(esc, module, stash[0], stash[2], flat, n)  # type: ignore[arg-type]
@@ -929,7 +1132,12 @@ class Capture:
         for anchor in reversed(self._anchors):
             for j in probes:
                 cot = torch.zeros_like(output)
-                cot[j * k : (j + 1) * k] = torch.randn_like(cot[j * k : (j + 1) * k])
+                # (from a generator of dpft's own: the model's RNG stream, which dropout
+                # reads and the generic path replays, must not move)
+                gen = torch.Generator(device=cot.device)
+                gen.manual_seed(j)
+                cot[j * k : (j + 1) * k] = torch.randn(cot[j * k : (j + 1) * k].shape, generator=gen,
+                                                       dtype=cot.dtype, device=cot.device)
                 self.enabled = False  # (this pull-back must not reach dpft's own hooks)
                 try:
                     (g,) = torch.autograd.grad(output, anchor, cot, retain_graph=True, allow_unused=True)
@@ -1226,10 +1434,19 @@ class Capture:
                                 f"dpft: per-example gradient of '{key}' from module '{b.name}' has shape "
                                 f"{tuple(c.grad.shape)}, expected {expected}"
                             )
+                        if key in self.lane_offsets:
+                            # a lane parameter's use taken over by an enclosing module's recomputation
+                            if lane is None:
+                                lane = torch.zeros(n, self.lane_total, dtype=self.lane_dtype, device=self.lane_device)
+                            off, numel = self.lane_offsets[key]
+                            lane[:, off : off + numel] += c.grad.reshape(n, -1).to(lane.dtype)
+                            seen.add(key)
+                            continue
                     out.setdefault(key, []).append(c)
         finally:
             self.enabled = True
         del received
+        got = set(self._autograd) if self._idle_in and self._passes < self.check_passes else None
         self._check_uses(out, lane, seen, n)
         self._passes += 1
         if self._passes >= self.check_passes and self._pre_handles and not self._outside_root and not self._sharded:
@@ -1237,12 +1454,44 @@ class Capture:
             for h in self._pre_handles:
                 h.remove()
             self._pre_handles = []
+        if self._passes >= self.check_passes and self._watched:
+            # the parents watched in the first passes: kept only where they took a child over
+            keep = self._idle_in.keys() | self._targets
+            for key in [k for k in self._watch_handles if k not in keep]:
+                for h in self._watch_handles.pop(key):
+                    h.remove()
+            self._watched = {}
         if self._passes > self.check_passes and self._param_handles:
             # the uses were cross-checked: stop paying for the parameter hooks
             for h in self._param_handles:
                 h.remove()
             self._param_handles = []
         self.sink(out, n, (self.lane_keys, lane) if lane is not None else None)
+        if got is not None:  # (after the sink: the lane's layout may change)
+            self._unused_back(got)
+
+    def generic_path(self) -> dict[str, str]:
+        """The trainable parameters whose per-example gradients take the exact
+        generic path (a recomputation of their module, see
+        :mod:`dpft.rules.fallback`) instead of a fast rule: canonical name ->
+        the module recomputed and why.  Before the first step this is the
+        plan; modules that switch to the generic path in a forward (a weight
+        that never reached its operator, a batch-independent output taken over
+        by an enclosing module) show after it."""
+        out: dict[str, str] = {}
+        for b in self.bindings:
+            if b.fallback:
+                why = b.rule.why
+                if type(b.rule) is FallbackRule:
+                    why = ("parameters held directly by a module with children (layer scale, class token, "
+                           "position table, SSM parameter)" if any(True for _ in b.module.children())
+                           else "a module type without a fast rule, or a weight it does not pass to its operator")
+                for local, key in b.keys.items():
+                    out[key] = f"module '{b.name}' ({type(b.module).__name__}): {why}"
+        for esc in self._escalated.values():
+            for local, key in esc.keys.items():
+                out[key] = f"module '{esc.name}' ({type(esc.module).__name__}): {esc.rule.why}"
+        return out
 
     def _param(self, key: str) -> nn.Parameter:
         if not hasattr(self, "_params"):

@@ -368,6 +368,14 @@ class PrivacyEngine:
     def trainable_names(self) -> list[str]:
         return list(self.params)
 
+    def generic_path(self) -> dict[str, str]:
+        """Trainable parameters whose per-example gradients take dpft's exact
+        generic path (a per-example recomputation of their module: slower and
+        heavier than the fast rules) -> the module recomputed and why.  Empty
+        when every parameter has a fast rule.  Exact after the first step;
+        before it, the plan (see :meth:`dpft.capture.Capture.generic_path`)."""
+        return self._capture.generic_path()
+
     # -- attach / detach ----------------------------------------------------
     def attach(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """Make ``optimizer.step()`` apply the privatized gradient; returns the optimizer."""

@@ -53,6 +53,8 @@ class FallbackRule(Rule):
     handles = None
     recursive = False
     eager: tuple[str, ...] = ()
+    #: why a module takes this path (reported by ``PrivacyEngine.generic_path``)
+    why = "no fast rule covers this module or parameter"
     #: how many leading positional arguments carry examples (``None``: all);
     #: the first backward passes check that these stay apart
     data_args: int | None = None
@@ -77,7 +79,10 @@ class FallbackRule(Rule):
         module = call.module
         n = call.batch_size
         bdim = self.batch_dim(module)
-        named = dict(module.named_parameters()) if self.recursive else dict(module.named_parameters(recurse=False))
+        # (dotted names: parameters of modules inside it, recursive rules or
+        # modules taken over because they never ran, see Capture._absorb_idle)
+        recurse = self.recursive or any("." in k for k in params)
+        named = dict(module.named_parameters()) if recurse else dict(module.named_parameters(recurse=False))
         names = sorted(params)
         plist = [named[k] for k in names]
         # Recompute the module's forward on the whole batch with the RNG state
@@ -107,13 +112,16 @@ class FallbackRule(Rule):
                 args = tuple(probe(a) for a in args[:k]) + tuple(args[k:])
             out = module.forward(*args, **kwargs)
         outs = _flat_tensors(out)
-        pairs = [
-            (o, g)
-            for o, g in zip(outs, call.grads)
-            if o is not None and g is not None and o.requires_grad
-        ]
+        pairs = []
+        seen: set[int] = set()
+        for o, g in zip(outs, call.grads):
+            # (an output returned twice got the whole gradient in each of its hooks: counted once)
+            if o is not None and g is not None and o.requires_grad and id(o) not in seen:
+                seen.add(id(o))
+                pairs.append((o, g))
         if not pairs:
             return {}
+        pairs = _external(pairs, [t for t, _ in probes] + list(plist) + _leaves(args, kwargs))
         numel = sum(g.numel() for _, g in pairs)
         chunk = max(1, min(n, (1 << 26) // max(1, numel)))
         parts: list[list[Tensor]] = [[] for _ in names]
@@ -138,6 +146,89 @@ class FallbackRule(Rule):
             for i, (gk, p) in enumerate(zip(gs, plist)):
                 parts[i].append(gk if gk is not None else torch.zeros(len(idx), *p.shape, dtype=p.dtype, device=p.device))
         return {k: Direct(torch.cat(v)) for k, v in zip(names, parts)}
+
+
+def fresh_cache(module: nn.Module, value: Any) -> Any:
+    """``None`` for a transformers cache (``past_key_values``, Mamba's
+    recurrent state) that holds nothing yet for this module's layer (read
+    before the module's forward), else ``value``.  The module's forward fills the cache, so a
+    recomputation given the same object would read this forward's own states
+    as if they came before it (Mamba's scan then starts from its final
+    state); without a cache it computes what the forward did."""
+    layer = getattr(module, "layer_idx", None)
+    seq = getattr(value, "get_seq_length", None)
+    if layer is None or seq is None or "Cache" not in type(value).__name__ or isinstance(value, Tensor):
+        return value
+    try:
+        empty = int(seq(layer)) == 0
+    except (TypeError, ValueError, IndexError, AttributeError, RuntimeError):
+        return value
+    return None if empty else value
+
+
+def fresh_caches(module: nn.Module, kwargs: dict) -> dict:
+    """``kwargs`` with :func:`fresh_cache` applied (called before the module's forward)."""
+    if not kwargs:
+        return kwargs
+    return {k: fresh_cache(module, v) for k, v in kwargs.items()}
+
+
+def _leaves(args: tuple, kwargs: dict) -> list[Tensor]:
+    """The module's tensor inputs (where a walk of its recomputed graph stops)."""
+    return [a for a in _flat_tensors(list(args) + list(kwargs.values())) if isinstance(a, Tensor)]
+
+
+def _nodes_above(root: Any, stop: set[Any]) -> set[Any]:
+    """The autograd nodes reachable from ``root`` without passing a node of ``stop``."""
+    seen: set[Any] = set()
+    todo = [root] if root is not None else []
+    while todo:
+        node = todo.pop()
+        if node in seen or node in stop:
+            continue
+        seen.add(node)
+        todo.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    return seen
+
+
+def _external(pairs: list[tuple[Tensor, Tensor]], inputs: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """The outputs' gradients with what reached them through the module's
+    other outputs taken out.
+
+    The hook on a module's output receives that output's whole gradient.
+    When one output is computed from another (a router returns its logits
+    and the top-k weights computed from them), the upstream output's gradient
+    already contains the downstream one's pulled back through the module:
+    pulling back both would count that path twice.  Here each upstream
+    output keeps only its own (external) part, ``g_j - sum_k J_kj^T ext_k``
+    over the outputs ``k`` computed from it, from the last outputs down."""
+    if len(pairs) < 2:
+        return pairs
+    stop = {t.grad_fn for t in inputs if t.grad_fn is not None}
+    nodes = [o.grad_fn for o, _ in pairs]
+    # downstream[j]: the outputs whose graph reaches output j's node (through other outputs or not)
+    reach = [_nodes_above(n, stop) for n in nodes]
+    downstream = [[k for k in range(len(pairs)) if k != j and nodes[j] is not None and nodes[j] in reach[k]]
+                  for j in range(len(pairs))]
+    if not any(downstream):
+        return pairs
+    ext: dict[int, Tensor] = {}
+    todo = list(range(len(pairs)))
+    while todo:
+        ready = [j for j in todo if all(k in ext for k in downstream[j])]
+        if not ready:  # (a cycle cannot happen in autograd's graph)
+            raise RuntimeError("dpft: the module's outputs depend on each other in a cycle")
+        for j in ready:
+            o, g = pairs[j]
+            ks = downstream[j]
+            if ks:
+                internal = torch.autograd.grad([pairs[k][0] for k in ks], o, [ext[k] for k in ks],
+                                               retain_graph=True, allow_unused=True)[0]
+                if internal is not None:
+                    g = g - internal
+            ext[j] = g
+            todo.remove(j)
+    return [(o, ext[j]) for j, (o, _) in enumerate(pairs)]
 
 
 def _check_apart(grads: Any, probes: list[tuple[Tensor, int]], idx: Tensor, n: int, name: str, module: nn.Module) -> None:
@@ -198,6 +289,8 @@ class ParametrizedRule(FallbackRule):
     from the parametrizations' own parameters in its forward, so the module is
     recomputed as a whole; covers the parametrizations' parameters and its own."""
 
+    why = "parametrized weight (recomputed with its parametrizations)"
+
     recursive = True
 
 
@@ -207,11 +300,41 @@ class EnclosingRule(FallbackRule):
     bias shared by the whole batch): the per-example gradients appear only
     where that output meets the examples, in the enclosing module's output."""
 
+    why = "recomputed for a batch-independent output of a module inside it"
+
     recursive = True
+
+
+class RoutedExpertsRule(FallbackRule):
+    """A mixture-of-experts block that holds its experts as separate modules
+    (a ``ModuleList`` named ``experts``, each expert's ``nn.Linear`` layers
+    called on the tokens routed to it: older Mixtral, Qwen2-MoE, DeepSeek
+    style).  An expert's input rows are the tokens of several examples,
+    gathered by the router: neither batch-first nor example by example, so no
+    per-layer rule may claim them (even when the number of routed tokens
+    happens to equal the batch size).  The block is recomputed as a whole,
+    which maps each token back to its example: exact per-example gradients
+    for the router, the experts and any shared expert."""
+
+    why = "mixture of experts (tokens routed to per-expert modules)"
+
+    recursive = True
+
+
+def is_moe_block(module: nn.Module) -> bool:
+    """Whether ``module`` holds its experts as a list of modules with
+    parameters (see :class:`RoutedExpertsRule`)."""
+    for name, child in module.named_children():
+        if "expert" in name.lower() and isinstance(child, (nn.ModuleList, nn.ModuleDict)) and len(child) >= 2:
+            if sum(1 for e in child.children() if any(True for _ in e.parameters())) >= 2:
+                return True
+    return False
 
 
 class MultiheadAttentionRule(FallbackRule):
     """``nn.MultiheadAttention``: covers its own projections and ``out_proj``."""
+
+    why = "nn.MultiheadAttention (out_proj applied functionally)"
 
     recursive = True
     data_args = 3  # query, key, value (a positional attn_mask is shared by the batch)
