@@ -17,6 +17,7 @@ from . import offline
 from .offline import TaskData
 from ..checkpoint import CheckpointError, read_checkpoint
 from ..methods import registry
+from ..options import EngineOptions
 from ..methods.registry import MethodError
 from .errors import ConfigError
 from .config import CHECKPOINT, NotAvailableYet, TrainConfig, _pick_device, _size, resolve, validate
@@ -106,14 +107,14 @@ def _make_engine(model, r: TrainConfig, n_train: int, steps_total: int, noise_se
     if engine_cls is None:  # pragma: no cover - until the engine lands
         raise NotAvailableYet("private training needs dpft.PrivacyEngine, which is not available "
                               "in this build; use a nonprivate-* method")
-    kwargs = dict(batch_size=r.batch_size, sample_size=n_train, target_epsilon=r.epsilon,
-                  target_delta=r.delta, max_grad_norm=r.max_grad_norm, clipping_fn=r.clipping_fn,
-                  clipping_style=clipping_groups(model, r.clipping_style), clipping_mode=r.clipping_mode,
-                  accountant=r.accountant, loss_reduction="mean", noise_seed=noise_seed, poisson=r.poisson)
-    if r.privacy_unit == "user":
-        kwargs["privacy_unit"] = "user"  # n_train: the number of users
     try:
-        engine = engine_cls(model, steps=steps_total, **kwargs)
+        # privacy_unit "user": n_train is the number of users
+        options = EngineOptions(target_delta=r.delta, max_grad_norm=r.max_grad_norm, clipping_fn=r.clipping_fn,
+                                clipping_style=clipping_groups(model, r.clipping_style),
+                                clipping_mode=r.clipping_mode, accountant=r.accountant, loss_reduction="mean",
+                                noise_seed=noise_seed, poisson=r.poisson, privacy_unit=r.privacy_unit)
+        engine = engine_cls(model, batch_size=r.batch_size, sample_size=n_train, target_epsilon=r.epsilon,
+                            steps=steps_total, options=options)
     except NotImplementedError as e:
         raise NotAvailableYet(f"method {r.method}: the engine cannot train these parameters "
                               f"yet: {e}") from e
