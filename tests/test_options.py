@@ -102,3 +102,18 @@ def test_distinguishing_audit_takes_the_options_object():
     a = distinguishing_audit("embedding", options=EngineOptions(max_grad_norm=0.25, secure_mode=True), **kw)
     b = distinguishing_audit("embedding", max_grad_norm=0.25, secure_mode=True, **kw)
     assert a.as_dict() | {"seconds": 0} == b.as_dict() | {"seconds": 0}
+
+
+def test_schedules_that_calibrate_themselves_refuse_an_options_object():
+    """Sparta and TwoPhase calibrate σ with their own accountant and δ: an options object could
+    disagree with them, so they take keywords only."""
+    from dpft.methods.schedules import TwoPhase
+    from dpft.methods.sparta import Sparta
+
+    model = nn.Linear(3, 2)
+    with pytest.raises(TypeError, match="TwoPhase takes the engine's options as keywords"):
+        TwoPhase(model, batch_size=10, sample_size=100, phase1_epochs=1, phase2_epochs=1, target_epsilon=3.0,
+                 options=EngineOptions())
+    with pytest.raises(TypeError, match="Sparta takes the engine's options as keywords"):
+        Sparta(model, batch_size=10, sample_size=100, target_epsilon=3.0, train_epochs=1, scoring_epochs=1,
+               options=EngineOptions())
