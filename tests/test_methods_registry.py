@@ -111,3 +111,20 @@ def test_defaults_of_the_tables_they_replaced():
     assert registry.get("full").text_head_lr(on_cpu=True) == 1e-2 and registry.get("full").head_lr is None
     styles = {n for n in registry.names() if registry.get(n).clipping_style == "separate-head"}
     assert styles == {"full", "sparta"}
+
+
+def test_the_readme_walkthrough_method_works(monkeypatch):
+    """README's "Add your own method" file, run as written (its relative import made absolute)."""
+    import re
+    from pathlib import Path
+
+    from dpft.app.build import select_trainable
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("#### Add your own method", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "from ..registry import Method, register" in code
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))  # the registration is undone after
+    exec(code.replace("from ..registry", "from dpft.methods.registry"), {})
+    assert registry.get("norms").lr == 3e-3
+    assert _trainable(select_trainable(Net(), "norms")) == {"norm.weight", "norm.bias", *HEAD}
