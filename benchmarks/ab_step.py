@@ -49,7 +49,7 @@ import dpft.batched
 import dpft.norms
 import dpft.privatize
 import dpft.rules.conv
-from benchmarks.models import build
+from benchmarks.models import build_for_method
 
 _ORIG_HOOK = dpft.capture._add_grad_hook
 _ORIG_FLAG = dpft.privatize.ClippedSum.nonfinite_now
@@ -161,16 +161,7 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
     for model_name in args.models.split(","):
         for method in args.methods.split(","):
-            kw = {"seq_len": args.seq_len} if args.seq_len else {}
-            if args.image_size:
-                kw["image_size"] = args.image_size
-            wl = build(model_name, batch_size=args.batch_size, device=args.device, tiny=args.size == "tiny", **kw)
-            if method == "bitfit":
-                dpft.bitfit(wl.model)
-            elif method == "lora":
-                from benchmarks.models import lora
-
-                lora(wl)
+            wl = build_for_method(model_name, method, args)
             params = [p for p in wl.model.parameters() if p.requires_grad]
             times: dict[str, list[float]] = {"nonprivate": []}
             peak: dict[str, float] = {}

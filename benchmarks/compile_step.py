@@ -30,7 +30,7 @@ import warnings
 import torch
 
 import dpft
-from benchmarks.models import build
+from benchmarks.models import build_for_method
 
 COMPILE_MODES = ("none", "default", "max-autotune-no-cudagraphs")
 
@@ -54,16 +54,7 @@ def _compile(model: torch.nn.Module, mode: str) -> torch.nn.Module:
 
 
 def run(args: argparse.Namespace, model_name: str, method: str, mode: str) -> str:
-    kw = {"seq_len": args.seq_len} if args.seq_len else {}
-    if args.image_size:
-        kw["image_size"] = args.image_size
-    wl = build(model_name, batch_size=args.batch_size, device=args.device, tiny=args.size == "tiny", **kw)
-    if method == "bitfit":
-        dpft.bitfit(wl.model)
-    elif method == "lora":
-        from benchmarks.models import lora
-
-        lora(wl)
+    wl = build_for_method(model_name, method, args)
     torch.compiler.reset()
     plain_model = copy.deepcopy(wl.model)
     private_model = wl.model

@@ -475,3 +475,21 @@ __all__ = [
     "SPECS", "Spec", "Workload", "build", "count", "default_shape", "lora", "names", "position_ids", "describe_size",
     "out_of_place", "sparta_rows",
 ]
+
+
+def build_for_method(name: str, method: str, args) -> "Workload":
+    """:func:`build` from a benchmark's arguments (``batch_size``, ``device``,
+    ``size``, ``seq_len``, ``image_size``), made trainable for ``method``:
+    ``bitfit`` (biases, via :func:`dpft.bitfit`), ``lora`` (:func:`lora`), else
+    every parameter."""
+    import dpft
+
+    kw = {"seq_len": args.seq_len} if args.seq_len else {}
+    if args.image_size:
+        kw["image_size"] = args.image_size
+    wl = build(name, batch_size=args.batch_size, device=args.device, tiny=args.size == "tiny", **kw)
+    if method == "bitfit":
+        dpft.bitfit(wl.model)
+    elif method == "lora":
+        lora(wl)
+    return wl

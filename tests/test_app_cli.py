@@ -219,6 +219,9 @@ def test_report_epsilon_axis_from_zero_and_subset_majority_line(tmp_path):
     full = next(v for k, v in lines.items() if k.startswith("majority class (0.550)"))
     assert list(sub.get_ydata()) == [0.6, 0.6] and list(full.get_ydata()) == [0.55, 0.55]
     assert not any("NOT LEARNED" in t.get_text() for t in acc_ax.texts)
+    assert eps_ax.get_title().startswith("ε spent per example")
+    summary["privacy_unit"] = "user"  # (issue 28) the ε panel says which unit it protects
+    assert report_figure(out, summary).axes[2].get_title().startswith("ε spent per user")
 
 
 def test_learning_check_says_loudly_when_nothing_was_learned(tmp_path):

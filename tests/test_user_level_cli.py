@@ -43,6 +43,35 @@ def test_train_user_level_csv(tmp_path, capsys):
     assert "with respect to one user: all the training examples" in (out / "release" / "README.md").read_text()
 
 
+def test_train_user_level_sparta(tmp_path, capsys, monkeypatch):
+    """SPARTA at user level: its scoring and training phases sample users, every
+    physical chunk tells the phase's engine whose examples it holds, one ledger."""
+    from dpft.engine import PrivacyEngine
+
+    told = []
+    real = PrivacyEngine.set_units
+
+    def spy(self, ids):
+        told.append((self.privacy_unit, len(ids)))
+        return real(self, ids)
+
+    monkeypatch.setattr(PrivacyEngine, "set_units", spy)
+    model = make_tiny_bert(tmp_path / "bert")
+    data = _csv(tmp_path / "reviews.csv")
+    out = tmp_path / "run"
+    argv = tiny_args(model, data, out, "--method", "sparta", "--scoring-epochs", "1", "--privacy-unit", "user",
+                     "--user-column", "author", "--dp-seed", "3")
+    argv[argv.index("--batch-size") + 1] = "4"  # users per step
+    code, stdout, err = run_cli(argv, capsys)
+    assert code == 0, err
+    s = json.loads((out / "summary.json").read_text())
+    assert s["privacy_unit"] == "user" and s["users"] == 12 and s["sample_rate"] == pytest.approx(4 / 12)
+    assert s["epsilon"] <= s["target_epsilon"] + 1e-9
+    assert "SPARTA: scored the rows privately (3 steps" in stdout  # ceil(12 users / 4): steps count users
+    assert told and all(unit == "user" for unit, _ in told)  # scoring and training engines, per chunk
+    assert sum(k for _, k in told) > 0
+
+
 def test_train_user_level_needs_a_user_column(tmp_path, capsys):
     model = make_tiny_bert(tmp_path / "bert")
     data = _csv(tmp_path / "reviews.csv", with_user=False)
@@ -76,8 +105,7 @@ def test_rotten_tomatoes_has_movies_as_users():
 def test_user_level_defaults_and_refusals():
     from dpft.app.config import ConfigError, TrainConfig, validate
 
-    with pytest.raises(ConfigError, match="--method sparta"):
-        validate(TrainConfig(privacy_unit="user", method="sparta"))
+    validate(TrainConfig(privacy_unit="user", method="sparta"))  # supported
     with pytest.raises(ConfigError, match="--no-poisson"):
         validate(TrainConfig(privacy_unit="user", poisson=False))
     with pytest.raises(ConfigError, match="unknown privacy unit"):

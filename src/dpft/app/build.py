@@ -125,6 +125,7 @@ def _make_engine(model, r: TrainConfig, n_train: int, steps_total: int, noise_se
 
 
 def _make_sparta(model, r: TrainConfig, n_train: int):
+    # (--privacy-unit user: n_train is the number of users, each phase's engine clips per user)
     """The :class:`dpft.methods.sparta.Sparta` of the run: σ calibrated for warm-up +
     scoring + training steps (no scoring steps with a public ``--sparta-selection``);
     candidates are the Linear weights outside the head."""
@@ -145,7 +146,8 @@ def _make_sparta(model, r: TrainConfig, n_train: int):
                       density=r.density, selection=r.sparta_selection, candidates=candidates, always_train=head,
                       target_delta=r.delta, accountant=r.accountant, max_grad_norm=r.max_grad_norm,
                       clipping_fn=r.clipping_fn, clipping_style="all-layer", clipping_mode=r.clipping_mode,
-                      loss_reduction="mean", poisson=r.poisson)
+                      loss_reduction="mean", poisson=r.poisson,
+                      **({"privacy_unit": "user"} if r.privacy_unit == "user" else {}))
     except NotImplementedError as e:
         raise NotAvailableYet(f"method sparta: the engine cannot train these parameters yet: {e}") from e
     except (TypeError, ValueError, RuntimeError) as e:
@@ -298,7 +300,7 @@ def _build_privacy(job: _Job) -> None:
                          poisson=r.poisson and job.private, units=job.units if job.user_level else None)
     if r.method == "sparta":
         # optimizer and engine come after the scoring pass (or from the checkpoint's row selection)
-        job.sp = _make_sparta(job.model, r, job.n_train)
+        job.sp = _make_sparta(job.model, r, job.n_units)
         job.net = job.model
         return
     job.optimizer = make_optimizer(job.model, r)

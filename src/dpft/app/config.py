@@ -153,9 +153,6 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.privacy_unit not in (None, "example", "user"):
         raise ConfigError(f"unknown privacy unit {cfg.privacy_unit!r}; choose example or user")
     if cfg.privacy_unit == "user":
-        if cfg.method == "sparta":
-            raise ConfigError("--privacy-unit user with --method sparta is not supported by dpft train yet "
-                              "(the library supports it: PrivacyEngine(privacy_unit='user'))")
         if cfg.poisson is False:
             raise ConfigError("--privacy-unit user samples users (Poisson); --no-poisson is not supported with it")
     elif cfg.user_column is not None:

@@ -65,24 +65,28 @@ def evaluate(model: nn.Module, data: Encoded, device: torch.device, batch_size: 
 
 
 def _sparta_phases(sp, model, r: TrainConfig, data: Encoded, device, autocast, n_train: int,
-                   steps_per_epoch: int, dp_secret: int, ckpt: dict | None, log):
+                   steps_per_epoch: int, dp_secret: int, ckpt: dict | None, log, units: np.ndarray | None = None):
     """Warm-up (optional), private scoring, selection; returns the engine of the sparse
     training phase (attached to a fresh optimizer).  On --resume the row selection comes
     from the checkpoint (the engine's ledger is restored by the caller).
 
     Every phase draws its own Poisson batches (:class:`BatchPlan`, its own stream of the
-    secret seed) and its own noise stream, and uses the training loss."""
+    secret seed) and its own noise stream, and uses the training loss. ``units`` (the user
+    of each training example, --privacy-unit user): batches sample users, and each phase's
+    engine is told whose examples every physical chunk holds."""
     lengths = data.lengths("train")
 
     def loss_fn(m: nn.Module, chunk: np.ndarray) -> torch.Tensor:
         inputs, y = data.batch("train", chunk, device)
         with autocast():
             logits = _forward(m, inputs)
+        if units is not None:
+            sp.engine.set_units(units[chunk])
         return F.cross_entropy(logits.float(), y)
 
     def batches(steps: int, stream: int, desc: str):
         plan = BatchPlan(n_train, r.batch_size, steps_per_epoch, _derive_seed(dp_secret, stream),
-                         poisson=r.poisson)
+                         poisson=r.poisson, units=units)
         bar = _tqdm(r.progress)(total=steps, desc=desc, unit="step", leave=True, dynamic_ncols=True)
         try:
             for i in range(steps):
@@ -144,7 +148,8 @@ def _run_sparta_phases(job: _Job) -> None:
     engine and optimizer of its sparse training phase."""
     r, sp = job.r, job.sp
     job.engine = _sparta_phases(sp, job.model, r, job.data, job.device, job.autocast, job.n_train,
-                                job.steps_per_epoch, job.dp_secret, job.ckpt, job.log)
+                                job.steps_per_epoch, job.dp_secret, job.ckpt, job.log,
+                                units=job.units if job.user_level else None)
     job.optimizer = job.engine.optimizer
     job.trainable = _sparta_trainable(job.model)
     rows = sum(int(m.sum()) for m in sp.masks.values())

@@ -76,7 +76,8 @@ def report_figure(out: Path, summary: dict):
         axes[2].axhline(summary["target_epsilon"], ls="--", color="grey", label="target")
         axes[2].set_ylim(bottom=0, top=max(summary["target_epsilon"], max(e for _, e in eps)) * 1.08)
         axes[2].legend(loc="lower right")
-        axes[2].set(title=f"ε spent (δ = {summary['delta']:.2g})", xlabel="step")
+        unit = "per user" if summary.get("privacy_unit") == "user" else "per example"
+        axes[2].set(title=f"ε spent {unit} (δ = {summary['delta']:.2g})", xlabel="step")
     else:
         axes[2].text(0.5, 0.5, "non-private:\nε = ∞", ha="center", va="center", fontsize=14,
                      transform=axes[2].transAxes)
