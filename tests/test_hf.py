@@ -205,6 +205,22 @@ def test_bad_input(tmp_path):
                   target_epsilon=3.0)
 
 
+
+def test_engine_options_object(tmp_path):
+    """DPTrainer(options=dpft.EngineOptions(...)) is the keywords' trainer; an option given twice is refused."""
+    opts = dpft.EngineOptions(max_grad_norm=0.5, clipping_fn="automatic", accountant="rdp", noise_seed=3)
+    t = DPTrainer(model=_bert(), args=_args(tmp_path), train_dataset=_cls_data(), target_epsilon=3.0, options=opts)
+    kw = DPTrainer(model=_bert(), args=_args(tmp_path), train_dataset=_cls_data(), target_epsilon=3.0,
+                   max_grad_norm=0.5, clipping_fn="automatic", accountant="rdp", noise_seed=3)
+    assert t.engine_options == kw.engine_options == opts
+    with pytest.raises(ValueError, match="max_grad_norm given both"):
+        DPTrainer(model=_bert(), args=_args(tmp_path), train_dataset=_cls_data(), target_epsilon=3.0,
+                  options=opts, max_grad_norm=2.0)
+    with pytest.raises(ValueError, match="clipping_fn must be one of"):
+        DPTrainer(model=_bert(), args=_args(tmp_path), train_dataset=_cls_data(), target_epsilon=3.0,
+                  clipping_fn="tanh")
+
+
 # ---------------------------------------------------------------------------
 # checkpoints: the privacy ledger, the noise and the sampling continue across a resume
 

@@ -165,14 +165,14 @@ def test_report_targets_from_data(tmp_path):
 @pytest.mark.parametrize("variant", ["bitfit", "sparta-random"])
 def test_plan_starts_from_train_defaults(variant):
     utility = _import_utility()
-    from dpft.app.config import _DEFAULT_LR
+    from dpft.methods import registry
     args = utility.parse_args(["--device", "cpu", "--tasks", "sentiment,vision"])
     plan = utility.make_plan(args)
     task = utility.TASKS["sentiment" if variant == "bitfit" else "vision"]
     grid = utility.search_grid(plan, task, utility.VARIANTS[variant])
     assert len(grid) == len(utility.LR_FACTORS) * len(utility.EPOCH_FACTORS)
     if variant == "bitfit":
-        assert grid[0]["lr"] == _DEFAULT_LR["bitfit"]  # the default comes first
+        assert grid[0]["lr"] == registry.get("bitfit").lr  # the default comes first
     jobs = utility.search_jobs(plan, task, utility.VARIANTS[variant])
     assert all(j.fields["validation_size"] == task.validation_size for j in jobs)
     assert len({j.id for j in jobs}) == len(jobs)

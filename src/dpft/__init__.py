@@ -1,6 +1,6 @@
 """dpft: differentially private fine-tuning of foundation models.
 
-Public API (see README and DESIGN): :func:`bitfit`, :class:`PrivacyEngine`,
+Public API (see README and DESIGN): :func:`bitfit`, :class:`PrivacyEngine`, :class:`EngineOptions`,
 :mod:`dpft.accounting`, :mod:`dpft.data`, :func:`convert_batchnorm_to_groupnorm`,
 :func:`register_rule`.
 
@@ -29,6 +29,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "load_checkpoint": (".checkpoint", "load_checkpoint"),
     "save_checkpoint": (".checkpoint", "save_checkpoint"),
     "PrivacyEngine": (".engine", "PrivacyEngine"),
+    "EngineOptions": (".options", "EngineOptions"),
     "bitfit": (".methods.bitfit", "bitfit"),
     "register_rule": (".rules", "register_rule"),
     "SamplingMismatch": (".sampling_check", "SamplingMismatch"),
@@ -37,6 +38,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
 
 __all__ = [
     "BatchNormError",
+    "EngineOptions",
     "PrivacyBudgetExceeded",
     "PrivacyEngine",
     "SamplingMismatch",
@@ -74,6 +76,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .capture import BatchNormError, UnsupportedModuleError
     from .checkpoint import load_checkpoint, save_checkpoint
     from .engine import PrivacyEngine
+    from .options import EngineOptions
     from .methods import sparta
     from .methods.bitfit import bitfit
     from .rules import register_rule

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-CLIPPING_FNS = ("abadi", "automatic")
-CLIPPING_STYLES = ("all-layer", "layer-wise", "param-wise")
+from .options import CLIPPING_FNS, CLIPPING_STYLES  # noqa: F401 (the vocabulary lives in dpft.options)
+
 AUTOMATIC_GAMMA = 0.01
 
 

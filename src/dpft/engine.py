@@ -29,7 +29,7 @@ from .accounting import Ledger, PrivacyBudgetExceeded
 from .capture import Capture, is_dtensor
 from .compiled import CompileSupport
 from .compiled import unwrap as _unwrap_compiled
-from .clipping import CLIPPING_FNS, CLIPPING_STYLES, make_groups
+from .clipping import make_groups
 from .noise import GaussianNoise
 from .sampling_check import NON_POISSON_CAVEAT, MISMATCH_CAVEAT, SamplingCheck, SamplingMismatch
 from .sampling_check import warn as _warn_sampling
@@ -38,16 +38,10 @@ from .rows import compact_rows
 from .rows import reattach as sparta_reattach
 from .rows import row_masks as sparta_masks
 from .rules.base import Contribution
-from .units import PRIVACY_UNITS, UserClippedSum
-
-CLIPPING_MODES = ("auto", "bk", "ghost", "mixed", "instantiate")
-ACCOUNTANTS = ("pld", "rdp")
-LOSS_REDUCTIONS = ("mean", "sum")
-ON_BUDGET = ("raise", "warn")
-
-
-def _bad(name: str, value: Any, expected: str) -> ValueError:
-    return ValueError(f"{name} must be {expected}, got {value!r}")
+from .options import ACCOUNTANTS, CLIPPING_FNS, CLIPPING_MODES, CLIPPING_STYLES, EngineOptions  # noqa: F401 (re-exported)
+from .options import LOSS_REDUCTIONS, ON_BUDGET, PRIVACY_UNITS  # noqa: F401 (re-exported)
+from .options import bad as _bad
+from .units import UserClippedSum
 
 
 def _is_ddp(model: nn.Module) -> bool:
@@ -146,6 +140,13 @@ class PrivacyEngine:
             sums are reduce-scattered to the shards, and the rank owning a
             shard adds its noise (std ``sigma R``).  Each rank holds one
             full-size clipped sum per trainable parameter during a step.
+        options: a :class:`dpft.EngineOptions` holding ``target_delta``,
+            ``max_grad_norm``, the clipping options, ``accountant``,
+            ``loss_reduction``, ``on_budget_exceeded``, ``noise_seed``,
+            ``secure_mode``, ``poisson``, ``strict`` and ``privacy_unit`` at
+            once, instead of those keywords (a keyword that differs from its
+            default as well is a ``ValueError``).  :attr:`options` is the
+            engine's, whichever way they were given.
 
     A NaN/Inf per-example gradient never reaches the parameters: with only
     biases and normalization weights trained (DP-BiTFiT) the example is left
@@ -180,6 +181,7 @@ class PrivacyEngine:
         poisson: bool = True,
         strict: bool = False,
         privacy_unit: str = "example",
+        options: EngineOptions | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise _bad("model", model, "a torch.nn.Module")
@@ -216,26 +218,19 @@ class PrivacyEngine:
             raise _bad("target_epsilon", target_epsilon, "a positive finite number")
         if noise_multiplier is not None and not (isinstance(noise_multiplier, (int, float)) and noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
             raise _bad("noise_multiplier", noise_multiplier, "a finite number >= 0")
-        if target_delta is not None and not (isinstance(target_delta, (int, float)) and 0 < target_delta < 1):
-            raise _bad("target_delta", target_delta, "in (0, 1)")
-        if not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0 and math.isfinite(max_grad_norm)):
-            raise _bad("max_grad_norm", max_grad_norm, "a positive finite number")
-        if clipping_fn not in CLIPPING_FNS:
-            raise _bad("clipping_fn", clipping_fn, f"one of {CLIPPING_FNS}")
-        if isinstance(clipping_style, str) and clipping_style not in CLIPPING_STYLES:
-            raise _bad("clipping_style", clipping_style, f"one of {CLIPPING_STYLES} or a list of lists of parameter names")
-        if clipping_mode not in CLIPPING_MODES:
-            raise _bad("clipping_mode", clipping_mode, f"one of {CLIPPING_MODES}")
-        if accountant not in ACCOUNTANTS:
-            raise _bad("accountant", accountant, f"one of {ACCOUNTANTS}")
-        if loss_reduction not in LOSS_REDUCTIONS:
-            raise _bad("loss_reduction", loss_reduction, f"one of {LOSS_REDUCTIONS}")
+        # the privatization options, checked in one place (dpft.options)
+        self.options = opts = EngineOptions.merge(
+            options, target_delta=target_delta, max_grad_norm=max_grad_norm, clipping_fn=clipping_fn,
+            clipping_style=clipping_style, clipping_mode=clipping_mode, accountant=accountant,
+            loss_reduction=loss_reduction, on_budget_exceeded=on_budget_exceeded, noise_seed=noise_seed,
+            secure_mode=secure_mode, poisson=poisson, strict=strict, privacy_unit=privacy_unit,
+        )
+        target_delta, max_grad_norm, clipping_fn = opts.target_delta, opts.max_grad_norm, opts.clipping_fn
+        clipping_style, clipping_mode, accountant = opts.clipping_style, opts.clipping_mode, opts.accountant
+        loss_reduction, on_budget_exceeded, noise_seed = opts.loss_reduction, opts.on_budget_exceeded, opts.noise_seed
+        secure_mode, poisson, strict, privacy_unit = opts.secure_mode, opts.poisson, opts.strict, opts.privacy_unit
         if epsilon_budget is not None and not (isinstance(epsilon_budget, (int, float)) and epsilon_budget > 0):
             raise _bad("epsilon_budget", epsilon_budget, "a positive number")
-        if on_budget_exceeded not in ON_BUDGET:
-            raise _bad("on_budget_exceeded", on_budget_exceeded, f"one of {ON_BUDGET}")
-        if privacy_unit not in PRIVACY_UNITS:
-            raise _bad("privacy_unit", privacy_unit, f"one of {PRIVACY_UNITS}")
         self.privacy_unit = privacy_unit
 
         self.model = model
@@ -323,9 +318,6 @@ class PrivacyEngine:
                 "dpft: privacy_unit='user' with distributed training is not supported (a user's examples "
                 "on several ranks would have to be summed before clipping); train on one process"
             )
-        for name, flag in (("secure_mode", secure_mode), ("poisson", poisson), ("strict", strict)):
-            if not isinstance(flag, bool):
-                raise _bad(name, flag, "True or False")
         self.secure_mode, self.poisson, self.strict = secure_mode, poisson, strict
         # independent noise per rank (the stream), whether seeded or not
         self.noise = GaussianNoise(noise_seed, stream=self.rank, secure=secure_mode)

@@ -87,6 +87,7 @@ except ImportError as exc:  # pragma: no cover
 
 from .data import poisson_loader, split_physical, user_poisson_loader
 from .engine import PrivacyEngine
+from .options import EngineOptions
 
 __all__ = ["DPTrainer", "per_example_loss", "DP_STATE_NAME"]
 
@@ -177,6 +178,9 @@ class DPTrainer(Trainer):
         max_grad_norm: per-example clipping threshold R.
         target_delta, clipping_fn, clipping_mode, clipping_style, accountant,
         noise_seed: passed to ``PrivacyEngine``.
+        options: a :class:`dpft.EngineOptions` instead of the keywords above
+            and ``poisson`` / ``privacy_unit`` (as for ``PrivacyEngine``);
+            ``trainer.engine_options`` holds them either way.
         poisson: Poisson-subsampled logical batches (default) or the
             Trainer's shuffled fixed-size batches.
         privacy_unit: ``"example"`` (default) or ``"user"``: epsilon then
@@ -213,6 +217,7 @@ class DPTrainer(Trainer):
         user_column: str | None = None,
         user_ids: Any = None,
         max_per_user: int | None = None,
+        options: EngineOptions | None = None,
         **kwargs: Any,
     ) -> None:
         if (target_epsilon is None) == (noise_multiplier is None):
@@ -220,6 +225,14 @@ class DPTrainer(Trainer):
                 "DPTrainer: give exactly one of target_epsilon / noise_multiplier, got "
                 f"target_epsilon={target_epsilon!r}, noise_multiplier={noise_multiplier!r}"
             )
+        # the engine's options, checked here once (dpft.options); the trainer reads R, the sampling and the unit
+        self.engine_options = EngineOptions.merge(
+            options, max_grad_norm=max_grad_norm, target_delta=target_delta, clipping_fn=clipping_fn,
+            clipping_mode=clipping_mode, clipping_style=clipping_style, accountant=accountant,
+            noise_seed=noise_seed, poisson=bool(poisson), privacy_unit=privacy_unit,
+        )
+        max_grad_norm = self.engine_options.max_grad_norm
+        poisson, privacy_unit = self.engine_options.poisson, self.engine_options.privacy_unit
         # do not mutate the caller's TrainingArguments
         if "args" in kwargs and kwargs["args"] is not None:
             kwargs["args"] = copy.copy(kwargs["args"])
@@ -266,26 +279,13 @@ class DPTrainer(Trainer):
                 "for Poisson subsampling (the common convention, not a guarantee; see dpft.data.shuffled_loader)",
                 stacklevel=2,
             )
-        self._engine_kwargs = dict(
-            target_epsilon=target_epsilon,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm,
-            target_delta=target_delta,
-            clipping_fn=clipping_fn,
-            clipping_mode=clipping_mode,
-            clipping_style=clipping_style,
-            accountant=accountant,
-            noise_seed=noise_seed,
-            poisson=self.poisson,
-            privacy_unit=privacy_unit,
-        )
+        self._engine_kwargs = dict(target_epsilon=target_epsilon, noise_multiplier=noise_multiplier,
+                                   options=self.engine_options)
         self.dp_engine: PrivacyEngine | None = None
         self.dp_train_dataloader = None
 
     # -- data ----------------------------------------------------------------
     def _read_user_ids(self, unit: str, column: str | None, ids: Any, poisson: bool) -> list[Any] | None:
-        if unit not in ("example", "user"):
-            raise ValueError(f"DPTrainer: privacy_unit must be 'example' or 'user', got {unit!r}")
         if unit == "example":
             if column is not None or ids is not None:
                 raise ValueError("DPTrainer: user_column / user_ids need privacy_unit='user'")

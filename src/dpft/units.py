@@ -37,9 +37,8 @@ from .norms import acc_dtype_of, instantiate, row_sq_norms
 from .precision import full_fp32
 from .privatize import ClippedSum
 from .rows import can_compact, restrict
+from .options import PRIVACY_UNITS  # noqa: F401 (the vocabulary lives in dpft.options)
 from .rules.base import Contribution, Factored
-
-PRIVACY_UNITS = ("example", "user")
 
 
 def as_unit_list(units: Any) -> list[Hashable]:

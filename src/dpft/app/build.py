@@ -16,6 +16,9 @@ from torch import nn
 from . import offline
 from .offline import TaskData
 from ..checkpoint import CheckpointError, read_checkpoint
+from ..methods import registry
+from ..options import EngineOptions
+from ..methods.registry import MethodError
 from .errors import ConfigError
 from .config import CHECKPOINT, NotAvailableYet, TrainConfig, _pick_device, _size, resolve, validate
 from .prepare import (
@@ -41,60 +44,20 @@ def _head_param_names(model: nn.Module) -> list[str]:
                       f"(looked for {', '.join(_HEAD_NAMES)})")
 
 
-def _bitfit(model: nn.Module, extra: list[str], notes: list[str] | None = None) -> list[str]:
-    from ..methods.bitfit import bitfit
-    # a bias-free model (Llama, T5, ...) first gets zero-initialised biases, said in the notes
-    return list(bitfit(model, extra=extra, log=None if notes is None else notes.append))
-
-
 def select_trainable(model: nn.Module, method: str, lora_rank: int = 8,
                      notes: list[str] | None = None) -> nn.Module:
-    """Freeze/unfreeze (and for LoRA wrap) ``model`` for ``method``; returns the model to train.
+    """Freeze/unfreeze (and for LoRA wrap) ``model`` for ``method`` (the registered method's
+    :attr:`~dpft.methods.registry.Method.select`); returns the model to train.
     ``notes``: where a change to the model is said (bitfit adding biases)."""
-    head = set(_head_param_names(model))
-    base = method.replace("nonprivate-", "")
-    if base == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-    if base == "bitfit":
-        _bitfit(model, sorted(head), notes)
-        return model
-    if base == "sparta":
-        # biases + head for now; the selected rows of the candidate weights join after
-        # the private scoring pass (see _sparta_phases)
-        _bitfit(model, sorted(head), notes)
-        return model
-    if base == "last-layer":
-        for n, p in model.named_parameters():
-            p.requires_grad_(n in head)
-        return model
-    if base == "lora":
-        try:
-            from peft import LoraConfig, get_peft_model
-        except ImportError as e:
-            raise ConfigError("method lora needs peft: pip install 'dpft[hf]'") from e
-        targets = _lora_targets(model)
-        config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
-                            target_modules=targets, bias="none")
-        peft_model = get_peft_model(model, config)
-        for n, p in peft_model.named_parameters():
-            if any(n.endswith(h) for h in head):
-                p.requires_grad_(True)
-        return peft_model
-    raise NotAvailableYet(f"method {method!r} is not available yet")  # pragma: no cover
-
-
-def _lora_targets(model: nn.Module) -> list[str]:
-    leaf = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    for pair in (["query", "value"], ["q_proj", "v_proj"], ["q_lin", "v_lin"], ["c_attn"]):
-        if set(pair) <= leaf:
-            return pair
-    convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
-             and not any(n.startswith(h) for h in _HEAD_NAMES)]
-    if not convs:
-        raise ConfigError(f"method lora: no Linear layers to adapt in {type(model).__name__}")
-    return convs
+    head = sorted(_head_param_names(model))
+    try:
+        entry = registry.get(method)
+    except KeyError as e:
+        raise ConfigError(e.args[0]) from None
+    try:
+        return entry.select(model, head=head, notes=notes, lora_rank=lora_rank, head_modules=_HEAD_NAMES)
+    except MethodError as e:
+        raise ConfigError(str(e)) from e
 
 
 def set_dropout(model: nn.Module, p: float) -> None:
@@ -144,14 +107,14 @@ def _make_engine(model, r: TrainConfig, n_train: int, steps_total: int, noise_se
     if engine_cls is None:  # pragma: no cover - until the engine lands
         raise NotAvailableYet("private training needs dpft.PrivacyEngine, which is not available "
                               "in this build; use a nonprivate-* method")
-    kwargs = dict(batch_size=r.batch_size, sample_size=n_train, target_epsilon=r.epsilon,
-                  target_delta=r.delta, max_grad_norm=r.max_grad_norm, clipping_fn=r.clipping_fn,
-                  clipping_style=clipping_groups(model, r.clipping_style), clipping_mode=r.clipping_mode,
-                  accountant=r.accountant, loss_reduction="mean", noise_seed=noise_seed, poisson=r.poisson)
-    if r.privacy_unit == "user":
-        kwargs["privacy_unit"] = "user"  # n_train: the number of users
     try:
-        engine = engine_cls(model, steps=steps_total, **kwargs)
+        # privacy_unit "user": n_train is the number of users
+        options = EngineOptions(target_delta=r.delta, max_grad_norm=r.max_grad_norm, clipping_fn=r.clipping_fn,
+                                clipping_style=clipping_groups(model, r.clipping_style),
+                                clipping_mode=r.clipping_mode, accountant=r.accountant, loss_reduction="mean",
+                                noise_seed=noise_seed, poisson=r.poisson, privacy_unit=r.privacy_unit)
+        engine = engine_cls(model, batch_size=r.batch_size, sample_size=n_train, target_epsilon=r.epsilon,
+                            steps=steps_total, options=options)
     except NotImplementedError as e:
         raise NotAvailableYet(f"method {r.method}: the engine cannot train these parameters "
                               f"yet: {e}") from e

@@ -7,8 +7,11 @@ and :mod:`dpft.app.cli` share these tuples.
 
 from __future__ import annotations
 
-METHODS = ("bitfit", "full", "lora", "last-layer", "sparta", "nonprivate-full", "nonprivate-bitfit")
-PRIVATE_METHODS = ("bitfit", "full", "lora", "last-layer", "sparta")
+from ..methods import registry
+
+#: ``--method``'s choices: the registered methods (:mod:`dpft.methods.registry`), in order
+METHODS = registry.names()
+PRIVATE_METHODS = registry.names(private=True)
 CLIPPING_FNS = ("abadi", "automatic")
 CLIPPING_MODES = ("auto", "bk", "ghost", "mixed", "instantiate")
 #: all-layer: one clipping group; separate-head: the new classification head and the rest are

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..methods import registry
 from .choices import (
     ACCOUNTANTS, CLIPPING_FNS, CLIPPING_MODES, CLIPPING_STYLES, DEVICES, LR_SCHEDULES, MAX_EPSILON,
     METHODS, MIN_EPSILON, OPTIMIZERS, PRIVATE_METHODS, SPARTA_SELECTIONS,
@@ -112,25 +113,8 @@ CPU_TEXT_BATCH = 128
 GPU_TEXT_BATCH = 512
 DEFAULT_CHECKPOINT_MINUTES = 2.0
 
-# Adam learning rates of the text methods (GPU defaults: 3 epochs at batch 512 and 128
-# tokens; the CPU job: CPU_TEXT_EPOCHS at batch 128 and 64 tokens). docs/utility.md's GPU
-# search found DP full fine-tuning at lr 5e-4 stuck at the majority class (57 %) and 1.5e-3
-# at 75 % (validation split): 1.5e-3 is the GPU default. On the CPU job (79 noisier steps)
-# full fine-tuning moves the body slowly (1e-4) and the new head at 1e-2 like the other
-# methods; clipped as one group its head stalled at the majority class at both 3e-4 and 5e-5.
-_DEFAULT_HEAD_LR = {"bitfit": 1e-2, "lora": 1e-2, "sparta": 1e-2, "nonprivate-bitfit": 1e-2}
-_DEFAULT_LR = {
-    "bitfit": 3e-3, "last-layer": 3e-2, "lora": 2e-3, "full": 1.5e-3, "sparta": 1e-3,
-    "nonprivate-bitfit": 1e-3, "nonprivate-full": 5e-5,
-}
-_DEFAULT_HEAD_LR_CPU = {**_DEFAULT_HEAD_LR, "full": 1e-2}
-_DEFAULT_LR_CPU = {**_DEFAULT_LR, "full": 1e-4}
-# Where weight matrices below the new head train, their per-example gradients grow with the
-# head's weights and, clipped together with the head's, squeeze the head's share of the
-# clipped gradient until the head stops learning (measured: DP full fine-tuning stalled at the
-# majority class). Clipped as its own group the head keeps R/√2 whatever the rest does.
-# (DP-LoRA learned on the CPU job clipped as one group, 74.5 % against 57.0 %, so it keeps that.)
-_DEFAULT_CLIPPING_STYLE = {"full": "separate-head", "sparta": "separate-head"}
+# The per-method defaults (learning rates of body and head on GPU / CPU text jobs and on image
+# jobs, the clipping style) are each method's own: dpft.methods.builtin, one file per method.
 
 
 def _pick_device(name: str) -> torch.device:
@@ -275,7 +259,7 @@ def resolve(cfg: TrainConfig, kind: str | None = None, device: torch.device | No
     r.optimizer = r.optimizer or "adam"
     r.lr_schedule = r.lr_schedule or "constant"
     r.clipping_mode = r.clipping_mode or "auto"
-    r.clipping_style = r.clipping_style or _DEFAULT_CLIPPING_STYLE.get(r.method, "all-layer")
+    r.clipping_style = r.clipping_style or registry.get(r.method).clipping_style
     r.accountant = r.accountant or "pld"
     r.max_grad_norm = float(r.max_grad_norm) if r.max_grad_norm is not None else 1.0
     r.lora_rank = r.lora_rank or 8
@@ -329,17 +313,16 @@ def resolve(cfg: TrainConfig, kind: str | None = None, device: torch.device | No
 
 
 def _resolve_lr(r: TrainConfig, kind: str, on_cpu: bool) -> None:
-    """The learning rates of the method (Adam), tuned per method and device (see the tables above)."""
+    """The learning rates of the method (Adam), tuned per method and device (the method's
+    registered defaults: :class:`dpft.methods.registry.Method`)."""
+    method = registry.get(r.method)
     if r.lr is None:
-        if kind == "text":
-            r.lr = (_DEFAULT_LR_CPU if on_cpu else _DEFAULT_LR).get(r.method) or _DEFAULT_LR[r.method]
-        else:
-            r.lr = 2e-3 if r.method in ("nonprivate-full", "nonprivate-bitfit") else 1e-2
+        r.lr = method.text_lr(on_cpu) if kind == "text" else method.image_lr
     if r.head_lr is None:
         # The head is new (randomly initialised) and wants a larger step than the body;
         # without its own default it shares --lr.
-        table = (_DEFAULT_HEAD_LR_CPU if on_cpu else _DEFAULT_HEAD_LR) if kind == "text" else {}
-        r.head_lr = table.get(r.method) or r.lr
+        head_lr = method.text_head_lr(on_cpu) if kind == "text" else None
+        r.head_lr = head_lr or r.lr
 
 
 def _resolve_text_sizes(r: TrainConfig, on_cpu: bool, private: bool, n_train_total: int | None,

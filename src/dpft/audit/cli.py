@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from ..options import EngineOptions
 from .harness import MODES, SCORES, one_run_audit
 
 __all__ = ["add_cli_parser", "run_cli"]
@@ -68,13 +69,15 @@ def run_cli(ns: Any) -> int:
                   file=sys.stderr)
             return 2
     # the configuration both audits run (the engine's arguments, as given)
-    config = dict(
-        target_epsilon=ns.epsilon, noise_multiplier=ns.sigma, steps=ns.steps, epochs=ns.epochs,
-        batch_size=ns.batch_size, sample_size=ns.sample_size, target_delta=ns.delta,
-        max_grad_norm=ns.max_grad_norm, clipping_fn=ns.clipping_fn, clipping_style=ns.clipping_style,
-        clipping_mode=ns.clipping_mode, accountant=ns.accountant, confidence=ns.confidence, score=ns.score,
-    )
     try:
+        options = EngineOptions(target_delta=ns.delta, max_grad_norm=ns.max_grad_norm, clipping_fn=ns.clipping_fn,
+                                clipping_style=ns.clipping_style, clipping_mode=ns.clipping_mode,
+                                accountant=ns.accountant)
+        config = dict(
+            target_epsilon=ns.epsilon, noise_multiplier=ns.sigma, steps=ns.steps, epochs=ns.epochs,
+            batch_size=ns.batch_size, sample_size=ns.sample_size, options=options, confidence=ns.confidence,
+            score=ns.score,
+        )
         result = one_run_audit(ns.mode, num_canaries=ns.num_canaries, guesses=guesses, seed=ns.seed, **config)
         trials = None
         if ns.trials:

@@ -84,6 +84,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..options import EngineOptions
 from .stats import Claim, _check_confidence, _check_count, _choose_guesses, _guess, _step_score, epsilon_lower_bound
 
 __all__ = ["AuditResult", "MODES", "SCORES", "one_run_audit"]
@@ -211,6 +212,30 @@ def _seeds(seed: int | None) -> list[int]:
     return [int(s) for s in ss.generate_state(6, np.uint32)]
 
 
+#: engine options an audit sets itself: the noise is seeded from ``seed``, and its tasks' loss
+#: is the mean over the examples of one example each
+_AUDIT_FIXED = {"noise_seed": None, "loss_reduction": "mean", "privacy_unit": "example"}
+
+
+def audit_options(options: EngineOptions | None, engine_options: dict[str, Any]) -> EngineOptions:
+    """The engine options an audit runs: ``options`` or the keywords ``engine_options`` (not
+    both: ``ValueError``); ``noise_seed``, ``loss_reduction`` and ``privacy_unit`` are the audit's."""
+    fields = set(EngineOptions.__dataclass_fields__)
+    unknown = sorted(set(engine_options) - fields)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {', '.join(unknown)}; the engine's options are "
+                        f"{', '.join(sorted(fields))}")
+    if options is not None and engine_options:  # here a keyword is given even at its default value
+        raise ValueError(f"{', '.join(sorted(engine_options))} given both in options= and as keyword arguments; "
+                         "give each option once")
+    opts = EngineOptions.merge(options, **engine_options)
+    for name, value in _AUDIT_FIXED.items():
+        if getattr(opts, name) != value:
+            raise ValueError(f"{name}={getattr(opts, name)!r}: the audit sets {name} itself (leave it {value!r}"
+                             + ("; seed= seeds the noise)" if name == "noise_seed" else ")"))
+    return opts
+
+
 def one_run_audit(
     mode: Literal["bitfit", "full", "sparta"] = "bitfit",
     *,
@@ -220,12 +245,7 @@ def one_run_audit(
     epochs: float | None = None,
     batch_size: int = 500,
     sample_size: int = 2000,
-    target_delta: float | None = None,
-    max_grad_norm: float = 1.0,
-    clipping_fn: str = "abadi",
-    clipping_style: str | Sequence[Sequence[str]] = "all-layer",
-    clipping_mode: str = "auto",
-    accountant: str = "pld",
+    options: EngineOptions | None = None,
     num_canaries: int = 1000,
     confidence: float = 0.95,
     guesses: tuple[int, int] | Literal["auto", "wide"] = "auto",
@@ -234,6 +254,7 @@ def one_run_audit(
     max_physical_batch_size: int = 512,
     seed: int | None = None,
     _plant: str | None = None,
+    **engine_options: Any,
 ) -> AuditResult:
     """Audit the privacy of a :class:`dpft.PrivacyEngine` configuration in one training run.
 
@@ -283,9 +304,12 @@ def one_run_audit(
         batch_size / sample_size: expected batch size and data set size: the
             sampling rate is ``batch_size / sample_size``.  ``sample_size``
             counts the canary slots, so it must be at least ``num_canaries``.
-        target_delta, max_grad_norm, clipping_fn, clipping_style,
-            clipping_mode, accountant: passed to the engine (``clipping_style``
-            names: ``"weight"``, ``"bias"``).
+        options / engine_options: the engine's options audited, a
+            :class:`dpft.EngineOptions` or its fields as keywords
+            (``target_delta``, ``max_grad_norm``, ``clipping_fn``,
+            ``clipping_style``, ``clipping_mode``, ``accountant``, ...; give
+            each once: :func:`audit_options`).  ``clipping_style`` names:
+            ``"weight"``, ``"bias"``.
         num_canaries: m.  More canaries raise what the audit can certify
             (about ``log(m / 3)`` at most, see :func:`perfect_guess_ceiling`).
         confidence: 1 - β of the bound.
@@ -345,11 +369,12 @@ def one_run_audit(
             raise ValueError(f"guesses must be 'auto', 'wide' or (k_in, k_out), got {guesses!r}") from None
         if k_in + k_out > m:
             raise ValueError(f"guesses {guesses!r} make more than num_canaries={m} guesses")
+    opts = audit_options(options, engine_options)
     s_bits, s_data, s_batches, s_noise, s_guess, s_ties = _seeds(seed)
 
     # -- the task ------------------------------------------------------------
     rng = np.random.default_rng(s_data)
-    R = float(max_grad_norm)
+    R = float(opts.max_grad_norm)
     n_ord = sample_size - m
     d_out = m + _D_ORD
     x_can = rng.standard_normal((m, _D_IN))
@@ -398,13 +423,7 @@ def one_run_audit(
             epochs=epochs,
             target_epsilon=target_epsilon,
             noise_multiplier=noise_multiplier,
-            target_delta=target_delta,
-            max_grad_norm=R,
-            clipping_fn=clipping_fn,
-            clipping_style=clipping_style,
-            clipping_mode=clipping_mode,
-            accountant=accountant,
-            noise_seed=s_noise,
+            options=opts.replace(noise_seed=s_noise),
         )
     _plant_bug(engine, _plant, {"noise_div10": 0.1})
     sigma, q, T = engine.noise_multiplier, engine.sample_rate, engine.planned_steps

@@ -74,14 +74,15 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..options import EngineOptions
 from .stats import Claim, _step_score, _thresholds, clopper_pearson, threshold_lower_bound
 
 __all__ = [
@@ -251,21 +252,16 @@ def distinguishing_audit(
     epochs: float | None = None,
     batch_size: int = 500,
     sample_size: int = 2000,
-    target_delta: float | None = None,
-    max_grad_norm: float = 1.0,
-    clipping_fn: str = "abadi",
-    clipping_style: str | Sequence[Sequence[str]] = "all-layer",
-    clipping_mode: str = "auto",
-    accountant: str = "pld",
+    options: EngineOptions | None = None,
     trials: int = 50_000,
     confidence: float = 0.95,
     score: Literal["llr", "sum"] = "llr",
     canary_scale: float = 10.0,
     slots_per_run: int | None = None,
     max_physical_batch_size: int | None = None,
-    secure_mode: bool = False,
     seed: int | None = None,
     _plant: str | None = None,
+    **engine_options: Any,
 ) -> DistinguishingResult:
     """Audit a :class:`dpft.PrivacyEngine` configuration with ``trials``
     independent trials per world (canary present / absent) and threshold
@@ -275,9 +271,9 @@ def distinguishing_audit(
         task: ``"embedding"`` (default, cost linear in the trials), or the
             linear canary tasks ``"bitfit"``, ``"full"``, ``"sparta"``.
         target_epsilon / noise_multiplier, steps / epochs, batch_size,
-            sample_size, target_delta, max_grad_norm, clipping_fn,
-            clipping_style, clipping_mode, accountant, secure_mode: the engine
-            configuration audited (the sampling rate is
+            sample_size, options / engine_options (a :class:`dpft.EngineOptions`
+            or its fields as keywords, as for :func:`dpft.audit.one_run_audit`):
+            the engine configuration audited (the sampling rate is
             ``batch_size / sample_size``; neither steps nor epochs: 20 steps).
             The runs' data sets hold the present canaries plus 256 ordinary
             examples, whatever ``sample_size`` is: under add/remove adjacency
@@ -300,11 +296,12 @@ def distinguishing_audit(
         ValueError: bad settings (as the engine raises them, plus bad
             ``task``, ``trials``, ``score``, ``slots_per_run``).
     """
-    from .harness import _plant_bug, _quiet_absl
+    from .harness import _plant_bug, _quiet_absl, audit_options
     from ..data import PoissonBatchSampler
     from ..engine import PrivacyEngine
 
     start = time.perf_counter()
+    opts = audit_options(options, engine_options)
     if task not in TRIAL_TASKS:
         raise ValueError(f"task must be one of {TRIAL_TASKS}, got {task!r}")
     if score not in ("llr", "sum"):
@@ -325,7 +322,7 @@ def distinguishing_audit(
         max_physical_batch_size = 65536 if task == "embedding" else 512
     if steps is None and epochs is None:
         steps = 20
-    R = float(max_grad_norm)
+    R = float(opts.max_grad_norm)
     root = np.random.SeedSequence(seed)
     s_grid, s_runs = root.spawn(2)
 
@@ -336,9 +333,7 @@ def distinguishing_audit(
     scores_out: list[np.ndarray] = []
     engine_args = dict(
         batch_size=batch_size, sample_size=sample_size, steps=steps, epochs=epochs,
-        target_epsilon=target_epsilon, noise_multiplier=noise_multiplier, target_delta=target_delta,
-        max_grad_norm=R, clipping_fn=clipping_fn, clipping_style=clipping_style,
-        clipping_mode=clipping_mode, accountant=accountant, secure_mode=secure_mode,
+        target_epsilon=target_epsilon, noise_multiplier=noise_multiplier,
     )
     sigma = q = claimed = delta = None
     T = 0
@@ -353,10 +348,11 @@ def distinguishing_audit(
         t = _embedding_task(included, R, canary_scale, rng) if task == "embedding" else \
             _linear_task(task, included, R, canary_scale, rng, gen)
         with _quiet_absl():
-            engine = PrivacyEngine(t.model, noise_seed=s_noise, **engine_args)
+            engine = PrivacyEngine(t.model, options=opts.replace(noise_seed=s_noise), **engine_args)
         if sigma is None:  # first run: the engine calibrates; later runs reuse its σ
             sigma, q, T, delta = engine.noise_multiplier, engine.sample_rate, engine.planned_steps, engine.target_delta
-            engine_args.update(target_epsilon=None, noise_multiplier=sigma, steps=T, epochs=None, target_delta=delta)
+            engine_args.update(target_epsilon=None, noise_multiplier=sigma, steps=T, epochs=None)
+            opts = opts.replace(target_delta=delta)
             taus = _thresholds(T, q, sigma, "sum" if sigma == 0 else score, trials, int(s_grid.generate_state(1)[0]))
         engine.sampling_check.population = t.present  # the data set is the present canaries + ordinary examples
         _plant_bug(engine, _plant, _PLANT_NOISE)

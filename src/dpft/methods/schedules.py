@@ -58,6 +58,9 @@ class TwoPhase:
         self.target_delta = accounting.default_delta(sample_size) if target_delta is None else float(target_delta)
         self.accountant = accountant
         self.bitfit_extra = tuple(bitfit_extra)
+        if "options" in engine_kwargs:  # σ is calibrated here, with this accountant and δ: one source for them
+            raise TypeError("TwoPhase takes the engine's options as keywords (max_grad_norm=, clipping_fn=, ...), "
+                            "not options=")
         self.engine_kwargs = engine_kwargs
         self.noise_multiplier = accounting.noise_multiplier(
             target_epsilon=self.target_epsilon,

@@ -422,6 +422,9 @@ class Sparta:
         self.target_epsilon = float(target_epsilon)
         self.target_delta = accounting.default_delta(sample_size) if target_delta is None else float(target_delta)
         self.accountant = accountant
+        if "options" in engine_kwargs:  # σ is calibrated here, with this accountant and δ: one source for them
+            raise TypeError("Sparta takes the engine's options as keywords (max_grad_norm=, clipping_fn=, ...), "
+                            "not options=")
         self.engine_kwargs = engine_kwargs
         # σ calibrated for exactly the planned steps (no scoring steps with a public selection)
         self.calibrated = noise_multiplier is None
