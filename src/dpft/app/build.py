@@ -125,10 +125,10 @@ def _make_engine(model, r: TrainConfig, n_train: int, steps_total: int, noise_se
 
 
 def _make_sparta(model, r: TrainConfig, n_train: int):
-    # (--privacy-unit user: n_train is the number of users, each phase's engine clips per user)
     """The :class:`dpft.methods.sparta.Sparta` of the run: σ calibrated for warm-up +
     scoring + training steps (no scoring steps with a public ``--sparta-selection``);
     candidates are the Linear weights outside the head."""
+    # (--privacy-unit user: n_train is the number of users, each phase's engine clips per user)
     from ..methods.sparta import Sparta, default_candidates
 
     class _Sparta(Sparta):
