@@ -155,6 +155,17 @@ def _make_sparta(model, r: TrainConfig, n_train: int):
         raise ConfigError(f"method sparta: {msg}") from e
 
 
+def _enable_checkpointing(model: nn.Module, name: str) -> None:
+    """Hugging Face's activation checkpointing on ``model`` or the encoder it wraps
+    (non-reentrant); a model without it is refused."""
+    target = next((m for m in model.modules() if hasattr(m, "gradient_checkpointing_enable")
+                   and getattr(m, "supports_gradient_checkpointing", False)), None)
+    if target is None:
+        raise ConfigError(f"--gradient-checkpointing: model {name!r} has no Hugging Face activation "
+                          "checkpointing (gradient_checkpointing_enable); leave the flag off")
+    target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _resolve_job(cfg: TrainConfig, log: Callable[[str], None]) -> _Job:
     """Validate, merge a --resume configuration, pick the device and the output folder."""
     t_start = time.perf_counter()
@@ -272,6 +283,10 @@ def _build_model(job: _Job) -> None:
     if r.dropout is not None:
         set_dropout(model, r.dropout)
     model = select_trainable(model, r.method, r.lora_rank, notes=job.notes)
+    if r.gradient_checkpointing:
+        _enable_checkpointing(model, r.model)
+        job.notes.append("activation checkpointing on (non-reentrant): one more forward per step, "
+                         "activations kept per block only")
     model.to(job.device)
     model.train()
     job.model = model

@@ -38,7 +38,7 @@ _FLOAT = {"epsilon", "delta", "lr", "head_lr", "max_grad_norm", "epochs", "dropo
           "scoring_epochs", "warmup_epochs", "checkpoint_minutes"}
 _INT = {"batch_size", "max_physical_batch_size", "max_seq_len", "validation_size", "lora_rank",
         "num_threads", "eval_every", "checkpoint_every", "stop_after_steps", "seed", "dp_seed"}
-_BOOL = {"poisson", "bf16", "resume", "overwrite", "progress"}
+_BOOL = {"poisson", "bf16", "gradient_checkpointing", "resume", "overwrite", "progress"}
 _SIZE = {"train_size", "eval_size"}  # int or "all"
 
 
@@ -188,6 +188,9 @@ def _add_train_parser(sub) -> None:
     g = t.add_argument_group("machine and output")
     g.add_argument("--device", help="auto (default: cuda if present), cpu, cuda[:N], mps")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bfloat16 autocast (default off)")
+    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                   help="activation checkpointing of a Hugging Face model (non-reentrant; default off): "
+                        "less memory, one more forward per step; exact under dpft")
     g.add_argument("--num-threads", type=int, help="CPU threads for torch (default: torch's)")
     g.add_argument("--out", metavar="DIR", help="output directory (default runs/<dataset>-<method>-<time>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")

@@ -61,6 +61,7 @@ class TrainConfig:
     poisson: bool | None = None         # Poisson sampling (default) or shuffled fixed batches
     device: str | None = None           # "auto" | "cpu" | "cuda" | "cuda:1" | "mps"
     bf16: bool | None = None            # bfloat16 autocast (GPU)
+    gradient_checkpointing: bool | None = None  # HF activation checkpointing (non-reentrant)
     seed: int | None = None             # data subsample, head init, batch sampling, dropout
     dp_seed: int | None = None          # Poisson sampling + DP noise; default OS entropy (see docs)
     out: str | None = None
@@ -254,6 +255,7 @@ def resolve(cfg: TrainConfig, kind: str | None = None, device: torch.device | No
     r.poisson = True if r.poisson is None else bool(r.poisson)
     r.privacy_unit = r.privacy_unit or "example"
     r.bf16 = bool(r.bf16)
+    r.gradient_checkpointing = bool(r.gradient_checkpointing)
     r.resume, r.overwrite = bool(r.resume), bool(r.overwrite)
     r.clipping_fn = r.clipping_fn or "abadi"
     r.optimizer = r.optimizer or "adam"
