@@ -1,0 +1,166 @@
+"""A layer output whose leading dimension equals the batch size is not
+always one row per example (issue 22, "never silently wrong"): a table shared
+by the batch that happens to have as many rows as there are examples, a layer
+run sequence-first with as many positions as examples, experts (not named
+so) fed exactly as many tokens as examples, T5's relative attention bias when
+the target length equals the batch size.  Each must be exact (float64,
+several steps, every example clipped or some, against a brute-force
+per-example loop) or refused with a dpft message: never silently wrong."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import zoo_models as Z
+from reference import check_steps
+from dpft.rules.base import UnsupportedModuleError
+
+B, T, D = 4, 4, 6
+
+
+def _loss(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def _collate(examples):
+    return tuple(torch.stack(v) for v in zip(*examples))
+
+
+def _make():
+    return torch.randn(T, D), torch.randint(0, 3, ())
+
+
+def exact_or_refused(model, make=_make, collate=_collate, loss=_loss, mode="auto", batch_size=B) -> str:
+    """"exact" if dpft's steps match the brute-force loop, "refused" if dpft
+    refused with its own message; an AssertionError (a wrong gradient) fails."""
+    try:
+        check_steps(model, make, collate, loss, steps=3, batch_size=batch_size, mode=mode)
+    except UnsupportedModuleError as e:
+        assert str(e).startswith("dpft:"), str(e)
+        return "refused"
+    return "exact"
+
+
+class SharedTable(nn.Module):
+    """A layer applied to a table shared by the whole batch whose leading
+    size equals the batch size; every example reads every row."""
+
+    def __init__(self, rows: int = B) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.randn(rows, D))
+        self.inp = nn.Linear(D, D)
+        self.proj = nn.Linear(D, D)
+        self.out = nn.Linear(D, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = self.proj(self.table)  # (rows, D), rows == batch size: not one row per example
+        h = torch.tanh(self.inp(x)) + t.mean(0)
+        return self.out(h.mean(1))
+
+
+class SequenceFirst(nn.Module):
+    """A layer run sequence-first, ``(T, B, d)``, with ``T == B``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(D, D)
+        self.mid = nn.Linear(D, D)
+        self.out = nn.Linear(D, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.inp(x)).transpose(0, 1)  # (T, B, D)
+        h = torch.tanh(self.mid(h)).transpose(0, 1)
+        return self.out(h.mean(1))
+
+
+class Ffn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(D, 7)
+        self.down = nn.Linear(7, D)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+class BlockRouted(nn.Module):
+    """A hand-written mixture whose feed-forward blocks are not named
+    "expert": the ``T * B`` tokens are split in ``T`` consecutive groups of
+    ``B`` tokens (group ``k`` to block ``k``), each weighted by a learned
+    gate, so each block's layers see exactly ``B`` rows, two examples' tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(D, D)
+        self.router = nn.Linear(D, T)
+        self.ffns = nn.ModuleList(Ffn() for _ in range(T))
+        self.out = nn.Linear(D, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        h = torch.tanh(self.inp(x)).reshape(b * t, d)
+        gate = torch.softmax(self.router(h), -1)
+        outs = []
+        for k, ffn in enumerate(self.ffns):
+            rows = h[k * b:(k + 1) * b]
+            outs.append(ffn(rows) * gate[k * b:(k + 1) * b, k:k + 1])
+        h = h + torch.cat(outs)
+        return self.out(h.view(b, t, d).mean(1))
+
+
+@pytest.mark.parametrize("mode", ["auto", "ghost"])
+def test_layer_on_a_shared_table_of_batch_size_rows(mode):
+    torch.manual_seed(0)
+    exact_or_refused(SharedTable(), mode=mode)
+
+
+def test_layer_on_a_shared_table_other_size_is_exact():
+    torch.manual_seed(0)
+    assert exact_or_refused(SharedTable(rows=B + 1)) == "exact"
+
+
+@pytest.mark.parametrize("mode", ["auto", "ghost"])
+def test_sequence_first_layer_with_as_many_positions_as_examples(mode):
+    torch.manual_seed(0)
+    exact_or_refused(SequenceFirst(), mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["auto", "ghost"])
+def test_unnamed_experts_fed_as_many_tokens_as_examples(mode):
+    torch.manual_seed(0)
+    exact_or_refused(BlockRouted(), mode=mode)
+
+
+def _t5():
+    return Z._model("T5ForConditionalGeneration", Z._config(
+        "T5Config", d_model=16, d_kv=8, d_ff=24, num_layers=1, num_decoder_layers=1, num_heads=2, vocab_size=Z.V,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, decoder_start_token_id=0,
+        pad_token_id=0, eos_token_id=1))
+
+
+@pytest.mark.parametrize("target", [B, B + 1])
+def test_t5_full_with_target_length_equal_to_the_batch_size(target):
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = _t5()
+    g = torch.Generator().manual_seed(1)
+
+    def make():
+        ids = torch.randint(3, Z.V, (Z.T,), generator=g)
+        labels = torch.randint(3, Z.V, (target,), generator=g)
+        dec = torch.cat([torch.zeros(1, dtype=torch.long), labels[:-1]])
+        return {"input_ids": ids, "decoder_input_ids": dec, "labels": labels}
+
+    def collate(examples):
+        return {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
+
+    def loss(m, batch):
+        return Z.seq2seq_loss(m, batch)
+
+    got = exact_or_refused(model, make, collate, loss, batch_size=B)
+    if target != B:
+        assert got == "exact"
