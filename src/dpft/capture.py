@@ -97,6 +97,9 @@ class Binding:
     rows: int = 0  # rows per example where its output flattens examples' rows into dim 0
     #: flattened rows: None (not seen yet), "" (verified example by example), else what is wrong
     verdict: str | None = None
+    #: rows taken as examples (leading dimension equal to the batch size): None (not
+    #: verified yet), "" (verified: example j's output depends on row j alone), else what is wrong
+    own: str | None = None
     #: the parent class whose operator the rule computes, where the module's
     #: class overrides its forward: the operator call is caught inside it
     tap: type | None = None
@@ -295,6 +298,15 @@ class _Print:
     half: bool
 
 
+def _model_tensors(output: Any) -> list[Tensor]:
+    """The tensors of a model's output: those :func:`_flat_tensors` finds,
+    and the tensor attributes of a plain object holding them."""
+    flat = [t for t in _flat_tensors(output) if t is not None]
+    if not flat and not isinstance(output, (Tensor, tuple, list, dict)) and hasattr(output, "__dict__"):
+        flat = [v for v in vars(output).values() if isinstance(v, Tensor)]
+    return flat
+
+
 def _fingerprint(g: Tensor, key: str) -> _Print:
     """``g``'s projections on directions drawn from a generator seeded by the
     parameter's name (the same for autograd's gradient and dpft's sum), in
@@ -439,6 +451,9 @@ class Capture:
         self._escalated_now: set[int] = set()  # bindings whose output went to an enclosing module in this forward
         self._targets: set[int] = set()  # modules that took over parameters of a module inside them
         self._idle_in: dict[int, list[Binding]] = {}  # module id -> hooked children it recomputes (never ran)
+        # the first passes: outputs whose leading dimension equals the batch size, taken
+        # as one row per example, to verify at the end of the forward (see _own_rows)
+        self._unverified: list[tuple[Binding, Tensor]] = []
 
     def _plan_lane(self, no_lane: set[str]) -> None:
         """The flat lane: parameters whose per-example gradients are reduced
@@ -661,6 +676,9 @@ class Capture:
         # one-example output into copies that are each clipped separately)
         self.batch_size = None
         self._anchors.clear()
+        unverified, self._unverified = self._unverified, []
+        if unverified and self._active():
+            self._own_rows(unverified, output)
         self._batch_first_now = set()
         self._escalated_now = set()
         self._stash, self._pending = {}, {}
@@ -824,8 +842,12 @@ class Capture:
         elif self.batch_size is not None and output.requires_grad:
             if id(b) in self._escalated_now:
                 self._mixed_use(b)
+            if b.own:
+                raise UnsupportedModuleError(b.own)
             self._anchors.append(output)
             self._batch_first_now.add(id(b))
+            if b.own is None and n > 1 and self._passes < self.check_passes:
+                self._unverified.append((b, output))
         call = Call(module, b.rule, n, rows=rows)
         # under activation checkpointing (a recomputation by reentrant
         # checkpointing runs outside the model's forward; non-reentrant
@@ -1026,6 +1048,11 @@ class Capture:
                 return False
         if self.batch_size is not None:
             self._anchors.extend(outs)
+            if len(flat_rows) < len(outs):
+                if b.own:
+                    raise UnsupportedModuleError(b.own)
+                if b.own is None and n > 1 and self._passes < self.check_passes:
+                    self._unverified.extend((b, t) for t in outs if t.shape[dim] == n)
         return True
 
     def _checked_by_recomputation(self, b: Binding, args: tuple, n: int, dim: int) -> bool:
@@ -1161,6 +1188,55 @@ class Capture:
             "examples and no batch-first tensor before it to check which rows are whose; dpft will "
             "not guess. Keep the batch dimension first, or freeze this module."
         )
+
+    def _own_rows(self, unverified: list[tuple[Binding, Tensor]], output: Any) -> None:
+        """The first passes, at the end of the model's forward: verify that the
+        outputs taken as one row per example (leading dimension equal to the
+        batch size) are: a random gradient on example ``j``'s rows of the
+        model's batch-first outputs, pulled back to them, must reach row ``j``
+        alone.  A table shared by the batch, a layer run sequence-first or
+        tokens routed from several examples whose count merely equals the
+        batch size would be caught (their per-example gradients would be
+        silently wrong).  The verdict is kept per module; a wrong layout is
+        refused, naming the module.  Where the model returns no batch-first
+        tensor (a loss only) nothing can be verified here."""
+        outs = [t for t in _model_tensors(output) if t.requires_grad and t.ndim > 0]
+        n = next((t.shape[0] for _, t in unverified), 0)
+        outs = [t for t in outs if t.shape[0] == n]
+        if not outs or n < 2:
+            return
+        inputs = list({id(t): t for _, t in unverified}.values())
+        for j in sorted({0, n - 1}):
+            cots = []
+            for i, o in enumerate(outs):
+                cot = torch.zeros_like(o)
+                # (a generator of dpft's own: the model's RNG stream must not move)
+                gen = torch.Generator(device=o.device)
+                gen.manual_seed(1000 * j + i)
+                cot[j] = torch.randn(cot[j].shape, generator=gen, dtype=cot.dtype, device=cot.device)
+                cots.append(cot)
+            self.enabled = False  # (this pull-back must not reach dpft's own hooks)
+            try:
+                grads = torch.autograd.grad(outs, inputs, cots, retain_graph=True, allow_unused=True)
+            finally:
+                self.enabled = True
+            wrong = {id(t) for t, g in zip(inputs, grads)
+                     if g is not None and bool(torch.cat([g[:j], g[j + 1:]]).ne(0).any())}
+            for b, t in unverified:
+                if id(t) in wrong and not b.own:
+                    b.own = (
+                        f"dpft: module '{b.name}' ({type(b.module).__name__}) returned {n} rows for a batch of "
+                        f"{n} examples, but example {j}'s output depends on its rows other than row {j}: they "
+                        "are not one row per example (a table shared by the batch, a sequence-first layout, or "
+                        "tokens of several examples whose count happens to equal the batch size), and dpft will "
+                        "not guess whose they are. Keep the batch dimension first, use a batch size that differs "
+                        "from that length, or freeze this module."
+                    )
+        for b, _ in unverified:
+            if b.own:
+                raise UnsupportedModuleError(b.own)
+        for b, _ in unverified:
+            b.own = ""
 
     def _expand_pre(self, b: Binding, module: nn.Module, args: tuple) -> None:
         if not self._active():
