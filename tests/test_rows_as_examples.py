@@ -174,6 +174,24 @@ def test_t5_full_with_target_length_equal_to_the_batch_size(target):
     def loss(m, batch):
         return Z.seq2seq_loss(m, batch)
 
-    got = exact_or_refused(model, make, collate, loss, batch_size=B)
-    if target != B:
-        assert got == "exact"
+    assert exact_or_refused(model, make, collate, loss, batch_size=B) == "exact"
+
+
+def test_refusal_names_the_module_where_no_enclosing_module_can_take_over():
+    """A block run sequence-first (``T == B``) inside a model that holds no
+    trainable layer of its own: no module around the block that dpft watches
+    returns one row per example, so the layer is refused, by name, before a
+    step is applied."""
+    torch.manual_seed(0)
+
+    class SeqFirstBlock(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = nn.Sequential(nn.Linear(D, D))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.block(x.transpose(0, 1)).transpose(0, 1)
+
+    model = SeqFirstBlock().double()
+    with pytest.raises(UnsupportedModuleError, match="'block.0' .*not one row per example"):
+        check_steps(model, _make, _collate, lambda m, b: m(b[0]).pow(2).sum((1, 2)).mean(), steps=1, batch_size=B)
