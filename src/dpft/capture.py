@@ -312,9 +312,11 @@ def _ignore_grad(b: Any, call: Any, grad: Tensor) -> None:
     """The hook of a call whose uses an enclosing module's recomputation covers."""
 
 
-def _reentrant_checkpoint(outs: list[Tensor]) -> bool:
-    """Whether the autograd graph behind ``outs`` holds a region of reentrant
-    activation checkpointing (which ``torch.autograd.grad`` cannot go through)."""
+def _no_pull_back(outs: list[Tensor]) -> bool:
+    """Whether the autograd graph behind ``outs`` holds a region that a
+    pull-back keeping the graph (``torch.autograd.grad(..., retain_graph=True)``)
+    cannot go through: reentrant activation checkpointing, or a graph compiled
+    by ``torch.compile`` (whose backward may donate its buffers)."""
     seen: set[int] = set()
     stack = [t.grad_fn for t in outs if t.grad_fn is not None]
     while stack:
@@ -322,7 +324,7 @@ def _reentrant_checkpoint(outs: list[Tensor]) -> bool:
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
-        if "CheckpointFunction" in type(node).__name__:
+        if "CheckpointFunction" in type(node).__name__ or "CompiledFunction" in type(node).__name__:
             return True
         stack.extend(f for f, _ in node.next_functions)
     return False
@@ -1239,13 +1241,13 @@ class Capture:
         (its recomputation, the exact generic path, from this forward on:
         see :meth:`_take_over_now`), else refused, naming it.  Where the model
         returns no batch-first tensor (a loss only), or the graph holds an
-        activation-checkpointed region, nothing can be verified here."""
+        activation-checkpointed region or a compiled graph, nothing can be
+        verified here."""
         outs = [t for t in _model_tensors(output) if t.requires_grad and t.ndim > 0]
         n = next((t.shape[0] for _, t, _ in unverified), 0)
         outs = [t for t in outs if t.shape[0] == n]
         kept, self._kept = self._kept, {}
-        if not outs or n < 2 or _reentrant_checkpoint(outs):
-            # (a pull-back through reentrant checkpointing is refused by torch)
+        if not outs or n < 2 or _no_pull_back(outs):
             return
         wrong = self._reach_others([t for _, t, _ in unverified], outs, n)
         for b, t, _ in unverified:
