@@ -195,3 +195,28 @@ def test_refusal_names_the_module_where_no_enclosing_module_can_take_over():
     model = SeqFirstBlock().double()
     with pytest.raises(UnsupportedModuleError, match="'block.0' .*not one row per example"):
         check_steps(model, _make, _collate, lambda m, b: m(b[0]).pow(2).sum((1, 2)).mean(), steps=1, batch_size=B)
+
+
+@pytest.mark.parametrize("mode", ["auto", "ghost"])
+def test_batch_size_meets_the_table_length_only_after_the_first_passes(mode):
+    """Poisson batches vary in size: the batch first has as many examples as
+    the shared table has rows after the engine's first (checking) passes.
+    The layer is verified in that forward, the first where its rows look like
+    examples, and handed to the enclosing module's recomputation there."""
+    from reference import per_example_grads, pick_threshold, steps_exact, to_double
+    import copy
+
+    torch.manual_seed(0)
+    model = SharedTable(rows=B).double()
+    ref = copy.deepcopy(model)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    sizes = [B + 1, B + 1, B + 1, B, B]
+    exs = [[_make() for _ in range(k)] for k in sizes]
+    R = pick_threshold(per_example_grads(ref, names, [to_double(_collate([e])) for e in exs[0]], _loss))
+
+    def batches():
+        for step_exs in exs:
+            yield to_double(_collate(step_exs)), [to_double(_collate([e])) for e in step_exs]
+
+    # (the loss is a mean over the physical batch; the engine and the reference both divide by the expected size)
+    steps_exact(model, ref, batches(), _loss, batch_size=B + 1, R=R, mode=mode).detach()

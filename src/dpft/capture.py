@@ -98,7 +98,8 @@ class Binding:
     #: flattened rows: None (not seen yet), "" (verified example by example), else what is wrong
     verdict: str | None = None
     #: rows taken as examples (leading dimension equal to the batch size): None (not
-    #: verified yet), "" (verified: example j's output depends on row j alone), else what is wrong
+    #: verified yet: verified in the first forward where they are seen, the first
+    #: passes or later), "" (verified: row r feeds example r's output alone), else what is wrong
     own: str | None = None
     above: int = 0  # where ``own`` found rows that are not examples: the module recomputed for it (by id)
     #: the parent class whose operator the rule computes, where the module's
@@ -482,6 +483,7 @@ class Capture:
         self._unverified: list[tuple[Binding, Tensor, Any]] = []  # (binding, output, its call)
         self._kept: dict[int, tuple] = {}  # the first passes: enclosing modules' inputs and outputs (see _take_over_now)
         self._ckpt_now = False  # a hooked layer ran inside a checkpointed region in this forward
+        self._ckpt_seen = False  # ... in a forward of the first passes
         self._refusal = ""  # rows found not to be examples, none to take them over (see _own_rows)
 
     def _plan_lane(self, no_lane: set[str]) -> None:
@@ -707,7 +709,8 @@ class Capture:
         self._anchors.clear()
         unverified, self._unverified = self._unverified, []
         ckpt, self._ckpt_now = self._ckpt_now, False
-        if unverified and self._active() and not ckpt:
+        if (unverified and self._active() and not ckpt and not self._outside_root
+                and (self._passes < self.check_passes or not self._ckpt_seen)):
             self._own_rows(unverified, output)
         self._kept = {}
         self._batch_first_now = set()
@@ -776,7 +779,9 @@ class Capture:
         if self.batch_size is None and not self._outside_root and self._active():
             self._outside_root = True
         if self._passes < self.check_passes and not self._ckpt_now and self.batch_size is not None and _saving_hooks_active():
-            self._ckpt_now = True  # (no pull-back through a checkpointed region: see _own_rows)
+            # (no pull-back through a checkpointed region, in this forward nor, as the
+            # check of every forward would cost a call per layer, in a later one: see _own_rows)
+            self._ckpt_now = self._ckpt_seen = True
         tapped: Any = None
         toggled = b.toggled
         if toggled or (self._off and b.off):
@@ -881,7 +886,7 @@ class Capture:
                 raise UnsupportedModuleError(b.own)
             self._anchors.append(output)
             self._batch_first_now.add(id(b))
-            if b.own is None and n > 1 and self._passes < self.check_passes:
+            if b.own is None and n > 1:  # (the first passes; later, a layer seen so for the first time)
                 self._unverified.append((b, output, None))
         call = Call(module, b.rule, n, rows=rows)
         # under activation checkpointing (a recomputation by reentrant
@@ -1088,7 +1093,7 @@ class Capture:
             if len(flat_rows) < len(outs):
                 if b.own:
                     raise UnsupportedModuleError(b.own)
-                if b.own is None and n > 1 and dim == 0 and self._passes < self.check_passes:
+                if b.own is None and n > 1 and dim == 0:
                     self._unverified.extend((b, t, None) for t in outs if t.shape[0] == n)
         return True
 
@@ -1143,7 +1148,7 @@ class Capture:
         if snap is not None and output is not None:  # (not after a forward that raised)
             self._watch(module, snap)
         stash = self._stash.pop(id(module), None)
-        if stash is not None and output is not None and self._unverified and self._passes < self.check_passes:
+        if stash is not None and output is not None and self._unverified:
             self._kept[id(module)] = (stash, output)
         pending = self._pending.pop(id(module), None)
         idle = self._idle_in.get(id(module))
@@ -1229,7 +1234,9 @@ class Capture:
         )
 
     def _own_rows(self, unverified: list[tuple[Binding, Tensor, Any]], output: Any) -> None:
-        """The first passes, at the end of the model's forward: verify that the
+        """At the end of a forward where some outputs were taken as one row per
+        example for the first time (the first passes, or a later batch whose
+        size first equals a layer's leading dimension): verify that the
         outputs taken as one row per example (leading dimension equal to the
         batch size) are: a random gradient on example ``j``'s rows of the
         model's batch-first outputs, pulled back to them, must reach row ``j``
