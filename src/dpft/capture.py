@@ -709,9 +709,13 @@ class Capture:
         self._anchors.clear()
         unverified, self._unverified = self._unverified, []
         ckpt, self._ckpt_now = self._ckpt_now, False
-        if (unverified and self._active() and not ckpt and not self._outside_root
-                and (self._passes < self.check_passes or not self._ckpt_seen)):
-            self._own_rows(unverified, output)
+        if unverified and self._active():
+            probe = not ckpt and not self._outside_root and (self._passes < self.check_passes or not self._ckpt_seen)
+            if not (probe and self._own_rows(unverified, output)) and self._passes >= self.check_passes:
+                # (not verifiable in this model's forwards: not tried again at every step)
+                for b, _, _ in unverified:
+                    if b.own is None:
+                        b.own = ""
         self._kept = {}
         self._batch_first_now = set()
         self._escalated_now = set()
@@ -1233,7 +1237,7 @@ class Capture:
             "not guess. Keep the batch dimension first, or freeze this module."
         )
 
-    def _own_rows(self, unverified: list[tuple[Binding, Tensor, Any]], output: Any) -> None:
+    def _own_rows(self, unverified: list[tuple[Binding, Tensor, Any]], output: Any) -> bool:
         """At the end of a forward where some outputs were taken as one row per
         example for the first time (the first passes, or a later batch whose
         size first equals a layer's leading dimension): verify that the
@@ -1249,13 +1253,13 @@ class Capture:
         see :meth:`_take_over_now`), else refused, naming it.  Where the model
         returns no batch-first tensor (a loss only), or the graph holds an
         activation-checkpointed region or a compiled graph, nothing can be
-        verified here."""
+        verified here: returns False."""
         outs = [t for t in _model_tensors(output) if t.requires_grad and t.ndim > 0]
         n = next((t.shape[0] for _, t, _ in unverified), 0)
         outs = [t for t in outs if t.shape[0] == n]
         kept, self._kept = self._kept, {}
         if not outs or n < 2 or _no_pull_back(outs):
-            return
+            return False
         wrong = self._reach_others([t for _, t, _ in unverified], outs, n)
         for b, t, _ in unverified:
             r = wrong.get(id(t))
@@ -1281,6 +1285,7 @@ class Capture:
         for b, _, _ in unverified:
             if b.own is None:
                 b.own = ""
+        return True
 
     def _reach_others(self, inputs: list[Tensor], outs: list[Tensor], n: int) -> dict[int, int]:
         """Pull random gradients on the rows of a set ``S`` of examples of
