@@ -97,6 +97,11 @@ class Binding:
     rows: int = 0  # rows per example where its output flattens examples' rows into dim 0
     #: flattened rows: None (not seen yet), "" (verified example by example), else what is wrong
     verdict: str | None = None
+    #: rows taken as examples (leading dimension equal to the batch size): None (not
+    #: verified yet: verified in the first forward where they are seen, the first
+    #: passes or later), "" (verified: row r feeds example r's output alone), else what is wrong
+    own: str | None = None
+    above: int = 0  # where ``own`` found rows that are not examples: the module recomputed for it (by id)
     #: the parent class whose operator the rule computes, where the module's
     #: class overrides its forward: the operator call is caught inside it
     tap: type | None = None
@@ -295,18 +300,52 @@ class _Print:
     half: bool
 
 
+def _model_tensors(output: Any) -> list[Tensor]:
+    """The tensors of a model's output: those :func:`_flat_tensors` finds,
+    and the tensor attributes of a plain object holding them."""
+    flat = [t for t in _flat_tensors(output) if t is not None]
+    if not flat and not isinstance(output, (Tensor, tuple, list, dict)) and hasattr(output, "__dict__"):
+        flat = [v for v in vars(output).values() if isinstance(v, Tensor)]
+    return flat
+
+
+def _ignore_grad(b: Any, call: Any, grad: Tensor) -> None:
+    """The hook of a call whose uses an enclosing module's recomputation covers."""
+
+
+def _no_pull_back(outs: list[Tensor]) -> bool:
+    """Whether the autograd graph behind ``outs`` holds a region that a
+    pull-back keeping the graph (``torch.autograd.grad(..., retain_graph=True)``)
+    cannot go through: reentrant activation checkpointing, or a graph compiled
+    by ``torch.compile`` (whose backward may donate its buffers)."""
+    seen: set[int] = set()
+    stack = [t.grad_fn for t in outs if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if "CheckpointFunction" in type(node).__name__ or "CompiledFunction" in type(node).__name__:
+            return True
+        stack.extend(f for f, _ in node.next_functions)
+    return False
+
+
 def _fingerprint(g: Tensor, key: str) -> _Print:
     """``g``'s projections on directions drawn from a generator seeded by the
     parameter's name (the same for autograd's gradient and dpft's sum), in
-    chunks: a mismatch ``d`` shows as projections of size about ``|d|``."""
+    chunks: a mismatch ``d`` shows as projections of size about ``|d|``.
+    The directions are drawn in float32 (independent standard normal entries
+    all the same, several times cheaper to draw than in float64) and promoted:
+    the products and sums are float64, so the gradient loses no precision."""
     flat = g.detach().reshape(-1)
     gen = torch.Generator(device=flat.device)
     gen.manual_seed(zlib.crc32(key.encode()))
     proj = torch.zeros(CHECK_PROJECTIONS, dtype=torch.float64, device=flat.device)
     for start in range(0, flat.numel(), _CHUNK):
         part = flat[start : start + _CHUNK].double()
-        r = torch.randn(CHECK_PROJECTIONS, part.numel(), generator=gen, dtype=torch.float64, device=flat.device)
-        proj += r @ part
+        r = torch.randn(CHECK_PROJECTIONS, part.numel(), generator=gen, dtype=torch.float32, device=flat.device)
+        proj += r.double() @ part
     return _Print(proj, torch.linalg.vector_norm(flat, dtype=torch.float64), g.dtype in HALF)
 
 
@@ -439,6 +478,13 @@ class Capture:
         self._escalated_now: set[int] = set()  # bindings whose output went to an enclosing module in this forward
         self._targets: set[int] = set()  # modules that took over parameters of a module inside them
         self._idle_in: dict[int, list[Binding]] = {}  # module id -> hooked children it recomputes (never ran)
+        # the first passes: outputs whose leading dimension equals the batch size, taken
+        # as one row per example, to verify at the end of the forward (see _own_rows)
+        self._unverified: list[tuple[Binding, Tensor, Any]] = []  # (binding, output, its call)
+        self._kept: dict[int, tuple] = {}  # the first passes: enclosing modules' inputs and outputs (see _take_over_now)
+        self._ckpt_now = False  # a hooked layer ran inside a checkpointed region in this forward
+        self._ckpt_seen = False  # ... in a forward of the first passes
+        self._refusal = ""  # rows found not to be examples, none to take them over (see _own_rows)
 
     def _plan_lane(self, no_lane: set[str]) -> None:
         """The flat lane: parameters whose per-example gradients are reduced
@@ -661,6 +707,16 @@ class Capture:
         # one-example output into copies that are each clipped separately)
         self.batch_size = None
         self._anchors.clear()
+        unverified, self._unverified = self._unverified, []
+        ckpt, self._ckpt_now = self._ckpt_now, False
+        if unverified and self._active():
+            probe = not ckpt and not self._outside_root and (self._passes < self.check_passes or not self._ckpt_seen)
+            if not (probe and self._own_rows(unverified, output)) and self._passes >= self.check_passes:
+                # (not verifiable in this model's forwards: not tried again at every step)
+                for b, _, _ in unverified:
+                    if b.own is None:
+                        b.own = ""
+        self._kept = {}
         self._batch_first_now = set()
         self._escalated_now = set()
         self._stash, self._pending = {}, {}
@@ -726,6 +782,10 @@ class Capture:
         b.ran += 1
         if self.batch_size is None and not self._outside_root and self._active():
             self._outside_root = True
+        if self._passes < self.check_passes and not self._ckpt_now and self.batch_size is not None and _saving_hooks_active():
+            # (no pull-back through a checkpointed region, in this forward nor, as the
+            # check of every forward would cost a call per layer, in a later one: see _own_rows)
+            self._ckpt_now = self._ckpt_seen = True
         tapped: Any = None
         toggled = b.toggled
         if toggled or (self._off and b.off):
@@ -824,8 +884,14 @@ class Capture:
         elif self.batch_size is not None and output.requires_grad:
             if id(b) in self._escalated_now:
                 self._mixed_use(b)
+            if b.own:
+                if b.above and self._escalate(b, strict=False):
+                    return replaced  # (the enclosing module's recomputation takes these parameters)
+                raise UnsupportedModuleError(b.own)
             self._anchors.append(output)
             self._batch_first_now.add(id(b))
+            if b.own is None and n > 1:  # (the first passes; later, a layer seen so for the first time)
+                self._unverified.append((b, output, None))
         call = Call(module, b.rule, n, rows=rows)
         # under activation checkpointing (a recomputation by reentrant
         # checkpointing runs outside the model's forward; non-reentrant
@@ -855,6 +921,8 @@ class Capture:
             key = call.saved["input_id"] = id(args[0])
             uses[key] = uses.get(key, 0) + 1
         call.handler, call.binding = self._handler, b
+        if self._unverified and self._unverified[-1][0] is b and self._unverified[-1][1] is output:
+            self._unverified[-1] = (b, output, call)
         _add_grad_hook(output, call.fire)
         return replaced
 
@@ -1026,6 +1094,11 @@ class Capture:
                 return False
         if self.batch_size is not None:
             self._anchors.extend(outs)
+            if len(flat_rows) < len(outs):
+                if b.own:
+                    raise UnsupportedModuleError(b.own)
+                if b.own is None and n > 1 and dim == 0:
+                    self._unverified.extend((b, t, None) for t in outs if t.shape[0] == n)
         return True
 
     def _checked_by_recomputation(self, b: Binding, args: tuple, n: int, dim: int) -> bool:
@@ -1048,7 +1121,7 @@ class Capture:
         recomputation (the generic path) pulls each example's output gradient
         back to them; see :meth:`_anc_post`."""
         parent = self._parents.get(id(b.module))
-        while parent is not None and id(parent[1]) not in self._stash:
+        while parent is not None and (id(parent[1]) not in self._stash or (b.above and id(parent[1]) != b.above)):
             parent = self._parents.get(id(parent[1]))
         if parent is None:
             if not strict:
@@ -1079,6 +1152,8 @@ class Capture:
         if snap is not None and output is not None:  # (not after a forward that raised)
             self._watch(module, snap)
         stash = self._stash.pop(id(module), None)
+        if stash is not None and output is not None and self._unverified:
+            self._kept[id(module)] = (stash, output)
         pending = self._pending.pop(id(module), None)
         idle = self._idle_in.get(id(module))
         if idle:
@@ -1161,6 +1236,124 @@ class Capture:
             "examples and no batch-first tensor before it to check which rows are whose; dpft will "
             "not guess. Keep the batch dimension first, or freeze this module."
         )
+
+    def _own_rows(self, unverified: list[tuple[Binding, Tensor, Any]], output: Any) -> bool:
+        """At the end of a forward where some outputs were taken as one row per
+        example for the first time (the first passes, or a later batch whose
+        size first equals a layer's leading dimension): verify that the
+        outputs taken as one row per example (leading dimension equal to the
+        batch size) are: a random gradient on example ``j``'s rows of the
+        model's batch-first outputs, pulled back to them, must reach row ``j``
+        alone.  A table shared by the batch, a layer run sequence-first or
+        tokens routed from several examples whose count merely equals the
+        batch size are caught (their per-example gradients would be silently
+        wrong).  The verdict is kept per module.  A module whose rows are not
+        examples is handed to the nearest enclosing module whose outputs are
+        (its recomputation, the exact generic path, from this forward on:
+        see :meth:`_take_over_now`), else refused, naming it.  Where the model
+        returns no batch-first tensor (a loss only), or the graph holds an
+        activation-checkpointed region or a compiled graph, nothing can be
+        verified here: returns False."""
+        outs = [t for t in _model_tensors(output) if t.requires_grad and t.ndim > 0]
+        n = next((t.shape[0] for _, t, _ in unverified), 0)
+        outs = [t for t in outs if t.shape[0] == n]
+        kept, self._kept = self._kept, {}
+        if not outs or n < 2 or _no_pull_back(outs):
+            return False
+        wrong = self._reach_others([t for _, t, _ in unverified], outs, n)
+        for b, t, _ in unverified:
+            r = wrong.get(id(t))
+            if r is not None and not b.own:
+                b.own = (
+                    f"dpft: module '{b.name}' ({type(b.module).__name__}) returned {n} rows for a batch of "
+                    f"{n} examples, but its row {r} feeds the output of another example than example {r}: they "
+                    "are not one row per example (a table shared by the batch, a sequence-first layout, or "
+                    "tokens of several examples whose count happens to equal the batch size), and dpft will "
+                    "not guess whose they are. Keep the batch dimension first, use a batch size that differs "
+                    "from that length, or freeze this module."
+                )
+        for b in {id(b): b for b, _, _ in unverified if b.own}.values():
+            calls = [c for x, _, c in unverified if x is b]
+            if (b.fallback or any(c is None for c in calls) or any(self._holders.get(k, 0) > 1 for k in b.keys.values())
+                    or not self._take_over_now(b, kept, outs, n)):
+                # refused at the end of this backward pass, before any step: there the
+                # generic path's own checks may name a module that mixes examples first
+                self._refusal = self._refusal or b.own
+                continue
+            for c in calls:
+                c.handler = _ignore_grad  # (the enclosing module's recomputation gives these uses' gradients)
+        for b, _, _ in unverified:
+            if b.own is None:
+                b.own = ""
+        return True
+
+    def _reach_others(self, inputs: list[Tensor], outs: list[Tensor], n: int) -> dict[int, int]:
+        """Pull random gradients on the rows of a set ``S`` of examples of
+        ``outs`` (the model's batch-first outputs) back to ``inputs``: those
+        (by id) that get a non-zero gradient on a row ``r`` outside ``S`` (row
+        ``r`` feeds another example's output than example ``r``'s), with that
+        ``r``.  ``S`` runs over the examples whose index has bit ``k`` set, then
+        those whose index has it clear, for every bit: a row ``r`` feeding
+        example ``e != r`` is caught where ``e``'s and ``r``'s bits differ
+        (2 * ceil(log2 n) pull-backs, in the first forward only)."""
+        inputs = list({id(t): t for t in inputs}.values())
+        wrong: dict[int, int] = {}
+        for bit in range(max(1, (n - 1).bit_length())):
+            for side in (1, 0):
+                rows = torch.tensor([(i >> bit) & 1 == side for i in range(n)])
+                cots = []
+                for i, o in enumerate(outs):
+                    # (a generator of dpft's own: the model's RNG stream must not move)
+                    gen = torch.Generator(device=o.device)
+                    gen.manual_seed(1000 * bit + 10 * side + i)
+                    cot = torch.randn(o.shape, generator=gen, dtype=o.dtype, device=o.device)
+                    cots.append(cot * rows.to(o.device).view(n, *[1] * (o.ndim - 1)))
+                self.enabled = False  # (this pull-back must not reach dpft's own hooks)
+                try:
+                    grads = torch.autograd.grad(outs, inputs, cots, retain_graph=True, allow_unused=True)
+                finally:
+                    self.enabled = True
+                for t, g in zip(inputs, grads):
+                    if g is None or id(t) in wrong:
+                        continue
+                    # (non-finite values count as none: an example whose inputs are
+                    # NaN gets 0 * NaN on its own rows, which says nothing of the others)
+                    hit = (g.ne(0) & g.isfinite()).reshape(n, -1).any(1) & ~rows.to(g.device)
+                    if bool(hit.any()):
+                        wrong[id(t)] = int(hit.nonzero()[0, 0])
+        return wrong
+
+    def _take_over_now(self, b: Binding, kept: dict[int, tuple], outs: list[Tensor], n: int) -> bool:
+        """``b``'s rows turned out not to be examples, at the end of a first
+        forward: hand its parameters to the nearest enclosing module that ran
+        in this forward and whose outputs are one row per example (verified
+        as in :meth:`_own_rows`), in this forward (its outputs still wait for
+        their backward pass) and every later one (``b.above``)."""
+        parent = self._parents.get(id(b.module))
+        while parent is not None:
+            m = parent[1]
+            got = kept.get(id(m))
+            if got is not None:
+                stash, out = got
+                flat = _flat_tensors(out)
+                live = [t for t in flat if t is not None and t.requires_grad]
+                if (live and all(t.ndim > 0 and t.shape[0] == n for t in live)
+                        and not self._reach_others(live, outs, n)):
+                    local = {id(x): (k + "." if k else "") for k, x in m.named_modules()}
+                    keys = {local[id(b.module)] + k: key for k, key in b.keys.items()}
+                    esc = self._escalated.get((id(m), frozenset(keys)))
+                    if esc is None:
+                        esc = self._escalated[(id(m), frozenset(keys))] = Binding(
+                            m, self._names[id(m)] or type(m).__name__, ESCALATED, frozenset(keys), keys,
+                            fallback=True, slow=frozenset(keys),
+                        )
+                    esc.own = ""
+                    b.above = id(m)
+                    self._targets.add(id(m))
+                    self._fallback_call(esc, m, stash[0], stash[2], flat, n)
+                    return True
+            parent = self._parents.get(id(m))
+        return False
 
     def _expand_pre(self, b: Binding, module: nn.Module, args: tuple) -> None:
         if not self._active():
@@ -1399,6 +1592,7 @@ class Capture:
         self._lane_views = ()
         seen, self._lane_seen = self._lane_seen, set()
         if not received and lane is None:
+            self._refuse()
             if self._autograd:
                 self._check_uses({}, None, seen, 0)
             return
@@ -1409,6 +1603,10 @@ class Capture:
             raise RuntimeError(f"dpft: one backward pass mixed batches of sizes {sorted(sizes)}")
         n = sizes.pop()
         out: dict[str, list[Contribution]] = {}
+        if self._passes < self.check_passes:
+            # (the first passes: a module's own check that it keeps examples apart names it,
+            # before an enclosing module recomputed for another one's sake says the same of itself)
+            received.sort(key=lambda bc: bc[0].rule is ESCALATED)
         self.enabled = False
         try:
             for b, call in received:
@@ -1446,6 +1644,7 @@ class Capture:
         finally:
             self.enabled = True
         del received
+        self._refuse()
         got = set(self._autograd) if self._idle_in and self._passes < self.check_passes else None
         self._check_uses(out, lane, seen, n)
         self._passes += 1
@@ -1469,6 +1668,12 @@ class Capture:
         self.sink(out, n, (self.lane_keys, lane) if lane is not None else None)
         if got is not None:  # (after the sink: the lane's layout may change)
             self._unused_back(got)
+
+    def _refuse(self) -> None:
+        """Raise the refusal :meth:`_own_rows` found in this pass's forward."""
+        if self._refusal:
+            message, self._refusal = self._refusal, ""
+            raise UnsupportedModuleError(message)
 
     def generic_path(self) -> dict[str, str]:
         """The trainable parameters whose per-example gradients take the exact
