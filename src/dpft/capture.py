@@ -788,7 +788,9 @@ class Capture:
             self._ckpt_now = self._ckpt_seen = True
         tapped: Any = None
         toggled = b.toggled
-        if toggled or (self._off and b.off):
+        # (not while the engine computes contributions: a generic-path module
+        # recomputed then, vectorized or not, needs no tap)
+        if toggled or (self._off and b.off and self.enabled):
             if toggled:
                 for p in toggled:
                     p.requires_grad_(True)
@@ -796,7 +798,7 @@ class Capture:
             if isinstance(output, Tensor) and not output.requires_grad and output.is_floating_point():
                 anchor = toggled[0] if toggled else self._leaf(output.device)
                 output = tapped = _Tap.apply(output, anchor)
-        elif b.book_keeping and isinstance(output, Tensor) and output._base is not None and output.requires_grad:
+        elif b.book_keeping and self.enabled and isinstance(output, Tensor) and output._base is not None and output.requires_grad:
             # the first backward passes, where book-keeping leaves the weight on
             # (autograd's gradient is the reference of the self-check): a view
             # is copied as it will be once the weight is off, so that an

@@ -6,7 +6,10 @@ vector-Jacobian product, ``is_grads_batched``).
 It keeps the module's inputs until the end of the backward pass and costs a
 recomputation plus one backward per example through the part of the module
 that leads to those parameters, so it is slower and heavier than the
-dedicated rules, but exact.  It is used for ``nn.MultiheadAttention`` (whose
+dedicated rules, but exact.  Where the first passes find that a vectorized
+pass (``torch.func.vmap`` over the examples of the module's forward and a
+vector-Jacobian product) gives the same per-example gradients, later steps
+use that instead: one recomputation and one backward, not one per example.  It is used for ``nn.MultiheadAttention`` (whose
 ``out_proj`` is applied functionally, so no module hook would see it), leaf
 modules of unknown types, parameters held directly by a container module
 (layer scale, class embeddings, relative position tables, SSM parameters:
@@ -19,10 +22,14 @@ that one example's output gradient reaches no other example's input.
 from __future__ import annotations
 
 import contextlib
+import warnings
+import weakref
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .base import Call, Contribution, Direct, Rule, UnsupportedModuleError
 
@@ -85,13 +92,32 @@ class FallbackRule(Rule):
         named = dict(module.named_parameters()) if recurse else dict(module.named_parameters(recurse=False))
         names = sorted(params)
         plist = [named[k] for k in names]
-        # Recompute the module's forward on the whole batch with the RNG state
-        # it saw (identical dropout masks), then pull back one example's output
-        # gradient at a time (batched with is_grads_batched).
         autocast = call.saved.get("autocast")
         amp = torch.autocast(autocast[0], dtype=autocast[1]) if autocast else contextlib.nullcontext()
-        args, kwargs = call.saved["args"], call.saved["kwargs"]
         check = call.saved.pop("check_mixing", None)
+        memo = _memo(module, names)
+        if check is None and memo.fast:
+            fast = _vectorized_call(module, names, plist, call, memo, n, bdim, amp)
+            if fast is not None:
+                return {k: Direct(g) for k, g in zip(names, fast)}
+        result, used = self._pulled_back(call, names, plist, n, bdim, amp, check)
+        if not result:
+            return {}
+        if check is not None and memo.fast is not False:
+            memo.verify(module, names, plist, call, used, result, n, bdim, amp)
+        return {k: Direct(g) for k, g in zip(names, result)}
+
+    def _pulled_back(self, call: Call, names: list[str], plist: list[Tensor], n: int, bdim: int, amp: Any,
+                     check: str | None) -> tuple[list[Tensor], tuple[int, ...] | None]:
+        """The reference computation, exact for any module that keeps examples
+        apart: the module's forward recomputed on the whole batch (the RNG
+        state it saw, so identical dropout masks), then one example's output
+        gradient at a time pulled back to the parameters (batched one-hot
+        cotangents, ``is_grads_batched``).  Also returns the positions of the
+        outputs whose gradients were pulled back as received (``None`` where
+        one output's gradient had another's taken out, see :func:`_external`)."""
+        module = call.module
+        args, kwargs = call.saved["args"], call.saved["kwargs"]
         probes: list[tuple[Tensor, int]] = []  # (input copy, batch dim): does example i's output reach other rows?
         copies: dict[int, Tensor] = {}  # one copy per input object (self-attention: query is key is value)
 
@@ -114,14 +140,18 @@ class FallbackRule(Rule):
         outs = _flat_tensors(out)
         pairs = []
         seen: set[int] = set()
-        for o, g in zip(outs, call.grads):
+        positions = []
+        for i, (o, g) in enumerate(zip(outs, call.grads)):
             # (an output returned twice got the whole gradient in each of its hooks: counted once)
             if o is not None and g is not None and o.requires_grad and id(o) not in seen:
                 seen.add(id(o))
                 pairs.append((o, g))
+                positions.append(i)
         if not pairs:
-            return {}
+            return [], None
+        received = pairs
         pairs = _external(pairs, [t for t, _ in probes] + list(plist) + _leaves(args, kwargs))
+        used = tuple(positions) if all(g is g0 for (_, g), (_, g0) in zip(pairs, received)) else None
         numel = sum(g.numel() for _, g in pairs)
         chunk = max(1, min(n, (1 << 26) // max(1, numel)))
         parts: list[list[Tensor]] = [[] for _ in names]
@@ -145,7 +175,153 @@ class FallbackRule(Rule):
                 gs = gs[: len(plist)]
             for i, (gk, p) in enumerate(zip(gs, plist)):
                 parts[i].append(gk if gk is not None else torch.zeros(len(idx), *p.shape, dtype=p.dtype, device=p.device))
-        return {k: Direct(torch.cat(v)) for k, v in zip(names, parts)}
+        return [torch.cat(v) for v in parts], used
+
+
+class _Memo:
+    """What the first passes learned about one module's generic path: whether
+    the vectorized computation (:func:`_vectorized`) agrees with the reference
+    pull-back there, and for which call layout."""
+
+    __slots__ = ("fast", "layouts", "used")
+
+    def __init__(self) -> None:
+        #: ``None``: not tried yet; ``False``: never again (failed or disagreed once)
+        self.fast: bool | None = None
+        #: the layouts (:attr:`_Layout.key`) on which it agreed
+        self.layouts: set[tuple] = set()
+        #: the outputs whose gradients it reads (positions in the flattened output)
+        self.used: tuple[int, ...] | None = None
+
+    def verify(self, module: nn.Module, names: list[str], plist: list[Tensor], call: Call,
+               used: tuple[int, ...] | None, reference: list[Tensor], n: int, bdim: int, amp: Any) -> None:
+        """Run the vectorized computation beside the reference (a first pass)
+        and keep it only if the two agree on every example and parameter."""
+        layout = _Layout.of(call, used, n, bdim) if used is not None and self.used in (None, used) else None
+        ok = False
+        if layout is not None:
+            try:
+                with amp:
+                    fast = _vectorized(module, names, plist, call, layout, n, bdim)
+            except Exception:  # (an op without a batching rule, a random op, data-dependent shapes: stay exact)
+                fast = None
+            half = call.saved.get("autocast") is not None
+            ok = fast is not None and all(_agree(f, r, half) for f, r in zip(fast, reference))
+        if ok:
+            self.fast = True
+            self.used = used
+            self.layouts.add(layout.key)
+        else:
+            self.fast = False
+            self.layouts.clear()
+
+
+_MEMOS: "weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, ...], _Memo]]" = weakref.WeakKeyDictionary()
+
+
+def _memo(module: nn.Module, names: list[str]) -> _Memo:
+    per = _MEMOS.get(module)
+    if per is None:
+        per = _MEMOS[module] = {}
+    return per.setdefault(tuple(names), _Memo())
+
+
+class _Layout:
+    """Which of a call's inputs carry the examples, and how its outputs'
+    gradients are read: the batch dimension holds ``n`` examples of ``rows``
+    rows each (``rows > 1``: windows or tokens flattened into it, example by
+    example).  An input is taken as batched when its batch dimension has
+    exactly ``n * rows`` entries; the first passes verify that reading
+    against the reference, and a later call whose inputs read differently
+    (:attr:`key`) goes back to the reference."""
+
+    __slots__ = ("leaves", "spec", "flags", "rows", "used", "key")
+
+    @classmethod
+    def of(cls, call: Call, used: tuple[int, ...], n: int, bdim: int) -> "_Layout | None":
+        grads = call.grads
+        if any(grads[i] is None for i in used):
+            return None
+        rows = {grads[i].shape[bdim] // n for i in used if grads[i].ndim > bdim and grads[i].shape[bdim] % n == 0}
+        if len(rows) != 1 or any(grads[i].ndim <= bdim for i in used):
+            return None
+        self = cls()
+        self.rows = rows.pop()
+        self.used = used
+        self.leaves, self.spec = tree_flatten((tuple(call.saved["args"]), dict(call.saved["kwargs"])))
+        size = n * self.rows
+        self.flags = tuple(isinstance(t, Tensor) and t.ndim > bdim and t.shape[bdim] == size for t in self.leaves)
+        if not any(self.flags):
+            return None
+        live = tuple(i for i, g in enumerate(grads) if g is not None)
+        self.key = (self.flags, used, live, str(self.spec))
+        return self
+
+
+def _vectorized(module: nn.Module, names: list[str], plist: list[Tensor], call: Call, layout: _Layout,
+                n: int, bdim: int) -> list[Tensor]:
+    """Per-example gradients of ``names`` from one vectorized pass:
+    ``torch.func.vmap`` over the examples of a vector-Jacobian product of the
+    module's forward on one example's rows (its inputs' and output
+    gradients' batch dimension cut into ``n`` slices of ``rows``).  A
+    recomputation plus one backward of the path to the parameters, instead of
+    the reference's one per example.  Refuses random operations (the
+    reference replays the forward's dropout masks; a vectorized forward
+    would draw others)."""
+    rows = layout.rows
+
+    def split(t: Tensor) -> Tensor:
+        return t.detach().unflatten(bdim, (n, rows)).movedim(bdim, 0)
+
+    batched = [split(t) for t, f in zip(layout.leaves, layout.flags) if f]
+    cotangents = [split(call.grads[i]) for i in layout.used]
+    values = tuple(p.detach() for p in plist)
+
+    def one(inputs: list[Tensor], cots: list[Tensor]) -> tuple[Tensor, ...]:
+        it = iter(inputs)
+        leaves = [next(it) if f else t for t, f in zip(layout.leaves, layout.flags)]
+        args, kwargs = tree_unflatten(leaves, layout.spec)
+
+        def forward(*ps: Tensor) -> tuple[Tensor, ...]:
+            out = _flat_tensors(functional_call(module, dict(zip(names, ps)), args, kwargs, strict=False))
+            return tuple(out[i] for i in layout.used)
+
+        _, pull = vjp(forward, *values)
+        return pull(tuple(cots))
+
+    with torch.enable_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (functorch's "no batching rule, slower fallback": still exact)
+        return list(vmap(one, randomness="error")(batched, cotangents))
+
+
+def _vectorized_call(module: nn.Module, names: list[str], plist: list[Tensor], call: Call, memo: _Memo,
+                     n: int, bdim: int, amp: Any) -> list[Tensor] | None:
+    """The vectorized computation for a call laid out as one the first passes
+    verified, else ``None`` (the caller takes the reference path)."""
+    if memo.used is None:
+        return None
+    layout = _Layout.of(call, memo.used, n, bdim)
+    if layout is None or layout.key not in memo.layouts:
+        return None
+    try:
+        with amp:
+            return _vectorized(module, names, plist, call, layout, n, bdim)
+    except Exception:  # (a shape the first passes did not meet: stay exact)
+        memo.fast = False
+        return None
+
+
+def _agree(fast: Tensor, reference: Tensor, half: bool) -> bool:
+    """Whether two stacks of per-example gradients agree example by example
+    to the rounding of their dtype (a wrong reading of the inputs is off by
+    a large fraction of the gradient)."""
+    if fast.shape != reference.shape:
+        return False
+    tol = 3e-2 if half else {torch.float64: 1e-9, torch.float32: 2e-3}.get(reference.dtype, 3e-2)
+    f, r = fast.detach().flatten(1).double(), reference.detach().flatten(1).double()
+    scale = r.norm(dim=1)
+    floor = scale.max() * tol + torch.finfo(torch.float64).tiny
+    return bool(((f - r).norm(dim=1) <= tol * scale + floor).all())
 
 
 def fresh_cache(module: nn.Module, value: Any) -> Any:
