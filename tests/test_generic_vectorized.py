@@ -29,8 +29,8 @@ class Counter:
     """Counts the reference pull-backs and the vectorized passes."""
 
     def __init__(self, monkeypatch):
-        self.reference = self.vectorized = 0
-        pulled, vec = FallbackRule._pulled_back, fallback._vectorized
+        self.reference = self.vectorized = self.looped = 0
+        pulled, vec, loop = FallbackRule._pulled_back, fallback._vectorized, fallback._looped
 
         def counted_pull(rule, *a, **k):
             self.reference += 1
@@ -40,8 +40,13 @@ class Counter:
             self.vectorized += 1
             return vec(*a, **k)
 
+        def counted_loop(*a, **k):
+            self.looped += 1
+            return loop(*a, **k)
+
         monkeypatch.setattr(FallbackRule, "_pulled_back", counted_pull)
         monkeypatch.setattr(fallback, "_vectorized", counted_vec)
+        monkeypatch.setattr(fallback, "_looped", counted_loop)
 
 
 class LayerScale(nn.Module):
@@ -112,6 +117,27 @@ class SharedModel(nn.Module):
         return self.head(self.body(x, self.shared).mean(1))
 
 
+class Routed(nn.Module):
+    """Tokens routed to fused experts held by the block (data-dependent
+    shapes: no batching rule for ``nonzero``), weighted by the router."""
+
+    def __init__(self, experts: int = 3):
+        super().__init__()
+        self.router = nn.Linear(D, experts)
+        self.w = nn.Parameter(torch.randn(experts, D, D) * 0.4)
+
+    def forward(self, x):
+        flat = x.reshape(-1, D)
+        probs = self.router(flat).softmax(-1)
+        choice = probs.argmax(-1)
+        out = torch.zeros_like(flat)
+        for e in range(self.w.shape[0]):
+            idx = torch.nonzero(choice == e).squeeze(1)
+            if idx.numel():
+                out = out.index_add(0, idx, (flat[idx] @ self.w[e]) * probs[idx, e : e + 1])
+        return out.view_as(x)
+
+
 class BatchScaled(nn.Module):
     """Keeps examples apart but reads the batch size: a one-example call
     computes something else than the batch call."""
@@ -173,6 +199,18 @@ def test_vectorized_after_the_first_passes(monkeypatch, case):
     assert _memo(model.body).fast is True
 
 
+def test_routed_tokens_loop_over_examples(monkeypatch):
+    """A forward that ``vmap`` cannot batch (tokens routed by ``nonzero``)
+    runs one example at a time once the first passes have checked it."""
+    count = Counter(monkeypatch)
+    torch.manual_seed(0)
+    model = Model(Routed())
+    _run(model, [4, 3, 4, 5, 4]).detach()
+    memo = _memo(model.body)
+    assert (memo.fast, memo.kind) == (True, "loop")
+    assert (count.reference, count.vectorized, count.looped) == (2, 1, 5)
+
+
 def test_random_operation_keeps_the_reference(monkeypatch):
     """A dropout inside the module: the reference replays the forward's
     masks, a vectorized forward would draw others, so it is never used."""
@@ -192,7 +230,8 @@ def test_random_operation_keeps_the_reference(monkeypatch):
         opt.zero_grad()
     engine.detach()
     assert _memo(model.body).fast is False
-    assert count.reference == 4 and count.vectorized == 1  # tried once (refused: a random op), never again
+    # tried once each (a random op: refused by vmap, seen moving the RNG by the loop), never again
+    assert (count.reference, count.vectorized, count.looped) == (4, 1, 1)
 
 
 def test_batch_size_dependent_forward_keeps_the_reference(monkeypatch):

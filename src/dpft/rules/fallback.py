@@ -179,15 +179,17 @@ class FallbackRule(Rule):
 
 
 class _Memo:
-    """What the first passes learned about one module's generic path: whether
-    the vectorized computation (:func:`_vectorized`) agrees with the reference
-    pull-back there, and for which call layout."""
+    """What the first passes learned about one module's generic path: which
+    faster computation (:func:`_vectorized`, else :func:`_looped`) agrees
+    with the reference pull-back there, and for which call layout."""
 
-    __slots__ = ("fast", "layouts", "used")
+    __slots__ = ("fast", "kind", "layouts", "used")
 
     def __init__(self) -> None:
         #: ``None``: not tried yet; ``False``: never again (failed or disagreed once)
         self.fast: bool | None = None
+        #: ``"vmap"`` or ``"loop"``: the computation that agreed
+        self.kind: str | None = None
         #: the layouts (:attr:`_Layout.key`) on which it agreed
         self.layouts: set[tuple] = set()
         #: the outputs whose gradients it reads (positions in the flattened output)
@@ -195,24 +197,27 @@ class _Memo:
 
     def verify(self, module: nn.Module, names: list[str], plist: list[Tensor], call: Call,
                used: tuple[int, ...] | None, reference: list[Tensor], n: int, bdim: int, amp: Any) -> None:
-        """Run the vectorized computation beside the reference (a first pass)
-        and keep it only if the two agree on every example and parameter."""
+        """Run the faster computations beside the reference (a first pass) and
+        keep one only if it agrees with the reference on every example and
+        parameter (in every first pass)."""
         layout = _Layout.of(call, used, n, bdim) if used is not None and self.used in (None, used) else None
-        ok = False
+        agreed = None
         if layout is not None:
-            try:
-                with amp:
-                    fast = _vectorized(module, names, plist, call, layout, n, bdim)
-            except Exception:  # (an op without a batching rule, a random op, data-dependent shapes: stay exact)
-                fast = None
             half = call.saved.get("autocast") is not None
-            ok = fast is not None and all(_agree(f, r, half) for f, r in zip(fast, reference))
-        if ok:
-            self.fast = True
-            self.used = used
+            for kind in (self.kind,) if self.kind else ("vmap", "loop"):
+                try:
+                    with amp:
+                        fast = FAST[kind](module, names, plist, call, layout, n, bdim)
+                except Exception:  # (no batching rule, a random op, data-dependent shapes: stay exact)
+                    continue
+                if fast is not None and all(_agree(f, r, half) for f, r in zip(fast, reference)):
+                    agreed = kind
+                    break
+        if agreed is not None:
+            self.fast, self.kind, self.used = True, agreed, used
             self.layouts.add(layout.key)
         else:
-            self.fast = False
+            self.fast, self.kind = False, None
             self.layouts.clear()
 
 
@@ -294,6 +299,46 @@ def _vectorized(module: nn.Module, names: list[str], plist: list[Tensor], call: 
         return list(vmap(one, randomness="error")(batched, cotangents))
 
 
+def _looped(module: nn.Module, names: list[str], plist: list[Tensor], call: Call, layout: _Layout,
+            n: int, bdim: int) -> list[Tensor] | None:
+    """Per-example gradients of ``names`` from the module's forward on one
+    example's rows at a time and one backward each: for forwards that
+    :func:`_vectorized` cannot batch (data-dependent shapes, e.g. tokens
+    routed to experts).  ``None`` (not usable) where the forward draws random
+    numbers (dropout: the reference replays the forward's masks, a forward
+    per example would draw others)."""
+    rows = layout.rows
+    leaves = [t.detach() if isinstance(t, Tensor) and f else t for t, f in zip(layout.leaves, layout.flags)]
+    grads = [call.grads[i] for i in layout.used]
+    dev = next((t.device for t in grads), None)
+    before = rng_state(dev)
+    parts: list[list[Tensor]] = [[] for _ in plist]
+    with torch.enable_grad(), _rng_restored(before):
+        for i in range(n):
+            mine = [t.narrow(bdim, i * rows, rows) if f else t for t, f in zip(leaves, layout.flags)]
+            args, kwargs = tree_unflatten(mine, layout.spec)
+            outs = _flat_tensors(module.forward(*args, **kwargs))
+            if i == 0 and _rng_moved(before, dev):
+                return None
+            pairs = [(outs[j], g.narrow(bdim, i * rows, rows)) for j, g in zip(layout.used, grads)
+                     if outs[j] is not None and outs[j].requires_grad]
+            got = torch.autograd.grad([o for o, _ in pairs], plist, [g for _, g in pairs], allow_unused=True) \
+                if pairs else [None] * len(plist)
+            for k, (g, p) in enumerate(zip(got, plist)):
+                parts[k].append(torch.zeros_like(p) if g is None else g)
+    return [torch.stack(v) for v in parts]
+
+
+def _rng_moved(state: tuple, dev: torch.device | None) -> bool:
+    """Whether the RNG state differs from ``state`` (taken by :func:`rng_state`)."""
+    now = rng_state(dev)
+    return not torch.equal(now[0], state[0]) or (now[1] is not None and not torch.equal(now[1], state[1]))
+
+
+#: the faster computations the first passes may choose, by :attr:`_Memo.kind`
+FAST = {"vmap": lambda *a: _vectorized(*a), "loop": lambda *a: _looped(*a)}
+
+
 def _vectorized_call(module: nn.Module, names: list[str], plist: list[Tensor], call: Call, memo: _Memo,
                      n: int, bdim: int, amp: Any) -> list[Tensor] | None:
     """The vectorized computation for a call laid out as one the first passes
@@ -305,7 +350,7 @@ def _vectorized_call(module: nn.Module, names: list[str], plist: list[Tensor], c
         return None
     try:
         with amp:
-            return _vectorized(module, names, plist, call, layout, n, bdim)
+            return FAST[memo.kind](module, names, plist, call, layout, n, bdim)
     except Exception:  # (a shape the first passes did not meet: stay exact)
         memo.fast = False
         return None
