@@ -400,3 +400,97 @@ def test_inductor_generic_path_and_operator_tap_exact():
         opt.zero_grad()
         err = max_rel_error({n: before[n] - params[n].detach() for n in names}, want)
         assert err <= TOL, f"step {step}: relative error {err:.3e}"
+
+
+class _DynamoRecord:
+    """What Dynamo did while the block ran: the frames it started tracing
+    (its INFO step log), its recompile-limit warnings, the guards that failed
+    (``torch._dynamo.utils.guard_failures``: code object -> reasons) and its
+    graph-break reasons (``counters["graph_break"]``)."""
+
+    def __init__(self):
+        self.traced: list[str] = []
+        self.limit_hits: list[str] = []
+
+    def __enter__(self):
+        import logging
+
+        from torch._dynamo.utils import counters, guard_failures
+
+        record = self
+
+        class _Handler(logging.Handler):
+            def emit(self, rec):
+                msg = rec.getMessage()
+                if "start tracing" in msg:
+                    record.traced.append(msg)
+                elif "recompile_limit" in msg or "cache_size_limit" in msg:
+                    record.limit_hits.append(msg)
+
+        counters.clear()
+        guard_failures.clear()
+        self._counters, self._guard_failures = counters, guard_failures
+        self._handler = _Handler(level=logging.INFO)
+        self._loggers = [(lg, lg.level, lg.propagate) for lg in
+                         (logging.getLogger("torch._dynamo.symbolic_convert"), logging.getLogger("torch._dynamo.convert_frame"))]
+        for lg, _, _ in self._loggers:
+            lg.setLevel(logging.INFO)
+            lg.propagate = False  # (not to stderr)
+            lg.addHandler(self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for lg, level, propagate in self._loggers:
+            lg.removeHandler(self._handler)
+            lg.setLevel(level)
+            lg.propagate = propagate
+
+    def graphs(self) -> int:
+        return self._counters["stats"].get("unique_graphs", 0)
+
+    def guard_failures(self) -> dict:
+        return {code: list(reasons) for code, reasons in self._guard_failures.items()}
+
+    def graph_breaks(self) -> dict:
+        return dict(self._counters["graph_break"])
+
+
+def test_dpft_hooks_opaque_no_recompiles_across_batch_sizes():
+    """Every module hook dpft registers is opaque to Dynamo (the MoE/rows-era
+    ancestry hooks ``_anc_pre``/``_anc_post`` on watched parents included):
+    Dynamo never traces a dpft frame, no guard and no graph break names dpft
+    code other than the disabled hooks themselves, no function reaches
+    Dynamo's recompile limit, and once warm (a batch size change makes the
+    batch dimension dynamic; the first passes' hooks come off) Poisson batches
+    of new sizes compile nothing."""
+    import os
+
+    from dpft.compiled import REASON, dpft_hooks
+
+    model, _, _, loss_fn = _make("gpt2", "full")
+    here = os.path.dirname(dpft.__file__)
+    compiled = torch.compile(model, backend="eager")
+    engine = _engine(compiled, 1.0)
+    opt = engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    hooks = dpft_hooks(engine._compile)
+    names = {getattr(getattr(fn, "__wrapped__", fn), "__name__", "") for _, _, fn in hooks}
+    assert {"_anc_pre", "_anc_post", "_root_pre"} <= names  # (the audit sees the ancestry hooks)
+    assert all(getattr(fn, "_torchdynamo_disable", False) for _, _, fn in hooks), [
+        (m, k, fn) for m, k, fn in hooks if not getattr(fn, "_torchdynamo_disable", False)]
+    sizes = [3, 5, 4, 6, 2, 7, 8, 9]
+    graphs = []
+    with _DynamoRecord() as rec:
+        for n in sizes:
+            loss_fn(compiled, torch.randint(0, 20, (n, 5))).backward()
+            opt.step()
+            opt.zero_grad()
+            graphs.append(rec.graphs())
+    assert engine.steps == len(sizes)
+    assert any(here not in t for t in rec.traced)  # (the log is read: the model's frames show)
+    assert [t for t in rec.traced if here in t] == []
+    assert rec.limit_hits == []
+    bad = {c.co_name: r for c, r in rec.guard_failures().items() if here in c.co_filename or any(here in str(x) for x in r)}
+    assert bad == {}
+    assert [r for r in rec.graph_breaks() if "dpft" in r and REASON not in r] == []
+    assert graphs[-3:] == [graphs[-4]] * 3, graphs  # batch sizes 7, 8, 9: nothing compiled
+    engine.detach()
