@@ -142,6 +142,15 @@ def run(args: argparse.Namespace, model_name: str, method: str, mode: str) -> st
     engine = dpft.PrivacyEngine(private, batch_size=args.batch_size, sample_size=10**6, steps=10**5,
                                 noise_multiplier=1.0, clipping_mode="auto")
     private_opt = engine.attach(torch.optim.SGD([p for p in private_model.parameters() if p.requires_grad], lr=1e-6))
+    try:
+        return _measure(args, model_name, method, mode, wl, sizes, by_size, amp, plain, plain_opt, private, private_opt,
+                        plain_model, private_model, warm_n, make_step)
+    finally:
+        engine.detach()
+
+
+def _measure(args, model_name, method, mode, wl, sizes, by_size, amp, plain, plain_opt, private, private_opt,
+             plain_model, private_model, warm_n, make_step) -> str:
     steps = {"nonprivate": make_step(plain, plain_opt), "dpft": make_step(private, private_opt)}
     warm: dict[str, float] = {}
     for name, step in steps.items():  # compilation (and dpft's recompilation after its first passes)
@@ -175,7 +184,6 @@ def run(args: argparse.Namespace, model_name: str, method: str, mode: str) -> st
             w = by_size[sizes[0]]
             line += (f" | non-private {_explain(w, plain_model, amp)[0]} | dpft "
                      + "; ".join(_explain(w, private_model, amp, reasons=True)))
-    engine.detach()
     return line
 
 
@@ -241,7 +249,12 @@ def main(argv: list[str] | None = None) -> None:
     for model_name in args.models.split(","):
         for method in args.methods.split(","):
             for mode in modes:
-                print(run(args, model_name, method, mode), flush=True)
+                try:
+                    print(run(args, model_name, method, mode), flush=True)
+                except Exception as e:  # noqa: BLE001 (one configuration's failure does not end the others)
+                    first = (str(e).strip().splitlines() or [""])[0][:300]
+                    print(f"{model_name} {method} compile={mode} dynamic={args.dynamic}: FAILED "
+                          f"{type(e).__name__}: {first}", flush=True)
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
 

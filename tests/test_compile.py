@@ -8,7 +8,10 @@ exact is refused.
 Backend "aot_eager" (Dynamo + AOTAutograd, eager kernels) keeps these CPU
 tests fast; they exercise what matters to dpft: Dynamo's graph breaks around
 the hooks and AOTAutograd's compiled backward feeding the gradient hooks.
-One case runs the default inductor backend (C++ kernels, also float64)."""
+Inductor (C++ kernels, also float64) runs the MLP for each method in both
+modes the issue names (``default``, ``max-autotune-no-cudagraphs``), and the
+generic path.  One test checks that Dynamo never traces dpft's
+own code and that Poisson batch sizes cause no recompilation once warm."""
 
 from __future__ import annotations
 
@@ -186,8 +189,9 @@ def test_gpt2_exact(method, order):
     run_exact("gpt2", method, order, steps=3)
 
 
-@pytest.mark.parametrize("method,order", [("full", "after"), ("bitfit", "before"), ("lora", "after")])
+@pytest.mark.parametrize("method,order", [("full", "after"), ("lora", "after")])
 def test_vit_exact(method, order):
+    # (DP-BiTFiT and the "before" order: the MLP, CNN and GPT-2 cases)
     run_exact("vit", method, order, steps=3)
 
 
@@ -201,30 +205,36 @@ def _cxx_compiler() -> bool:
     return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 
 
-@pytest.mark.skipif(not _cxx_compiler(), reason="inductor's CPU backend compiles C++: no C++ compiler on this machine")
-def test_inductor_default_mode_exact():
-    # the default backend (inductor, mode="default"): fused C++ kernels between the hooked layers
-    run_exact("mlp", "full", "before", steps=3, backend="inductor")
+needs_cxx = pytest.mark.skipif(not _cxx_compiler(),
+                               reason="inductor's CPU backend compiles C++: no C++ compiler on this machine")
 
 
-@pytest.mark.skipif(not _cxx_compiler(), reason="inductor's CPU backend compiles C++: no C++ compiler on this machine")
-def test_inductor_max_autotune_no_cudagraphs_exact():
-    run_exact("mlp", "full", "after", steps=3, mode="max-autotune-no-cudagraphs")
+@needs_cxx
+@pytest.mark.parametrize("mode,method,order", [
+    ("default", "full", "before"), ("default", "bitfit", "after"), ("default", "lora", "before"),
+    ("max-autotune-no-cudagraphs", "full", "after"), ("max-autotune-no-cudagraphs", "bitfit", "before"),
+    ("max-autotune-no-cudagraphs", "lora", "after")])
+def test_inductor_modes_exact(mode, method, order):
+    # the default backend (inductor: fused C++ kernels between the hooked layers), float64,
+    # in both modes the issue names, for each method (the two modes generate the same CPU
+    # kernels for these graphs, so the second compiles from inductor's cache)
+    run_exact("mlp", method, order, steps=3, mode=mode)
 
 
 def test_noise_once_per_step_and_ledger():
     """Under compile, with noise: the same updates as the eager engine with the
     same noise seed (noise drawn at optimizer.step(), once, never in backward),
     accumulation over two physical batches per step, every step in the ledger."""
+    compile_kw = {"backend": "aot_eager"}  # (noise is drawn in optimizer.step(), outside any compiled code)
     model, make, collate, loss_fn = _make("mlp", "full")
     eager_model = copy.deepcopy(model)
     batches = [[to_double(collate([make() for _ in range(2)])) for _ in range(2)] for _ in range(4)]
 
     def train(m, compile_it):
-        engine = dpft.PrivacyEngine(torch.compile(m, backend="aot_eager") if compile_it else m, batch_size=B,
+        engine = dpft.PrivacyEngine(torch.compile(m, **compile_kw) if compile_it else m, batch_size=B,
                                     sample_size=100, steps=50, noise_multiplier=1.3, max_grad_norm=0.5, noise_seed=7)
         opt = engine.attach(torch.optim.SGD(m.parameters(), lr=0.1))
-        fwd = torch.compile(m, backend="aot_eager") if compile_it else m
+        fwd = torch.compile(m, **compile_kw) if compile_it else m
         draws = []
         add = engine.noise.add_
 
@@ -364,7 +374,7 @@ def special():
     return model, lambda: (torch.randn(5), torch.randint(0, 3, ())), _stack, _cls_loss
 
 
-@pytest.mark.skipif(not _cxx_compiler(), reason="inductor's CPU backend compiles C++: no C++ compiler on this machine")
+@needs_cxx
 def test_inductor_generic_path_and_operator_tap_exact():
     """Under inductor, dropout inside a compiled graph draws other random numbers
     than the eager replay of the generic path: such modules run eagerly."""
@@ -477,7 +487,7 @@ def test_dpft_hooks_opaque_no_recompiles_across_batch_sizes():
     assert {"_anc_pre", "_anc_post", "_root_pre"} <= names  # (the audit sees the ancestry hooks)
     assert all(getattr(fn, "_torchdynamo_disable", False) for _, _, fn in hooks), [
         (m, k, fn) for m, k, fn in hooks if not getattr(fn, "_torchdynamo_disable", False)]
-    sizes = [3, 5, 4, 6, 2, 7, 8, 9]
+    sizes = [3, 5, 4, 6, 7, 8]
     graphs = []
     with _DynamoRecord() as rec:
         for n in sizes:
@@ -492,5 +502,5 @@ def test_dpft_hooks_opaque_no_recompiles_across_batch_sizes():
     bad = {c.co_name: r for c, r in rec.guard_failures().items() if here in c.co_filename or any(here in str(x) for x in r)}
     assert bad == {}
     assert [r for r in rec.graph_breaks() if "dpft" in r and REASON not in r] == []
-    assert graphs[-3:] == [graphs[-4]] * 3, graphs  # batch sizes 7, 8, 9: nothing compiled
+    assert graphs[-3:] == [graphs[-4]] * 3, graphs  # batch sizes 6, 7, 8: nothing compiled
     engine.detach()

@@ -297,7 +297,7 @@ def _hook_dicts(model: nn.Module) -> list[dict]:
     return [d for m in model.modules() for d in (m._forward_pre_hooks, m._forward_hooks)]
 
 
-def dpft_hooks(support: "CompileSupport") -> list[tuple[str, str, Any]]:
+def dpft_hooks(support: CompileSupport) -> list[tuple[str, str, Any]]:
     """``(module name, "pre" or "post", hook)`` for every module hook dpft has
     on the model now (the capture's and the compile watch): an audit, as under
     ``torch.compile`` each must be opaque to Dynamo (``_torchdynamo_disable``)."""
