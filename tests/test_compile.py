@@ -100,8 +100,29 @@ def cnn():
     return model, lambda: (torch.randn(3, 8, 8), torch.randint(0, 3, ())), _stack, _cls_loss
 
 
+class _MoEHead(nn.Module):
+    """A hand-written sparse MoE block (router, top-2 of 4 experts, a shared
+    expert; :class:`zoo_models.HandMoE`) and a head: the block takes the
+    routed-experts rule (its forward runs eagerly, replayed per example) and
+    its parents carry the ancestry hooks."""
+
+    def __init__(self):
+        super().__init__()
+        from zoo_models import HandMoE
+
+        self.body = HandMoE(4, 6, experts=4, top_k=2)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.out(self.body(x)[0].mean(1))
+
+
+def moe():
+    return _MoEHead(), lambda: (torch.randn(3, 4), torch.randint(0, 3, ())), _stack, _cls_loss
+
+
 def _builders():
-    return {"mlp": mlp, "cnn": cnn, "gpt2": gpt2, "vit": vit}
+    return {"mlp": mlp, "cnn": cnn, "gpt2": gpt2, "vit": vit, "moe": moe}
 
 
 LORA_TARGETS = {"mlp": ["0", "3"], "gpt2": ["c_attn"], "vit": ["q_proj", "v_proj"], "cnn": ["0", "conv"]}
@@ -193,6 +214,10 @@ def test_gpt2_exact(method, order):
 def test_vit_exact(method, order):
     # (DP-BiTFiT and the "before" order: the MLP, CNN and GPT-2 cases)
     run_exact("vit", method, order, steps=3)
+
+
+def test_moe_exact():
+    run_exact("moe", "full", "before", steps=3)
 
 
 def test_gpt2_activation_checkpointing_exact():
