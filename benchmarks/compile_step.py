@@ -143,48 +143,42 @@ def run(args: argparse.Namespace, model_name: str, method: str, mode: str) -> st
                                 noise_multiplier=1.0, clipping_mode="auto")
     private_opt = engine.attach(torch.optim.SGD([p for p in private_model.parameters() if p.requires_grad], lr=1e-6))
     try:
-        return _measure(args, model_name, method, mode, wl, sizes, by_size, amp, plain, plain_opt, private, private_opt,
-                        plain_model, private_model, warm_n, make_step)
-    finally:
-        engine.detach()
-
-
-def _measure(args, model_name, method, mode, wl, sizes, by_size, amp, plain, plain_opt, private, private_opt,
-             plain_model, private_model, warm_n, make_step) -> str:
-    steps = {"nonprivate": make_step(plain, plain_opt), "dpft": make_step(private, private_opt)}
-    warm: dict[str, float] = {}
-    for name, step in steps.items():  # compilation (and dpft's recompilation after its first passes)
-        t = time.perf_counter()
-        for _ in range(warm_n):
-            step()
-        _sync()
-        warm[name] = time.perf_counter() - t
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    recompiled = dict.fromkeys(steps, 0)
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            g0 = _graphs()
-            _sync()
+        steps = {"nonprivate": make_step(plain, plain_opt), "dpft": make_step(private, private_opt)}
+        warm: dict[str, float] = {}
+        for name, step in steps.items():  # compilation (and dpft's recompilation after its first passes)
             t = time.perf_counter()
-            for _ in range(args.steps):
+            for _ in range(warm_n):
                 step()
             _sync()
-            times[name].append((time.perf_counter() - t) / args.steps * 1e3)
-            recompiled[name] += _graphs() - g0
-    base, ours = statistics.median(times["nonprivate"]), statistics.median(times["dpft"])
-    tag = " bf16" if args.bf16 else ""
-    batch = f"B~{args.batch_size} (Poisson, {min(sizes)}..{max(sizes)})" if args.poisson else f"B={args.batch_size}"
-    setting = mode if mode == "none" else f"{mode} dynamic={args.dynamic}" + (
-        f" backend={args.backend}" if args.backend != "inductor" else "")
-    line = (f"{model_name} {method} {batch}{tag} compile={setting}: non-private {base:.2f} ms | "
-            f"dpft {ours:.2f} ms ({base / ours:.3f}x) | warm-up {warm['nonprivate']:.0f} s / {warm['dpft']:.0f} s")
-    if mode != "none":
-        line += f" | recompiled while timed {recompiled['nonprivate']} / {recompiled['dpft']}"
-        if args.explain:
-            w = by_size[sizes[0]]
-            line += (f" | non-private {_explain(w, plain_model, amp)[0]} | dpft "
-                     + "; ".join(_explain(w, private_model, amp, reasons=True)))
-    return line
+            warm[name] = time.perf_counter() - t
+        times: dict[str, list[float]] = {k: [] for k in steps}
+        recompiled = dict.fromkeys(steps, 0)
+        for _ in range(args.rounds):
+            for name, step in steps.items():
+                g0 = _graphs()
+                _sync()
+                t = time.perf_counter()
+                for _ in range(args.steps):
+                    step()
+                _sync()
+                times[name].append((time.perf_counter() - t) / args.steps * 1e3)
+                recompiled[name] += _graphs() - g0
+        base, ours = statistics.median(times["nonprivate"]), statistics.median(times["dpft"])
+        tag = " bf16" if args.bf16 else ""
+        batch = f"B~{args.batch_size} (Poisson, {min(sizes)}..{max(sizes)})" if args.poisson else f"B={args.batch_size}"
+        setting = mode if mode == "none" else f"{mode} dynamic={args.dynamic}" + (
+            f" backend={args.backend}" if args.backend != "inductor" else "")
+        line = (f"{model_name} {method} {batch}{tag} compile={setting}: non-private {base:.2f} ms | "
+                f"dpft {ours:.2f} ms ({base / ours:.3f}x) | warm-up {warm['nonprivate']:.0f} s / {warm['dpft']:.0f} s")
+        if mode != "none":
+            line += f" | recompiled while timed {recompiled['nonprivate']} / {recompiled['dpft']}"
+            if args.explain:
+                w = by_size[sizes[0]]
+                line += (f" | non-private {_explain(w, plain_model, amp)[0]} | dpft "
+                         + "; ".join(_explain(w, private_model, amp, reasons=True)))
+        return line
+    finally:
+        engine.detach()
 
 
 def _explain(wl: Any, model: torch.nn.Module, amp, reasons: bool = False) -> list[str]:
