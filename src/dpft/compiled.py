@@ -32,6 +32,31 @@ the backward pass would run dpft's gradient hooks on traced values), and
 ``torch.compile(..., fullgraph=True)`` (one graph cannot hold dpft's hooks;
 Dynamo's own error names the hook).
 
+What dpft registers, and how each stays out of Dynamo's traces:
+
+* module forward pre-hooks and hooks (the model's ``_root_pre``/``_root_post``;
+  each hooked layer's ``_pre``/``_post``, ``_tap_pre``/``_tap_post``,
+  ``_expand_pre``/``_expand_post``; the BatchNorm check; ``_anc_pre``/``_anc_post``
+  on the modules enclosing a generic-path module or an embedding, and on the
+  parents watched in the first passes (MoE routing, rows taken as examples,
+  children that never run)): :meth:`CompileSupport.make_opaque` walks every
+  module's hook dictionaries and wraps each hook bound to the capture in
+  ``torch._dynamo.disable``, whatever list the capture keeps its handle in;
+* the compile watch itself (a pre-hook on the model): disabled, not recursively;
+* gradient hooks on tensors (layer outputs, the model's outputs, generic-path
+  outputs): registered by those opaque hooks on real tensors, they fire in
+  autograd's backward pass, which Dynamo does not trace (compiled autograd,
+  which would, is refused);
+* gradient and post-accumulate hooks on parameters (the first passes'
+  cross-check): run by autograd's ``AccumulateGrad``, likewise never traced;
+* the autograd Functions ``_Tap`` and ``_Pack``, the operator tap (a
+  ``TorchFunctionMode``) and the rows-as-examples verification (pull-backs
+  with ``torch.autograd.grad``, not attempted through a compiled graph):
+  only ever run inside the opaque hooks; the forward of a module read by the
+  operator tap, or replayed by the generic path, runs eagerly as a whole;
+* the optimizer's ``step``/``zero_grad`` and the end-of-backward sink: outside
+  any compiled region.
+
 Dynamo does not guard on module hooks by default: a graph traced for a
 module without dpft's hooks (this model before the engine was attached, or
 another instance of the same classes) would be reused for the hooked model,
@@ -39,11 +64,14 @@ and its hooks would never run.  So while any engine is attached Dynamo guards
 on them (``torch._dynamo.config.skip_nnmodule_hook_guards = False``; its own
 value is restored when the last engine detaches), and attaching or detaching
 an engine clears Dynamo's caches (``torch.compiler.reset()``) when anything
-has been compiled: the next call recompiles.
+has been compiled: the next call recompiles.  Dynamo's per-function cache
+limit is raised while attached (see :func:`_guard_hooks`): past it Dynamo
+silently runs whole blocks eagerly.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 from typing import Any
@@ -57,7 +85,7 @@ except ImportError:  # pragma: no cover - a torch without Dynamo
     def _get_callback() -> Any:
         return None
 
-__all__ = ["CompileSupport", "CompiledAutogradError", "unwrap"]
+__all__ = ["CompileSupport", "CompiledAutogradError", "dpft_hooks", "unwrap"]
 
 #: why a hook is opaque (Dynamo prints it where it breaks the graph)
 REASON = "dpft capture hook: runs eagerly on the real tensors (one graph break per hooked layer)"
@@ -127,25 +155,45 @@ def _callback_active() -> bool:
     return cb is not None and cb is not False
 
 
-_GUARDING = [0, None]  # attached engines, Dynamo's own skip_nnmodule_hook_guards before the first
+#: Dynamo's per-function cache limit while an engine is attached (its default: 8)
+RECOMPILE_LIMIT = 64
+
+_GUARDING: list[Any] = [0, None, None]  # attached engines, Dynamo's own settings before the first
 
 
 def _guard_hooks(on: bool) -> None:
-    """While any engine is attached, Dynamo guards on module hooks
-    (``skip_nnmodule_hook_guards=False``): a graph compiled for a module
-    without dpft's hooks (another instance of the same class, or this one
-    before attaching) is otherwise reused for a hooked one, and its hooks
-    never run.  Dynamo's own setting is restored when the last engine detaches."""
+    """Dynamo's settings while any engine is attached, its own restored when
+    the last one detaches.
+
+    * It guards on module hooks (``skip_nnmodule_hook_guards=False``): a graph
+      compiled for a module without dpft's hooks (another instance of the same
+      class, or this one before attaching) is otherwise reused for a hooked
+      one, and its hooks never run.
+    * Its per-function cache limit is at least :data:`RECOMPILE_LIMIT`
+      (``recompile_limit``, 8 by default): the graph breaks at dpft's hooks
+      make each hooked module's forward, and code that several modules share
+      (Hugging Face's forward decorators), functions Dynamo compiles on their
+      own, one cache entry per module type and argument layout, each once
+      static and once with a dynamic batch size, and again once the first
+      passes' hooks are removed; a tiny GPT-2 needs 12 for one function.  Past
+      the limit Dynamo runs that function *and everything it calls* eagerly
+      from then on (whole transformer blocks), silently.  The entries do not
+      grow with depth or with the number of distinct batch sizes."""
     config = _dynamo().config
     if on:
         if _GUARDING[0] == 0:
             _GUARDING[1] = config.skip_nnmodule_hook_guards
             config.skip_nnmodule_hook_guards = False
+            _GUARDING[2] = getattr(config, "recompile_limit", None)
+            if _GUARDING[2] is not None and _GUARDING[2] < RECOMPILE_LIMIT:
+                config.recompile_limit = RECOMPILE_LIMIT
         _GUARDING[0] += 1
     else:
         _GUARDING[0] -= 1
         if _GUARDING[0] == 0:
             config.skip_nnmodule_hook_guards = _GUARDING[1]
+            if _GUARDING[2] is not None:
+                config.recompile_limit = _GUARDING[2]
 
 
 class CompileSupport:
@@ -213,13 +261,10 @@ class CompileSupport:
         if self.opaque:
             return
         cap = self.capture
-        for h in list(cap._handles) + list(cap._pre_handles):
-            d = h.hooks_dict_ref()
-            if d is None or h.id not in d:
-                continue
-            fn = d[h.id]
-            if not getattr(fn, "_torchdynamo_disable", False):
-                d[h.id] = _dynamo().disable(fn, reason=REASON)
+        for d in _hook_dicts(cap.model):
+            for key, fn in list(d.items()):
+                if _owned(fn, cap) and not getattr(fn, "_torchdynamo_disable", False):
+                    d[key] = _dynamo().disable(fn, reason=REASON)
         for b in cap.bindings:
             m = b.module
             if (b.fallback or b.tap is not None) and "forward" not in m.__dict__ and m is not cap.model:
@@ -230,6 +275,37 @@ class CompileSupport:
         self.opaque = True
         if compiled_autograd_on():
             raise CompiledAutogradError(COMPILED_AUTOGRAD_MESSAGE)
+
+
+def _owned(fn: Any, *owners: Any) -> bool:
+    """Whether hook ``fn`` is one of ``owners``'s: a bound method of one, or a
+    ``functools.partial`` of one (the capture's per-binding hooks), or either
+    wrapped by ``torch._dynamo.disable``."""
+    while True:
+        if isinstance(fn, functools.partial):
+            fn = fn.func
+        elif hasattr(fn, "__wrapped__") and not hasattr(fn, "__self__"):
+            fn = fn.__wrapped__
+        else:
+            break
+    return any(getattr(fn, "__self__", None) is o for o in owners)
+
+
+def _hook_dicts(model: nn.Module) -> list[dict]:
+    """Every module hook dictionary of ``model`` and its submodules that a
+    forward runs (pre-hooks and hooks; dpft registers no module backward hooks)."""
+    return [d for m in model.modules() for d in (m._forward_pre_hooks, m._forward_hooks)]
+
+
+def dpft_hooks(support: CompileSupport) -> list[tuple[str, str, Any]]:
+    """``(module name, "pre" or "post", hook)`` for every module hook dpft has
+    on the model now (the capture's and the compile watch): an audit, as under
+    ``torch.compile`` each must be opaque to Dynamo (``_torchdynamo_disable``)."""
+    out = []
+    for name, m in support.capture.model.named_modules():
+        for kind, d in (("pre", m._forward_pre_hooks), ("post", m._forward_hooks)):
+            out.extend((name, kind, fn) for fn in d.values() if _owned(fn, support.capture, support))
+    return out
 
 
 def _make_opaque_eagerly(support: CompileSupport) -> None:
