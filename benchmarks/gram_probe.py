@@ -3,9 +3,9 @@ positions (CUDA).  Shows the two effects its cost rule and its stacking of
 half-precision factors account for:
 
 * float32 (no tensor cores) Gram matrices are computed in tiles: 197
-  positions cost as much as 256 (``dpft.norms.GRAM_TILE``);
+  positions cost as much as 256 (``dpft.clip.tuning.GRAM_TILE``);
 * half-precision Gram matrices over a number of positions that is not a
-  multiple of 8 run on much slower kernels (``dpft.batched.ALIGN_POSITIONS``).
+  multiple of 8 run on much slower kernels (``dpft.clip.tuning.ALIGN_POSITIONS``).
 
     python -m benchmarks.gram_probe
 """

@@ -13,7 +13,7 @@ at most ``R``, so the accountant's epsilon, at the *user* sampling rate, is
 a guarantee for every user, whatever the number of their examples.
 
 How: every trainable parameter's per-example gradient is instantiated
-(:func:`dpft.norms.instantiate`; the flat lane of DP-BiTFiT already holds it)
+(:func:`dpft.clip.norms.instantiate`; the flat lane of DP-BiTFiT already holds it)
 and scatter-added into a per-user accumulator of shape ``(users, *shape)``
 right after each backward pass.  A user's examples may therefore be spread
 over any number of physical batches of the step.  Memory: one float32 (or
@@ -32,10 +32,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .clipping import clip_factors
-from .norms import acc_dtype_of, instantiate, row_sq_norms
+from .clip.functions import clip_factors
+from .clip.norms import acc_dtype_of, instantiate, row_sq_norms
 from .precision import full_fp32
-from .privatize import ClippedSum
+from .clip.clipped_sum import ClippedSum
 from .rows import can_compact, restrict
 from .options import PRIVACY_UNITS  # noqa: F401 (the vocabulary lives in dpft.options)
 from .rules.base import Contribution, Factored
@@ -64,7 +64,7 @@ def as_unit_list(units: Any) -> list[Hashable]:
 
 
 class UserClippedSum(ClippedSum):
-    """:class:`dpft.privatize.ClippedSum` whose clipping unit is a user.
+    """:class:`dpft.clip.clipped_sum.ClippedSum` whose clipping unit is a user.
 
     :meth:`add` (one call per backward pass) scatter-adds the per-example
     gradients into per-user accumulators; :meth:`finalize` (once, at the

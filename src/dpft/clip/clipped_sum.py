@@ -17,12 +17,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import batched
-from .clipping import clip_factors
+from . import stacked
+from .functions import clip_factors
 from .norms import HALF, HALF_SHRINK, GramCache, acc_dtype_of, cast, row_sq_norms, sq_norm, weighted_sum
-from .precision import full_fp32
-from .rows import RowMask, can_compact, restrict
-from .rules.base import Contribution, Direct, Factored, Instantiated
+from ..precision import full_fp32
+from ..rows import RowMask, can_compact, restrict
+from ..rules.base import Contribution, Direct, Factored, Instantiated
 
 
 def _on(t: Tensor, device: torch.device) -> Tensor:
@@ -233,11 +233,11 @@ class ClippedSum:
             flats.append((names, flat, col_group, owned))
 
         # same-shaped plain layers (not row-restricted): batched norms, stacked factors
-        stacks: list[tuple[batched.Stack, list[int]]] = []
+        stacks: list[tuple[stacked.Stack, list[int]]] = []
         plain = [k for k in factored if k not in self.row_masks]
-        for names in batched.plan(contributions, plain, self.mode):
+        for names in stacked.plan(contributions, plain, self.mode):
             acc = acc_dtype_of(self.params[names[0]].dtype)
-            for stack, sq_stack in batched.norms(contributions, names, acc):
+            for stack, sq_stack in stacked.norms(contributions, names, acc):
                 gis = [self.group_of[k] for k in stack.names]
                 parts.extend(_on(cast(sq_stack, norm_dtype), device).unbind(0))
                 part_groups.extend(gis)
@@ -300,7 +300,7 @@ class ClippedSum:
                 if idx is None:  # made once (a host-to-device copy would wait for the stream)
                     idx = self._part_index[key] = torch.tensor(gis, dtype=torch.long).to(weights.device)
                 w = _on(weights.t()[idx], p.device)
-            totals = batched.weighted(stack, w, acc_dtype_of(p.dtype), HALF_SHRINK)
+            totals = stacked.weighted(stack, w, acc_dtype_of(p.dtype), HALF_SHRINK)
             for k, total in zip(stack.names, totals):
                 self._accumulate(k, total)
         stacks.clear()
@@ -340,15 +340,15 @@ class ClippedSum:
         """``(B, K)`` per-group squared norms from per-column ``(B,)`` parts."""
         if not parts:
             return sq_cols if sq_cols is not None else torch.zeros(batch_size, self.num_groups, dtype=dtype, device=device)
-        stacked = torch.stack(parts, dim=1) if len(parts) > 1 else parts[0].unsqueeze(1)
+        columns = torch.stack(parts, dim=1) if len(parts) > 1 else parts[0].unsqueeze(1)
         if self.num_groups == 1:
-            sq = stacked.sum(1, keepdim=True) if len(parts) > 1 else stacked
+            sq = columns.sum(1, keepdim=True) if len(parts) > 1 else columns
         else:
             key = tuple(part_groups)
             idx = self._part_index.get((key, device))
             if idx is None:
                 idx = self._part_index[(key, device)] = torch.tensor(part_groups, dtype=torch.long).to(device)
-            sq = torch.zeros(batch_size, self.num_groups, dtype=dtype, device=device).index_add_(1, idx, stacked)
+            sq = torch.zeros(batch_size, self.num_groups, dtype=dtype, device=device).index_add_(1, idx, columns)
         return sq + sq_cols if sq_cols is not None else sq
 
     def _accumulate(self, k: str, value: Tensor) -> None:

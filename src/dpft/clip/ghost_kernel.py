@@ -22,9 +22,8 @@ the accuracy of an IEEE float32 product (the dropped low*low term is
 matrices; plain TF32 (one product) is ~1e-3 off and is never used for
 norms (see :mod:`dpft.precision`).
 
-On an H100 it takes 0.42-0.72x the time of the cuBLAS path wherever it is
-used (B = 32 at T = 100 / 197 / 256: about 0.69 / 0.49 / 0.5x; ``python -m
-benchmarks.ghost_probe``).  It is used for float32 factors on CUDA where
+Where it is used it is faster than the cuBLAS path (the measured times are
+in :data:`dpft.clip.tuning.MEASURED`; ``python -m benchmarks.ghost_probe``).  It is used for float32 factors on CUDA where
 the work fills the GPU (:func:`usable`) and Triton is importable;
 everything else (CPU, float64, half-precision factors, small batches of
 wide layers) keeps the cuBLAS path.
@@ -39,25 +38,7 @@ import warnings
 import torch
 from torch import Tensor
 
-#: whether the fused kernel is used at all (``benchmarks.ab_step``'s
-#: ``nofused`` variant switches it off)
-ENABLED = True
-
-#: with fewer programs (examples x tile pairs) than this the GPU is mostly
-#: idle and each program's pass over the columns is long: cuBLAS is faster
-#: there for wide layers (H100: B = 8, T = 100, 768 + 3072 columns: 24
-#: programs, 108 us against 84 us; B = 32, T = 64, same widths: 32 programs,
-#: 109 against 171 us) ...
-MIN_PROGRAMS = 32
-#: ... while for layers with at most this many columns (input plus output
-#: gradient) the fused kernel wins even with few programs (B = 8, T = 64,
-#: 768 + 768 columns: 8 programs, 48 against 69 us)
-NARROW_COLUMNS = 2048
-
-#: tile of positions, slice of columns per step, warps and pipeline stages
-#: (measured on an H100 over ViT / RoBERTa / GPT-2 shapes: see the module doc)
-BLOCK_T, BLOCK_K, WARPS, STAGES = 64, 32, 4, 4
-
+from . import tuning
 
 @functools.cache
 def _kernel():  # pragma: no cover - needs a CUDA device and Triton
@@ -113,16 +94,16 @@ def pays(examples: int, positions: int, columns: int) -> bool:
     examples of ``positions`` positions and ``columns`` columns (input plus
     output gradient): it runs one program per example and tile pair, and
     loses where few programs each make a long pass over many columns."""
-    tiles = -(-positions // BLOCK_T)
-    return examples * tiles * (tiles + 1) // 2 >= MIN_PROGRAMS or columns <= NARROW_COLUMNS
+    tiles = -(-positions // tuning.BLOCK_T)
+    return examples * tiles * (tiles + 1) // 2 >= tuning.MIN_PROGRAMS or columns <= tuning.NARROW_COLUMNS
 
 
 def usable(left: Tensor, right: Tensor, dtype: torch.dtype) -> bool:
     """Whether :func:`ghost_sq_norm` applies and pays: float32 ``(B, T, k)``
     factors on CUDA with unit stride along ``k``, float32 accumulation, enough
-    work to spread over the GPU (:data:`MIN_PROGRAMS`, :data:`NARROW_COLUMNS`),
+    work to spread over the GPU (:data:`~dpft.clip.tuning.MIN_PROGRAMS`, :data:`~dpft.clip.tuning.NARROW_COLUMNS`),
     a GPU with TF32 tensor cores, and Triton available and working."""
-    if not (ENABLED and _WORKS is not False and left.is_cuda and left.dim() == 3 and right.dim() == 3):
+    if not (tuning.FUSED_KERNEL and _WORKS is not False and left.is_cuda and left.dim() == 3 and right.dim() == 3):
         return False
     n, t = left.shape[:2]
     return (
@@ -183,7 +164,7 @@ def ghost_sq_norm(left: Tensor, right: Tensor) -> Tensor | None:
     global _WORKS
     n, t, d = left.shape
     p = right.shape[2]
-    tiles = -(-t // BLOCK_T)
+    tiles = -(-t // tuning.BLOCK_T)
     rows, cols = _pairs(tiles, left.device)
     n_pairs = rows.numel()
     out = torch.empty(n, n_pairs, device=left.device, dtype=torch.float32)
@@ -194,7 +175,7 @@ def ghost_sq_norm(left: Tensor, right: Tensor) -> Tensor | None:
             _kernel()[(n_pairs, n)](
                 left, right, rows, cols, out, t, d, p,
                 left.stride(0), left.stride(1), right.stride(0), right.stride(1), n_pairs,
-                BT=BLOCK_T, BK=BLOCK_K, num_warps=WARPS, num_stages=STAGES,
+                BT=tuning.BLOCK_T, BK=tuning.BLOCK_K, num_warps=tuning.WARPS, num_stages=tuning.STAGES,
             )
     except torch.OutOfMemoryError:
         raise

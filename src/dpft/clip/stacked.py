@@ -18,37 +18,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import ghost_kernel
-from .norms import GHOST_BLOCK, HALF, bmm_acc, is_plain, prefer_ghost, scale_thinner
-from .rules.base import Contribution, Factored
-
-#: largest memory (bytes) of one chunk's stacked factors and Gram matrices;
-#: twice this for half-precision factors (as many values per chunk as in
-#: float32, and half as many kernel launches on steps bound by the host:
-#: ViT-base bf16 at B = 32 gained 4 % on an H100)
-CHUNK_BYTES = 1 << 28
-
+from . import ghost_kernel, tuning
+from .norms import HALF, bmm_acc, is_plain, prefer_ghost, scale_thinner
+from ..rules.base import Contribution, Factored
 
 def _chunk_bytes(c: Factored) -> int:
-    return CHUNK_BYTES * (2 if c.left.dtype in HALF else 1)  # type: ignore[union-attr]
-
-#: layers doing more multiply-adds than this per step (norm + clipped sum;
-#: float32 counted 32x: no tensor cores without TF32) keep the GPU busy longer
-#: than their kernel launches take: they are processed one by one, saving
-#: the copy into the stack.  Measured on an H100 (benchmarks/ab_step.py):
-#: bf16 BERT/GPT-2/ViT-base at B = 32 and float32 at B = 8, T = 128 gain
-#: 10-50 % from batching; float32 at B = 32 does not.  Half precision up to
-#: 2^37 (4x the float32 bound): a 1B Llama's MLP projections at B = 8, T = 256
-#: gain ~8 % from batching on a step bound by the host.
-BATCH_MACS = 1 << 37
-
-
-#: half-precision products over a number of positions that is not a multiple
-#: of this run on slow tensor-core kernels (H100, bf16, B = 32, 3072 columns:
-#: a Gram matrix over 197 positions takes 174 us, over 200 positions 24 us):
-#: stacked factors of half-precision layers get zero rows up to a multiple
-ALIGN_POSITIONS = 8
-
+    return tuning.CHUNK_BYTES * (2 if c.left.dtype in HALF else 1)  # type: ignore[union-attr]
 
 def _stack(factors: list[Tensor], rows: int) -> Tensor:
     """``P`` factors ``(B, T, 1, k)`` -> ``(P, B, rows, k)``, one copy; the
@@ -66,7 +41,7 @@ def _stack(factors: list[Tensor], rows: int) -> Tensor:
 class Stack:
     """The factors of ``names`` stacked: ``left`` ``(P, B, T, p)``, ``right``
     ``(P, B, T, d)`` (half precision: ``T`` padded with zero positions, see
-    :data:`ALIGN_POSITIONS`)."""
+    :data:`~dpft.clip.tuning.ALIGN_POSITIONS`)."""
 
     names: list[str]
     shapes: list[torch.Size]
@@ -90,7 +65,7 @@ def work(c: Factored) -> int:
 
 def plan(contributions: dict[str, list[Contribution]], names: list[str], mode: str) -> list[list[str]]:
     """Groups (of two or more) of ``names`` whose norms are ghost norms of
-    plain contributions (:func:`dpft.norms.is_plain`) of one shape and dtype."""
+    plain contributions (:func:`dpft.clip.norms.is_plain`) of one shape and dtype."""
     if mode not in ("ghost", "mixed"):
         return []
     groups: dict[tuple, list[str]] = {}
@@ -107,10 +82,10 @@ def plan(contributions: dict[str, list[Contribution]], names: list[str], mode: s
             n, t = c.right.shape[:2]
             ok = eligible[key] = (
                 c.left.shape[0] == n
-                and n * t * t <= GHOST_BLOCK
+                and n * t * t <= tuning.GHOST_BLOCK
                 and (mode == "ghost" or prefer_ghost([c]))
                 and _bytes(c) * 2 <= _chunk_bytes(c)
-                and work(c) <= BATCH_MACS
+                and work(c) <= tuning.BATCH_MACS
             )
         if ok:
             groups.setdefault(key, []).append(k)
@@ -138,7 +113,7 @@ def norms(
         chunk = names[start : start + per_chunk]
         cs = [contributions.pop(k)[0] for k in chunk]
         t = cs[0].right.shape[1]
-        rows = -(-t // ALIGN_POSITIONS) * ALIGN_POSITIONS if cs[0].left.dtype in HALF else t  # type: ignore[union-attr]
+        rows = -(-t // tuning.ALIGN_POSITIONS) * tuning.ALIGN_POSITIONS if cs[0].left.dtype in HALF else t  # type: ignore[union-attr]
         left = _stack([c.left for c in cs], rows)  # type: ignore[misc]  # (P, B, T, p)
         right = _stack([c.right for c in cs], rows)
         shapes = [c.shape for c in cs]
@@ -160,7 +135,7 @@ def weighted(stack: Stack, weights: Tensor, dtype: torch.dtype, shrink: float) -
     ``(P, B)`` (or ``(B,)``, shared) clip weights: one scaling and one batched
     matrix product.  Half-precision factors are scaled in float32 with the
     weights shrunk by ``shrink`` and rounded to nearest on store (see
-    :func:`dpft.norms.weighted_sum`)."""
+    :func:`dpft.clip.norms.weighted_sum`)."""
     left, right = stack.left, stack.right
     p, n, t = left.shape[:3]
     half = left.dtype in HALF and right.dtype == left.dtype

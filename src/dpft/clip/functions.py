@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
 from torch import Tensor
 
-from .options import CLIPPING_FNS, CLIPPING_STYLES  # noqa: F401 (the vocabulary lives in dpft.options)
+from ..options import CLIPPING_FNS, CLIPPING_STYLES  # noqa: F401 (the vocabulary lives in dpft.options)
 
 AUTOMATIC_GAMMA = 0.01
 

@@ -63,10 +63,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["CHUNK", "SECURE_DRAWS", "GaussianNoise"]
+from . import tuning
 
-#: largest number of noise values :meth:`GaussianNoise.add_` draws at once (64 MiB of float32)
-CHUNK = 1 << 24
+__all__ = ["SECURE_DRAWS", "GaussianNoise"]
 
 #: independent draws summed for one noise value in secure mode (``2n`` with ``n = 2``)
 SECURE_DRAWS = 4
@@ -267,7 +266,7 @@ class GaussianNoise:
 
     def add_(self, tensors: Sequence[Tensor], alpha: float, divide: int = 1) -> None:
         """``t = (t + alpha * z) / divide`` with fresh ``z ~ N(0, I)`` for every
-        tensor, drawn in chunks of at most :data:`CHUNK` values: never one
+        tensor, drawn in chunks of at most :data:`~dpft.clip.tuning.NOISE_CHUNK` values: never one
         buffer as large as all the tensors together (for a fully trained model
         that would be one more copy of the model at every step).  Contiguous
         tensors larger than a chunk are filled piece by piece.  With
@@ -279,14 +278,15 @@ class GaussianNoise:
         if divide < 1:
             raise ValueError(f"divide must be a positive integer, got {divide}")
         pieces: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        most = tuning.NOISE_CHUNK
         for t in tensors:
-            parts = t.view(-1).split(CHUNK) if t.numel() > CHUNK and t.is_contiguous() else (t,)
+            parts = t.view(-1).split(most) if t.numel() > most and t.is_contiguous() else (t,)
             pieces.setdefault((t.device, t.dtype), []).extend(parts)
         for (device, dtype), ts in pieces.items():
             start = 0
             while start < len(ts):
                 stop, total = start, 0
-                while stop < len(ts) and (stop == start or total + ts[stop].numel() <= CHUNK):
+                while stop < len(ts) and (stop == start or total + ts[stop].numel() <= most):
                     total += ts[stop].numel()
                     stop += 1
                 chunk = ts[start:stop]

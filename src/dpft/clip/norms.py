@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import ghost_kernel
-from .ops import bmm_acc, cast
-from .rules.base import HALF, Contribution, Direct, Factored
+from . import ghost_kernel, tuning
+from ..ops import bmm_acc, cast
+from ..rules.base import HALF, Contribution, Direct, Factored
 
 
 def acc_dtype_of(param_dtype: torch.dtype) -> torch.dtype:
@@ -76,10 +76,6 @@ def _gram(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
     return bmm_acc(xt, yt, dtype).view(n, g, tx, ty)
 
 
-#: largest Gram block (elements) built at once; longer sequences are processed in row chunks
-GHOST_BLOCK = 1 << 25
-
-
 def _rows(c: Factored, start: int, stop: int) -> Factored:
     """The positions ``start:stop`` of a contribution (a row block of its Gram matrices)."""
     return Factored(
@@ -93,10 +89,10 @@ def _rows(c: Factored, start: int, stop: int) -> Factored:
 
 def _ghost_pair(u: Factored, v: Factored, dtype: torch.dtype) -> Tensor:
     """``sum_{t,s} <L_t, L_s> <R_t, R_s>`` per example; the ``(B, G, Tu, Tv)``
-    Gram matrices are built in row blocks of at most ``GHOST_BLOCK`` elements."""
+    Gram matrices are built in row blocks of at most :data:`~dpft.clip.tuning.GHOST_BLOCK` elements."""
     n, tu, g = u.right.shape[:3]
     tv = v.right.shape[1]
-    step = max(1, GHOST_BLOCK // max(1, n * g * tv))
+    step = max(1, tuning.GHOST_BLOCK // max(1, n * g * tv))
     total = None
     for start in range(0, tu, step):
         ub = _rows(u, start, min(tu, start + step)) if step < tu else u
@@ -153,7 +149,7 @@ class GramCache:
 
 def _fused(c: Factored, dtype: torch.dtype, grams: GramCache | None) -> Tensor | None:
     """``||G_i||^2`` of one plain contribution in one fused kernel
-    (:mod:`dpft.ghost_kernel`) where that applies and neither of its Gram
+    (:mod:`dpft.clip.ghost_kernel`) where that applies and neither of its Gram
     matrices is shared with another layer; None otherwise.  No ``T x T``
     matrix is built, so any sequence length fits in memory."""
     left = c.left.reshape(c.left.shape[0], c.left.shape[1], c.left.shape[3])  # type: ignore[union-attr]
@@ -191,28 +187,12 @@ def prefer_ghost(contribs: list[Factored]) -> bool:
     return 2 * t * t < c0.rows * c0.cols * c0.groups
 
 
-#: flops per byte of memory traffic at which a GPU's matrix units and its
-#: memory are about equally busy (H100: ~60 TFLOP/s float32 without tensor
-#: cores against ~3.3 TB/s; half-precision tensor cores are ~15x faster)
-FLOPS_PER_BYTE = {"float": 20.0, "half": 300.0}
-
-
-#: how much larger than the factors it frees a per-example gradient built by
-#: book-keeping's instantiation rule may be
-INSTANTIATE_MEMORY = 2.0
-
-#: a Gram matrix's rows and columns are computed in tiles of this many
-#: positions: cuBLAS's float32 product ``X X^T`` over T = 197 positions takes
-#: as long as over 256 (measured on an H100, B = 32, 768 columns: 78 us both)
-GRAM_TILE = 64
-
-
 def instantiation_fits(c: Factored, kept: int = 0) -> bool:
-    """Whether the per-example gradient is at most :data:`INSTANTIATE_MEMORY`
+    """Whether the per-example gradient is at most :data:`~dpft.clip.tuning.INSTANTIATE_MEMORY`
     times the values it frees: the layer's factors (:attr:`Factored.held`,
     per example) less ``kept``, the values per example of an input that other
     layers keep (query/key/value projections all read theirs)."""
-    return c.rows * c.cols * c.groups <= INSTANTIATE_MEMORY * (c.held - kept)
+    return c.rows * c.cols * c.groups <= tuning.INSTANTIATE_MEMORY * (c.held - kept)
 
 
 def instantiation_frees(c: Factored, dtype: torch.dtype) -> bool:
@@ -232,7 +212,7 @@ def instantiation_pays(c: Factored, kept: int = 0) -> bool:
     and reading ``B*P*D`` float32 values (written once, read by the norm and
     by the weighted sum); the ghost norm costs the Gram matrices,
     ``2 T^2 (P + D)`` flops per example, with ``T`` beyond one tile rounded
-    up to whole tiles (:data:`GRAM_TILE`).  Instantiate when the Gram matrices
+    up to whole tiles (:data:`~dpft.clip.tuning.GRAM_TILE`).  Instantiate when the Gram matrices
     take longer and :func:`instantiation_fits` (for a Linear layer that reads
     its own input: ``P*D <= 2 T*(P + D)``).  The per-example gradients of the
     layers instantiated this way are kept to the end of the backward pass,
@@ -242,8 +222,9 @@ def instantiation_pays(c: Factored, kept: int = 0) -> bool:
     if not instantiation_fits(c, kept):
         return False
     t, p, d = c.positions, c.rows, c.cols  # per group (the group count cancels out)
-    rate = FLOPS_PER_BYTE["half" if c.factor_dtype in HALF else "float"]
-    tiled = -(-t // GRAM_TILE) * GRAM_TILE if t > GRAM_TILE else t  # (small products: smaller tiles)
+    rate = tuning.FLOPS_PER_BYTE["half" if c.factor_dtype in HALF else "float"]
+    tile = tuning.GRAM_TILE
+    tiled = -(-t // tile) * tile if t > tile else t  # (small products: smaller tiles)
     return 2 * tiled * tiled * (p + d) > rate * 12 * p * d
 
 
@@ -269,7 +250,7 @@ def sq_norm(
             fused = _fused(c0, dtype, grams)
             if fused is not None:
                 return fused, None
-            if c0.right.shape[0] * c0.positions**2 <= GHOST_BLOCK:
+            if c0.right.shape[0] * c0.positions**2 <= tuning.GHOST_BLOCK:
                 return _ghost_plain(c0, dtype, grams), None
         sq = ghost_sq_norm(factored, dtype)
         for c in factored:
