@@ -193,3 +193,30 @@ def test_public_names_resolve(name):
     module = importlib.import_module(name)
     missing = [n for n in module.__all__ if not hasattr(module, n)]
     assert not missing, f"{name}.__all__ names missing attributes: {missing}"
+
+
+#: old module paths (before the stages became packages) -> their home now
+OLD_PATHS = {
+    "dpft.norms": "dpft.clip.norms",
+    "dpft.noise": "dpft.clip.noise",
+    "dpft.clipping": "dpft.clip.functions",
+    "dpft.batched": "dpft.clip.stacked",
+    "dpft.ghost_kernel": "dpft.clip.ghost_kernel",
+    "dpft.privatize": "dpft.clip.clipped_sum",
+}
+
+
+@pytest.mark.parametrize("old", sorted(OLD_PATHS))
+def test_old_module_paths_are_the_new_modules(old):
+    """``import dpft.norms`` still works and is the very module ``dpft.clip.norms`` (so that
+    ``dpft.norms.X`` and a patch of it reach the code that runs)."""
+    import importlib
+
+    assert importlib.import_module(old) is importlib.import_module(OLD_PATHS[old])
+
+
+def test_capture_keeps_its_names():
+    from dpft.capture import BatchNormError, Capture, UnsupportedModuleError, is_dtensor, plan_model  # noqa: F401
+    from dpft.capture.hooks import Capture as C
+
+    assert Capture is C
