@@ -42,7 +42,7 @@ from .rules.base import Contribution
 from .options import ACCOUNTANTS, CLIPPING_FNS, CLIPPING_MODES, CLIPPING_STYLES, EngineOptions  # noqa: F401 (re-exported)
 from .options import LOSS_REDUCTIONS, ON_BUDGET, PRIVACY_UNITS  # noqa: F401 (re-exported)
 from .options import bad as _bad
-from .units import UserClippedSum
+from .clip.units import UserClippedSum
 
 
 class PrivacyEngine:
@@ -103,7 +103,7 @@ class PrivacyEngine:
             labelled as such (:attr:`epsilon_caveat`).
         privacy_unit: ``"example"`` (default: epsilon protects one example)
             or ``"user"`` (epsilon protects all the examples of one user:
-            :mod:`dpft.units`).  At user level ``batch_size`` is the expected
+            :mod:`dpft.clip.units`).  At user level ``batch_size`` is the expected
             number of *users* per step and ``sample_size`` the number of
             users, so ``sample_rate`` is the user sampling rate; call
             :meth:`set_units` with the user id of every example before each

@@ -32,13 +32,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .clip.functions import clip_factors
-from .clip.norms import acc_dtype_of, instantiate, row_sq_norms
-from .precision import full_fp32
-from .clip.clipped_sum import ClippedSum
-from .rows import can_compact, restrict
-from .options import PRIVACY_UNITS  # noqa: F401 (the vocabulary lives in dpft.options)
-from .rules.base import Contribution, Factored
+from ..options import PRIVACY_UNITS  # noqa: F401 (the vocabulary lives in dpft.options)
+from ..precision import full_fp32
+from ..rows import can_compact, restrict
+from ..rules.base import Contribution, Factored
+from .clipped_sum import ClippedSum
+from .functions import clip_factors
+from .norms import acc_dtype_of, instantiate, row_sq_norms
 
 
 def as_unit_list(units: Any) -> list[Hashable]:
