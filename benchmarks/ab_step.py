@@ -187,7 +187,7 @@ def main() -> None:
                                                         steps=10**5, noise_multiplier=1.0, clipping_mode="auto")
                             engine.attach(opt)
 
-                        def step():
+                        def step(wl=wl):
                             with amp():
                                 loss = wl.loss(wl.logits())
                             loss.backward()

@@ -46,7 +46,7 @@ def main() -> None:
             row = []
             for t in positions:
                 x = torch.randn(n, t, k, device="cuda", dtype=dtype)
-                row.append(f"T={t}: {_time_us(lambda: torch.bmm(x, x.mT, **kw)):.0f}")
+                row.append(f"T={t}: {_time_us(lambda x=x: torch.bmm(x, x.mT, **kw)):.0f}")
                 del x
             print(f"{str(dtype).removeprefix('torch.')} B={n} k={k} | " + " | ".join(row), flush=True)
 

@@ -16,7 +16,7 @@ from reference import check_model, dpft_update
 import dpft
 import dpft.clip.norms
 import dpft.clip.tuning
-from dpft.rules.base import Direct, Factored, Instantiated
+from dpft.rules.base import Direct, Factored
 
 B = 6
 
@@ -748,7 +748,6 @@ def test_lane_parameters_skip_autograd_after_the_check_passes(mode, subset):
     model = M().double()
     if subset == "bitfit":
         dpft.bitfit(model)
-    lane = {n: p for n, p in model.named_parameters() if p.requires_grad and (n.endswith("bias") or n.startswith(("ln.", "gn.")))}
     autograd_calls = []
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     ref = copy.deepcopy(model)  # the brute force runs on a copy without the engine's hooks

@@ -25,8 +25,11 @@ def test_override_reaches_the_clipping_code_and_restores():
     """The clipping code reads the table when it runs: a value set through
     the switch changes what it does, and the old value is back afterwards."""
     g = torch.Generator().manual_seed(0)
-    c = Factored(left=torch.randn(3, 40, 1, 5, generator=g, dtype=torch.float64),
-                 right=torch.randn(3, 40, 1, 4, generator=g, dtype=torch.float64), shape=torch.Size([5, 4]))
+    c = Factored(
+        left=torch.randn(3, 40, 1, 5, generator=g, dtype=torch.float64),
+        right=torch.randn(3, 40, 1, 4, generator=g, dtype=torch.float64),
+        shape=torch.Size([5, 4]),
+    )
     want = norms.instantiate(c, torch.float64).flatten(1).pow(2).sum(1)
     calls = []
     real = norms._rows

@@ -51,8 +51,7 @@ class Topology:
         return self.world_size > 1 or bool(self.sharded)
 
 
-def topology(params: Mapping[str, nn.Parameter], group: Any, distributed: bool | None,
-             restricted: bool) -> Topology:
+def topology(params: Mapping[str, nn.Parameter], group: Any, distributed: bool | None, restricted: bool) -> Topology:
     """Check the layout and find the ranks: ``group`` is DDP's process group
     (or ``None``), ``distributed`` the engine's argument, ``restricted``
     whether some parameters are row-restricted (SPARTA)."""
@@ -91,8 +90,14 @@ def any_rank(flag: Tensor | None, device: torch.device, group: Any) -> Tensor:
     return t
 
 
-def reduce_noisy_sums(totals: Mapping[str, Tensor], params: Mapping[str, nn.Parameter], topo: Topology,
-                      noise: Any, sigma_r: float, batch_size: int) -> None:
+def reduce_noisy_sums(
+    totals: Mapping[str, Tensor],
+    params: Mapping[str, nn.Parameter],
+    topo: Topology,
+    noise: Any,
+    sigma_r: float,
+    batch_size: int,
+) -> None:
     """Write ``(sum over ranks of the clipped sums + sigma R z) / B`` into
     ``p.grad`` of every parameter (this rank's shard of it where sharded)."""
     sharded = set(topo.sharded)

@@ -47,8 +47,16 @@ class PhasePlan:
             still stops the run at ``target_epsilon``).
     """
 
-    def __init__(self, *, batch_size: int, sample_size: int, steps: Mapping[str, int], target_epsilon: float,
-                 options: EngineOptions | None = None, noise_multiplier: float | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        batch_size: int,
+        sample_size: int,
+        steps: Mapping[str, int],
+        target_epsilon: float,
+        options: EngineOptions | None = None,
+        noise_multiplier: float | None = None,
+    ) -> None:
         options = options if options is not None else EngineOptions()
         delta = options.target_delta
         self.options = options.replace(target_delta=accounting.default_delta(sample_size) if delta is None else delta)
@@ -61,8 +69,11 @@ class PhasePlan:
             self.noise_multiplier = float(noise_multiplier)
         else:
             self.noise_multiplier = accounting.noise_multiplier(
-                target_epsilon=self.target_epsilon, sample_rate=self.sample_rate, steps=sum(self.steps.values()),
-                delta=self.target_delta, accountant=self.accountant,
+                target_epsilon=self.target_epsilon,
+                sample_rate=self.sample_rate,
+                steps=sum(self.steps.values()),
+                delta=self.target_delta,
+                accountant=self.accountant,
             )
         self.ledger = accounting.Ledger()
 
@@ -85,9 +96,15 @@ class PhasePlan:
         changes = {k: v for k, v in kwargs.items() if k in OPTION_FIELDS}
         rest = {k: v for k, v in kwargs.items() if k not in OPTION_FIELDS}
         return PrivacyEngine(
-            model, batch_size=self.batch_size, sample_size=self.sample_size, steps=max(1, self.steps[phase]),
-            noise_multiplier=self.noise_multiplier, epsilon_budget=self.target_epsilon, ledger=self.ledger,
-            options=self.options.replace(**changes), **rest,
+            model,
+            batch_size=self.batch_size,
+            sample_size=self.sample_size,
+            steps=max(1, self.steps[phase]),
+            noise_multiplier=self.noise_multiplier,
+            epsilon_budget=self.target_epsilon,
+            ledger=self.ledger,
+            options=self.options.replace(**changes),
+            **rest,
         )
 
     @property
