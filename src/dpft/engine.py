@@ -12,6 +12,12 @@ applies the privatized gradient ``(sum_i c_i g_i + sigma R z) / B`` to every
 trainable parameter (``B`` = the expected logical batch size ``batch_size``).
 Several ``backward()`` calls before one ``step()`` accumulate (gradient
 accumulation / physical batches); noise is added once per ``step()``.
+
+The stages live beside it: the hooks in :mod:`dpft.capture`, the per-layer
+rules in :mod:`dpft.rules`, norms, clipped sums and noise in :mod:`dpft.clip`,
+the ranks and the reduce of the noisy sums in :mod:`dpft.distributed`, the
+ledger and the budget guard in :mod:`dpft.accounting`.  A step is: the budget
+guard, the non-finite check, the sampling check, privatize, the optimizer's step.
 """
 
 from __future__ import annotations

@@ -6,6 +6,12 @@ gradients are concatenated into one ``(B, total)`` matrix, so norms, clip
 factors and the weighted sum take a handful of kernels however many
 parameters there are.  Factored parameters (weights) are processed one by
 one with the ghost / instantiate choice of ``mode``.
+
+:meth:`ClippedSum.add` runs the stages of one backward pass as named steps:
+``_restrict_rows`` (SPARTA), ``_flat_buckets``, the squared norms
+(``_bucket_norms``, ``_stack_norms`` for same-shaped layers, ``_layer_norms``),
+``_group_sums``, ``_clip_weights`` (and the non-finite count), and the weighted
+sums (``_sum_buckets``, ``_sum_stacks``, ``_sum_layers``).
 """
 
 from __future__ import annotations
@@ -180,14 +186,10 @@ class ClippedSum:
         scale: float,
         lane: tuple[tuple[str, ...], Tensor] | None,
     ) -> None:
-        compact: set[str] = set()
-        for k, rm in self.row_masks.items():
-            if k in contributions:
-                rm = self.row_masks[k] = rm.to(self.params[k].device)
-                cmp = all(can_compact(c, rm) for c in contributions[k])
-                contributions[k] = [restrict(c, rm, cmp)[0] for c in contributions[k]]
-                if cmp:
-                    compact.add(k)
+        """One backward pass, stage by stage: restrict rows, gather flat buckets,
+        per-example norms (flat buckets, stacked layers, the other layers), clip
+        weights, weighted sums (in the same three kinds)."""
+        compact = self._restrict_rows(contributions)
         # norms in float64 if anything trains in float64 (the lane buffer already has that dtype)
         double = lane is not None and lane[1].dtype == torch.float64
         double = double or any(self.params[k].dtype == torch.float64 for k in contributions)
@@ -197,9 +199,42 @@ class ClippedSum:
         # per group at the end (a few kernels in all, not an update per layer)
         parts: list[Tensor] = []
         part_groups: list[int] = []
-        sq_cols: Tensor | None = None  # (B, K) contributions of multi-group flat buckets
+        flats, factored = self._flat_buckets(contributions, batch_size, lane)
+        sq_cols = self._bucket_norms(flats, parts, part_groups, batch_size, norm_dtype, device)
+        stacks = self._stack_norms(contributions, factored, parts, part_groups, norm_dtype, device)
+        if stacks:
+            factored = [k for k in factored if k in contributions]
+        inst = self._layer_norms(contributions, factored, parts, part_groups, norm_dtype, device)
+        sq = self._group_sums(parts, part_groups, sq_cols, batch_size, norm_dtype, device)
+        weights, flats = self._clip_weights(sq, scale, batch_size, flats)
+        columns = weights.unbind(1) if factored or stacks else ()
+        self._sum_buckets(flats, weights)
+        self._sum_stacks(stacks, weights, columns)
+        self._sum_layers(contributions, factored, inst, weights, columns, compact)
+        self.backward_passes += 1
 
-        # Direct-only parameters, concatenated per (device, dtype)
+    def _restrict_rows(self, contributions: dict[str, list[Contribution]]) -> set[str]:
+        """Row-restricted parameters (SPARTA): their contributions cut to the
+        selected rows; returns those whose sums are compact (selected rows only)."""
+        compact: set[str] = set()
+        for k, rm in self.row_masks.items():
+            if k in contributions:
+                rm = self.row_masks[k] = rm.to(self.params[k].device)
+                cmp = all(can_compact(c, rm) for c in contributions[k])
+                contributions[k] = [restrict(c, rm, cmp)[0] for c in contributions[k]]
+                if cmp:
+                    compact.add(k)
+        return compact
+
+    def _flat_buckets(
+        self,
+        contributions: dict[str, list[Contribution]],
+        batch_size: int,
+        lane: tuple[tuple[str, ...], Tensor] | None,
+    ) -> tuple[list[tuple[tuple[str, ...], Tensor, bool]], list[str]]:
+        """The parameters with per-example gradients in hand (the lane, and the
+        Direct-only ones concatenated per (device, dtype)) as ``(names, (B, n)
+        gradients, whether the buffer is ours)``, and the other (factored) ones."""
         direct: dict[tuple, list[str]] = {}
         factored: list[str] = []
         for k, cs in contributions.items():
@@ -208,7 +243,6 @@ class ClippedSum:
                 direct.setdefault((p.device, acc_dtype_of(p.dtype)), []).append(k)
             else:
                 factored.append(k)
-        flats: list[Any] = []  # (names, (B, n) gradients, column groups, whether the buffer is ours)
         buckets: list[tuple[tuple[str, ...], Tensor, bool]] = [(*lane, True)] if lane is not None else []
         for (dev, dtype), name_list in direct.items():
             names = tuple(name_list)
@@ -220,7 +254,22 @@ class ClippedSum:
                     g = g + c.grad
                 cols.append(g.reshape(batch_size, -1).to(dtype))
             buckets.append((names, torch.cat(cols, dim=1), True) if len(cols) > 1 else (names, cols[0], False))
-        for names, flat, owned in buckets:
+        return buckets, factored
+
+    def _bucket_norms(
+        self,
+        buckets: list[tuple[tuple[str, ...], Tensor, bool]],
+        parts: list[Tensor],
+        part_groups: list[int],
+        batch_size: int,
+        norm_dtype: torch.dtype,
+        device: torch.device,
+    ) -> Tensor | None:
+        """Squared norms of the flat buckets: a part per bucket (one group), or
+        the ``(B, K)`` sums of buckets that span several groups (returned).
+        ``buckets`` become ``(names, gradients, column groups, ours)``."""
+        sq_cols: Tensor | None = None
+        for i, (names, flat, owned) in enumerate(buckets):
             col_group = None
             if self.num_groups == 1:
                 parts.append(_on(cast(row_sq_norms(flat), norm_dtype), device))
@@ -230,9 +279,20 @@ class ClippedSum:
                 if sq_cols is None:
                     sq_cols = torch.zeros(batch_size, self.num_groups, dtype=norm_dtype, device=device)
                 sq_cols.index_add_(1, col_group.to(device), flat.pow(2).to(norm_dtype).to(device))
-            flats.append((names, flat, col_group, owned))
+            buckets[i] = (names, flat, col_group, owned)  # type: ignore[call-overload]
+        return sq_cols
 
-        # same-shaped plain layers (not row-restricted): batched norms, stacked factors
+    def _stack_norms(
+        self,
+        contributions: dict[str, list[Contribution]],
+        factored: list[str],
+        parts: list[Tensor],
+        part_groups: list[int],
+        norm_dtype: torch.dtype,
+        device: torch.device,
+    ) -> list[tuple[stacked.Stack, list[int]]]:
+        """Squared norms of same-shaped plain layers (not row-restricted), stacked
+        (:mod:`.stacked`); returns the stacks with each layer's group."""
         stacks: list[tuple[stacked.Stack, list[int]]] = []
         plain = [k for k in factored if k not in self.row_masks]
         for names in stacked.plan(contributions, plain, self.mode):
@@ -242,9 +302,20 @@ class ClippedSum:
                 parts.extend(_on(cast(sq_stack, norm_dtype), device).unbind(0))
                 part_groups.extend(gis)
                 stacks.append((stack, gis))
-        if stacks:
-            factored = [k for k in factored if k in contributions]
+        return stacks
 
+    def _layer_norms(
+        self,
+        contributions: dict[str, list[Contribution]],
+        factored: list[str],
+        parts: list[Tensor],
+        part_groups: list[int],
+        norm_dtype: torch.dtype,
+        device: torch.device,
+    ) -> dict[str, Tensor | None]:
+        """Squared norms of the other factored parameters, one by one (ghost or
+        instantiated, :func:`.norms.sq_norm`); returns the per-example gradients
+        that were instantiated on the way (reused by the weighted sums)."""
         inst: dict[str, Tensor | None] = {}
         grams = GramCache([c for k in factored for c in contributions[k]]) if self.mode != "instantiate" else None
         for k in factored:
@@ -253,8 +324,12 @@ class ClippedSum:
             parts.append(_on(cast(s, norm_dtype), device))
             part_groups.append(self.group_of[k])
             inst[k] = g
-        sq = self._group_sums(parts, part_groups, sq_cols, batch_size, norm_dtype, device)
+        return inst
 
+    def _clip_weights(self, sq: Tensor, scale: float, batch_size: int, flats: list) -> tuple[Tensor, list]:
+        """The ``(B, K)`` clip weights from the per-group squared norms; counts
+        the examples with a non-finite gradient (without a device sync) and,
+        with ``drop_nonfinite``, leaves them out (weight and flat gradients zero)."""
         norms = sq.sqrt() * scale  # (B, K) per-example, per-group norms
         # a non-finite per-example gradient (NaN/Inf loss, overflow) must never
         # reach the parameters: counted here without a device sync; either the
@@ -274,12 +349,11 @@ class ClippedSum:
         if self.drop_nonfinite:
             # a left-out example contributes zero, which any clipped gradient may: the sensitivity is unchanged
             weights = torch.where(finite.unsqueeze(1), weights, 0.0)
-            flats = [(names, _zero_nonfinite(flat, owned), cg) for names, flat, cg, owned in flats]
-        else:
-            flats = [f[:3] for f in flats]
-        shrunk: Tensor | None = None  # weights * HALF_SHRINK, made once if a half-precision sum needs it
-        columns = weights.unbind(1) if factored or stacks else ()
+            return weights, [(names, _zero_nonfinite(flat, owned), cg) for names, flat, cg, owned in flats]
+        return weights, [f[:3] for f in flats]
 
+    def _sum_buckets(self, flats: list, weights: Tensor) -> None:
+        """The weighted sums of the flat buckets (one product each)."""
         for names, flat, col_group in flats:
             w = weights.to(flat.device, flat.dtype)
             if col_group is None:
@@ -290,6 +364,11 @@ class ClippedSum:
                 self.flat[names] += total
             else:
                 self.flat[names] = total
+
+    def _sum_stacks(
+        self, stacks: list[tuple[stacked.Stack, list[int]]], weights: Tensor, columns: Sequence[Tensor]
+    ) -> None:
+        """The weighted sums of the stacked layers; the stacks are let go after."""
         for stack, gis in stacks:
             p = self.params[stack.names[0]]
             if all(g == gis[0] for g in gis):
@@ -304,6 +383,19 @@ class ClippedSum:
             for k, total in zip(stack.names, totals):
                 self._accumulate(k, total)
         stacks.clear()
+
+    def _sum_layers(
+        self,
+        contributions: dict[str, list[Contribution]],
+        factored: list[str],
+        inst: dict[str, Tensor | None],
+        weights: Tensor,
+        columns: Sequence[Tensor],
+        compact: set[str],
+    ) -> None:
+        """The weighted sums of the other layers, one by one; each layer's
+        activations and output gradients are let go once it is summed."""
+        shrunk: Tensor | None = None  # weights * HALF_SHRINK, made once if a half-precision sum needs it
         for k in factored:
             p = self.params[k]
             gi = self.group_of[k]
@@ -326,7 +418,6 @@ class ClippedSum:
                 self.row_sums[k] += rows
             else:
                 self.row_sums[k] = rows
-        self.backward_passes += 1
 
     def _group_sums(
         self,
