@@ -36,17 +36,12 @@ Accountants
     some fractional orders did not converge; it drops those orders, which
     can only make ε larger, never smaller.
 
-Timings (2-core x86 CPU, dp_accounting 0.6.0, one query, measured)
-    PLD over the grid σ∈{0.5,1,2,5}, q∈{0.001,0.01,0.1}, steps∈{10,10³,10⁴}:
-    median 0.13 s, worst 1.1 s (σ=1, q=0.001, 10³–10⁴ steps, where PLD
-    must refine to h = 1e-4); σ=1, q=0.01, 10⁴ steps: 0.18 s; σ=0.5,
-    q=0.1, 10⁴ steps (ε≈783): 0.4 s.  RDP: 0.015–0.07 s.  The grid agrees
-    with dp_accounting at a fine fixed interval within 0.2 % (tests).
-    Calibration (:func:`noise_multiplier`) brackets σ with RDP (whose ε
-    upper-bounds PLD's), then runs regula falsi with PLD: 0.3–1.1 s
-    typically, 4 s for ε=1, q=0.001, 10⁴ steps; RDP 0.1–0.3 s.
-    :class:`Ledger` caches its answers, so repeated queries on an unchanged
-    history take microseconds.
+Cost
+    A query takes a fraction of a second to a few seconds (PLD refines its
+    discretization until two passes agree; measured times in
+    ``docs/benchmarks.md``, "Accounting").  :class:`Ledger` caches its
+    answers, so repeated queries on an unchanged history take microseconds,
+    and :class:`BudgetGuard` asks once for a whole planned horizon.
 """
 
 from __future__ import annotations
