@@ -15,13 +15,13 @@ gradient kernel with the batch folded into the groups), ``unfold``
 (convolution weights through the unfolded input and matrix products only,
 no weight-gradient kernel for the clipped sum),
 ``old`` (all of these, plus hooks added through ``Tensor.register_hook``),
-``rule0`` (book-keeping's instantiation rule with the seventh session's
-constants: ``dpft.norms.INSTANTIATE_MEMORY`` 1.25, no Gram tiles),
+``rule0`` (book-keeping's instantiation rule with ``INSTANTIATE_MEMORY``
+1.25 and no Gram tiles),
 ``chunk512`` (batched layers stacked in chunks of 512 MiB, not 256),
 ``unaligned`` (half-precision stacks not padded to 8 positions),
 ``convlate`` (no convolution weight instantiated
 in its backward hook), ``nofused`` (every float32 ghost norm from cuBLAS's
-Gram matrices, none from the fused kernel of ``dpft.ghost_kernel``),
+Gram matrices, none from the fused kernel of ``dpft.clip.ghost_kernel``),
 ``prev`` (another copy of the library, e.g. the last commit's, importable as
 the package ``dpft_prev`` from ``--prev-src``: ``git archive HEAD src/dpft |
 tar -x -C /tmp/prev && mv /tmp/prev/src/dpft /tmp/prev/dpft_prev``).
@@ -30,6 +30,13 @@ warm-up steps (where the engine's first passes run its self-check).
 ``--bf16`` runs every step under bfloat16 autocast; ``--fused`` uses
 ``torch.optim.SGD(fused=True)`` for every variant.  Development tool;
 published numbers come from ``benchmarks.speed``.
+
+Variants that try other tuning values (``rule0``, ``chunk512``, ``unaligned``,
+``nofused``) name them under ``tuning``: they run inside
+``dpft.clip.tuning.override(**tuning)``, the one switch for those values
+(:mod:`dpft.clip.tuning` lists every one and where it was measured).  The
+others swap a piece of code for an older one (the non-finite check, the hook
+installation, the convolution rule) and say so under their own keys.
 """
 
 from __future__ import annotations
@@ -44,15 +51,14 @@ import time
 import torch
 
 import dpft
-import dpft.capture
-import dpft.batched
-import dpft.norms
-import dpft.privatize
+import dpft.capture.hooks
+import dpft.clip.clipped_sum
 import dpft.rules.conv
 from benchmarks.models import build_for_method
+from dpft.clip import tuning
 
-_ORIG_HOOK = dpft.capture._add_grad_hook
-_ORIG_FLAG = dpft.privatize.ClippedSum.nonfinite_now
+_ORIG_HOOK = dpft.capture.hooks._add_grad_hook
+_ORIG_FLAG = dpft.clip.clipped_sum.ClippedSum.nonfinite_now
 _CONV = dpft.rules.conv.ConvFactored
 _ORIG_CONV = (_CONV.per_example, _CONV.weighted)
 _ORIG_GROUPED = _CONV.grouped_per_example
@@ -74,18 +80,17 @@ VARIANTS = {
     "unfold": dict(sync=False, hook=True, conv=False),
     "old": dict(sync=True, hook=False, conv=False),
     "prev": dict(sync=False, hook=True, conv=True, package="dpft_prev"),
-    "rule0": dict(sync=False, hook=True, conv=True,
-                  patch={"dpft.norms.INSTANTIATE_MEMORY": 1.25, "dpft.norms.GRAM_TILE": 1}),
-    "chunk512": dict(sync=False, hook=True, conv=True, patch={"dpft.batched.CHUNK_BYTES": 1 << 29}),
-    "unaligned": dict(sync=False, hook=True, conv=True, patch={"dpft.batched.ALIGN_POSITIONS": 1}),
+    "rule0": dict(sync=False, hook=True, conv=True, tuning={"INSTANTIATE_MEMORY": 1.25, "GRAM_TILE": 1}),
+    "chunk512": dict(sync=False, hook=True, conv=True, tuning={"CHUNK_BYTES": 1 << 29}),
+    "unaligned": dict(sync=False, hook=True, conv=True, tuning={"ALIGN_POSITIONS": 1}),
     "convlate": dict(sync=False, hook=True, conv=True, patch={"dpft.rules.conv.ConvRule.instantiates_early": False}),
-    "nofused": dict(sync=False, hook=True, conv=True, patch={"dpft.ghost_kernel.ENABLED": False}),
+    "nofused": dict(sync=False, hook=True, conv=True, tuning={"FUSED_KERNEL": False}),
 }
 
 
 def _owner(path: str):
     """The module, or the class inside a module, that ``path`` names
-    (``dpft.norms``, ``dpft.rules.conv.ConvRule``)."""
+    (``dpft.clip.norms``, ``dpft.rules.conv.ConvRule``)."""
     try:
         return importlib.import_module(path)
     except ModuleNotFoundError:
@@ -96,8 +101,8 @@ def _owner(path: str):
 @contextlib.contextmanager
 def variant(v: dict):
     flag = {True: _sync_flag, False: _ORIG_FLAG, "off": _no_flag}[v["sync"]]
-    dpft.privatize.ClippedSum.nonfinite_now = flag
-    dpft.capture._add_grad_hook = _ORIG_HOOK if v["hook"] else (lambda t, fn: t.register_hook(fn))
+    dpft.clip.clipped_sum.ClippedSum.nonfinite_now = flag
+    dpft.capture.hooks._add_grad_hook = _ORIG_HOOK if v["hook"] else (lambda t, fn: t.register_hook(fn))
     _CONV.grouped_per_example = v.get("grouped", False)
     patch = {tuple(k.rsplit(".", 1)): value for k, value in v.get("patch", {}).items()}
     saved = {(mod, attr): getattr(_owner(mod), attr) for mod, attr in patch}
@@ -107,10 +112,11 @@ def variant(v: dict):
         _CONV.per_example = lambda self, dtype: None
         _CONV.weighted = lambda self, weights, dtype: None
     try:
-        yield
+        with tuning.override(**v.get("tuning", {})):
+            yield
     finally:
-        dpft.privatize.ClippedSum.nonfinite_now = _ORIG_FLAG
-        dpft.capture._add_grad_hook = _ORIG_HOOK
+        dpft.clip.clipped_sum.ClippedSum.nonfinite_now = _ORIG_FLAG
+        dpft.capture.hooks._add_grad_hook = _ORIG_HOOK
         _CONV.per_example, _CONV.weighted = _ORIG_CONV
         _CONV.grouped_per_example = _ORIG_GROUPED
         for (mod, attr), value in saved.items():
@@ -181,7 +187,7 @@ def main() -> None:
                                                         steps=10**5, noise_multiplier=1.0, clipping_mode="auto")
                             engine.attach(opt)
 
-                        def step():
+                        def step(wl=wl):
                             with amp():
                                 loss = wl.loss(wl.logits())
                             loss.backward()

@@ -1,6 +1,6 @@
 """Time one layer's float32 ghost norm two ways (CUDA): cuBLAS's two IEEE
-Gram matrices and their product-sum (``dpft.norms._ghost_plain``) against
-the fused upper-triangular tf32x3 kernel (``dpft.ghost_kernel``), with each
+Gram matrices and their product-sum (``dpft.clip.norms._ghost_plain``) against
+the fused upper-triangular tf32x3 kernel (``dpft.clip.ghost_kernel``), with each
 one's largest relative error against float64.
 
     python -m benchmarks.ghost_probe
@@ -13,8 +13,8 @@ import argparse
 import torch
 
 from benchmarks.gram_probe import _time_us
-from dpft import ghost_kernel
-from dpft.norms import _ghost_plain
+from dpft.clip import ghost_kernel
+from dpft.clip.norms import _ghost_plain
 from dpft.rules.base import Factored
 
 #: batch x positions x input columns x output columns: GPT-2 (T = 100),

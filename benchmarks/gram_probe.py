@@ -3,9 +3,9 @@ positions (CUDA).  Shows the two effects its cost rule and its stacking of
 half-precision factors account for:
 
 * float32 (no tensor cores) Gram matrices are computed in tiles: 197
-  positions cost as much as 256 (``dpft.norms.GRAM_TILE``);
+  positions cost as much as 256 (``dpft.clip.tuning.GRAM_TILE``);
 * half-precision Gram matrices over a number of positions that is not a
-  multiple of 8 run on much slower kernels (``dpft.batched.ALIGN_POSITIONS``).
+  multiple of 8 run on much slower kernels (``dpft.clip.tuning.ALIGN_POSITIONS``).
 
     python -m benchmarks.gram_probe
 """
@@ -46,7 +46,7 @@ def main() -> None:
             row = []
             for t in positions:
                 x = torch.randn(n, t, k, device="cuda", dtype=dtype)
-                row.append(f"T={t}: {_time_us(lambda: torch.bmm(x, x.mT, **kw)):.0f}")
+                row.append(f"T={t}: {_time_us(lambda x=x: torch.bmm(x, x.mT, **kw)):.0f}")
                 del x
             print(f"{str(dtype).removeprefix('torch.')} B={n} k={k} | " + " | ".join(row), flush=True)
 

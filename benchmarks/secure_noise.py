@@ -10,7 +10,7 @@ with ``secure_mode`` off and on, in turn (``--rounds`` rounds of ``--steps``
 steps after ``--warmup``, interleaved so that clock drift hits both alike).
 Secure mode changes only the noise: four float64 draws per value from four
 generators, summed and added in float64, then rounded once
-(:mod:`dpft.noise`).  So the noise alone is timed too:
+(:mod:`dpft.clip.noise`).  So the noise alone is timed too:
 ``GaussianNoise.add_`` on tensors shaped like the trainable parameters, one
 draw vs secure.  Reported per (model, method): trainable parameters, median
 step time (ms) without / with secure mode, the overhead (ms and %), the
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 import dpft
-from dpft.noise import GaussianNoise
+from dpft.clip.noise import GaussianNoise
 
 
 def _sync(device: torch.device) -> None:

@@ -84,11 +84,11 @@ def main() -> None:
         row = [f"T={t} p={p} d={d} x{layers}"]
         for name, fn in [("ieee", gram_ieee), ("tf32", gram_tf32), ("split", gram_split),
                          ("split-trunc", lambda x: gram_split(x, False))]:
-            us = _time_us(lambda: (fn(a), fn(g)))
+            us = _time_us(lambda fn=fn, a=a, g=g: (fn(a), fn(g)))
             e1 = ((ghost(a, g, fn).double() - ref).abs() / ref).max().item()
             e2 = ((ghost(a2, g, fn).double() - ref2).abs() / ref2).max().item()
             row.append(f"{name} {us:.0f}us err {e1:.1e}/{e2:.1e}")
-        usplit = _time_us(lambda: (split(a), split(g)))
+        usplit = _time_us(lambda a=a, g=g: (split(a), split(g)))
         row.append(f"(split kernels alone {usplit:.0f}us)")
         print(" | ".join(row), flush=True)
         del a, g, a2
@@ -100,7 +100,7 @@ def main() -> None:
         ref = torch.bmm(u.double(), g.double())
         row = [f"K={k} T={t} D={dd}"]
         for name, fn in [("ieee", pe_ieee), ("split", pe_split)]:
-            us = _time_us(lambda: fn(u, g))
+            us = _time_us(lambda fn=fn, u=u, g=g: fn(u, g))
             out = fn(u, g).double()
             err = ((out - ref).norm(dim=(1, 2)) / ref.norm(dim=(1, 2))).max().item()
             row.append(f"{name} {us:.0f}us err {err:.1e}")

@@ -129,7 +129,7 @@ class SharedInput(nn.Module):
     def __init__(self):
         super().__init__()
         self.inp = nn.Linear(3, 5)
-        # q and k of different shapes: not batched together (see dpft.batched)
+        # q and k of different shapes: not batched together (see dpft.clip.stacked)
         self.q, self.k, self.v = nn.Linear(5, 4), nn.Linear(5, 3), nn.Linear(5, 4, bias=False)
         self.out = nn.Linear(4, 2)
 

@@ -21,7 +21,6 @@ import torch
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 
-from dpft import accounting
 from dpft.accounting import Ledger, PrivacyBudgetExceeded, default_delta, epsilon, noise_multiplier
 
 # dp_accounting's RDP logs non-convergence of some fractional orders at small σ, large q

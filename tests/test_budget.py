@@ -4,8 +4,6 @@ checked against dp-accounting called directly."""
 from __future__ import annotations
 
 import copy
-import math
-import warnings
 
 import dp_accounting
 import pytest

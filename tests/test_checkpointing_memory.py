@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 import dpft
 from dpft.rules import Call
-from reference import check_steps, steps_exact, tensor_batches
+from reference import steps_exact, tensor_batches
 
 
 def _tensors(value, out):

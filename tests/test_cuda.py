@@ -184,7 +184,7 @@ def test_float32_clipped_sum_exact_with_user_tf32_on(mode):
     accuracy (TF32 would be off by ~1e-3), and the setting is restored."""
     from torch import nn
 
-    from dpft.privatize import ClippedSum
+    from dpft.clip.clipped_sum import ClippedSum
     from dpft.rules.base import Factored
 
     mm = torch.backends.cuda.matmul
@@ -251,7 +251,7 @@ def test_switched_off_lane_steps_exact_on_cuda():
 
 
 def _needs_triton():
-    from dpft import ghost_kernel
+    from dpft.clip import ghost_kernel
 
     if not ghost_kernel.triton_ok():
         pytest.skip("Triton is not importable")
@@ -306,7 +306,7 @@ def test_clipped_sum_uses_fused_ghost_norm_exactly(monkeypatch, layout):
     gk = _needs_triton()
     from torch import nn
 
-    from dpft.privatize import ClippedSum
+    from dpft.clip.clipped_sum import ClippedSum
     from dpft.rules.base import Factored
 
     calls = []
@@ -358,7 +358,7 @@ def test_fused_ghost_norm_on_a_device_that_is_not_current():
 
 
 def _cuda_noise(seed, n=4096, **kw):
-    from dpft.noise import GaussianNoise
+    from dpft.clip.noise import GaussianNoise
 
     t = torch.zeros(n, device="cuda")
     GaussianNoise(seed, **kw).add_([t], 1.0)
@@ -381,7 +381,7 @@ def test_cuda_default_generator_is_keyed_and_offset_from_os_entropy(monkeypatch)
 
     import numpy as np
 
-    import dpft.noise
+    import dpft.clip.noise
 
     taken = []
     real = secrets.token_bytes
@@ -391,8 +391,8 @@ def test_cuda_default_generator_is_keyed_and_offset_from_os_entropy(monkeypatch)
         taken.append(b)
         return b
 
-    monkeypatch.setattr(dpft.noise.secrets, "token_bytes", spy)
-    g = dpft.noise.GaussianNoise().generator(torch.device("cuda"))
+    monkeypatch.setattr(dpft.clip.noise.secrets, "token_bytes", spy)
+    g = dpft.clip.noise.GaussianNoise().generator(torch.device("cuda"))
     assert len(taken) == 1 and len(taken[0]) == 16
     w = [int(x) for x in np.frombuffer(taken[0], dtype=np.uint32)]
     key, offset = struct.unpack("<QQ", bytes(g.get_state().numpy()))
@@ -402,7 +402,7 @@ def test_cuda_default_generator_is_keyed_and_offset_from_os_entropy(monkeypatch)
 
 
 def test_cuda_philox_key_and_offset_both_matter():
-    from dpft.noise import philox_state
+    from dpft.clip.noise import philox_state
 
     def draw(key, offset):
         g = torch.Generator(device="cuda")
@@ -417,7 +417,7 @@ def test_cuda_philox_key_and_offset_both_matter():
 
 @pytest.mark.parametrize("secure", [False, True])
 def test_cuda_state_round_trip(secure):
-    from dpft.noise import GaussianNoise
+    from dpft.clip.noise import GaussianNoise
 
     a = GaussianNoise(secure=secure)
     a.add_([torch.zeros(10_000, device="cuda")], 1.0)
@@ -430,7 +430,7 @@ def test_cuda_state_round_trip(secure):
 
 
 def test_cuda_secure_mode_sum_and_single_rounding():
-    from dpft.noise import SECURE_DRAWS, GaussianNoise
+    from dpft.clip.noise import SECURE_DRAWS, GaussianNoise
 
     alpha, divide = 0.9, 16
     t = torch.linspace(-2.0, 2.0, 1_000_000, device="cuda")

@@ -60,18 +60,19 @@ def test_noise_added_and_divided_in_one_pass(divide):
     (noise and division in one pass for ``divide > 1``): over many values,
     ``divide * t' - t`` has mean 0 and standard deviation ``alpha``, and is
     uncorrelated with ``t``; float64 and float32, in several chunks."""
-    import dpft.noise
+    import dpft.clip.noise
+    import dpft.clip.tuning
 
     for dtype in (torch.float64, torch.float32):
-        noise = dpft.noise.GaussianNoise(seed=3)
+        noise = dpft.clip.noise.GaussianNoise(seed=3)
         t = torch.linspace(-50.0, 50.0, 300_000, dtype=dtype)
         parts = [t[:100_000].clone(), t[100_000:].clone().view(100, -1)]
-        old = dpft.noise.CHUNK
-        dpft.noise.CHUNK = 70_000  # several chunks, one tensor filled piece by piece
+        old = dpft.clip.tuning.NOISE_CHUNK
+        dpft.clip.tuning.NOISE_CHUNK = 70_000  # several chunks, one tensor filled piece by piece
         try:
             noise.add_(parts, 0.7, divide=divide)
         finally:
-            dpft.noise.CHUNK = old
+            dpft.clip.tuning.NOISE_CHUNK = old
         z = (torch.cat([parts[0], parts[1].reshape(-1)]) * divide - t).double()
         assert abs(z.mean().item()) < 0.01
         assert abs(z.std().item() / 0.7 - 1) < 0.01
@@ -564,13 +565,13 @@ def test_norms_and_sums_run_without_tf32_and_restore_user_setting(monkeypatch):
     if not (hasattr(mm, "fp32_precision") and hasattr(conv, "fp32_precision")):
         pytest.skip("this PyTorch has no per-backend fp32_precision settings")
     seen = []
-    orig = dpft.norms.bmm_acc
+    orig = dpft.clip.norms.bmm_acc
 
     def spy(x, y, dtype):
         seen.append((mm.fp32_precision, conv.fp32_precision))
         return orig(x, y, dtype)
 
-    monkeypatch.setattr(dpft.norms, "bmm_acc", spy)
+    monkeypatch.setattr(dpft.clip.norms, "bmm_acc", spy)
     old = (mm.fp32_precision, conv.fp32_precision)
     try:
         mm.fp32_precision = "tf32"
@@ -676,16 +677,17 @@ def test_noise_added_in_bounded_chunks(monkeypatch):
     (no model-sized noise buffer), fills every entry (large contiguous tensors
     piece by piece, a large non-contiguous one whole) with fresh N(0, alpha^2)
     values, and is reproducible from the seed."""
-    import dpft.noise
+    import dpft.clip.noise
+    import dpft.clip.tuning
 
-    monkeypatch.setattr(dpft.noise, "CHUNK", 1000)
+    monkeypatch.setattr(dpft.clip.tuning, "NOISE_CHUNK", 1000)
     sizes = []
-    orig = dpft.noise._draw
-    monkeypatch.setattr(dpft.noise, "_draw", lambda n, *a: sizes.append(n) or orig(n, *a))
+    orig = dpft.clip.noise._draw
+    monkeypatch.setattr(dpft.clip.noise, "_draw", lambda n, *a: sizes.append(n) or orig(n, *a))
 
     def draw(seed):
         ts = [torch.zeros(3, 5), torch.zeros(2500), torch.zeros(40, 30).t(), torch.zeros(7), torch.zeros(600)]
-        dpft.noise.GaussianNoise(seed).add_(ts, 2.0)
+        dpft.clip.noise.GaussianNoise(seed).add_(ts, 2.0)
         return ts
 
     sizes.clear()

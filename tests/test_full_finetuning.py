@@ -14,8 +14,9 @@ from layer_zoo import ZOO, collate, loss_fn
 from reference import check_model, dpft_update
 
 import dpft
-import dpft.norms
-from dpft.rules.base import Direct, Factored, Instantiated
+import dpft.clip.norms
+import dpft.clip.tuning
+from dpft.rules.base import Direct, Factored
 
 B = 6
 
@@ -99,20 +100,20 @@ def test_bk_never_instantiates_where_ghost_is_cheaper(monkeypatch):
     model = nn.Sequential(nn.Linear(8, 512), nn.Tanh(), nn.Linear(512, 512), nn.Tanh(), nn.Linear(512, 2))
     x = torch.randn(B, 4, 8)
     called = []
-    real = dpft.norms.instantiate
+    real = dpft.clip.norms.instantiate
 
     def spy(c, dtype):
         if not isinstance(c, Direct):  # (a gradient instantiated during backward is passed on as is)
             called.append(tuple(c.shape))
         return real(c, dtype)
 
-    monkeypatch.setattr(dpft.norms, "instantiate", spy)
+    monkeypatch.setattr(dpft.clip.norms, "instantiate", spy)
     got, _ = dpft_update(model, [x], lambda m, b: m(b).pow(2).mean(), batch_size=B, R=0.1, mode="auto")
     assert (512, 512) not in called
-    monkeypatch.setattr(dpft.norms, "instantiate", real)
+    monkeypatch.setattr(dpft.clip.norms, "instantiate", real)
     called.clear()
     # and instantiate mode does build them (the spy is able to see it)
-    monkeypatch.setattr(dpft.norms, "instantiate", spy)
+    monkeypatch.setattr(dpft.clip.norms, "instantiate", spy)
     dpft_update(copy.deepcopy(model), [x], lambda m, b: m(b).pow(2).mean(), batch_size=B, R=0.1, mode="instantiate")
     assert (512, 512) in called
 
@@ -178,7 +179,7 @@ def test_mha_dropout_in_train_mode_is_consistent():
 
 def test_ghost_norm_in_row_blocks(monkeypatch):
     """Long sequences: the Gram matrices are built in row blocks; same result."""
-    monkeypatch.setattr(dpft.norms, "GHOST_BLOCK", 7)  # force many tiny blocks
+    monkeypatch.setattr(dpft.clip.tuning, "GHOST_BLOCK", 7)  # force many tiny blocks
     for name in ["linear-3d", "embedding-tied", "conv2d"]:
         model = ZOO[name][0]()
         examples = [ZOO[name][1]() for _ in range(B)]
@@ -210,7 +211,7 @@ def test_half_precision_factors_give_exact_norms(device, groups):
     c = _half_factored(device, groups)
     want = _brute(c).pow(2).sum(1)
     for mode in ("ghost", "instantiate"):
-        got, _ = dpft.norms.sq_norm([c], mode, torch.float32)
+        got, _ = dpft.clip.norms.sq_norm([c], mode, torch.float32)
         assert got.dtype == torch.float32
         rel = float(((got.double().cpu() - want).abs() / want).max())
         assert rel < 1e-6, (mode, rel)
@@ -225,7 +226,7 @@ def test_half_precision_weighted_sum_never_exceeds_clip_factor(device):
     c = _half_factored(device)
     g = _brute(c)
     w = torch.rand(g.shape[0], dtype=torch.float64) + 0.1
-    got = dpft.norms.weighted_sum([c], w.to(device), torch.float32).double().cpu().reshape(-1)
+    got = dpft.clip.norms.weighted_sum([c], w.to(device), torch.float32).double().cpu().reshape(-1)
     want = (w.unsqueeze(1) * g).sum(0)
     assert float((got - want).norm() / want.norm()) < 1e-2
     c = _half_factored(device, t=1)
@@ -235,7 +236,7 @@ def test_half_precision_weighted_sum_never_exceeds_clip_factor(device):
     for i in range(g.shape[0]):
         one = torch.zeros_like(w)
         one[i] = w[i]
-        s = dpft.norms.weighted_sum([c], one.to(device), torch.float32).double().cpu().reshape(-1)
+        s = dpft.clip.norms.weighted_sum([c], one.to(device), torch.float32).double().cpu().reshape(-1)
         assert float(s.norm()) <= float(w[i] * g[i].norm()) * (1 + 1e-6)
 
 
@@ -246,7 +247,7 @@ def test_batched_half_precision_layers_are_padded_and_exact(device):
     positions up to 8 (tensor-core products over an unaligned number of
     positions are slow): the norms are the exact float32 products of the
     half-precision values, the clipped sums within bfloat16 rounding."""
-    import dpft.batched
+    import dpft.clip.stacked
 
     cs = []
     for seed in range(3):
@@ -256,8 +257,8 @@ def test_batched_half_precision_layers_are_padded_and_exact(device):
         cs.append(c)
     contributions = {f"l{i}": [c] for i, c in enumerate(cs)}
     names = list(contributions)
-    assert dpft.batched.plan(contributions, names, "ghost") == [names]
-    (stack, sq), = dpft.batched.norms(contributions, names, torch.float32)
+    assert dpft.clip.stacked.plan(contributions, names, "ghost") == [names]
+    (stack, sq), = dpft.clip.stacked.norms(contributions, names, torch.float32)
     assert stack.left.shape[2] == 8 and stack.right.shape[2] == 8
     assert not bool(stack.left[:, :, 7:].any()) and not bool(stack.right[:, :, 7:].any())
     for j, c in enumerate(cs):
@@ -265,7 +266,7 @@ def test_batched_half_precision_layers_are_padded_and_exact(device):
         rel = float(((sq[j].double().cpu() - want).abs() / want).max())
         assert rel < 1e-6, (j, rel)
     w = torch.rand(3, cs[0].left.shape[0], dtype=torch.float64) + 0.1
-    sums = dpft.batched.weighted(stack, w.to(device), torch.float32, 1.0)
+    sums = dpft.clip.stacked.weighted(stack, w.to(device), torch.float32, 1.0)
     for j, c in enumerate(cs):
         want = (w[j].unsqueeze(1) * _brute(c)).sum(0)
         got = sums[j].double().cpu().reshape(-1)
@@ -278,8 +279,8 @@ def _shared_input_model(monkeypatch) -> tuple[nn.Module, list]:
     from layer_zoo import SharedInput
 
     calls: list = []
-    orig = dpft.norms.bmm_acc
-    monkeypatch.setattr(dpft.norms, "bmm_acc", lambda x, y, d: calls.append(x.shape) or orig(x, y, d))
+    orig = dpft.clip.norms.bmm_acc
+    monkeypatch.setattr(dpft.clip.norms, "bmm_acc", lambda x, y, d: calls.append(x.shape) or orig(x, y, d))
     model = SharedInput()
     for p in model.inp.parameters():
         p.requires_grad_(False)
@@ -304,7 +305,7 @@ def test_gram_cache_knows_which_factors_serve_several_layers():
     until its last use has taken the stored Gram matrix; a factor of one
     layer never is."""
     x, y1, y2 = torch.randn(2, 5, 1, 3), torch.randn(2, 5, 1, 4), torch.randn(2, 5, 1, 4)
-    cache = dpft.norms.GramCache(
+    cache = dpft.clip.norms.GramCache(
         [Factored(left=x, right=y1, shape=torch.Size((3, 4))), Factored(left=x, right=y2, shape=torch.Size((3, 4)))]
     )
     assert cache.shared(x) and not cache.shared(y1) and not cache.shared(y2)
@@ -318,7 +319,7 @@ def test_fused_ghost_kernel_cost_rule_and_cpu_fallback():
     """Where the fused ghost-norm kernel is expected to pay (the H100
     measurements its constants come from), and that CPU factors never take
     it: their norms come from the Gram matrices, as before."""
-    from dpft import ghost_kernel as gk
+    from dpft.clip import ghost_kernel as gk
 
     assert gk.pays(32, 197, 768 + 2304)  # ViT-base qkv: 320 programs
     assert gk.pays(32, 64, 768 + 3072)  # 32 programs
@@ -327,9 +328,9 @@ def test_fused_ghost_kernel_cost_rule_and_cpu_fallback():
     a, g = torch.randn(32, 197, 1, 16), torch.randn(32, 197, 1, 8)
     assert not gk.usable(a[:, :, 0], g[:, :, 0], torch.float32)
     c = Factored(left=a, right=g, shape=torch.Size((16, 8)))
-    assert dpft.norms._fused(c, torch.float32, None) is None
+    assert dpft.clip.norms._fused(c, torch.float32, None) is None
     want = torch.einsum("ntd,ntp->ndp", a[:, :, 0].double(), g[:, :, 0].double()).flatten(1).pow(2).sum(1)
-    got, _ = dpft.norms.sq_norm([c], "ghost", torch.float32)
+    got, _ = dpft.clip.norms.sq_norm([c], "ghost", torch.float32)
     assert torch.allclose(got.double(), want, rtol=1e-5)
 
 
@@ -338,7 +339,7 @@ def test_fused_ghost_kernel_that_cannot_run_falls_back_once(monkeypatch):
     the first failure warns, returns None (the caller takes the cuBLAS path)
     and switches the kernel off; a failure after the kernel has run is an
     error, never a silent fallback."""
-    from dpft import ghost_kernel as gk
+    from dpft.clip import ghost_kernel as gk
 
     class Broken:
         def __getitem__(self, grid):
@@ -387,15 +388,15 @@ def test_same_shaped_layers_are_batched_and_exact(monkeypatch, mode, style):
     """Same-shaped layers get their ghost norms and clipped sums from stacked
     factors (one kernel per step for all of them), in chunks, exactly; with
     gradient accumulation over two backward passes."""
-    import dpft.batched
+    import dpft.clip.stacked
     from layer_zoo import SameShapes
 
     seen = []
-    orig = dpft.batched.norms
-    monkeypatch.setattr(dpft.batched, "norms", lambda c, names, d: seen.append(list(names)) or orig(c, names, d))
+    orig = dpft.clip.stacked.norms
+    monkeypatch.setattr(dpft.clip.stacked, "norms", lambda c, names, d: seen.append(list(names)) or orig(c, names, d))
     # tiny chunks: 5 same-shaped layers in chunks of 2, 2 and 1
-    monkeypatch.setattr(dpft.batched, "CHUNK_BYTES", 2 * dpft.batched._bytes(
-        dpft.norms.Factored(left=torch.zeros(4, 3, 1, 5, dtype=torch.float64),
+    monkeypatch.setattr(dpft.clip.tuning, "CHUNK_BYTES", 2 * dpft.clip.stacked._bytes(
+        dpft.clip.norms.Factored(left=torch.zeros(4, 3, 1, 5, dtype=torch.float64),
                             right=torch.zeros(4, 3, 1, 5, dtype=torch.float64), shape=torch.Size([5, 5]))))
     examples = [torch.randn(3, 3) for _ in range(B)]  # T = 3: 2 T^2 < 5 * 5, mixed picks ghost
     check_model(SameShapes(), examples, collate, loss_fn, mode=mode, style=style, splits=[4, 2])
@@ -406,13 +407,13 @@ def test_same_shaped_layers_are_batched_and_exact(monkeypatch, mode, style):
 def test_large_layers_are_not_batched(monkeypatch):
     """Layers whose own work keeps the GPU busy are processed one by one (no
     stacking copy); the update is exact either way."""
-    import dpft.batched
+    import dpft.clip.stacked
     from layer_zoo import SameShapes
 
     seen = []
-    orig = dpft.batched.norms
-    monkeypatch.setattr(dpft.batched, "norms", lambda c, names, d: seen.append(list(names)) or orig(c, names, d))
-    monkeypatch.setattr(dpft.batched, "BATCH_MACS", 0)
+    orig = dpft.clip.stacked.norms
+    monkeypatch.setattr(dpft.clip.stacked, "norms", lambda c, names, d: seen.append(list(names)) or orig(c, names, d))
+    monkeypatch.setattr(dpft.clip.tuning, "BATCH_MACS", 0)
     examples = [torch.randn(3, 3) for _ in range(B)]
     check_model(SameShapes(), examples, collate, loss_fn, mode="ghost")
     assert not seen
@@ -422,18 +423,18 @@ def _update_seeing_kinds(model, batches, loss, **kw):
     """``dpft_update``, plus the kinds of contribution (``Factored``,
     ``Instantiated``, ...) the clipped sum received per parameter."""
     seen: dict[str, set[str]] = {}
-    real_add = dpft.privatize.ClippedSum.add
+    real_add = dpft.clip.clipped_sum.ClippedSum.add
 
     def spy(self, contributions, *args):
         for k, cs in contributions.items():
             seen.setdefault(k, set()).update(type(c).__name__ for c in cs)
         return real_add(self, contributions, *args)
 
-    dpft.privatize.ClippedSum.add = spy
+    dpft.clip.clipped_sum.ClippedSum.add = spy
     try:
         got, _ = dpft_update(model, batches, loss, **kw)
     finally:
-        dpft.privatize.ClippedSum.add = real_add
+        dpft.clip.clipped_sum.ClippedSum.add = real_add
     return got, seen
 
 
@@ -503,7 +504,7 @@ def test_book_keeping_instantiates_where_the_gram_matrices_cost_more(mode):
     width, positions = 256, 140
     c = Factored(right=torch.empty(1, positions, 1, width), shape=torch.Size([width, width]),
                  left=torch.empty(1, positions, 1, width))
-    assert dpft.norms.prefer_ghost([c]) and dpft.norms.instantiation_pays(c)
+    assert dpft.clip.norms.prefer_ghost([c]) and dpft.clip.norms.instantiation_pays(c)
     model = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 2)).double()
     seen = _exact_over_positions(model, positions, width, mode)
     assert seen["0.weight"] == ({"Instantiated"} if mode == "auto" else {"Factored"})
@@ -539,16 +540,16 @@ def test_book_keeping_keeps_the_ghost_norm_where_other_layers_keep_the_input():
         warnings.simplefilter("ignore")
         engine.attach(opt)
     kinds = []
-    real = dpft.privatize.ClippedSum.add
+    real = dpft.clip.clipped_sum.ClippedSum.add
     try:
-        dpft.privatize.ClippedSum.add = lambda self, cs, *a: kinds.append(
+        dpft.clip.clipped_sum.ClippedSum.add = lambda self, cs, *a: kinds.append(
             {k: type(c[0]).__name__ for k, c in cs.items() if k.endswith("weight")}) or real(self, cs, *a)
         for _ in range(4):
             model(torch.randn(3, positions, width)).sum().backward()
             opt.step()
             opt.zero_grad()
     finally:
-        dpft.privatize.ClippedSum.add = real
+        dpft.clip.clipped_sum.ClippedSum.add = real
     assert [k["o.weight"] for k in kinds] == ["Instantiated"] * 4, kinds
     assert all(k["q.weight"] == "Factored" for k in kinds), kinds
     assert seen["q.weight"] == seen["k.weight"] == seen["v.weight"] == {"Factored"}
@@ -562,7 +563,7 @@ def test_book_keeping_instantiation_rule_bounds_memory_and_follows_the_cost():
     def pays(p, d, t, dtype=torch.float32):
         c = Factored(right=torch.empty(1, t, 1, d, dtype=dtype), shape=torch.Size([p, d]),
                      left=torch.empty(1, t, 1, p, dtype=dtype))
-        return dpft.norms.instantiation_pays(c)
+        return dpft.clip.norms.instantiation_pays(c)
 
     # ViT-base at 224 px (197 positions, Gram tiles of 256): the 768 x 768
     # projection is instantiated, the wider layers keep the ghost norm
@@ -587,7 +588,7 @@ def test_book_keeping_instantiation_rule_bounds_memory_and_follows_the_cost():
     def conv_pays(cin, cout, k, hw):
         conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=False)
         c = ConvFactored(conv, torch.empty(1, cin, hw, hw), torch.empty(1, cout, hw, hw), 1)
-        return dpft.norms.instantiation_pays(c)
+        return dpft.clip.norms.instantiation_pays(c)
 
     assert conv_pays(1024, 256, 1, 14)
     assert not conv_pays(256, 256, 3, 14)
@@ -596,11 +597,11 @@ def test_book_keeping_instantiation_rule_bounds_memory_and_follows_the_cost():
 def test_early_instantiation_is_decided_once_per_shape(monkeypatch):
     """The backward hook asks the mixed rule once per layer and output shape,
     not at every step (most layers of short sequences stay with the ghost norm)."""
-    import dpft.capture
+    import dpft.capture.hooks
 
     calls = []
-    real = dpft.capture.prefer_ghost
-    monkeypatch.setattr(dpft.capture, "prefer_ghost", lambda cs: calls.append(1) or real(cs))
+    real = dpft.capture.hooks.prefer_ghost
+    monkeypatch.setattr(dpft.capture.hooks, "prefer_ghost", lambda cs: calls.append(1) or real(cs))
     model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64))  # 2 * 4^2 < 64^2: ghost
     engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=5, noise_multiplier=1.0,
                                 clipping_mode="auto")
@@ -747,7 +748,6 @@ def test_lane_parameters_skip_autograd_after_the_check_passes(mode, subset):
     model = M().double()
     if subset == "bitfit":
         dpft.bitfit(model)
-    lane = {n: p for n, p in model.named_parameters() if p.requires_grad and (n.endswith("bias") or n.startswith(("ln.", "gn.")))}
     autograd_calls = []
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     ref = copy.deepcopy(model)  # the brute force runs on a copy without the engine's hooks

@@ -110,8 +110,8 @@ def test_conv_weight_gradient_kernel_paths(name):
     assert rel(c.per_example(torch.float64), want) < 1e-10
     assert rel(c.weighted(w, torch.float64), (wv * want).sum(0)) < 1e-10
     generic = Factored(right=c.right, shape=c.shape, left=c.left)
-    assert rel(dpft.norms.instantiate(generic, torch.float64), want) < 1e-10
-    assert rel(dpft.norms.ghost_sq_norm([c], torch.float64), want.flatten(1).pow(2).sum(1)) < 1e-10
+    assert rel(dpft.clip.norms.instantiate(generic, torch.float64), want) < 1e-10
+    assert rel(dpft.clip.norms.ghost_sq_norm([c], torch.float64), want.flatten(1).pow(2).sum(1)) < 1e-10
     if conv.groups == 1:
         idx = torch.tensor([conv.out_channels - 1, 0, 2])
         sel = c.select_rows(idx)
@@ -119,10 +119,10 @@ def test_conv_weight_gradient_kernel_paths(name):
         assert tuple(sel.shape) == (3, *conv.weight.shape[1:])
         assert rel(sel.per_example(torch.float64), want[:, idx]) < 1e-10
         assert rel(sel.weighted(w, torch.float64), (wv * want[:, idx]).sum(0)) < 1e-10
-        assert rel(dpft.norms.ghost_sq_norm([sel], torch.float64), want[:, idx].flatten(1).pow(2).sum(1)) < 1e-10
+        assert rel(dpft.clip.norms.ghost_sq_norm([sel], torch.float64), want[:, idx].flatten(1).pow(2).sum(1)) < 1e-10
         # the default (unfolded) path on the selected rows, and after a release
         sel2 = c.select_rows(idx)
-        sq, inst = dpft.norms.sq_norm([sel2], "instantiate", torch.float64)
+        sq, inst = dpft.clip.norms.sq_norm([sel2], "instantiate", torch.float64)
         assert rel(inst, want[:, idx]) < 1e-10 and sel2._factors is None
         assert rel(sel2.weighted(w, torch.float64), (wv * want[:, idx]).sum(0)) < 1e-10
     else:

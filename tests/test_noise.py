@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 import dpft
-import dpft.noise
-from dpft.noise import SECURE_DRAWS, GaussianNoise, mt19937_state, philox_state
+import dpft.clip.noise
+import dpft.clip.tuning
+from dpft.clip.noise import SECURE_DRAWS, GaussianNoise, mt19937_state, philox_state
 
 
 def _noise(seed, n=64, **kw):
@@ -72,7 +73,7 @@ def test_default_state_is_624_words_of_os_entropy(monkeypatch):
         taken.append(b)
         return b
 
-    monkeypatch.setattr(dpft.noise.secrets, "token_bytes", spy)
+    monkeypatch.setattr(dpft.clip.noise.secrets, "token_bytes", spy)
     g = GaussianNoise().generator(torch.device("cpu"))
     assert len(taken) == 1 and len(taken[0]) == 4 * 624  # 19 968 bits
     words = np.frombuffer(taken[0], dtype=np.uint32)
@@ -249,7 +250,7 @@ def test_secure_mode_in_chunks_and_non_contiguous(monkeypatch):
     """Secure mode fills every entry of float32 / float64, contiguous or not,
     tensors larger than a chunk piece by piece, with the right std, and is
     reproducible from the seed."""
-    monkeypatch.setattr(dpft.noise, "CHUNK", 1000)
+    monkeypatch.setattr(dpft.clip.tuning, "NOISE_CHUNK", 1000)
 
     def draw(seed):
         ts = [torch.zeros(3, 5), torch.zeros(2500, dtype=torch.float64), torch.zeros(40, 30).t(), torch.zeros(600)]

@@ -104,16 +104,67 @@ def test_distinguishing_audit_takes_the_options_object():
     assert a.as_dict() | {"seconds": 0} == b.as_dict() | {"seconds": 0}
 
 
-def test_schedules_that_calibrate_themselves_refuse_an_options_object():
-    """Sparta and TwoPhase calibrate σ with their own accountant and δ: an options object could
-    disagree with them, so they take keywords only."""
+def _dp_accounting_epsilon(sigma, q, steps, delta):
+    """ε of ``steps`` Poisson-subsampled Gaussian steps, from dp-accounting's RDP accountant directly."""
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    return RdpAccountant().compose(event).get_epsilon(delta)
+
+
+@pytest.mark.parametrize("method", ["two-phase", "sparta"])
+def test_phase_schedules_take_an_options_object_and_calibrate_sigma_once(method, monkeypatch):
+    """TwoPhase and Sparta take options= like the engine: every phase's engine uses them (accountant
+    and δ included), σ is calibrated once for the steps of all phases (checked with dp-accounting
+    directly), and all phases record into one ledger."""
+    import dpft.accounting
     from dpft.methods.schedules import TwoPhase
     from dpft.methods.sparta import Sparta
 
-    model = nn.Linear(3, 2)
-    with pytest.raises(TypeError, match="TwoPhase takes the engine's options as keywords"):
-        TwoPhase(model, batch_size=10, sample_size=100, phase1_epochs=1, phase2_epochs=1, target_epsilon=3.0,
-                 options=EngineOptions())
-    with pytest.raises(TypeError, match="Sparta takes the engine's options as keywords"):
-        Sparta(model, batch_size=10, sample_size=100, target_epsilon=3.0, train_epochs=1, scoring_epochs=1,
-               options=EngineOptions())
+    calls = []
+    real = dpft.accounting.noise_multiplier
+    monkeypatch.setattr(dpft.accounting, "noise_multiplier", lambda **kw: calls.append(kw) or real(**kw))
+    opts = EngineOptions(accountant="rdp", target_delta=1e-4, max_grad_norm=0.5, clipping_fn="automatic")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(10, 4), torch.randint(0, 2, (10,))
+    if method == "two-phase":
+        sched = TwoPhase(model, batch_size=10, sample_size=100, phase1_epochs=2, phase2_epochs=3, target_epsilon=3.0,
+                         options=opts)
+        total = 50
+        e1 = sched.phase1(torch.optim.SGD(model.parameters(), lr=0.1))
+        nn.functional.cross_entropy(model(x), y).backward()
+        e1.optimizer.step()
+        e2 = sched.phase2(lambda ps: torch.optim.SGD(ps, lr=0.1))
+        engines = [e1, e2]
+    else:
+        sched = Sparta(model, batch_size=10, sample_size=100, target_epsilon=3.0, warmup_epochs=1, train_epochs=3,
+                       density=0.5, selection="random", options=opts)
+        total = 40
+        e1 = sched.warmup(torch.optim.SGD(model.parameters(), lr=0.1))
+        nn.functional.cross_entropy(model(x), y).backward()
+        e1.optimizer.step()
+        sched.select(seed=0)
+        e2 = sched.train(lambda ps: torch.optim.SGD(ps, lr=0.1))
+        engines = [e1, e2]
+    assert len(calls) == 1 and calls[0]["steps"] == total and calls[0]["accountant"] == "rdp"
+    sigma = sched.noise_multiplier
+    eps = _dp_accounting_epsilon(sigma, 0.1, total, 1e-4)
+    assert 3.0 * 0.99 <= eps <= 3.0 * (1 + 1e-9)  # calibrated for all phases together, at this accountant and δ
+    assert _dp_accounting_epsilon(sigma, 0.1, total - 10, 1e-4) < 3.0 * 0.95  # (not for fewer steps)
+    for e in engines:
+        assert (e.noise_multiplier, e.accountant, e.target_delta, e.max_grad_norm, e.clipping_fn) == (
+            sigma, "rdp", 1e-4, 0.5, "automatic")
+        assert e.ledger is sched.ledger
+    assert sched.ledger.segments == [(sigma, 0.1, 1)]
+    assert sched.epsilon == pytest.approx(_dp_accounting_epsilon(sigma, 0.1, 1, 1e-4), rel=1e-9)
+
+
+def test_phase_schedules_refuse_an_option_given_twice():
+    from dpft.methods.schedules import TwoPhase
+
+    with pytest.raises(ValueError, match="max_grad_norm given both"):
+        TwoPhase(nn.Linear(3, 2), batch_size=10, sample_size=100, phase1_epochs=1, phase2_epochs=1,
+                 target_epsilon=3.0, options=EngineOptions(), max_grad_norm=0.5)

@@ -88,7 +88,7 @@ def seq(draw):
 @st.composite
 def stack(draw):
     """Several Linear layers of one shape (transformer-like): stacked and
-    processed together by ``dpft.batched``; some read one shared input."""
+    processed together by ``dpft.clip.stacked``; some read one shared input."""
     d = draw(st.integers(2, 6))
     t = draw(st.integers(1, 4))
     n = draw(st.integers(2, 5))

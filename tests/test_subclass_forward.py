@@ -162,7 +162,7 @@ def test_self_check_catches_a_rule_that_models_another_function(monkeypatch):
     output's gradient for the lookup's: the first backward pass compares the
     summed per-example gradients with autograd's and refuses, naming the
     parameter, before anything changes."""
-    monkeypatch.setattr(capture, "overriding_parent", lambda module: None)
+    monkeypatch.setattr(capture.plan, "overriding_parent", lambda module: None)
     torch.manual_seed(0)
     model = TextModel(ScaledEmbedding(V, D)).double()
     before = model.emb.weight.detach().clone()
@@ -175,7 +175,7 @@ def test_self_check_catches_a_rule_that_models_another_function(monkeypatch):
 
 def test_self_check_catches_a_wrong_weight_matrix_rule(monkeypatch):
     """Weight matrices (factored contributions) are checked too."""
-    monkeypatch.setattr(capture, "overriding_parent", lambda module: None)
+    monkeypatch.setattr(capture.plan, "overriding_parent", lambda module: None)
 
     class Doubled(nn.Linear):
         def forward(self, x):

@@ -21,7 +21,6 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "data": (".data", None),
     "sparta": (".methods.sparta", None),
     "hf": (".hf", None),  # needs transformers
-    "release": (".release", None),
     "PrivacyBudgetExceeded": (".accounting", "PrivacyBudgetExceeded"),
     "convert_batchnorm_to_groupnorm": (".batchnorm", "convert_batchnorm_to_groupnorm"),
     "BatchNormError": (".capture", "BatchNormError"),

@@ -36,17 +36,12 @@ Accountants
     some fractional orders did not converge; it drops those orders, which
     can only make ε larger, never smaller.
 
-Timings (2-core x86 CPU, dp_accounting 0.6.0, one query, measured)
-    PLD over the grid σ∈{0.5,1,2,5}, q∈{0.001,0.01,0.1}, steps∈{10,10³,10⁴}:
-    median 0.13 s, worst 1.1 s (σ=1, q=0.001, 10³–10⁴ steps, where PLD
-    must refine to h = 1e-4); σ=1, q=0.01, 10⁴ steps: 0.18 s; σ=0.5,
-    q=0.1, 10⁴ steps (ε≈783): 0.4 s.  RDP: 0.015–0.07 s.  The grid agrees
-    with dp_accounting at a fine fixed interval within 0.2 % (tests).
-    Calibration (:func:`noise_multiplier`) brackets σ with RDP (whose ε
-    upper-bounds PLD's), then runs regula falsi with PLD: 0.3–1.1 s
-    typically, 4 s for ε=1, q=0.001, 10⁴ steps; RDP 0.1–0.3 s.
-    :class:`Ledger` caches its answers, so repeated queries on an unchanged
-    history take microseconds.
+Cost
+    A query takes a fraction of a second to a few seconds (PLD refines its
+    discretization until two passes agree; measured times in
+    ``docs/benchmarks.md``, "Accounting").  :class:`Ledger` caches its
+    answers, so repeated queries on an unchanged history take microseconds,
+    and :class:`BudgetGuard` asks once for a whole planned horizon.
 """
 
 from __future__ import annotations
@@ -54,6 +49,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -64,6 +60,7 @@ from dp_accounting.rdp import RdpAccountant
 
 __all__ = [
     "ACCOUNTANTS",
+    "BudgetGuard",
     "Ledger",
     "PrivacyBudgetExceeded",
     "default_delta",
@@ -583,3 +580,67 @@ def _merged(segments: list[Segment], new: Segment) -> list[Segment]:
     else:
         out.append((sigma, q, n))
     return out
+
+
+class BudgetGuard:
+    """Refuses (or warns about) a step that would spend more than a budget.
+
+    ε grows with the number of steps, so one accountant query that covers the
+    whole planned horizon (the ledger's steps at the start plus ``planned_steps``)
+    makes every step up to it safe; the accountant is asked again only beyond
+    the horizon, or if the ledger received other steps in between (a ledger
+    shared by several engines or phases).  ``calibrated``: σ was calibrated
+    for this budget and the planned steps on a fresh ledger, so the horizon
+    is within budget by construction (no query at all)."""
+
+    def __init__(self, ledger: Ledger, budget: float | None, noise_multiplier: float, sample_rate: float,
+                 delta: float, accountant: str, planned_steps: int, on_exceeded: str = "raise",
+                 calibrated: bool = False) -> None:
+        self.ledger, self.budget = ledger, budget
+        self.noise_multiplier, self.sample_rate, self.delta = noise_multiplier, sample_rate, delta
+        self.accountant, self.planned_steps, self.on_exceeded = accountant, planned_steps, on_exceeded
+        self.start = ledger.steps
+        #: (ledger segments when checked, total steps known to stay within the budget)
+        self.safe: tuple[tuple, int] | None = ((), planned_steps) if calibrated and not ledger.segments else None
+
+    def check(self) -> None:
+        """Before a step: raise :class:`PrivacyBudgetExceeded` (or warn) if it
+        would take ε past the budget; nothing is recorded."""
+        if self.budget is None or self.noise_multiplier == 0:
+            return
+        ledger = self.ledger
+        segments = ledger.segments
+        if self.safe is not None and ledger.steps + 1 <= self.safe[1] and self._only_ours_since(self.safe[0], segments):
+            return
+        horizon = max(ledger.steps + 1, self.start + self.planned_steps)
+        sigma, q, delta = self.noise_multiplier, self.sample_rate, self.delta
+        extra = horizon - ledger.steps
+        eps = ledger.epsilon_if(sigma, q, extra, delta, accountant=self.accountant)
+        if eps > self.budget and extra > 1:
+            horizon = ledger.steps + 1
+            eps = ledger.epsilon_if(sigma, q, 1, delta, accountant=self.accountant)
+        if eps <= self.budget:
+            self.safe = (tuple(segments), horizon)
+            return
+        msg = (
+            f"dpft: step {ledger.steps + 1} would spend epsilon={eps:.4g} > the budget "
+            f"{self.budget:g} (delta={delta:g}); nothing was changed"
+        )
+        if self.on_exceeded == "raise":
+            raise PrivacyBudgetExceeded(msg)
+        warnings.warn(msg, stacklevel=3)
+
+    def _only_ours_since(self, base: tuple, now: list) -> bool:
+        """Whether the ledger ``now`` is ``base`` plus steps at this guard's (σ, q) only."""
+        ours = (self.noise_multiplier, self.sample_rate)
+        if not base:
+            return all((sg[0], sg[1]) == ours for sg in now)
+        k = len(base) - 1
+        if tuple(now[:k]) != base[:k] or len(now) <= k:
+            return False
+        last = now[k]
+        if (last[0], last[1]) != (base[k][0], base[k][1]):
+            return False
+        if (last[0], last[1]) != ours and last[2] != base[k][2]:
+            return False
+        return all((sg[0], sg[1]) == ours for sg in now[k + 1 :])

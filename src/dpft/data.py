@@ -61,7 +61,7 @@ def _mt_state(seed: int, key: tuple[int, ...] = ()) -> torch.Tensor:
     from ``seed`` and ``key`` by ``numpy.random.SeedSequence`` (256-bit pool).
     ``manual_seed`` would keep only 32 bits on the CPU: every batch would then be
     one of 2^32 possible batches, which a strong adversary could enumerate."""
-    from .noise import mt19937_state
+    from .clip.noise import mt19937_state
 
     words = np.random.SeedSequence(seed, spawn_key=key, pool_size=8).generate_state(624, np.uint32)
     return mt19937_state(words)

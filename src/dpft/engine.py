@@ -12,6 +12,12 @@ applies the privatized gradient ``(sum_i c_i g_i + sigma R z) / B`` to every
 trainable parameter (``B`` = the expected logical batch size ``batch_size``).
 Several ``backward()`` calls before one ``step()`` accumulate (gradient
 accumulation / physical batches); noise is added once per ``step()``.
+
+The stages live beside it: the hooks in :mod:`dpft.capture`, the per-layer
+rules in :mod:`dpft.rules`, norms, clipped sums and noise in :mod:`dpft.clip`,
+the ranks and the reduce of the noisy sums in :mod:`dpft.distributed`, the
+ledger and the budget guard in :mod:`dpft.accounting`.  A step is: the budget
+guard, the non-finite check, the sampling check, privatize, the optimizer's step.
 """
 
 from __future__ import annotations
@@ -25,15 +31,16 @@ import torch
 from torch import nn
 
 from . import accounting
-from .accounting import Ledger, PrivacyBudgetExceeded
-from .capture import Capture, is_dtensor
+from .accounting import BudgetGuard, Ledger, PrivacyBudgetExceeded  # noqa: F401 (PrivacyBudgetExceeded re-exported)
+from .capture import Capture
+from .clip.clipped_sum import ClippedSum
+from .clip.functions import make_groups
+from .clip.noise import GaussianNoise
 from .compiled import CompileSupport
 from .compiled import unwrap as _unwrap_compiled
-from .clipping import make_groups
-from .noise import GaussianNoise
+from .distributed import any_rank, is_ddp, reduce_noisy_sums, topology
 from .sampling_check import NON_POISSON_CAVEAT, MISMATCH_CAVEAT, SamplingCheck, SamplingMismatch
 from .sampling_check import warn as _warn_sampling
-from .privatize import ClippedSum
 from .rows import compact_rows
 from .rows import reattach as sparta_reattach
 from .rows import row_masks as sparta_masks
@@ -41,11 +48,7 @@ from .rules.base import Contribution
 from .options import ACCOUNTANTS, CLIPPING_FNS, CLIPPING_MODES, CLIPPING_STYLES, EngineOptions  # noqa: F401 (re-exported)
 from .options import LOSS_REDUCTIONS, ON_BUDGET, PRIVACY_UNITS  # noqa: F401 (re-exported)
 from .options import bad as _bad
-from .units import UserClippedSum
-
-
-def _is_ddp(model: nn.Module) -> bool:
-    return isinstance(model, torch.nn.parallel.DistributedDataParallel)
+from .clip.units import UserClippedSum
 
 
 class PrivacyEngine:
@@ -80,7 +83,7 @@ class PrivacyEngine:
             non-private weight gradients; a weight used once is also
             instantiated where that is cheaper than its Gram matrices and
             needs at most 2x the memory of the factors it frees:
-            :func:`dpft.norms.instantiation_pays`), ``"auto"`` (= ``"bk"``).  All give the same result up to rounding; biases
+            :func:`dpft.clip.norms.instantiation_pays`), ``"auto"`` (= ``"bk"``).  All give the same result up to rounding; biases
             never need activations.
         accountant: ``"pld"`` or ``"rdp"`` (Google's dp-accounting).
         loss_reduction: ``"mean"`` (each backward is of the mean loss over its
@@ -89,13 +92,13 @@ class PrivacyEngine:
         noise_seed: seed of the noise generator, for reproducible
             experiments, never for a release: the noise is exactly as secret
             as the seed (all its bits are used).  Default: every generator's
-            full state from OS entropy (:mod:`dpft.noise`).  A checkpoint
+            full state from OS entropy (:mod:`dpft.clip.noise`).  A checkpoint
             holding :meth:`state_dict` reveals the noise still to come: keep it
             as private as the data.
         secure_mode: draw each noise value as the sum of 4 independent float64
             draws (each from its own generator) and round the noisy gradient
             once, a mitigation of floating-point attacks on Gaussian sampling
-            (:mod:`dpft.noise`); the noise is still exactly ``N(0, sigma^2 R^2)``
+            (:mod:`dpft.clip.noise`); the noise is still exactly ``N(0, sigma^2 R^2)``
             in real arithmetic, so the accounting is unchanged.  Costs four
             float64 draws per value instead of one draw (README: measured cost).
         poisson: ``True`` (default): the batches are Poisson-sampled (e.g. by
@@ -106,7 +109,7 @@ class PrivacyEngine:
             labelled as such (:attr:`epsilon_caveat`).
         privacy_unit: ``"example"`` (default: epsilon protects one example)
             or ``"user"`` (epsilon protects all the examples of one user:
-            :mod:`dpft.units`).  At user level ``batch_size`` is the expected
+            :mod:`dpft.clip.units`).  At user level ``batch_size`` is the expected
             number of *users* per step and ``sample_size`` the number of
             users, so ``sample_rate`` is the user sampling rate; call
             :meth:`set_units` with the user id of every example before each
@@ -190,7 +193,7 @@ class PrivacyEngine:
         # DistributedDataParallel: the engine hooks the wrapped module and does
         # the all-reduce itself (of the clipped sums); DDP's own all-reduce of
         # the raw gradients is switched off while attached (see attach()).
-        self._ddp = model if _is_ddp(model) else None
+        self._ddp = model if is_ddp(model) else None
         group = None
         if self._ddp is not None:
             model = self._ddp.module
@@ -279,40 +282,16 @@ class PrivacyEngine:
         self._sum.drop_nonfinite = set(self.params) <= set(self._capture.lane_keys)
         self._dropped: list[tuple[int, torch.Tensor, Any]] = []  # (step, count, event) not yet reported
         self.ledger = ledger if ledger is not None else Ledger()
-        self._start_steps = self.ledger.steps
-        # (ledger segments when checked, total steps known to stay within the budget);
-        # a calibrated engine on a fresh ledger is within budget for its planned steps by construction
-        self._safe: tuple[tuple, int] | None = None
-        if self.target_epsilon is not None and not self.ledger.segments:
-            self._safe = ((), self.planned_steps)
         self.epsilon_budget = self.target_epsilon if epsilon_budget is None else float(epsilon_budget)
-        dist = torch.distributed
-        ready = dist.is_available() and dist.is_initialized()
-        if distributed and not ready:
-            raise ValueError("distributed=True needs an initialized torch.distributed process group")
-        self._group = group
-        self.world_size = dist.get_world_size(group) if ready and distributed is not False else 1
-        self.rank = dist.get_rank(group) if self.world_size > 1 else 0
-        # FSDP2 (``fully_shard``): parameters are DTensors sharded over the ranks
-        self._sharded = sorted(k for k, p in self.params.items() if is_dtensor(p))
+        # a calibrated engine on a fresh ledger is within budget for its planned steps by construction
+        self._budget = BudgetGuard(
+            self.ledger, self.epsilon_budget, self.noise_multiplier, self.sample_rate, self.target_delta,
+            accountant, self.planned_steps, on_budget_exceeded, calibrated=self.target_epsilon is not None,
+        )
+        # the ranks that share a step (DDP, engine-level data parallel, FSDP2)
+        self._topology = topo = topology(self.params, group, distributed, bool(self.row_masks))
+        self._group, self.world_size, self.rank, self._sharded = topo.group, topo.world_size, topo.rank, topo.sharded
         self._capture.no_early(self._sharded)  # sharded weights: per-example gradients as before, at the end
-        if self._sharded:
-            if not ready:
-                raise ValueError("sharded (DTensor) parameters need an initialized torch.distributed process group")
-            if distributed is False:
-                raise ValueError("distributed=False with sharded (FSDP2/DTensor) parameters")
-            bad = [k for k in self._sharded if not all(pl.is_shard() for pl in self.params[k].placements)]
-            if bad:
-                raise NotImplementedError(
-                    f"dpft: DTensor parameters with replicated or partial placements are not supported "
-                    f"(e.g. HSDP): {bad[:3]}; use fully_shard on a 1-D device mesh"
-                )
-            if self.row_masks:
-                raise NotImplementedError("dpft: SPARTA row restriction of FSDP2-sharded models is not supported")
-            if self._group is None:
-                self._group = self.params[self._sharded[0]].device_mesh.get_group()
-            self.world_size = dist.get_world_size(self._group)
-            self.rank = dist.get_rank(self._group)
         if privacy_unit == "user" and (self.world_size > 1 or self._sharded):
             raise NotImplementedError(
                 "dpft: privacy_unit='user' with distributed training is not supported (a user's examples "
@@ -463,51 +442,6 @@ class PrivacyEngine:
         the next ``step()`` applies noise only, and is accounted as usual."""
         self._empty_batches += 1
 
-    def _check_budget(self) -> None:
-        """Raise (or warn) before a step that would spend more than the budget.
-
-        epsilon grows with the number of steps, so one accountant query that
-        covers this engine's whole planned horizon makes every step up to it
-        safe; the accountant is asked again only beyond the horizon, or if
-        the ledger received other steps in between (a shared ledger)."""
-        if self.epsilon_budget is None or self.noise_multiplier == 0:
-            return
-        segments = self.ledger.segments
-        if self._safe is not None and self.ledger.steps + 1 <= self._safe[1] and self._only_ours_since(self._safe[0], segments):
-            return
-        horizon = max(self.ledger.steps + 1, self._start_steps + self.planned_steps)
-        sigma, q, delta = self.noise_multiplier, self.sample_rate, self.target_delta
-        extra = horizon - self.ledger.steps
-        eps = self.ledger.epsilon_if(sigma, q, extra, delta, accountant=self.accountant)
-        if eps > self.epsilon_budget and extra > 1:
-            horizon = self.ledger.steps + 1
-            eps = self.ledger.epsilon_if(sigma, q, 1, delta, accountant=self.accountant)
-        if eps <= self.epsilon_budget:
-            self._safe = (tuple(segments), horizon)
-            return
-        msg = (
-            f"dpft: step {self.steps + 1} would spend epsilon={eps:.4g} > the budget "
-            f"{self.epsilon_budget:g} (delta={self.target_delta:g}); nothing was changed"
-        )
-        if self.on_budget_exceeded == "raise":
-            raise PrivacyBudgetExceeded(msg)
-        warnings.warn(msg, stacklevel=3)
-
-    def _only_ours_since(self, base: tuple, now: list) -> bool:
-        """Whether the ledger ``now`` is ``base`` plus steps at this engine's (sigma, q) only."""
-        ours = (self.noise_multiplier, self.sample_rate)
-        if not base:
-            return all((sg[0], sg[1]) == ours for sg in now)
-        k = len(base) - 1
-        if tuple(now[:k]) != base[:k] or len(now) <= k:
-            return False
-        last = now[k]
-        if (last[0], last[1]) != (base[k][0], base[k][1]):
-            return False
-        if (last[0], last[1]) != ours and last[2] != base[k][2]:
-            return False
-        return all((sg[0], sg[1]) == ours for sg in now[k + 1 :])
-
     def _report_dropped(self, wait: bool = False) -> None:
         """Warn about the examples left out of earlier steps for a NaN/Inf
         gradient, once their device-side count is known (without waiting
@@ -592,14 +526,9 @@ class PrivacyEngine:
             self._report_dropped()
             return
         flag = self._sum.nonfinite
-        distributed = self.world_size > 1 or bool(self._sharded)
-        if distributed:
-            # every rank must refuse the step together (one rank raising while
-            # the others enter the all-reduce of the clipped sums would hang)
-            dev = next(iter(self.params.values())).device
-            t = torch.zeros(1, device=dev) if flag is None else flag.to(dev, torch.float32).reshape(1)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self._group)
-            flag = t
+        distributed = self._topology.active
+        if distributed:  # every rank refuses the step together
+            flag = any_rank(flag, next(iter(self.params.values())).device, self._group)
         if flag is not None and (bool(flag) if distributed else self._sum.nonfinite_now()):
             self._clear_step()
             for p in self.params.values():
@@ -616,8 +545,12 @@ class PrivacyEngine:
         """Write ``(sum_i c_i g_i + sigma R z) / B`` into ``p.grad`` of every
         trainable parameter and record the step in the ledger."""
         sigma_r = self.noise_multiplier * self.max_grad_norm
-        if self.world_size > 1 or self._sharded:
-            self._privatize_distributed(sigma_r)
+        if self._topology.active:
+            reduce_noisy_sums(self._sum.totals(), self.params, self._topology, self.noise, sigma_r, self.batch_size)
+            for k, rm in self.row_masks.items():  # rows a row mask leaves out: zero
+                g = self.params[k].grad
+                g.mul_(rm.to(g.device).view_for(g))
+            self.ledger.record(self.noise_multiplier, self.sample_rate, 1)
             return
         flats, per_param = self._sum.layout()
         done: set[str] = set()
@@ -694,7 +627,7 @@ class PrivacyEngine:
         if self._sum.backward_passes == 0 and self._empty_batches == 0:
             raise RuntimeError("dpft: release() called without a backward() since the last step")
         self._finalize_units()
-        self._check_budget()
+        self._budget.check()
         self._check_finite()
         self._check_sampling()
         totals = self._sum.totals()
@@ -714,61 +647,6 @@ class PrivacyEngine:
         self.ledger.record(self.noise_multiplier, self.sample_rate, 1)
         self._clear_step()
         return out
-
-    def _privatize_distributed(self, sigma_r: float) -> None:
-        """Sum the ranks' clipped sums and add noise of total std ``sigma R``.
-
-        Replicated parameters (DDP, or engine-level data parallel): one
-        all-reduce per dtype bucket, each rank adding independent noise of std
-        ``sigma R / sqrt(W)`` first (the sum of W independent draws has std
-        ``sigma R``).  Sharded parameters (FSDP2 DTensors, ``Shard`` placements):
-        a reduce-scatter of the full-size sums, then the one rank that owns
-        each shard adds noise of std ``sigma R`` to it."""
-        totals = self._sum.totals()
-        sharded = set(self._sharded)
-        for k in self._sharded:
-            self._privatize_shard(k, totals.get(k), sigma_r)
-        names = [k for k in self.params if k not in sharded]
-        buckets: dict[tuple, list[str]] = {}
-        for k in names:
-            p = self.params[k]
-            buckets.setdefault((p.device, p.dtype), []).append(k)
-        for ks in buckets.values():
-            parts = []
-            for k in ks:
-                p = self.params[k]
-                t = totals.get(k)
-                parts.append((t.to(p.dtype) if t is not None else torch.zeros_like(p)).reshape(-1))
-            flat = torch.cat(parts)
-            if sigma_r > 0:
-                # in bounded chunks; rows a row mask leaves out are zeroed after the all-reduce
-                self.noise.add_([flat], sigma_r / math.sqrt(self.world_size))
-            torch.distributed.all_reduce(flat, group=self._group)
-            flat.div_(self.batch_size)
-            offset = 0
-            for k in ks:
-                p = self.params[k]
-                p.grad = flat[offset : offset + p.numel()].view(p.shape)
-                offset += p.numel()
-        for k, rm in self.row_masks.items():
-            g = self.params[k].grad
-            g.mul_(rm.to(g.device).view_for(g))
-        self.ledger.record(self.noise_multiplier, self.sample_rate, 1)
-
-    def _privatize_shard(self, k: str, total: torch.Tensor | None, sigma_r: float) -> None:
-        """``p.grad`` of an FSDP2-sharded parameter: this rank's shard of
-        ``(sum over ranks of the clipped sums + sigma R z) / B``."""
-        from torch.distributed.tensor import DTensor, Partial
-
-        p = self.params[k]
-        mesh = p.device_mesh
-        t = total.to(p.dtype) if total is not None else torch.zeros(p.shape, dtype=p.dtype, device=p.device)
-        # every rank holds a full-size partial sum (its own examples); reduce-scatter to the shards
-        local = DTensor.from_local(t, mesh, [Partial()] * mesh.ndim).redistribute(mesh, p.placements).to_local()
-        if sigma_r > 0 and local.numel():
-            self.noise.add_([local], sigma_r)  # each shard has one owner
-        local.div_(self.batch_size)
-        p.grad = DTensor.from_local(local, mesh, p.placements, shape=p.shape, stride=p.stride())
 
     def _row_noise(self, names: list[str]) -> list[torch.Tensor]:
         """Standard normal noise for the selected rows of the row-restricted
@@ -793,7 +671,7 @@ class PrivacyEngine:
                 "for an empty Poisson batch call engine.record_empty_batch() first"
             )
         self._finalize_units()
-        self._check_budget()
+        self._budget.check()
         self._check_finite()
         self._check_sampling()
         self.privatize()

@@ -184,7 +184,7 @@ class DPTrainer(Trainer):
         poisson: Poisson-subsampled logical batches (default) or the
             Trainer's shuffled fixed-size batches.
         privacy_unit: ``"example"`` (default) or ``"user"``: epsilon then
-            protects all the examples of one user (:mod:`dpft.units`).  Give
+            protects all the examples of one user (:mod:`dpft.clip.units`).  Give
             the users as ``user_column`` (a column of an HF ``datasets``
             train set; it never reaches the model) or ``user_ids`` (one id
             per training example).  Users are Poisson-sampled at

@@ -1,7 +1,8 @@
 """The fine-tuning methods by name: what each trains, whether it is private, and its defaults.
 
 A method is one :class:`Method` registered with :func:`register`; the built-in ones are one
-file each in :mod:`dpft.methods.builtin` (``dpft train --method`` offers exactly the
+file each in :mod:`dpft.methods.builtin`, which the package :mod:`dpft.methods` imports (so
+they are registered before anything here is read; ``dpft train --method`` offers exactly the
 registered names, in registration order). Nothing here imports torch: ``dpft --help``
 reads the names and defaults without it (a method's :attr:`Method.select` imports what
 it needs when it runs).
@@ -9,7 +10,6 @@ it needs when it runs).
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -64,7 +64,6 @@ class Method:
 
 
 _METHODS: dict[str, Method] = {}
-_BUILTIN = "dpft.methods.builtin"
 
 
 def register(method: Method) -> Method:
@@ -77,19 +76,13 @@ def register(method: Method) -> Method:
     return method
 
 
-def _load_builtin() -> None:
-    importlib.import_module(_BUILTIN)  # its modules register the built-in methods in order
-
-
 def names(private: bool | None = None) -> tuple[str, ...]:
     """The registered method names in registration order (``private``: only those that are / are not)."""
-    _load_builtin()
     return tuple(n for n, m in _METHODS.items() if private is None or m.private == private)
 
 
 def get(name: str) -> Method:
     """The method registered as ``name``; ``KeyError`` naming the choices otherwise."""
-    _load_builtin()
     try:
         return _METHODS[name]
     except KeyError:

@@ -1,6 +1,6 @@
 """Two-phase schedule (DP-BiTFiT paper): DP full (or LoRA, or any subset)
 fine-tuning first, then DP-BiTFiT, with one privacy ledger and one noise
-multiplier calibrated for the total number of steps."""
+multiplier calibrated for the total number of steps (a :class:`~dpft.methods.phases.PhasePlan`)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import accounting
 from ..engine import PrivacyEngine
+from ..options import EngineOptions
 from .bitfit import bitfit
+from .phases import PhasePlan, split_options
 
 
 class TwoPhase:
@@ -30,7 +31,10 @@ class TwoPhase:
         ...train...
         sched.epsilon   # total over both phases
 
-    ``engine_kwargs`` go to both engines (``max_grad_norm``, ``clipping_fn``, ...).
+    ``options`` (a :class:`dpft.EngineOptions`) or the same options as keywords
+    (``max_grad_norm``, ``clipping_fn``, ...) go to both engines; σ is
+    calibrated once, with ``options.accountant`` and ``target_delta``, for the
+    steps of both phases.
     """
 
     def __init__(
@@ -45,6 +49,7 @@ class TwoPhase:
         target_delta: float | None = None,
         accountant: str = "pld",
         bitfit_extra: Iterable[str] = (),
+        options: EngineOptions | None = None,
         **engine_kwargs: Any,
     ) -> None:
         if phase1_epochs <= 0 or phase2_epochs <= 0:
@@ -54,44 +59,26 @@ class TwoPhase:
         self.steps = (int(math.ceil(phase1_epochs * per_epoch)), int(math.ceil(phase2_epochs * per_epoch)))
         self.batch_size = batch_size
         self.sample_size = sample_size
-        self.target_epsilon = float(target_epsilon)
-        self.target_delta = accounting.default_delta(sample_size) if target_delta is None else float(target_delta)
-        self.accountant = accountant
         self.bitfit_extra = tuple(bitfit_extra)
-        if "options" in engine_kwargs:  # σ is calibrated here, with this accountant and δ: one source for them
-            raise TypeError("TwoPhase takes the engine's options as keywords (max_grad_norm=, clipping_fn=, ...), "
-                            "not options=")
-        self.engine_kwargs = engine_kwargs
-        self.noise_multiplier = accounting.noise_multiplier(
-            target_epsilon=self.target_epsilon,
-            sample_rate=batch_size / sample_size,
-            steps=sum(self.steps),
-            delta=self.target_delta,
-            accountant=accountant,
-        )
-        self.ledger = accounting.Ledger()
+        opts, self.engine_kwargs = split_options(options, dict(engine_kwargs, target_delta=target_delta,
+                                                                accountant=accountant))
+        self.plan = PhasePlan(batch_size=batch_size, sample_size=sample_size, target_epsilon=target_epsilon,
+                              steps={"phase1": self.steps[0], "phase2": self.steps[1]}, options=opts)
+        self.target_epsilon = self.plan.target_epsilon
+        self.target_delta, self.accountant = self.plan.target_delta, self.plan.accountant
+        self.noise_multiplier = self.plan.noise_multiplier
+        self.ledger = self.plan.ledger
         self.engine: PrivacyEngine | None = None
 
-    def _engine(self, steps: int, optimizer: torch.optim.Optimizer) -> PrivacyEngine:
-        engine = PrivacyEngine(
-            self.model,
-            batch_size=self.batch_size,
-            sample_size=self.sample_size,
-            steps=steps,
-            noise_multiplier=self.noise_multiplier,
-            epsilon_budget=self.target_epsilon,
-            target_delta=self.target_delta,
-            accountant=self.accountant,
-            ledger=self.ledger,
-            **self.engine_kwargs,
-        )
+    def _engine(self, phase: str, optimizer: torch.optim.Optimizer) -> PrivacyEngine:
+        engine = self.plan.engine(self.model, phase, **self.engine_kwargs)
         engine.attach(optimizer)
         self.engine = engine
         return engine
 
     def phase1(self, optimizer: torch.optim.Optimizer) -> PrivacyEngine:
         """Start phase 1 with the model's current trainable parameters."""
-        return self._engine(self.steps[0], optimizer)
+        return self._engine("phase1", optimizer)
 
     def phase2(self, make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]) -> PrivacyEngine:
         """Detach phase 1, switch to DP-BiTFiT and start phase 2."""
@@ -99,9 +86,9 @@ class TwoPhase:
             self.engine.detach()
         bitfit(self.model, self.bitfit_extra)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        return self._engine(self.steps[1], make_optimizer(params))
+        return self._engine("phase2", make_optimizer(params))
 
     @property
     def epsilon(self) -> float:
         """Total epsilon spent over both phases at ``target_delta``."""
-        return self.ledger.epsilon(self.target_delta, accountant=self.accountant)
+        return self.plan.epsilon

@@ -22,10 +22,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import accounting
 from ..data import split_physical
+from ..options import EngineOptions
 from ..rows import ATTR, REGISTRY, RowMask, compact_rows, reattach, row_masks  # noqa: F401 (dpft.sparta's names)
 from ..rules.linear import is_hf_conv1d
+from .phases import PhasePlan, split_options
 
 
 def row_dim(module: nn.Module, local_name: str) -> int:
@@ -338,7 +339,8 @@ class Sparta:
         ...train...
 
     The noise multiplier is calibrated once for warm-up + scoring + training
-    steps at the same sampling rate; ``epsilon`` is the total.
+    steps at the same sampling rate (a :class:`~dpft.methods.phases.PhasePlan`:
+    one ledger for all phases); ``epsilon`` is the total.
 
     With a public baseline selection (``selection="random"`` or
     ``"magnitude"``, :data:`PUBLIC_SELECTIONS`) there is no scoring pass:
@@ -363,6 +365,8 @@ class Sparta:
         squared: score rows by the sum of squared accumulated values instead of the sum.
         noise_multiplier: use this sigma instead of calibrating one to ``target_epsilon``
             (the budget still stops training at ``target_epsilon``).
+        options: how every phase's engine privatizes (a :class:`dpft.EngineOptions`),
+            or the same options as keywords (``max_grad_norm=``, ``clipping_fn=``, ...).
     """
 
     def __init__(
@@ -384,6 +388,7 @@ class Sparta:
         target_delta: float | None = None,
         accountant: str = "pld",
         noise_multiplier: float | None = None,
+        options: EngineOptions | None = None,
         **engine_kwargs: Any,
     ) -> None:
         if not 0 < density <= 1:
@@ -419,23 +424,16 @@ class Sparta:
         }
         self.batch_size, self.sample_size = batch_size, sample_size
         self.density, self.squared, self.global_selection = density, squared, global_selection
-        self.target_epsilon = float(target_epsilon)
-        self.target_delta = accounting.default_delta(sample_size) if target_delta is None else float(target_delta)
-        self.accountant = accountant
-        if "options" in engine_kwargs:  # σ is calibrated here, with this accountant and δ: one source for them
-            raise TypeError("Sparta takes the engine's options as keywords (max_grad_norm=, clipping_fn=, ...), "
-                            "not options=")
-        self.engine_kwargs = engine_kwargs
-        # σ calibrated for exactly the planned steps (no scoring steps with a public selection)
-        self.calibrated = noise_multiplier is None
-        if noise_multiplier is not None:  # explicit sigma (0 = no privacy, for tests and debugging)
-            self.noise_multiplier = float(noise_multiplier)
-        else:
-            self.noise_multiplier = accounting.noise_multiplier(
-                target_epsilon=self.target_epsilon, sample_rate=batch_size / sample_size,
-                steps=sum(self.steps.values()), delta=self.target_delta, accountant=accountant,
-            )
-        self.ledger = accounting.Ledger()
+        opts, self.engine_kwargs = split_options(options, dict(engine_kwargs, target_delta=target_delta,
+                                                                accountant=accountant))
+        # σ calibrated once for exactly the planned steps (no scoring steps with a public selection)
+        self.plan = PhasePlan(batch_size=batch_size, sample_size=sample_size, steps=self.steps,
+                              target_epsilon=target_epsilon, options=opts, noise_multiplier=noise_multiplier)
+        self.target_epsilon = self.plan.target_epsilon
+        self.target_delta, self.accountant = self.plan.target_delta, self.plan.accountant
+        self.calibrated = self.plan.calibrated
+        self.noise_multiplier = self.plan.noise_multiplier
+        self.ledger = self.plan.ledger
         self.scores: dict[str, Tensor] | None = None
         self.masks: dict[str, Tensor] | None = None
         self.engine: Any = None
@@ -449,16 +447,9 @@ class Sparta:
             p.requires_grad_(n.endswith("bias") or self._always(n) or n in extra)
 
     def _engine(self, phase: str, **kw: Any):
-        from ..engine import PrivacyEngine
-
         if self.engine is not None:
             self.engine.detach()
-        self.engine = PrivacyEngine(
-            self.model, batch_size=self.batch_size, sample_size=self.sample_size,
-            steps=max(1, self.steps[phase]), noise_multiplier=self.noise_multiplier,
-            epsilon_budget=self.target_epsilon, target_delta=self.target_delta,
-            accountant=self.accountant, ledger=self.ledger, **self.engine_kwargs, **kw,
-        )
+        self.engine = self.plan.engine(self.model, phase, **{**self.engine_kwargs, **kw})
         return self.engine
 
     def warmup(self, optimizer: torch.optim.Optimizer):
@@ -620,4 +611,4 @@ class Sparta:
     @property
     def epsilon(self) -> float:
         """Total epsilon over all phases so far."""
-        return self.ledger.epsilon(self.target_delta, accountant=self.accountant)
+        return self.plan.epsilon

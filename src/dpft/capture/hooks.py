@@ -12,265 +12,54 @@ keep working when the output is later modified in place (``x += shortcut``,
 
 At the end of each backward pass (an autograd engine callback) the collected
 contributions are handed to a sink (the engine), which clips and sums them.
+
+The planning (:mod:`.plan`), the refusals and self-checks (:mod:`.checks`) and
+the torch-internals corner (:mod:`.autograd`) live beside this module;
+:class:`Capture` takes the first two as mixins, so a hook calls no further.
 """
 
 from __future__ import annotations
 
 import math
-import zlib
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.utils import parametrize
-from torch.overrides import TorchFunctionMode
 
-from .rules import BUILTIN, ESCALATED, FALLBACK, PARAMETRIZED, Call, Contribution, Direct, Rule, find_rule
-from . import norms
-from .norms import acc_dtype_of, instantiation_frees, instantiation_pays, prefer_ghost
-from .precision import full_fp32
-from .rules.base import HALF, Factored, UnsupportedModuleError, clear_half_copies
-from .rules.embedding import EmbeddingRule, check_embedding
-from .rules.fallback import FallbackRule, _flat_tensors, fresh_caches, rng_state
-from .rules.functional import CONVERSIONS, OPS, OPS_OF, overriding_parent
-
-
-class BatchNormError(TypeError):
-    """BatchNorm in training mode mixes examples and cannot be made DP."""
-
-
-BATCHNORM_MESSAGE = (
-    "BatchNorm normalizes with statistics of the whole batch, so one example's output (and "
-    "gradient) depends on the other examples: per-example clipping does not bound the "
-    "sensitivity and the result is not differentially private. Replace it with GroupNorm: "
-    "`model = dpft.convert_batchnorm_to_groupnorm(model)`, or keep BatchNorm frozen in eval "
-    "mode (running statistics, no trainable BatchNorm parameters)."
+from ..clip import norms
+from ..clip.norms import (
+    acc_dtype_of,
+    instantiation_frees,
+    instantiation_pays,
+    prefer_ghost,
 )
-
-
-class _ExpandRule(Rule):
-    """Parameters with a leading broadcast dim of 1 held by a container
-    module (ViT's ``cls_token`` / ``pos_embed``): the container sees a
-    per-example expanded view during its forward, whose gradient is the
-    per-example gradient."""
-
-    def on_grad(self, call: Call, grad: Tensor, params: frozenset[str]) -> None:
-        (name,) = tuple(params)
-        call.results[name] = grad
-
-    def contributions(self, call: Call, params: frozenset[str]) -> dict[str, Contribution]:
-        return {k: Direct(call.results[k].unsqueeze(1)) for k in params}
-
-
-EXPAND = _ExpandRule()
-
-
-@dataclass
-class Binding:
-    """One module and the trainable parameters its rule covers."""
-
-    module: nn.Module
-    name: str
-    rule: Rule
-    params: frozenset[str]  # local names (dotted for recursive rules)
-    keys: dict[str, str]  # local name -> canonical parameter name
-    expand: bool = False
-    toggled: list[nn.Parameter] = field(default_factory=list)
-    stash: dict[str, nn.Parameter] = field(default_factory=dict)
-    rng: Any = None
-    autocast: Any = None
-    kwargs: dict = field(default_factory=dict)
-    fallback: bool = False
-    needs_save: bool = True
-    lane: list[tuple[str, str, int, int, tuple[int, ...]]] = field(default_factory=list)  # (local, key, offset, numel, shape)
-    slow: frozenset[str] = frozenset()  # params handed to the sink as contributions
-    early: frozenset[str] = frozenset()  # weights that may be instantiated in the backward hook
-    early_by_shape: dict = field(default_factory=dict)  # (output-gradient shape, dtype) -> instantiated early?
-    done: Any = None  # the rule's hook to drop saved inputs once eager results are out
-    off: bool = False  # some of its parameters are switched off for autograd in a whole forward
-    book_keeping: bool = False  # its weights are switched off in its forward (after the first passes)
-    rows: int = 0  # rows per example where its output flattens examples' rows into dim 0
-    #: flattened rows: None (not seen yet), "" (verified example by example), else what is wrong
-    verdict: str | None = None
-    #: rows taken as examples (leading dimension equal to the batch size): None (not
-    #: verified yet: verified in the first forward where they are seen, the first
-    #: passes or later), "" (verified: row r feeds example r's output alone), else what is wrong
-    own: str | None = None
-    above: int = 0  # where ``own`` found rows that are not examples: the module recomputed for it (by id)
-    #: the parent class whose operator the rule computes, where the module's
-    #: class overrides its forward: the operator call is caught inside it
-    tap: type | None = None
-    mode: Any = None  # the active :class:`_OpTap` during the module's forward
-    ran: int = 0  # forwards of the module seen (see Capture._absorb_idle)
-    #: generic-path container: the bindings of modules inside it, and their ``ran`` when its forward began
-    inner: list = field(default_factory=list)
-    snapshot: tuple = ()
-    absorbed: bool = False  # its parameters were taken over by an enclosing generic-path module
-    reason: str = ""  # why its output went to an enclosing module (said if none can take it)
-    unused: bool = False  # did not run and its parameters got no gradient (see Capture._unused_back)
-
-
-def _module_params(module: nn.Module, recursive: bool) -> dict[str, nn.Parameter]:
-    if recursive:
-        return dict(module.named_parameters())
-    return {k: p for k, p in module._parameters.items() if p is not None}
-
-
-def plan_model(model: nn.Module) -> tuple[list[Binding], dict[str, str]]:
-    """Assign every trainable parameter use to a rule.
-
-    Returns the bindings and ``owner``: canonical parameter name -> name of
-    the (first) module owning it.  Raises :class:`UnsupportedModuleError`
-    naming the module and parameter when a trainable parameter cannot be
-    handled exactly, and :class:`BatchNormError` for trainable BatchNorm."""
-    canonical = {id(p): n for n, p in model.named_parameters()}
-    bindings: list[Binding] = []
-    owner: dict[str, str] = {}
-    skip: set[int] = set()
-    for mname, module in model.named_modules():
-        if id(module) in skip:
-            continue
-        rule = PARAMETRIZED if parametrize.is_parametrized(module) else find_rule(module)
-        recursive = isinstance(rule, FallbackRule) and rule.recursive
-        params = {k: p for k, p in _module_params(module, recursive).items() if p.requires_grad}
-        if recursive:
-            skip.update(id(m) for m in module.modules())
-        if not params:
-            continue
-        label = mname or type(module).__name__
-        if isinstance(module, _BatchNorm):
-            raise BatchNormError(f"dpft: module '{label}' ({type(module).__name__}) has trainable parameters. " + BATCHNORM_MESSAGE)
-        if isinstance(module, nn.Embedding):
-            check_embedding(module, label)
-        expand = False
-        if rule is not None and not all(rule.supports(module, k) for k in params):
-            # a parameter its rule does not know: the whole module takes the exact generic path
-            rule = FALLBACK
-        if rule is None:
-            if list(module.children()) and all(p.ndim >= 2 and p.shape[0] == 1 for p in params.values()):
-                rule, expand = EXPAND, True
-            else:
-                # a leaf of unknown type, or parameters held directly by a container
-                # (layer scale, class embedding, relative position tables, SSM
-                # parameters): the generic path recomputes the module's forward
-                # and pulls each example's output gradient back to them
-                rule = FALLBACK
-        keys = {k: canonical[id(p)] for k, p in params.items()}
-        for k in keys.values():
-            owner.setdefault(k, label)
-        if expand:
-            for k in params:
-                bindings.append(Binding(module, label, rule, frozenset([k]), {k: keys[k]}, expand=True))
-        else:
-            parent = overriding_parent(module)
-            tap = parent if parent is not None and BUILTIN.get(parent) is rule else None
-            bindings.append(Binding(module, label, rule, frozenset(params), keys, tap=tap))
-    return bindings, owner
-
-
-def _autocast_state(device: torch.device | None) -> tuple[str, torch.dtype] | None:
-    """The autocast context active for ``device`` (re-entered when a fallback recomputes)."""
-    kind = device.type if device is not None else "cpu"
-    try:
-        if torch.is_autocast_enabled(kind):
-            return kind, torch.get_autocast_dtype(kind)
-    except (TypeError, RuntimeError):  # device types without autocast
-        return None
-    return None
-
-
-class _HookDict(dict):
-    """A tensor's hook dictionary (weak-referenceable, like torch's OrderedDict)."""
-
-
-def is_dtensor(p: Tensor) -> bool:
-    """Whether ``p`` is a DTensor (an FSDP2-sharded parameter)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return False
-    return isinstance(p, DTensor)
-
-
-class _Tap(torch.autograd.Function):
-    """``out`` made part of the graph through ``weight`` (whose gradient it
-    never gives): the output of a book-keeping layer computed with its
-    parameters switched off, when no input requires grad either (``weight``:
-    the layer's weight, or a scalar leaf for a switched-off lane).  ``out`` is returned
-    itself (marked as modified in place, so that later in-place operations on
-    it stay allowed); a view is copied first, as autograd requires."""
-
-    @staticmethod
-    def forward(ctx: Any, out: Tensor, weight: Tensor) -> Tensor:
-        if out._base is not None:
-            return out.clone()
-        ctx.mark_dirty(out)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return grad, None
-
-
-def _saving_hooks_active() -> bool:
-    """Whether saved-tensor hooks (:class:`torch.autograd.graph.saved_tensors_hooks`)
-    decide how autograd keeps the tensors saved now: non-reentrant activation
-    checkpointing (``torch.utils.checkpoint(..., use_reentrant=False)``, the
-    default of Hugging Face's ``gradient_checkpointing_enable``) in its
-    forward and its recomputation, or ``save_on_cpu`` offloading.  Where torch
-    does not say, False (the inputs are kept as usual)."""
-    try:
-        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
-    except (AttributeError, TypeError, RuntimeError):  # pragma: no cover - another torch
-        return False
-
-
-class _Pack(torch.autograd.Function):
-    """Saves a layer's captured inputs as autograd saves its own tensors,
-    through the active saved-tensor hooks: under non-reentrant activation
-    checkpointing nothing is kept in the forward pass, and reading them back
-    in the backward pass (``out.grad_fn.saved_tensors``) returns the
-    recomputed values, like every tensor the segment's backward reads.  The
-    recomputation packs the same tensors in the same order, so checkpoint's
-    count of saved tensors matches.  ``anchor`` (a scalar leaf that requires
-    grad) makes autograd record the node; its output feeds nothing, so its
-    backward never runs."""
-
-    @staticmethod
-    def forward(ctx: Any, anchor: Tensor, *tensors: Tensor) -> Tensor:
-        ctx.save_for_backward(*tensors)
-        ctx.count = len(tensors)
-        return anchor.new_zeros(())
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[None, ...]:  # pragma: no cover - never reached
-        return (None,) * (1 + ctx.count)
-
-
-def _add_grad_hook(t: Tensor, fn: Callable[[Tensor], None]) -> None:
-    """``t.register_hook(fn)`` without the removable handle (these hooks are
-    never removed: they go with the graph), which costs a few microseconds
-    per hooked module and step.  Plain tensors with a ``grad_fn`` take the
-    short way through the same hook dictionary ``register_hook`` uses; any
-    other case (tensor subclasses, hooks already present) the public one."""
-    node = t.grad_fn
-    if node is not None and type(t) is Tensor and t._backward_hooks is None:
-        try:
-            # a dict subclass can be weakly referenced, as later register_hook
-            # calls on the same tensor need; -1 is no handle id (those count up from 0)
-            hooks = _HookDict()
-            hooks[-1] = fn
-            t._backward_hooks = hooks
-            node._register_hook_dict(t)
-            return
-        except (AttributeError, RuntimeError, TypeError):
-            t._backward_hooks = None  # type: ignore[assignment]
-    t.register_hook(fn)
+from ..distributed import is_dtensor
+from ..precision import full_fp32
+from ..rules import ESCALATED, FALLBACK, Call, Contribution, Direct
+from ..rules.base import HALF, Factored, UnsupportedModuleError, clear_half_copies
+from ..rules.embedding import EmbeddingRule
+from ..rules.fallback import FallbackRule, _flat_tensors, fresh_caches, rng_state
+from .autograd import (
+    _add_grad_hook,
+    _autocast_state,
+    _OpTap,
+    _Pack,
+    _saving_hooks_active,
+    _Tap,
+)
+from .checks import (
+    BATCHNORM_MESSAGE,
+    BatchNormError,
+    SelfChecks,
+    _fingerprint,
+    _named,
+    _Print,
+)
+from .plan import Binding, LanePlanning, plan_model
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
@@ -285,125 +74,7 @@ def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
 Sink = Callable[[dict[str, list[Contribution]], int, "tuple[tuple[str, ...], Tensor] | None"], None]
 
 
-#: random directions each gradient is projected on by the first passes' self-check
-CHECK_PROJECTIONS = 3
-_CHUNK = 1 << 20
-
-
-@dataclass(frozen=True)
-class _Print:
-    """A gradient reduced to its projections on fixed random directions
-    (float64, ``(CHECK_PROJECTIONS,)``) and its norm."""
-
-    proj: Tensor
-    norm: Tensor
-    half: bool
-
-
-def _model_tensors(output: Any) -> list[Tensor]:
-    """The tensors of a model's output: those :func:`_flat_tensors` finds,
-    and the tensor attributes of a plain object holding them."""
-    flat = [t for t in _flat_tensors(output) if t is not None]
-    if not flat and not isinstance(output, (Tensor, tuple, list, dict)) and hasattr(output, "__dict__"):
-        flat = [v for v in vars(output).values() if isinstance(v, Tensor)]
-    return flat
-
-
-def _ignore_grad(b: Any, call: Any, grad: Tensor) -> None:
-    """The hook of a call whose uses an enclosing module's recomputation covers."""
-
-
-def _no_pull_back(outs: list[Tensor]) -> bool:
-    """Whether the autograd graph behind ``outs`` holds a region that a
-    pull-back keeping the graph (``torch.autograd.grad(..., retain_graph=True)``)
-    cannot go through: reentrant activation checkpointing, or a graph compiled
-    by ``torch.compile`` (whose backward may donate its buffers)."""
-    seen: set[int] = set()
-    stack = [t.grad_fn for t in outs if t.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if "CheckpointFunction" in type(node).__name__ or "CompiledFunction" in type(node).__name__:
-            return True
-        stack.extend(f for f, _ in node.next_functions)
-    return False
-
-
-def _fingerprint(g: Tensor, key: str) -> _Print:
-    """``g``'s projections on directions drawn from a generator seeded by the
-    parameter's name (the same for autograd's gradient and dpft's sum), in
-    chunks: a mismatch ``d`` shows as projections of size about ``|d|``.
-    The directions are drawn in float32 (independent standard normal entries
-    all the same, several times cheaper to draw than in float64) and promoted:
-    the products and sums are float64, so the gradient loses no precision."""
-    flat = g.detach().reshape(-1)
-    gen = torch.Generator(device=flat.device)
-    gen.manual_seed(zlib.crc32(key.encode()))
-    proj = torch.zeros(CHECK_PROJECTIONS, dtype=torch.float64, device=flat.device)
-    for start in range(0, flat.numel(), _CHUNK):
-        part = flat[start : start + _CHUNK].double()
-        r = torch.randn(CHECK_PROJECTIONS, part.numel(), generator=gen, dtype=torch.float32, device=flat.device)
-        proj += r.double() @ part
-    return _Print(proj, torch.linalg.vector_norm(flat, dtype=torch.float64), g.dtype in HALF)
-
-
-def _named(b: Binding, e: Exception) -> Exception:
-    """``e`` as an error that names the module (dpft's own errors pass as they are)."""
-    if isinstance(e, (UnsupportedModuleError, torch.OutOfMemoryError)) or str(e).startswith("dpft:"):
-        return e
-    return UnsupportedModuleError(
-        f"dpft: module '{b.name}' ({type(b.module).__name__}): its per-example gradients could not be "
-        f"computed ({type(e).__name__}: {e}). Freeze its parameters, or report this module to dpft."
-    )
-
-
-class _OpTap(TorchFunctionMode):
-    """Active during the forward of a module whose class overrides its
-    parent's ``forward`` (see :mod:`dpft.rules.functional`): catches the
-    parent's operator called with the module's weight and hands that call
-    (its own input and output) to the rule, as if the parent's forward had
-    run.  A call whose other arguments differ from what the rule reads off the
-    module is refused."""
-
-    def __init__(self, capture: "Capture", b: Binding) -> None:
-        super().__init__()
-        self.capture, self.b = capture, b
-        self.ops = OPS_OF[b.tap]  # type: ignore[index]
-        self.weight = b.module._parameters.get("weight")
-        self.aliases: list[Tensor] = []  # value-preserving conversions of the weight (kept alive: ids)
-        self.hits = 0  # operator calls caught with the weight
-
-    def _is_weight(self, t: Any) -> bool:
-        return t is self.weight or any(t is a for a in self.aliases)
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func in self.ops:
-            spec = OPS[func]
-            bound = spec.bind(args, kwargs)
-            if self.weight is not None and self._is_weight(bound.get("weight")):
-                b = self.b
-                why = spec.check(b.module, bound)
-                if why is not None:
-                    raise UnsupportedModuleError(
-                        f"dpft: module '{b.name}' ({type(b.module).__name__}) overrides the forward of "
-                        f"{b.tap.__name__} and calls {getattr(func, '__name__', func)} with {why}; "  # type: ignore[union-attr]
-                        "dpft's per-example rule would compute another function's gradient. Freeze its "
-                        "parameters or register a rule for this class with dpft.register_rule."
-                    )
-                self.hits += 1
-                replaced = self.capture._post(b, b.module, (bound["input"],), out)
-                if replaced is not None:
-                    out = replaced
-        elif func in CONVERSIONS and args and self._is_weight(args[0]) and isinstance(out, Tensor):
-            self.aliases.append(out)
-        return out
-
-
-class Capture:
+class Capture(LanePlanning, SelfChecks):
     """Installs and removes the hooks; hands per-backward contributions to ``sink``."""
 
     def __init__(
@@ -486,69 +157,6 @@ class Capture:
         self._ckpt_seen = False  # ... in a forward of the first passes
         self._refusal = ""  # rows found not to be examples, none to take them over (see _own_rows)
 
-    def _plan_lane(self, no_lane: set[str]) -> None:
-        """The flat lane: parameters whose per-example gradients are reduced
-        eagerly in the hooks (biases, norm weights, container tokens) are
-        written straight into one ``(B, total)`` buffer per backward pass, so
-        norms, clipping and the weighted sum cost a handful of kernels."""
-        params = dict(self.model.named_parameters())
-        eager_uses: dict[str, int] = {}
-        all_uses: dict[str, int] = {}
-        for b in self.bindings:
-            b.fallback = isinstance(b.rule, FallbackRule)
-            eager = set(b.params) if b.expand else set(b.rule.eager) & set(b.params)
-            for local, key in b.keys.items():
-                all_uses[key] = all_uses.get(key, 0) + 1
-                if local in eager:
-                    eager_uses[key] = eager_uses.get(key, 0) + 1
-        keys = [k for k in eager_uses if eager_uses[k] == all_uses[k] and k not in no_lane]
-        kinds = {(params[k].device, params[k].dtype == torch.float64) for k in keys}
-        if len(kinds) != 1:
-            keys = []  # mixed devices / precisions: no lane (the general path handles them)
-        self.lane_keys = tuple(keys)
-        self.lane_offsets: dict[str, tuple[int, int]] = {}
-        self.lane_index: dict[str, int] = {}
-        self._lane_shapes = [tuple(params[k].shape) for k in keys]
-        offset = 0
-        for i, k in enumerate(keys):
-            self.lane_offsets[k] = (offset, params[k].numel())
-            self.lane_index[k] = i
-            offset += params[k].numel()
-        self.lane_total = offset
-        # lane parameters autograd need not differentiate once the uses are
-        # cross-checked (book-keeping): their per-example gradients come from
-        # the output gradients in the hooks; not those of expanded container
-        # parameters (their hook sits on the expanded copy)
-        expanded = {key for b in self.bindings if b.expand for key in b.keys.values()}
-        self._lane_params = [params[k] for k in keys if k not in expanded]
-        for b in self.bindings:
-            b.off = any(key in self.lane_offsets and key not in expanded for key in b.keys.values())
-        self.lane_dtype = torch.float64 if keys and params[keys[0]].dtype == torch.float64 else torch.float32
-        self.lane_device = params[keys[0]].device if keys else None
-        for b in self.bindings:
-            # (local name, key, index of its view of the lane buffer); a
-            # module's bias first (a normalization weight's shortcut reuses its sum)
-            b.lane = sorted(
-                [(local, key, self.lane_index[key]) for local, key in b.keys.items() if key in self.lane_offsets],
-                key=lambda entry: entry[0] != "bias",
-            )
-            b.slow = frozenset(local for local, key in b.keys.items() if key not in self.lane_offsets)
-            b.early = frozenset(
-                local
-                for local in b.slow
-                if local == "weight"
-                and self.norm_mode in ("mixed", "instantiate")
-                and b.rule.instantiates_early
-                and not b.fallback
-                and all_uses[b.keys[local]] == 1
-                and b.keys[local] not in no_lane
-            )
-            b.needs_save = b.fallback or b.rule.needs_save(b.module, b.params)
-            # (a module that saved nothing has nothing to drop after its eager sums)
-            b.done = getattr(b.rule, "done", None) if not b.slow and b.needs_save else None
-        self._lane_buf: Tensor | None = None
-        self._lane_views: tuple[Tensor, ...] = ()  # per lane parameter, made with the buffer
-        self._lane_seen: set[str] = set()
 
     # -- installation -------------------------------------------------------
     def attach(self) -> None:
@@ -976,91 +584,6 @@ class Capture:
         self._fallback_call(b, module, args, state, flat, n if n is not None else flat[0].shape[0])
         return None
 
-    def _mixed_use(self, b: Binding) -> None:
-        """``b``'s layer ran on the batch and, in the same forward, on a tensor
-        shared by the batch (DeBERTa with ``share_att_key``: query_proj on the
-        relative position embeddings): the shared use's gradient can only come
-        from an enclosing module's recomputation, which would count the batch
-        use twice."""
-        raise UnsupportedModuleError(
-            f"dpft: module '{b.name}' ({type(b.module).__name__}) is applied both to the batch and, in the same "
-            "forward, to a tensor shared by the whole batch (leading dimension 1, e.g. relative position "
-            "embeddings); dpft cannot give each example its own gradient of the shared use without changing "
-            "the shape the model's code sees. Freeze this module's parameters (e.g. train it with LoRA instead)."
-        )
-
-    def _watch(self, module: nn.Module, snap: list[int]) -> None:
-        """The first passes: hooked children of ``module`` that did not run
-        during its forward although their parameters train (the parent used
-        their weights directly) are handed to ``module``'s recomputation, in
-        this forward and every later one."""
-        children = self._watched[id(module)][1]
-        # (a module holding a parameter that other hooked modules also hold, e.g. T5's
-        # ``shared`` tied to ``embed_tokens`` and ``lm_head``, is an alias: their hooks see the uses)
-        idle = [c for c, r in zip(children, snap) if c.ran == r and not c.absorbed and not c.unused and c in self.bindings
-                and not any(self._holders.get(k, 0) > 1 for k in c.keys.values())]
-        if not idle:
-            return
-        for c in idle:
-            c.absorbed = True
-            self.bindings.remove(c)
-        self._idle_in.setdefault(id(module), []).extend(idle)
-        self._replan_lane({k for c in idle for k in c.keys.values()})
-
-    def _replan_lane(self, moved: set[str]) -> None:
-        """The flat lane planned again after the parameters ``moved`` left
-        their modules' rules for a recomputation, or came back (before the
-        backward pass, or at its end)."""
-        offs = {id(x): x.off for x in self.bindings}
-        self._plan_lane(self._no_lane)
-        for x in self.bindings:
-            x.off = x.off or offs[id(x)]
-        ruled = {id(self._param(k)) for b in self.bindings for k in b.keys.values()}
-        taken = {id(self._param(k)) for cs in self._idle_in.values() for c in cs for k in c.keys.values()}
-        taken |= {id(self._param(k)) for b in self.bindings if b.fallback for k in b.keys.values()}
-        self._switchable = self._lane_params + [p for p in self._off_weights if id(p) in ruled and id(p) not in taken]
-
-    def _unused_back(self, got: set[str]) -> None:
-        """After a first backward pass: a module taken over because it did
-        not run (see :meth:`_watch`) whose parameters got no gradient at all
-        is simply unused in this model's forward (CLIP's text tower under an
-        image classifier, a pooler no head reads): it gets its own hooks
-        back, so that its parent is not recomputed at every step for nothing."""
-        back = []
-        for key, cs in list(self._idle_in.items()):
-            for c in [c for c in cs if not any(k in got for k in c.keys.values())]:
-                cs.remove(c)
-                c.absorbed, c.unused = False, True
-                self.bindings.append(c)
-                back.append(c)
-            if not cs:
-                del self._idle_in[key]
-        if back:
-            self._replan_lane(set())
-            keys = {k for c in back for k in c.keys.values()}
-            self._escalated = {k: e for k, e in self._escalated.items() if not keys & set(e.keys.values())}
-
-    def _absorb_idle(self, b: Binding) -> None:
-        """In the first passes: modules inside the generic-path container ``b``
-        that did not run during its forward, although their parameters train
-        (Mamba's ``dt_proj``, whose weight and bias the mixer uses directly),
-        are taken over by ``b``: its recomputation covers their parameters
-        too, from this forward on (their own hooks would never see a use)."""
-        idle = [c for c, r in zip(b.inner, b.snapshot) if c.ran == r and not c.absorbed]
-        b.snapshot = ()
-        if not idle:
-            return
-        prefix = {id(m): k + "." for k, m in b.module.named_modules() if k}
-        moved: set[str] = set()
-        for c in idle:
-            c.absorbed = True
-            for local, key in c.keys.items():
-                b.keys[prefix[id(c.module)] + local] = key
-                moved.add(key)
-            self.bindings.remove(c)
-        b.params = frozenset(b.keys)
-        b.inner = [c for c in b.inner if not c.absorbed]
-        self._replan_lane(moved)
 
     def _fallback_call(self, b: Binding, module: nn.Module, args: tuple, state: tuple, flat: list, n: int) -> None:
         """A generic-path call of ``module``: keep its inputs (and the RNG and
@@ -1181,149 +704,6 @@ class Capture:
             return
         self._fallback_call(esc, module, stash[0], stash[2], flat, n)  # type: ignore[arg-type]
 
-    def _rows_problem(self, b: Binding, x: Tensor, output: Tensor, n: int) -> str | None:
-        """Verify that rows ``j*k .. (j+1)*k - 1`` of ``output`` belong to
-        example ``j`` alone: either the layer's input ``x`` is a flat view of
-        a contiguous batch-first tensor (token ids reshaped to ``(B*T,)``), or,
-        pulled back to the nearest batch-first tensor before this layer
-        (another hooked layer's output), a random gradient on those rows
-        reaches example ``j`` and no other.  A time-major flattening
-        (``(T*B, d)``) or windows mixing examples would be caught.  Only in
-        the first backward passes' forwards; a few examples are probed.
-        Returns what is wrong, or ``None``."""
-        base = x._base
-        if (base is not None and base.shape[0] == n and base.is_contiguous() and x.is_contiguous()
-                and x.data_ptr() == base.data_ptr() and x.numel() == base.numel()):
-            return None
-        if _saving_hooks_active():
-            # a pull-back here would make non-reentrant checkpointing recompute
-            # its region in the middle of the region's own forward
-            return (
-                f"dpft: module '{b.name}' ({type(b.module).__name__}) has {output.shape[0]} rows for {n} "
-                "examples inside an activation-checkpointed region, where dpft can verify which rows are "
-                "whose only if the layer's input is a flat view of a batch-first tensor; it will not guess. "
-                "Keep the batch dimension first, checkpoint without this layer, or freeze it."
-            )
-        k = output.shape[0] // n
-        probes = sorted({0, n - 1, n // 2})
-        for anchor in reversed(self._anchors):
-            for j in probes:
-                cot = torch.zeros_like(output)
-                # (from a generator of dpft's own: the model's RNG stream, which dropout
-                # reads and the generic path replays, must not move)
-                gen = torch.Generator(device=cot.device)
-                gen.manual_seed(j)
-                cot[j * k : (j + 1) * k] = torch.randn(cot[j * k : (j + 1) * k].shape, generator=gen,
-                                                       dtype=cot.dtype, device=cot.device)
-                self.enabled = False  # (this pull-back must not reach dpft's own hooks)
-                try:
-                    (g,) = torch.autograd.grad(output, anchor, cot, retain_graph=True, allow_unused=True)
-                finally:
-                    self.enabled = True
-                if g is None:
-                    break  # this anchor is not upstream of the layer: try an earlier one
-                reached = g.detach().reshape(n, -1).ne(0).any(dim=1)
-                reached[j] = False
-                if bool(reached.any()):
-                    return (
-                        f"dpft: module '{b.name}' ({type(b.module).__name__}) has {output.shape[0]} rows for "
-                        f"{n} examples, and rows {j * k}..{(j + 1) * k - 1} depend on other examples than "
-                        f"example {j}: the rows are not flattened example by example, so dpft cannot tell "
-                        "whose they are. Keep the batch dimension first, or freeze this module."
-                    )
-            else:
-                return None
-        return (
-            f"dpft: module '{b.name}' ({type(b.module).__name__}) has {output.shape[0]} rows for {n} "
-            "examples and no batch-first tensor before it to check which rows are whose; dpft will "
-            "not guess. Keep the batch dimension first, or freeze this module."
-        )
-
-    def _own_rows(self, unverified: list[tuple[Binding, Tensor, Any]], output: Any) -> bool:
-        """At the end of a forward where some outputs were taken as one row per
-        example for the first time (the first passes, or a later batch whose
-        size first equals a layer's leading dimension): verify that the
-        outputs taken as one row per example (leading dimension equal to the
-        batch size) are: a random gradient on example ``j``'s rows of the
-        model's batch-first outputs, pulled back to them, must reach row ``j``
-        alone.  A table shared by the batch, a layer run sequence-first or
-        tokens routed from several examples whose count merely equals the
-        batch size are caught (their per-example gradients would be silently
-        wrong).  The verdict is kept per module.  A module whose rows are not
-        examples is handed to the nearest enclosing module whose outputs are
-        (its recomputation, the exact generic path, from this forward on:
-        see :meth:`_take_over_now`), else refused, naming it.  Where the model
-        returns no batch-first tensor (a loss only), or the graph holds an
-        activation-checkpointed region or a compiled graph, nothing can be
-        verified here: returns False."""
-        outs = [t for t in _model_tensors(output) if t.requires_grad and t.ndim > 0]
-        n = next((t.shape[0] for _, t, _ in unverified), 0)
-        outs = [t for t in outs if t.shape[0] == n]
-        kept, self._kept = self._kept, {}
-        if not outs or n < 2 or _no_pull_back(outs):
-            return False
-        wrong = self._reach_others([t for _, t, _ in unverified], outs, n)
-        for b, t, _ in unverified:
-            r = wrong.get(id(t))
-            if r is not None and not b.own:
-                b.own = (
-                    f"dpft: module '{b.name}' ({type(b.module).__name__}) returned {n} rows for a batch of "
-                    f"{n} examples, but its row {r} feeds the output of another example than example {r}: they "
-                    "are not one row per example (a table shared by the batch, a sequence-first layout, or "
-                    "tokens of several examples whose count happens to equal the batch size), and dpft will "
-                    "not guess whose they are. Keep the batch dimension first, use a batch size that differs "
-                    "from that length, or freeze this module."
-                )
-        for b in {id(b): b for b, _, _ in unverified if b.own}.values():
-            calls = [c for x, _, c in unverified if x is b]
-            if (b.fallback or any(c is None for c in calls) or any(self._holders.get(k, 0) > 1 for k in b.keys.values())
-                    or not self._take_over_now(b, kept, outs, n)):
-                # refused at the end of this backward pass, before any step: there the
-                # generic path's own checks may name a module that mixes examples first
-                self._refusal = self._refusal or b.own
-                continue
-            for c in calls:
-                c.handler = _ignore_grad  # (the enclosing module's recomputation gives these uses' gradients)
-        for b, _, _ in unverified:
-            if b.own is None:
-                b.own = ""
-        return True
-
-    def _reach_others(self, inputs: list[Tensor], outs: list[Tensor], n: int) -> dict[int, int]:
-        """Pull random gradients on the rows of a set ``S`` of examples of
-        ``outs`` (the model's batch-first outputs) back to ``inputs``: those
-        (by id) that get a non-zero gradient on a row ``r`` outside ``S`` (row
-        ``r`` feeds another example's output than example ``r``'s), with that
-        ``r``.  ``S`` runs over the examples whose index has bit ``k`` set, then
-        those whose index has it clear, for every bit: a row ``r`` feeding
-        example ``e != r`` is caught where ``e``'s and ``r``'s bits differ
-        (2 * ceil(log2 n) pull-backs, in the first forward only)."""
-        inputs = list({id(t): t for t in inputs}.values())
-        wrong: dict[int, int] = {}
-        for bit in range(max(1, (n - 1).bit_length())):
-            for side in (1, 0):
-                rows = torch.tensor([(i >> bit) & 1 == side for i in range(n)])
-                cots = []
-                for i, o in enumerate(outs):
-                    # (a generator of dpft's own: the model's RNG stream must not move)
-                    gen = torch.Generator(device=o.device)
-                    gen.manual_seed(1000 * bit + 10 * side + i)
-                    cot = torch.randn(o.shape, generator=gen, dtype=o.dtype, device=o.device)
-                    cots.append(cot * rows.to(o.device).view(n, *[1] * (o.ndim - 1)))
-                self.enabled = False  # (this pull-back must not reach dpft's own hooks)
-                try:
-                    grads = torch.autograd.grad(outs, inputs, cots, retain_graph=True, allow_unused=True)
-                finally:
-                    self.enabled = True
-                for t, g in zip(inputs, grads):
-                    if g is None or id(t) in wrong:
-                        continue
-                    # (non-finite values count as none: an example whose inputs are
-                    # NaN gets 0 * NaN on its own rows, which says nothing of the others)
-                    hit = (g.ne(0) & g.isfinite()).reshape(n, -1).any(1) & ~rows.to(g.device)
-                    if bool(hit.any()):
-                        wrong[id(t)] = int(hit.nonzero()[0, 0])
-        return wrong
 
     def _take_over_now(self, b: Binding, kept: dict[int, tuple], outs: list[Tensor], n: int) -> bool:
         """``b``'s rows turned out not to be examples, at the end of a first
@@ -1434,11 +814,6 @@ class Capture:
         )
         return self._lane_views
 
-    def no_early(self, keys: list[str]) -> None:
-        """Never instantiate these parameters in the backward hook."""
-        drop = set(keys)
-        for b in self.bindings:
-            b.early = frozenset(local for local in b.early if b.keys[local] not in drop)
 
     def _instantiate_early(self, b: Binding, call: Call, key: tuple) -> None:
         """Build the weight's per-example gradient now if the norm will be taken
@@ -1448,7 +823,7 @@ class Capture:
         much less for long sequences.  Same kernels, same result.
 
         Under activation checkpointing (``key`` ends with True) also wherever
-        :func:`~dpft.norms.instantiation_frees` memory: the alternative keeps the
+        :func:`~dpft.clip.norms.instantiation_frees` memory: the alternative keeps the
         layer's input and output gradient to the end of the backward pass,
         while the non-private run frees them with the segment's activations
         (DP-LoRA's per-example gradients, ``r x d``, are far smaller)."""
@@ -1488,24 +863,6 @@ class Capture:
             return x.numel() // max(1, x.shape[0]) if isinstance(x, Tensor) and x.ndim else 0
         return 0
 
-    def _check_expand(self, b: Binding, grad: Tensor) -> None:
-        """A parameter held by a container is expanded over the batch during
-        the container's forward, so that each example's use gets its own
-        gradient.  If the container indexes its leading dimension instead of
-        broadcasting it (``self.pos_embed[0]``), every example's gradient lands
-        on example 0 and the per-example norms would be wrong (sensitivity up
-        to 2R).  In the first backward passes, a gradient that reached example
-        0 alone is refused."""
-        nonzero = grad.detach().reshape(grad.shape[0], -1).ne(0).any(dim=1)
-        if bool(nonzero[0]) and not bool(nonzero[1:].any()):
-            (local,) = tuple(b.params)
-            raise UnsupportedModuleError(
-                f"dpft: parameter '{b.keys[local]}' of module '{b.name}' received the gradient of "
-                f"every example through example 0 (the {grad.shape[0]} examples' uses should each get "
-                f"their own): the module seems to index the parameter's leading dimension (e.g. "
-                f"`self.{local}[0]`) instead of broadcasting it over the batch (e.g. `x + self.{local}`). "
-                "dpft cannot tell the examples' gradients apart; broadcast it, or freeze it."
-            )
 
     def _on_fallback_grad(self, b: Binding, call: Call, index: int, grad: Tensor) -> None:
         if not self.enabled:
@@ -1534,51 +891,6 @@ class Capture:
             p.grad = None
         self._queue()
 
-    def _check_uses(self, out: dict[str, list[Contribution]], lane: Tensor | None, seen: set[str], n: int) -> None:
-        """Catch uses of a trainable parameter that bypass its module's hooks
-        (e.g. ``F.linear(x, other.weight)``): autograd delivered a gradient
-        that dpft has no per-example account of.  In the first backward passes
-        the per-example gradients of every parameter, summed over the
-        examples, must also equal autograd's gradient (every contribution
-        kind: biases, norm weights, embeddings, weight matrices): a rule that
-        computed another function's gradient is caught before any step."""
-        autograd, self._autograd = self._autograd, {}
-        half, self._half = self._half, False
-        for key, want in autograd.items():
-            cs = out.get(key)
-            if cs is None and key not in seen:
-                raise UnsupportedModuleError(
-                    f"dpft: parameter '{key}' received a gradient through a use that no dpft hook saw "
-                    "(used functionally outside its module, or by a module that does not call it?  Or the "
-                    "module's output is a view, e.g. a Linear's on 3-D input, changed in place afterwards: "
-                    "make that operation out of place); its per-example gradient is unknown. Freeze it or "
-                    "route the use through the module."
-                )
-            if want is None:
-                continue
-            if cs is None:
-                off, numel = self.lane_offsets[key]
-                ours = lane[:, off : off + numel].sum(0)  # type: ignore[index]
-            elif all(isinstance(c, Direct) for c in cs):
-                ours = sum(c.grad.sum(0) for c in cs)
-            else:
-                dt = acc_dtype_of(self._param(key).dtype)
-                device = next(c.grad.device if isinstance(c, Direct) else c.right.device for c in cs)
-                with full_fp32(), torch.no_grad():
-                    ours = norms.weighted_sum(cs, torch.ones(n, dtype=dt, device=device), dt)
-            mine = _fingerprint(ours, key)
-            tol = 5e-2 if half or want.half else 1e-3
-            # the projections of a difference d have norm about |d| sqrt(K)
-            err = float((mine.proj - want.proj).norm()) / math.sqrt(CHECK_PROJECTIONS)
-            scale = float(want.norm)
-            if err > 3 * tol * scale + 1e-6 * (1 + float(mine.norm)):
-                raise UnsupportedModuleError(
-                    f"dpft: the per-example gradients of parameter '{key}' (module '{self.owner.get(key, '?')}'), "
-                    f"summed over the examples, differ from autograd's gradient by about {err:.3g} (relative "
-                    f"{err / max(scale, 1e-30):.3g}): the parameter is also used outside the module "
-                    "dpft hooks for it, or that module computes something its per-example rule does not model. "
-                    "Its per-example gradient would be wrong. Freeze it, or route every use through the module."
-                )
 
     def _queue(self) -> None:
         if not self._queued:
@@ -1671,36 +983,4 @@ class Capture:
         if got is not None:  # (after the sink: the lane's layout may change)
             self._unused_back(got)
 
-    def _refuse(self) -> None:
-        """Raise the refusal :meth:`_own_rows` found in this pass's forward."""
-        if self._refusal:
-            message, self._refusal = self._refusal, ""
-            raise UnsupportedModuleError(message)
 
-    def generic_path(self) -> dict[str, str]:
-        """The trainable parameters whose per-example gradients take the exact
-        generic path (a recomputation of their module, see
-        :mod:`dpft.rules.fallback`) instead of a fast rule: canonical name ->
-        the module recomputed and why.  Before the first step this is the
-        plan; modules that switch to the generic path in a forward (a weight
-        that never reached its operator, a batch-independent output taken over
-        by an enclosing module) show after it."""
-        out: dict[str, str] = {}
-        for b in self.bindings:
-            if b.fallback:
-                why = b.rule.why
-                if type(b.rule) is FallbackRule:
-                    why = ("parameters held directly by a module with children (layer scale, class token, "
-                           "position table, SSM parameter)" if any(True for _ in b.module.children())
-                           else "a module type without a fast rule, or a weight it does not pass to its operator")
-                for local, key in b.keys.items():
-                    out[key] = f"module '{b.name}' ({type(b.module).__name__}): {why}"
-        for esc in self._escalated.values():
-            for local, key in esc.keys.items():
-                out[key] = f"module '{esc.name}' ({type(esc.module).__name__}): {esc.rule.why}"
-        return out
-
-    def _param(self, key: str) -> nn.Parameter:
-        if not hasattr(self, "_params"):
-            self._params = dict(self.model.named_parameters())
-        return self._params[key]
