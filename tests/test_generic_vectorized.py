@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reference import per_example_grads, pick_threshold, steps_exact, to_double
+from reference import per_example_grads, pick_threshold, steps_exact
 
 import dpft
 from dpft.rules import fallback
@@ -220,8 +220,9 @@ def test_random_operation_keeps_the_reference(monkeypatch):
     x, y = torch.randn(4, T, D, dtype=torch.float64), torch.randint(0, 3, (4,))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        engine = dpft.PrivacyEngine(model, batch_size=4, sample_size=100, steps=10, noise_multiplier=0.0,
-                                    max_grad_norm=1.0)
+        engine = dpft.PrivacyEngine(
+            model, batch_size=4, sample_size=100, steps=10, noise_multiplier=0.0, max_grad_norm=1.0
+        )
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     engine.attach(opt)
     for _ in range(4):
@@ -251,14 +252,16 @@ def _vectorized_off_vs_on(model, sizes):
     model = model.double()
     twin = copy.deepcopy(model)
     g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(n, T, D, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g))
-               for n in sizes]
+    batches = [
+        (torch.randn(n, T, D, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)) for n in sizes
+    ]
     results = []
     for m, allow in ((model, True), (twin, False)):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            engine = dpft.PrivacyEngine(m, batch_size=4, sample_size=100, steps=10, noise_multiplier=0.0,
-                                        max_grad_norm=0.05)
+            engine = dpft.PrivacyEngine(
+                m, batch_size=4, sample_size=100, steps=10, noise_multiplier=0.0, max_grad_norm=0.05
+            )
         opt = torch.optim.SGD(m.parameters(), lr=0.1)
         engine.attach(opt)
         if not allow:
@@ -272,7 +275,9 @@ def _vectorized_off_vs_on(model, sizes):
     return all(torch.allclose(results[0][k], results[1][k], rtol=1e-12, atol=1e-14) for k in results[0])
 
 
-@pytest.mark.parametrize("sizes", [[4, 4, 6, 4, 6], [6, 6, 4, 6, 4]], ids=["looks-batched-later", "looks-batched-first"])
+@pytest.mark.parametrize(
+    "sizes", [[4, 4, 6, 4, 6], [6, 6, 4, 6, 4]], ids=["looks-batched-later", "looks-batched-first"]
+)
 def test_shared_argument_that_looks_batched(monkeypatch, sizes):
     """A shared index argument of 6 entries: in a batch of 6 it looks batched.  Met in the
     first passes, the vectorized pass disagrees and is never used; met
