@@ -385,9 +385,8 @@ def test_defaults_learn_on_the_default_task(tmp_path, capsys, method):
     """The packaged task with every default (CPU), scored on 1,000 held-out training examples:
     the training loss falls and the accuracy beats the majority class (docs/utility.md,
     "Defaults on a CPU", has the measured numbers). Not in the default suite: a private method's
-    run takes 5-60 minutes on a 2-core machine, and a shortened one does not show whether the
-    defaults learn (the default full fine-tuning's loss rises for its first ~20 steps, 0.69 to
-    about 1.2, before it falls)."""
+    run takes 5-60 minutes on a 2-core machine (the default suite has the brief run of full
+    fine-tuning, test_default_full_fine_tuning_learns_in_a_brief_run)."""
     code, _, err = run_cli(["train", "--method", method, "--validation-size", "1000", "--no-progress",
                             "--out", tmp_path / "run"], capsys)
     assert code == 0, err
