@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from app_helpers import HAVE_PANDAS, HAVE_TRANSFORMERS, make_reviews_csv, make_tiny_bert, one_line, run_cli
+from app_helpers import HAVE_PANDAS, HAVE_TRANSFORMERS, make_reviews_csv, make_tiny_bert, one_line, read_metrics, run_cli
 
 needs_pandas = pytest.mark.skipif(not HAVE_PANDAS, reason="pandas not installed")
 
@@ -352,16 +352,14 @@ def test_default_full_fine_tuning_learns_in_a_brief_run(tmp_path, capsys):
     loss rose, 0.660 → 0.968."""
     import numpy as np
 
-    from app_helpers import read_metrics
     from dpft.app import offline
+    from dpft.app.config import TrainConfig, resolve
 
     out = tmp_path / "run"
     code, _, err = run_cli(["train", "--method", "full", "--device", "cpu", "--stop-after-steps", BRIEF_STEPS,
                             "--validation-size", BRIEF_HELD_OUT, "--eval-every", BRIEF_STEPS, "--dp-seed", "0",
                             "--no-progress", "--out", out], capsys)
     assert code == 0, err
-    from dpft.app.config import TrainConfig, resolve
-
     defaults, _ = resolve(TrainConfig(method="full"), kind="text", device=torch.device("cpu"), n_train_total=10_000)
     config = json.loads((out / "config.json").read_text())
     for name in ("lr", "head_lr", "max_grad_norm", "clipping_style", "batch_size", "epsilon", "max_seq_len"):
