@@ -139,7 +139,7 @@ def _add_train_parser(sub) -> None:
     g.add_argument("--epsilon", type=float, help=f"target ε (default 3; {MIN_EPSILON:g} to {MAX_EPSILON:g})")
     g.add_argument("--delta", type=float, help="δ (default dpft.accounting.default_delta(N), "
                                                "at most 1/(10·N))")
-    g.add_argument("--max-grad-norm", type=float, help="clipping threshold R (default 1.0)")
+    g.add_argument("--max-grad-norm", type=float, help="clipping threshold R (default 1.0; 4.0 for --method full on a CPU text job)")
     g.add_argument("--clipping-fn", choices=CLIPPING_FNS, help="default abadi")
     g.add_argument("--clipping-mode", choices=CLIPPING_MODES, help="how per-example norms are computed "
                                                                    "(default auto: the fastest per layer)")

@@ -263,7 +263,10 @@ def resolve(cfg: TrainConfig, kind: str | None = None, device: torch.device | No
     r.clipping_mode = r.clipping_mode or "auto"
     r.clipping_style = r.clipping_style or registry.get(r.method).clipping_style
     r.accountant = r.accountant or "pld"
-    r.max_grad_norm = float(r.max_grad_norm) if r.max_grad_norm is not None else 1.0
+    if r.max_grad_norm is None:
+        method = registry.get(r.method)
+        r.max_grad_norm = method.text_max_grad_norm(on_cpu) if kind == "text" else method.max_grad_norm
+    r.max_grad_norm = float(r.max_grad_norm)
     r.lora_rank = r.lora_rank or 8
     if r.method == "sparta":
         r.density = float(r.density) if r.density is not None else 0.2

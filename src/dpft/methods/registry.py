@@ -40,6 +40,8 @@ class Method:
         head_lr / head_lr_cpu: default learning rate of the new head on text jobs
             (``None``: the head shares ``lr``).
         image_lr: default learning rate of an image job (head included).
+        max_grad_norm: default clipping threshold R (``--max-grad-norm``).
+        max_grad_norm_cpu: the same on a CPU text job (``None``: ``max_grad_norm``).
         clipping_style: default ``--clipping-style`` (``"all-layer"`` or ``"separate-head"``).
     """
 
@@ -53,6 +55,8 @@ class Method:
     head_lr_cpu: float | None = None
     image_lr: float = 1e-2
     clipping_style: str = "all-layer"
+    max_grad_norm: float = 1.0
+    max_grad_norm_cpu: float | None = None
 
     def text_lr(self, on_cpu: bool) -> float:
         """Default learning rate of a text job."""
@@ -61,6 +65,10 @@ class Method:
     def text_head_lr(self, on_cpu: bool) -> float | None:
         """Default head learning rate of a text job (``None``: the head shares the lr)."""
         return self.head_lr_cpu if on_cpu and self.head_lr_cpu is not None else self.head_lr
+
+    def text_max_grad_norm(self, on_cpu: bool) -> float:
+        """Default clipping threshold R of a text job."""
+        return self.max_grad_norm_cpu if on_cpu and self.max_grad_norm_cpu is not None else self.max_grad_norm
 
 
 _METHODS: dict[str, Method] = {}
