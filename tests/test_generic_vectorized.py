@@ -183,6 +183,18 @@ def _run(model, sizes, width=T, batch_size=4):
     return steps_exact(model, ref, batches, _loss, batch_size=batch_size, R=R)
 
 
+def _attached(model, R):
+    """An engine (noise 0, batches of 4) attached to SGD on ``model``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = dpft.PrivacyEngine(
+            model, batch_size=4, sample_size=100, steps=10, noise_multiplier=0.0, max_grad_norm=R
+        )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine.attach(opt)
+    return engine, opt
+
+
 def _memo(module):
     return next(iter(fallback._MEMOS[module].values()))
 
@@ -218,13 +230,7 @@ def test_random_operation_keeps_the_reference(monkeypatch):
     torch.manual_seed(0)
     model = Model(LayerScale(p=0.3)).double()
     x, y = torch.randn(4, T, D, dtype=torch.float64), torch.randint(0, 3, (4,))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        engine = dpft.PrivacyEngine(
-            model, batch_size=4, sample_size=100, steps=10, noise_multiplier=0.0, max_grad_norm=1.0
-        )
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    engine.attach(opt)
+    engine, opt = _attached(model, 1.0)
     for _ in range(4):
         _loss(model, (x, y)).backward()
         opt.step()
@@ -257,13 +263,7 @@ def _vectorized_off_vs_on(model, sizes):
     ]
     results = []
     for m, allow in ((model, True), (twin, False)):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            engine = dpft.PrivacyEngine(
-                m, batch_size=4, sample_size=100, steps=10, noise_multiplier=0.0, max_grad_norm=0.05
-            )
-        opt = torch.optim.SGD(m.parameters(), lr=0.1)
-        engine.attach(opt)
+        engine, opt = _attached(m, 0.05)
         if not allow:
             fallback._memo(m.body, ["gamma"]).fast = False
         for b in batches:
