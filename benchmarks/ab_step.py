@@ -157,8 +157,12 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     ap.add_argument("--fused", action="store_true", help="torch.optim.SGD(fused=True) for every variant")
     ap.add_argument("--prev-src", default=None, help="directory holding the package dpft_prev (variant prev)")
-    ap.add_argument("--tf32", default="off", choices=["on", "off"],
-                    help="off (default): IEEE float32 everywhere; on: PyTorch's default (TF32 cuDNN convolutions)")
+    ap.add_argument(
+        "--tf32",
+        default="off",
+        choices=["on", "off"],
+        help="off (default): IEEE float32 everywhere; on: PyTorch's default (TF32 cuDNN convolutions)",
+    )
     args = ap.parse_args()
     if args.prev_src:
         sys.path.insert(0, args.prev_src)
@@ -183,8 +187,14 @@ def main() -> None:
                     with ctx:
                         if v != "nonprivate":
                             lib = importlib.import_module(VARIANTS[v].get("package", "dpft"))
-                            engine = lib.PrivacyEngine(wl.model, batch_size=args.batch_size, sample_size=10**6,
-                                                        steps=10**5, noise_multiplier=1.0, clipping_mode="auto")
+                            engine = lib.PrivacyEngine(
+                                wl.model,
+                                batch_size=args.batch_size,
+                                sample_size=10**6,
+                                steps=10**5,
+                                noise_multiplier=1.0,
+                                clipping_mode="auto",
+                            )
                             engine.attach(opt)
 
                         def step(wl=wl):

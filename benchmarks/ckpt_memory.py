@@ -42,9 +42,16 @@ def build(cfg: dict[str, Any]):
     hidden, inter, layers, heads, kv = SHAPES[cfg["model"]]
     vocab = 128256 if cfg["model"] != "tiny" else 256
     conf = transformers.LlamaConfig(
-        hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=max(cfg["seq"], 128),
-        tie_word_embeddings=False, attention_bias=cfg["method"] == "bitfit", mlp_bias=cfg["method"] == "bitfit",
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        vocab_size=vocab,
+        max_position_embeddings=max(cfg["seq"], 128),
+        tie_word_embeddings=False,
+        attention_bias=cfg["method"] == "bitfit",
+        mlp_bias=cfg["method"] == "bitfit",
     )
     conf._attn_implementation = "sdpa"
     device = torch.device(cfg["device"])
@@ -59,8 +66,12 @@ def build(cfg: dict[str, Any]):
     if cfg["method"] == "lora":
         import peft
 
-        model = peft.get_peft_model(model, peft.LoraConfig(
-            r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        model = peft.get_peft_model(
+            model,
+            peft.LoraConfig(
+                r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
+            ),
+        )
     elif cfg["method"] == "bitfit":
         for n, p in model.named_parameters():
             p.requires_grad_(n.endswith(".bias"))
@@ -86,8 +97,9 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg["private"]:
         import dpft
 
-        engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100 * B, steps=1000, noise_multiplier=1.0,
-                                    max_grad_norm=1.0)
+        engine = dpft.PrivacyEngine(
+            model, batch_size=B, sample_size=100 * B, steps=1000, noise_multiplier=1.0, max_grad_norm=1.0
+        )
         engine.attach(opt)
 
     def step():
@@ -116,13 +128,13 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
         sync()
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() if cuda else 0
-    return {"step_s": statistics.median(times), "peak_gib": peak / 2**30,
-            "trainable": sum(p.numel() for p in params)}
+    return {"step_s": statistics.median(times), "peak_gib": peak / 2**30, "trainable": sum(p.numel() for p in params)}
 
 
 def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.ckpt_memory", "--child", json.dumps(cfg)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.ckpt_memory", "--child", json.dumps(cfg)], capture_output=True, text=True
+    )
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -164,9 +176,18 @@ def main(argv: list[str] | None = None) -> None:
             for ckpt in args.ckpt.split(","):
                 rows = {}
                 for private in (False, True):
-                    cfg = {"model": model, "method": method, "ckpt": ckpt == "on", "reentrant": args.reentrant,
-                           "private": private, "batch": batch, "seq": seq, "steps": args.steps,
-                           "warmup": args.warmup, "device": args.device}
+                    cfg = {
+                        "model": model,
+                        "method": method,
+                        "ckpt": ckpt == "on",
+                        "reentrant": args.reentrant,
+                        "private": private,
+                        "batch": batch,
+                        "seq": seq,
+                        "steps": args.steps,
+                        "warmup": args.warmup,
+                        "device": args.device,
+                    }
                     rows[private] = run_one(cfg)
                     if args.json:
                         with open(args.json, "a") as f:
@@ -183,10 +204,15 @@ def main(argv: list[str] | None = None) -> None:
                     if np_["peak_gib"] > 0:
                         mem = f"{dp['peak_gib'] / np_['peak_gib']:.2f}x"
                     speed = f"{np_['step_s'] / dp['step_s']:.2f}x"
-                print(f"{model:6} {method:7} {ckpt:4} {f'{batch} x {seq}':>11} | {cell(np_):>18} | {cell(dp):>18} | "
-                      f"{mem:>7} {speed:>6}", flush=True)
-    print("memory: dpft peak / non-private peak (target <= 1.05x under checkpointing); "
-          "speed: non-private step time / dpft step time (targets: LoRA >= 0.95x, full >= 0.80x)")
+                print(
+                    f"{model:6} {method:7} {ckpt:4} {f'{batch} x {seq}':>11} | {cell(np_):>18} | {cell(dp):>18} | "
+                    f"{mem:>7} {speed:>6}",
+                    flush=True,
+                )
+    print(
+        "memory: dpft peak / non-private peak (target <= 1.05x under checkpointing); "
+        "speed: non-private step time / dpft step time (targets: LoRA >= 0.95x, full >= 0.80x)"
+    )
 
 
 if __name__ == "__main__":

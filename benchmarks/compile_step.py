@@ -139,8 +139,9 @@ def run(args: argparse.Namespace, model_name: str, method: str, mode: str) -> st
     plain = _compile(plain_model, args, mode)
     plain_opt = torch.optim.SGD([p for p in plain_model.parameters() if p.requires_grad], lr=1e-6)
     private = _compile(private_model, args, mode)
-    engine = dpft.PrivacyEngine(private, batch_size=args.batch_size, sample_size=10**6, steps=10**5,
-                                noise_multiplier=1.0, clipping_mode="auto")
+    engine = dpft.PrivacyEngine(
+        private, batch_size=args.batch_size, sample_size=10**6, steps=10**5, noise_multiplier=1.0, clipping_mode="auto"
+    )
     private_opt = engine.attach(torch.optim.SGD([p for p in private_model.parameters() if p.requires_grad], lr=1e-6))
     try:
         steps = {"nonprivate": make_step(plain, plain_opt), "dpft": make_step(private, private_opt)}
@@ -166,16 +167,22 @@ def run(args: argparse.Namespace, model_name: str, method: str, mode: str) -> st
         base, ours = statistics.median(times["nonprivate"]), statistics.median(times["dpft"])
         tag = " bf16" if args.bf16 else ""
         batch = f"B~{args.batch_size} (Poisson, {min(sizes)}..{max(sizes)})" if args.poisson else f"B={args.batch_size}"
-        setting = mode if mode == "none" else f"{mode} dynamic={args.dynamic}" + (
-            f" backend={args.backend}" if args.backend != "inductor" else "")
-        line = (f"{model_name} {method} {batch}{tag} compile={setting}: non-private {base:.2f} ms | "
-                f"dpft {ours:.2f} ms ({base / ours:.3f}x) | warm-up {warm['nonprivate']:.0f} s / {warm['dpft']:.0f} s")
+        setting = (
+            mode
+            if mode == "none"
+            else f"{mode} dynamic={args.dynamic}" + (f" backend={args.backend}" if args.backend != "inductor" else "")
+        )
+        line = (
+            f"{model_name} {method} {batch}{tag} compile={setting}: non-private {base:.2f} ms | "
+            f"dpft {ours:.2f} ms ({base / ours:.3f}x) | warm-up {warm['nonprivate']:.0f} s / {warm['dpft']:.0f} s"
+        )
         if mode != "none":
             line += f" | recompiled while timed {recompiled['nonprivate']} / {recompiled['dpft']}"
             if args.explain:
                 w = by_size[sizes[0]]
-                line += (f" | non-private {_explain(w, plain_model, amp)[0]} | dpft "
-                         + "; ".join(_explain(w, private_model, amp, reasons=True)))
+                line += f" | non-private {_explain(w, plain_model, amp)[0]} | dpft " + "; ".join(
+                    _explain(w, private_model, amp, reasons=True)
+                )
         return line
     finally:
         engine.detach()
@@ -214,13 +221,23 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="gpt2,roberta,vit")
     ap.add_argument("--methods", default="bitfit,full,lora")
-    ap.add_argument("--compile", default="none,default",
-                    help=f"comma-separated, each one of {', '.join(COMPILE_MODES)}")
-    ap.add_argument("--dynamic", default="auto", choices=DYNAMIC,
-                    help="auto: dynamic=None; batch: mark_dynamic on the batch dimension; static: dynamic=False")
-    ap.add_argument("--backend", default="inductor",
-                    help="torch.compile backend (inductor: --compile's mode; aot_eager or eager: CPU smoke runs)")
-    ap.add_argument("--poisson", action="store_true", help="batch sizes as Poisson sampling draws them (mean --batch-size)")
+    ap.add_argument(
+        "--compile", default="none,default", help=f"comma-separated, each one of {', '.join(COMPILE_MODES)}"
+    )
+    ap.add_argument(
+        "--dynamic",
+        default="auto",
+        choices=DYNAMIC,
+        help="auto: dynamic=None; batch: mark_dynamic on the batch dimension; static: dynamic=False",
+    )
+    ap.add_argument(
+        "--backend",
+        default="inductor",
+        help="torch.compile backend (inductor: --compile's mode; aot_eager or eager: CPU smoke runs)",
+    )
+    ap.add_argument(
+        "--poisson", action="store_true", help="batch sizes as Poisson sampling draws them (mean --batch-size)"
+    )
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=None)
     ap.add_argument("--image-size", type=int, default=None)
@@ -231,8 +248,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", default="full", choices=["full", "tiny"])
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     ap.add_argument("--explain", action="store_true", help="count the graphs and graph breaks, breaks by reason")
-    ap.add_argument("--tf32", default="off", choices=["on", "off"],
-                    help="off (default): IEEE float32 everywhere; on: PyTorch's default (TF32 cuDNN convolutions)")
+    ap.add_argument(
+        "--tf32",
+        default="off",
+        choices=["on", "off"],
+        help="off (default): IEEE float32 everywhere; on: PyTorch's default (TF32 cuDNN convolutions)",
+    )
     args = ap.parse_args(argv)
     modes = args.compile.split(",")
     bad = [m for m in modes if m not in COMPILE_MODES]
@@ -247,8 +268,11 @@ def main(argv: list[str] | None = None) -> None:
                     print(run(args, model_name, method, mode), flush=True)
                 except Exception as e:  # noqa: BLE001 (one configuration's failure does not end the others)
                     first = (str(e).strip().splitlines() or [""])[0][:300]
-                    print(f"{model_name} {method} compile={mode} dynamic={args.dynamic}: FAILED "
-                          f"{type(e).__name__}: {first}", flush=True)
+                    print(
+                        f"{model_name} {method} compile={mode} dynamic={args.dynamic}: FAILED "
+                        f"{type(e).__name__}: {first}",
+                        flush=True,
+                    )
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
 

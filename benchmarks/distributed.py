@@ -29,9 +29,17 @@ from typing import Any
 
 #: a Llama-2-7B-shaped model (6.7B parameters; biases on, as the llama1b benchmark model, so that
 #: DP-BiTFiT has something to train), random init directly on the GPUs
-LLAMA7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-               intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096,
-               attention_bias=True, mlp_bias=True)
+LLAMA7B = dict(
+    hidden_size=4096,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    intermediate_size=11008,
+    vocab_size=32000,
+    max_position_embeddings=4096,
+    attention_bias=True,
+    mlp_bias=True,
+)
 
 
 def _port() -> str:
@@ -74,8 +82,9 @@ def _build_llama7b(device, seq_len: int, batch: int, fsdp: bool, tiny: bool = Fa
     g = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (batch, seq_len), generator=g, device=device)
     spec = SPECS["llama1b"]
-    return Workload("llama7b", spec, model, {"input_ids": ids}, ids, {"family": "llama", "seq_len": seq_len},
-                    {"use_cache": False})
+    return Workload(
+        "llama7b", spec, model, {"input_ids": ids}, ids, {"family": "llama", "seq_len": seq_len}, {"use_cache": False}
+    )
 
 
 def child(cfg: dict[str, Any]) -> None:
@@ -99,24 +108,35 @@ def child(cfg: dict[str, Any]) -> None:
     def sync():
         if cuda:
             torch.cuda.synchronize(device)
+
     method: str = cfg["method"]
     fsdp = method.endswith("-fsdp")
     bitfit = "bitfit" in method
     private = method.startswith("dp-")
     per_gpu = cfg["batch_size"]
-    result: dict[str, Any] = dict(cfg, world_size=world, gpu=torch.cuda.get_device_name(device) if cuda else "cpu",
-                                  torch=torch.__version__, global_batch=per_gpu * world)
+    result: dict[str, Any] = dict(
+        cfg,
+        world_size=world,
+        gpu=torch.cuda.get_device_name(device) if cuda else "cpu",
+        torch=torch.__version__,
+        global_batch=per_gpu * world,
+    )
     try:
         if cfg["model"] == "llama7b":
-            wl = _build_llama7b(device, cfg["seq_len"] or (16 if cfg.get("tiny") else 256), per_gpu, fsdp,
-                                cfg.get("tiny", False))
+            wl = _build_llama7b(
+                device, cfg["seq_len"] or (16 if cfg.get("tiny") else 256), per_gpu, fsdp, cfg.get("tiny", False)
+            )
         else:
             kw = {"seq_len": cfg["seq_len"]} if cfg["seq_len"] else {}
             wl = build(cfg["model"], batch_size=per_gpu, device=device, seed=0, tiny=cfg.get("tiny", False), **kw)
             if fsdp:
                 from torch.distributed.fsdp import fully_shard
 
-                blocks = [m for m in wl.model.modules() if type(m).__name__ in ("GPT2Block", "RobertaLayer", "LlamaDecoderLayer")]
+                blocks = [
+                    m
+                    for m in wl.model.modules()
+                    if type(m).__name__ in ("GPT2Block", "RobertaLayer", "LlamaDecoderLayer")
+                ]
                 for b in blocks:
                     fully_shard(b)
                 fully_shard(wl.model)
@@ -131,10 +151,17 @@ def child(cfg: dict[str, Any]) -> None:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             net = DDP(model, device_ids=[local] if cuda else None)
-        opt = (torch.optim.AdamW(params, lr=1e-5) if fsdp else torch.optim.SGD(params, lr=1e-4))
+        opt = torch.optim.AdamW(params, lr=1e-5) if fsdp else torch.optim.SGD(params, lr=1e-4)
         if private:
-            engine = dpft.PrivacyEngine(net, batch_size=per_gpu * world, sample_size=10**7, steps=10**6,
-                                        noise_multiplier=1.0, max_grad_norm=1.0, clipping_mode="auto")
+            engine = dpft.PrivacyEngine(
+                net,
+                batch_size=per_gpu * world,
+                sample_size=10**7,
+                steps=10**6,
+                noise_multiplier=1.0,
+                max_grad_norm=1.0,
+                clipping_mode="auto",
+            )
             engine.attach(opt)
         amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(cfg["bf16"]))
 
@@ -160,8 +187,13 @@ def child(cfg: dict[str, Any]) -> None:
         peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**20 if cuda else 0.0], device=device)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         med = statistics.median(times)
-        result.update(status="ok", step_times_s=[round(x, 5) for x in times], median_step_s=med,
-                      examples_per_s=per_gpu * world / med, peak_mem_mb_per_gpu=float(peak.item()))
+        result.update(
+            status="ok",
+            step_times_s=[round(x, 5) for x in times],
+            median_step_s=med,
+            examples_per_s=per_gpu * world / med,
+            peak_mem_mb_per_gpu=float(peak.item()),
+        )
     except torch.OutOfMemoryError as e:
         result.update(status="oom", error=str(e).splitlines()[0][:300])
     if rank == 0:
@@ -205,11 +237,31 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 res_file = out / f".dist-{model}-{method}-{n}.json"
                 res_file.unlink(missing_ok=True)
-                cfg = dict(model=model, method=method, batch_size=args.batch_size, seq_len=args.seq_len,
-                           steps=args.steps, warmup=args.warmup, bf16=args.bf16, tiny=args.tiny, result_file=str(res_file),
-                           date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
-                cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
-                       "--master_port", _port(), "-m", "benchmarks.distributed", "--child", json.dumps(cfg)]
+                cfg = dict(
+                    model=model,
+                    method=method,
+                    batch_size=args.batch_size,
+                    seq_len=args.seq_len,
+                    steps=args.steps,
+                    warmup=args.warmup,
+                    bf16=args.bf16,
+                    tiny=args.tiny,
+                    result_file=str(res_file),
+                    date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                )
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--nproc_per_node",
+                    str(n),
+                    "--master_port",
+                    _port(),
+                    "-m",
+                    "benchmarks.distributed",
+                    "--child",
+                    json.dumps(cfg),
+                ]
                 t = time.perf_counter()
                 try:
                     p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.config_timeout)
@@ -225,11 +277,17 @@ def main(argv: list[str] | None = None) -> None:
                 with open(jsonl, "a") as f:
                     f.write(json.dumps(res) + "\n")
                 if res.get("status") == "ok":
-                    print(f"[dist] {model:10s} {method:20s} W={n}  {res['examples_per_s']:8.1f} ex/s  "
-                          f"{res['peak_mem_mb_per_gpu'] / 1024:6.2f} GiB/GPU  ({res['wall_s']} s)", flush=True)
+                    print(
+                        f"[dist] {model:10s} {method:20s} W={n}  {res['examples_per_s']:8.1f} ex/s  "
+                        f"{res['peak_mem_mb_per_gpu'] / 1024:6.2f} GiB/GPU  ({res['wall_s']} s)",
+                        flush=True,
+                    )
                 else:
-                    print(f"[dist] {model:10s} {method:20s} W={n}  {res.get('status')}: "
-                          f"{str(res.get('error', ''))[-400:]}", flush=True)
+                    print(
+                        f"[dist] {model:10s} {method:20s} W={n}  {res.get('status')}: "
+                        f"{str(res.get('error', ''))[-400:]}",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

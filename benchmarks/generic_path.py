@@ -70,8 +70,9 @@ def _image_case(name: str, model: nn.Module, batch: int, side: int, classes: int
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(batch, 3, side, side, generator=g).to(device)
     y = torch.randint(0, classes, (batch,), generator=g).to(device)
-    return Case(name, model, lambda: {"x": x, "y": y}, lambda m, b: F.cross_entropy(m(b["x"]), b["y"]),
-                f"{side}x{side} image")
+    return Case(
+        name, model, lambda: {"x": x, "y": y}, lambda m, b: F.cross_entropy(m(b["x"]), b["y"]), f"{side}x{side} image"
+    )
 
 
 def convnext_t(batch: int, seq: int, image: int, tiny: bool, device: torch.device) -> Case:
@@ -90,8 +91,9 @@ def swin_t(batch: int, seq: int, image: int, tiny: bool, device: torch.device) -
     if tiny:
         from timm.models.swin_transformer import SwinTransformer
 
-        model = SwinTransformer(img_size=32, patch_size=4, window_size=4, embed_dim=8, depths=(1, 1),
-                                num_heads=(1, 2), num_classes=10)
+        model = SwinTransformer(
+            img_size=32, patch_size=4, window_size=4, embed_dim=8, depths=(1, 1), num_heads=(1, 2), num_classes=10
+        )
         side, classes = 32, 10
     else:
         model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=image)
@@ -108,11 +110,29 @@ def _token_loss(logits: Tensor, targets: Tensor) -> Tensor:
 def t5_base(batch: int, seq: int, image: int, tiny: bool, device: torch.device) -> Case:
     from transformers import T5Config, T5ForConditionalGeneration
 
-    kw = dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_decoder_layers=12, num_heads=12,
-              vocab_size=32128, relative_attention_num_buckets=32, relative_attention_max_distance=128)
+    kw = dict(
+        d_model=768,
+        d_kv=64,
+        d_ff=3072,
+        num_layers=12,
+        num_decoder_layers=12,
+        num_heads=12,
+        vocab_size=32128,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+    )
     if tiny:
-        kw.update(d_model=16, d_kv=8, d_ff=24, num_layers=1, num_decoder_layers=1, num_heads=2, vocab_size=64,
-                  relative_attention_num_buckets=8, relative_attention_max_distance=16)
+        kw.update(
+            d_model=16,
+            d_kv=8,
+            d_ff=24,
+            num_layers=1,
+            num_decoder_layers=1,
+            num_heads=2,
+            vocab_size=64,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+        )
     cfg = T5Config(**kw, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, use_cache=False)
     model = T5ForConditionalGeneration(cfg)
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -129,12 +149,27 @@ def t5_base(batch: int, seq: int, image: int, tiny: bool, device: torch.device) 
 def moe_1b(batch: int, seq: int, image: int, tiny: bool, device: torch.device, experts_impl: str = "eager") -> Case:
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    kw = dict(hidden_size=1024, intermediate_size=2048, num_hidden_layers=16, num_attention_heads=16,
-              num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000,
-              max_position_embeddings=max(4096, seq))
+    kw = dict(
+        hidden_size=1024,
+        intermediate_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        vocab_size=32000,
+        max_position_embeddings=max(4096, seq),
+    )
     if tiny:
-        kw.update(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, num_local_experts=4, vocab_size=64)
+        kw.update(
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            num_local_experts=4,
+            vocab_size=64,
+        )
     cfg = MixtralConfig(**kw, use_cache=False, experts_implementation=experts_impl)
     model = MixtralForCausalLM(cfg)
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -209,8 +244,15 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        engine = dpft.PrivacyEngine(model, batch_size=args.batch, sample_size=100 * args.batch, steps=1000,
-                                    noise_multiplier=1.0, max_grad_norm=1.0, clipping_mode="auto")
+        engine = dpft.PrivacyEngine(
+            model,
+            batch_size=args.batch,
+            sample_size=100 * args.batch,
+            steps=1000,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            clipping_mode="auto",
+        )
     opt = torch.optim.SGD(model.parameters(), lr=1e-6)
     engine.attach(opt)
     try:
@@ -225,8 +267,10 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict
 # -- report ------------------------------------------------------------------------------------------
 
 
-HEADER = ("| model | params | batch | example | non-private ex/s | DP full ex/s | DP / non-private "
-          "| non-private peak GiB | DP peak GiB | parameters on the generic path |")
+HEADER = (
+    "| model | params | batch | example | non-private ex/s | DP full ex/s | DP / non-private "
+    "| non-private peak GiB | DP peak GiB | parameters on the generic path |"
+)
 RULE = "|" + "---|" * 10
 
 
@@ -245,8 +289,10 @@ def table_row(row: dict) -> str:
     generic = row["generic"]
     modules = {why.split("'")[1] for why in generic.values()}
     gen = f"{len(generic)} of {row['trainable']} tensors, {len(modules)} modules" if generic else "none"
-    return (f"| {row['model']} | {_size(row['params'])} | {row['batch']} | {row['example']} | {np_eps:.1f} | "
-            f"{dp_eps:.1f} | {dp_eps / np_eps:.2f}x | {_gib(row['np_peak'])} | {_gib(row['dp_peak'])} | {gen} |")
+    return (
+        f"| {row['model']} | {_size(row['params'])} | {row['batch']} | {row['example']} | {np_eps:.1f} | "
+        f"{dp_eps:.1f} | {dp_eps / np_eps:.2f}x | {_gib(row['np_peak'])} | {_gib(row['dp_peak'])} | {gen} |"
+    )
 
 
 def generic_details(row: dict, limit: int) -> list[str]:

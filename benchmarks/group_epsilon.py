@@ -29,7 +29,9 @@ def group_epsilon(sigma: float, q: float, steps: int, delta: float, k: int, inte
     """ε at ``delta`` of a group of ``k`` aligned examples (dp-accounting's mixture-of-Gaussians PLD)."""
     probs = [float(stats.binom.pmf(m, k, q)) for m in range(k + 1)]
     one = pld.from_mixture_gaussian_mechanism(
-        standard_deviation=sigma, sensitivities=list(range(k + 1)), sampling_probs=probs,
+        standard_deviation=sigma,
+        sensitivities=list(range(k + 1)),
+        sampling_probs=probs,
         value_discretization_interval=interval,
     )
     return float(one.self_compose(steps).get_epsilon_for_delta(delta))
@@ -44,7 +46,9 @@ def main() -> None:
     ap.add_argument("--eps", type=float, default=None, help="the example-level claim (for the textbook conversion)")
     ap.add_argument("--k", type=int, nargs="+", default=[1, 2, 5, 10, 24, 32])
     a = ap.parse_args()
-    print("| group size k | ε of the group (dp-accounting, aligned worst case) | textbook conversion (kε, k e^((k-1)ε) δ) |")
+    print(
+        "| group size k | ε of the group (dp-accounting, aligned worst case) | textbook conversion (kε, k e^((k-1)ε) δ) |"
+    )
     print("|---:|---:|---|")
     for k in a.k:
         eps = group_epsilon(a.sigma, a.q, a.steps, a.delta, k)

@@ -31,19 +31,29 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
     engine = None
     if not args.nonprivate:
-        engine = dpft.PrivacyEngine(model, batch_size=args.batch_size, sample_size=10**6, steps=100,
-                                    noise_multiplier=1.0, clipping_mode=args.mode)
+        engine = dpft.PrivacyEngine(
+            model,
+            batch_size=args.batch_size,
+            sample_size=10**6,
+            steps=100,
+            noise_multiplier=1.0,
+            clipping_mode=args.mode,
+        )
         engine.attach(opt)
         cap = engine._capture
         orig = cap._backward_end
 
         def probe():
             torch.cuda.synchronize()
-            print(f"  backward end (before processing): alloc {gib(torch.cuda.memory_allocated())} GiB, peak {gib(torch.cuda.max_memory_allocated())}")
+            print(
+                f"  backward end (before processing): alloc {gib(torch.cuda.memory_allocated())} GiB, peak {gib(torch.cuda.max_memory_allocated())}"
+            )
             t = time.perf_counter()
             orig()
             torch.cuda.synchronize()
-            print(f"  processing: {1e3 * (time.perf_counter() - t):.1f} ms, alloc {gib(torch.cuda.memory_allocated())}, peak {gib(torch.cuda.max_memory_allocated())}")
+            print(
+                f"  processing: {1e3 * (time.perf_counter() - t):.1f} ms, alloc {gib(torch.cuda.memory_allocated())}, peak {gib(torch.cuda.max_memory_allocated())}"
+            )
 
         cap._backward_end = probe
     for i in range(3):
@@ -54,11 +64,15 @@ def main() -> None:
         loss = wl.loss(wl.logits())
         torch.cuda.synchronize()
         t1 = time.perf_counter()
-        print(f"  forward {1e3 * (t1 - t0):.1f} ms: alloc {gib(torch.cuda.memory_allocated())}, peak {gib(torch.cuda.max_memory_allocated())}")
+        print(
+            f"  forward {1e3 * (t1 - t0):.1f} ms: alloc {gib(torch.cuda.memory_allocated())}, peak {gib(torch.cuda.max_memory_allocated())}"
+        )
         loss.backward()
         torch.cuda.synchronize()
         t2 = time.perf_counter()
-        print(f"  backward total {1e3 * (t2 - t1):.1f} ms: alloc {gib(torch.cuda.memory_allocated())}, peak {gib(torch.cuda.max_memory_allocated())}")
+        print(
+            f"  backward total {1e3 * (t2 - t1):.1f} ms: alloc {gib(torch.cuda.memory_allocated())}, peak {gib(torch.cuda.max_memory_allocated())}"
+        )
         opt.step()
         opt.zero_grad()
         torch.cuda.synchronize()

@@ -46,12 +46,21 @@ class Spec:
 
 GPT2_TINY = dict(n_layer=2, n_embd=32, n_head=2, vocab_size=128, n_positions=64, bos_token_id=0, eos_token_id=0)
 ROBERTA_TINY = dict(
-    vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+    vocab_size=128,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
     max_position_embeddings=72,
 )
 LLAMA_TINY = dict(
-    vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    intermediate_size=64, max_position_embeddings=64,
+    vocab_size=128,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=64,
 )
 VIT_TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 
@@ -59,19 +68,38 @@ SPECS: dict[str, Spec] = {
     # GPT-2 small / medium / large, E2E-like sequence length
     "gpt2": Spec("gpt2", "lm", seq_len=100, head="lm_head", lora_targets=("c_attn",), tiny=GPT2_TINY),
     "gpt2-medium": Spec(
-        "gpt2", "lm", seq_len=100, head="lm_head", lora_targets=("c_attn",),
-        config=dict(n_layer=24, n_embd=1024, n_head=16), tiny=GPT2_TINY,
+        "gpt2",
+        "lm",
+        seq_len=100,
+        head="lm_head",
+        lora_targets=("c_attn",),
+        config=dict(n_layer=24, n_embd=1024, n_head=16),
+        tiny=GPT2_TINY,
     ),
     "gpt2-large": Spec(
-        "gpt2", "lm", seq_len=100, head="lm_head", lora_targets=("c_attn",),
-        config=dict(n_layer=36, n_embd=1280, n_head=20), tiny=GPT2_TINY,
+        "gpt2",
+        "lm",
+        seq_len=100,
+        head="lm_head",
+        lora_targets=("c_attn",),
+        config=dict(n_layer=36, n_embd=1280, n_head=20),
+        tiny=GPT2_TINY,
     ),
     # RoBERTa base / large (the real checkpoints' embedding sizes)
     "roberta": Spec(
-        "roberta", "cls", seq_len=256, head="classifier", lora_targets=("query", "value"), tiny=ROBERTA_TINY,
+        "roberta",
+        "cls",
+        seq_len=256,
+        head="classifier",
+        lora_targets=("query", "value"),
+        tiny=ROBERTA_TINY,
     ),
     "roberta-large": Spec(
-        "roberta", "cls", seq_len=256, head="classifier", lora_targets=("query", "value"),
+        "roberta",
+        "cls",
+        seq_len=256,
+        head="classifier",
+        lora_targets=("query", "value"),
         config=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
         tiny=ROBERTA_TINY,
     ),
@@ -80,21 +108,41 @@ SPECS: dict[str, Spec] = {
     "resnet50gn": Spec("resnet", "cls", image_size=224, head="fc", tiny=dict(image_size=32)),
     # Llama-style ~1.1B model; biases switched on so that BiTFiT has something to train
     "llama1b": Spec(
-        "llama", "lm", seq_len=256, default_batch=8, head="lm_head",
+        "llama",
+        "lm",
+        seq_len=256,
+        default_batch=8,
+        head="lm_head",
         lora_targets=("q_proj", "v_proj"),
         config=dict(
-            hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-            intermediate_size=8192, vocab_size=32000, max_position_embeddings=4096,
-            attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
+            hidden_size=2048,
+            num_hidden_layers=16,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            intermediate_size=8192,
+            vocab_size=32000,
+            max_position_embeddings=4096,
+            attention_bias=True,
+            mlp_bias=True,
+            tie_word_embeddings=True,
         ),
         tiny=LLAMA_TINY,
     ),
 }
 
 ROBERTA_BASE = dict(
-    vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-    max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0,
-    eos_token_id=2, num_labels=2,
+    vocab_size=50265,
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    max_position_embeddings=514,
+    type_vocab_size=1,
+    layer_norm_eps=1e-5,
+    pad_token_id=1,
+    bos_token_id=0,
+    eos_token_id=2,
+    num_labels=2,
 )
 NUM_CLASSES = 10
 
@@ -381,7 +429,10 @@ def lora(wl: Workload, r: int = 16) -> list[str]:
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(
-        r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=list(wl.spec.lora_targets),
+        r=r,
+        lora_alpha=2 * r,
+        lora_dropout=0.0,
+        target_modules=list(wl.spec.lora_targets),
         fan_in_fan_out=wl.spec.family == "gpt2",
     )
     wl.model = get_peft_model(wl.model, cfg)
@@ -458,7 +509,13 @@ def out_of_place(model: nn.Module) -> list[str]:
     for m in list(model.modules()):
         if not hasattr(m, "downsample"):
             continue
-        last = "bn3" if isinstance(getattr(m, "bn3", None), nn.Module) else "bn2" if isinstance(getattr(m, "bn2", None), nn.Module) else None
+        last = (
+            "bn3"
+            if isinstance(getattr(m, "bn3", None), nn.Module)
+            else "bn2"
+            if isinstance(getattr(m, "bn2", None), nn.Module)
+            else None
+        )
         if last is not None and not isinstance(getattr(m, last), nn.Sequential):
             setattr(m, last, nn.Sequential(getattr(m, last), _Clone()))
             n_res += 1
@@ -472,8 +529,18 @@ def describe_size(n: int) -> str:
 
 
 __all__ = [
-    "SPECS", "Spec", "Workload", "build", "count", "default_shape", "lora", "names", "position_ids", "describe_size",
-    "out_of_place", "sparta_rows",
+    "SPECS",
+    "Spec",
+    "Workload",
+    "build",
+    "count",
+    "default_shape",
+    "lora",
+    "names",
+    "position_ids",
+    "describe_size",
+    "out_of_place",
+    "sparta_rows",
 ]
 
 

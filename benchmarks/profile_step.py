@@ -31,8 +31,12 @@ def main() -> None:
     ap.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--tf32", default="off", choices=["on", "off"],
-                    help="cuDNN convolutions in TF32 (PyTorch's default) or IEEE float32; matrix products stay IEEE")
+    ap.add_argument(
+        "--tf32",
+        default="off",
+        choices=["on", "off"],
+        help="cuDNN convolutions in TF32 (PyTorch's default) or IEEE float32; matrix products stay IEEE",
+    )
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
@@ -48,8 +52,9 @@ def main() -> None:
         dpft.sparta.compact_optimizer(opt)  # before attach (which wraps step)
     if args.method.startswith("dp-"):
         mode = args.method.split("-")[-1] if args.method.startswith("dp-full") else "auto"
-        engine = dpft.PrivacyEngine(model, batch_size=args.batch_size, sample_size=10**6, steps=10**5,
-                                    noise_multiplier=1.0, clipping_mode=mode)
+        engine = dpft.PrivacyEngine(
+            model, batch_size=args.batch_size, sample_size=10**6, steps=10**5, noise_multiplier=1.0, clipping_mode=mode
+        )
         engine.attach(opt)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
 
@@ -80,9 +85,11 @@ def main() -> None:
     ka = prof.key_averages()
     gpu = sum(e.self_device_time_total for e in ka) / 3 / 1e3
     kernels = sum(e.count for e in ka if e.self_device_time_total > 0 and e.device_type.name == "CUDA") / 3
-    print(f"== {args.model} {args.method} B={args.batch_size}{' bf16' if args.bf16 else ''}: "
-          f"wall {wall * 1e3:.2f} ms/step (median), CPU issue {cpu_issue * 1e3:.2f} ms/step, "
-          f"GPU busy {gpu:.2f} ms/step, ~{kernels:.0f} kernels/step")
+    print(
+        f"== {args.model} {args.method} B={args.batch_size}{' bf16' if args.bf16 else ''}: "
+        f"wall {wall * 1e3:.2f} ms/step (median), CPU issue {cpu_issue * 1e3:.2f} ms/step, "
+        f"GPU busy {gpu:.2f} ms/step, ~{kernels:.0f} kernels/step"
+    )
     print(ka.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60))
     print(ka.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
 

@@ -28,14 +28,30 @@ SPARTA = ("dp-sparta-1.0", "dp-sparta-0.5", "dp-sparta-0.2", "dp-sparta-0.05")
 #: SPARTA's target: at density 0.2 a step takes at most this fraction of a DP full fine-tuning step
 SPARTA_TARGET = (0.2, 0.6)
 METHOD_ORDER = [
-    "nonprivate-full", "nonprivate-bitfit", "nonprivate-lora", "dp-bitfit", "dp-lora", "dp-full-auto",
-    "dp-full-ghost", "dp-full-mixed", "dp-full-instantiate", *SPARTA, "opacus-bitfit", "opacus-full-hooks",
+    "nonprivate-full",
+    "nonprivate-bitfit",
+    "nonprivate-lora",
+    "dp-bitfit",
+    "dp-lora",
+    "dp-full-auto",
+    "dp-full-ghost",
+    "dp-full-mixed",
+    "dp-full-instantiate",
+    *SPARTA,
+    "opacus-bitfit",
+    "opacus-full-hooks",
     "opacus-full-ghost",
 ]
 MODEL_ORDER = ["gpt2", "gpt2-medium", "gpt2-large", "roberta", "roberta-large", "vit", "resnet50gn", "llama1b"]
 MODEL_LABEL = {
-    "gpt2": "GPT-2 small", "gpt2-medium": "GPT-2 medium", "gpt2-large": "GPT-2 large", "roberta": "RoBERTa-base",
-    "roberta-large": "RoBERTa-large", "vit": "ViT-base/16", "resnet50gn": "ResNet50-GN", "llama1b": "Llama ~1B",
+    "gpt2": "GPT-2 small",
+    "gpt2-medium": "GPT-2 medium",
+    "gpt2-large": "GPT-2 large",
+    "roberta": "RoBERTa-base",
+    "roberta-large": "RoBERTa-large",
+    "vit": "ViT-base/16",
+    "resnet50gn": "ResNet50-GN",
+    "llama1b": "Llama ~1B",
 }
 # Reference numbers quoted in the issues (one H100, fp32, batch 32), as a
 # fraction of the non-private counterpart's throughput.
@@ -77,8 +93,13 @@ def _variant(r: dict[str, Any]) -> tuple:
 
 
 def _setting(r: dict[str, Any]) -> tuple:
-    return (r.get("dtype", "fp32"), r.get("size", "full"), r.get("device", "cuda"), r.get("optimizer", "sgd"),
-            r.get("tf32", "default"))
+    return (
+        r.get("dtype", "fp32"),
+        r.get("size", "full"),
+        r.get("device", "cuda"),
+        r.get("optimizer", "sgd"),
+        r.get("tf32", "default"),
+    )
 
 
 def latest(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -130,9 +151,13 @@ def _sort_key(r: dict[str, Any]) -> tuple:
     m = r.get("model")
     meth = r.get("method")
     return (
-        MODEL_ORDER.index(m) if m in MODEL_ORDER else len(MODEL_ORDER), str(m),
-        r.get("seq_len") or 0, r.get("image_size") or 0, r.get("batch_size") or 0,
-        METHOD_ORDER.index(meth) if meth in METHOD_ORDER else len(METHOD_ORDER), str(meth),
+        MODEL_ORDER.index(m) if m in MODEL_ORDER else len(MODEL_ORDER),
+        str(m),
+        r.get("seq_len") or 0,
+        r.get("image_size") or 0,
+        r.get("batch_size") or 0,
+        METHOD_ORDER.index(meth) if meth in METHOD_ORDER else len(METHOD_ORDER),
+        str(meth),
     )
 
 
@@ -232,9 +257,13 @@ def _detail_table(groups: OrderedDict[tuple, dict[str, dict[str, Any]]]) -> tupl
                 vs_op = _ratio(thr, max(rivals)) if rivals else None
             status = r.get("status", "?")
             if status != "ok":
-                notes.append(f"- {_label(model)} {_var_label(r)} `{meth}`: **{status}** — {str(r.get('error', ''))[:300]}")
+                notes.append(
+                    f"- {_label(model)} {_var_label(r)} `{meth}`: **{status}** — {str(r.get('error', ''))[:300]}"
+                )
             elif r.get("model_patched"):
-                notes.append(f"- {_label(model)} {_var_label(r)} `{meth}`: model patched for Opacus ({r['model_patched']})")
+                notes.append(
+                    f"- {_label(model)} {_var_label(r)} `{meth}`: model patched for Opacus ({r['model_patched']})"
+                )
             if status == "ok" and r.get("opacus_functorch"):
                 notes.append(
                     f"- {_label(model)} {_var_label(r)} `{meth}`: Opacus used its per-example vmap fallback for "
@@ -280,35 +309,66 @@ def _summary_table(groups: OrderedDict[tuple, dict[str, dict[str, Any]]]) -> lis
         have |= set(ms)
     if {"dp-bitfit", "nonprivate-bitfit"} <= have:
         cols += [
-            ("DP-BiTFiT / BiTFiT throughput (≥ 0.97)", lambda ms, m: _mark(thr(ms, "dp-bitfit", "nonprivate-bitfit"), lo=0.97)),
-            ("DP-BiTFiT / BiTFiT memory (≤ 1.03)", lambda ms, m: _mark(mem(ms, "dp-bitfit", "nonprivate-bitfit"), hi=1.03)),
+            (
+                "DP-BiTFiT / BiTFiT throughput (≥ 0.97)",
+                lambda ms, m: _mark(thr(ms, "dp-bitfit", "nonprivate-bitfit"), lo=0.97),
+            ),
+            (
+                "DP-BiTFiT / BiTFiT memory (≤ 1.03)",
+                lambda ms, m: _mark(mem(ms, "dp-bitfit", "nonprivate-bitfit"), hi=1.03),
+            ),
         ]
         if "opacus-bitfit" in have:
-            cols.append(("Opacus bias-only / BiTFiT throughput", lambda ms, m: _f(thr(ms, "opacus-bitfit", "nonprivate-bitfit"))))
+            cols.append(
+                (
+                    "Opacus bias-only / BiTFiT throughput",
+                    lambda ms, m: _f(thr(ms, "opacus-bitfit", "nonprivate-bitfit")),
+                )
+            )
             cols.append(("DP-BiTFiT / Opacus bias-only", lambda ms, m: _f(thr(ms, "dp-bitfit", "opacus-bitfit"))))
         cols.append(("ref. FastDP / Opacus (issue 2)", lambda ms, m: _ref("fastdp_bitfit", "opacus_bitfit", m, ms)))
     if {"dp-full-auto", "nonprivate-full"} <= have:
         cols += [
-            ("dpft auto / full throughput (≥ 0.85; RN50-GN ≥ 0.5)",
-             lambda ms, m: _mark(thr(ms, "dp-full-auto", "nonprivate-full"), lo=0.5 if m == "resnet50gn" else 0.85)),
-            ("dpft auto / full memory (≤ 1.2)", lambda ms, m: _mark(mem(ms, "dp-full-auto", "nonprivate-full"), hi=1.2)),
+            (
+                "dpft auto / full throughput (≥ 0.85; RN50-GN ≥ 0.5)",
+                lambda ms, m: _mark(thr(ms, "dp-full-auto", "nonprivate-full"), lo=0.5 if m == "resnet50gn" else 0.85),
+            ),
+            (
+                "dpft auto / full memory (≤ 1.2)",
+                lambda ms, m: _mark(mem(ms, "dp-full-auto", "nonprivate-full"), hi=1.2),
+            ),
         ]
         if "dp-full-ghost" in have:
             cols.append(("dpft ghost / full throughput", lambda ms, m: _f(thr(ms, "dp-full-ghost", "nonprivate-full"))))
         if have & set(OPACUS["full"]):
-            cols.append((
-                "best Opacus / full throughput",
-                lambda ms, m: _f(thr(ms, best(ms, OPACUS["full"]), "nonprivate-full")) if best(ms, OPACUS["full"]) else "–",
-            ))
-            cols.append((
-                "dpft auto / best Opacus (≥ 1.3; issue 8: ≥ 2)",
-                lambda ms, m: _mark(thr(ms, "dp-full-auto", best(ms, OPACUS["full"])), lo=1.3) if best(ms, OPACUS["full"]) else "–",
-            ))
+            cols.append(
+                (
+                    "best Opacus / full throughput",
+                    lambda ms, m: (
+                        _f(thr(ms, best(ms, OPACUS["full"]), "nonprivate-full")) if best(ms, OPACUS["full"]) else "–"
+                    ),
+                )
+            )
+            cols.append(
+                (
+                    "dpft auto / best Opacus (≥ 1.3; issue 8: ≥ 2)",
+                    lambda ms, m: (
+                        _mark(thr(ms, "dp-full-auto", best(ms, OPACUS["full"])), lo=1.3)
+                        if best(ms, OPACUS["full"])
+                        else "–"
+                    ),
+                )
+            )
         cols.append(("ref. FastDP / Opacus (issue 4)", lambda ms, m: _ref("fastdp_full", "opacus_full", m, ms)))
     if {"dp-bitfit"} <= have and have & set(DPFT_FULL):
+
         def speedup(ms, m):
             bf = best(ms, DPFT_FULL)
-            return _f(thr(ms, "dp-bitfit", bf)) + f" ({bf.replace('dp-full-', '')})" if bf and _ok(ms.get("dp-bitfit")) else "–"
+            return (
+                _f(thr(ms, "dp-bitfit", bf)) + f" ({bf.replace('dp-full-', '')})"
+                if bf and _ok(ms.get("dp-bitfit"))
+                else "–"
+            )
 
         def saving(ms, m):
             bf = best(ms, DPFT_FULL)
@@ -336,7 +396,12 @@ def _summary_table(groups: OrderedDict[tuple, dict[str, dict[str, Any]]]) -> lis
     return lines
 
 
-ISSUE_SETTING = {"gpt2": ("seq_len", 100), "roberta": ("seq_len", 256), "vit": ("image_size", 224), "resnet50gn": ("image_size", 224)}
+ISSUE_SETTING = {
+    "gpt2": ("seq_len", 100),
+    "roberta": ("seq_len", 256),
+    "vit": ("image_size", 224),
+    "resnet50gn": ("image_size", 224),
+}
 
 
 def _ref(a: str, b: str, model: str, ms: dict[str, dict[str, Any]] | None = None) -> str:
@@ -344,7 +409,12 @@ def _ref(a: str, b: str, model: str, ms: dict[str, dict[str, Any]] | None = None
     if ms:
         r = next(iter(ms.values()))
         key, val = ISSUE_SETTING.get(model, ("", None))
-        if r.get(key) != val or r.get("batch_size") != 32 or r.get("dtype", "fp32") != "fp32" or r.get("size", "full") != "full":
+        if (
+            r.get(key) != val
+            or r.get("batch_size") != 32
+            or r.get("dtype", "fp32") != "fp32"
+            or r.get("size", "full") != "full"
+        ):
             return "–"
     x, y = REFERENCE[a].get(model), REFERENCE[b].get(model)
     return "–" if x is None else f"{x:.2f} / {y:.2f}"
@@ -379,7 +449,15 @@ def _finish(fig, axes) -> None:
     handles, labels = axes[0].get_legend_handles_labels()
     for ax in axes:
         if not ax.get_legend_handles_labels()[0]:
-            ax.text(0.5, 0.5, "no data (CPU run: no GPU memory)", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+            ax.text(
+                0.5,
+                0.5,
+                "no data (CPU run: no GPU memory)",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                fontsize=8,
+            )
     if handles:
         fig.legend(handles, labels, loc="center right", fontsize=7)
     fig.tight_layout(rect=(0, 0, 0.82 if handles else 1, 1))
@@ -443,9 +521,7 @@ def _plots(recs: list[dict[str, Any]], prefix: Path) -> list[Path]:
         methods = [m for m in METHOD_ORDER if any(m in ms for _, ms in lst)]
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for meth in methods:
-            pts = sorted(
-                (ms[meth][xkey], ms[meth]) for _, ms in lst if meth in ms and ms[meth].get(xkey) is not None
-            )
+            pts = sorted((ms[meth][xkey], ms[meth]) for _, ms in lst if meth in ms and ms[meth].get(xkey) is not None)
             ok = [(x, r) for x, r in pts if _ok(r)]
             if ok:
                 axes[0].plot([x for x, _ in ok], [r["examples_per_s"] for _, r in ok], marker="o", label=meth)
@@ -491,9 +567,9 @@ def _sparta_tables(groups: OrderedDict[tuple, dict[str, dict[str, Any]]]) -> tup
     DP full fine-tuning's), detail table, notes."""
     d_t, lim = SPARTA_TARGET
     summary = [
-        "| model | DP full ms/step | " + " | ".join(
-            f"density {_density(m):g}" + (f" (≤ {lim:g})" if _density(m) == d_t else "") for m in SPARTA
-        ) + " | DP-BiTFiT (density → 0) |",
+        "| model | DP full ms/step | "
+        + " | ".join(f"density {_density(m):g}" + (f" (≤ {lim:g})" if _density(m) == d_t else "") for m in SPARTA)
+        + " | DP-BiTFiT (density → 0) |",
         "| --- | ---: |" + " ---: |" * (len(SPARTA) + 1),
     ]
     detail = [
@@ -527,7 +603,9 @@ def _sparta_tables(groups: OrderedDict[tuple, dict[str, dict[str, Any]]]) -> tup
                 f"{_f(rt)} | {_f(_gib(mem))} | {_f(rmem)} | {_f(state, 1)} | {r.get('status', '?')} |"
             )
             if r.get("status") != "ok":
-                notes.append(f"- {_label(model)} {_var_label(r)} `{meth}`: **{r.get('status')}** — {str(r.get('error', ''))[:300]}")
+                notes.append(
+                    f"- {_label(model)} {_var_label(r)} `{meth}`: **{r.get('status')}** — {str(r.get('error', ''))[:300]}"
+                )
     return summary, detail, notes
 
 
@@ -581,7 +659,8 @@ def _sparta_section(recs: list[dict[str, Any]], plot_path: Path | None, link_dir
         f"Step time of SPARTA's sparse training phase (random rows at each density in every Linear / Conv "
         f"weight outside the head; biases and head in full; optimizer state for the selected rows only) "
         f"as a fraction of DP full fine-tuning's (`dp-full-auto`). Target: ≤ {lim:g} at density {d_t:g}. "
-        "DP-BiTFiT is the floor: forward and input-gradient backward are paid whatever the density.", "",
+        "DP-BiTFiT is the floor: forward and input-gradient backward are paid whatever the density.",
+        "",
     ]
     lines += summary + [""] + detail + [""]
     if notes:
@@ -601,22 +680,29 @@ SPARTA_COMMAND = "python -m benchmarks.speed --suite sparta --out results/ --tim
 # rendering
 
 
-def render(records: list[dict[str, Any]], suite: str, plot_dir: Path | None = None, link_dir: Path | None = None) -> str:
+def render(
+    records: list[dict[str, Any]], suite: str, plot_dir: Path | None = None, link_dir: Path | None = None
+) -> str:
     """Markdown for one suite (without the marker comments).  Charts are
     written to ``plot_dir`` and linked relative to ``link_dir``."""
     recs = latest([r for r in records if r.get("suite") == suite])
     lines = [f"## Suite `{suite}`", ""] if suite != "sparta" else ["## SPARTA: cost vs density (suite `sparta`)", ""]
     if not recs:
         if suite == "sparta":
-            return "\n".join(lines + [
-                "Not yet run on the GPU. Reproduce with `" + SPARTA_COMMAND + "` (see `benchmarks/README.md`, "
-                "\"On the GPU machine\"), then `python -m benchmarks.report results/sparta.jsonl --docs docs/benchmarks.md`.", "",
-            ])
+            return "\n".join(
+                lines
+                + [
+                    "Not yet run on the GPU. Reproduce with `" + SPARTA_COMMAND + "` (see `benchmarks/README.md`, "
+                    '"On the GPU machine"), then `python -m benchmarks.report results/sparta.jsonl --docs docs/benchmarks.md`.',
+                    "",
+                ]
+            )
         return "\n".join(lines + ["No results.", ""])
     lines += [
         "Generated by `python -m benchmarks.report` from the JSON lines that "
         "`python -m benchmarks.speed` writes; every ratio compares configurations "
-        "of the same run (same GPU, same batch).", "",
+        "of the same run (same GPU, same batch).",
+        "",
     ]
     lines += _env_lines(recs) + [""]
     settings: OrderedDict[tuple, list[dict[str, Any]]] = OrderedDict()
@@ -636,7 +722,11 @@ def render(records: list[dict[str, Any]], suite: str, plot_dir: Path | None = No
             lines += _maxbatch_table(srecs) + [""]
             continue
         if suite == "sparta":
-            tag = f"{suite}_{dtype}_{opt}" + (f"_{size}" if size != "full" else "") + (f"_{device}" if device == "cpu" else "")
+            tag = (
+                f"{suite}_{dtype}_{opt}"
+                + (f"_{size}" if size != "full" else "")
+                + (f"_{device}" if device == "cpu" else "")
+            )
             tag += "_ieee" if tf32 == "off" else ""
             plot = Path(plot_dir) / f"{tag}_density.png" if plot_dir is not None else None
             lines += _sparta_section(srecs, plot, link_dir)
@@ -650,7 +740,9 @@ def render(records: list[dict[str, Any]], suite: str, plot_dir: Path | None = No
         if notes:
             lines += ["Notes:", ""] + notes + [""]
         if plot_dir is not None:
-            tag = f"{suite}_{dtype}" + (f"_{size}" if size != "full" else "") + (f"_{device}" if device == "cpu" else "")
+            tag = (
+                f"{suite}_{dtype}" + (f"_{size}" if size != "full" else "") + (f"_{device}" if device == "cpu" else "")
+            )
             tag += "_ieee" if tf32 == "off" else ""
             for p in _plots(srecs, Path(plot_dir) / tag):
                 rel = os.path.relpath(p, link_dir) if link_dir is not None else str(p)
@@ -674,14 +766,18 @@ def update_docs(path: str | Path, suite: str, body: str) -> None:
         )
     i, j = text.find(start), text.find(end)
     if i != -1 and j != -1 and j > i:
-        text = text[:i] + block + text[j + len(end):].lstrip("\n")
+        text = text[:i] + block + text[j + len(end) :].lstrip("\n")
     else:
         text = text.rstrip("\n") + "\n\n" + block
     path.write_text(text)
 
 
 def write_outputs(
-    jsonl: str | Path, *, suite: str, out_dir: str | Path, docs: str | Path | None = None,
+    jsonl: str | Path,
+    *,
+    suite: str,
+    out_dir: str | Path,
+    docs: str | Path | None = None,
     plots_dir: str | Path | None = None,
 ) -> Path:
     """``<out_dir>/<suite>.md`` (+ PNGs beside it); with ``docs``, also that
@@ -702,12 +798,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.split("\n\n")[0])
     p.add_argument("jsonl", nargs="+", help="results/<suite>.jsonl file(s)")
     p.add_argument("--suite", default=None, help="default: every suite found in the files")
-    p.add_argument("--docs", default=None, help="markdown file whose suite sections to update (e.g. docs/benchmarks.md)")
-    p.add_argument("--plots-dir", default=None, help="where the PNGs go (default: <docs dir>/benchmarks, or beside --out)")
+    p.add_argument(
+        "--docs", default=None, help="markdown file whose suite sections to update (e.g. docs/benchmarks.md)"
+    )
+    p.add_argument(
+        "--plots-dir", default=None, help="where the PNGs go (default: <docs dir>/benchmarks, or beside --out)"
+    )
     p.add_argument("--out", default=None, help="also write the suites' markdown to this file ('-' = stdout)")
     args = p.parse_args(argv)
     records = load(args.jsonl)
-    suites = [args.suite] if args.suite else list(OrderedDict.fromkeys(r.get("suite") for r in records if r.get("suite")))
+    suites = (
+        [args.suite] if args.suite else list(OrderedDict.fromkeys(r.get("suite") for r in records if r.get("suite")))
+    )
     if not suites:
         raise SystemExit("no records found")
     chunks = []

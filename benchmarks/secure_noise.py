@@ -52,16 +52,24 @@ def _time(fn, device: torch.device, steps: int) -> list[float]:
 
 
 def _engine(wl, secure: bool, batch: int):
-    engine = dpft.PrivacyEngine(wl.model, batch_size=batch, sample_size=100 * batch, steps=10**6,
-                                noise_multiplier=1.0, max_grad_norm=1.0, secure_mode=secure,
-                                poisson=False)  # one fixed batch, every step: not Poisson, and that is fine here
+    engine = dpft.PrivacyEngine(
+        wl.model,
+        batch_size=batch,
+        sample_size=100 * batch,
+        steps=10**6,
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        secure_mode=secure,
+        poisson=False,
+    )  # one fixed batch, every step: not Poisson, and that is fine here
     opt = torch.optim.SGD([p for p in wl.model.parameters() if p.requires_grad], lr=1e-6)
     engine.attach(opt)
     return engine, opt
 
 
-def measure(name: str, method: str, *, batch: int, device: torch.device, tiny: bool, steps: int, warmup: int,
-            rounds: int) -> dict[str, Any]:
+def measure(
+    name: str, method: str, *, batch: int, device: torch.device, tiny: bool, steps: int, warmup: int, rounds: int
+) -> dict[str, Any]:
     from benchmarks.models import build, count
 
     wl = build(name, batch_size=batch, device=device, tiny=tiny)
@@ -96,13 +104,22 @@ def measure(name: str, method: str, *, batch: int, device: torch.device, tiny: b
         noise_ms[secure] = statistics.median(_time(lambda: gen.add_(grads, 1.0, divide=batch), device, steps))
     plain, sec = statistics.median(times[False]), statistics.median(times[True])
     return {
-        "model": name, "method": method, "tiny": tiny, "batch": batch, "device": str(device),
+        "model": name,
+        "method": method,
+        "tiny": tiny,
+        "batch": batch,
+        "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "trainable": n_train,
-        "step_ms": plain, "secure_step_ms": sec, "overhead_ms": sec - plain,
+        "torch": torch.__version__,
+        "trainable": n_train,
+        "step_ms": plain,
+        "secure_step_ms": sec,
+        "overhead_ms": sec - plain,
         "overhead_pct": 100 * (sec - plain) / plain,
-        "noise_ms": noise_ms[False], "secure_noise_ms": noise_ms[True],
-        "peak_bytes": peaks[False], "secure_peak_bytes": peaks[True],
+        "noise_ms": noise_ms[False],
+        "secure_noise_ms": noise_ms[True],
+        "peak_bytes": peaks[False],
+        "secure_peak_bytes": peaks[True],
         "steps": steps * rounds,
     }
 
@@ -124,8 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         if not torch.cuda.is_available():
             print("secure_noise: needs a CUDA device (or --smoke)", file=sys.stderr)
             return 2
-        device, tiny, steps, warmup, rounds, models = torch.device("cuda"), False, args.steps, args.warmup, \
-            args.rounds, args.models
+        device, tiny, steps, warmup, rounds, models = (
+            torch.device("cuda"),
+            False,
+            args.steps,
+            args.warmup,
+            args.rounds,
+            args.models,
+        )
     from benchmarks.models import SPECS
 
     rows = []
@@ -134,8 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         for method in args.methods.split(","):
             batch = args.batch_size or (4 if tiny else SPECS[name].default_batch)
             try:
-                rec = measure(name, method, batch=batch, device=device, tiny=tiny, steps=steps, warmup=warmup,
-                              rounds=rounds)
+                rec = measure(
+                    name, method, batch=batch, device=device, tiny=tiny, steps=steps, warmup=warmup, rounds=rounds
+                )
             except torch.OutOfMemoryError as e:  # pragma: no cover - GPU only
                 rec = {"model": name, "method": method, "batch": batch, "error": f"out of memory: {e}"[:300]}
                 torch.cuda.empty_cache()
@@ -145,16 +169,20 @@ def main(argv: list[str] | None = None) -> int:
                 Path(args.out).mkdir(parents=True, exist_ok=True)
                 with open(Path(args.out) / "secure_noise.jsonl", "a") as f:
                     f.write(json.dumps(rec) + "\n")
-    print("\n| model | method | trainable | batch | step (ms) | secure step (ms) | overhead | noise (ms) "
-          "| secure noise (ms) |")
+    print(
+        "\n| model | method | trainable | batch | step (ms) | secure step (ms) | overhead | noise (ms) "
+        "| secure noise (ms) |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         if "error" in r:
             print(f"| {r['model']} | {r['method']} | - | {r['batch']} | {r['error'][:40]} | | | | |")
             continue
-        print(f"| {r['model']} | {r['method']} | {r['trainable'] / 1e6:.2f} M | {r['batch']} | {r['step_ms']:.1f} "
-              f"| {r['secure_step_ms']:.1f} | {r['overhead_ms']:+.1f} ms ({r['overhead_pct']:+.1f} %) "
-              f"| {r['noise_ms']:.2f} | {r['secure_noise_ms']:.2f} |")
+        print(
+            f"| {r['model']} | {r['method']} | {r['trainable'] / 1e6:.2f} M | {r['batch']} | {r['step_ms']:.1f} "
+            f"| {r['secure_step_ms']:.1f} | {r['overhead_ms']:+.1f} ms ({r['overhead_pct']:+.1f} %) "
+            f"| {r['noise_ms']:.2f} | {r['secure_noise_ms']:.2f} |"
+        )
     return 0
 
 

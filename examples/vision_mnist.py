@@ -72,7 +72,7 @@ def select(model: nn.Module, method: str) -> list[str]:
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
-    correct = sum(int((model(x[i:i + 500]).argmax(1) == y[i:i + 500]).sum()) for i in range(0, len(y), 500))
+    correct = sum(int((model(x[i : i + 500]).argmax(1) == y[i : i + 500]).sum()) for i in range(0, len(y), 500))
     model.train()
     return correct / len(y)
 
@@ -89,11 +89,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--density", type=float, default=0.2, help="sparta: fraction of rows per weight")
     ap.add_argument("--scoring-epochs", type=float, default=0.5, help="sparta: private scoring pass")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--scratch", action="store_true",
-                    help="baseline: the same CNN randomly initialised, no public pretraining")
-    ap.add_argument("--quick", action="store_true",
-                    help="tiny public pretraining (512 images, 1 epoch), 512 private training images, "
-                         "1 epoch: a smoke test that runs in seconds")
+    ap.add_argument(
+        "--scratch", action="store_true", help="baseline: the same CNN randomly initialised, no public pretraining"
+    )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny public pretraining (512 images, 1 epoch), 512 private training images, "
+        "1 epoch: a smoke test that runs in seconds",
+    )
     args = ap.parse_args(argv)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
     t0 = time.perf_counter()
@@ -108,10 +112,15 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         model = offline.load_pretrained_cnn(10, config=public)
         info = model.pretrained_info
-        public = "Fashion-MNIST" if info.get("public_data", "fashion-mnist") == "fashion-mnist" \
+        public = (
+            "Fashion-MNIST"
+            if info.get("public_data", "fashion-mnist") == "fashion-mnist"
             else "scikit-learn's digits (Fashion-MNIST not installed)"
-        print(f"public model: FeatureCNN pretrained on {public} ({100 * info['test_accuracy']:.1f}% "
-              f"test accuracy there{', QUICK tiny pretraining' if args.quick else ''}), {info['path']}")
+        )
+        print(
+            f"public model: FeatureCNN pretrained on {public} ({100 * info['test_accuracy']:.1f}% "
+            f"test accuracy there{', QUICK tiny pretraining' if args.quick else ''}), {info['path']}"
+        )
 
     # 2. private: MNIST, DP fine-tuning
     task = offline.mnist()
@@ -129,17 +138,27 @@ def main(argv: list[str] | None = None) -> dict:
 
     def batches(steps: int, seed: int) -> Iterator[list[int]]:
         """Poisson batches (each example joins each batch with probability B / N)."""
-        sampler = dpft.data.PoissonBatchSampler(n, batch_size=args.batch_size,
-                                                steps=max(1, -(-n // args.batch_size)), seed=seed)
+        sampler = dpft.data.PoissonBatchSampler(
+            n, batch_size=args.batch_size, steps=max(1, -(-n // args.batch_size)), seed=seed
+        )
         for i in range(steps):
             yield sampler.batch(i // sampler.steps, i % sampler.steps)
 
     sp = None
     if args.method == "sparta":
         candidates = [c for c in default_candidates(model) if not c.startswith("classifier.")]
-        sp = Sparta(model, batch_size=args.batch_size, sample_size=n, target_epsilon=args.epsilon,
-                    train_epochs=args.epochs, scoring_epochs=args.scoring_epochs, density=args.density,
-                    candidates=candidates, always_train=["classifier"], max_grad_norm=args.max_grad_norm)
+        sp = Sparta(
+            model,
+            batch_size=args.batch_size,
+            sample_size=n,
+            target_epsilon=args.epsilon,
+            train_epochs=args.epochs,
+            scoring_epochs=args.scoring_epochs,
+            density=args.density,
+            candidates=candidates,
+            always_train=["classifier"],
+            max_grad_norm=args.max_grad_norm,
+        )
         # each phase its own noise stream (never the same draws twice)
         sp.engine_kwargs["noise_seed"] = args.seed + 1
         sp.score(batches(sp.steps["scoring"], args.seed + 2), loss_fn, max_physical_batch_size=args.physical)
@@ -149,16 +168,25 @@ def main(argv: list[str] | None = None) -> dict:
         optimizer, steps = engine.optimizer, sp.steps["train"]
     else:
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-        engine = dpft.PrivacyEngine(model, batch_size=args.batch_size, sample_size=n, epochs=args.epochs,
-                                    target_epsilon=args.epsilon, max_grad_norm=args.max_grad_norm,
-                                    noise_seed=args.seed + 1)
+        engine = dpft.PrivacyEngine(
+            model,
+            batch_size=args.batch_size,
+            sample_size=n,
+            epochs=args.epochs,
+            target_epsilon=args.epsilon,
+            max_grad_norm=args.max_grad_norm,
+            noise_seed=args.seed + 1,
+        )
         engine.attach(optimizer)
         steps = engine.planned_steps
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if sp is not None:  # count only the selected rows of the restricted weights
-        trainable -= sum(int((~m).sum()) * (p.numel() // len(m))
-                         for name, p in model.named_parameters() for m in [sp.masks.get(name)]
-                         if m is not None and p.requires_grad)
+        trainable -= sum(
+            int((~m).sum()) * (p.numel() // len(m))
+            for name, p in model.named_parameters()
+            for m in [sp.masks.get(name)]
+            if m is not None and p.requires_grad
+        )
     total = sum(p.numel() for p in model.parameters())
 
     model.train()
@@ -175,13 +203,25 @@ def main(argv: list[str] | None = None) -> dict:
     eps = sp.epsilon if sp is not None else engine.epsilon
     acc = accuracy(model, x_te, y_te)
     seconds = time.perf_counter() - t0
-    out = {"method": args.method, "accuracy": acc, "epsilon": eps, "delta": engine.target_delta,
-           "noise_multiplier": engine.noise_multiplier, "steps": engine.steps, "train_size": n,
-           "trainable": trainable, "total": total, "public_accuracy": info["test_accuracy"],
-           "seconds": seconds, "quick": args.quick}
-    print(f"{args.method}: MNIST test accuracy {acc:.3f} ({len(y_te)} images) at epsilon = {eps:.3f}, "
-          f"delta = {engine.target_delta:g}, sigma = {engine.noise_multiplier:.3f}, "
-          f"{trainable:,} of {total:,} parameters trained, {n:,} private images, {seconds:.0f} s")
+    out = {
+        "method": args.method,
+        "accuracy": acc,
+        "epsilon": eps,
+        "delta": engine.target_delta,
+        "noise_multiplier": engine.noise_multiplier,
+        "steps": engine.steps,
+        "train_size": n,
+        "trainable": trainable,
+        "total": total,
+        "public_accuracy": info["test_accuracy"],
+        "seconds": seconds,
+        "quick": args.quick,
+    }
+    print(
+        f"{args.method}: MNIST test accuracy {acc:.3f} ({len(y_te)} images) at epsilon = {eps:.3f}, "
+        f"delta = {engine.target_delta:g}, sigma = {engine.noise_multiplier:.3f}, "
+        f"{trainable:,} of {total:,} parameters trained, {n:,} private images, {seconds:.0f} s"
+    )
     return out
 
 

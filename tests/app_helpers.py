@@ -26,8 +26,15 @@ def make_tiny_bert(path: Path) -> str:
     BertTokenizer(str(path / "vocab.txt")).save_pretrained(path)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=64, max_position_embeddings=64, num_labels=2)
+        config = BertConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+            num_labels=2,
+        )
         BertForSequenceClassification(config).save_pretrained(path)
     return str(path)
 
@@ -42,8 +49,25 @@ def make_reviews_csv(path: Path, copies: int = 24, labels: tuple = (1, 0)) -> st
 def tiny_args(model: str, data: str, out, *extra) -> list[str]:
     """`dpft train` of the tiny BERT; one torch thread (the model's operations are too small
     to gain from more, and a busy machine makes several threads wait on each other)."""
-    return ["train", "--model", model, "--dataset", data, "--out", str(out), "--max-seq-len", "16",
-            "--batch-size", "16", "--epochs", "1", "--no-progress", "--num-threads", "1", *map(str, extra)]
+    return [
+        "train",
+        "--model",
+        model,
+        "--dataset",
+        data,
+        "--out",
+        str(out),
+        "--max-seq-len",
+        "16",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "1",
+        "--no-progress",
+        "--num-threads",
+        "1",
+        *map(str, extra),
+    ]
 
 
 def run_cli(argv, capsys) -> tuple[int, str, str]:

@@ -160,6 +160,7 @@ def _ids(vocab, t):
         x = torch.randint(0, vocab, (t,))
         x[0] = 0  # the padding index appears
         return x
+
     return make
 
 
@@ -174,30 +175,39 @@ ZOO = {
     "linear-2d": (lambda: nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)), lambda: torch.randn(6)),
     "linear-3d": (lambda: nn.Sequential(nn.Linear(3, 5), nn.GELU(), nn.Linear(5, 4)), lambda: torch.randn(7, 3)),
     "conv1d": (
-        lambda: nn.Sequential(nn.Conv1d(2, 4, 3, stride=2, padding=1, dilation=2, groups=2), nn.Tanh(), nn.Conv1d(4, 3, 2)),
+        lambda: nn.Sequential(
+            nn.Conv1d(2, 4, 3, stride=2, padding=1, dilation=2, groups=2), nn.Tanh(), nn.Conv1d(4, 3, 2)
+        ),
         lambda: torch.randn(2, 11),
     ),
     "conv2d": (
         lambda: nn.Sequential(
-            nn.Conv2d(3, 4, 3, stride=(2, 1), padding=1), nn.Tanh(),
-            nn.Conv2d(4, 4, 3, padding="same", dilation=2, padding_mode="reflect", groups=2), nn.Tanh(),
+            nn.Conv2d(3, 4, 3, stride=(2, 1), padding=1),
+            nn.Tanh(),
+            nn.Conv2d(4, 4, 3, padding="same", dilation=2, padding_mode="reflect", groups=2),
+            nn.Tanh(),
             nn.Conv2d(4, 2, (2, 3), stride=2, padding=(0, 1), padding_mode="circular"),
         ),
         lambda: torch.randn(3, 7, 6),
     ),
     "conv3d": (
-        lambda: nn.Sequential(nn.Conv3d(2, 4, 2, groups=2), nn.Tanh(), nn.Conv3d(4, 2, (1, 2, 2), stride=(1, 2, 1), padding=1)),
+        lambda: nn.Sequential(
+            nn.Conv3d(2, 4, 2, groups=2), nn.Tanh(), nn.Conv3d(4, 2, (1, 2, 2), stride=(1, 2, 1), padding=1)
+        ),
         lambda: torch.randn(2, 3, 4, 4),
     ),
     "conv-transpose": (
         lambda: nn.Sequential(
-            nn.ConvTranspose2d(2, 4, 3, stride=2, padding=1, output_padding=1, groups=2), nn.Tanh(),
+            nn.ConvTranspose2d(2, 4, 3, stride=2, padding=1, output_padding=1, groups=2),
+            nn.Tanh(),
             nn.ConvTranspose1d(4, 3, 2, stride=1, dilation=2) if False else nn.Conv2d(4, 2, 1),
         ),
         lambda: torch.randn(2, 3, 4),
     ),
     "conv-transpose-1d": (
-        lambda: nn.Sequential(nn.Conv1d(2, 4, 1), nn.Tanh(), nn.ConvTranspose1d(4, 3, 3, stride=2, dilation=2, padding=1)),
+        lambda: nn.Sequential(
+            nn.Conv1d(2, 4, 1), nn.Tanh(), nn.ConvTranspose1d(4, 3, 3, stride=2, dilation=2, padding=1)
+        ),
         lambda: torch.randn(2, 5),
     ),
     "layernorm": (
@@ -225,5 +235,8 @@ ZOO = {
     "same-shapes": (SameShapes, lambda: torch.randn(3, 3)),  # T = 3: ghost norms (batched) in mixed mode too
     "fallback-leaf": (lambda: nn.Sequential(nn.Linear(3, 4), Scale(4), nn.Linear(4, 2)), lambda: torch.randn(5, 3)),
     "container-tokens": (WithTokens, lambda: torch.randn(3, 2)),
-    "resnet-inplace": (lambda: nn.Sequential(nn.Conv2d(2, 4, 1), ResBlock(4), nn.Conv2d(4, 2, 1)), lambda: torch.randn(2, 5, 5)),
+    "resnet-inplace": (
+        lambda: nn.Sequential(nn.Conv2d(2, 4, 1), ResBlock(4), nn.Conv2d(4, 2, 1)),
+        lambda: torch.randn(2, 5, 5),
+    ),
 }

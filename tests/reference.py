@@ -15,18 +15,24 @@ from torch import Tensor, nn
 import dpft
 
 
-def per_example_grads(model: nn.Module, names: Sequence[str], examples: Sequence, loss_fn: Callable) -> list[dict[str, Tensor]]:
+def per_example_grads(
+    model: nn.Module, names: Sequence[str], examples: Sequence, loss_fn: Callable
+) -> list[dict[str, Tensor]]:
     params = dict(model.named_parameters())
     out = []
     for ex in examples:
         model.zero_grad(set_to_none=True)
         loss = loss_fn(model, ex)
         grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-        out.append({n: (g if g is not None else torch.zeros_like(params[n])).detach().clone() for n, g in zip(names, grads)})
+        out.append(
+            {n: (g if g is not None else torch.zeros_like(params[n])).detach().clone() for n, g in zip(names, grads)}
+        )
     return out
 
 
-def clipped_mean(grads: list[dict[str, Tensor]], groups: Sequence[Sequence[str]], R: float, fn: str, B: int) -> dict[str, Tensor]:
+def clipped_mean(
+    grads: list[dict[str, Tensor]], groups: Sequence[Sequence[str]], R: float, fn: str, B: int
+) -> dict[str, Tensor]:
     K = len(groups)
     total = {n: torch.zeros_like(g) for n, g in grads[0].items()}
     for g in grads:
@@ -63,8 +69,15 @@ def dpft_update(
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     before = {n: p.detach().clone() for n, p in params.items()}
     engine = dpft.PrivacyEngine(
-        model, batch_size=batch_size, sample_size=sample_size, steps=10, noise_multiplier=0.0,
-        max_grad_norm=R, clipping_fn=fn, clipping_style=style, clipping_mode=mode,
+        model,
+        batch_size=batch_size,
+        sample_size=sample_size,
+        steps=10,
+        noise_multiplier=0.0,
+        max_grad_norm=R,
+        clipping_fn=fn,
+        clipping_style=style,
+        clipping_mode=mode,
     )
     opt = torch.optim.SGD(list(params.values()), lr=1.0)
     engine.attach(opt)
@@ -187,8 +200,15 @@ def steps_exact(
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # noise_multiplier=0
-        engine = dpft.PrivacyEngine(model, batch_size=batch_size, sample_size=1000, steps=100, noise_multiplier=0.0,
-                                    max_grad_norm=R, clipping_mode=mode)
+        engine = dpft.PrivacyEngine(
+            model,
+            batch_size=batch_size,
+            sample_size=1000,
+            steps=100,
+            noise_multiplier=0.0,
+            max_grad_norm=R,
+            clipping_mode=mode,
+        )
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     engine.attach(opt)
     params = dict(model.named_parameters())

@@ -156,8 +156,11 @@ def test_epsilon_bad_input(name, value):
     assert repr(value) in str(info.value)
 
 
-@pytest.mark.parametrize("name, value", [b for b in BAD if b[0] != "noise_multiplier"] + [
-    ("target_epsilon", 0.0), ("target_epsilon", -1.0), ("target_epsilon", math.inf)])
+@pytest.mark.parametrize(
+    "name, value",
+    [b for b in BAD if b[0] != "noise_multiplier"]
+    + [("target_epsilon", 0.0), ("target_epsilon", -1.0), ("target_epsilon", math.inf)],
+)
 def test_noise_multiplier_bad_input(name, value):
     good = dict(target_epsilon=1.0, sample_rate=0.01, steps=10, delta=1e-5, accountant="pld")
     with pytest.raises(ValueError, match=name) as info:
@@ -192,8 +195,18 @@ def test_budget_exception_type():
 
 
 @pytest.mark.parametrize(
-    "n, expected", [(1, 1e-5), (1000, 1e-5), (10_000, 1e-5), (12_808, 1e-6), (60_000, 1e-6), (100_000, 1e-6),
-                    (100_001, 1e-7), (10**6, 1e-7), (10**9, 1e-10)]
+    "n, expected",
+    [
+        (1, 1e-5),
+        (1000, 1e-5),
+        (10_000, 1e-5),
+        (12_808, 1e-6),
+        (60_000, 1e-6),
+        (100_000, 1e-6),
+        (100_001, 1e-7),
+        (10**6, 1e-7),
+        (10**9, 1e-10),
+    ],
 )
 def test_default_delta(n, expected):
     d = default_delta(n)

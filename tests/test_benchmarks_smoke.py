@@ -21,7 +21,11 @@ def test_speed_smoke(tmp_path):
     env["CUDA_VISIBLE_DEVICES"] = ""  # the smoke suite is a CPU check even on a GPU machine
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.speed", "--smoke", "--out", str(tmp_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -38,7 +42,11 @@ def test_speed_smoke(tmp_path):
         assert r["run_id"] == recs[0]["run_id"], key
     # BiTFiT trains exactly the biases, identically with and without privacy
     for m in MODELS:
-        assert got[(m, "dp-bitfit")]["trainable"] == got[(m, "nonprivate-bitfit")]["trainable"] < got[(m, "dp-full-auto")]["trainable"]
+        assert (
+            got[(m, "dp-bitfit")]["trainable"]
+            == got[(m, "nonprivate-bitfit")]["trainable"]
+            < got[(m, "dp-full-auto")]["trainable"]
+        )
         # SPARTA: biases (+ head) and a fifth of the rows of every candidate weight
         sp = got[(m, "dp-sparta-0.2")]
         assert sp["density"] == 0.2 and sp["sparta_weights"] > 0
@@ -60,8 +68,19 @@ def test_report_docs_sections(tmp_path):
         from benchmarks import report
     finally:
         sys.path.remove(str(REPO))
-    base = dict(suite="core", run_id="r1", command="python -m benchmarks.speed", device="cuda", dtype="fp32",
-                size="full", batch_size=32, seq_len=100, model="gpt2", status="ok", env={"gpu": "X", "torch": "2"})
+    base = dict(
+        suite="core",
+        run_id="r1",
+        command="python -m benchmarks.speed",
+        device="cuda",
+        dtype="fp32",
+        size="full",
+        batch_size=32,
+        seq_len=100,
+        model="gpt2",
+        status="ok",
+        env={"gpu": "X", "torch": "2"},
+    )
     recs = [
         dict(base, method="nonprivate-bitfit", examples_per_s=100.0, peak_mem_mb=1000.0, trainable=10),
         dict(base, method="dp-bitfit", examples_per_s=98.0, peak_mem_mb=1010.0, trainable=10),
@@ -92,8 +111,19 @@ def test_report_keeps_tf32_off_runs_apart(tmp_path):
     finally:
         sys.path.remove(str(REPO))
     assert speed.parse_args(["--tf32", "off"]).tf32 == "off"
-    base = dict(suite="core", run_id="r1", command="c", device="cuda", dtype="fp32", size="full", batch_size=32,
-                image_size=224, model="resnet50gn", status="ok", env={"gpu": "X", "torch": "2"})
+    base = dict(
+        suite="core",
+        run_id="r1",
+        command="c",
+        device="cuda",
+        dtype="fp32",
+        size="full",
+        batch_size=32,
+        image_size=224,
+        model="resnet50gn",
+        status="ok",
+        env={"gpu": "X", "torch": "2"},
+    )
     ieee = dict(base, run_id="r2", tf32="off")
     recs = [
         dict(base, method="nonprivate-bitfit", examples_per_s=100.0, peak_mem_mb=1000.0, trainable=10),
@@ -119,18 +149,49 @@ def test_repeat_interleaves_methods_and_report_takes_medians(tmp_path):
         from benchmarks import report, speed
     finally:
         sys.path.remove(str(REPO))
-    args = speed.parse_args(["--suite", "bitfit", "--models", "gpt2,vit", "--methods", "nonprivate-bitfit,dp-bitfit",
-                             "--repeat", "3", "--device", "cpu", "--out", str(tmp_path)])
-    order = [(c["model"], c["method"], c["repeat"])
-             for c in speed.repeat_rounds(speed.build_configs(args, "r", "c"), args.repeat)]
+    args = speed.parse_args(
+        [
+            "--suite",
+            "bitfit",
+            "--models",
+            "gpt2,vit",
+            "--methods",
+            "nonprivate-bitfit,dp-bitfit",
+            "--repeat",
+            "3",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    order = [
+        (c["model"], c["method"], c["repeat"])
+        for c in speed.repeat_rounds(speed.build_configs(args, "r", "c"), args.repeat)
+    ]
     m = ("nonprivate-bitfit", "dp-bitfit")
     assert order == [(model, meth, r) for model in ("gpt2", "vit") for r in range(3) for meth in m]
-    base = dict(suite="core", run_id="r1", command="c", device="cuda", dtype="fp32", size="full", batch_size=32,
-                seq_len=100, model="gpt2", status="ok", env={"gpu": "X", "torch": "2"})
+    base = dict(
+        suite="core",
+        run_id="r1",
+        command="c",
+        device="cuda",
+        dtype="fp32",
+        size="full",
+        batch_size=32,
+        seq_len=100,
+        model="gpt2",
+        status="ok",
+        env={"gpu": "X", "torch": "2"},
+    )
     recs = []
     for rep, (np_, dp_) in enumerate([(100.0, 90.0), (50.0, 97.0), (101.0, 99.0)]):
-        recs.append(dict(base, method="nonprivate-bitfit", repeat=rep, examples_per_s=np_, peak_mem_mb=1000.0, trainable=10))
-        recs.append(dict(base, method="dp-bitfit", repeat=rep, examples_per_s=dp_, peak_mem_mb=1000.0 + rep, trainable=10))
+        recs.append(
+            dict(base, method="nonprivate-bitfit", repeat=rep, examples_per_s=np_, peak_mem_mb=1000.0, trainable=10)
+        )
+        recs.append(
+            dict(base, method="dp-bitfit", repeat=rep, examples_per_s=dp_, peak_mem_mb=1000.0 + rep, trainable=10)
+        )
     merged = {r["method"]: r for r in report.latest(recs)}
     assert merged["nonprivate-bitfit"]["examples_per_s"] == 100.0 and merged["dp-bitfit"]["examples_per_s"] == 97.0
     assert merged["dp-bitfit"]["peak_mem_mb"] == 1002.0 and merged["dp-bitfit"]["repeats"] == 3
@@ -153,17 +214,44 @@ def test_report_sparta_section(tmp_path):
     text = docs.read_text()
     assert "SPARTA: cost vs density" in text and "Not yet run" in text and "--suite sparta" in text
 
-    base = dict(suite="sparta", run_id="r1", command="python -m benchmarks.speed --suite sparta", device="cuda",
-                dtype="fp32", size="full", optimizer="adamw", batch_size=32, image_size=224, status="ok",
-                env={"gpu": "X", "torch": "2"})
-    steps = {"nonprivate-full": 0.090, "dp-full-auto": 0.100, "dp-bitfit": 0.050, "dp-sparta-1.0": 0.101,
-             "dp-sparta-0.5": 0.080, "dp-sparta-0.2": 0.058, "dp-sparta-0.05": 0.052}
+    base = dict(
+        suite="sparta",
+        run_id="r1",
+        command="python -m benchmarks.speed --suite sparta",
+        device="cuda",
+        dtype="fp32",
+        size="full",
+        optimizer="adamw",
+        batch_size=32,
+        image_size=224,
+        status="ok",
+        env={"gpu": "X", "torch": "2"},
+    )
+    steps = {
+        "nonprivate-full": 0.090,
+        "dp-full-auto": 0.100,
+        "dp-bitfit": 0.050,
+        "dp-sparta-1.0": 0.101,
+        "dp-sparta-0.5": 0.080,
+        "dp-sparta-0.2": 0.058,
+        "dp-sparta-0.05": 0.052,
+    }
     recs = []
     for model, scale in (("vit", 1.0), ("resnet50gn", 1.2)):
         for meth, t in steps.items():
             t = t * (scale if meth.startswith("dp-sparta-0.2") else 1.0)
-            recs.append(dict(base, model=model, method=meth, median_step_s=t, examples_per_s=32 / t,
-                             peak_mem_mb=1000.0 * (1 + t), trainable=10, optimizer_state_mb=1.0))
+            recs.append(
+                dict(
+                    base,
+                    model=model,
+                    method=meth,
+                    median_step_s=t,
+                    examples_per_s=32 / t,
+                    peak_mem_mb=1000.0 * (1 + t),
+                    trainable=10,
+                    optimizer_state_mb=1.0,
+                )
+            )
     jsonl = tmp_path / "sparta.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in recs))
     report.main([str(jsonl), "--docs", str(docs)])

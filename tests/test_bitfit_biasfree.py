@@ -31,21 +31,45 @@ def lm_loss(model, batch):
 
 
 def llama(**kw):
-    cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-                                   num_key_value_heads=1, vocab_size=V, max_position_embeddings=32,
-                                   tie_word_embeddings=True, **kw)
+    cfg = transformers.LlamaConfig(
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=V,
+        max_position_embeddings=32,
+        tie_word_embeddings=True,
+        **kw,
+    )
     return transformers.LlamaForCausalLM(cfg)
 
 
 def mistral():
-    cfg = transformers.MistralConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
-                                     num_key_value_heads=1, head_dim=8, vocab_size=V, max_position_embeddings=32)
+    cfg = transformers.MistralConfig(
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        vocab_size=V,
+        max_position_embeddings=32,
+    )
     return transformers.MistralForCausalLM(cfg)
 
 
 def qwen3():
-    cfg = transformers.Qwen3Config(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
-                                   num_key_value_heads=1, head_dim=8, vocab_size=V, max_position_embeddings=32)
+    cfg = transformers.Qwen3Config(
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        vocab_size=V,
+        max_position_embeddings=32,
+    )
     return transformers.Qwen3ForCausalLM(cfg)
 
 
@@ -78,9 +102,19 @@ def test_llama_gets_zero_biases_outputs_unchanged_and_says_so():
     with pytest.warns(UserWarning, match=r"added 14 zero-initialised biases"):
         names = dpft.bitfit(model)
     assert model(x).logits.equal(before)  # zero biases: exactly the same outputs
-    layers = [f"model.layers.{i}.{m}" for i in range(2) for m in
-              ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    layers = [
+        f"model.layers.{i}.{m}"
+        for i in range(2)
+        for m in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    ]
     assert sorted(names.added) == sorted(f"{n}.bias" for n in layers)
     assert list(names) == [n for n, p in model.named_parameters() if p.requires_grad]
     assert set(names) == {n for n, _ in model.named_parameters() if n.endswith("bias")} == set(names.added)
@@ -198,8 +232,8 @@ class BiasFreeCNN(nn.Module):
         self.fc = nn.Linear(3 * 5, 3, bias=False)
 
     def forward(self, x):
-        h = torch.tanh(self.conv(x))                 # (B, 4, 6, 6)
-        h = torch.tanh(self.conv1d(h.mean(2)))       # (B, 3, 5)
+        h = torch.tanh(self.conv(x))  # (B, 4, 6, 6)
+        h = torch.tanh(self.conv1d(h.mean(2)))  # (B, 3, 5)
         return self.fc(h.flatten(1))
 
 
@@ -224,8 +258,9 @@ def _dp_train_step(model, x):
     """One noisy DP step (so the biases move away from zero)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        engine = dpft.PrivacyEngine(model, batch_size=x.shape[0], sample_size=100, steps=1, noise_multiplier=1.0,
-                                    max_grad_norm=1.0)
+        engine = dpft.PrivacyEngine(
+            model, batch_size=x.shape[0], sample_size=100, steps=1, noise_multiplier=1.0, max_grad_norm=1.0
+        )
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     engine.attach(opt)
     lm_loss(model, x).backward()
@@ -303,20 +338,49 @@ def test_train_cli_bitfit_on_a_bias_free_llama(tmp_path, capsys):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz ")
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
     BertTokenizer(str(path / "vocab.txt")).save_pretrained(path)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32, pad_token_id=0,
-                      num_labels=2)
+    cfg = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        pad_token_id=0,
+        num_labels=2,
+    )
     LlamaForSequenceClassification(cfg).save_pretrained(path)
     data = tmp_path / "reviews.csv"
     rows = [("great fun", 1), ("loved it", 1), ("dull plot", 0), ("hated it", 0)] * 8
     data.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
     out = tmp_path / "run"
-    code = cli.main(["train", "--model", str(path), "--dataset", str(data), "--out", str(out), "--method", "bitfit",
-                     "--max-seq-len", "8", "--batch-size", "8", "--epochs", "1", "--no-progress", "--epsilon", "4"])
+    code = cli.main(
+        [
+            "train",
+            "--model",
+            str(path),
+            "--dataset",
+            str(data),
+            "--out",
+            str(out),
+            "--method",
+            "bitfit",
+            "--max-seq-len",
+            "8",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--epsilon",
+            "4",
+        ]
+    )
     stdout = capsys.readouterr().out
     assert code == 0
     assert "note: dpft.bitfit: LlamaForSequenceClassification had no bias terms; added 7 zero-initialised" in stdout
     import json
+
     summary = json.loads((out / "summary.json").read_text())
     # 7 biases (4 attention: 16+8+8+16, 3 MLP: 24+24+16) + the head's weight (2 x 16, no bias)
     assert summary["trainable_parameters"] == (16 + 8 + 8 + 16) + (24 + 24 + 16) + 2 * 16

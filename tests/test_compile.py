@@ -58,8 +58,9 @@ def _cls_loss(model, batch):
 
 def gpt2():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(n_embd=8, n_layer=1, n_head=2, vocab_size=20, n_positions=8,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = transformers.GPT2Config(
+        n_embd=8, n_layer=1, n_head=2, vocab_size=20, n_positions=8, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
     return transformers.GPT2LMHeadModel(cfg), lambda: torch.randint(0, 20, (5,)), torch.stack, _lm_loss
 
 
@@ -71,9 +72,18 @@ def _lm_loss(model, batch):
 
 def vit():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=8, num_hidden_layers=1,
-                                 num_attention_heads=2, intermediate_size=12, num_labels=3,
-                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg = transformers.ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=12,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     model = transformers.ViTForImageClassification(cfg)
     return model, lambda: (torch.randn(3, 8, 8), torch.randint(0, 3, ())), _stack, _cls_loss
 
@@ -95,8 +105,14 @@ class _Block(nn.Module):
 
 
 def cnn():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU(inplace=True), _Block(4),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=2, padding=1),
+        nn.ReLU(inplace=True),
+        _Block(4),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
     return model, lambda: (torch.randn(3, 8, 8), torch.randint(0, 3, ())), _stack, _cls_loss
 
 
@@ -151,8 +167,17 @@ def _engine(model, R, **kw):
         return dpft.PrivacyEngine(model, **args)
 
 
-def run_exact(name: str, method: str, order: str, *, steps: int = 4, backend: str = "aot_eager", mode: str | None = None,
-              tol: float = TOL, prepare=None) -> float:
+def run_exact(
+    name: str,
+    method: str,
+    order: str,
+    *,
+    steps: int = 4,
+    backend: str = "aot_eager",
+    mode: str | None = None,
+    tol: float = TOL,
+    prepare=None,
+) -> float:
     """``steps`` private steps of the compiled model, each compared with the
     brute-force clipped mean at the current weights (the engine changes path
     after its first backward passes: book-keeping switches weights off)."""
@@ -230,15 +255,23 @@ def _cxx_compiler() -> bool:
     return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 
 
-needs_cxx = pytest.mark.skipif(not _cxx_compiler(),
-                               reason="inductor's CPU backend compiles C++: no C++ compiler on this machine")
+needs_cxx = pytest.mark.skipif(
+    not _cxx_compiler(), reason="inductor's CPU backend compiles C++: no C++ compiler on this machine"
+)
 
 
 @needs_cxx
-@pytest.mark.parametrize("mode,method,order", [
-    ("default", "full", "before"), ("default", "bitfit", "after"), ("default", "lora", "before"),
-    ("max-autotune-no-cudagraphs", "full", "after"), ("max-autotune-no-cudagraphs", "bitfit", "before"),
-    ("max-autotune-no-cudagraphs", "lora", "after")])
+@pytest.mark.parametrize(
+    "mode,method,order",
+    [
+        ("default", "full", "before"),
+        ("default", "bitfit", "after"),
+        ("default", "lora", "before"),
+        ("max-autotune-no-cudagraphs", "full", "after"),
+        ("max-autotune-no-cudagraphs", "bitfit", "before"),
+        ("max-autotune-no-cudagraphs", "lora", "after"),
+    ],
+)
 def test_inductor_modes_exact(mode, method, order):
     # the default backend (inductor: fused C++ kernels between the hooked layers), float64,
     # in both modes the issue names, for each method (the two modes generate the same CPU
@@ -256,8 +289,15 @@ def test_noise_once_per_step_and_ledger():
     batches = [[to_double(collate([make() for _ in range(2)])) for _ in range(2)] for _ in range(4)]
 
     def train(m, compile_it):
-        engine = dpft.PrivacyEngine(torch.compile(m, **compile_kw) if compile_it else m, batch_size=B,
-                                    sample_size=100, steps=50, noise_multiplier=1.3, max_grad_norm=0.5, noise_seed=7)
+        engine = dpft.PrivacyEngine(
+            torch.compile(m, **compile_kw) if compile_it else m,
+            batch_size=B,
+            sample_size=100,
+            steps=50,
+            noise_multiplier=1.3,
+            max_grad_norm=0.5,
+            noise_seed=7,
+        )
         opt = engine.attach(torch.optim.SGD(m.parameters(), lr=0.1))
         fwd = torch.compile(m, **compile_kw) if compile_it else m
         draws = []
@@ -360,7 +400,9 @@ def test_hook_free_instance_compiled_first(method, later):
     opt = engine.attach(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0))
     if later:  # past the first passes, where the engine no longer cross-checks with autograd
         for _ in range(3):
-            loss_fn(torch.compile(model, backend="aot_eager"), to_double(collate([make() for _ in range(B)]))).backward()
+            loss_fn(
+                torch.compile(model, backend="aot_eager"), to_double(collate([make() for _ in range(B)]))
+            ).backward()
             opt.step()
             opt.zero_grad()
         ref.load_state_dict(model.state_dict())
@@ -422,7 +464,10 @@ def test_inductor_generic_path_and_operator_tap_exact():
     compiled = torch.compile(model)
     engine = _engine(compiled, R)
     assert {b.name: (b.fallback, b.tap is not None) for b in engine._capture.bindings} == {
-        "0": (False, True), "2": (True, False), "3": (False, False)}
+        "0": (False, True),
+        "2": (True, False),
+        "3": (False, False),
+    }
     opt = engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
     params = dict(model.named_parameters())
     for step, exs in enumerate(data):
@@ -466,8 +511,13 @@ class _DynamoRecord:
         guard_failures.clear()
         self._counters, self._guard_failures = counters, guard_failures
         self._handler = _Handler(level=logging.INFO)
-        self._loggers = [(lg, lg.level, lg.propagate) for lg in
-                         (logging.getLogger("torch._dynamo.symbolic_convert"), logging.getLogger("torch._dynamo.convert_frame"))]
+        self._loggers = [
+            (lg, lg.level, lg.propagate)
+            for lg in (
+                logging.getLogger("torch._dynamo.symbolic_convert"),
+                logging.getLogger("torch._dynamo.convert_frame"),
+            )
+        ]
         for lg, _, _ in self._loggers:
             lg.setLevel(logging.INFO)
             lg.propagate = False  # (not to stderr)
@@ -511,7 +561,8 @@ def test_dpft_hooks_opaque_no_recompiles_across_batch_sizes():
     names = {getattr(getattr(fn, "__wrapped__", fn), "__name__", "") for _, _, fn in hooks}
     assert {"_anc_pre", "_anc_post", "_root_pre"} <= names  # (the audit sees the ancestry hooks)
     assert all(getattr(fn, "_torchdynamo_disable", False) for _, _, fn in hooks), [
-        (m, k, fn) for m, k, fn in hooks if not getattr(fn, "_torchdynamo_disable", False)]
+        (m, k, fn) for m, k, fn in hooks if not getattr(fn, "_torchdynamo_disable", False)
+    ]
     sizes = [3, 5, 4, 6, 7, 8]
     graphs = []
     with _DynamoRecord() as rec:
@@ -524,7 +575,9 @@ def test_dpft_hooks_opaque_no_recompiles_across_batch_sizes():
     assert any(here not in t for t in rec.traced)  # (the log is read: the model's frames show)
     assert [t for t in rec.traced if here in t] == []
     assert rec.limit_hits == []
-    bad = {c.co_name: r for c, r in rec.guard_failures().items() if here in c.co_filename or any(here in str(x) for x in r)}
+    bad = {
+        c.co_name: r for c, r in rec.guard_failures().items() if here in c.co_filename or any(here in str(x) for x in r)
+    }
     assert bad == {}
     assert [r for r in rec.graph_breaks() if "dpft" in r and REASON not in r] == []
     assert graphs[-3:] == [graphs[-4]] * 3, graphs  # batch sizes 6, 7, 8: nothing compiled

@@ -47,8 +47,12 @@ def test_bf16_autocast_cuda(mode):
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(
-        torch.nn.Linear(16, 64), torch.nn.GELU(), torch.nn.LayerNorm(64), torch.nn.Linear(64, 64),
-        torch.nn.GELU(), torch.nn.Linear(64, 4),
+        torch.nn.Linear(16, 64),
+        torch.nn.GELU(),
+        torch.nn.LayerNorm(64),
+        torch.nn.Linear(64, 64),
+        torch.nn.GELU(),
+        torch.nn.Linear(64, 4),
     ).cuda()
     x = torch.randn(8, 12, 16, device="cuda")
 
@@ -85,8 +89,9 @@ def test_nonfinite_examples_left_out_on_cuda_bias_only(where):
         params = [p for p in m.parameters() if p.requires_grad]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # noise 0: epsilon is infinite
-            engine = dpft.PrivacyEngine(m, batch_size=16, sample_size=1000, steps=10, noise_multiplier=0.0,
-                                        max_grad_norm=0.1)
+            engine = dpft.PrivacyEngine(
+                m, batch_size=16, sample_size=1000, steps=10, noise_multiplier=0.0, max_grad_norm=0.1
+            )
         opt = torch.optim.SGD(params, lr=1.0)
         engine.attach(opt)
         for i, x in enumerate(xs):
@@ -244,8 +249,9 @@ def test_switched_off_lane_steps_exact_on_cuda():
     model = model.double().cuda()
     dpft.bitfit(model)
     batches = tensor_batches(lambda: torch.randn(6, 3, 5, dtype=torch.float64, device="cuda"), 4)
-    engine = steps_exact(model, copy.deepcopy(model), batches, lambda m, b: m(b).pow(2).sum(-1).mean(),
-                         batch_size=6, R=0.05, tol=1e-9)
+    engine = steps_exact(
+        model, copy.deepcopy(model), batches, lambda m, b: m(b).pow(2).sum(-1).mean(), batch_size=6, R=0.05, tol=1e-9
+    )
     leaves = engine._capture._tap_leaves
     assert leaves and all(t.is_cuda for t in leaves.values())
 
@@ -260,8 +266,15 @@ def _needs_triton():
 
 @pytest.mark.parametrize(
     "n,t,d,p",
-    [(3, 129, 33, 70), (5, 197, 768, 96), (2, 300, 64, 64), (1, 130, 8, 8), (4, 256, 100, 2304), (6, 1, 40, 24),
-     (4, 50, 30, 20)],
+    [
+        (3, 129, 33, 70),
+        (5, 197, 768, 96),
+        (2, 300, 64, 64),
+        (1, 130, 8, 8),
+        (4, 256, 100, 2304),
+        (6, 1, 40, 24),
+        (4, 50, 30, 20),
+    ],
 )
 def test_fused_ghost_norm_matches_float64(n, t, d, p):
     """The fused ghost-norm kernel (upper-triangular tiles of both Gram
@@ -290,7 +303,9 @@ def test_fused_ghost_norm_applies_only_where_it_should():
     assert not gk.usable(a.bfloat16(), g.bfloat16(), torch.float32)
     wide_a, wide_g = torch.randn(2, 100, 2000, device="cuda"), torch.randn(2, 100, 2000, device="cuda")
     assert not gk.usable(wide_a, wide_g, torch.float32)  # 6 programs over 4000 columns: cuBLAS
-    assert gk.usable(torch.randn(32, 100, 2000, device="cuda"), torch.randn(32, 100, 2000, device="cuda"), torch.float32)
+    assert gk.usable(
+        torch.randn(32, 100, 2000, device="cuda"), torch.randn(32, 100, 2000, device="cuda"), torch.float32
+    )
     assert not gk.usable(a.mT.contiguous().mT, g, torch.float32)  # columns not contiguous
     assert not gk.usable(a.cpu(), g.cpu(), torch.float32)
 
@@ -320,8 +335,7 @@ def test_clipped_sum_uses_fused_ghost_norm_exactly(monkeypatch, layout):
     rights = [torch.randn(n, t, 1, d, device="cuda") * (1 + k) for k, d in enumerate(ds)]
     weights = {f"w{k}": nn.Parameter(torch.zeros(p, d, device="cuda")) for k, d in enumerate(ds)}
     g64 = {
-        f"w{k}": torch.einsum("ntp,ntd->npd", lefts[k][:, :, 0].double(), rights[k][:, :, 0].double())
-        for k in range(2)
+        f"w{k}": torch.einsum("ntp,ntd->npd", lefts[k][:, :, 0].double(), rights[k][:, :, 0].double()) for k in range(2)
     }
     norms = sum(g.flatten(1).pow(2).sum(1) for g in g64.values()).sqrt()
     R = float(norms.median())
@@ -329,7 +343,8 @@ def test_clipped_sum_uses_fused_ghost_norm_exactly(monkeypatch, layout):
     cs = ClippedSum(weights, [list(weights)], R, "abadi", "ghost")
     cs.add(
         {f"w{k}": [Factored(left=lefts[k], right=rights[k], shape=torch.Size((p, d)))] for k, d in enumerate(ds)},
-        n, 1.0,
+        n,
+        1.0,
     )
     assert calls == {"single": [(n, t, p)] * 2, "shared": [], "stacked": [(2 * n, t, p)]}[layout]
     for name, g in g64.items():
@@ -438,8 +453,9 @@ def test_cuda_secure_mode_sum_and_single_rounding():
     GaussianNoise(3, secure=True).add_([out], alpha, divide=divide)
     gens = GaussianNoise(3, secure=True).generators(torch.device("cuda"))
     assert len(gens) == SECURE_DRAWS
-    z = sum(torch.empty(t.numel(), device="cuda", dtype=torch.float64).normal_(0.0, alpha / 2, generator=g)
-            for g in gens)
+    z = sum(
+        torch.empty(t.numel(), device="cuda", dtype=torch.float64).normal_(0.0, alpha / 2, generator=g) for g in gens
+    )
     assert torch.equal(out, ((t.double() + z) / divide).float())
     noise = (out.double() * divide - t.double()) / alpha
     assert abs(float(noise.std()) - 1.0) < 0.01 and abs(float(noise.mean())) < 0.01
@@ -454,8 +470,9 @@ def test_cuda_engine_resume_gives_the_same_noise():
         dpft.bitfit(model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            engine = dpft.PrivacyEngine(model, batch_size=4, sample_size=40, steps=10, noise_multiplier=1.0,
-                                        poisson=False)
+            engine = dpft.PrivacyEngine(
+                model, batch_size=4, sample_size=40, steps=10, noise_multiplier=1.0, poisson=False
+            )
         opt = torch.optim.SGD([model.bias], lr=1.0)
         engine.attach(opt)
         return model, engine, opt

@@ -276,9 +276,11 @@ def _cat(chunks, like):
         return {k: _cat([c[k] for c in chunks], v) for k, v in like.items()}
     if isinstance(like, list) and all(isinstance(v, str) for v in like):
         return [s for c in chunks for s in c]
-    return type(like)(*[_cat([c[i] for c in chunks], v) for i, v in enumerate(like)]) if hasattr(
-        like, "_fields"
-    ) else type(like)(_cat([c[i] for c in chunks], v) for i, v in enumerate(like))
+    return (
+        type(like)(*[_cat([c[i] for c in chunks], v) for i, v in enumerate(like)])
+        if hasattr(like, "_fields")
+        else type(like)(_cat([c[i] for c in chunks], v) for i, v in enumerate(like))
+    )
 
 
 def _equal(a, b):
@@ -313,8 +315,11 @@ def test_split_physical_concatenates_back(batch, size):
         assert type(c) is type(batch)
     lengths = []
     for c in chunks:
-        leaf = c if isinstance(c, torch.Tensor) else (c["x"] if isinstance(c, dict) and "x" in c else
-                                                     c["input_ids"] if isinstance(c, dict) else c[0])
+        leaf = (
+            c
+            if isinstance(c, torch.Tensor)
+            else (c["x"] if isinstance(c, dict) and "x" in c else c["input_ids"] if isinstance(c, dict) else c[0])
+        )
         lengths.append(leaf.shape[0])
     assert all(n == size for n in lengths[:-1]) and 0 < lengths[-1] <= size
     assert _equal(_cat(chunks, batch), batch)

@@ -92,8 +92,16 @@ def lm_loss(m, ids):
 
 
 def _lm_engine(model, noise: float, mode: str = "auto"):
-    return dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=50, noise_multiplier=noise,
-                              max_grad_norm=0.3, clipping_mode=mode, noise_seed=7 if noise else None)
+    return dpft.PrivacyEngine(
+        model,
+        batch_size=B,
+        sample_size=100,
+        steps=50,
+        noise_multiplier=noise,
+        max_grad_norm=0.3,
+        clipping_mode=mode,
+        noise_seed=7 if noise else None,
+    )
 
 
 def _worker(rank, port, mode, out):
@@ -104,7 +112,9 @@ def _worker(rank, port, mode, out):
         warnings.simplefilter("ignore")
         model = model_fn()
         if mode == "exact":
-            engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=5, noise_multiplier=0.0, max_grad_norm=0.5)
+            engine = dpft.PrivacyEngine(
+                model, batch_size=B, sample_size=100, steps=5, noise_multiplier=0.0, max_grad_norm=0.5
+            )
             opt = torch.optim.SGD(model.parameters(), lr=1.0)
             engine.attach(opt)
             x = data()[rank::W]  # each rank its own examples
@@ -113,7 +123,9 @@ def _worker(rank, port, mode, out):
             torch.save({n: p.detach() for n, p in model.named_parameters()}, f"{out}/rank{rank}.pt")
         elif mode == "nan-bitfit":
             dpft.bitfit(model)
-            engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=5, noise_multiplier=1.0, max_grad_norm=0.5)
+            engine = dpft.PrivacyEngine(
+                model, batch_size=B, sample_size=100, steps=5, noise_multiplier=1.0, max_grad_norm=0.5
+            )
             opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
             engine.attach(opt)
             x = data()[rank::W]
@@ -123,10 +135,18 @@ def _worker(rank, port, mode, out):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 opt.step()
-            torch.save({"steps": engine.steps, "warned": any("left out" in str(w.message) for w in caught),
-                        "params": {n: p.detach() for n, p in model.named_parameters()}}, f"{out}/rank{rank}.pt")
+            torch.save(
+                {
+                    "steps": engine.steps,
+                    "warned": any("left out" in str(w.message) for w in caught),
+                    "params": {n: p.detach() for n, p in model.named_parameters()},
+                },
+                f"{out}/rank{rank}.pt",
+            )
         elif mode == "nan":
-            engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=5, noise_multiplier=1.0, max_grad_norm=0.5)
+            engine = dpft.PrivacyEngine(
+                model, batch_size=B, sample_size=100, steps=5, noise_multiplier=1.0, max_grad_norm=0.5
+            )
             opt = torch.optim.SGD(model.parameters(), lr=1.0)
             engine.attach(opt)
             x = data()[rank::W]
@@ -145,27 +165,38 @@ def _worker(rank, port, mode, out):
             model = model_fn()
             mask = torch.tensor([True, False, True, False, False, True])
             dpft.sparta.restrict(model, {"0.weight": mask})
-            engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=5, noise_multiplier=1.0,
-                                        max_grad_norm=0.5, noise_seed=3)
+            engine = dpft.PrivacyEngine(
+                model, batch_size=B, sample_size=100, steps=5, noise_multiplier=1.0, max_grad_norm=0.5, noise_seed=3
+            )
             opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
             engine.attach(opt)
             before = {n: p.detach().clone() for n, p in model.named_parameters()}
             x = data()[rank::W]
             loss_fn(model, x).backward()
             opt.step()
-            torch.save({"before": before, "after": {n: p.detach() for n, p in model.named_parameters()},
-                        "grad": model[0].weight.grad}, f"{out}/rank{rank}.pt")
+            torch.save(
+                {
+                    "before": before,
+                    "after": {n: p.detach() for n, p in model.named_parameters()},
+                    "grad": model[0].weight.grad,
+                },
+                f"{out}/rank{rank}.pt",
+            )
         elif mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             model = DDP(model_fn())
-            engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=5, noise_multiplier=0.0, max_grad_norm=0.5)
+            engine = dpft.PrivacyEngine(
+                model, batch_size=B, sample_size=100, steps=5, noise_multiplier=0.0, max_grad_norm=0.5
+            )
             opt = torch.optim.SGD(model.parameters(), lr=1.0)
             engine.attach(opt)
             x = data()[rank::W]
             loss_fn(model, x).backward()
             opt.step()
-            torch.save({n.removeprefix("module."): p.detach() for n, p in model.named_parameters()}, f"{out}/rank{rank}.pt")
+            torch.save(
+                {n.removeprefix("module."): p.detach() for n, p in model.named_parameters()}, f"{out}/rank{rank}.pt"
+            )
         elif mode.startswith("fsdp"):
             from torch.distributed.fsdp import fully_shard
 
@@ -187,15 +218,23 @@ def _worker(rank, port, mode, out):
                 lm_loss(model, ids if not noise else ids * 0).backward()
                 opt.step()
                 opt.zero_grad()
-                deltas.append(torch.cat([(p.detach().full_tensor() - start[n]).reshape(-1)
-                                         for n, p in model.named_parameters() if p.requires_grad]))
+                deltas.append(
+                    torch.cat(
+                        [
+                            (p.detach().full_tensor() - start[n]).reshape(-1)
+                            for n, p in model.named_parameters()
+                            if p.requires_grad
+                        ]
+                    )
+                )
             after = {n: p.detach().full_tensor() for n, p in model.named_parameters()}
             torch.save({"before": before, "after": after, "deltas": torch.stack(deltas)}, f"{out}/rank{rank}.pt")
         else:
             lin = nn.Linear(2, 300).double()
             dpft.bitfit(lin)
-            engine = dpft.PrivacyEngine(lin, batch_size=B, sample_size=100, steps=100, noise_multiplier=2.0,
-                                        max_grad_norm=1.0, noise_seed=5)
+            engine = dpft.PrivacyEngine(
+                lin, batch_size=B, sample_size=100, steps=100, noise_multiplier=2.0, max_grad_norm=1.0, noise_seed=5
+            )
             opt = torch.optim.SGD([lin.bias], lr=1.0)
             engine.attach(opt)
             deltas = []
@@ -248,8 +287,9 @@ def _check_against_union(r0, r1):
     model = model_fn()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=5, noise_multiplier=0.0,
-                                    max_grad_norm=0.5, distributed=False)
+        engine = dpft.PrivacyEngine(
+            model, batch_size=B, sample_size=100, steps=5, noise_multiplier=0.0, max_grad_norm=0.5, distributed=False
+        )
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     engine.attach(opt)
     x = data()

@@ -112,8 +112,14 @@ def _packed_bytes(model, x, engine=None):
 def test_bias_only_keeps_no_activations():
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 16),
-        nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 4),
+        nn.Conv2d(3, 8, 3),
+        nn.GroupNorm(2, 8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 6 * 6, 16),
+        nn.LayerNorm(16),
+        nn.Tanh(),
+        nn.Linear(16, 4),
     )
     dpft.bitfit(model)
     x = torch.randn(8, 3, 8, 8)
@@ -368,8 +374,15 @@ def test_functional_only_use_is_exact(mode):
     from reference import check_steps
 
     torch.manual_seed(0)
-    check_steps(OnlyFunctional(), lambda: torch.randn(3), lambda xs: torch.stack(xs),
-                lambda m, x: m(x).pow(2).sum(1).mean(), steps=3, batch_size=8, mode=mode)
+    check_steps(
+        OnlyFunctional(),
+        lambda: torch.randn(3),
+        lambda xs: torch.stack(xs),
+        lambda m, x: m(x).pow(2).sum(1).mean(),
+        steps=3,
+        batch_size=8,
+        mode=mode,
+    )
 
 
 class UsedByTheLoss(nn.Module):
@@ -521,8 +534,14 @@ def test_batch_dimension_not_first_is_exact():
             return self.lin(x.transpose(0, 1)).transpose(0, 1)
 
     torch.manual_seed(0)
-    check_steps(SeqFirst(), lambda: torch.randn(5, 3), lambda xs: torch.stack(xs),
-                lambda m, x: m(x).pow(2).sum((1, 2)).mean(), steps=3, batch_size=8)
+    check_steps(
+        SeqFirst(),
+        lambda: torch.randn(5, 3),
+        lambda xs: torch.stack(xs),
+        lambda m, x: m(x).pow(2).sum((1, 2)).mean(),
+        steps=3,
+        batch_size=8,
+    )
 
 
 def test_sequence_first_multihead_attention_is_exact():

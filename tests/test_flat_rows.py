@@ -88,8 +88,7 @@ def test_time_major_flattening_is_refused():
             return self.fc(flat).sum()
 
     model = TimeMajor().double()
-    engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=10, noise_multiplier=1.0,
-                                max_grad_norm=1.0)
+    engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=10, noise_multiplier=1.0, max_grad_norm=1.0)
     engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(dpft.UnsupportedModuleError, match="'fc' .*not flattened example by example"):
         model(torch.randn(B, T, 3, dtype=torch.float64))
@@ -129,8 +128,7 @@ def test_unverifiable_rows_inside_a_checkpointed_region_are_refused():
             return self.head((h + u).view(n, t, -1).mean(1))
 
     model = Inside().double()
-    engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=10, noise_multiplier=1.0,
-                                max_grad_norm=1.0)
+    engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=10, noise_multiplier=1.0, max_grad_norm=1.0)
     engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(dpft.UnsupportedModuleError, match="'norm' .*inside an activation-checkpointed region"):
         model(torch.randint(0, V, (B, T)))

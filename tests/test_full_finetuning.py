@@ -89,7 +89,9 @@ class LayerNorm2d(nn.LayerNorm):
 
 @pytest.mark.parametrize("subset", ["bias", "all"])
 def test_layernorm_subclasses(subset):
-    model = nn.Sequential(nn.Conv2d(2, 4, 3), LayerNorm2d(4), nn.Tanh(), nn.Flatten(2), nn.Linear(9, 4), LayerNormSub(4))
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3), LayerNorm2d(4), nn.Tanh(), nn.Flatten(2), nn.Linear(9, 4), LayerNormSub(4)
+    )
     if subset == "bias":
         dpft.bitfit(model)
     check_model(model, [torch.randn(2, 5, 5) for _ in range(B)], collate, loss_fn)
@@ -161,7 +163,9 @@ def test_mha_dropout_in_train_mode_is_consistent():
     model = Wrap().train()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=5, noise_multiplier=0.0, max_grad_norm=1e6)
+        engine = dpft.PrivacyEngine(
+            model, batch_size=B, sample_size=100, steps=5, noise_multiplier=0.0, max_grad_norm=1e6
+        )
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     engine.attach(opt)
     x = torch.randn(B, 4, 3)
@@ -240,7 +244,6 @@ def test_half_precision_weighted_sum_never_exceeds_clip_factor(device):
         assert float(s.norm()) <= float(w[i] * g[i].norm()) * (1 + 1e-6)
 
 
-
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def test_batched_half_precision_layers_are_padded_and_exact(device):
     """Same-shaped half-precision layers over 7 positions are stacked with zero
@@ -258,7 +261,7 @@ def test_batched_half_precision_layers_are_padded_and_exact(device):
     contributions = {f"l{i}": [c] for i, c in enumerate(cs)}
     names = list(contributions)
     assert dpft.clip.stacked.plan(contributions, names, "ghost") == [names]
-    (stack, sq), = dpft.clip.stacked.norms(contributions, names, torch.float32)
+    ((stack, sq),) = dpft.clip.stacked.norms(contributions, names, torch.float32)
     assert stack.left.shape[2] == 8 and stack.right.shape[2] == 8
     assert not bool(stack.left[:, :, 7:].any()) and not bool(stack.right[:, :, 7:].any())
     for j, c in enumerate(cs):
@@ -367,8 +370,9 @@ def test_layers_reading_one_input_share_one_half_precision_copy(monkeypatch):
 
     model, calls = _shared_input_model(monkeypatch)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=1, noise_multiplier=0.0,
-                                max_grad_norm=1.0, clipping_mode="ghost")
+    engine = dpft.PrivacyEngine(
+        model, batch_size=B, sample_size=100, steps=1, noise_multiplier=0.0, max_grad_norm=1.0, clipping_mode="ghost"
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         engine.attach(opt)
@@ -395,9 +399,18 @@ def test_same_shaped_layers_are_batched_and_exact(monkeypatch, mode, style):
     orig = dpft.clip.stacked.norms
     monkeypatch.setattr(dpft.clip.stacked, "norms", lambda c, names, d: seen.append(list(names)) or orig(c, names, d))
     # tiny chunks: 5 same-shaped layers in chunks of 2, 2 and 1
-    monkeypatch.setattr(dpft.clip.tuning, "CHUNK_BYTES", 2 * dpft.clip.stacked._bytes(
-        dpft.clip.norms.Factored(left=torch.zeros(4, 3, 1, 5, dtype=torch.float64),
-                            right=torch.zeros(4, 3, 1, 5, dtype=torch.float64), shape=torch.Size([5, 5]))))
+    monkeypatch.setattr(
+        dpft.clip.tuning,
+        "CHUNK_BYTES",
+        2
+        * dpft.clip.stacked._bytes(
+            dpft.clip.norms.Factored(
+                left=torch.zeros(4, 3, 1, 5, dtype=torch.float64),
+                right=torch.zeros(4, 3, 1, 5, dtype=torch.float64),
+                shape=torch.Size([5, 5]),
+            )
+        ),
+    )
     examples = [torch.randn(3, 3) for _ in range(B)]  # T = 3: 2 T^2 < 5 * 5, mixed picks ghost
     check_model(SameShapes(), examples, collate, loss_fn, mode=mode, style=style, splits=[4, 2])
     weights = [f"blocks.{i}.weight" for i in range(5)]
@@ -502,8 +515,11 @@ def test_book_keeping_instantiates_where_the_gram_matrices_cost_more(mode):
     the brute-force clipped mean either way."""
     torch.manual_seed(0)
     width, positions = 256, 140
-    c = Factored(right=torch.empty(1, positions, 1, width), shape=torch.Size([width, width]),
-                 left=torch.empty(1, positions, 1, width))
+    c = Factored(
+        right=torch.empty(1, positions, 1, width),
+        shape=torch.Size([width, width]),
+        left=torch.empty(1, positions, 1, width),
+    )
     assert dpft.clip.norms.prefer_ghost([c]) and dpft.clip.norms.instantiation_pays(c)
     model = nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 2)).double()
     seen = _exact_over_positions(model, positions, width, mode)
@@ -542,8 +558,9 @@ def test_book_keeping_keeps_the_ghost_norm_where_other_layers_keep_the_input():
     kinds = []
     real = dpft.clip.clipped_sum.ClippedSum.add
     try:
-        dpft.clip.clipped_sum.ClippedSum.add = lambda self, cs, *a: kinds.append(
-            {k: type(c[0]).__name__ for k, c in cs.items() if k.endswith("weight")}) or real(self, cs, *a)
+        dpft.clip.clipped_sum.ClippedSum.add = lambda self, cs, *a: (
+            kinds.append({k: type(c[0]).__name__ for k, c in cs.items() if k.endswith("weight")}) or real(self, cs, *a)
+        )
         for _ in range(4):
             model(torch.randn(3, positions, width)).sum().backward()
             opt.step()
@@ -561,8 +578,11 @@ def test_book_keeping_instantiation_rule_bounds_memory_and_follows_the_cost():
     larger than the factors it frees, however much time that would save."""
 
     def pays(p, d, t, dtype=torch.float32):
-        c = Factored(right=torch.empty(1, t, 1, d, dtype=dtype), shape=torch.Size([p, d]),
-                     left=torch.empty(1, t, 1, p, dtype=dtype))
+        c = Factored(
+            right=torch.empty(1, t, 1, d, dtype=dtype),
+            shape=torch.Size([p, d]),
+            left=torch.empty(1, t, 1, p, dtype=dtype),
+        )
         return dpft.clip.norms.instantiation_pays(c)
 
     # ViT-base at 224 px (197 positions, Gram tiles of 256): the 768 x 768
@@ -603,8 +623,9 @@ def test_early_instantiation_is_decided_once_per_shape(monkeypatch):
     real = dpft.capture.hooks.prefer_ghost
     monkeypatch.setattr(dpft.capture.hooks, "prefer_ghost", lambda cs: calls.append(1) or real(cs))
     model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64))  # 2 * 4^2 < 64^2: ghost
-    engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=5, noise_multiplier=1.0,
-                                clipping_mode="auto")
+    engine = dpft.PrivacyEngine(
+        model, batch_size=B, sample_size=100, steps=5, noise_multiplier=1.0, clipping_mode="auto"
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     engine.attach(opt)
     for _ in range(3):
@@ -767,8 +788,17 @@ def test_lane_parameters_skip_autograd_after_the_check_passes(mode, subset):
         autograd_calls.clear()
 
     batches = tensor_batches(lambda: torch.randn(B, 7, 5, dtype=torch.float64), 4)
-    steps_exact(model, ref, batches, lambda m, b: m(b).pow(2).sum(1).mean(), batch_size=B, R=0.05, mode=mode,
-                tol=1e-9, after_step=after_step)
+    steps_exact(
+        model,
+        ref,
+        batches,
+        lambda m, b: m(b).pow(2).sum(1).mean(),
+        batch_size=B,
+        R=0.05,
+        mode=mode,
+        tol=1e-9,
+        after_step=after_step,
+    )
 
 
 class _Checkpointed(nn.Module):
@@ -956,7 +986,7 @@ def _gn_rule_paths(gn, rule, x, out, dy):
     call = Call(gn, rule, 5)
     rule.save(call, gn, (x,), out, frozenset({"weight", "bias"}))
     assert "moments" in call.saved
-    xhat = (x.detach().view(5, 3, -1) - x.detach().view(5, 3, -1).mean(2, keepdim=True))
+    xhat = x.detach().view(5, 3, -1) - x.detach().view(5, 3, -1).mean(2, keepdim=True)
     xhat = (xhat / (xhat.pow(2).mean(2, keepdim=True) + gn.eps).sqrt()).view_as(x)
     want_w = (dy * xhat).sum((2, 3))
     want_b = dy.sum((2, 3))

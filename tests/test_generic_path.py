@@ -110,8 +110,15 @@ def _collate(examples):
 def test_generic_path_exact(name, mode):
     torch.manual_seed(0)
     build, width = CASES[name]
-    check_steps(build(), lambda: (torch.randn(T, width), torch.randint(0, 3, ())), _collate, _loss,
-                steps=3, batch_size=B, mode=mode)
+    check_steps(
+        build(),
+        lambda: (torch.randn(T, width), torch.randint(0, 3, ())),
+        _collate,
+        _loss,
+        steps=3,
+        batch_size=B,
+        mode=mode,
+    )
 
 
 def test_generic_path_bias_only_with_container_parameter():
@@ -134,8 +141,7 @@ def test_container_that_mixes_examples_is_refused():
             return h - h.mean(0, keepdim=True) + self.shift  # a mean over the batch
 
     model = Model(Centered()).double()
-    engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=10, noise_multiplier=1.0,
-                                max_grad_norm=1.0)
+    engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=10, noise_multiplier=1.0, max_grad_norm=1.0)
     engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(dpft.UnsupportedModuleError, match="'body' .*mixes examples"):
         model(torch.randn(B, T, D, dtype=torch.float64)).sum().backward()
@@ -187,5 +193,12 @@ def test_batch_independent_outputs_exact(embedding, mode):
     """The bias module's output carries no examples: its parameters are
     handed to the enclosing attention module, recomputed by the generic path."""
     torch.manual_seed(0)
-    check_steps(Model(BucketAttention(embedding)), lambda: (torch.randn(T, D), torch.randint(0, 3, ())), _collate,
-                _loss, steps=3, batch_size=B, mode=mode)
+    check_steps(
+        Model(BucketAttention(embedding)),
+        lambda: (torch.randn(T, D), torch.randint(0, 3, ())),
+        _collate,
+        _loss,
+        steps=3,
+        batch_size=B,
+        mode=mode,
+    )

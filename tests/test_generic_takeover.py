@@ -59,7 +59,11 @@ class Scan(nn.Module):
 
     def forward(self, x: Tensor, cache: ToyCache | None = None) -> Tensor:
         u = self.inp(x)
-        s = cache.states[self.layer_idx][:, -1] if cache is not None and cache.get_seq_length(self.layer_idx) else torch.zeros_like(u[:, 0])
+        s = (
+            cache.states[self.layer_idx][:, -1]
+            if cache is not None and cache.get_seq_length(self.layer_idx)
+            else torch.zeros_like(u[:, 0])
+        )
         out = []
         for t in range(u.shape[1]):
             s = self.decay * s + u[:, t]
@@ -101,9 +105,12 @@ def test_module_used_by_its_parent_full(own, mode):
     torch.manual_seed(0)
     model = Model(Mixer(own))
     check_steps(model, _make, _collate, _loss, steps=3, batch_size=B, mode=mode)
-    assert "body.proj.weight" in dpft.PrivacyEngine(
-        Model(Mixer(own)), batch_size=B, sample_size=100, steps=3, noise_multiplier=1.0, max_grad_norm=1.0
-    ).trainable_names
+    assert (
+        "body.proj.weight"
+        in dpft.PrivacyEngine(
+            Model(Mixer(own)), batch_size=B, sample_size=100, steps=3, noise_multiplier=1.0, max_grad_norm=1.0
+        ).trainable_names
+    )
 
 
 @pytest.mark.parametrize("own", [False, True], ids=["parent-without-parameters", "generic-path-parent"])
@@ -127,10 +134,22 @@ def test_row_checks_leave_the_dropout_stream_alone():
     other dropout masks and the first-pass self-check refused the relative
     attention bias (its gradient differed from autograd's)."""
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.T5Config(d_model=16, d_kv=8, d_ff=24, num_layers=1, num_decoder_layers=1, num_heads=2,
-                                vocab_size=64, relative_attention_num_buckets=8, relative_attention_max_distance=16,
-                                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, use_cache=False,
-                                dropout_rate=0.1)
+    cfg = transformers.T5Config(
+        d_model=16,
+        d_kv=8,
+        d_ff=24,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=2,
+        vocab_size=64,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+        use_cache=False,
+        dropout_rate=0.1,
+    )
     torch.manual_seed(0)
     model = transformers.T5ForConditionalGeneration(cfg).double().train()
     src, tgt = torch.randint(2, 64, (B, 8)), torch.randint(2, 64, (B, 3))
@@ -170,8 +189,7 @@ def test_unused_module_is_not_taken_over(bitfit):
         dpft.bitfit(model)
     check_steps(model, _make, _collate, _loss, steps=3, batch_size=B)
     model = WithUnused().double()
-    engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=10, noise_multiplier=0.0,
-                                max_grad_norm=1.0)
+    engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=10, noise_multiplier=0.0, max_grad_norm=1.0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     engine.attach(opt)
     for _ in range(3):
@@ -198,7 +216,7 @@ class SharedTable(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         q = self.q(x)  # (B, T, D)
-        rel = self.table.weight[None, :T - 1]  # (1, P, D): the same for every example
+        rel = self.table.weight[None, : T - 1]  # (1, P, D): the same for every example
         pos = (self.q if self.shared_use_of_q else self.pos_proj)(rel)
         pos = pos.repeat(x.shape[0], 1, 1)  # (B, P, D): breaks if pos were expanded to (B, P, D)
         return torch.bmm(q, pos.transpose(1, 2))  # (B, T, P)
@@ -225,8 +243,7 @@ def test_layer_on_a_table_shared_by_the_batch_keeps_its_shape(bitfit):
 
 def test_layer_on_the_batch_and_on_a_shared_table_is_refused():
     model = SharedTableModel(shared_use_of_q=True).double()
-    engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=10, noise_multiplier=1.0,
-                                max_grad_norm=1.0)
+    engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=10, noise_multiplier=1.0, max_grad_norm=1.0)
     engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(dpft.UnsupportedModuleError, match="'body.q' .*both to the batch"):
         model(torch.randn(B, T, D, dtype=torch.float64))

@@ -44,8 +44,15 @@ def _args(tmp_path, **kw):
 def _bert():
     torch.manual_seed(0)
     cfg = transformers.BertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     return transformers.BertForSequenceClassification(cfg)
 
@@ -54,15 +61,18 @@ def _cls_data():
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, 50, (N, T), generator=g)
     labels = torch.randint(0, 3, (N,), generator=g)
-    return [{"input_ids": ids[i], "attention_mask": torch.ones(T, dtype=torch.long), "labels": labels[i]} for i in range(N)]
+    return [
+        {"input_ids": ids[i], "attention_mask": torch.ones(T, dtype=torch.long), "labels": labels[i]} for i in range(N)
+    ]
 
 
 def _reference(model, data, batches, logical, R):
     """The engine's update for these physical batches (noise 0, SGD lr=1)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        engine = dpft.PrivacyEngine(model, batch_size=logical, sample_size=len(data), steps=1,
-                                    noise_multiplier=0.0, max_grad_norm=R)
+        engine = dpft.PrivacyEngine(
+            model, batch_size=logical, sample_size=len(data), steps=1, noise_multiplier=0.0, max_grad_norm=R
+        )
     opt = engine.attach(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0))
     for idx in batches:
         batch = transformers.default_data_collator([data[i] for i in idx])
@@ -86,11 +96,17 @@ def test_one_step_equals_engine_shuffled(tmp_path, ga):
     model = _bert()
     ref = _reference(copy.deepcopy(model), data, [range(4 * i, 4 * i + 4) for i in range(ga)], 4 * ga, R)
     init = copy.deepcopy(model)
-    args = _args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=ga,
-                 train_sampling_strategy="sequential", max_grad_norm=5.0)
+    args = _args(
+        tmp_path,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=ga,
+        train_sampling_strategy="sequential",
+        max_grad_norm=5.0,
+    )
     with pytest.warns(UserWarning):
-        trainer = DPTrainer(model=model, args=args, train_dataset=data, noise_multiplier=0.0,
-                            max_grad_norm=R, poisson=False)
+        trainer = DPTrainer(
+            model=model, args=args, train_dataset=data, noise_multiplier=0.0, max_grad_norm=R, poisson=False
+        )
     assert args.max_grad_norm == 5.0  # the caller's arguments are not mutated
     assert trainer.args.max_grad_norm == 0.0
     trainer.train()
@@ -113,7 +129,7 @@ def test_one_step_equals_engine_poisson(tmp_path):
     assert sampler.sample_rate == pytest.approx(6 / N)
     idx = sampler.batch(0, 0)
     assert idx, "seed 7 should draw a non-empty first batch"
-    chunks = [idx[i:i + 3] for i in range(0, len(idx), 3)]
+    chunks = [idx[i : i + 3] for i in range(0, len(idx), 3)]
     ref = _reference(init, data, chunks, 6, R)
     _assert_same(model, ref)
     assert trainer.dp_engine.steps == 1
@@ -134,8 +150,9 @@ def test_poisson_empty_batches_and_epsilon(tmp_path):
 
 def _gpt2():
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = transformers.GPT2Config(
+        vocab_size=40, n_positions=16, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
     return transformers.GPT2LMHeadModel(cfg)
 
 
@@ -157,17 +174,24 @@ def test_per_example_loss_causal_lm_matches_per_example_hf_loss():
     logits = model(input_ids=batch["input_ids"]).logits
     mine = per_example_loss(logits, batch["labels"], shift=True)
     for i in range(4):
-        hf = model(input_ids=batch["input_ids"][i:i + 1], labels=batch["labels"][i:i + 1]).loss
+        hf = model(input_ids=batch["input_ids"][i : i + 1], labels=batch["labels"][i : i + 1]).loss
         torch.testing.assert_close(mine[i], hf, rtol=1e-5, atol=1e-6)
 
 
 def test_causal_lm_trains_and_logs_epsilon(tmp_path):
     model = _gpt2()
     before = copy.deepcopy(model)
-    args = _args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4,
-                 learning_rate=0.05)
-    trainer = DPTrainer(model=model, args=args, train_dataset=_lm_data(), eval_dataset=_lm_data()[:4],
-                        target_epsilon=3.0, max_grad_norm=1.0)
+    args = _args(
+        tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4, learning_rate=0.05
+    )
+    trainer = DPTrainer(
+        model=model,
+        args=args,
+        train_dataset=_lm_data(),
+        eval_dataset=_lm_data()[:4],
+        target_epsilon=3.0,
+        max_grad_norm=1.0,
+    )
     out = trainer.train()
     metrics = trainer.evaluate()  # evaluation uses the usual loss and does not touch the ledger
     assert math.isfinite(metrics["eval_loss"]) and trainer.dp_engine.steps == 4
@@ -180,8 +204,9 @@ def test_causal_lm_trains_and_logs_epsilon(tmp_path):
 
 def test_peft_lora_trains(tmp_path):
     peft = pytest.importorskip("peft")
-    model = peft.get_peft_model(_gpt2(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"],
-                                                         fan_in_fan_out=True, lora_dropout=0.0))
+    model = peft.get_peft_model(
+        _gpt2(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True, lora_dropout=0.0)
+    )
     lora = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
     frozen = {k: v.detach().clone() for k, v in model.named_parameters() if not v.requires_grad}
     assert lora and all("lora_" in k for k in lora)
@@ -201,24 +226,42 @@ def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="exactly one"):
         DPTrainer(model=_bert(), args=args, train_dataset=_cls_data(), max_grad_norm=1.0)
     with pytest.raises(ValueError, match="label_smoothing"):
-        DPTrainer(model=_bert(), args=_args(tmp_path, label_smoothing_factor=0.1), train_dataset=_cls_data(),
-                  target_epsilon=3.0)
-
+        DPTrainer(
+            model=_bert(),
+            args=_args(tmp_path, label_smoothing_factor=0.1),
+            train_dataset=_cls_data(),
+            target_epsilon=3.0,
+        )
 
 
 def test_engine_options_object(tmp_path):
     """DPTrainer(options=dpft.EngineOptions(...)) is the keywords' trainer; an option given twice is refused."""
     opts = dpft.EngineOptions(max_grad_norm=0.5, clipping_fn="automatic", accountant="rdp", noise_seed=3)
     t = DPTrainer(model=_bert(), args=_args(tmp_path), train_dataset=_cls_data(), target_epsilon=3.0, options=opts)
-    kw = DPTrainer(model=_bert(), args=_args(tmp_path), train_dataset=_cls_data(), target_epsilon=3.0,
-                   max_grad_norm=0.5, clipping_fn="automatic", accountant="rdp", noise_seed=3)
+    kw = DPTrainer(
+        model=_bert(),
+        args=_args(tmp_path),
+        train_dataset=_cls_data(),
+        target_epsilon=3.0,
+        max_grad_norm=0.5,
+        clipping_fn="automatic",
+        accountant="rdp",
+        noise_seed=3,
+    )
     assert t.engine_options == kw.engine_options == opts
     with pytest.raises(ValueError, match="max_grad_norm given both"):
-        DPTrainer(model=_bert(), args=_args(tmp_path), train_dataset=_cls_data(), target_epsilon=3.0,
-                  options=opts, max_grad_norm=2.0)
+        DPTrainer(
+            model=_bert(),
+            args=_args(tmp_path),
+            train_dataset=_cls_data(),
+            target_epsilon=3.0,
+            options=opts,
+            max_grad_norm=2.0,
+        )
     with pytest.raises(ValueError, match="clipping_fn must be one of"):
-        DPTrainer(model=_bert(), args=_args(tmp_path), train_dataset=_cls_data(), target_epsilon=3.0,
-                  clipping_fn="tanh")
+        DPTrainer(
+            model=_bert(), args=_args(tmp_path), train_dataset=_cls_data(), target_epsilon=3.0, clipping_fn="tanh"
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -226,8 +269,16 @@ def test_engine_options_object(tmp_path):
 
 
 def _resume_args(path, **kw):
-    base = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=6, learning_rate=0.05,
-                save_strategy="steps", save_steps=5, logging_steps=3, seed=3)
+    base = dict(
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=6,
+        learning_rate=0.05,
+        save_strategy="steps",
+        save_steps=5,
+        logging_steps=3,
+        seed=3,
+    )
     return _args(path, **{**base, **kw})
 
 
@@ -276,8 +327,13 @@ def test_checkpoint_resume_continues_the_ledger_exactly(tmp_path, uninterrupted)
 
 def test_resume_without_dp_state_or_with_other_noise_is_refused(tmp_path, uninterrupted):
     _, _, ckpt = uninterrupted
-    other_sigma = DPTrainer(model=_gpt2(), args=_resume_args(tmp_path / "a"), train_dataset=_lm_data(),
-                            noise_multiplier=0.5, max_grad_norm=1.0)
+    other_sigma = DPTrainer(
+        model=_gpt2(),
+        args=_resume_args(tmp_path / "a"),
+        train_dataset=_lm_data(),
+        noise_multiplier=0.5,
+        max_grad_norm=1.0,
+    )
     with pytest.raises(ValueError, match="noise_multiplier"):
         other_sigma.train(resume_from_checkpoint=str(ckpt))
     stripped = tmp_path / "checkpoint-5"

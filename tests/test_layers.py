@@ -45,7 +45,8 @@ def test_layer_exact_over_steps(name, subset, mode):
 
 
 @pytest.mark.parametrize(
-    "name", ["linear-3d", "conv2d", "embedding-tied", "layernorm", "mha", "container-tokens", "same-shapes", "shared-input"]
+    "name",
+    ["linear-3d", "conv2d", "embedding-tied", "layernorm", "mha", "container-tokens", "same-shapes", "shared-input"],
 )
 @pytest.mark.parametrize("mode", ["ghost", "instantiate", "mixed", "bk"])
 def test_modes_exact(name, mode):
@@ -92,9 +93,7 @@ def test_conv_weight_gradient_kernel_paths(name):
     n = 5
     x = torch.randn(n, conv.in_channels, *([7] * nd), dtype=torch.float64)
     g = torch.randn_like(conv(x))
-    want = torch.stack([
-        torch.autograd.grad(conv(x[i : i + 1]), conv.weight, g[i : i + 1])[0] for i in range(n)
-    ])
+    want = torch.stack([torch.autograd.grad(conv(x[i : i + 1]), conv.weight, g[i : i + 1])[0] for i in range(n)])
 
     def rel(a, b):
         return float((a - b).norm() / b.norm())
@@ -148,15 +147,21 @@ def test_conv_input_is_unfolded_at_most_once_per_layer_and_step(monkeypatch, mod
 
     monkeypatch.setattr(conv_rules, "unfold_nd", spy)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, 8, 1), nn.Tanh(),
-                          nn.Conv2d(8, 4, 3, stride=2), nn.Flatten(), nn.LazyLinear(2))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(8, 8, 1),
+        nn.Tanh(),
+        nn.Conv2d(8, 4, 3, stride=2),
+        nn.Flatten(),
+        nn.LazyLinear(2),
+    )
     x = torch.randn(6, 3, 9, 9)
     model(x)
     if rows:
         masks = {f"{i}.weight": torch.arange(model[i].out_channels) % 3 == 0 for i in (0, 2, 4)}
         dpft.sparta.restrict(model, masks)
-    engine = dpft.PrivacyEngine(model, batch_size=6, sample_size=100, steps=5, noise_multiplier=1.0,
-                                clipping_mode=mode)
+    engine = dpft.PrivacyEngine(model, batch_size=6, sample_size=100, steps=5, noise_multiplier=1.0, clipping_mode=mode)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     engine.attach(opt)
     for step in range(4):

@@ -37,7 +37,8 @@ def _modules() -> dict[str, Path]:
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _imports(tree: ast.AST) -> list[ast.Import | ast.ImportFrom]:
@@ -73,8 +74,11 @@ def _constants(tree: ast.Module) -> dict[str, str]:
     """Module-level ``NAME = "string"`` assignments."""
     out = {}
     for node in tree.body:
-        if (isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Constant)
-                and isinstance(node.value.value, str)):
+        if (
+            isinstance(node, (ast.Assign, ast.AnnAssign))
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
             for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
                 if isinstance(t, ast.Name):
                     out[t.id] = node.value.value
@@ -111,7 +115,9 @@ def _dynamic_imports(tree: ast.Module, package: str) -> set[str]:
             target = named(node.args[0]) if fname == "import_module" else None
             if target:
                 found.add(resolve(target))
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        targets = (
+            node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        )
         if any(isinstance(t, ast.Name) and t.id == "_LAZY" for t in targets) and isinstance(node.value, ast.Dict):
             for v in node.value.values:
                 if isinstance(v, ast.Tuple) and v.elts and isinstance(v.elts[0], ast.Constant):
@@ -194,8 +200,10 @@ def test_the_graph_sees_lazy_and_relative_imports():
     """The parser itself: a lazy relative import inside a function is an edge."""
     graph = import_graph()
     assert "dpft.app.train" in graph["dpft.app.cli"]  # lazy, inside a function
-    tree = ast.parse("import importlib\nNAME = 'dpft.engine'\n"
-                     "def f():\n    importlib.import_module(NAME)\n    importlib.import_module('.rows', __name__)\n")
+    tree = ast.parse(
+        "import importlib\nNAME = 'dpft.engine'\n"
+        "def f():\n    importlib.import_module(NAME)\n    importlib.import_module('.rows', __name__)\n"
+    )
     assert _dynamic_imports(tree, "dpft") == {"dpft.engine", "dpft.rows"}  # importlib.import_module(...)
     assert "dpft.engine" in graph["dpft"]  # the lazy public names
     assert "dpft.engine" in graph["dpft.hf"]  # top-level relative
@@ -215,8 +223,13 @@ APP_ENTRY = {"dpft.__main__"}
 
 def test_nothing_outside_app_imports_app():
     graph = import_graph()
-    wrong = sorted(f"{m} imports {t}" for m, ts in graph.items() if not m.startswith("dpft.app") and m not in APP_ENTRY
-                   for t in ts if t.startswith("dpft.app"))
+    wrong = sorted(
+        f"{m} imports {t}"
+        for m, ts in graph.items()
+        if not m.startswith("dpft.app") and m not in APP_ENTRY
+        for t in ts
+        if t.startswith("dpft.app")
+    )
     assert not wrong, "the library must not import the application: " + "; ".join(wrong)
 
 
@@ -225,14 +238,21 @@ def test_audit_statistics_import_no_torch():
     path = PKG / "audit" / "stats.py"
     heavy = set()
     for node in _imports(ast.parse(path.read_text())):
-        roots = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                 else [node.module or ""] if not node.level else [f"dpft.audit.{node.module or ''}"])
+        roots = (
+            [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module or ""]
+            if not node.level
+            else [f"dpft.audit.{node.module or ''}"]
+        )
         heavy |= {r for r in roots if r.split(".")[0] == "torch" or r.startswith("dpft.")}
     assert not heavy, f"dpft/audit/stats.py imports {sorted(heavy)}"
-    code = ("import importlib.util, sys\n"
-            "spec = importlib.util.spec_from_file_location('stats', sys.argv[1])\n"
-            "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
-            "print('torch' in sys.modules)\n")
+    code = (
+        "import importlib.util, sys\n"
+        "spec = importlib.util.spec_from_file_location('stats', sys.argv[1])\n"
+        "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
+        "print('torch' in sys.modules)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
@@ -300,8 +320,17 @@ ALLOWED: dict[str, set[str]] = {
     # fine-tuning methods: what trains, and the phase plan
     "methods": {"accounting", "data", "engine", "options", "rows", "rules"},
     # the flow: engine -> capture -> rules; engine -> clip; accounting and sampling beside it
-    "engine": {"accounting", "capture", "clip", "compiled", "distributed", "options", "rows", "rules",
-               "sampling_check"},
+    "engine": {
+        "accounting",
+        "capture",
+        "clip",
+        "compiled",
+        "distributed",
+        "options",
+        "rows",
+        "rules",
+        "sampling_check",
+    },
     "capture": {"clip", "distributed", "precision", "rules"},  # clip: instantiating a weight's gradients early
     "clip": {"ops", "options", "precision", "rows", "rules"},
     "rows": {"rules"},
@@ -309,8 +338,14 @@ ALLOWED: dict[str, set[str]] = {
     "options": {"accounting"},  # the accountants' names
     "data": {"clip"},  # the seeded generator states of dpft.clip.noise
     # leaves: nothing in dpft
-    "accounting": set(), "batchnorm": set(), "checkpoint": set(), "compiled": set(), "distributed": set(),
-    "ops": set(), "precision": set(), "sampling_check": set(),
+    "accounting": set(),
+    "batchnorm": set(),
+    "checkpoint": set(),
+    "compiled": set(),
+    "distributed": set(),
+    "ops": set(),
+    "precision": set(),
+    "sampling_check": set(),
     # old module paths, each the module of its new home (see OLD_PATHS)
     **{old.split(".")[1]: {"clip"} for old in OLD_PATHS},
 }
@@ -336,8 +371,11 @@ def test_only_allowed_arrows():
     graph = import_graph()
     parts = {_part(m) for m in graph} - {"dpft"}
     assert parts <= ALLOWED.keys(), f"parts of dpft missing from ALLOWED: {sorted(parts - ALLOWED.keys())}"
-    wrong = sorted(f"{a} -> {b} ({', '.join(sorted(ms)[:2])})" for (a, b), ms in arrows(graph).items()
-                   if a != "dpft" and b not in ALLOWED[a])
+    wrong = sorted(
+        f"{a} -> {b} ({', '.join(sorted(ms)[:2])})"
+        for (a, b), ms in arrows(graph).items()
+        if a != "dpft" and b not in ALLOWED[a]
+    )
     assert not wrong, "imports outside the allowed layout (tests/test_layout.py ALLOWED): " + "; ".join(wrong)
 
 

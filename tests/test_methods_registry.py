@@ -31,21 +31,32 @@ def _trainable(model: nn.Module) -> set[str]:
 
 
 def test_builtin_names_in_order():
-    assert registry.names() == ("bitfit", "full", "lora", "last-layer", "sparta", "nonprivate-full",
-                                "nonprivate-bitfit")
+    assert registry.names() == (
+        "bitfit",
+        "full",
+        "lora",
+        "last-layer",
+        "sparta",
+        "nonprivate-full",
+        "nonprivate-bitfit",
+    )
     assert registry.names(private=False) == ("nonprivate-full", "nonprivate-bitfit")
     from dpft.app.choices import METHODS, PRIVATE_METHODS
+
     assert METHODS == registry.names() and PRIVATE_METHODS == registry.names(private=True)
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("full", {"body.weight", "body.bias", "norm.weight", "norm.bias", "fc.weight", "fc.bias"}),
-    ("nonprivate-full", {"body.weight", "body.bias", "norm.weight", "norm.bias", "fc.weight", "fc.bias"}),
-    ("last-layer", {"fc.weight", "fc.bias"}),
-    ("bitfit", {"body.bias", "norm.bias", "fc.weight", "fc.bias"}),
-    ("sparta", {"body.bias", "norm.bias", "fc.weight", "fc.bias"}),  # rows join after scoring
-    ("nonprivate-bitfit", {"body.bias", "norm.bias", "fc.weight", "fc.bias"}),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("full", {"body.weight", "body.bias", "norm.weight", "norm.bias", "fc.weight", "fc.bias"}),
+        ("nonprivate-full", {"body.weight", "body.bias", "norm.weight", "norm.bias", "fc.weight", "fc.bias"}),
+        ("last-layer", {"fc.weight", "fc.bias"}),
+        ("bitfit", {"body.bias", "norm.bias", "fc.weight", "fc.bias"}),
+        ("sparta", {"body.bias", "norm.bias", "fc.weight", "fc.bias"}),  # rows join after scoring
+        ("nonprivate-bitfit", {"body.bias", "norm.bias", "fc.weight", "fc.bias"}),
+    ],
+)
 def test_what_each_method_trains(name, expected):
     model = Net()
     for p in model.parameters():
@@ -82,8 +93,7 @@ def test_a_registered_method_trains_through_the_app(monkeypatch):
             p.requires_grad_(n.startswith("norm.") or n in head)
         return model
 
-    m = Method(name="norm-tuning", trains="LayerNorm + head", select=norms_and_head, lr=7e-3, lr_cpu=5e-3,
-               head_lr=2e-2)
+    m = Method(name="norm-tuning", trains="LayerNorm + head", select=norms_and_head, lr=7e-3, lr_cpu=5e-3, head_lr=2e-2)
     monkeypatch.setitem(registry._METHODS, m.name, m)
     assert _trainable(select_trainable(Net(), "norm-tuning")) == {"norm.weight", "norm.bias", *HEAD}
     r = TrainConfig(method="norm-tuning")
@@ -95,8 +105,7 @@ def test_a_registered_method_trains_through_the_app(monkeypatch):
 
 
 def test_registry_imports_no_torch():
-    code = ("import sys\nfrom dpft.methods import registry\nregistry.names()\n"
-            "print('torch' in sys.modules)\n")
+    code = "import sys\nfrom dpft.methods import registry\nregistry.names()\nprint('torch' in sys.modules)\n"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
@@ -105,8 +114,15 @@ def test_registry_imports_no_torch():
 def test_defaults_of_the_tables_they_replaced():
     """The per-method defaults `dpft train` had before the registry (its CLI outputs are unchanged)."""
     lr = {n: registry.get(n).text_lr(on_cpu=False) for n in registry.names()}
-    assert lr == {"bitfit": 3e-3, "last-layer": 3e-2, "lora": 2e-3, "full": 1.5e-3, "sparta": 1e-3,
-                  "nonprivate-bitfit": 1e-3, "nonprivate-full": 5e-5}
+    assert lr == {
+        "bitfit": 3e-3,
+        "last-layer": 3e-2,
+        "lora": 2e-3,
+        "full": 1.5e-3,
+        "sparta": 1e-3,
+        "nonprivate-bitfit": 1e-3,
+        "nonprivate-full": 5e-5,
+    }
     assert registry.get("full").text_lr(on_cpu=True) == 1e-4
     assert registry.get("full").text_head_lr(on_cpu=True) == 1e-2 and registry.get("full").head_lr is None
     styles = {n for n in registry.names() if registry.get(n).clipping_style == "separate-head"}

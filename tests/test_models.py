@@ -42,20 +42,39 @@ def stack_tuple(examples):
 
 
 def gpt2():
-    cfg = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=50, n_positions=16,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = transformers.GPT2Config(
+        n_embd=16, n_layer=2, n_head=2, vocab_size=50, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
     return transformers.GPT2LMHeadModel(cfg), lambda: torch.randint(0, 50, (T,)), torch.stack, lm_loss
 
 
 def llama():
-    cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
-                                   num_key_value_heads=1, vocab_size=40, max_position_embeddings=32, tie_word_embeddings=True)
+    cfg = transformers.LlamaConfig(
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=40,
+        max_position_embeddings=32,
+        tie_word_embeddings=True,
+    )
     return transformers.LlamaForCausalLM(cfg), lambda: torch.randint(0, 40, (T,)), torch.stack, lm_loss
 
 
 def _text(cls, cfg_cls, **kw):
-    cfg = cfg_cls(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24, vocab_size=60,
-                  max_position_embeddings=40, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **kw)
+    cfg = cfg_cls(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        vocab_size=60,
+        max_position_embeddings=40,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        **kw,
+    )
     model = cls(cfg)
 
     def make():
@@ -78,9 +97,18 @@ def roberta():
 
 
 def vit():
-    cfg = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2,
-                                 num_attention_heads=2, intermediate_size=24, num_labels=3,
-                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg = transformers.ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=24,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     model = transformers.ViTForImageClassification(cfg)
     return model, lambda: (torch.randn(3, 8, 8), torch.randint(0, 3, ())), stack_tuple, cls_loss
 
@@ -94,7 +122,11 @@ class Block(nn.Module):
         self.act = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(out, out, 3, padding=1, bias=False)
         self.bn2 = nn.GroupNorm(2, out)
-        self.down = nn.Sequential(nn.Conv2d(c, out, 1, stride=stride, bias=False), nn.GroupNorm(2, out)) if stride == 2 else None
+        self.down = (
+            nn.Sequential(nn.Conv2d(c, out, 1, stride=stride, bias=False), nn.GroupNorm(2, out))
+            if stride == 2
+            else None
+        )
 
     def forward(self, x):
         shortcut = x if self.down is None else self.down(x)
@@ -109,7 +141,9 @@ class ResNetGN(nn.Module):
 
     def __init__(self, classes=3):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False), nn.GroupNorm(2, 4), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False), nn.GroupNorm(2, 4), nn.ReLU(inplace=True)
+        )
         self.layers = nn.Sequential(Block(4, 1), Block(4, 2))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(8, classes)
@@ -138,8 +172,15 @@ def encoder():
     return Encoder(), lambda: (torch.randn(T, 3), torch.randint(0, 3, ())), stack_tuple, cls_loss
 
 
-MODELS = {"gpt2": gpt2, "bert": bert, "roberta": roberta, "vit": vit, "resnet-gn": resnet,
-          "transformer-encoder": encoder, "llama": llama}
+MODELS = {
+    "gpt2": gpt2,
+    "bert": bert,
+    "roberta": roberta,
+    "vit": vit,
+    "resnet-gn": resnet,
+    "transformer-encoder": encoder,
+    "llama": llama,
+}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -125,7 +125,9 @@ def test_moe_block_takes_the_routed_experts_rule():
     assert isinstance(find_rule(block), RoutedExpertsRule)
     assert find_rule(block.experts[0].w1) is not None and not isinstance(find_rule(block.experts[0]), RoutedExpertsRule)
     # a list of layers (not experts) is not a mixture of experts
-    assert not isinstance(find_rule(nn.Sequential(nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)]))), RoutedExpertsRule)
+    assert not isinstance(
+        find_rule(nn.Sequential(nn.ModuleList([nn.Linear(2, 2), nn.Linear(2, 2)]))), RoutedExpertsRule
+    )
 
 
 def test_generic_parameters_are_reported():

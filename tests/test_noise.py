@@ -48,8 +48,9 @@ def test_engine_noise_seed_uses_high_bits():
             model.bias.zero_()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            engine = dpft.PrivacyEngine(model, batch_size=4, sample_size=40, steps=3, noise_multiplier=1.0,
-                                        noise_seed=seed)
+            engine = dpft.PrivacyEngine(
+                model, batch_size=4, sample_size=40, steps=3, noise_multiplier=1.0, noise_seed=seed
+            )
         opt = torch.optim.SGD([model.bias], lr=1.0)
         engine.attach(opt)
         model(torch.ones(4, 3)).sum().mul(0).backward()
@@ -224,8 +225,16 @@ def test_engine_secure_mode_update_std():
     sigma, R, B = 1.5, 0.5, 4
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=40, steps=10, noise_multiplier=sigma,
-                                    max_grad_norm=R, secure_mode=True, poisson=False)
+        engine = dpft.PrivacyEngine(
+            model,
+            batch_size=B,
+            sample_size=40,
+            steps=10,
+            noise_multiplier=sigma,
+            max_grad_norm=R,
+            secure_mode=True,
+            poisson=False,
+        )
     assert engine.secure_mode and engine.noise.secure
     opt = torch.optim.SGD([model.bias], lr=1.0)
     engine.attach(opt)

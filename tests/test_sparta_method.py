@@ -37,8 +37,16 @@ def test_sparta_phases_and_ledger():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 10), nn.Tanh(), nn.Linear(10, 2))
     data = make_data()
-    sp = Sparta(model, batch_size=16, sample_size=64, target_epsilon=4.0, warmup_epochs=1, train_epochs=1,
-                density=0.3, always_train=["4"])
+    sp = Sparta(
+        model,
+        batch_size=16,
+        sample_size=64,
+        target_epsilon=4.0,
+        warmup_epochs=1,
+        train_epochs=1,
+        density=0.3,
+        always_train=["4"],
+    )
     assert sp.candidates == ["0.weight", "2.weight"]
     engine = sp.warmup(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
     run_phase(engine, model, dpft.data.poisson_loader(data, 16, steps=sp.steps["warmup"], seed=0))
@@ -69,8 +77,9 @@ def test_scoring_finds_the_useful_rows():
         model[1].weight.zero_()
         model[1].weight[0, :2] = 3.0  # only hidden units 0 and 1 reach the output
         model[1].weight[1, :2] = -3.0
-    sp = Sparta(model, batch_size=32, sample_size=64, target_epsilon=50.0, train_epochs=1, density=0.25,
-                candidates=["0.weight"])
+    sp = Sparta(
+        model, batch_size=32, sample_size=64, target_epsilon=50.0, train_epochs=1, density=0.25, candidates=["0.weight"]
+    )
     sp.score(dpft.data.poisson_loader(make_data(), 32, steps=sp.steps["scoring"], seed=0), loss_fn)
     masks = sp.select()
     assert masks["0.weight"][:2].all()
@@ -91,8 +100,17 @@ def test_scores_without_noise_equal_brute_force():
     x = data.tensors[0].double()
     y = data.tensors[1]
     R = 0.3
-    sp = Sparta(model, batch_size=8, sample_size=24, target_epsilon=1.0, train_epochs=1, density=0.4,
-                noise_multiplier=0.0, max_grad_norm=R, candidates=["0.weight", "2.weight"])
+    sp = Sparta(
+        model,
+        batch_size=8,
+        sample_size=24,
+        target_epsilon=1.0,
+        train_epochs=1,
+        density=0.4,
+        noise_multiplier=0.0,
+        max_grad_norm=R,
+        candidates=["0.weight", "2.weight"],
+    )
     batches = [(x[i : i + 8], y[i : i + 8]) for i in (0, 8, 16)]
     scores = sp.score(batches, loss_fn)
     params = dict(model.named_parameters())
@@ -120,8 +138,16 @@ def test_baseline_selections():
     model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 2))
     with torch.no_grad():
         model[0].weight[3] *= 100
-    sp = Sparta(model, batch_size=8, sample_size=64, target_epsilon=2.0, train_epochs=1, density=0.2,
-                always_train=["2"], selection="magnitude")
+    sp = Sparta(
+        model,
+        batch_size=8,
+        sample_size=64,
+        target_epsilon=2.0,
+        train_epochs=1,
+        density=0.2,
+        always_train=["2"],
+        selection="magnitude",
+    )
     m = sp.select()  # the constructor's strategy
     assert m["0.weight"][3] and int(m["0.weight"].sum()) == 2
     r1, r2 = sp.select(strategy="random", seed=1), sp.select(strategy="random", seed=1)
@@ -143,18 +169,29 @@ def independent_epsilon(sigma: float, q: float, steps: int, delta: float) -> flo
 def test_public_selection_plans_no_scoring_steps():
     """A public selection: no scoring steps, sigma calibrated for warm-up + training only (smaller
     than with scoring), and the ledger of the phases actually run reaches, not exceeds, the target."""
+
     def build(**kw):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 2))
-        return model, Sparta(model, batch_size=16, sample_size=64, target_epsilon=3.0, warmup_epochs=0.5,
-                             train_epochs=1, density=0.3, always_train=["2"], **kw)
+        return model, Sparta(
+            model,
+            batch_size=16,
+            sample_size=64,
+            target_epsilon=3.0,
+            warmup_epochs=0.5,
+            train_epochs=1,
+            density=0.3,
+            always_train=["2"],
+            **kw,
+        )
 
     _, scored = build()
     model, sp = build(selection="random")
     assert sp.steps == {"warmup": 2, "scoring": 0, "train": 4} and scored.steps["scoring"] == 4
     assert sp.noise_multiplier < scored.noise_multiplier
     assert sp.noise_multiplier == dpft.accounting.noise_multiplier(
-        target_epsilon=3.0, sample_rate=0.25, steps=6, delta=sp.target_delta)
+        target_epsilon=3.0, sample_rate=0.25, steps=6, delta=sp.target_delta
+    )
     with pytest.raises(RuntimeError, match="no scoring pass"):
         sp.score([], loss_fn)
     data = make_data()
@@ -232,8 +269,16 @@ def test_sparta_train_compacts_the_optimizer(make, compact_state, compacted):
     (row-separable optimizers); the unselected rows never move either way."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 2))
-    sp = Sparta(model, batch_size=16, sample_size=64, target_epsilon=4.0, train_epochs=1, density=0.3,
-                always_train=["2"], noise_multiplier=1.0)
+    sp = Sparta(
+        model,
+        batch_size=16,
+        sample_size=64,
+        target_epsilon=4.0,
+        train_epochs=1,
+        density=0.3,
+        always_train=["2"],
+        noise_multiplier=1.0,
+    )
     masks = sp.select(strategy="random", seed=0)
     w0 = model[0].weight.detach().clone()
     engine = sp.train(make, compact_state=compact_state)
@@ -257,8 +302,9 @@ def test_release_noise_has_std_sigma_r_and_is_accounted():
     to the clipped sum (not divided by the batch size) and records one step."""
     model = nn.Linear(2, 400)
     model.weight.requires_grad_(False)
-    engine = dpft.PrivacyEngine(model, batch_size=8, sample_size=800, steps=40, noise_multiplier=1.5,
-                                max_grad_norm=0.7, noise_seed=1)
+    engine = dpft.PrivacyEngine(
+        model, batch_size=8, sample_size=800, steps=40, noise_multiplier=1.5, max_grad_norm=0.7, noise_seed=1
+    )
     engine.attach(torch.optim.SGD([model.bias], lr=1.0))
     draws = []
     for i in range(20):

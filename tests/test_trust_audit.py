@@ -85,14 +85,22 @@ def _sigma(eps: float) -> float:
 def _audit(plant=None, trials=100_000, task="embedding", eps=2.0, seed=0, slots_per_run=None):
     with warnings.catch_warnings():
         warnings.simplefilter("error", SamplingMismatchWarning)  # the audit's own data never sets the check off
-        return distinguishing_audit(task, noise_multiplier=_sigma(eps), trials=trials, seed=seed, _plant=plant,
-                                    slots_per_run=slots_per_run, **CFG)
+        return distinguishing_audit(
+            task,
+            noise_multiplier=_sigma(eps),
+            trials=trials,
+            seed=seed,
+            _plant=plant,
+            slots_per_run=slots_per_run,
+            **CFG,
+        )
 
 
 def test_correct_engine_stays_below_its_claim():
     res = _audit()
     assert res.claimed_epsilon == pytest.approx(
-        accounting.epsilon(noise_multiplier=_sigma(2.0), sample_rate=1.0, steps=2, delta=1e-5), rel=1e-9)
+        accounting.epsilon(noise_multiplier=_sigma(2.0), sample_rate=1.0, steps=2, delta=1e-5), rel=1e-9
+    )
     assert 0.99 * 2.0 <= res.claimed_epsilon <= 2.0
     assert res.trials == 100_000 and res.runs == 1 and res.delta == 1e-5
     # it certifies a good part of the claim (the test has power), but not more
@@ -125,8 +133,18 @@ def test_linear_tasks_in_several_runs(task):
 def test_target_epsilon_subsampling_and_settings():
     """The engine calibrates σ; q < 1 (LLR score over steps), automatic
     clipping, RDP and secure mode pass through."""
-    res = distinguishing_audit("embedding", target_epsilon=3.0, steps=5, batch_size=250, sample_size=1000,
-                               clipping_fn="automatic", accountant="rdp", secure_mode=True, trials=5000, seed=1)
+    res = distinguishing_audit(
+        "embedding",
+        target_epsilon=3.0,
+        steps=5,
+        batch_size=250,
+        sample_size=1000,
+        clipping_fn="automatic",
+        accountant="rdp",
+        secure_mode=True,
+        trials=5000,
+        seed=1,
+    )
     assert 0.99 * 3.0 <= res.claimed_epsilon <= 3.0 and res.sample_rate == 0.25 and res.steps == 5
     assert not res.violation, res.summary()
     assert json.loads(json.dumps(res.as_dict()))["violation"] is False
@@ -136,7 +154,10 @@ def test_reproducible_with_a_seed():
     kw = dict(noise_multiplier=1.0, steps=3, batch_size=100, sample_size=400, trials=1000, seed=5)
     a, b = distinguishing_audit(**kw), distinguishing_audit(**kw)
     assert (a.epsilon_lower_bound, a.true_positives, a.false_positives) == (
-        b.epsilon_lower_bound, b.true_positives, b.false_positives)
+        b.epsilon_lower_bound,
+        b.true_positives,
+        b.false_positives,
+    )
 
 
 def test_bad_settings():
@@ -151,14 +172,33 @@ def test_bad_settings():
 
 
 def test_cli_runs_both_audits(capsys):
-    argv = ["audit", "--sigma", "1.0", "--steps", "3", "--num-canaries", "100", "--sample-size", "200",
-            "--batch-size", "50", "--seed", "0", "--trials", "2000", "--json"]
+    argv = [
+        "audit",
+        "--sigma",
+        "1.0",
+        "--steps",
+        "3",
+        "--num-canaries",
+        "100",
+        "--sample-size",
+        "200",
+        "--batch-size",
+        "50",
+        "--seed",
+        "0",
+        "--trials",
+        "2000",
+        "--json",
+    ]
     assert cli.main(argv) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["violation"] is False and out["num_canaries"] == 100
     d = out["distinguishing"]
-    assert d["trials"] == 2000 and d["violation"] is False and d["claimed_epsilon"] == pytest.approx(
-        out["claimed_epsilon"])
+    assert (
+        d["trials"] == 2000
+        and d["violation"] is False
+        and d["claimed_epsilon"] == pytest.approx(out["claimed_epsilon"])
+    )
     assert cli.main(argv[:-1] + ["--trials", "0"]) == 0
     text = capsys.readouterr().out
     assert "one-run audit" in text and "distinguishing audit" not in text

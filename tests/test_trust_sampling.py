@@ -118,8 +118,9 @@ def _task(n=N):
 def _engine(strict=False, poisson=True, **kw):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
-    args = dict(batch_size=B, sample_size=N, steps=200, noise_multiplier=1.0, max_grad_norm=1.0,
-                strict=strict, poisson=poisson)
+    args = dict(
+        batch_size=B, sample_size=N, steps=200, noise_multiplier=1.0, max_grad_norm=1.0, strict=strict, poisson=poisson
+    )
     args.update(kw)
     engine = dpft.PrivacyEngine(model, **args)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -300,7 +301,6 @@ def test_distributed(tmp_path):
     assert f0["total"] == f1["total"] == 60 * f0["raised_at"]  # the global count, read a step late
 
 
-
 def test_the_documented_under_count_example():
     """README / dpft.sampling_check: σ = 2.5, 20 steps, δ = 1e-5 reports ε ≈ 2.1
     at q = 0.25 where a full-batch loader (q = 1) runs a mechanism with ε ≈ 8.7
@@ -309,8 +309,9 @@ def test_the_documented_under_count_example():
     from dp_accounting.pld import PLDAccountant
 
     def eps(q):
-        acc = PLDAccountant(neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
-                            value_discretization_interval=1e-4)
+        acc = PLDAccountant(
+            neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE, value_discretization_interval=1e-4
+        )
         acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(2.5)), 20)
         return acc.get_epsilon(1e-5)
 

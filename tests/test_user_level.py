@@ -114,8 +114,17 @@ def dpft_step(model, x, y, units, *, R, style, fn, mode, chunk, B, reduction="me
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     before = {n: p.detach().clone() for n, p in params.items()}
     engine = dpft.PrivacyEngine(
-        model, batch_size=B, sample_size=100, steps=10, noise_multiplier=0.0, max_grad_norm=R,
-        clipping_fn=fn, clipping_style=style, clipping_mode=mode, privacy_unit="user", loss_reduction=reduction,
+        model,
+        batch_size=B,
+        sample_size=100,
+        steps=10,
+        noise_multiplier=0.0,
+        max_grad_norm=R,
+        clipping_fn=fn,
+        clipping_style=style,
+        clipping_mode=mode,
+        privacy_unit="user",
+        loss_reduction=reduction,
     )
     opt = torch.optim.SGD(list(params.values()), lr=1.0)
     engine.attach(opt)
@@ -175,7 +184,9 @@ def test_exact_with_sum_reduction_and_several_steps():
     model = make_model("full")
     R = sorted(user_norms(model, x, y, units))[3]
     want = brute_force(copy.deepcopy(model), x, y, units, R, [[n for n, _ in model.named_parameters()]], "abadi", 4.0)
-    got, _ = dpft_step(model, x, y, units, R=R, style="all-layer", fn="abadi", mode="auto", chunk=6, B=4, reduction="sum")
+    got, _ = dpft_step(
+        model, x, y, units, R=R, style="all-layer", fn="abadi", mode="auto", chunk=6, B=4, reduction="sum"
+    )
     assert rel_err(got, want) <= 1e-6
 
 
@@ -185,7 +196,13 @@ def test_sparta_scoring_release_is_per_user():
     model = make_model("full")
     R = sorted(user_norms(model, x, y, units))[2]
     engine = dpft.PrivacyEngine(
-        model, batch_size=4, sample_size=100, steps=10, noise_multiplier=0.0, max_grad_norm=R, privacy_unit="user",
+        model,
+        batch_size=4,
+        sample_size=100,
+        steps=10,
+        noise_multiplier=0.0,
+        max_grad_norm=R,
+        privacy_unit="user",
     )
     engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
     for xb, yb, ub in split_physical((x, y, units), 5):
@@ -200,7 +217,9 @@ def test_sparta_scoring_release_is_per_user():
 def test_set_units_is_required_and_checked():
     x, y, units = make_data(COUNTS)
     model = make_model("bitfit")
-    engine = dpft.PrivacyEngine(model, batch_size=4, sample_size=100, steps=10, noise_multiplier=1.0, privacy_unit="user")
+    engine = dpft.PrivacyEngine(
+        model, batch_size=4, sample_size=100, steps=10, noise_multiplier=1.0, privacy_unit="user"
+    )
     engine.attach(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
     with pytest.raises(RuntimeError, match="set_units"):
         F.cross_entropy(model(x), y).backward()
@@ -219,8 +238,16 @@ def test_noise_is_sigma_R_per_step_over_users():
     model = make_model("full")
     sigma, R, B = 3.0, 0.5, 4
     params = [p for p in model.parameters() if p.requires_grad]
-    engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=10, noise_multiplier=sigma,
-                                max_grad_norm=R, privacy_unit="user", noise_seed=7)
+    engine = dpft.PrivacyEngine(
+        model,
+        batch_size=B,
+        sample_size=100,
+        steps=10,
+        noise_multiplier=sigma,
+        max_grad_norm=R,
+        privacy_unit="user",
+        noise_seed=7,
+    )
     opt = torch.optim.SGD(params, lr=1.0)
     engine.attach(opt)
     engine.record_empty_batch()  # a step with no user: pure noise
@@ -311,8 +338,15 @@ def test_user_loader_empty_batch_and_engine_loop():
     data = list(zip(x, y))
     loader = user_poisson_loader(data, names, batch_size=2, steps=8, seed=3)
     model = make_model("bitfit").float()
-    engine = dpft.PrivacyEngine(model, batch_size=2, sample_size=loader.num_users, steps=8, noise_multiplier=1.0,
-                                privacy_unit="user", noise_seed=0)
+    engine = dpft.PrivacyEngine(
+        model,
+        batch_size=2,
+        sample_size=loader.num_users,
+        steps=8,
+        noise_multiplier=1.0,
+        privacy_unit="user",
+        noise_seed=0,
+    )
     opt = engine.attach(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
     sizes = []
     for (xb, yb), units in loader:
@@ -335,8 +369,15 @@ def test_user_loader_empty_batch_and_engine_loop():
 def test_epsilon_is_dp_accounting_at_user_rate():
     users, B, sigma, steps, delta = 200, 10, 1.1, 30, 1e-5
     model = make_model("bitfit")
-    engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=users, steps=steps, noise_multiplier=sigma,
-                                target_delta=delta, privacy_unit="user")
+    engine = dpft.PrivacyEngine(
+        model,
+        batch_size=B,
+        sample_size=users,
+        steps=steps,
+        noise_multiplier=sigma,
+        target_delta=delta,
+        privacy_unit="user",
+    )
     opt = engine.attach(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -373,9 +414,18 @@ def _canary_run(unit: str, m: int, k: int, sigma: float, steps: int, seed: int):
     n = len(users) if unit == "user" else len(ex_users)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        engine = dpft.PrivacyEngine(model, batch_size=n, sample_size=n, steps=steps, noise_multiplier=sigma,
-                                    max_grad_norm=1.0, target_delta=1e-5, loss_reduction="sum",
-                                    privacy_unit=unit, noise_seed=seed)
+        engine = dpft.PrivacyEngine(
+            model,
+            batch_size=n,
+            sample_size=n,
+            steps=steps,
+            noise_multiplier=sigma,
+            max_grad_norm=1.0,
+            target_delta=1e-5,
+            loss_reduction="sum",
+            privacy_unit=unit,
+            noise_seed=seed,
+        )
     opt = engine.attach(torch.optim.SGD([model.bias], lr=float(n)))  # undo the division by B
     onehot = F.one_hot(ex_users, m).float()
     for _ in range(steps):
@@ -422,15 +472,24 @@ def _hf_setup():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.BertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     model = transformers.BertForSequenceClassification(cfg)
     g = torch.Generator().manual_seed(1)
     n = 18
     ids = torch.randint(1, 50, (n, 5), generator=g)
     labels = torch.randint(0, 3, (n,), generator=g)
-    data = [{"input_ids": ids[i], "attention_mask": torch.ones(5, dtype=torch.long), "labels": labels[i]} for i in range(n)]
+    data = [
+        {"input_ids": ids[i], "attention_mask": torch.ones(5, dtype=torch.long), "labels": labels[i]} for i in range(n)
+    ]
     users = [f"u{(i * 7) % 6}" for i in range(n)]  # 6 users of 3 examples, interleaved
     return transformers, model, data, users
 
@@ -440,15 +499,33 @@ def test_dptrainer_user_level_equals_engine(tmp_path):
     transformers, model, data, users = _hf_setup()
     init = copy.deepcopy(model)
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "out"), report_to=[], save_strategy="no", use_cpu=True, optim="sgd",
-        learning_rate=1.0, lr_scheduler_type="constant", weight_decay=0.0, max_steps=1, logging_steps=1,
-        disable_tqdm=True, per_device_train_batch_size=4, gradient_accumulation_steps=1, data_seed=5,
+        output_dir=str(tmp_path / "out"),
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        optim="sgd",
+        learning_rate=1.0,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_steps=1,
+        logging_steps=1,
+        disable_tqdm=True,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        data_seed=5,
     )
     R = 0.5
     from dpft.hf import DPTrainer
 
-    trainer = DPTrainer(model=model, args=args, train_dataset=data, noise_multiplier=0.0, max_grad_norm=R,
-                        privacy_unit="user", user_ids=users)
+    trainer = DPTrainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        noise_multiplier=0.0,
+        max_grad_norm=R,
+        privacy_unit="user",
+        user_ids=users,
+    )
     trainer.train()
     engine = trainer.dp_engine
     assert engine.privacy_unit == "user" and engine.sample_size == 6 and engine.sample_rate == pytest.approx(4 / 6)
@@ -456,11 +533,12 @@ def test_dptrainer_user_level_equals_engine(tmp_path):
     idx = sampler.batch(0, 0)
     assert len({users[i] for i in idx}) >= 2
     # the reference: the engine at user level over the same examples in chunks of 4
-    ref = dpft.PrivacyEngine(init, batch_size=4, sample_size=6, steps=1, noise_multiplier=0.0, max_grad_norm=R,
-                             privacy_unit="user")
+    ref = dpft.PrivacyEngine(
+        init, batch_size=4, sample_size=6, steps=1, noise_multiplier=0.0, max_grad_norm=R, privacy_unit="user"
+    )
     opt = ref.attach(torch.optim.SGD(init.parameters(), lr=1.0))
     for start in range(0, len(idx), 4):
-        chunk = idx[start:start + 4]
+        chunk = idx[start : start + 4]
         batch = transformers.default_data_collator([data[i] for i in chunk])
         y = batch.pop("labels")
         ref.set_units([users[i] for i in chunk])
@@ -474,23 +552,42 @@ def test_dptrainer_user_level_equals_engine(tmp_path):
 def test_dptrainer_user_column_of_a_hf_dataset(tmp_path):
     datasets = pytest.importorskip("datasets")
     transformers, model, data, users = _hf_setup()
-    ds = datasets.Dataset.from_dict({
-        "input_ids": [d["input_ids"].tolist() for d in data], "attention_mask": [[1] * 5] * len(data),
-        "labels": [int(d["labels"]) for d in data], "author": users,
-    })
+    ds = datasets.Dataset.from_dict(
+        {
+            "input_ids": [d["input_ids"].tolist() for d in data],
+            "attention_mask": [[1] * 5] * len(data),
+            "labels": [int(d["labels"]) for d in data],
+            "author": users,
+        }
+    )
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "out"), report_to=[], save_strategy="no", use_cpu=True, max_steps=3,
-        disable_tqdm=True, per_device_train_batch_size=2, logging_steps=1,
+        output_dir=str(tmp_path / "out"),
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        max_steps=3,
+        disable_tqdm=True,
+        per_device_train_batch_size=2,
+        logging_steps=1,
     )
     from dpft.hf import DPTrainer
 
-    trainer = DPTrainer(model=model, args=args, train_dataset=ds, target_epsilon=2.0, privacy_unit="user",
-                        user_column="author", max_per_user=2)
+    trainer = DPTrainer(
+        model=model,
+        args=args,
+        train_dataset=ds,
+        target_epsilon=2.0,
+        privacy_unit="user",
+        user_column="author",
+        max_per_user=2,
+    )
     trainer.train()
     assert trainer.dp_engine.steps == 3 and trainer.dp_engine.sample_size == 6
     assert 0 < trainer.dp_engine.epsilon <= 2.0
     with pytest.raises(ValueError, match="no column 'writer'"):
-        DPTrainer(model=model, args=args, train_dataset=ds, target_epsilon=2.0, privacy_unit="user", user_column="writer")
+        DPTrainer(
+            model=model, args=args, train_dataset=ds, target_epsilon=2.0, privacy_unit="user", user_column="writer"
+        )
     with pytest.raises(ValueError, match="exactly one of user_column"):
         DPTrainer(model=model, args=args, train_dataset=ds, target_epsilon=2.0, privacy_unit="user")
 
@@ -514,13 +611,26 @@ def test_dptrainer_user_column_without_datasets(tmp_path):
     transformers, model, data, users = _hf_setup()
     ds = _ColumnList([{**d, "author": u} for d, u in zip(data, users)])
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "out"), report_to=[], save_strategy="no", use_cpu=True, max_steps=3,
-        disable_tqdm=True, per_device_train_batch_size=2, logging_steps=1,
+        output_dir=str(tmp_path / "out"),
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        max_steps=3,
+        disable_tqdm=True,
+        per_device_train_batch_size=2,
+        logging_steps=1,
     )
     from dpft.hf import DPTrainer
 
-    trainer = DPTrainer(model=model, args=args, train_dataset=ds, target_epsilon=2.0, privacy_unit="user",
-                        user_column="author", max_per_user=2)
+    trainer = DPTrainer(
+        model=model,
+        args=args,
+        train_dataset=ds,
+        target_epsilon=2.0,
+        privacy_unit="user",
+        user_column="author",
+        max_per_user=2,
+    )
     trainer.train()
     assert trainer.dp_engine.steps == 3 and trainer.dp_engine.sample_size == 6
     assert trainer.dp_train_dataloader.batch_sampler.max_per_user == 2

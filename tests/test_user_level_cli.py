@@ -59,8 +59,21 @@ def test_train_user_level_sparta(tmp_path, capsys, monkeypatch):
     model = make_tiny_bert(tmp_path / "bert")
     data = _csv(tmp_path / "reviews.csv")
     out = tmp_path / "run"
-    argv = tiny_args(model, data, out, "--method", "sparta", "--scoring-epochs", "1", "--privacy-unit", "user",
-                     "--user-column", "author", "--dp-seed", "3")
+    argv = tiny_args(
+        model,
+        data,
+        out,
+        "--method",
+        "sparta",
+        "--scoring-epochs",
+        "1",
+        "--privacy-unit",
+        "user",
+        "--user-column",
+        "author",
+        "--dp-seed",
+        "3",
+    )
     argv[argv.index("--batch-size") + 1] = "4"  # users per step
     code, stdout, err = run_cli(argv, capsys)
     assert code == 0, err
@@ -77,8 +90,9 @@ def test_train_user_level_needs_a_user_column(tmp_path, capsys):
     data = _csv(tmp_path / "reviews.csv", with_user=False)
     code, _, err = run_cli(tiny_args(model, data, tmp_path / "run", "--privacy-unit", "user"), capsys)
     assert code != 0 and "--user-column" in err and "Traceback" not in err
-    code, _, err = run_cli(tiny_args(model, data, tmp_path / "run2", "--privacy-unit", "user",
-                                     "--user-column", "author"), capsys)
+    code, _, err = run_cli(
+        tiny_args(model, data, tmp_path / "run2", "--privacy-unit", "user", "--user-column", "author"), capsys
+    )
     assert code != 0 and "no column 'author'" in err and "Traceback" not in err
     code, _, err = run_cli(tiny_args(model, data, tmp_path / "run3", "--user-column", "author"), capsys)
     assert code != 0 and "--user-column needs --privacy-unit user" in err

@@ -25,14 +25,21 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO), str(REPO / "src")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        [str(REPO), str(REPO / "src")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
     env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU check even on a GPU machine
     return env
 
 
 def _utility(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "benchmarks.utility", *args], cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.utility", *args],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _import_utility():
@@ -47,10 +54,29 @@ def _import_utility():
 def test_quick_sweep_and_report(tmp_path):
     results = tmp_path / "utility.jsonl"
     docs = tmp_path / "docs" / "utility.md"
-    args = ["--quick", "--device", "cpu", "--tasks", "vision", "--vision-model", "cnn",
-            "--methods", "bitfit,nonprivate-full", "--epsilons", "3", "--lr-factors", "1",
-            "--workers", "2", "--results", str(results), "--docs", str(docs),
-            "--workdir", str(tmp_path / "runs")]
+    args = [
+        "--quick",
+        "--device",
+        "cpu",
+        "--tasks",
+        "vision",
+        "--vision-model",
+        "cnn",
+        "--methods",
+        "bitfit,nonprivate-full",
+        "--epsilons",
+        "3",
+        "--lr-factors",
+        "1",
+        "--workers",
+        "2",
+        "--results",
+        str(results),
+        "--docs",
+        str(docs),
+        "--workdir",
+        str(tmp_path / "runs"),
+    ]
     proc = _utility(args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -95,8 +121,9 @@ def test_quick_sweep_and_report(tmp_path):
     assert "(utility/vision-cnn.png)" in md
     test_bitfit = by[("test", "bitfit")]
     test_full = by[("test", "nonprivate-full")]
-    rows = {line.split("|")[1].strip(): line for line in md.splitlines()
-            if line.startswith("| ") and "head lr" in line}  # the results table
+    rows = {
+        line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| ") and "head lr" in line
+    }  # the results table
     assert f"| {100 * test_bitfit['accuracy']:.1f} |" in rows["DP-BiTFiT"], rows["DP-BiTFiT"]
     assert f"| {100 * test_full['accuracy']:.1f} |" in rows["non-private full"]
     # the ε actually spent is reported
@@ -108,16 +135,42 @@ def test_quick_sweep_and_report(tmp_path):
 
 def _rec(utility, variant: str, eps, seed: int, acc: float, phase: str = "test", hp=None) -> dict:
     hp = hp or {"lr": 1e-3, "head_lr": 1e-2, "epochs": 3.0}
-    return {"schema": utility.SCHEMA, "id": f"{phase}-{variant}-{eps}-{seed}-{hp['lr']}", "name": "x",
-            "phase": phase, "task": "sentiment", "variant": variant, "method": variant,
-            "model": "minilm", "quick": False, "epsilon_target": eps, "seed": seed, "hp": hp,
-            "grid_index": 0, "status": "ok", "accuracy": acc, "eval_split": "test",
-            "epsilon": None if eps is None else eps * 0.997, "noise_multiplier": 0.0 if eps is None else 1.0,
-            "delta": 1e-5, "steps": 60, "majority_baseline": 0.575, "train_size": 10000,
-            "eval_size": 2752, "job_wall_s": 20.0, "started_at": 1.0e9, "finished_at": 1.0e9 + 20,
-            "session": "s1", "workers": 4, "threads": 4, "commit": "abc", "command": "cmd",
-            "env": {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.x"}, "device": "cuda:0",
-            "resolved": {"batch_size": 512}}
+    return {
+        "schema": utility.SCHEMA,
+        "id": f"{phase}-{variant}-{eps}-{seed}-{hp['lr']}",
+        "name": "x",
+        "phase": phase,
+        "task": "sentiment",
+        "variant": variant,
+        "method": variant,
+        "model": "minilm",
+        "quick": False,
+        "epsilon_target": eps,
+        "seed": seed,
+        "hp": hp,
+        "grid_index": 0,
+        "status": "ok",
+        "accuracy": acc,
+        "eval_split": "test",
+        "epsilon": None if eps is None else eps * 0.997,
+        "noise_multiplier": 0.0 if eps is None else 1.0,
+        "delta": 1e-5,
+        "steps": 60,
+        "majority_baseline": 0.575,
+        "train_size": 10000,
+        "eval_size": 2752,
+        "job_wall_s": 20.0,
+        "started_at": 1.0e9,
+        "finished_at": 1.0e9 + 20,
+        "session": "s1",
+        "workers": 4,
+        "threads": 4,
+        "commit": "abc",
+        "command": "cmd",
+        "env": {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.x"},
+        "device": "cuda:0",
+        "resolved": {"batch_size": 512},
+    }
 
 
 def test_report_targets_from_data(tmp_path):
@@ -131,9 +184,13 @@ def test_report_targets_from_data(tmp_path):
             r.update(grid_index=i, eval_split="validation")
             recs.append(r)
     chosen = {"lr": 3e-3, "head_lr": 1e-2, "epochs": 3.0}
-    acc = {("bitfit", 8.0): (0.80, 0.81, 0.82), ("bitfit", 1.0): (0.70, 0.71, 0.72),
-           ("bitfit", 3.0): (0.78, 0.78, 0.78), ("full", 3.0): (0.80, 0.80, 0.80),
-           ("nonprivate-bitfit", None): (0.83, 0.83, 0.83)}
+    acc = {
+        ("bitfit", 8.0): (0.80, 0.81, 0.82),
+        ("bitfit", 1.0): (0.70, 0.71, 0.72),
+        ("bitfit", 3.0): (0.78, 0.78, 0.78),
+        ("full", 3.0): (0.80, 0.80, 0.80),
+        ("nonprivate-bitfit", None): (0.83, 0.83, 0.83),
+    }
     for (v, eps), xs in acc.items():
         for seed, a in enumerate(xs):
             recs.append(_rec(utility, v, eps, seed, a, hp=chosen))
@@ -166,6 +223,7 @@ def test_report_targets_from_data(tmp_path):
 def test_plan_starts_from_train_defaults(variant):
     utility = _import_utility()
     from dpft.methods import registry
+
     args = utility.parse_args(["--device", "cpu", "--tasks", "sentiment,vision"])
     plan = utility.make_plan(args)
     task = utility.TASKS["sentiment" if variant == "bitfit" else "vision"]

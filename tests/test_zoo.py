@@ -95,7 +95,7 @@ def _innermost(e: BaseException) -> str:
     parts = f.replace("\\", "/").split("/")
     for root in ("dpft", "transformers", "timm", "peft", "torch"):
         if root in parts:
-            return "/".join(parts[parts.index(root):]) + f":{last.tb_lineno}"
+            return "/".join(parts[parts.index(root) :]) + f":{last.tb_lineno}"
     return os.path.basename(f) + f":{last.tb_lineno}"
 
 
@@ -104,8 +104,9 @@ class Recorder(torch.optim.SGD):
     privatized gradient into ``.grad`` right before calling this step)."""
 
     def step(self, closure=None):  # type: ignore[override]
-        self.applied = {id(p): None if p.grad is None else p.grad.detach().clone()
-                        for g in self.param_groups for p in g["params"]}
+        self.applied = {
+            id(p): None if p.grad is None else p.grad.detach().clone() for g in self.param_groups for p in g["params"]
+        }
         return super().step(closure)
 
 
@@ -128,6 +129,7 @@ def _one_thread():
 
 
 # -- the zoo ---------------------------------------------------------------------------------------
+
 
 def _zoo() -> dict[str, Z.Arch]:
     zoo: dict[str, Z.Arch] = {"moe-linear": Z.hand_moe()}
@@ -171,8 +173,9 @@ def prepare(arch: Z.Arch, method: str, gc: bool = False) -> nn.Module:
     elif method == "lora":
         import peft
 
-        cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=arch.lora, lora_dropout=0.0,
-                              modules_to_save=arch.head or None)
+        cfg = peft.LoraConfig(
+            r=2, lora_alpha=4, target_modules=arch.lora, lora_dropout=0.0, modules_to_save=arch.head or None
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # fan_in_fan_out for GPT-2's Conv1D
             try:
@@ -221,7 +224,7 @@ def _double(batch: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def _singles(batch: dict[str, Tensor]) -> list[dict[str, Tensor]]:
     n = next(iter(batch.values())).shape[0]
-    return [{k: v[i:i + 1] for k, v in batch.items()} for i in range(n)]
+    return [{k: v[i : i + 1] for k, v in batch.items()} for i in range(n)]
 
 
 def compare(got: dict[str, Tensor | None], want: dict[str, Tensor], step: int, tol: float = TOL) -> float:
@@ -237,8 +240,10 @@ def compare(got: dict[str, Tensor | None], want: dict[str, Tensor], step: int, t
     bad = sorted(((e, n) for n, e in errs.items() if not e <= tol), reverse=True)
     if bad:
         worst = ", ".join(f"{n} ({e:.2g})" for e, n in bad[:6])
-        raise Wrong(f"step {step}: max relative error {bad[0][0]:.3g} on {len(bad)}/{len(errs)} tensors: {worst}"
-                    + (" ..." if len(bad) > 6 else ""))
+        raise Wrong(
+            f"step {step}: max relative error {bad[0][0]:.3g} on {len(bad)}/{len(errs)} tensors: {worst}"
+            + (" ..." if len(bad) > 6 else "")
+        )
     return max(errs.values())
 
 
@@ -262,8 +267,9 @@ def run_case(name: str, method: str, clip: str, mode: str = "auto", gc: bool = F
         R, lr = 1e3 * max(ns), 0.1
     with dpft_call(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=1000, steps=100, noise_multiplier=0.0,
-                                    max_grad_norm=R, clipping_mode=mode)
+        engine = dpft.PrivacyEngine(
+            model, batch_size=B, sample_size=1000, steps=100, noise_multiplier=0.0, max_grad_norm=R, clipping_mode=mode
+        )
     assert set(engine.trainable_names) == set(names)
     params = dict(model.named_parameters())
     opt = Recorder([params[n] for n in names], lr=lr)
@@ -316,8 +322,12 @@ _NO_BIAS = "dpft.bitfit makes nothing but the head trainable: the model has no b
 
 
 def expected(name: str, method: str, clip: str, mode: str, gc: bool) -> tuple[type, str] | None:
-    for key in ((name, method, clip, mode, "gc" if gc else ""), (name, method, clip, mode), (name, method, clip),
-                (name, method)):
+    for key in (
+        (name, method, clip, mode, "gc" if gc else ""),
+        (name, method, clip, mode),
+        (name, method, clip),
+        (name, method),
+    ):
         if key in EXPECTED:
             return EXPECTED[key]
     return None
@@ -329,8 +339,9 @@ def _case(name: str, method: str, clip: str, mode: str = "auto", gc: bool = Fals
     if exp is not None:
         kind, reason = exp
         marks.append(pytest.mark.xfail(strict=True, raises=kind, reason=f"{kind.__name__.upper()}: {reason}"))
-    return pytest.param(name, method, clip, mode, gc, marks=marks,
-                        id=f"{name}-{method}-{clip}-{mode}" + ("-gc" if gc else ""))
+    return pytest.param(
+        name, method, clip, mode, gc, marks=marks, id=f"{name}-{method}-{clip}-{mode}" + ("-gc" if gc else "")
+    )
 
 
 #: every case runs under clipping_mode="auto" (book-keeping, the default); these also under other modes
@@ -354,14 +365,49 @@ def test_zoo(name, method, clip, mode, gc):
 
 # -- what the zoo claims to cover ------------------------------------------------------------------
 
+
 def test_zoo_covers_the_issue_list():
     """The architectures issue 22 names are all in the zoo (timm ones where timm is installed)."""
-    want = ["bert", "roberta", "deberta-v2", "electra", "modernbert", "gpt2", "gpt-neox", "opt", "bloom", "llama",
-            "mistral", "qwen2", "gemma", "gemma2", "gemma3", "mixtral", "phi3", "mamba", "t5", "bart", "whisper",
-            "wav2vec2", "biogpt", "vit", "swin", "convnext", "beit", "clip-vision"]
+    want = [
+        "bert",
+        "roberta",
+        "deberta-v2",
+        "electra",
+        "modernbert",
+        "gpt2",
+        "gpt-neox",
+        "opt",
+        "bloom",
+        "llama",
+        "mistral",
+        "qwen2",
+        "gemma",
+        "gemma2",
+        "gemma3",
+        "mixtral",
+        "phi3",
+        "mamba",
+        "t5",
+        "bart",
+        "whisper",
+        "wav2vec2",
+        "biogpt",
+        "vit",
+        "swin",
+        "convnext",
+        "beit",
+        "clip-vision",
+    ]
     if Z.timm_installed():
-        want += ["timm-resnet", "timm-resnetv2", "timm-efficientnet", "timm-regnet", "timm-mobilevit", "timm-convnext",
-                 "timm-swin"]
+        want += [
+            "timm-resnet",
+            "timm-resnetv2",
+            "timm-efficientnet",
+            "timm-regnet",
+            "timm-mobilevit",
+            "timm-convnext",
+            "timm-swin",
+        ]
     assert not [n for n in want if n not in ZOO]
 
 
@@ -400,6 +446,7 @@ def test_torchvision_stand_in_stays_in_the_zoo():
 
 # -- BatchNorm conversion --------------------------------------------------------------------------
 
+
 class ConversionChanged(AssertionError):
     """convert_batchnorm_to_groupnorm changed more than the normalization."""
 
@@ -410,8 +457,11 @@ CONVERSION_EXPECTED: dict[str, str] = {}
 
 
 def _conversion_case(name):
-    marks = [pytest.mark.xfail(strict=True, raises=ConversionChanged, reason=CONVERSION_EXPECTED[name])] \
-        if name in CONVERSION_EXPECTED else []
+    marks = (
+        [pytest.mark.xfail(strict=True, raises=ConversionChanged, reason=CONVERSION_EXPECTED[name])]
+        if name in CONVERSION_EXPECTED
+        else []
+    )
     return pytest.param(name, marks=marks, id=name)
 
 
@@ -469,7 +519,9 @@ def _no_float32_casts() -> None:
     to, flt, softmax = Tensor.to, Tensor.float, F.softmax
 
     def to64(self, *args, **kwargs):
-        if self.dtype == torch.float64 and ((args and args[0] is torch.float32) or kwargs.get("dtype") is torch.float32):
+        if self.dtype == torch.float64 and (
+            (args and args[0] is torch.float32) or kwargs.get("dtype") is torch.float32
+        ):
             return self
         return to(self, *args, **kwargs)
 
@@ -504,7 +556,11 @@ def main(argv: list[str]) -> None:
         except Exception as e:  # a bug of the test itself
             out = f"TEST-ERROR {type(e).__name__}: {e}"
         exp = expected(*values)
-        flag = "" if (exp is None) == out.startswith("pass") and (exp is None or out.startswith(exp[0].__name__.upper())) else "  <-- differs from EXPECTED"
+        flag = (
+            ""
+            if (exp is None) == out.startswith("pass") and (exp is None or out.startswith(exp[0].__name__.upper()))
+            else "  <-- differs from EXPECTED"
+        )
         print(f"{cid:40s} {time.time() - t0:5.2f}s  {out}{flag}", flush=True)
 
 

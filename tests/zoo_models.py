@@ -102,7 +102,10 @@ def seq2seq_inputs(pad: int, start: int) -> Callable:
 
 def image_inputs(side: int) -> Callable:
     def make(n, g):
-        return {"pixel_values": torch.randn(n, 3, side, side, generator=g), "labels": torch.randint(0, LABELS, (n,), generator=g)}
+        return {
+            "pixel_values": torch.randn(n, 3, side, side, generator=g),
+            "labels": torch.randint(0, LABELS, (n,), generator=g),
+        }
 
     return make
 
@@ -112,7 +115,9 @@ def image_inputs(side: int) -> Callable:
 
 def _token_mean(logits: Tensor, targets: Tensor, mask: Tensor | None) -> Tensor:
     """Mean over examples of each example's mean token cross-entropy."""
-    per_tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none").view(targets.shape)
+    per_tok = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none").view(
+        targets.shape
+    )
     if mask is None:
         return per_tok.mean(1).mean()
     mask = mask.to(per_tok.dtype)
@@ -168,24 +173,63 @@ def _model(cls_name: str, cfg: Any) -> nn.Module:
     return getattr(_tf(), cls_name)(cfg)
 
 
-ENC = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24, vocab_size=V,
-           max_position_embeddings=16)
-DEC = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24, vocab_size=V,
-           max_position_embeddings=16)
+ENC = dict(
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=24,
+    vocab_size=V,
+    max_position_embeddings=16,
+)
+DEC = dict(
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=24,
+    vocab_size=V,
+    max_position_embeddings=16,
+)
 
 
-def hf_text_cls(name: str, cfg_name: str, model_name: str, lora: list[str], pad: int = 0, head=("classifier",),
-                gc: bool = False, tol: float = 1e-6, **kw) -> Arch:
+def hf_text_cls(
+    name: str,
+    cfg_name: str,
+    model_name: str,
+    lora: list[str],
+    pad: int = 0,
+    head=("classifier",),
+    gc: bool = False,
+    tol: float = 1e-6,
+    **kw,
+) -> Arch:
     cfg = dict(ENC, num_labels=LABELS, pad_token_id=pad, **kw)
-    return Arch(name, lambda: _model(model_name, _config(cfg_name, **cfg)), text_cls_inputs(pad), cls_loss,
-                list(head), lora, gc=gc, tol=tol)
+    return Arch(
+        name,
+        lambda: _model(model_name, _config(cfg_name, **cfg)),
+        text_cls_inputs(pad),
+        cls_loss,
+        list(head),
+        lora,
+        gc=gc,
+        tol=tol,
+    )
 
 
-def hf_causal(name: str, cfg_name: str, model_name: str, lora: list[str], base: dict | None = None,
-              pad: int | None = None, gc: bool = False, tol: float = 1e-6, **kw) -> Arch:
+def hf_causal(
+    name: str,
+    cfg_name: str,
+    model_name: str,
+    lora: list[str],
+    base: dict | None = None,
+    pad: int | None = None,
+    gc: bool = False,
+    tol: float = 1e-6,
+    **kw,
+) -> Arch:
     cfg = dict(DEC if base is None else base, **kw)
-    return Arch(name, lambda: _model(model_name, _config(cfg_name, **cfg)), lm_inputs(pad), lm_loss, [], lora, gc=gc,
-                tol=tol)
+    return Arch(
+        name, lambda: _model(model_name, _config(cfg_name, **cfg)), lm_inputs(pad), lm_loss, [], lora, gc=gc, tol=tol
+    )
 
 
 LLAMA_LIKE = dict(DEC, num_key_value_heads=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -193,15 +237,29 @@ GEMMA = dict(LLAMA_LIKE, head_dim=8)
 
 
 def _hf_vision(name: str, cfg_name: str, model_name: str, lora: list[str], side: int = 8, **kw) -> Arch:
-    return Arch(name, lambda: _model(model_name, _config(cfg_name, num_labels=LABELS, **kw)), image_inputs(side),
-                cls_loss, ["classifier"], lora)
+    return Arch(
+        name,
+        lambda: _model(model_name, _config(cfg_name, num_labels=LABELS, **kw)),
+        image_inputs(side),
+        cls_loss,
+        ["classifier"],
+        lora,
+    )
 
 
 def _clip() -> nn.Module:
     tf = _tf()
-    vision = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2, image_size=8, patch_size=4)
-    text = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, vocab_size=V,
-                max_position_embeddings=16)
+    vision = dict(
+        hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2, image_size=8, patch_size=4
+    )
+    text = dict(
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=V,
+        max_position_embeddings=16,
+    )
     cfg = tf.CLIPConfig(vision_config=vision, text_config=text, projection_dim=8, num_labels=LABELS)
     _no_dropout(cfg)
     return tf.CLIPForImageClassification(cfg)
@@ -218,73 +276,321 @@ def _audio_inputs(n, g):
 
 
 def transformers_zoo() -> dict[str, Arch]:
-    s2s = dict(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
-               encoder_ffn_dim=24, decoder_ffn_dim=24, vocab_size=V)
+    s2s = dict(
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=24,
+        decoder_ffn_dim=24,
+        vocab_size=V,
+    )
     archs = [
         hf_text_cls("bert", "BertConfig", "BertForSequenceClassification", ["query", "value"], gc=True),
         hf_text_cls("roberta", "RobertaConfig", "RobertaForSequenceClassification", ["query", "value"], pad=1),
-        hf_text_cls("deberta-v2", "DebertaV2Config", "DebertaV2ForSequenceClassification", ["query_proj", "value_proj"],
-                    relative_attention=True, pos_att_type=["c2p", "p2c"], position_buckets=4, max_relative_positions=8),
-        hf_text_cls("electra", "ElectraConfig", "ElectraForSequenceClassification", ["query", "value"], embedding_size=16),
-        hf_text_cls("modernbert", "ModernBertConfig", "ModernBertForSequenceClassification", ["Wqkv", "Wo"],
-                    bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2, local_attention=4,
-                    global_attn_every_n_layers=2, tol=F32),
-        hf_causal("gpt2", "GPT2Config", "GPT2LMHeadModel", ["c_attn"], pad=0, gc=True,
-                  base=dict(n_embd=16, n_layer=2, n_head=2, vocab_size=V, n_positions=16)),
+        hf_text_cls(
+            "deberta-v2",
+            "DebertaV2Config",
+            "DebertaV2ForSequenceClassification",
+            ["query_proj", "value_proj"],
+            relative_attention=True,
+            pos_att_type=["c2p", "p2c"],
+            position_buckets=4,
+            max_relative_positions=8,
+        ),
+        hf_text_cls(
+            "electra", "ElectraConfig", "ElectraForSequenceClassification", ["query", "value"], embedding_size=16
+        ),
+        hf_text_cls(
+            "modernbert",
+            "ModernBertConfig",
+            "ModernBertForSequenceClassification",
+            ["Wqkv", "Wo"],
+            bos_token_id=1,
+            eos_token_id=2,
+            cls_token_id=1,
+            sep_token_id=2,
+            local_attention=4,
+            global_attn_every_n_layers=2,
+            tol=F32,
+        ),
+        hf_causal(
+            "gpt2",
+            "GPT2Config",
+            "GPT2LMHeadModel",
+            ["c_attn"],
+            pad=0,
+            gc=True,
+            base=dict(n_embd=16, n_layer=2, n_head=2, vocab_size=V, n_positions=16),
+        ),
         hf_causal("gpt-neox", "GPTNeoXConfig", "GPTNeoXForCausalLM", ["query_key_value"], rotary_pct=0.5),
-        hf_causal("opt", "OPTConfig", "OPTForCausalLM", ["q_proj", "v_proj"], pad=1,
-                  base=dict(hidden_size=16, ffn_dim=24, num_hidden_layers=2, num_attention_heads=2, vocab_size=V,
-                            max_position_embeddings=16, word_embed_proj_dim=16, pad_token_id=1)),
-        hf_causal("bloom", "BloomConfig", "BloomForCausalLM", ["query_key_value"],
-                  base=dict(hidden_size=16, n_layer=2, n_head=2, vocab_size=V), tol=F32),
-        hf_causal("llama", "LlamaConfig", "LlamaForCausalLM", ["q_proj", "v_proj"], base=LLAMA_LIKE, pad=0, gc=True,
-                  tie_word_embeddings=True, tol=F32),
-        hf_causal("mistral", "MistralConfig", "MistralForCausalLM", ["q_proj", "v_proj"], base=LLAMA_LIKE, sliding_window=4, tol=F32),
+        hf_causal(
+            "opt",
+            "OPTConfig",
+            "OPTForCausalLM",
+            ["q_proj", "v_proj"],
+            pad=1,
+            base=dict(
+                hidden_size=16,
+                ffn_dim=24,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                vocab_size=V,
+                max_position_embeddings=16,
+                word_embed_proj_dim=16,
+                pad_token_id=1,
+            ),
+        ),
+        hf_causal(
+            "bloom",
+            "BloomConfig",
+            "BloomForCausalLM",
+            ["query_key_value"],
+            base=dict(hidden_size=16, n_layer=2, n_head=2, vocab_size=V),
+            tol=F32,
+        ),
+        hf_causal(
+            "llama",
+            "LlamaConfig",
+            "LlamaForCausalLM",
+            ["q_proj", "v_proj"],
+            base=LLAMA_LIKE,
+            pad=0,
+            gc=True,
+            tie_word_embeddings=True,
+            tol=F32,
+        ),
+        hf_causal(
+            "mistral",
+            "MistralConfig",
+            "MistralForCausalLM",
+            ["q_proj", "v_proj"],
+            base=LLAMA_LIKE,
+            sliding_window=4,
+            tol=F32,
+        ),
         hf_causal("qwen2", "Qwen2Config", "Qwen2ForCausalLM", ["q_proj", "v_proj"], base=LLAMA_LIKE, tol=F32),
         hf_causal("gemma", "GemmaConfig", "GemmaForCausalLM", ["q_proj", "v_proj"], base=GEMMA, tol=F32),
-        hf_causal("gemma2", "Gemma2Config", "Gemma2ForCausalLM", ["q_proj", "v_proj"], base=GEMMA,
-                  query_pre_attn_scalar=8, sliding_window=4, tol=F32),
-        hf_causal("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM", ["q_proj", "v_proj"], base=GEMMA,
-                  query_pre_attn_scalar=8, sliding_window=4, tol=F32),
-        hf_causal("mixtral", "MixtralConfig", "MixtralForCausalLM", ["q_proj", "v_proj"], base=LLAMA_LIKE,
-                  num_local_experts=4, num_experts_per_tok=2,
-                  experts_implementation="eager", tol=F32),  # (the default grouped_mm kernel has no float64)
-        hf_causal("phi3", "Phi3Config", "Phi3ForCausalLM", ["qkv_proj"], base=dict(LLAMA_LIKE, num_key_value_heads=2), tol=F32),
-        hf_causal("mamba", "MambaConfig", "MambaForCausalLM", ["in_proj", "x_proj"],
-                  base=dict(hidden_size=16, state_size=4, num_hidden_layers=2, vocab_size=V, expand=2, conv_kernel=3,
-                            time_step_rank=2, pad_token_id=0, bos_token_id=1, eos_token_id=2), tol=F32),
+        hf_causal(
+            "gemma2",
+            "Gemma2Config",
+            "Gemma2ForCausalLM",
+            ["q_proj", "v_proj"],
+            base=GEMMA,
+            query_pre_attn_scalar=8,
+            sliding_window=4,
+            tol=F32,
+        ),
+        hf_causal(
+            "gemma3",
+            "Gemma3TextConfig",
+            "Gemma3ForCausalLM",
+            ["q_proj", "v_proj"],
+            base=GEMMA,
+            query_pre_attn_scalar=8,
+            sliding_window=4,
+            tol=F32,
+        ),
+        hf_causal(
+            "mixtral",
+            "MixtralConfig",
+            "MixtralForCausalLM",
+            ["q_proj", "v_proj"],
+            base=LLAMA_LIKE,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            experts_implementation="eager",
+            tol=F32,
+        ),  # (the default grouped_mm kernel has no float64)
+        hf_causal(
+            "phi3", "Phi3Config", "Phi3ForCausalLM", ["qkv_proj"], base=dict(LLAMA_LIKE, num_key_value_heads=2), tol=F32
+        ),
+        hf_causal(
+            "mamba",
+            "MambaConfig",
+            "MambaForCausalLM",
+            ["in_proj", "x_proj"],
+            base=dict(
+                hidden_size=16,
+                state_size=4,
+                num_hidden_layers=2,
+                vocab_size=V,
+                expand=2,
+                conv_kernel=3,
+                time_step_rank=2,
+                pad_token_id=0,
+                bos_token_id=1,
+                eos_token_id=2,
+            ),
+            tol=F32,
+        ),
         hf_causal("biogpt", "BioGptConfig", "BioGptForCausalLM", ["q_proj", "v_proj"], pad=1, pad_token_id=1),
-        Arch("t5", lambda: _model("T5ForConditionalGeneration", _config(
-            "T5Config", d_model=16, d_kv=8, d_ff=24, num_layers=1, num_decoder_layers=1, num_heads=2, vocab_size=V,
-            relative_attention_num_buckets=8, relative_attention_max_distance=16, decoder_start_token_id=0,
-            pad_token_id=0, eos_token_id=1)), seq2seq_inputs(0, 0), seq2seq_loss, [], ["q", "v"], gc=True, tol=F32),
-        Arch("bart", lambda: _model("BartForConditionalGeneration", _config(
-            "BartConfig", max_position_embeddings=16, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-            decoder_start_token_id=2, forced_eos_token_id=None, **s2s)), seq2seq_inputs(1, 2), seq2seq_loss, [],
-             ["q_proj", "v_proj"]),
-        Arch("whisper", lambda: _model("WhisperForConditionalGeneration", _config(
-            "WhisperConfig", num_mel_bins=8, max_source_positions=4, max_target_positions=16, pad_token_id=0,
-            bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, suppress_tokens=None, begin_suppress_tokens=None,
-            **s2s)), _whisper_inputs, seq2seq_loss, [], ["q_proj", "v_proj"]),
-        Arch("wav2vec2", lambda: _model("Wav2Vec2ForSequenceClassification", _config(
-            "Wav2Vec2Config", hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
-            conv_dim=(8, 8), conv_kernel=(4, 3), conv_stride=(2, 2), conv_bias=True, num_conv_pos_embeddings=4,
-            num_conv_pos_embedding_groups=2, num_labels=LABELS, classifier_proj_size=8, vocab_size=V,
-            mask_time_prob=0.0)), _audio_inputs, cls_loss, ["projector", "classifier"], ["q_proj", "v_proj"]),
-        _hf_vision("vit", "ViTConfig", "ViTForImageClassification", ["q_proj", "v_proj"], image_size=8, patch_size=4,
-                   hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24),
-        _hf_vision("swin", "SwinConfig", "SwinForImageClassification", ["q_proj", "v_proj"], image_size=8, patch_size=2,
-                   embed_dim=8, depths=[1, 1], num_heads=[2, 2], window_size=2, mlp_ratio=2.0),
-        _hf_vision("convnext", "ConvNextConfig", "ConvNextForImageClassification", ["pwconv1", "pwconv2"], image_size=8,
-                   patch_size=2, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2),
+        Arch(
+            "t5",
+            lambda: _model(
+                "T5ForConditionalGeneration",
+                _config(
+                    "T5Config",
+                    d_model=16,
+                    d_kv=8,
+                    d_ff=24,
+                    num_layers=1,
+                    num_decoder_layers=1,
+                    num_heads=2,
+                    vocab_size=V,
+                    relative_attention_num_buckets=8,
+                    relative_attention_max_distance=16,
+                    decoder_start_token_id=0,
+                    pad_token_id=0,
+                    eos_token_id=1,
+                ),
+            ),
+            seq2seq_inputs(0, 0),
+            seq2seq_loss,
+            [],
+            ["q", "v"],
+            gc=True,
+            tol=F32,
+        ),
+        Arch(
+            "bart",
+            lambda: _model(
+                "BartForConditionalGeneration",
+                _config(
+                    "BartConfig",
+                    max_position_embeddings=16,
+                    pad_token_id=1,
+                    bos_token_id=0,
+                    eos_token_id=2,
+                    decoder_start_token_id=2,
+                    forced_eos_token_id=None,
+                    **s2s,
+                ),
+            ),
+            seq2seq_inputs(1, 2),
+            seq2seq_loss,
+            [],
+            ["q_proj", "v_proj"],
+        ),
+        Arch(
+            "whisper",
+            lambda: _model(
+                "WhisperForConditionalGeneration",
+                _config(
+                    "WhisperConfig",
+                    num_mel_bins=8,
+                    max_source_positions=4,
+                    max_target_positions=16,
+                    pad_token_id=0,
+                    bos_token_id=1,
+                    eos_token_id=2,
+                    decoder_start_token_id=1,
+                    suppress_tokens=None,
+                    begin_suppress_tokens=None,
+                    **s2s,
+                ),
+            ),
+            _whisper_inputs,
+            seq2seq_loss,
+            [],
+            ["q_proj", "v_proj"],
+        ),
+        Arch(
+            "wav2vec2",
+            lambda: _model(
+                "Wav2Vec2ForSequenceClassification",
+                _config(
+                    "Wav2Vec2Config",
+                    hidden_size=16,
+                    num_hidden_layers=2,
+                    num_attention_heads=2,
+                    intermediate_size=24,
+                    conv_dim=(8, 8),
+                    conv_kernel=(4, 3),
+                    conv_stride=(2, 2),
+                    conv_bias=True,
+                    num_conv_pos_embeddings=4,
+                    num_conv_pos_embedding_groups=2,
+                    num_labels=LABELS,
+                    classifier_proj_size=8,
+                    vocab_size=V,
+                    mask_time_prob=0.0,
+                ),
+            ),
+            _audio_inputs,
+            cls_loss,
+            ["projector", "classifier"],
+            ["q_proj", "v_proj"],
+        ),
+        _hf_vision(
+            "vit",
+            "ViTConfig",
+            "ViTForImageClassification",
+            ["q_proj", "v_proj"],
+            image_size=8,
+            patch_size=4,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=24,
+        ),
+        _hf_vision(
+            "swin",
+            "SwinConfig",
+            "SwinForImageClassification",
+            ["q_proj", "v_proj"],
+            image_size=8,
+            patch_size=2,
+            embed_dim=8,
+            depths=[1, 1],
+            num_heads=[2, 2],
+            window_size=2,
+            mlp_ratio=2.0,
+        ),
+        _hf_vision(
+            "convnext",
+            "ConvNextConfig",
+            "ConvNextForImageClassification",
+            ["pwconv1", "pwconv2"],
+            image_size=8,
+            patch_size=2,
+            hidden_sizes=[8, 16],
+            depths=[1, 1],
+            num_stages=2,
+        ),
         # layer scale and a relative position bias table per layer (batch-independent outputs) ...
-        _hf_vision("beit", "BeitConfig", "BeitForImageClassification", ["q_proj", "v_proj"], image_size=8, patch_size=4,
-                   hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
-                   use_mean_pooling=True, layer_scale_init_value=0.1, use_relative_position_bias=True),
+        _hf_vision(
+            "beit",
+            "BeitConfig",
+            "BeitForImageClassification",
+            ["q_proj", "v_proj"],
+            image_size=8,
+            patch_size=4,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=24,
+            use_mean_pooling=True,
+            layer_scale_init_value=0.1,
+            use_relative_position_bias=True,
+        ),
         # ... or one table shared by every layer
-        _hf_vision("beit-shared-bias", "BeitConfig", "BeitForImageClassification", ["q_proj", "v_proj"], image_size=8,
-                   patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
-                   use_mean_pooling=True, layer_scale_init_value=0.1, use_shared_relative_position_bias=True),
+        _hf_vision(
+            "beit-shared-bias",
+            "BeitConfig",
+            "BeitForImageClassification",
+            ["q_proj", "v_proj"],
+            image_size=8,
+            patch_size=4,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=24,
+            use_mean_pooling=True,
+            layer_scale_init_value=0.1,
+            use_shared_relative_position_bias=True,
+        ),
         Arch("clip-vision", _clip, image_inputs(8), cls_loss, ["classifier"], ["q_proj", "v_proj"]),
     ]
     return {a.name: a for a in archs}
@@ -438,8 +744,14 @@ def _timm_resnetv2():
     from timm.layers import GroupNormAct, StdConv2d
     from timm.models.resnetv2 import ResNetV2
 
-    return ResNetV2(layers=(1, 1), channels=(8, 16), stem_chs=8, num_classes=LABELS, conv_layer=StdConv2d,
-                    norm_layer=partial(GroupNormAct, num_groups=4))
+    return ResNetV2(
+        layers=(1, 1),
+        channels=(8, 16),
+        stem_chs=8,
+        num_classes=LABELS,
+        conv_layer=StdConv2d,
+        norm_layer=partial(GroupNormAct, num_groups=4),
+    )
 
 
 def _timm_efficientnet():
@@ -461,9 +773,16 @@ def _timm_mobilevit():
     from timm.models.mobilevit import _inverted_residual_block, _mobilevit_block
 
     cfg = ByoModelCfg(
-        blocks=(_inverted_residual_block(d=1, c=8, s=1, br=2.0),
-                _mobilevit_block(d=1, c=16, s=2, transformer_dim=16, transformer_depth=1, patch_size=2, br=2.0)),
-        stem_chs=8, stem_type="3x3", stem_pool="", downsample="", act_layer="silu", num_features=32,
+        blocks=(
+            _inverted_residual_block(d=1, c=8, s=1, br=2.0),
+            _mobilevit_block(d=1, c=16, s=2, transformer_dim=16, transformer_depth=1, patch_size=2, br=2.0),
+        ),
+        stem_chs=8,
+        stem_type="3x3",
+        stem_pool="",
+        downsample="",
+        act_layer="silu",
+        num_features=32,
     )
     return ByobNet(cfg, num_classes=LABELS)
 
@@ -477,8 +796,17 @@ def _timm_convnext():
 def _timm_swin():
     from timm.models.swin_transformer import SwinTransformer
 
-    return SwinTransformer(img_size=IMG, patch_size=2, window_size=4, embed_dim=8, depths=(1, 1), num_heads=(2, 2),
-                           mlp_ratio=2.0, num_classes=LABELS, drop_path_rate=0.0)
+    return SwinTransformer(
+        img_size=IMG,
+        patch_size=2,
+        window_size=4,
+        embed_dim=8,
+        depths=(1, 1),
+        num_heads=(2, 2),
+        mlp_ratio=2.0,
+        num_classes=LABELS,
+        drop_path_rate=0.0,
+    )
 
 
 def _timm(name: str, build: Callable, head: list[str], lora: list[str]) -> Arch:

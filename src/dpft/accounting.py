@@ -154,9 +154,7 @@ def _run_event(segments: Sequence[Segment]) -> dp_accounting.DpEvent:
 
 
 def _pld_epsilon_at(event: dp_accounting.DpEvent, delta: float, interval: float) -> float:
-    acc = PLDAccountant(
-        neighboring_relation=_NEIGHBORING, value_discretization_interval=interval
-    )
+    acc = PLDAccountant(neighboring_relation=_NEIGHBORING, value_discretization_interval=interval)
     acc.compose(event)
     return float(acc.get_epsilon(delta))
 
@@ -330,9 +328,7 @@ def _calibrate(eps: Any, target: float, start: float, factor: float = 2.0) -> fl
         while True:
             lo = hi / factor
             if lo < 1e-6:
-                raise RuntimeError(
-                    f"target_epsilon={target!r} is not reached by any noise_multiplier >= 1e-6"
-                )
+                raise RuntimeError(f"target_epsilon={target!r} is not reached by any noise_multiplier >= 1e-6")
             e_lo = eps(lo)
             if e_lo > target:
                 break
@@ -370,9 +366,7 @@ def _calibrate(eps: Any, target: float, start: float, factor: float = 2.0) -> fl
                 f_lo *= 0.5
             side = 1
     if not (0.99 * target <= e_hi <= target):
-        raise RuntimeError(
-            f"calibration failed: eps({hi!r}) = {e_hi!r} is not in [0.99, 1]·{target!r}"
-        )
+        raise RuntimeError(f"calibration failed: eps({hi!r}) = {e_hi!r} is not in [0.99, 1]·{target!r}")
     return hi
 
 
@@ -593,9 +587,18 @@ class BudgetGuard:
     for this budget and the planned steps on a fresh ledger, so the horizon
     is within budget by construction (no query at all)."""
 
-    def __init__(self, ledger: Ledger, budget: float | None, noise_multiplier: float, sample_rate: float,
-                 delta: float, accountant: str, planned_steps: int, on_exceeded: str = "raise",
-                 calibrated: bool = False) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        budget: float | None,
+        noise_multiplier: float,
+        sample_rate: float,
+        delta: float,
+        accountant: str,
+        planned_steps: int,
+        on_exceeded: str = "raise",
+        calibrated: bool = False,
+    ) -> None:
         self.ledger, self.budget = ledger, budget
         self.noise_multiplier, self.sample_rate, self.delta = noise_multiplier, sample_rate, delta
         self.accountant, self.planned_steps, self.on_exceeded = accountant, planned_steps, on_exceeded

@@ -23,7 +23,7 @@ from torch.nn.parameter import UninitializedParameter
 _KNOWN_NORM_ACT = {
     ("timm.layers.norm_act", "BatchNormAct2d"),
     ("timm.layers.norm_act", "SyncBatchNormAct"),
-    ("timm.models.layers.norm_act", "BatchNormAct2d"),      # timm < 0.9
+    ("timm.models.layers.norm_act", "BatchNormAct2d"),  # timm < 0.9
     ("timm.models.layers.norm_act", "SyncBatchNormAct"),
 }
 _REGISTERED_NORM_ACT: set[type] = set()
@@ -39,9 +39,18 @@ class GroupNormAct(nn.GroupNorm):
     their names (``weight``, ``bias``), and ``drop`` / ``act`` are the very
     submodules of the BatchNorm it replaces."""
 
-    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, *,
-                 drop: nn.Module | None = None, act: nn.Module | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        *,
+        drop: nn.Module | None = None,
+        act: nn.Module | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(num_groups, num_channels, eps=eps, affine=affine, device=device, dtype=dtype)
         self.drop = drop if drop is not None else nn.Identity()
         self.act = act if act is not None else nn.Identity()
@@ -130,10 +139,13 @@ def convert_batchnorm_to_groupnorm(model: nn.Module, max_groups: int = 32) -> nn
                 f"convert_batchnorm_to_groupnorm: module '{label}' ({cls}, a BatchNorm subclass) has its own forward, "
                 f"which may compute more than the normalisation; replacing it by a GroupNorm could silently change "
                 f"the network. Replace it by hand, or, if its forward is batch norm then its `drop` and `act` "
-                f"submodules, declare it: dpft.batchnorm.register_batchnorm_act({cls})")
+                f"submodules, declare it: dpft.batchnorm.register_batchnorm_act({cls})"
+            )
         if m.affine and isinstance(m.weight, UninitializedParameter):
-            raise ValueError(f"convert_batchnorm_to_groupnorm: module '{label}' ({type(m).__name__}) is not "
-                             "initialised yet; run one forward pass before converting")
+            raise ValueError(
+                f"convert_batchnorm_to_groupnorm: module '{label}' ({type(m).__name__}) is not "
+                "initialised yet; run one forward pass before converting"
+            )
     new: dict[int, nn.GroupNorm] = {}
     for name, m in found:
         gn = new.get(id(m))

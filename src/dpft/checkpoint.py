@@ -53,8 +53,9 @@ def default_mode(kind: str = "file") -> int:
     return (0o777 if kind == "dir" else 0o666) & ~mask
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], *, what: str = "file",
-                 private: bool = False) -> None:
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[IO[bytes]], None], *, what: str = "file", private: bool = False
+) -> None:
     """Write ``path`` through ``write(f)`` so that it is either the old file or the new one.
 
     The bytes go to a temporary file in the same directory, which is flushed
@@ -91,8 +92,9 @@ def atomic_save(obj: Any, path: str | os.PathLike, *, what: str = "checkpoint", 
     atomic_write(path, lambda f: torch.save(obj, f), what=what, private=private)
 
 
-def read_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu",
-                    weights_only: bool = False, what: str = "checkpoint") -> Any:
+def read_checkpoint(
+    path: str | os.PathLike, *, map_location: Any = "cpu", weights_only: bool = False, what: str = "checkpoint"
+) -> Any:
     """``torch.load(path)``, with one clear :class:`CheckpointError` for a missing,
     empty, truncated or foreign file instead of the loader's internal error."""
     path = Path(path)
@@ -105,8 +107,9 @@ def read_checkpoint(path: str | os.PathLike, *, map_location: Any = "cpu",
         return torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as e:  # noqa: BLE001 - torn zip, bad pickle, EOF: many types, one meaning
         cause = describe_os_error(e) if isinstance(e, OSError) else "truncated or corrupted"
-        raise CheckpointError(f"the {what} {path} cannot be read ({size:,} bytes, {cause}); "
-                              "it is not a complete PyTorch checkpoint") from e
+        raise CheckpointError(
+            f"the {what} {path} cannot be read ({size:,} bytes, {cause}); it is not a complete PyTorch checkpoint"
+        ) from e
 
 
 def save_checkpoint(

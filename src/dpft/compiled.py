@@ -82,8 +82,10 @@ from torch import nn
 try:
     from torch._C._dynamo.eval_frame import get_eval_frame_callback as _get_callback
 except ImportError:  # pragma: no cover - a torch without Dynamo
+
     def _get_callback() -> Any:
         return None
+
 
 __all__ = ["CompileSupport", "CompiledAutogradError", "dpft_hooks", "unwrap"]
 
@@ -126,8 +128,9 @@ def _compiled_autograd_running() -> bool:
     """Whether compiled autograd is switched on by its context manager or is
     running (module flags: cheap enough for every forward and backward)."""
     ca = sys.modules.get("torch._dynamo.compiled_autograd")
-    return ca is not None and bool(getattr(ca, "compiled_autograd_enabled", False)
-                                   or getattr(ca, "in_compiled_autograd_region", False))
+    return ca is not None and bool(
+        getattr(ca, "compiled_autograd_enabled", False) or getattr(ca, "in_compiled_autograd_region", False)
+    )
 
 
 def compiled_autograd_on() -> bool:

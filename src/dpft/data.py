@@ -165,15 +165,9 @@ class PoissonBatchSampler(Sampler[list[int]]):
         if batch_size is not None:
             b = _check_positive_int(batch_size, "batch_size")
             if b > self.num_samples:
-                raise ValueError(
-                    f"batch_size must be <= len(data_source) = {self.num_samples}, got {batch_size!r}"
-                )
+                raise ValueError(f"batch_size must be <= len(data_source) = {self.num_samples}, got {batch_size!r}")
             sample_rate = b / self.num_samples
-        if (
-            not isinstance(sample_rate, numbers.Real)
-            or isinstance(sample_rate, bool)
-            or not 0 < sample_rate <= 1
-        ):
+        if not isinstance(sample_rate, numbers.Real) or isinstance(sample_rate, bool) or not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
         self.sample_rate = float(sample_rate)
         if steps is None:
@@ -492,7 +486,9 @@ class _UnitCollate:
         if self.key is None:
             return batch, units
         if not isinstance(batch, Mapping):
-            raise TypeError(f"user_poisson_loader(units_key=...) needs batches that are mappings, got {type(batch).__name__}")
+            raise TypeError(
+                f"user_poisson_loader(units_key=...) needs batches that are mappings, got {type(batch).__name__}"
+            )
         batch[self.key] = units
         return batch
 
@@ -570,9 +566,7 @@ def user_poisson_loader(
     )
 
 
-def shuffled_loader(
-    dataset: Dataset, batch_size: int, seed: int | None = None, **kw: Any
-) -> DataLoader:
+def shuffled_loader(dataset: Dataset, batch_size: int, seed: int | None = None, **kw: Any) -> DataLoader:
     """Fixed-size shuffled batches (``shuffle=True, drop_last=True``).
 
     This is what most DP training code does, but it is **not** the sampling
@@ -608,9 +602,7 @@ _SCALAR_TYPES = (str, bytes, numbers.Number, type(None))
 
 def _is_per_example_list(x: Any) -> bool:
     """A list/tuple of plain scalars (as ``default_collate`` makes of strings)."""
-    return isinstance(x, (list, tuple)) and not hasattr(x, "_fields") and all(
-        isinstance(v, _SCALAR_TYPES) for v in x
-    )
+    return isinstance(x, (list, tuple)) and not hasattr(x, "_fields") and all(isinstance(v, _SCALAR_TYPES) for v in x)
 
 
 def _rebuild(container: Any, items: Any) -> Any:

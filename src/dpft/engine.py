@@ -217,16 +217,30 @@ class PrivacyEngine:
                 "give exactly one of target_epsilon / noise_multiplier, got "
                 f"target_epsilon={target_epsilon!r}, noise_multiplier={noise_multiplier!r}"
             )
-        if target_epsilon is not None and not (isinstance(target_epsilon, (int, float)) and target_epsilon > 0 and math.isfinite(target_epsilon)):
+        if target_epsilon is not None and not (
+            isinstance(target_epsilon, (int, float)) and target_epsilon > 0 and math.isfinite(target_epsilon)
+        ):
             raise _bad("target_epsilon", target_epsilon, "a positive finite number")
-        if noise_multiplier is not None and not (isinstance(noise_multiplier, (int, float)) and noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+        if noise_multiplier is not None and not (
+            isinstance(noise_multiplier, (int, float)) and noise_multiplier >= 0 and math.isfinite(noise_multiplier)
+        ):
             raise _bad("noise_multiplier", noise_multiplier, "a finite number >= 0")
         # the privatization options, checked in one place (dpft.options)
         self.options = opts = EngineOptions.merge(
-            options, target_delta=target_delta, max_grad_norm=max_grad_norm, clipping_fn=clipping_fn,
-            clipping_style=clipping_style, clipping_mode=clipping_mode, accountant=accountant,
-            loss_reduction=loss_reduction, on_budget_exceeded=on_budget_exceeded, noise_seed=noise_seed,
-            secure_mode=secure_mode, poisson=poisson, strict=strict, privacy_unit=privacy_unit,
+            options,
+            target_delta=target_delta,
+            max_grad_norm=max_grad_norm,
+            clipping_fn=clipping_fn,
+            clipping_style=clipping_style,
+            clipping_mode=clipping_mode,
+            accountant=accountant,
+            loss_reduction=loss_reduction,
+            on_budget_exceeded=on_budget_exceeded,
+            noise_seed=noise_seed,
+            secure_mode=secure_mode,
+            poisson=poisson,
+            strict=strict,
+            privacy_unit=privacy_unit,
         )
         target_delta, max_grad_norm, clipping_fn = opts.target_delta, opts.max_grad_norm, opts.clipping_fn
         clipping_style, clipping_mode, accountant = opts.clipping_style, opts.clipping_mode, opts.accountant
@@ -240,7 +254,9 @@ class PrivacyEngine:
         self.batch_size = batch_size
         self.sample_size = sample_size
         self.sample_rate = batch_size / sample_size
-        self.planned_steps = steps if steps is not None else int(math.ceil(epochs * math.ceil(sample_size / batch_size)))  # type: ignore[operator]
+        self.planned_steps = (
+            steps if steps is not None else int(math.ceil(epochs * math.ceil(sample_size / batch_size)))
+        )  # type: ignore[operator]
         self.target_epsilon = float(target_epsilon) if target_epsilon is not None else None
         self.target_delta = float(target_delta) if target_delta is not None else accounting.default_delta(sample_size)
         self.max_grad_norm = float(max_grad_norm)
@@ -257,7 +273,9 @@ class PrivacyEngine:
         if noise_multiplier is not None:
             self.noise_multiplier = float(noise_multiplier)
             if self.noise_multiplier == 0:
-                warnings.warn("noise_multiplier=0: training is NOT differentially private (epsilon = inf)", stacklevel=2)
+                warnings.warn(
+                    "noise_multiplier=0: training is NOT differentially private (epsilon = inf)", stacklevel=2
+                )
         else:
             self.noise_multiplier = accounting.noise_multiplier(
                 target_epsilon=self.target_epsilon,
@@ -271,7 +289,10 @@ class PrivacyEngine:
         sparta_reattach(model)  # a deep copy of a restricted model keeps its selection
         self.row_masks = sparta_masks(self.params)
         self._capture = Capture(
-            model, self._on_backward, book_keeping=clipping_mode in ("auto", "bk"), no_lane=set(self.row_masks),
+            model,
+            self._on_backward,
+            book_keeping=clipping_mode in ("auto", "bk"),
+            no_lane=set(self.row_masks),
             norm_mode=norm_mode,
         )
         self.groups = make_groups(clipping_style, list(self.params), self._capture.owner)
@@ -285,8 +306,15 @@ class PrivacyEngine:
         self.epsilon_budget = self.target_epsilon if epsilon_budget is None else float(epsilon_budget)
         # a calibrated engine on a fresh ledger is within budget for its planned steps by construction
         self._budget = BudgetGuard(
-            self.ledger, self.epsilon_budget, self.noise_multiplier, self.sample_rate, self.target_delta,
-            accountant, self.planned_steps, on_budget_exceeded, calibrated=self.target_epsilon is not None,
+            self.ledger,
+            self.epsilon_budget,
+            self.noise_multiplier,
+            self.sample_rate,
+            self.target_delta,
+            accountant,
+            self.planned_steps,
+            on_budget_exceeded,
+            calibrated=self.target_epsilon is not None,
         )
         # the ranks that share a step (DDP, engine-level data parallel, FSDP2)
         self._topology = topo = topology(self.params, group, distributed, bool(self.row_masks))
@@ -591,8 +619,9 @@ class PrivacyEngine:
             g.mul_(self.row_masks[k].to(g.device).view_for(g))
         self.ledger.record(self.noise_multiplier, self.sample_rate, 1)
 
-    def _privatize_rows(self, k: str, full: torch.Tensor | None, z: torch.Tensor | None, sigma_r: float,
-                        rows: torch.Tensor | None) -> None:
+    def _privatize_rows(
+        self, k: str, full: torch.Tensor | None, z: torch.Tensor | None, sigma_r: float, rows: torch.Tensor | None
+    ) -> None:
         """The privatized gradient of a row-restricted weight, computed on its
         selected rows only (clipped sum + noise, both compact).  It goes to the
         optimizer's compact row tensor ``rows`` when there is one (then

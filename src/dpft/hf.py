@@ -158,13 +158,22 @@ def per_example_loss(
         if shift:
             logits, labels = logits[:, :-1], labels[:, 1:]
         tok = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device), ignore_index=-100, reduction="none"
+            logits.reshape(-1, logits.shape[-1]),
+            labels.reshape(-1).to(logits.device),
+            ignore_index=-100,
+            reduction="none",
         ).view(labels.shape)
         mask = labels.ne(-100).to(tok.dtype)
         return tok.mul(mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp(min=1)
     labels = labels.to(logits.device)
     if problem_type == "regression" or (problem_type is None and logits.shape[-1] == 1 and labels.is_floating_point()):
-        return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(logits.shape[0], -1).squeeze(-1), reduction="none").view(logits.shape[0], -1).mean(1)
+        return (
+            F.mse_loss(
+                logits.squeeze(-1), labels.to(logits.dtype).view(logits.shape[0], -1).squeeze(-1), reduction="none"
+            )
+            .view(logits.shape[0], -1)
+            .mean(1)
+        )
     if problem_type == "multi_label_classification":
         return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction="none").flatten(1).mean(1)
     return F.cross_entropy(logits, labels.long(), reduction="none")
@@ -227,9 +236,16 @@ class DPTrainer(Trainer):
             )
         # the engine's options, checked here once (dpft.options); the trainer reads R, the sampling and the unit
         self.engine_options = EngineOptions.merge(
-            options, max_grad_norm=max_grad_norm, target_delta=target_delta, clipping_fn=clipping_fn,
-            clipping_mode=clipping_mode, clipping_style=clipping_style, accountant=accountant,
-            noise_seed=noise_seed, poisson=bool(poisson), privacy_unit=privacy_unit,
+            options,
+            max_grad_norm=max_grad_norm,
+            target_delta=target_delta,
+            clipping_fn=clipping_fn,
+            clipping_mode=clipping_mode,
+            clipping_style=clipping_style,
+            accountant=accountant,
+            noise_seed=noise_seed,
+            poisson=bool(poisson),
+            privacy_unit=privacy_unit,
         )
         max_grad_norm = self.engine_options.max_grad_norm
         poisson, privacy_unit = self.engine_options.poisson, self.engine_options.privacy_unit
@@ -279,8 +295,9 @@ class DPTrainer(Trainer):
                 "for Poisson subsampling (the common convention, not a guarantee; see dpft.data.shuffled_loader)",
                 stacklevel=2,
             )
-        self._engine_kwargs = dict(target_epsilon=target_epsilon, noise_multiplier=noise_multiplier,
-                                   options=self.engine_options)
+        self._engine_kwargs = dict(
+            target_epsilon=target_epsilon, noise_multiplier=noise_multiplier, options=self.engine_options
+        )
         self.dp_engine: PrivacyEngine | None = None
         self.dp_train_dataloader = None
 
@@ -293,13 +310,17 @@ class DPTrainer(Trainer):
         if not poisson:
             raise ValueError("DPTrainer: privacy_unit='user' samples users (Poisson); poisson=False is not supported")
         if (column is None) == (ids is None):
-            raise ValueError("DPTrainer(privacy_unit='user'): give exactly one of user_column (a column of "
-                             "train_dataset) or user_ids (one id per training example)")
+            raise ValueError(
+                "DPTrainer(privacy_unit='user'): give exactly one of user_column (a column of "
+                "train_dataset) or user_ids (one id per training example)"
+            )
         if column is not None:
             names = getattr(self.train_dataset, "column_names", None)
             if names is None or column not in names:
-                raise ValueError(f"DPTrainer: train_dataset has no column {column!r} (columns: {names}); "
-                                 "pass user_ids=... for a dataset without columns")
+                raise ValueError(
+                    f"DPTrainer: train_dataset has no column {column!r} (columns: {names}); "
+                    "pass user_ids=... for a dataset without columns"
+                )
             ids = self.train_dataset[column]
         ids = list(ids.tolist() if hasattr(ids, "tolist") else ids)
         if len(ids) != len(self.train_dataset):
@@ -328,7 +349,10 @@ class DPTrainer(Trainer):
             collator = self._get_collator_with_removed_columns(collator, description="training")
         n = len(dataset)
         seed = self.args.data_seed  # None: OS entropy (args.seed is public, the batches must not be)
-        kw: dict[str, Any] = {"num_workers": self.args.dataloader_num_workers, "pin_memory": self.args.dataloader_pin_memory}
+        kw: dict[str, Any] = {
+            "num_workers": self.args.dataloader_num_workers,
+            "pin_memory": self.args.dataloader_pin_memory,
+        }
         if self.args.dataloader_num_workers > 0:
             kw["persistent_workers"] = self.args.dataloader_persistent_workers
             kw["prefetch_factor"] = self.args.dataloader_prefetch_factor
@@ -336,9 +360,15 @@ class DPTrainer(Trainer):
             # users Poisson-sampled at q = B / U (B: expected users per step); ceil(U / B) steps per epoch
             u = self.num_units
             self.dp_train_dataloader = user_poisson_loader(
-                dataset, self._user_ids, min(self.logical_batch_size, u), max_per_user=self.max_per_user,
-                steps=math.ceil(u / self.logical_batch_size), seed=seed, collate_fn=collator,
-                units_key=UNITS_KEY, **kw,
+                dataset,
+                self._user_ids,
+                min(self.logical_batch_size, u),
+                max_per_user=self.max_per_user,
+                steps=math.ceil(u / self.logical_batch_size),
+                seed=seed,
+                collate_fn=collator,
+                units_key=UNITS_KEY,
+                **kw,
             )
             return self.dp_train_dataloader
         # steps per epoch: ceil(N / B), as PrivacyEngine(epochs=...) counts them
@@ -400,11 +430,17 @@ class DPTrainer(Trainer):
             raise RuntimeError("DPTrainer: no engine yet (it is created when train() starts)")
         if state.get("format") != _DP_STATE_FORMAT:
             raise ValueError(f"DPTrainer: unknown DP state format {state.get('format')!r}")
-        for key, mine in (("poisson", self.poisson), ("logical_batch_size", self.logical_batch_size),
-                          ("sample_size", self.num_units), ("privacy_unit", self.privacy_unit)):
+        for key, mine in (
+            ("poisson", self.poisson),
+            ("logical_batch_size", self.logical_batch_size),
+            ("sample_size", self.num_units),
+            ("privacy_unit", self.privacy_unit),
+        ):
             if state.get(key, "example" if key == "privacy_unit" else None) != mine:
-                raise ValueError(f"DPTrainer: the checkpoint was trained with {key}={state[key]!r}, "
-                                 f"this trainer has {key}={mine!r}; resume with the same setup")
+                raise ValueError(
+                    f"DPTrainer: the checkpoint was trained with {key}={state[key]!r}, "
+                    f"this trainer has {key}={mine!r}; resume with the same setup"
+                )
         # checks noise multiplier, sampling rate, R and delta against this engine
         self.dp_engine.load_state_dict(state["engine"])
         if self.dp_engine.steps != int(self.state.global_step):
@@ -419,8 +455,9 @@ class DPTrainer(Trainer):
             # that were already trained on (skip_first_batches), as for any data loader.
             sampler = loader.batch_sampler
             epoch = int(self.state.global_step) // len(sampler)
-            sampler.load_state_dict({**sampler.state_dict(), "seed": int(state["sampling_seed"]),
-                                     "epoch": epoch, "position": 0})
+            sampler.load_state_dict(
+                {**sampler.state_dict(), "seed": int(state["sampling_seed"]), "epoch": epoch, "position": 0}
+            )
 
     def _save_checkpoint(self, model, trial):  # type: ignore[override]
         # written before the Trainer's own files: a folder whose trainer_state.json exists
@@ -495,7 +532,9 @@ class DPTrainer(Trainer):
         if units is not None:
             pairs = split_physical((inputs, units), self.physical_batch_size)
         else:
-            pairs = ((c, None) for c in (split_physical(inputs, self.physical_batch_size) if self.poisson else [inputs]))
+            pairs = (
+                (c, None) for c in (split_physical(inputs, self.physical_batch_size) if self.poisson else [inputs])
+            )
         total = torch.zeros((), device=self.args.device)
         for chunk, chunk_units in pairs:
             if chunk_units is not None:

@@ -17,8 +17,16 @@ from typing import Any
 
 from .accounting import ACCOUNTANTS
 
-__all__ = ["EngineOptions", "ACCOUNTANTS", "CLIPPING_FNS", "CLIPPING_MODES", "CLIPPING_STYLES",
-           "LOSS_REDUCTIONS", "ON_BUDGET", "PRIVACY_UNITS"]
+__all__ = [
+    "EngineOptions",
+    "ACCOUNTANTS",
+    "CLIPPING_FNS",
+    "CLIPPING_MODES",
+    "CLIPPING_STYLES",
+    "LOSS_REDUCTIONS",
+    "ON_BUDGET",
+    "PRIVACY_UNITS",
+]
 
 CLIPPING_FNS = ("abadi", "automatic")
 CLIPPING_STYLES = ("all-layer", "layer-wise", "param-wise")
@@ -66,11 +74,16 @@ class EngineOptions:
         if self.clipping_fn not in CLIPPING_FNS:
             raise bad("clipping_fn", self.clipping_fn, f"one of {CLIPPING_FNS}")
         if isinstance(self.clipping_style, str) and self.clipping_style not in CLIPPING_STYLES:
-            raise bad("clipping_style", self.clipping_style,
-                      f"one of {CLIPPING_STYLES} or a list of lists of parameter names")
-        for name, choices in (("clipping_mode", CLIPPING_MODES), ("accountant", ACCOUNTANTS),
-                              ("loss_reduction", LOSS_REDUCTIONS), ("on_budget_exceeded", ON_BUDGET),
-                              ("privacy_unit", PRIVACY_UNITS)):
+            raise bad(
+                "clipping_style", self.clipping_style, f"one of {CLIPPING_STYLES} or a list of lists of parameter names"
+            )
+        for name, choices in (
+            ("clipping_mode", CLIPPING_MODES),
+            ("accountant", ACCOUNTANTS),
+            ("loss_reduction", LOSS_REDUCTIONS),
+            ("on_budget_exceeded", ON_BUDGET),
+            ("privacy_unit", PRIVACY_UNITS),
+        ):
             if getattr(self, name) not in choices:
                 raise bad(name, getattr(self, name), f"one of {choices}")
         for name in ("secure_mode", "poisson", "strict"):
@@ -95,8 +108,9 @@ class EngineOptions:
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}
         both = [k for k, v in given.items() if not _same(v, defaults[k])]
         if both:
-            raise ValueError(f"{', '.join(both)} given both in options= and as keyword arguments; "
-                             "give each option once")
+            raise ValueError(
+                f"{', '.join(both)} given both in options= and as keyword arguments; give each option once"
+            )
         return options
 
 

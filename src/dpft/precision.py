@@ -51,8 +51,10 @@ class full_fp32:  # noqa: N801 - used like the function it replaces: ``with full
             return
         # older PyTorch: the legacy flags  # pragma: no cover
         self._legacy = torch.backends.cudnn.flags(
-            enabled=torch.backends.cudnn.enabled, benchmark=torch.backends.cudnn.benchmark,
-            deterministic=torch.backends.cudnn.deterministic, allow_tf32=False,
+            enabled=torch.backends.cudnn.enabled,
+            benchmark=torch.backends.cudnn.benchmark,
+            deterministic=torch.backends.cudnn.deterministic,
+            allow_tf32=False,
         )
         self._old = [torch.backends.cuda.matmul.allow_tf32]
         torch.backends.cuda.matmul.allow_tf32 = False

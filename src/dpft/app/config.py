@@ -13,8 +13,18 @@ import torch
 
 from ..methods import registry
 from .choices import (
-    ACCOUNTANTS, CLIPPING_FNS, CLIPPING_MODES, CLIPPING_STYLES, DEVICES, LR_SCHEDULES, MAX_EPSILON,
-    METHODS, MIN_EPSILON, OPTIMIZERS, PRIVATE_METHODS, SPARTA_SELECTIONS,
+    ACCOUNTANTS,
+    CLIPPING_FNS,
+    CLIPPING_MODES,
+    CLIPPING_STYLES,
+    DEVICES,
+    LR_SCHEDULES,
+    MAX_EPSILON,
+    METHODS,
+    MIN_EPSILON,
+    OPTIMIZERS,
+    PRIVATE_METHODS,
+    SPARTA_SELECTIONS,
 )
 from .errors import ConfigError
 
@@ -24,8 +34,18 @@ class NotAvailableYet(ConfigError):
 
 
 # Fields that may change between an interrupted run and its --resume.
-_OPERATIONAL = {"out", "resume", "overwrite", "device", "num_threads", "stop_after_steps",
-                "progress", "checkpoint_every", "checkpoint_minutes", "config"}
+_OPERATIONAL = {
+    "out",
+    "resume",
+    "overwrite",
+    "device",
+    "num_threads",
+    "stop_after_steps",
+    "progress",
+    "checkpoint_every",
+    "checkpoint_minutes",
+    "config",
+}
 
 CHECKPOINT = "checkpoint.pt"
 MONITOR_SIZE = 512  # evaluation examples used for the progress evaluations
@@ -36,53 +56,53 @@ EPSILON_POINTS = 10  # steps of a run whose metrics.jsonl row carries ε (plus t
 class TrainConfig:
     """All options of `dpft train` (the CLI flags, one to one). ``None`` = default."""
 
-    model: str | None = None            # "minilm" (packaged), "cnn", a HF name/path
-    dataset: str | None = None          # "rotten-tomatoes", "mnist", "fashion-mnist", file, HF name
-    test_file: str | None = None        # evaluation file for a CSV/JSONL --dataset (default: hold out 20 %)
-    text_column: str | None = None      # column names of a CSV/JSONL/HF dataset (default: found by name)
+    model: str | None = None  # "minilm" (packaged), "cnn", a HF name/path
+    dataset: str | None = None  # "rotten-tomatoes", "mnist", "fashion-mnist", file, HF name
+    test_file: str | None = None  # evaluation file for a CSV/JSONL --dataset (default: hold out 20 %)
+    text_column: str | None = None  # column names of a CSV/JSONL/HF dataset (default: found by name)
     label_column: str | None = None
-    privacy_unit: str | None = None     # "example" (default) | "user": ε protects all of a user's examples
-    user_column: str | None = None      # the user of each training example (CSV/JSONL/HF column; movie_name)
-    method: str | None = None           # one of METHODS; default "bitfit"
-    epsilon: float | None = None        # target ε; default 3
-    delta: float | None = None          # default: the engine's (below 1/N)
+    privacy_unit: str | None = None  # "example" (default) | "user": ε protects all of a user's examples
+    user_column: str | None = None  # the user of each training example (CSV/JSONL/HF column; movie_name)
+    method: str | None = None  # one of METHODS; default "bitfit"
+    epsilon: float | None = None  # target ε; default 3
+    delta: float | None = None  # default: the engine's (below 1/N)
     epochs: float | None = None
-    batch_size: int | None = None       # logical (expected, under Poisson sampling)
+    batch_size: int | None = None  # logical (expected, under Poisson sampling)
     max_physical_batch_size: int | None = None
     lr: float | None = None
-    head_lr: float | None = None        # lr of the new classification head (bitfit/lora: 1e-2)
-    optimizer: str | None = None        # "adam" (default) | "sgd" (momentum 0.9)
-    lr_schedule: str | None = None      # "constant" | "linear" (decay to 0) | "cosine"
+    head_lr: float | None = None  # lr of the new classification head (bitfit/lora: 1e-2)
+    optimizer: str | None = None  # "adam" (default) | "sgd" (momentum 0.9)
+    lr_schedule: str | None = None  # "constant" | "linear" (decay to 0) | "cosine"
     max_grad_norm: float | None = None
-    clipping_fn: str | None = None      # "abadi" | "automatic"
-    clipping_mode: str | None = None    # passed to the engine; "auto" by default
-    clipping_style: str | None = None   # "all-layer" | "separate-head" (default when weights below the head train)
-    accountant: str | None = None       # "pld" | "rdp" | "prv"
-    poisson: bool | None = None         # Poisson sampling (default) or shuffled fixed batches
-    device: str | None = None           # "auto" | "cpu" | "cuda" | "cuda:1" | "mps"
-    bf16: bool | None = None            # bfloat16 autocast (GPU)
+    clipping_fn: str | None = None  # "abadi" | "automatic"
+    clipping_mode: str | None = None  # passed to the engine; "auto" by default
+    clipping_style: str | None = None  # "all-layer" | "separate-head" (default when weights below the head train)
+    accountant: str | None = None  # "pld" | "rdp" | "prv"
+    poisson: bool | None = None  # Poisson sampling (default) or shuffled fixed batches
+    device: str | None = None  # "auto" | "cpu" | "cuda" | "cuda:1" | "mps"
+    bf16: bool | None = None  # bfloat16 autocast (GPU)
     gradient_checkpointing: bool | None = None  # HF activation checkpointing (non-reentrant)
-    seed: int | None = None             # data subsample, head init, batch sampling, dropout
-    dp_seed: int | None = None          # Poisson sampling + DP noise; default OS entropy (see docs)
+    seed: int | None = None  # data subsample, head init, batch sampling, dropout
+    dp_seed: int | None = None  # Poisson sampling + DP noise; default OS entropy (see docs)
     out: str | None = None
     resume: bool | None = None
     overwrite: bool | None = None
     max_seq_len: int | None = None
     train_size: int | str | None = None  # an int or "all"
-    eval_size: int | str | None = None   # an int or "all"
-    validation_size: int | None = None   # hold out this many training examples and evaluate on them
+    eval_size: int | str | None = None  # an int or "all"
+    validation_size: int | None = None  # hold out this many training examples and evaluate on them
     lora_rank: int | None = None
-    density: float | None = None        # sparta: fraction of rows trained per candidate weight (0.2)
+    density: float | None = None  # sparta: fraction of rows trained per candidate weight (0.2)
     scoring_epochs: float | None = None  # sparta: epochs of the private scoring pass (GPU 1, CPU 0.5)
-    warmup_epochs: float | None = None   # sparta: epochs of DP biases + head before scoring (0)
+    warmup_epochs: float | None = None  # sparta: epochs of DP biases + head before scoring (0)
     sparta_selection: str | None = None  # sparta: "scores" (private, default) | "random" | "magnitude"
-    dropout: float | None = None        # override every dropout probability (e.g. 0); None: model's
+    dropout: float | None = None  # override every dropout probability (e.g. 0); None: model's
     num_threads: int | None = None
-    eval_every: int | None = None       # steps between progress evaluations (default: 8 per run; 0: none)
+    eval_every: int | None = None  # steps between progress evaluations (default: 8 per run; 0: none)
     checkpoint_every: int | None = None  # steps between checkpoints (0: none by step count)
     checkpoint_minutes: float | None = None  # minutes between checkpoints (default 2; 0: none by time)
     stop_after_steps: int | None = None  # stop (checkpointed, resumable) after this many steps
-    progress: bool | None = None        # progress bar
+    progress: bool | None = None  # progress bar
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -159,34 +179,44 @@ def validate(cfg: TrainConfig) -> None:
     elif cfg.user_column is not None:
         raise ConfigError("--user-column needs --privacy-unit user")
     if cfg.checkpoint_minutes is not None and not (
-            isinstance(cfg.checkpoint_minutes, (int, float)) and not isinstance(cfg.checkpoint_minutes, bool)
-            and math.isfinite(cfg.checkpoint_minutes) and cfg.checkpoint_minutes >= 0):
+        isinstance(cfg.checkpoint_minutes, (int, float))
+        and not isinstance(cfg.checkpoint_minutes, bool)
+        and math.isfinite(cfg.checkpoint_minutes)
+        and cfg.checkpoint_minutes >= 0
+    ):
         raise ConfigError(f"--checkpoint-minutes must be a non-negative number, got {cfg.checkpoint_minutes!r}")
     for name in ("epsilon", "lr", "head_lr", "max_grad_norm", "epochs", "scoring_epochs"):
         v = getattr(cfg, name)
-        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool)
-                              or not math.isfinite(v) or v <= 0):
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0):
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {v!r}")
     if cfg.epsilon is not None and isinstance(cfg.epsilon, (int, float)) and cfg.epsilon > MAX_EPSILON:
-        raise ConfigError(f"--epsilon {cfg.epsilon:g} is above {MAX_EPSILON:g}: no meaningful guarantee (and σ "
-                          "would take minutes to calibrate); for no privacy use a nonprivate-* method")
+        raise ConfigError(
+            f"--epsilon {cfg.epsilon:g} is above {MAX_EPSILON:g}: no meaningful guarantee (and σ "
+            "would take minutes to calibrate); for no privacy use a nonprivate-* method"
+        )
     if cfg.epsilon is not None and isinstance(cfg.epsilon, (int, float)) and 0 < cfg.epsilon < MIN_EPSILON:
-        raise ConfigError(f"--epsilon {cfg.epsilon:g} is below {MIN_EPSILON:g}: the accountant cannot resolve "
-                          "an ε that small")
+        raise ConfigError(
+            f"--epsilon {cfg.epsilon:g} is below {MIN_EPSILON:g}: the accountant cannot resolve an ε that small"
+        )
     if cfg.clipping_style is not None and cfg.clipping_style not in CLIPPING_STYLES:
         raise ConfigError(f"unknown clipping style {cfg.clipping_style!r}; choose one of {', '.join(CLIPPING_STYLES)}")
     if cfg.clipping_mode is not None and cfg.clipping_mode not in CLIPPING_MODES:
         raise ConfigError(f"unknown clipping mode {cfg.clipping_mode!r}; choose one of {', '.join(CLIPPING_MODES)}")
-    if cfg.density is not None and not (isinstance(cfg.density, (int, float)) and not isinstance(cfg.density, bool)
-                                        and 0 < cfg.density <= 1):
+    if cfg.density is not None and not (
+        isinstance(cfg.density, (int, float)) and not isinstance(cfg.density, bool) and 0 < cfg.density <= 1
+    ):
         raise ConfigError(f"--density must be in (0, 1], got {cfg.density!r}")
-    if cfg.warmup_epochs is not None and not (isinstance(cfg.warmup_epochs, (int, float))
-                                              and not isinstance(cfg.warmup_epochs, bool)
-                                              and math.isfinite(cfg.warmup_epochs) and cfg.warmup_epochs >= 0):
+    if cfg.warmup_epochs is not None and not (
+        isinstance(cfg.warmup_epochs, (int, float))
+        and not isinstance(cfg.warmup_epochs, bool)
+        and math.isfinite(cfg.warmup_epochs)
+        and cfg.warmup_epochs >= 0
+    ):
         raise ConfigError(f"--warmup-epochs must be a non-negative number, got {cfg.warmup_epochs!r}")
     if cfg.sparta_selection is not None and cfg.sparta_selection not in SPARTA_SELECTIONS:
-        raise ConfigError(f"unknown SPARTA selection {cfg.sparta_selection!r}; choose one of "
-                          f"{', '.join(SPARTA_SELECTIONS)}")
+        raise ConfigError(
+            f"unknown SPARTA selection {cfg.sparta_selection!r}; choose one of {', '.join(SPARTA_SELECTIONS)}"
+        )
     if cfg.method is not None and cfg.method != "sparta":
         for name in ("density", "scoring_epochs", "warmup_epochs", "sparta_selection"):
             if getattr(cfg, name) is not None:
@@ -195,16 +225,16 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"--dropout must be in [0, 1), got {cfg.dropout!r}")
     if cfg.delta is not None and not (0 < cfg.delta < 1):
         raise ConfigError(f"--delta must be in (0, 1), got {cfg.delta!r}")
-    for name in ("batch_size", "max_physical_batch_size", "max_seq_len", "lora_rank", "num_threads",
-                 "validation_size"):
+    for name in ("batch_size", "max_physical_batch_size", "max_seq_len", "lora_rank", "num_threads", "validation_size"):
         v = getattr(cfg, name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
-    if cfg.stop_after_steps is not None and (isinstance(cfg.stop_after_steps, bool)
-                                             or not isinstance(cfg.stop_after_steps, int)
-                                             or cfg.stop_after_steps <= 0):
-        raise ConfigError(f"--stop-after-steps must be a positive integer (leave it out for no limit), "
-                          f"got {cfg.stop_after_steps!r}")
+    if cfg.stop_after_steps is not None and (
+        isinstance(cfg.stop_after_steps, bool) or not isinstance(cfg.stop_after_steps, int) or cfg.stop_after_steps <= 0
+    ):
+        raise ConfigError(
+            f"--stop-after-steps must be a positive integer (leave it out for no limit), got {cfg.stop_after_steps!r}"
+        )
     for name in ("eval_every", "checkpoint_every", "seed", "dp_seed"):
         v = getattr(cfg, name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
@@ -225,8 +255,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("--resume and --overwrite exclude each other")
 
 
-def resolve(cfg: TrainConfig, kind: str | None = None, device: torch.device | None = None,
-            n_train_total: int | None = None) -> tuple[TrainConfig, list[str]]:
+def resolve(
+    cfg: TrainConfig, kind: str | None = None, device: torch.device | None = None, n_train_total: int | None = None
+) -> tuple[TrainConfig, list[str]]:
     """Fill in every ``None`` of ``cfg``; returns the resolved copy and notes to print.
 
     ``kind`` ("text"/"image") and ``device`` decide the data-dependent defaults;
@@ -274,20 +305,24 @@ def resolve(cfg: TrainConfig, kind: str | None = None, device: torch.device | No
         # a public selection (random, magnitude) has no scoring pass: scoring_epochs is None
         r.sparta_selection = r.sparta_selection or "scores"
         if r.sparta_selection != "scores" and r.scoring_epochs is not None:
-            notes.append(f"--sparta-selection {r.sparta_selection} runs no scoring pass: "
-                         f"--scoring-epochs {r.scoring_epochs:g} ignored")
+            notes.append(
+                f"--sparta-selection {r.sparta_selection} runs no scoring pass: "
+                f"--scoring-epochs {r.scoring_epochs:g} ignored"
+            )
             r.scoring_epochs = None
         if r.sparta_selection == "scores" and r.scoring_epochs is None:
             r.scoring_epochs = CPU_SCORING_EPOCHS if on_cpu else GPU_SCORING_EPOCHS
             if on_cpu:
-                notes.append(f"CPU run: SPARTA scores rows over {CPU_SCORING_EPOCHS:g} epoch by default "
-                             f"(--scoring-epochs to change; {GPU_SCORING_EPOCHS:g} on a GPU)")
+                notes.append(
+                    f"CPU run: SPARTA scores rows over {CPU_SCORING_EPOCHS:g} epoch by default "
+                    f"(--scoring-epochs to change; {GPU_SCORING_EPOCHS:g} on a GPU)"
+                )
         if r.scoring_epochs is not None:
             r.scoring_epochs = float(r.scoring_epochs)
-    elif any(getattr(r, k) is not None
-             for k in ("density", "scoring_epochs", "warmup_epochs", "sparta_selection")):
-        raise ConfigError("--density, --scoring-epochs, --warmup-epochs and --sparta-selection apply to "
-                          "--method sparta only")
+    elif any(getattr(r, k) is not None for k in ("density", "scoring_epochs", "warmup_epochs", "sparta_selection")):
+        raise ConfigError(
+            "--density, --scoring-epochs, --warmup-epochs and --sparta-selection apply to --method sparta only"
+        )
     r.checkpoint_every = 0 if r.checkpoint_every is None else r.checkpoint_every
     r.checkpoint_minutes = DEFAULT_CHECKPOINT_MINUTES if r.checkpoint_minutes is None else float(r.checkpoint_minutes)
     r.progress = True if r.progress is None else bool(r.progress)
@@ -312,8 +347,10 @@ def resolve(cfg: TrainConfig, kind: str | None = None, device: torch.device | No
     if not private:
         notes.append(f"method {r.method}: NON-PRIVATE baseline, no DP guarantee (ε = ∞)")
     elif not r.poisson:
-        notes.append("--no-poisson: shuffled fixed-size batches; the reported ε assumes Poisson "
-                     "sampling and is then only a heuristic, not a proof")
+        notes.append(
+            "--no-poisson: shuffled fixed-size batches; the reported ε assumes Poisson "
+            "sampling and is then only a heuristic, not a proof"
+        )
     return r, notes
 
 
@@ -330,28 +367,34 @@ def _resolve_lr(r: TrainConfig, kind: str, on_cpu: bool) -> None:
         r.head_lr = head_lr or r.lr
 
 
-def _resolve_text_sizes(r: TrainConfig, on_cpu: bool, private: bool, n_train_total: int | None,
-                        notes: list[str]) -> None:
+def _resolve_text_sizes(
+    r: TrainConfig, on_cpu: bool, private: bool, n_train_total: int | None, notes: list[str]
+) -> None:
     """Sequence length, training subsample, epochs and batch sizes of a text job."""
     if r.max_seq_len is None:
         r.max_seq_len = CPU_TEXT_MAX_SEQ_LEN if on_cpu else GPU_TEXT_MAX_SEQ_LEN
         if on_cpu:
-            notes.append(f"CPU run: sequences truncated to {r.max_seq_len} tokens by default "
-                         f"(--max-seq-len to change; {GPU_TEXT_MAX_SEQ_LEN} on a GPU)")
+            notes.append(
+                f"CPU run: sequences truncated to {r.max_seq_len} tokens by default "
+                f"(--max-seq-len to change; {GPU_TEXT_MAX_SEQ_LEN} on a GPU)"
+            )
     if r.train_size is None:
         if on_cpu and n_train_total is not None and n_train_total > CPU_TEXT_TRAIN_SIZE:
             r.train_size = CPU_TEXT_TRAIN_SIZE
-            notes.append(f"CPU run: training on a random {CPU_TEXT_TRAIN_SIZE:,} of {n_train_total:,} "
-                         "training examples by default (--train-size all for everything; a GPU "
-                         "uses all)")
+            notes.append(
+                f"CPU run: training on a random {CPU_TEXT_TRAIN_SIZE:,} of {n_train_total:,} "
+                "training examples by default (--train-size all for everything; a GPU "
+                "uses all)"
+            )
         else:
             r.train_size = "all"
     if r.epochs is None:
         if private:
             r.epochs = CPU_TEXT_EPOCHS if on_cpu else GPU_TEXT_EPOCHS
             if on_cpu:
-                notes.append(f"CPU run: {CPU_TEXT_EPOCHS:g} epoch(s) by default (--epochs to change; "
-                             f"{GPU_TEXT_EPOCHS} on a GPU)")
+                notes.append(
+                    f"CPU run: {CPU_TEXT_EPOCHS:g} epoch(s) by default (--epochs to change; {GPU_TEXT_EPOCHS} on a GPU)"
+                )
         else:
             r.epochs = 2
     if r.batch_size is None:
@@ -373,8 +416,11 @@ def _resolve_image_sizes(r: TrainConfig, private: bool) -> None:
 
 def _effective_train_size(r: TrainConfig, n_train_total: int) -> int:
     """Training examples after --train-size and --validation-size (as the job will see them)."""
-    n = n_train_total - (r.validation_size or 0) if r.validation_size and r.validation_size < n_train_total \
+    n = (
+        n_train_total - (r.validation_size or 0)
+        if r.validation_size and r.validation_size < n_train_total
         else n_train_total
+    )
     size = _size(r.train_size, "train-size")
     return n if size is None else min(size, n)
 
@@ -407,5 +453,7 @@ def _fit_small_data(r: TrainConfig, n: int, private: bool, given: dict[str, bool
         changed.append(f"{r.epochs:g} epochs")
     if changed:
         steps = max(1, math.ceil(r.epochs * steps_per_epoch))
-        notes.append(f"small training set ({n:,} examples): {' and '.join(changed)} by default, "
-                     f"{steps} steps (--batch-size / --epochs to change)")
+        notes.append(
+            f"small training set ({n:,} examples): {' and '.join(changed)} by default, "
+            f"{steps} steps (--batch-size / --epochs to change)"
+        )

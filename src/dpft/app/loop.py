@@ -21,8 +21,17 @@ from .errors import ConfigError, RunFailed
 from .build import make_optimizer
 from .config import CHECKPOINT, EPSILON_POINTS, MONITOR_SIZE, TrainConfig
 from .prepare import (
-    BatchPlan, Encoded, _Job, _Spent, _derive_seed, _fmt_eps, _rng_state, _set_rng_state, _trainable_state,
-    _write_json, physical_chunks,
+    BatchPlan,
+    Encoded,
+    _Job,
+    _Spent,
+    _derive_seed,
+    _fmt_eps,
+    _rng_state,
+    _set_rng_state,
+    _trainable_state,
+    _write_json,
+    physical_chunks,
 )
 from .summarize import _epsilon, _finish, _remove_release
 
@@ -34,9 +43,15 @@ def _forward(model: nn.Module, inputs: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Encoded, device: torch.device, batch_size: int,
-             autocast: Callable, subset: np.ndarray | None = None,
-             cancel: Callable[[], bool] | None = None) -> float | None:
+def evaluate(
+    model: nn.Module,
+    data: Encoded,
+    device: torch.device,
+    batch_size: int,
+    autocast: Callable,
+    subset: np.ndarray | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> float | None:
     """Accuracy on the evaluation split (or on the examples ``subset`` of it).
 
     ``cancel``: checked before each batch; when it returns True the evaluation
@@ -54,7 +69,7 @@ def evaluate(model: nn.Module, data: Encoded, device: torch.device, batch_size: 
         for start in range(0, n, batch_size):
             if cancel is not None and cancel():
                 return None
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             inputs, y = data.batch("test", idx, device)
             with autocast():
                 logits = _forward(model, inputs)
@@ -64,8 +79,20 @@ def evaluate(model: nn.Module, data: Encoded, device: torch.device, batch_size: 
     return correct / max(n, 1)
 
 
-def _sparta_phases(sp, model, r: TrainConfig, data: Encoded, device, autocast, n_train: int,
-                   steps_per_epoch: int, dp_secret: int, ckpt: dict | None, log, units: np.ndarray | None = None):
+def _sparta_phases(
+    sp,
+    model,
+    r: TrainConfig,
+    data: Encoded,
+    device,
+    autocast,
+    n_train: int,
+    steps_per_epoch: int,
+    dp_secret: int,
+    ckpt: dict | None,
+    log,
+    units: np.ndarray | None = None,
+):
     """Warm-up (optional), private scoring, selection; returns the engine of the sparse
     training phase (attached to a fresh optimizer).  On --resume the row selection comes
     from the checkpoint (the engine's ledger is restored by the caller).
@@ -85,8 +112,9 @@ def _sparta_phases(sp, model, r: TrainConfig, data: Encoded, device, autocast, n
         return F.cross_entropy(logits.float(), y)
 
     def batches(steps: int, stream: int, desc: str):
-        plan = BatchPlan(n_train, r.batch_size, steps_per_epoch, _derive_seed(dp_secret, stream),
-                         poisson=r.poisson, units=units)
+        plan = BatchPlan(
+            n_train, r.batch_size, steps_per_epoch, _derive_seed(dp_secret, stream), poisson=r.poisson, units=units
+        )
         bar = _tqdm(r.progress)(total=steps, desc=desc, unit="step", leave=True, dynamic_ncols=True)
         try:
             for i in range(steps):
@@ -120,11 +148,13 @@ def _sparta_phases(sp, model, r: TrainConfig, data: Encoded, device, autocast, n
                 opt.zero_grad(set_to_none=True)
         if sp.selection == "scores":
             sp.engine_kwargs["noise_seed"] = _derive_seed(dp_secret, 2)
-            sp.score(batches(sp.steps["scoring"], 4, "SPARTA scoring"), loss_fn,
-                     max_physical_batch_size=r.max_physical_batch_size)
+            sp.score(
+                batches(sp.steps["scoring"], 4, "SPARTA scoring"),
+                loss_fn,
+                max_physical_batch_size=r.max_physical_batch_size,
+            )
             sp.select()
-            log(f"  SPARTA: scored the rows privately ({sp.steps['scoring']} steps, ε so far "
-                f"{_fmt_eps(sp.epsilon)})")
+            log(f"  SPARTA: scored the rows privately ({sp.steps['scoring']} steps, ε so far {_fmt_eps(sp.epsilon)})")
         else:  # public and data-independent: no privacy cost, reproducible from --seed
             sp.select(seed=r.seed)
             log(f"  SPARTA: {sp.selection} row selection (public, no scoring pass)")
@@ -135,6 +165,7 @@ def _sparta_phases(sp, model, r: TrainConfig, data: Encoded, device, autocast, n
 def _sparta_trainable(model: nn.Module) -> int:
     """Trainable parameters, counting only the selected rows of row-restricted weights."""
     from ..methods.sparta import ATTR
+
     n = 0
     for p in model.parameters():
         if p.requires_grad:
@@ -147,14 +178,27 @@ def _run_sparta_phases(job: _Job) -> None:
     """SPARTA's warm-up and scoring (or the row selection from the checkpoint); then the
     engine and optimizer of its sparse training phase."""
     r, sp = job.r, job.sp
-    job.engine = _sparta_phases(sp, job.model, r, job.data, job.device, job.autocast, job.n_train,
-                                job.steps_per_epoch, job.dp_secret, job.ckpt, job.log,
-                                units=job.units if job.user_level else None)
+    job.engine = _sparta_phases(
+        sp,
+        job.model,
+        r,
+        job.data,
+        job.device,
+        job.autocast,
+        job.n_train,
+        job.steps_per_epoch,
+        job.dp_secret,
+        job.ckpt,
+        job.log,
+        units=job.units if job.user_level else None,
+    )
     job.optimizer = job.engine.optimizer
     job.trainable = _sparta_trainable(job.model)
     rows = sum(int(m.sum()) for m in sp.masks.values())
-    job.log(f"  SPARTA: {rows:,} of {sum(m.numel() for m in sp.masks.values()):,} candidate rows "
-            f"selected; {job.trainable:,} trainable parameters ({100 * job.trainable / job.total:.2f}%)")
+    job.log(
+        f"  SPARTA: {rows:,} of {sum(m.numel() for m in sp.masks.values()):,} candidate rows "
+        f"selected; {job.trainable:,} trainable parameters ({100 * job.trainable / job.total:.2f}%)"
+    )
 
 
 # --- Ctrl-C ----------------------------------------------------------------------
@@ -191,8 +235,10 @@ class _Interrupts:
     def _handler(self, signum, frame) -> None:
         if not self.requested:
             self.requested = True
-            self.say("\n  Ctrl-C: stopping after the current step, with a checkpoint (Ctrl-C again to "
-                     "stop at once: the unfinished step is rolled back)")
+            self.say(
+                "\n  Ctrl-C: stopping after the current step, with a checkpoint (Ctrl-C again to "
+                "stop at once: the unfinished step is rolled back)"
+            )
             return
         if self._depth or self.exiting:
             self._pending = not self.exiting
@@ -222,7 +268,6 @@ class _NonFinite(Exception):
 _now = time.monotonic  # the clock of the periodic checkpoints (a test moves it)
 
 
-
 class _Run:
     """The training loop of a prepared job, its checkpoints, and every way out of it."""
 
@@ -237,10 +282,10 @@ class _Run:
         self.metrics_file: Any = None
         self.n_lines = 0
         self.last_acc: float | None = None
-        self.saved_step: int | None = None     # step of the newest checkpoint on disk
+        self.saved_step: int | None = None  # step of the newest checkpoint on disk
         self.last_save = _now()
-        self.step_rng: dict | None = None      # RNG state at the start of the step in progress
-        self.in_step = False                   # a step has begun and is not yet applied
+        self.step_rng: dict | None = None  # RNG state at the start of the step in progress
+        self.in_step = False  # a step has begun and is not yet applied
         self._mine_empty = False
         self.interrupts = _Interrupts(self.log)
         n_eval = len(job.task.y_test)
@@ -259,8 +304,11 @@ class _Run:
             self.step = ckpt["step"]
             self.saved_step = self.step
             self.elapsed_before = ckpt.get("elapsed", 0.0)
-            lines = self.metrics_path.read_text().splitlines()[: ckpt["metrics_lines"]] \
-                if self.metrics_path.exists() else []
+            lines = (
+                self.metrics_path.read_text().splitlines()[: ckpt["metrics_lines"]]
+                if self.metrics_path.exists()
+                else []
+            )
             if j.world.rank == 0:
                 self.metrics_path.write_text("".join(line + "\n" for line in lines))
             self.log(f"  resumed from step {self.step} ({self.spent.text()})")
@@ -286,6 +334,7 @@ class _Run:
             self.metrics_file.flush()
         except OSError as e:
             from ..checkpoint import describe_os_error
+
             raise CheckpointError(f"cannot write {self.metrics_path}: {describe_os_error(e)}") from e
 
     def save_checkpoint(self, rng: dict | None = None) -> None:
@@ -295,12 +344,17 @@ class _Run:
         if j.world.rank != 0:
             self.saved_step = self.step
             return
-        state = {"model": _trainable_state(j.model), "optimizer": j.optimizer.state_dict(),
-                 "engine": j.engine.state_dict() if j.engine is not None else None,
-                 "rng": rng if rng is not None else _rng_state(), "step": self.step,
-                 "metrics_lines": self.n_lines, "dp_seed": j.dp_secret,
-                 "elapsed": self.elapsed(),
-                 **({"sparta_masks": j.sp.masks} if j.sp is not None else {})}
+        state = {
+            "model": _trainable_state(j.model),
+            "optimizer": j.optimizer.state_dict(),
+            "engine": j.engine.state_dict() if j.engine is not None else None,
+            "rng": rng if rng is not None else _rng_state(),
+            "step": self.step,
+            "metrics_lines": self.n_lines,
+            "dp_seed": j.dp_secret,
+            "elapsed": self.elapsed(),
+            **({"sparta_masks": j.sp.masks} if j.sp is not None else {}),
+        }
         with self.interrupts.critical():
             atomic_save(state, j.out / CHECKPOINT)
             self.saved_step = self.step
@@ -323,15 +377,24 @@ class _Run:
         subset = None if final else self.monitor
         if j.world.rank == 0:  # under torchrun rank 0 alone evaluates (the model is the same everywhere)
             cancel = lambda: self.interrupts.requested  # noqa: E731
-            acc = evaluate(j.model, j.data, j.device, 2 * j.r.max_physical_batch_size, j.autocast, subset,
-                           cancel=cancel)
+            acc = evaluate(
+                j.model, j.data, j.device, 2 * j.r.max_physical_batch_size, j.autocast, subset, cancel=cancel
+            )
             if acc is None:
                 return None
         else:
             acc = math.nan
-        self.record({"event": "eval", "step": self.step, "epoch": epoch, "test_accuracy": acc,
-                     "examples": len(j.task.y_test) if subset is None else len(subset), "final": final,
-                     "epsilon": _epsilon(j.engine) if j.engine is not None else None})
+        self.record(
+            {
+                "event": "eval",
+                "step": self.step,
+                "epoch": epoch,
+                "test_accuracy": acc,
+                "examples": len(j.task.y_test) if subset is None else len(subset),
+                "final": final,
+                "epsilon": _epsilon(j.engine) if j.engine is not None else None,
+            }
+        )
         self.last_acc = acc
         return acc
 
@@ -340,7 +403,7 @@ class _Run:
         """Forward and backward of this process's share of a logical batch, in physical
         chunks; returns the summed loss and the correct predictions of the global batch."""
         j = self.j
-        mine = idx[j.world.rank::j.world.size]  # this process's share of the global batch
+        mine = idx[j.world.rank :: j.world.size]  # this process's share of the global batch
         loss_sum, correct = 0.0, 0
         chunks = physical_chunks(mine, j.r.max_physical_batch_size, j.data.lengths("train"))
         for chunk in chunks:
@@ -373,11 +436,17 @@ class _Run:
         j.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         n = len(idx)
-        row = {"event": "step", "step": self.step, "epoch": (self.step - 1) // j.steps_per_epoch + 1,
-               "batch_size": int(n), "loss": loss_sum / n if n else None,
-               "train_accuracy": correct / n if n else None,
-               "epsilon": self.row_epsilon(),
-               "lr": j.optimizer.param_groups[0]["lr"], "time": round(self.elapsed(), 3)}
+        row = {
+            "event": "step",
+            "step": self.step,
+            "epoch": (self.step - 1) // j.steps_per_epoch + 1,
+            "batch_size": int(n),
+            "loss": loss_sum / n if n else None,
+            "train_accuracy": correct / n if n else None,
+            "epsilon": self.row_epsilon(),
+            "lr": j.optimizer.param_groups[0]["lr"],
+            "time": round(self.elapsed(), 3),
+        }
         self.record(row)
         return row
 
@@ -420,8 +489,14 @@ class _Run:
             epoch = self.step // j.steps_per_epoch
             first = self.step - epoch * j.steps_per_epoch
             last = min(j.steps_per_epoch, j.steps_total - epoch * j.steps_per_epoch)
-            bar = tqdm(total=last, initial=first, desc=f"epoch {epoch + 1}/{math.ceil(r.epochs)}",
-                       unit="step", leave=True, dynamic_ncols=True)
+            bar = tqdm(
+                total=last,
+                initial=first,
+                desc=f"epoch {epoch + 1}/{math.ceil(r.epochs)}",
+                unit="step",
+                leave=True,
+                dynamic_ncols=True,
+            )
             loss_avg, eps = None, None
             try:
                 for b in range(first, last):
@@ -500,28 +575,36 @@ class _Run:
         else:
             saved = f"checkpoint of step {self.step} kept"
         r = j.r
-        return (f"{what} at step {self.step + 1}; the step was not applied and training stopped. "
-                f"Likely causes: a learning rate too high for this model and data (--lr {r.lr:g}, head "
-                f"{r.head_lr:g}: start a new run with a smaller one) or invalid values in the data. "
-                f"{saved} in {j.out}; {self.spent.text()}")
+        return (
+            f"{what} at step {self.step + 1}; the step was not applied and training stopped. "
+            f"Likely causes: a learning rate too high for this model and data (--lr {r.lr:g}, head "
+            f"{r.head_lr:g}: start a new run with a smaller one) or invalid values in the data. "
+            f"{saved} in {j.out}; {self.spent.text()}"
+        )
 
     def resume_hint(self, after_fault: bool = False) -> str:
         if self.saved_step is None:
             return "no checkpoint of this run was written yet: it must be started again"
         fix = "free space or fix the folder, then " if after_fault else ""
-        return (f"the checkpoint of step {self.saved_step} in {self.j.out} is intact: {fix}continue with "
-                f"dpft train --out {self.j.out} --resume")
+        return (
+            f"the checkpoint of step {self.saved_step} in {self.j.out} is intact: {fix}continue with "
+            f"dpft train --out {self.j.out} --resume"
+        )
 
     def stopped(self, reason: str) -> dict:
         """A resumable stop (--stop-after-steps, Ctrl-C): say so, with the ε spent."""
         j = self.j
         status = "interrupted" if "Ctrl-C" in reason else "stopped"
-        self.log(f"  {reason}; checkpoint saved; {self.spent.text()}. Continue with: "
-                 f"dpft train --out {j.out} --resume")
+        self.log(f"  {reason}; checkpoint saved; {self.spent.text()}. Continue with: dpft train --out {j.out} --resume")
         j.world.close()
-        return {"stopped": True, "status": status, "step": self.step, "out": str(j.out),
-                "epsilon": self.spent.epsilon(),
-                "delta": getattr(self.spent.source, "target_delta", None)}
+        return {
+            "stopped": True,
+            "status": status,
+            "step": self.step,
+            "out": str(j.out),
+            "epsilon": self.spent.epsilon(),
+            "delta": getattr(self.spent.source, "target_delta", None),
+        }
 
 
 def _restore_checkpoint(j: _Job, ckpt: dict) -> None:
@@ -552,6 +635,7 @@ def set_lr(optimizer: torch.optim.Optimizer, r: TrainConfig, step: int, steps_to
 
 def threading_main() -> bool:
     import threading
+
     return threading.current_thread() is threading.main_thread()
 
 
@@ -578,6 +662,7 @@ def _tqdm(enabled: bool):
     if enabled:
         try:
             from tqdm.auto import tqdm
+
             return tqdm
         except ImportError:  # pragma: no cover
             pass
@@ -594,4 +679,5 @@ def _tqdm(enabled: bool):
 
         def close(self):
             pass
+
     return _Silent

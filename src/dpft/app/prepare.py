@@ -91,19 +91,24 @@ class BatchPlan:
     Otherwise: a seeded permutation per epoch cut into batches of ``batch_size``.
     """
 
-    def __init__(self, n: int, batch_size: int, steps_per_epoch: int, seed: int, poisson: bool,
-                 units: np.ndarray | None = None):
+    def __init__(
+        self, n: int, batch_size: int, steps_per_epoch: int, seed: int, poisson: bool, units: np.ndarray | None = None
+    ):
         self.n, self.batch_size, self.steps, self.seed, self.poisson = n, batch_size, steps_per_epoch, seed, poisson
         self._sampler = None
         if units is not None:  # --privacy-unit user: Poisson sampling of users (all their examples)
             from ..data import UserPoissonBatchSampler
-            self._sampler = UserPoissonBatchSampler(torch.as_tensor(units), batch_size=batch_size,
-                                                    steps=steps_per_epoch, seed=seed)
+
+            self._sampler = UserPoissonBatchSampler(
+                torch.as_tensor(units), batch_size=batch_size, steps=steps_per_epoch, seed=seed
+            )
         elif poisson:
             from ..data import PoissonBatchSampler
+
             # the global batch on every process (under torchrun each takes its share of it)
-            self._sampler = PoissonBatchSampler(n, batch_size=min(batch_size, n), steps=steps_per_epoch,
-                                                seed=seed, rank=0, world_size=1)
+            self._sampler = PoissonBatchSampler(
+                n, batch_size=min(batch_size, n), steps=steps_per_epoch, seed=seed, rank=0, world_size=1
+            )
         self._perm_epoch, self._perm = None, None
 
     def batch(self, epoch: int, i: int) -> np.ndarray:
@@ -112,7 +117,7 @@ class BatchPlan:
         if self._perm_epoch != epoch:
             rng = np.random.default_rng([self.seed, 1_000_003, epoch])
             self._perm, self._perm_epoch = rng.permutation(self.n), epoch
-        return self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+        return self._perm[i * self.batch_size : (i + 1) * self.batch_size]
 
 
 def _derive_seed(secret: int, stream: int) -> int:
@@ -148,8 +153,9 @@ def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
         return
     if out.is_dir() and any(out.iterdir()):
         if has_run and not overwrite:
-            raise ConfigError(f"--out {out} already holds a run; pass --resume to continue it or "
-                              "--overwrite to replace it")
+            raise ConfigError(
+                f"--out {out} already holds a run; pass --resume to continue it or --overwrite to replace it"
+            )
         if not has_run:
             raise ConfigError(f"--out {out} is not empty and holds no dpft run; choose another directory")
     _check_writable(out)
@@ -166,8 +172,11 @@ def _check_writable(out: Path) -> None:
 
 
 def _check_resume_config(saved: dict, r: TrainConfig) -> None:
-    diffs = [f"{k} (run: {saved.get(k)!r}, now: {v!r})" for k, v in r.to_dict().items()
-             if k not in _OPERATIONAL and k in saved and saved[k] != v]
+    diffs = [
+        f"{k} (run: {saved.get(k)!r}, now: {v!r})"
+        for k, v in r.to_dict().items()
+        if k not in _OPERATIONAL and k in saved and saved[k] != v
+    ]
     if diffs:
         raise ConfigError("--resume with a different configuration: " + "; ".join(diffs))
 
@@ -177,8 +186,10 @@ def _read_config_json(out: Path) -> dict:
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ConfigError(f"--resume: {path} cannot be read ({e.__class__.__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}); the run cannot be resumed") from e
+        raise ConfigError(
+            f"--resume: {path} cannot be read ({e.__class__.__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); the run cannot be resumed"
+        ) from e
     if not isinstance(saved, dict):
         raise ConfigError(f"--resume: {path} does not hold a dpft configuration")
     return saved
@@ -189,8 +200,10 @@ def merge_resume_config(cfg: TrainConfig) -> TrainConfig:
     saved = _read_config_json(Path(cfg.out))
     unknown = sorted(set(saved) - set(TrainConfig.field_names()))
     if unknown:
-        raise ConfigError(f"--resume: {Path(cfg.out) / 'config.json'} has options this dpft does not know "
-                          f"({', '.join(unknown[:3])}); it was written by another version")
+        raise ConfigError(
+            f"--resume: {Path(cfg.out) / 'config.json'} has options this dpft does not know "
+            f"({', '.join(unknown[:3])}); it was written by another version"
+        )
     # a stop point belongs to the interrupted invocation, not to the run
     merged = {k: saved.get(k) for k in TrainConfig.field_names() if k not in ("stop_after_steps", "overwrite")}
     for k, v in cfg.to_dict().items():
@@ -268,9 +281,9 @@ class _Job:
     out: Path
     task: TaskData
     t_start: float
-    data: Any = None                    # Encoded
+    data: Any = None  # Encoded
     model: Any = None
-    net: Any = None                     # the model as trained (DDP-wrapped under torchrun)
+    net: Any = None  # the model as trained (DDP-wrapped under torchrun)
     tokenizer: Any = None
     trainable: int = 0
     total: int = 0
@@ -278,15 +291,15 @@ class _Job:
     steps_per_epoch: int = 0
     steps_total: int = 0
     dp_secret: int = 0
-    plan: Any = None                    # BatchPlan
+    plan: Any = None  # BatchPlan
     ckpt: dict | None = None
-    autocast: Callable = None           # type: ignore[assignment]
+    autocast: Callable = None  # type: ignore[assignment]
     optimizer: Any = None
     engine: Any = None
-    sp: Any = None                      # SPARTA driver
-    units: Any = None                   # --privacy-unit user: the user (0..U-1) of each training example
-    n_units: int = 0                    # training examples, or distinct users: the accountant's N
-    batch_given: bool = True            # --batch-size given (else a user-level default is derived)
+    sp: Any = None  # SPARTA driver
+    units: Any = None  # --privacy-unit user: the user (0..U-1) of each training example
+    n_units: int = 0  # training examples, or distinct users: the accountant's N
+    batch_given: bool = True  # --batch-size given (else a user-level default is derived)
 
     @property
     def user_level(self) -> bool:

@@ -65,16 +65,23 @@ def _architecture(model: nn.Module, source_model: str | None) -> dict[str, Any]:
         return {"class": "SmallCNN", "in_channels": first.in_channels, "width": first.out_channels}
     if isinstance(model, offline.FeatureCNN):
         convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
-        return {"class": "FeatureCNN", "in_channels": convs[0].in_channels,
-                "widths": [c.out_channels for c in convs], "hidden": model.classifier.in_features}
+        return {
+            "class": "FeatureCNN",
+            "in_channels": convs[0].in_channels,
+            "widths": [c.out_channels for c in convs],
+            "hidden": model.classifier.in_features,
+        }
     if hasattr(model, "save_pretrained") and hasattr(model, "config"):
         return {"class": "hf-sequence-classification"}
     if source_model and source_model.lower().startswith("timm:") or type(model).__module__.startswith("timm"):
-        name = source_model[len("timm:"):] if source_model and source_model.lower().startswith("timm:") \
-            else source_model
+        name = (
+            source_model[len("timm:") :] if source_model and source_model.lower().startswith("timm:") else source_model
+        )
         return {"class": "timm", "name": name, "in_channels": _in_channels(model)}
-    raise ReleaseError(f"cannot describe a {type(model).__name__} for the release (rebuild it in your code "
-                       "and load model.safetensors into it)")
+    raise ReleaseError(
+        f"cannot describe a {type(model).__name__} for the release (rebuild it in your code "
+        "and load model.safetensors into it)"
+    )
 
 
 def _in_channels(model: nn.Module) -> int:
@@ -92,9 +99,18 @@ def _plain_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def export(out: str | os.PathLike, model: nn.Module, *, kind: str, label_names: Sequence[str],
-           privacy: dict[str, Any], tokenizer: Any = None, max_seq_len: int | None = None,
-           image_shape: Sequence[int] | None = None, source_model: str | None = None) -> Path:
+def export(
+    out: str | os.PathLike,
+    model: nn.Module,
+    *,
+    kind: str,
+    label_names: Sequence[str],
+    privacy: dict[str, Any],
+    tokenizer: Any = None,
+    max_seq_len: int | None = None,
+    image_shape: Sequence[int] | None = None,
+    source_model: str | None = None,
+) -> Path:
     """Write ``out/release/`` (replacing an older one only once the new one is complete).
 
     ``privacy`` goes to privacy.json as given (the caller states ε, δ, σ, ...);
@@ -106,10 +122,16 @@ def export(out: str | os.PathLike, model: nn.Module, *, kind: str, label_names: 
     final = out / RELEASE_DIR
     plain = _plain_model(model)
     arch = _architecture(plain, source_model)
-    meta = {"format": FORMAT, "kind": kind, "architecture": arch, "num_labels": len(label_names),
-            "label_names": list(label_names), "max_seq_len": max_seq_len,
-            "image_shape": list(image_shape) if image_shape is not None else None,
-            "source_model": source_model}
+    meta = {
+        "format": FORMAT,
+        "kind": kind,
+        "architecture": arch,
+        "num_labels": len(label_names),
+        "label_names": list(label_names),
+        "max_seq_len": max_seq_len,
+        "image_shape": list(image_shape) if image_shape is not None else None,
+        "source_model": source_model,
+    }
     from ..checkpoint import default_mode
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{RELEASE_DIR}.", suffix=".tmp", dir=out))
@@ -141,18 +163,20 @@ def export(out: str | os.PathLike, model: nn.Module, *, kind: str, label_names: 
 def _readme(meta: dict, privacy: dict) -> str:
     eps = privacy.get("epsilon")
     if privacy.get("private"):
-        guarantee = (f"({eps:.3f}, {privacy.get('delta'):.3g})-differentially private with respect to one "
-                     f"{privacy.get('privacy_unit', 'training example')}")
+        guarantee = (
+            f"({eps:.3f}, {privacy.get('delta'):.3g})-differentially private with respect to one "
+            f"{privacy.get('privacy_unit', 'training example')}"
+        )
     else:
         guarantee = "NOT private: trained without differential privacy"
     return f"""# dpft release
 
-A model fine-tuned by `dpft train` ({privacy.get('method')} on {privacy.get('dataset')}): {guarantee}.
+A model fine-tuned by `dpft train` ({privacy.get("method")} on {privacy.get("dataset")}): {guarantee}.
 
 | file | what |
 | --- | --- |
 | `model.safetensors` | all weights of the trained model |
-| `dpft_model.json` | architecture, the {meta['num_labels']} label names, the input format |
+| `dpft_model.json` | architecture, the {meta["num_labels"]} label names, the input format |
 | `config/`, `tokenizer/` | Hugging Face config and tokenizer (text models) |
 | `privacy.json` | ε, δ, σ, steps, sampling rate, clipping, accountant, privacy unit |
 
@@ -191,10 +215,15 @@ class Released:
         device = next(self.model.parameters()).device
         out = []
         for start in range(0, len(inputs), batch_size):
-            chunk = inputs[start:start + batch_size]
+            chunk = inputs[start : start + batch_size]
             if self.kind == "text":
-                enc = self.tokenizer([str(t) for t in chunk], padding=True, truncation=True,
-                                     max_length=self.meta.get("max_seq_len") or 512, return_tensors="pt")
+                enc = self.tokenizer(
+                    [str(t) for t in chunk],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.meta.get("max_seq_len") or 512,
+                    return_tensors="pt",
+                )
                 enc = {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
                 logits = self.model(**enc).logits
             else:
@@ -210,8 +239,10 @@ def find_release(path: str | os.PathLike) -> Path:
         if (cand / "dpft_model.json").is_file():
             return cand
     if (path / "config.json").is_file() and (path / "checkpoint.pt").is_file():
-        raise ReleaseError(f"{path} holds a dpft run without a release folder: it did not finish "
-                           f"(continue it with dpft train --out {path} --resume)")
+        raise ReleaseError(
+            f"{path} holds a dpft run without a release folder: it did not finish "
+            f"(continue it with dpft train --out {path} --resume)"
+        )
     raise ReleaseError(f"{path} is neither a dpft run folder with a release/ nor a release folder")
 
 
@@ -283,16 +314,19 @@ def _read_texts(path: Path, text_column: str | None) -> tuple[list[str], list[An
     df = offline.read_table(path)
     if text_column is not None:
         if text_column not in df.columns:
-            raise ReleaseError(f"--text-column {text_column!r} is not a column of {path} "
-                               f"(columns: {', '.join(map(str, df.columns))})")
+            raise ReleaseError(
+                f"--text-column {text_column!r} is not a column of {path} (columns: {', '.join(map(str, df.columns))})"
+            )
         col = text_column
     else:
         col = next((c for c in offline.TEXT_COLUMNS if c in df.columns), None)
         if col is None and len(df.columns) == 1:
             col = df.columns[0]
         if col is None:
-            raise ReleaseError(f"{path} has no text column (looked for {', '.join(offline.TEXT_COLUMNS)}); "
-                               f"name it with --text-column (columns: {', '.join(map(str, df.columns))})")
+            raise ReleaseError(
+                f"{path} has no text column (looked for {', '.join(offline.TEXT_COLUMNS)}); "
+                f"name it with --text-column (columns: {', '.join(map(str, df.columns))})"
+            )
     labels = None
     lcol = next((c for c in offline.LABEL_COLUMNS if c in df.columns and c != col), None)
     if lcol is not None:
@@ -309,16 +343,22 @@ def _read_images(path: Path, meta: dict) -> np.ndarray:
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4 or (shape and tuple(x.shape[1:]) != tuple(shape)):
-        raise ReleaseError(f"{path}: expected images of shape (N, {', '.join(map(str, shape or ['C', 'H', 'W']))}), "
-                           f"got {x.shape}")
+        raise ReleaseError(
+            f"{path}: expected images of shape (N, {', '.join(map(str, shape or ['C', 'H', 'W']))}), got {x.shape}"
+        )
     x = x.astype(np.float32)
     if x.max(initial=0.0) > 1.0:  # 0..255 pixels, as the training data were scaled to [0, 1]
         x = x / 255.0
     return x
 
 
-def predict_file(release: Released, input_path: str | os.PathLike, output: str | os.PathLike | None = None,
-                 text_column: str | None = None, batch_size: int = 64) -> dict[str, Any]:
+def predict_file(
+    release: Released,
+    input_path: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    text_column: str | None = None,
+    batch_size: int = 64,
+) -> dict[str, Any]:
     """Predict every row of ``input_path``; write a CSV (``output``, or stdout) with the
     predicted label, its probability and one probability column per label.
 
@@ -353,8 +393,7 @@ def predict_file(release: Released, input_path: str | os.PathLike, output: str |
         index = {str(n): i for i, n in enumerate(names)}
         truth = [index.get(str(v)) for v in labels]
         if all(t is None for t in truth):  # integer labels of a model whose labels have names
-            truth = [int(v) if isinstance(v, (int, np.integer)) and 0 <= v < len(names) else None
-                     for v in labels]
+            truth = [int(v) if isinstance(v, (int, np.integer)) and 0 <= v < len(names) else None for v in labels]
         known = [(t, p) for t, p in zip(truth, pred) if t is not None]
         if known:
             result["accuracy"] = float(np.mean([t == p for t, p in known]))

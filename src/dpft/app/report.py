@@ -10,6 +10,7 @@ def write_report(out: Path, summary: dict) -> Path | None:
     """report.png: training loss, test accuracy and ε against step (skipped without matplotlib)."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -28,6 +29,7 @@ def report_figure(out: Path, summary: dict):
     when the progress evaluations use a subset, that subset's own majority line; the
     ε axis starts at 0."""
     import matplotlib.pyplot as plt
+
     steps, losses, eps, monitor, final = [], [], [], [], []
     for line in (out / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
@@ -38,8 +40,7 @@ def report_figure(out: Path, summary: dict):
             if row.get("epsilon") is not None:
                 eps.append((row["step"], row["epsilon"]))
         elif row.get("event") == "eval":
-            (final if row.get("final") else monitor).append((row["step"], row["test_accuracy"],
-                                                            row.get("examples")))
+            (final if row.get("final") else monitor).append((row["step"], row["test_accuracy"], row.get("examples")))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharex=True)
     axes[0].plot(steps, losses, lw=0.8, color="tab:blue", alpha=0.45, label="logical batch")
     if len(losses) > 4:
@@ -56,20 +57,42 @@ def report_figure(out: Path, summary: dict):
         k = monitor[0][2]
         is_subset = bool(final and k and k < (final[-1][2] or 0))
         sub = f" ({k:,}-example subset)" if is_subset else ""
-        axes[1].plot([m[0] for m in monitor], [m[1] for m in monitor], "o-", ms=3, color="tab:green",
-                     label=f"{split}{sub}")
+        axes[1].plot(
+            [m[0] for m in monitor], [m[1] for m in monitor], "o-", ms=3, color="tab:green", label=f"{split}{sub}"
+        )
         if is_subset and sub_base is not None:
-            axes[1].axhline(sub_base, ls=":", color="tab:green", alpha=0.7,
-                            label=f"majority class on the subset ({sub_base:.3f})")
+            axes[1].axhline(
+                sub_base, ls=":", color="tab:green", alpha=0.7, label=f"majority class on the subset ({sub_base:.3f})"
+            )
     if final:
-        axes[1].plot([f[0] for f in final], [f[1] for f in final], "D", ms=7, color="darkgreen",
-                     label=f"{split} (all {final[-1][2]:,})")
-    axes[1].axhline(summary["majority_baseline"], ls="--", color="grey",
-                    label=f"majority class ({summary['majority_baseline']:.3f})")
+        axes[1].plot(
+            [f[0] for f in final],
+            [f[1] for f in final],
+            "D",
+            ms=7,
+            color="darkgreen",
+            label=f"{split} (all {final[-1][2]:,})",
+        )
+    axes[1].axhline(
+        summary["majority_baseline"],
+        ls="--",
+        color="grey",
+        label=f"majority class ({summary['majority_baseline']:.3f})",
+    )
     axes[1].set(title=f"{split} accuracy", xlabel="step")
     if summary.get("learned") is False:
-        axes[1].text(0.5, 0.5, "NOT LEARNED:\nno better than the\nmajority class", color="red", ha="center",
-                     va="center", fontsize=13, fontweight="bold", transform=axes[1].transAxes, alpha=0.8)
+        axes[1].text(
+            0.5,
+            0.5,
+            "NOT LEARNED:\nno better than the\nmajority class",
+            color="red",
+            ha="center",
+            va="center",
+            fontsize=13,
+            fontweight="bold",
+            transform=axes[1].transAxes,
+            alpha=0.8,
+        )
     axes[1].legend(loc="lower right", fontsize=8)
     if eps:
         axes[2].plot([s for s, _ in eps], [e for _, e in eps], color="tab:red")
@@ -79,8 +102,9 @@ def report_figure(out: Path, summary: dict):
         unit = "per user" if summary.get("privacy_unit") == "user" else "per example"
         axes[2].set(title=f"ε spent {unit} (δ = {summary['delta']:.2g})", xlabel="step")
     else:
-        axes[2].text(0.5, 0.5, "non-private:\nε = ∞", ha="center", va="center", fontsize=14,
-                     transform=axes[2].transAxes)
+        axes[2].text(
+            0.5, 0.5, "non-private:\nε = ∞", ha="center", va="center", fontsize=14, transform=axes[2].transAxes
+        )
         axes[2].set_title("ε")
         axes[2].axis("off")
     title = f"dpft {summary['method']} · {summary['model']} · {summary['dataset']}"

@@ -13,7 +13,14 @@
 
 from .cli import add_cli_parser, run_cli
 from .harness import MODES, SCORES, AuditResult, one_run_audit
-from .stats import Claim, clopper_pearson, epsilon_lower_bound, one_run_p_value, perfect_guess_ceiling, threshold_lower_bound
+from .stats import (
+    Claim,
+    clopper_pearson,
+    epsilon_lower_bound,
+    one_run_p_value,
+    perfect_guess_ceiling,
+    threshold_lower_bound,
+)
 from .trials import TRIAL_TASKS, DistinguishingResult, distinguishing_audit
 
 __all__ = [

@@ -31,8 +31,9 @@ def add_cli_parser(subparsers: Any) -> Any:
     length.add_argument("--steps", type=int, help="training steps (default 20)")
     length.add_argument("--epochs", type=float, help="epochs (steps = epochs · ceil(N/B))")
     a.add_argument("--batch-size", type=int, default=500, help="expected batch size B (default 500)")
-    a.add_argument("--sample-size", type=int, default=2000,
-                   help="data set size N, canary slots included (default 2000); q = B/N")
+    a.add_argument(
+        "--sample-size", type=int, default=2000, help="data set size N, canary slots included (default 2000); q = B/N"
+    )
     a.add_argument("--delta", type=float, help="δ (default dpft.accounting.default_delta(N))")
     a.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping threshold R (default 1)")
     a.add_argument("--clipping-fn", choices=("abadi", "automatic"), default="abadi")
@@ -41,14 +42,23 @@ def add_cli_parser(subparsers: Any) -> Any:
     a.add_argument("--accountant", choices=("pld", "rdp"), default="pld")
     a.add_argument("--num-canaries", type=int, default=1000, help="m (default 1000)")
     a.add_argument("--confidence", type=float, default=0.95, help="1 - β (default 0.95)")
-    a.add_argument("--guesses", default="auto",
-                   help="'auto' (default), 'wide', or K_IN,K_OUT: canaries guessed in / out")
+    a.add_argument(
+        "--guesses", default="auto", help="'auto' (default), 'wide', or K_IN,K_OUT: canaries guessed in / out"
+    )
     a.add_argument("--score", choices=SCORES, default="llr", help="default llr")
-    a.add_argument("--trials", type=int, default=50_000,
-                   help="distinguishing test: independent trials per world (canary present / absent; "
-                   "default 50000; 0 skips the test)")
-    a.add_argument("--trials-task", choices=("embedding", "bitfit", "full", "sparta"), default="embedding",
-                   help="distinguishing test's canary task (default embedding: cost linear in the trials)")
+    a.add_argument(
+        "--trials",
+        type=int,
+        default=50_000,
+        help="distinguishing test: independent trials per world (canary present / absent; "
+        "default 50000; 0 skips the test)",
+    )
+    a.add_argument(
+        "--trials-task",
+        choices=("embedding", "bitfit", "full", "sparta"),
+        default="embedding",
+        help="distinguishing test's canary task (default embedding: cost linear in the trials)",
+    )
     a.add_argument("--seed", type=int, help="seed everything (default: OS entropy)")
     a.add_argument("--json", action="store_true", help="print the result as one JSON object")
     return a
@@ -65,17 +75,27 @@ def run_cli(ns: Any) -> int:
             k_in, k_out = (int(k) for k in str(guesses).split(","))
             guesses = (k_in, k_out)
         except ValueError:
-            print(f"dpft audit: error: --guesses must be auto, wide or K_IN,K_OUT, got {ns.guesses!r}",
-                  file=sys.stderr)
+            print(f"dpft audit: error: --guesses must be auto, wide or K_IN,K_OUT, got {ns.guesses!r}", file=sys.stderr)
             return 2
     # the configuration both audits run (the engine's arguments, as given)
     try:
-        options = EngineOptions(target_delta=ns.delta, max_grad_norm=ns.max_grad_norm, clipping_fn=ns.clipping_fn,
-                                clipping_style=ns.clipping_style, clipping_mode=ns.clipping_mode,
-                                accountant=ns.accountant)
+        options = EngineOptions(
+            target_delta=ns.delta,
+            max_grad_norm=ns.max_grad_norm,
+            clipping_fn=ns.clipping_fn,
+            clipping_style=ns.clipping_style,
+            clipping_mode=ns.clipping_mode,
+            accountant=ns.accountant,
+        )
         config = dict(
-            target_epsilon=ns.epsilon, noise_multiplier=ns.sigma, steps=ns.steps, epochs=ns.epochs,
-            batch_size=ns.batch_size, sample_size=ns.sample_size, options=options, confidence=ns.confidence,
+            target_epsilon=ns.epsilon,
+            noise_multiplier=ns.sigma,
+            steps=ns.steps,
+            epochs=ns.epochs,
+            batch_size=ns.batch_size,
+            sample_size=ns.sample_size,
+            options=options,
+            confidence=ns.confidence,
             score=ns.score,
         )
         result = one_run_audit(ns.mode, num_canaries=ns.num_canaries, guesses=guesses, seed=ns.seed, **config)

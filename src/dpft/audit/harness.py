@@ -223,16 +223,21 @@ def audit_options(options: EngineOptions | None, engine_options: dict[str, Any])
     fields = set(EngineOptions.__dataclass_fields__)
     unknown = sorted(set(engine_options) - fields)
     if unknown:
-        raise TypeError(f"unexpected keyword argument(s) {', '.join(unknown)}; the engine's options are "
-                        f"{', '.join(sorted(fields))}")
+        raise TypeError(
+            f"unexpected keyword argument(s) {', '.join(unknown)}; the engine's options are {', '.join(sorted(fields))}"
+        )
     if options is not None and engine_options:  # here a keyword is given even at its default value
-        raise ValueError(f"{', '.join(sorted(engine_options))} given both in options= and as keyword arguments; "
-                         "give each option once")
+        raise ValueError(
+            f"{', '.join(sorted(engine_options))} given both in options= and as keyword arguments; "
+            "give each option once"
+        )
     opts = EngineOptions.merge(options, **engine_options)
     for name, value in _AUDIT_FIXED.items():
         if getattr(opts, name) != value:
-            raise ValueError(f"{name}={getattr(opts, name)!r}: the audit sets {name} itself (leave it {value!r}"
-                             + ("; seed= seeds the noise)" if name == "noise_seed" else ")"))
+            raise ValueError(
+                f"{name}={getattr(opts, name)!r}: the audit sets {name} itself (leave it {value!r}"
+                + ("; seed= seeds the noise)" if name == "noise_seed" else ")")
+            )
     return opts
 
 
@@ -387,7 +392,9 @@ def one_run_audit(
     # example j: u_j = coef_j * e_{col_j} (canaries) + (0, ..., 0, G_j) (ordinary examples)
     X = torch.from_numpy(np.concatenate([x_can[included], x_ord]))
     col = torch.from_numpy(np.concatenate([np.flatnonzero(included), np.zeros(n_ord, dtype=np.int64)]))
-    coef = torch.cat([torch.full((n_in,), canary_scale * R, dtype=torch.float64), torch.zeros(n_ord, dtype=torch.float64)])
+    coef = torch.cat(
+        [torch.full((n_in,), canary_scale * R, dtype=torch.float64), torch.zeros(n_ord, dtype=torch.float64)]
+    )
     G = torch.from_numpy(np.concatenate([np.zeros((n_in, _D_ORD)), g_ord]))
 
     def batch_loss(ids: torch.Tensor) -> torch.Tensor:
@@ -493,5 +500,3 @@ def one_run_audit(
         seconds=time.perf_counter() - start,
         planted=_plant,
     )
-
-

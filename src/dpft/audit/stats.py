@@ -310,8 +310,13 @@ def threshold_lower_bound(
         raise ValueError("need at least one threshold")
     a = (1.0 - confidence) / (2 * len(taus))
     best: dict[str, Any] = {
-        "epsilon": 0.0, "threshold": None, "direction": None, "true_positives": None,
-        "false_positives": None, "tpr_lower": None, "fpr_upper": None,
+        "epsilon": 0.0,
+        "threshold": None,
+        "direction": None,
+        "true_positives": None,
+        "false_positives": None,
+        "tpr_lower": None,
+        "fpr_upper": None,
     }
     for tau in taus:
         tp = n_in - int(np.searchsorted(s_in, tau, side="left"))
@@ -323,8 +328,13 @@ def threshold_lower_bound(
                 eps = math.log(num / den)
                 if eps > best["epsilon"]:
                     best = {
-                        "epsilon": eps, "threshold": tau, "direction": direction, "true_positives": tp,
-                        "false_positives": fp, "tpr_lower": tpr_lo, "fpr_upper": fpr_hi,
+                        "epsilon": eps,
+                        "threshold": tau,
+                        "direction": direction,
+                        "true_positives": tp,
+                        "false_positives": fp,
+                        "tpr_lower": tpr_lo,
+                        "fpr_upper": fpr_hi,
                     }
     return best
 

@@ -147,8 +147,10 @@ class DistinguishingResult(Claim):
         verdict = self.verdict()
         at = ""
         if self.threshold is not None:
-            at = (f"; best test: score >= {self.threshold:.4g} ({self.direction}), "
-                  f"TP {self.true_positives}/{self.trials}, FP {self.false_positives}/{self.trials}")
+            at = (
+                f"; best test: score >= {self.threshold:.4g} ({self.direction}), "
+                f"TP {self.true_positives}/{self.trials}, FP {self.false_positives}/{self.trials}"
+            )
         return (
             f"distinguishing audit ({self.task}, {self.score} score, {self.trials} trials per world in "
             f"{self.runs} run(s)): ε >= {self.epsilon_lower_bound:.3f} at {100 * self.confidence:g}% confidence; "
@@ -178,9 +180,7 @@ def _embedding_task(included: np.ndarray, R: float, canary_scale: float, rng: np
     S = included.shape[0]
     n_in = int(included.sum())
     ids = torch.from_numpy(np.concatenate([np.flatnonzero(included), np.full(_N_ORD, S)]))
-    coef = torch.from_numpy(
-        np.concatenate([np.full(n_in, canary_scale * R), _ordinary_coefs(rng, _N_ORD, 1, R)[:, 0]])
-    )
+    coef = torch.from_numpy(np.concatenate([np.full(n_in, canary_scale * R), _ordinary_coefs(rng, _N_ORD, 1, R)[:, 0]]))
     model = nn.Embedding(S + 1, 1).double()
     with torch.no_grad():
         model.weight.zero_()
@@ -195,8 +195,9 @@ def _embedding_task(included: np.ndarray, R: float, canary_scale: float, rng: np
     return _Task(model, loss, position, n_in + _N_ORD)
 
 
-def _linear_task(task: str, included: np.ndarray, R: float, canary_scale: float, rng: np.random.Generator,
-                 gen: torch.Generator) -> _Task:
+def _linear_task(
+    task: str, included: np.ndarray, R: float, canary_scale: float, rng: np.random.Generator, gen: torch.Generator
+) -> _Task:
     from ..methods.bitfit import bitfit
     from ..methods.sparta import restrict
 
@@ -207,8 +208,9 @@ def _linear_task(task: str, included: np.ndarray, R: float, canary_scale: float,
     x_ord = rng.standard_normal((_N_ORD, _D_IN)) / math.sqrt(_D_IN)
     X = torch.from_numpy(np.concatenate([x_can[included], x_ord]))
     col = torch.from_numpy(np.concatenate([np.flatnonzero(included), np.zeros(_N_ORD, dtype=np.int64)]))
-    coef = torch.cat([torch.full((n_in,), canary_scale * R, dtype=torch.float64),
-                      torch.zeros(_N_ORD, dtype=torch.float64)])
+    coef = torch.cat(
+        [torch.full((n_in,), canary_scale * R, dtype=torch.float64), torch.zeros(_N_ORD, dtype=torch.float64)]
+    )
     G = torch.from_numpy(np.concatenate([np.zeros((n_in, _D_ORD)), _ordinary_coefs(rng, _N_ORD, _D_ORD, R)]))
     model = nn.Linear(_D_IN, S + _D_ORD).double()
     with torch.no_grad():
@@ -332,8 +334,12 @@ def distinguishing_audit(
     scores_in: list[np.ndarray] = []
     scores_out: list[np.ndarray] = []
     engine_args = dict(
-        batch_size=batch_size, sample_size=sample_size, steps=steps, epochs=epochs,
-        target_epsilon=target_epsilon, noise_multiplier=noise_multiplier,
+        batch_size=batch_size,
+        sample_size=sample_size,
+        steps=steps,
+        epochs=epochs,
+        target_epsilon=target_epsilon,
+        noise_multiplier=noise_multiplier,
     )
     sigma = q = claimed = delta = None
     T = 0
@@ -345,8 +351,11 @@ def distinguishing_audit(
         included[perm[:k]] = True  # exactly k present, k absent
         rng = np.random.default_rng(s_data)
         gen = torch.Generator().manual_seed(s_data % 2**63)
-        t = _embedding_task(included, R, canary_scale, rng) if task == "embedding" else \
-            _linear_task(task, included, R, canary_scale, rng, gen)
+        t = (
+            _embedding_task(included, R, canary_scale, rng)
+            if task == "embedding"
+            else _linear_task(task, included, R, canary_scale, rng, gen)
+        )
         with _quiet_absl():
             engine = PrivacyEngine(t.model, options=opts.replace(noise_seed=s_noise), **engine_args)
         if sigma is None:  # first run: the engine calibrates; later runs reuse its σ

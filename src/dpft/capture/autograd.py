@@ -174,4 +174,3 @@ class _OpTap(TorchFunctionMode):
         elif func in CONVERSIONS and args and self._is_weight(args[0]) and isinstance(out, Tensor):
             self.aliases.append(out)
         return out
-

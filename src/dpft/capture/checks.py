@@ -100,7 +100,6 @@ def _named(b: Binding, e: Exception) -> Exception:
     )
 
 
-
 class SelfChecks:
     """The refusals and cross-checks of :class:`dpft.capture.Capture` (a mixin)."""
 
@@ -128,8 +127,14 @@ class SelfChecks:
         the first backward passes' forwards; a few examples are probed.
         Returns what is wrong, or ``None``."""
         base = x._base
-        if (base is not None and base.shape[0] == n and base.is_contiguous() and x.is_contiguous()
-                and x.data_ptr() == base.data_ptr() and x.numel() == base.numel()):
+        if (
+            base is not None
+            and base.shape[0] == n
+            and base.is_contiguous()
+            and x.is_contiguous()
+            and x.data_ptr() == base.data_ptr()
+            and x.numel() == base.numel()
+        ):
             return None
         if _saving_hooks_active():
             # a pull-back here would make non-reentrant checkpointing recompute
@@ -149,8 +154,9 @@ class SelfChecks:
                 # reads and the generic path replays, must not move)
                 gen = torch.Generator(device=cot.device)
                 gen.manual_seed(j)
-                cot[j * k : (j + 1) * k] = torch.randn(cot[j * k : (j + 1) * k].shape, generator=gen,
-                                                       dtype=cot.dtype, device=cot.device)
+                cot[j * k : (j + 1) * k] = torch.randn(
+                    cot[j * k : (j + 1) * k].shape, generator=gen, dtype=cot.dtype, device=cot.device
+                )
                 self.enabled = False  # (this pull-back must not reach dpft's own hooks)
                 try:
                     (g,) = torch.autograd.grad(output, anchor, cot, retain_graph=True, allow_unused=True)
@@ -212,8 +218,12 @@ class SelfChecks:
                 )
         for b in {id(b): b for b, _, _ in unverified if b.own}.values():
             calls = [c for x, _, c in unverified if x is b]
-            if (b.fallback or any(c is None for c in calls) or any(self._holders.get(k, 0) > 1 for k in b.keys.values())
-                    or not self._take_over_now(b, kept, outs, n)):
+            if (
+                b.fallback
+                or any(c is None for c in calls)
+                or any(self._holders.get(k, 0) > 1 for k in b.keys.values())
+                or not self._take_over_now(b, kept, outs, n)
+            ):
                 # refused at the end of this backward pass, before any step: there the
                 # generic path's own checks may name a module that mixes examples first
                 self._refusal = self._refusal or b.own

@@ -152,11 +152,12 @@ class Capture(LanePlanning, SelfChecks):
         # the first passes: outputs whose leading dimension equals the batch size, taken
         # as one row per example, to verify at the end of the forward (see _own_rows)
         self._unverified: list[tuple[Binding, Tensor, Any]] = []  # (binding, output, its call)
-        self._kept: dict[int, tuple] = {}  # the first passes: enclosing modules' inputs and outputs (see _take_over_now)
+        self._kept: dict[
+            int, tuple
+        ] = {}  # the first passes: enclosing modules' inputs and outputs (see _take_over_now)
         self._ckpt_now = False  # a hooked layer ran inside a checkpointed region in this forward
         self._ckpt_seen = False  # ... in a forward of the first passes
         self._refusal = ""  # rows found not to be examples, none to take them over (see _own_rows)
-
 
     # -- installation -------------------------------------------------------
     def attach(self) -> None:
@@ -165,8 +166,12 @@ class Capture(LanePlanning, SelfChecks):
         # weights that every one of their modules switches off under book-keeping
         # (a weight also read by the fallback or another rule stays on)
         skips = {
-            id(b): self.book_keeping and b.rule.skip_weight_grad and not b.expand and b.tap is None
-            and not isinstance(b.rule, FallbackRule) and any(k != "bias" for k in b.params)
+            id(b): self.book_keeping
+            and b.rule.skip_weight_grad
+            and not b.expand
+            and b.tap is None
+            and not isinstance(b.rule, FallbackRule)
+            and any(k != "bias" for k in b.params)
             for b in self.bindings
         }
         users: dict[str, list[tuple[Binding, str]]] = {}
@@ -174,7 +179,8 @@ class Capture(LanePlanning, SelfChecks):
             for local, key in b.keys.items():
                 users.setdefault(key, []).append((b, local))
         off_keys = {
-            key for key, us in users.items()
+            key
+            for key, us in users.items()
             if all(skips[id(b)] and local != "bias" and "." not in local for b, local in us)
         }
         self._off_weights = [self._param(k) for k in users if k in off_keys]
@@ -231,8 +237,10 @@ class Capture(LanePlanning, SelfChecks):
         for key, (m, _) in self._watched.items():
             if key not in enclosing:
                 # (before _root_post, which ends the forward's state: a model that is itself a target)
-                self._watch_handles[key] = [m.register_forward_pre_hook(self._anc_pre, with_kwargs=True),
-                                            m.register_forward_hook(self._anc_post, always_call=True)]
+                self._watch_handles[key] = [
+                    m.register_forward_pre_hook(self._anc_pre, with_kwargs=True),
+                    m.register_forward_hook(self._anc_post, always_call=True),
+                ]
         h.append(self.model.register_forward_hook(self._root_post, always_call=True))
         covered = {k for b in self.bindings for k in b.keys.values()}
         self._param_handles = []
@@ -245,7 +253,9 @@ class Capture(LanePlanning, SelfChecks):
                 h.append(m.register_forward_pre_hook(partial(self._batchnorm_pre, name)))
 
     def detach(self) -> None:
-        for h in self._handles + self._param_handles + [h for hs in getattr(self, "_watch_handles", {}).values() for h in hs]:
+        for h in (
+            self._handles + self._param_handles + [h for hs in getattr(self, "_watch_handles", {}).values() for h in hs]
+        ):
             h.remove()
         self._watch_handles = {}
         self._handles = []
@@ -271,7 +281,9 @@ class Capture(LanePlanning, SelfChecks):
 
     def _batchnorm_pre(self, name: str, module: nn.Module, args: tuple) -> None:
         if module.training and self.enabled and torch.is_grad_enabled():
-            raise BatchNormError(f"dpft: module '{name}' ({type(module).__name__}) is in training mode. " + BATCHNORM_MESSAGE)
+            raise BatchNormError(
+                f"dpft: module '{name}' ({type(module).__name__}) is in training mode. " + BATCHNORM_MESSAGE
+            )
 
     def _root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if not self._active():
@@ -281,7 +293,12 @@ class Capture(LanePlanning, SelfChecks):
             raise RuntimeError("dpft: the model's forward got no batched tensor argument; cannot tell the batch size")
         self.batch_size = int(t.shape[0])
         replaced = None
-        if self._passes < self.check_passes and t.is_floating_point() and not t.requires_grad and not self._outside_root:
+        if (
+            self._passes < self.check_passes
+            and t.is_floating_point()
+            and not t.requires_grad
+            and not self._outside_root
+        ):
             # the first passes: the model's input (pixels, features) made a leaf that requires
             # grad, the earliest batch-first tensor to check flattened rows against
             # (MobileViT's patches with frozen layers before them, see _rows_problem)
@@ -293,8 +310,13 @@ class Capture(LanePlanning, SelfChecks):
                 replaced = (tuple(x if a is t else a for a in args), kwargs)
             elif any(v is t for v in kwargs.values()):
                 replaced = (args, {k: x if v is t else v for k, v in kwargs.items()})
-        if (self.book_keeping and self._passes >= self.check_passes and not self._off and not self._outside_root
-                and not self._sharded):
+        if (
+            self.book_keeping
+            and self._passes >= self.check_passes
+            and not self._off
+            and not self._outside_root
+            and not self._sharded
+        ):
             # Book-keeping for the lane (biases, norm weights) and the weights:
             # autograd computes no summed gradient for them (for a bias, a
             # reduction over the whole output gradient; an AccumulateGrad and a
@@ -390,7 +412,12 @@ class Capture(LanePlanning, SelfChecks):
         b.ran += 1
         if self.batch_size is None and not self._outside_root and self._active():
             self._outside_root = True
-        if self._passes < self.check_passes and not self._ckpt_now and self.batch_size is not None and _saving_hooks_active():
+        if (
+            self._passes < self.check_passes
+            and not self._ckpt_now
+            and self.batch_size is not None
+            and _saving_hooks_active()
+        ):
             # (no pull-back through a checkpointed region, in this forward nor, as the
             # check of every forward would cost a call per layer, in a later one: see _own_rows)
             self._ckpt_now = self._ckpt_seen = True
@@ -406,7 +433,13 @@ class Capture(LanePlanning, SelfChecks):
             if isinstance(output, Tensor) and not output.requires_grad and output.is_floating_point():
                 anchor = toggled[0] if toggled else self._leaf(output.device)
                 output = tapped = _Tap.apply(output, anchor)
-        elif b.book_keeping and self.enabled and isinstance(output, Tensor) and output._base is not None and output.requires_grad:
+        elif (
+            b.book_keeping
+            and self.enabled
+            and isinstance(output, Tensor)
+            and output._base is not None
+            and output.requires_grad
+        ):
             # the first backward passes, where book-keeping leaves the weight on
             # (autograd's gradient is the reference of the self-check): a view
             # is copied as it will be once the weight is off, so that an
@@ -424,14 +457,14 @@ class Capture(LanePlanning, SelfChecks):
             if n is not None and not self._batched(b, flat, n, args):
                 self._escalate(b)
                 return None
-            self._fallback_call(b, module, args, (b.kwargs, b.rng, b.autocast), flat,
-                                n if n is not None else flat[0].shape[0])
+            self._fallback_call(
+                b, module, args, (b.kwargs, b.rng, b.autocast), flat, n if n is not None else flat[0].shape[0]
+            )
             b.kwargs, b.rng = {}, None
             return None
         if not isinstance(output, Tensor):
             raise UnsupportedModuleError(
-                f"dpft: module '{b.name}' ({type(module).__name__}) returned {type(output).__name__}, "
-                "expected a tensor"
+                f"dpft: module '{b.name}' ({type(module).__name__}) returned {type(output).__name__}, expected a tensor"
             )
         if not output.requires_grad:
             return None
@@ -447,9 +480,12 @@ class Capture(LanePlanning, SelfChecks):
             if lead == 1:
                 if id(b) in self._batch_first_now and not isinstance(b.rule, EmbeddingRule):
                     self._mixed_use(b)
-                if (not isinstance(b.rule, EmbeddingRule) and self.batch_size is not None
-                        and not any(self._holders.get(k, 0) > 1 for k in b.keys.values())
-                        and self._escalate(b, strict=False)):
+                if (
+                    not isinstance(b.rule, EmbeddingRule)
+                    and self.batch_size is not None
+                    and not any(self._holders.get(k, 0) > 1 for k in b.keys.values())
+                    and self._escalate(b, strict=False)
+                ):
                     # a layer applied to a tensor shared by the batch (DeBERTa's
                     # pos_key_proj on the relative position embeddings): the model's
                     # code may combine its output with shape-dependent operations
@@ -475,8 +511,11 @@ class Capture(LanePlanning, SelfChecks):
                     b.reason = problem
                     # (a layer with lane parameters not inside an activation-checkpointed
                     # region: its recomputation would save what this forward did not)
-                    if (self.batch_size is not None and not (b.lane and _saving_hooks_active())
-                            and self._escalate(b, strict=False)):
+                    if (
+                        self.batch_size is not None
+                        and not (b.lane and _saving_hooks_active())
+                        and self._escalate(b, strict=False)
+                    ):
                         return replaced  # (an enclosing module's recomputation takes these parameters)
                     raise UnsupportedModuleError(problem)
                 if self.batch_size is not None:
@@ -520,8 +559,13 @@ class Capture(LanePlanning, SelfChecks):
                 ckpt = True
         if ckpt and b.early:
             call.saved["ckpt"] = True
-        elif (b.early and self.book_keeping and args and isinstance(args[0], Tensor)
-                and (output.shape, output.dtype) not in b.early_by_shape):
+        elif (
+            b.early
+            and self.book_keeping
+            and args
+            and isinstance(args[0], Tensor)
+            and (output.shape, output.dtype) not in b.early_by_shape
+        ):
             # counted only while this layer's choice for this shape is open (it
             # is made once, in the backward hook); an id is unique while the
             # input lives, and the saved call keeps it alive
@@ -584,7 +628,6 @@ class Capture(LanePlanning, SelfChecks):
         self._fallback_call(b, module, args, state, flat, n if n is not None else flat[0].shape[0])
         return None
 
-
     def _fallback_call(self, b: Binding, module: nn.Module, args: tuple, state: tuple, flat: list, n: int) -> None:
         """A generic-path call of ``module``: keep its inputs (and the RNG and
         autocast state its forward saw) and hook every output that needs a gradient."""
@@ -609,8 +652,14 @@ class Capture(LanePlanning, SelfChecks):
         flat_rows = [t for t in outs if t.shape[dim] != n]
         if flat_rows:
             if b.verdict is None:  # verified the first time, the verdict kept (see _post)
-                b.verdict = next((p for t in flat_rows if (p := self._rows_problem(b, t, t, n) if dim == 0
-                                                            else "batch dim not first")), "")
+                b.verdict = next(
+                    (
+                        p
+                        for t in flat_rows
+                        if (p := self._rows_problem(b, t, t, n) if dim == 0 else "batch dim not first")
+                    ),
+                    "",
+                )
                 if b.verdict and self._checked_by_recomputation(b, args, n, dim):
                     # the first passes' recomputation pulls each example's rows back to
                     # that batch-first argument and refuses rows that reach another example
@@ -635,8 +684,9 @@ class Capture(LanePlanning, SelfChecks):
         if not isinstance(rule, FallbackRule) or self._passes >= self.check_passes or self.batch_size is None:
             return False
         k = len(args) if rule.data_args is None else rule.data_args
-        return any(isinstance(a, Tensor) and a.is_floating_point() and a.ndim > dim and a.shape[dim] == n
-                   for a in args[:k])
+        return any(
+            isinstance(a, Tensor) and a.is_floating_point() and a.ndim > dim and a.shape[dim] == n for a in args[:k]
+        )
 
     def _escalate(self, b: Binding, strict: bool = True) -> bool:
         """``b``'s module returned no per-example output (a relative position
@@ -654,7 +704,8 @@ class Capture(LanePlanning, SelfChecks):
             if b.reason:
                 raise UnsupportedModuleError(
                     b.reason + " (Nor does any module enclosing it return a per-example output it could be "
-                    "recomputed for.)")
+                    "recomputed for.)"
+                )
             raise UnsupportedModuleError(
                 f"dpft: module '{b.name}' ({type(b.module).__name__}) returned no per-example output and no "
                 "enclosing module can be recomputed for it; freeze its parameters."
@@ -691,7 +742,12 @@ class Capture(LanePlanning, SelfChecks):
         esc = self._escalated.get((id(module), frozenset(keys)))
         if esc is None:
             esc = self._escalated[(id(module), frozenset(keys))] = Binding(
-                module, name or type(module).__name__, ESCALATED, frozenset(keys), keys, fallback=True,
+                module,
+                name or type(module).__name__,
+                ESCALATED,
+                frozenset(keys),
+                keys,
+                fallback=True,
                 slow=frozenset(keys),
             )
         flat = _flat_tensors(output)
@@ -703,7 +759,6 @@ class Capture(LanePlanning, SelfChecks):
             self._escalate(esc)
             return
         self._fallback_call(esc, module, stash[0], stash[2], flat, n)  # type: ignore[arg-type]
-
 
     def _take_over_now(self, b: Binding, kept: dict[int, tuple], outs: list[Tensor], n: int) -> bool:
         """``b``'s rows turned out not to be examples, at the end of a first
@@ -719,15 +774,19 @@ class Capture(LanePlanning, SelfChecks):
                 stash, out = got
                 flat = _flat_tensors(out)
                 live = [t for t in flat if t is not None and t.requires_grad]
-                if (live and all(t.ndim > 0 and t.shape[0] == n for t in live)
-                        and not self._reach_others(live, outs, n)):
+                if live and all(t.ndim > 0 and t.shape[0] == n for t in live) and not self._reach_others(live, outs, n):
                     local = {id(x): (k + "." if k else "") for k, x in m.named_modules()}
                     keys = {local[id(b.module)] + k: key for k, key in b.keys.items()}
                     esc = self._escalated.get((id(m), frozenset(keys)))
                     if esc is None:
                         esc = self._escalated[(id(m), frozenset(keys))] = Binding(
-                            m, self._names[id(m)] or type(m).__name__, ESCALATED, frozenset(keys), keys,
-                            fallback=True, slow=frozenset(keys),
+                            m,
+                            self._names[id(m)] or type(m).__name__,
+                            ESCALATED,
+                            frozenset(keys),
+                            keys,
+                            fallback=True,
+                            slow=frozenset(keys),
                         )
                     esc.own = ""
                     b.above = id(m)
@@ -763,7 +822,8 @@ class Capture(LanePlanning, SelfChecks):
         if call.batch_size == 0:
             raise ValueError(
                 "dpft: backward() of a batch with 0 examples; an empty Poisson batch has no "
-                "forward/backward: call engine.record_empty_batch() instead, then optimizer.step()")
+                "forward/backward: call engine.record_empty_batch() instead, then optimizer.step()"
+            )
         try:
             packed = call.saved.pop("packed", None)
             if packed is not None:  # recomputed by checkpoint (or brought back by the hooks)
@@ -788,7 +848,9 @@ class Capture(LanePlanning, SelfChecks):
                 if not views:
                     views = self._new_lane(n)
                 elif self._lane_buf.shape[0] != n:  # type: ignore[union-attr]
-                    raise RuntimeError(f"dpft: one backward pass mixed batches of sizes {self._lane_buf.shape[0]} and {n}")  # type: ignore[union-attr]
+                    raise RuntimeError(
+                        f"dpft: one backward pass mixed batches of sizes {self._lane_buf.shape[0]} and {n}"
+                    )  # type: ignore[union-attr]
                 seen = self._lane_seen
                 eager_into = b.rule.eager_into
                 for local, key, index in lane:
@@ -813,7 +875,6 @@ class Capture(LanePlanning, SelfChecks):
             v if len(shape) == 1 else v.view(n, *shape) for v, shape in zip(views, self._lane_shapes)
         )
         return self._lane_views
-
 
     def _instantiate_early(self, b: Binding, call: Call, key: tuple) -> None:
         """Build the weight's per-example gradient now if the norm will be taken
@@ -863,7 +924,6 @@ class Capture(LanePlanning, SelfChecks):
             return x.numel() // max(1, x.shape[0]) if isinstance(x, Tensor) and x.ndim else 0
         return 0
 
-
     def _on_fallback_grad(self, b: Binding, call: Call, index: int, grad: Tensor) -> None:
         if not self.enabled:
             return
@@ -890,7 +950,6 @@ class Capture(LanePlanning, SelfChecks):
         if self.enabled:
             p.grad = None
         self._queue()
-
 
     def _queue(self) -> None:
         if not self._queued:
@@ -982,5 +1041,3 @@ class Capture(LanePlanning, SelfChecks):
         self.sink(out, n, (self.lane_keys, lane) if lane is not None else None)
         if got is not None:  # (after the sink: the lane's layout may change)
             self._unused_back(got)
-
-

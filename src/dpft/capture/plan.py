@@ -68,7 +68,9 @@ class Binding:
     kwargs: dict = field(default_factory=dict)
     fallback: bool = False
     needs_save: bool = True
-    lane: list[tuple[str, str, int, int, tuple[int, ...]]] = field(default_factory=list)  # (local, key, offset, numel, shape)
+    lane: list[tuple[str, str, int, int, tuple[int, ...]]] = field(
+        default_factory=list
+    )  # (local, key, offset, numel, shape)
     slow: frozenset[str] = frozenset()  # params handed to the sink as contributions
     early: frozenset[str] = frozenset()  # weights that may be instantiated in the backward hook
     early_by_shape: dict = field(default_factory=dict)  # (output-gradient shape, dtype) -> instantiated early?
@@ -125,7 +127,9 @@ def plan_model(model: nn.Module) -> tuple[list[Binding], dict[str, str]]:
             continue
         label = mname or type(module).__name__
         if isinstance(module, _BatchNorm):
-            raise BatchNormError(f"dpft: module '{label}' ({type(module).__name__}) has trainable parameters. " + BATCHNORM_MESSAGE)
+            raise BatchNormError(
+                f"dpft: module '{label}' ({type(module).__name__}) has trainable parameters. " + BATCHNORM_MESSAGE
+            )
         if isinstance(module, nn.Embedding):
             check_embedding(module, label)
         expand = False
@@ -152,7 +156,6 @@ def plan_model(model: nn.Module) -> tuple[list[Binding], dict[str, str]]:
             tap = parent if parent is not None and BUILTIN.get(parent) is rule else None
             bindings.append(Binding(module, label, rule, frozenset(params), keys, tap=tap))
     return bindings, owner
-
 
 
 class LanePlanning:
@@ -244,8 +247,15 @@ class LanePlanning:
         children = self._watched[id(module)][1]
         # (a module holding a parameter that other hooked modules also hold, e.g. T5's
         # ``shared`` tied to ``embed_tokens`` and ``lm_head``, is an alias: their hooks see the uses)
-        idle = [c for c, r in zip(children, snap) if c.ran == r and not c.absorbed and not c.unused and c in self.bindings
-                and not any(self._holders.get(k, 0) > 1 for k in c.keys.values())]
+        idle = [
+            c
+            for c, r in zip(children, snap)
+            if c.ran == r
+            and not c.absorbed
+            and not c.unused
+            and c in self.bindings
+            and not any(self._holders.get(k, 0) > 1 for k in c.keys.values())
+        ]
         if not idle:
             return
         for c in idle:
@@ -315,9 +325,12 @@ class LanePlanning:
             if b.fallback:
                 why = b.rule.why
                 if type(b.rule) is FallbackRule:
-                    why = ("parameters held directly by a module with children (layer scale, class token, "
-                           "position table, SSM parameter)" if any(True for _ in b.module.children())
-                           else "a module type without a fast rule, or a weight it does not pass to its operator")
+                    why = (
+                        "parameters held directly by a module with children (layer scale, class token, "
+                        "position table, SSM parameter)"
+                        if any(True for _ in b.module.children())
+                        else "a module type without a fast rule, or a weight it does not pass to its operator"
+                    )
                 for local, key in b.keys.items():
                     out[key] = f"module '{b.name}' ({type(b.module).__name__}): {why}"
         for esc in self._escalated.values():

@@ -430,7 +430,9 @@ class ClippedSum:
     ) -> Tensor:
         """``(B, K)`` per-group squared norms from per-column ``(B,)`` parts."""
         if not parts:
-            return sq_cols if sq_cols is not None else torch.zeros(batch_size, self.num_groups, dtype=dtype, device=device)
+            return (
+                sq_cols if sq_cols is not None else torch.zeros(batch_size, self.num_groups, dtype=dtype, device=device)
+            )
         columns = torch.stack(parts, dim=1) if len(parts) > 1 else parts[0].unsqueeze(1)
         if self.num_groups == 1:
             sq = columns.sum(1, keepdim=True) if len(parts) > 1 else columns

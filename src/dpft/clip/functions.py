@@ -49,7 +49,9 @@ def make_groups(
             for n in names:
                 by_module.setdefault(owner[n], []).append(n)
             return list(by_module.values())
-        raise ValueError(f"clipping_style must be one of {CLIPPING_STYLES} or a list of lists of parameter names, got {style!r}")
+        raise ValueError(
+            f"clipping_style must be one of {CLIPPING_STYLES} or a list of lists of parameter names, got {style!r}"
+        )
     groups = [list(g) for g in style]
     seen: dict[str, int] = {}
     for gi, g in enumerate(groups):

@@ -40,14 +40,16 @@ from torch import Tensor
 
 from . import tuning
 
+
 @functools.cache
 def _kernel():  # pragma: no cover - needs a CUDA device and Triton
     import triton
     import triton.language as tl
 
     @triton.jit
-    def ghost_tiles(a_ptr, g_ptr, i_ptr, j_ptr, out_ptr, T, D, P, sab, sat, sgb, sgt, n_pairs,
-                    BT: tl.constexpr, BK: tl.constexpr):
+    def ghost_tiles(
+        a_ptr, g_ptr, i_ptr, j_ptr, out_ptr, T, D, P, sab, sat, sgb, sgt, n_pairs, BT: tl.constexpr, BK: tl.constexpr
+    ):
         pair = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         i = tl.load(i_ptr + pair)
@@ -173,9 +175,23 @@ def ghost_sq_norm(left: Tensor, right: Tensor) -> Tensor | None:
     try:
         with torch.cuda.device(left.device) if here else contextlib.nullcontext():
             _kernel()[(n_pairs, n)](
-                left, right, rows, cols, out, t, d, p,
-                left.stride(0), left.stride(1), right.stride(0), right.stride(1), n_pairs,
-                BT=tuning.BLOCK_T, BK=tuning.BLOCK_K, num_warps=tuning.WARPS, num_stages=tuning.STAGES,
+                left,
+                right,
+                rows,
+                cols,
+                out,
+                t,
+                d,
+                p,
+                left.stride(0),
+                left.stride(1),
+                right.stride(0),
+                right.stride(1),
+                n_pairs,
+                BT=tuning.BLOCK_T,
+                BK=tuning.BLOCK_K,
+                num_warps=tuning.WARPS,
+                num_stages=tuning.STAGES,
             )
     except torch.OutOfMemoryError:
         raise

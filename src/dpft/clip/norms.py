@@ -239,10 +239,7 @@ def sq_norm(
     use_ghost = (
         len(factored) == len(contribs)
         and mode != "instantiate"
-        and (
-            mode == "ghost"
-            or (mode == "mixed" and prefer_ghost(factored))
-        )
+        and (mode == "ghost" or (mode == "mixed" and prefer_ghost(factored)))
     )
     if use_ghost:
         c0 = factored[0]

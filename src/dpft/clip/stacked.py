@@ -22,8 +22,10 @@ from . import ghost_kernel, tuning
 from .norms import HALF, bmm_acc, is_plain, prefer_ghost, scale_thinner
 from ..rules.base import Contribution, Factored
 
+
 def _chunk_bytes(c: Factored) -> int:
     return tuning.CHUNK_BYTES * (2 if c.left.dtype in HALF else 1)  # type: ignore[union-attr]
+
 
 def _stack(factors: list[Tensor], rows: int) -> Tensor:
     """``P`` factors ``(B, T, 1, k)`` -> ``(P, B, rows, k)``, one copy; the

@@ -140,7 +140,9 @@ class UserClippedSum(ClippedSum):
                 f"dpft: engine.set_units got {len(units)} user ids for a backward pass over {batch_size} examples"
             )
         if self._final:
-            raise RuntimeError("dpft: a backward() after the step's clipped sums were taken; call step() or zero_grad() first")
+            raise RuntimeError(
+                "dpft: a backward() after the step's clipped sums were taken; call step() or zero_grad() first"
+            )
         if not contributions and lane is None:
             return
         with full_fp32(), torch.no_grad():

@@ -46,8 +46,13 @@ class BitFitNames(list[str]):
     config_flags: dict[str, bool]
     skipped: list[str]
 
-    def __init__(self, names: Iterable[str] = (), added: Iterable[str] = (),
-                 config_flags: dict[str, bool] | None = None, skipped: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        names: Iterable[str] = (),
+        added: Iterable[str] = (),
+        config_flags: dict[str, bool] | None = None,
+        skipped: Iterable[str] = (),
+    ) -> None:
         super().__init__(names)
         self.added = list(added)
         self.config_flags = dict(config_flags or {})
@@ -118,8 +123,10 @@ def bitfit(
         if add_biases == "config":
             flags, layers = _config_flags_for(model, eligible, exact=False)
             if not flags:
-                raise ValueError(f"bitfit(add_biases='config'): {type(model).__name__} has no config flag that "
-                                 "declares biases for its Linear/Conv layers; use add_biases='auto' or True")
+                raise ValueError(
+                    f"bitfit(add_biases='config'): {type(model).__name__} has no config flag that "
+                    "declares biases for its Linear/Conv layers; use add_biases='auto' or True"
+                )
             skipped += [f"{n} (no config flag declares its bias)" for n in eligible if n not in layers]
             eligible = layers
         if add_biases in (True, "config") or (add_biases == "auto" and not has_bias):
@@ -138,8 +145,11 @@ def bitfit(
         if train:
             names.append(name)
     if not names:
-        _say(log, f"dpft.bitfit: {type(model).__name__} has no parameter to train (no bias terms, "
-                  "no Linear/Conv layer to add one to, nothing named in extra)")
+        _say(
+            log,
+            f"dpft.bitfit: {type(model).__name__} has no parameter to train (no bias terms, "
+            "no Linear/Conv layer to add one to, nothing named in extra)",
+        )
     return BitFitNames(names, added, flags, skipped)
 
 
@@ -280,14 +290,21 @@ def _config_flags_for(model: nn.Module, layers: list[str], *, exact: bool) -> tu
 
 def _added_message(model: nn.Module, added: list[str], flags: dict[str, bool], skipped: list[str]) -> str:
     kind = type(model).__name__
-    msg = (f"dpft.bitfit: {kind} had no bias terms; added {len(added)} zero-initialised biases to its "
-           f"Linear/Conv layers (outputs unchanged at initialisation), e.g. {added[0]}")
+    msg = (
+        f"dpft.bitfit: {kind} had no bias terms; added {len(added)} zero-initialised biases to its "
+        f"Linear/Conv layers (outputs unchanged at initialisation), e.g. {added[0]}"
+    )
     if skipped:
         msg += f"; left {len(skipped)} without: " + ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
     if flags:
-        msg += ("; set " + ", ".join(f"config.{k}=True" for k in flags)
-                + " so that save_pretrained/from_pretrained rebuild them")
+        msg += (
+            "; set "
+            + ", ".join(f"config.{k}=True" for k in flags)
+            + " so that save_pretrained/from_pretrained rebuild them"
+        )
     elif hasattr(model, "config"):
-        msg += ("; no config flag declares them: to load the fine-tuned biases into a fresh model, "
-                "call dpft.bitfit(model) on it before load_state_dict")
+        msg += (
+            "; no config flag declares them: to load the fine-tuned biases into a fresh model, "
+            "call dpft.bitfit(model) on it before load_state_dict"
+        )
     return msg

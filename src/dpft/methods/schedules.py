@@ -60,10 +60,16 @@ class TwoPhase:
         self.batch_size = batch_size
         self.sample_size = sample_size
         self.bitfit_extra = tuple(bitfit_extra)
-        opts, self.engine_kwargs = split_options(options, dict(engine_kwargs, target_delta=target_delta,
-                                                                accountant=accountant))
-        self.plan = PhasePlan(batch_size=batch_size, sample_size=sample_size, target_epsilon=target_epsilon,
-                              steps={"phase1": self.steps[0], "phase2": self.steps[1]}, options=opts)
+        opts, self.engine_kwargs = split_options(
+            options, dict(engine_kwargs, target_delta=target_delta, accountant=accountant)
+        )
+        self.plan = PhasePlan(
+            batch_size=batch_size,
+            sample_size=sample_size,
+            target_epsilon=target_epsilon,
+            steps={"phase1": self.steps[0], "phase2": self.steps[1]},
+            options=opts,
+        )
         self.target_epsilon = self.plan.target_epsilon
         self.target_delta, self.accountant = self.plan.target_delta, self.plan.accountant
         self.noise_multiplier = self.plan.noise_multiplier

@@ -91,8 +91,16 @@ def unrestrict(model: nn.Module) -> None:
 #: ``Adafactor`` (column statistics), ``Muon`` (orthogonalization),
 #: ``SparseAdam`` (sparse gradients).  Add your own elementwise classes.
 ROW_SEPARABLE: set[type[torch.optim.Optimizer]] = {
-    torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam,
-    torch.optim.RAdam, torch.optim.Adagrad, torch.optim.RMSprop, torch.optim.ASGD, torch.optim.Rprop,
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.Adagrad,
+    torch.optim.RMSprop,
+    torch.optim.ASGD,
+    torch.optim.Rprop,
     torch.optim.Adadelta,
 }
 
@@ -163,11 +171,13 @@ class RowCompact(torch.optim.Optimizer):
         self._dpft_pull()
         wrapped = None
         if closure is not None:
+
             def wrapped() -> Any:
                 with torch.enable_grad():
                     loss = closure()
                 self._dpft_pull()  # the closure's backward filled the full-size gradients
                 return loss
+
         out = super().step(wrapped)
         with torch.no_grad():
             for t in self._dpft_twins.values():
@@ -424,11 +434,18 @@ class Sparta:
         }
         self.batch_size, self.sample_size = batch_size, sample_size
         self.density, self.squared, self.global_selection = density, squared, global_selection
-        opts, self.engine_kwargs = split_options(options, dict(engine_kwargs, target_delta=target_delta,
-                                                                accountant=accountant))
+        opts, self.engine_kwargs = split_options(
+            options, dict(engine_kwargs, target_delta=target_delta, accountant=accountant)
+        )
         # σ calibrated once for exactly the planned steps (no scoring steps with a public selection)
-        self.plan = PhasePlan(batch_size=batch_size, sample_size=sample_size, steps=self.steps,
-                              target_epsilon=target_epsilon, options=opts, noise_multiplier=noise_multiplier)
+        self.plan = PhasePlan(
+            batch_size=batch_size,
+            sample_size=sample_size,
+            steps=self.steps,
+            target_epsilon=target_epsilon,
+            options=opts,
+            noise_multiplier=noise_multiplier,
+        )
         self.target_epsilon = self.plan.target_epsilon
         self.target_delta, self.accountant = self.plan.target_delta, self.plan.accountant
         self.calibrated = self.plan.calibrated

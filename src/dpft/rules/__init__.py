@@ -16,7 +16,14 @@ from torch import nn
 from .base import Call, Contribution, Direct, Factored, Rule
 from .conv import CONV_TRANSPOSE_TYPES, CONV_TYPES, ConvRule, ConvTransposeRule
 from .embedding import EmbeddingRule
-from .fallback import EnclosingRule, FallbackRule, MultiheadAttentionRule, ParametrizedRule, RoutedExpertsRule, is_moe_block
+from .fallback import (
+    EnclosingRule,
+    FallbackRule,
+    MultiheadAttentionRule,
+    ParametrizedRule,
+    RoutedExpertsRule,
+    is_moe_block,
+)
 from .linear import HFConv1DRule, LinearRule, is_hf_conv1d
 from .norm import INSTANCE_NORM_TYPES, GroupNormRule, InstanceNormRule, LayerNormRule, RMSNormRule, is_hf_rmsnorm
 

@@ -249,12 +249,7 @@ class Rule:
         """Keep what backward needs (called in the forward hook)."""
         if self.needs_input(module, params):
             x = args[0]
-            if (
-                self.casts_input
-                and isinstance(output, Tensor)
-                and output.dtype in HALF
-                and x.dtype == torch.float32
-            ):
+            if self.casts_input and isinstance(output, Tensor) and output.dtype in HALF and x.dtype == torch.float32:
                 # keep the half-precision value the layer actually multiplied
                 # (autocast rounds the input the same way): half the memory,
                 # and the per-example products run on half-precision kernels

@@ -34,11 +34,7 @@ class EmbeddingRule(Rule):
         if m.padding_idx is not None:
             # the padding row never receives gradient
             b = b * (ids != m.padding_idx).unsqueeze(-1).to(b.dtype)
-        return {
-            "weight": Factored(
-                ids=ids, num_rows=m.num_embeddings, right=b.unsqueeze(2), shape=m.weight.shape
-            )
-        }
+        return {"weight": Factored(ids=ids, num_rows=m.num_embeddings, right=b.unsqueeze(2), shape=m.weight.shape)}
 
 
 def check_embedding(module: nn.Embedding, name: str) -> None:

@@ -79,7 +79,9 @@ class FallbackRule(Rule):
             if isinstance(a, Tensor):
                 call.track(a)
 
-    def on_grad(self, call: Call, grad: Tensor, params: frozenset[str]) -> None:  # pragma: no cover - grads set by capture
+    def on_grad(
+        self, call: Call, grad: Tensor, params: frozenset[str]
+    ) -> None:  # pragma: no cover - grads set by capture
         raise AssertionError
 
     def contributions(self, call: Call, params: frozenset[str]) -> dict[str, Contribution]:
@@ -107,8 +109,9 @@ class FallbackRule(Rule):
             memo.verify(module, names, plist, call, used, result, n, bdim, amp)
         return {k: Direct(g) for k, g in zip(names, result)}
 
-    def _pulled_back(self, call: Call, names: list[str], plist: list[Tensor], n: int, bdim: int, amp: Any,
-                     check: str | None) -> tuple[list[Tensor], tuple[int, ...] | None]:
+    def _pulled_back(
+        self, call: Call, names: list[str], plist: list[Tensor], n: int, bdim: int, amp: Any, check: str | None
+    ) -> tuple[list[Tensor], tuple[int, ...] | None]:
         """The reference computation, exact for any module that keeps examples
         apart: the module's forward recomputed on the whole batch (the RNG
         state it saw, so identical dropout masks), then one example's output
@@ -167,14 +170,20 @@ class FallbackRule(Rule):
                 shape = [len(idx)] + [g.shape[bdim] if d == bdim else 1 for d in range(g.ndim)]
                 cots.append(g.unsqueeze(0) * onehot.view(shape))
             gs = torch.autograd.grad(
-                [o for o, _ in pairs], plist + [t for t, _ in probes], grad_outputs=cots,
-                is_grads_batched=True, retain_graph=True, allow_unused=True,
+                [o for o, _ in pairs],
+                plist + [t for t, _ in probes],
+                grad_outputs=cots,
+                is_grads_batched=True,
+                retain_graph=True,
+                allow_unused=True,
             )
             if probes:
-                _check_apart(gs[len(plist):], probes, idx, n, check, module)
+                _check_apart(gs[len(plist) :], probes, idx, n, check, module)
                 gs = gs[: len(plist)]
             for i, (gk, p) in enumerate(zip(gs, plist)):
-                parts[i].append(gk if gk is not None else torch.zeros(len(idx), *p.shape, dtype=p.dtype, device=p.device))
+                parts[i].append(
+                    gk if gk is not None else torch.zeros(len(idx), *p.shape, dtype=p.dtype, device=p.device)
+                )
         return [torch.cat(v) for v in parts], used
 
 
@@ -195,8 +204,18 @@ class _Memo:
         #: the outputs whose gradients it reads (positions in the flattened output)
         self.used: tuple[int, ...] | None = None
 
-    def verify(self, module: nn.Module, names: list[str], plist: list[Tensor], call: Call,
-               used: tuple[int, ...] | None, reference: list[Tensor], n: int, bdim: int, amp: Any) -> None:
+    def verify(
+        self,
+        module: nn.Module,
+        names: list[str],
+        plist: list[Tensor],
+        call: Call,
+        used: tuple[int, ...] | None,
+        reference: list[Tensor],
+        n: int,
+        bdim: int,
+        amp: Any,
+    ) -> None:
         """Run the faster computations beside the reference (a first pass) and
         keep one only if it agrees with the reference on every example and
         parameter (in every first pass)."""
@@ -263,8 +282,9 @@ class _Layout:
         return self
 
 
-def _vectorized(module: nn.Module, names: list[str], plist: list[Tensor], call: Call, layout: _Layout,
-                n: int, bdim: int) -> list[Tensor]:
+def _vectorized(
+    module: nn.Module, names: list[str], plist: list[Tensor], call: Call, layout: _Layout, n: int, bdim: int
+) -> list[Tensor]:
     """Per-example gradients of ``names`` from one vectorized pass:
     ``torch.func.vmap`` over the examples of a vector-Jacobian product of the
     module's forward on one example's rows (its inputs' and output
@@ -299,8 +319,9 @@ def _vectorized(module: nn.Module, names: list[str], plist: list[Tensor], call: 
         return list(vmap(one, randomness="error")(batched, cotangents))
 
 
-def _looped(module: nn.Module, names: list[str], plist: list[Tensor], call: Call, layout: _Layout,
-            n: int, bdim: int) -> list[Tensor] | None:
+def _looped(
+    module: nn.Module, names: list[str], plist: list[Tensor], call: Call, layout: _Layout, n: int, bdim: int
+) -> list[Tensor] | None:
     """Per-example gradients of ``names`` from the module's forward on one
     example's rows at a time and one backward each: for forwards that
     :func:`_vectorized` cannot batch (data-dependent shapes, e.g. tokens
@@ -320,10 +341,16 @@ def _looped(module: nn.Module, names: list[str], plist: list[Tensor], call: Call
             outs = _flat_tensors(module.forward(*args, **kwargs))
             if i == 0 and _rng_moved(before, dev):
                 return None
-            pairs = [(outs[j], g.narrow(bdim, i * rows, rows)) for j, g in zip(layout.used, grads)
-                     if outs[j] is not None and outs[j].requires_grad]
-            got = torch.autograd.grad([o for o, _ in pairs], plist, [g for _, g in pairs], allow_unused=True) \
-                if pairs else [None] * len(plist)
+            pairs = [
+                (outs[j], g.narrow(bdim, i * rows, rows))
+                for j, g in zip(layout.used, grads)
+                if outs[j] is not None and outs[j].requires_grad
+            ]
+            got = (
+                torch.autograd.grad([o for o, _ in pairs], plist, [g for _, g in pairs], allow_unused=True)
+                if pairs
+                else [None] * len(plist)
+            )
             for k, (g, p) in enumerate(zip(got, plist)):
                 parts[k].append(torch.zeros_like(p) if g is None else g)
     return [torch.stack(v) for v in parts]
@@ -339,8 +366,9 @@ def _rng_moved(state: tuple, dev: torch.device | None) -> bool:
 FAST = {"vmap": lambda *a: _vectorized(*a), "loop": lambda *a: _looped(*a)}
 
 
-def _vectorized_call(module: nn.Module, names: list[str], plist: list[Tensor], call: Call, memo: _Memo,
-                     n: int, bdim: int, amp: Any) -> list[Tensor] | None:
+def _vectorized_call(
+    module: nn.Module, names: list[str], plist: list[Tensor], call: Call, memo: _Memo, n: int, bdim: int, amp: Any
+) -> list[Tensor] | None:
     """The vectorized computation for a call laid out as one the first passes
     verified, else ``None`` (the caller takes the reference path)."""
     if memo.used is None:
@@ -429,8 +457,10 @@ def _external(pairs: list[tuple[Tensor, Tensor]], inputs: list[Tensor]) -> list[
     nodes = [o.grad_fn for o, _ in pairs]
     # downstream[j]: the outputs whose graph reaches output j's node (through other outputs or not)
     reach = [_nodes_above(n, stop) for n in nodes]
-    downstream = [[k for k in range(len(pairs)) if k != j and nodes[j] is not None and nodes[j] in reach[k]]
-                  for j in range(len(pairs))]
+    downstream = [
+        [k for k in range(len(pairs)) if k != j and nodes[j] is not None and nodes[j] in reach[k]]
+        for j in range(len(pairs))
+    ]
     if not any(downstream):
         return pairs
     ext: dict[int, Tensor] = {}
@@ -443,8 +473,9 @@ def _external(pairs: list[tuple[Tensor, Tensor]], inputs: list[Tensor]) -> list[
             o, g = pairs[j]
             ks = downstream[j]
             if ks:
-                internal = torch.autograd.grad([pairs[k][0] for k in ks], o, [ext[k] for k in ks],
-                                               retain_graph=True, allow_unused=True)[0]
+                internal = torch.autograd.grad(
+                    [pairs[k][0] for k in ks], o, [ext[k] for k in ks], retain_graph=True, allow_unused=True
+                )[0]
                 if internal is not None:
                     g = g - internal
             ext[j] = g
@@ -452,7 +483,9 @@ def _external(pairs: list[tuple[Tensor, Tensor]], inputs: list[Tensor]) -> list[
     return [(o, ext[j]) for j, (o, _) in enumerate(pairs)]
 
 
-def _check_apart(grads: Any, probes: list[tuple[Tensor, int]], idx: Tensor, n: int, name: str, module: nn.Module) -> None:
+def _check_apart(
+    grads: Any, probes: list[tuple[Tensor, int]], idx: Tensor, n: int, name: str, module: nn.Module
+) -> None:
     """Raise if pulling back example ``i``'s output gradient reaches another
     example's input: the module mixes examples (batch statistics, a mean over
     the batch, attention across it), so no per-example gradient has bounded

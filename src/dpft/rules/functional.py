@@ -151,4 +151,3 @@ def overriding_parent(module: nn.Module) -> type | None:
         if parent in OPS_OF:
             return parent if cls.forward is not parent.forward else None
     return None
-

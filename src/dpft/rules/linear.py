@@ -72,6 +72,4 @@ class HFConv1DRule(LinearRule):
 
 def is_hf_conv1d(module: nn.Module) -> bool:
     """transformers' ``Conv1D`` (or a subclass), recognized without importing transformers."""
-    return any(
-        c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in type(module).__mro__
-    )
+    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in type(module).__mro__)

@@ -103,7 +103,7 @@ class LayerNormRule(_AffineNormRule):
 
     def rows_ok(self, module: nn.Module, x: Tensor) -> bool:
         shape = tuple(module.normalized_shape)
-        return x.ndim > len(shape) and tuple(x.shape[-len(shape):]) == shape
+        return x.ndim > len(shape) and tuple(x.shape[-len(shape) :]) == shape
 
     def reduce_dims(self, call: Call, grad: Tensor) -> tuple[int, ...]:
         shape = tuple(call.module.normalized_shape)
@@ -137,8 +137,9 @@ def _ones(size: int, like: Tensor) -> Tensor:
     key = (like.dtype, like.device)
     ones = _ONES.get(key)
     if ones is None or ones.numel() < size:
-        ones = _ONES[key] = torch.ones(max(size, 2 * (0 if ones is None else ones.numel())), dtype=like.dtype,
-                                       device=like.device)
+        ones = _ONES[key] = torch.ones(
+            max(size, 2 * (0 if ones is None else ones.numel())), dtype=like.dtype, device=like.device
+        )
     return ones[:size]
 
 
@@ -166,9 +167,14 @@ class GroupNormRule(_AffineNormRule):
     def pair(self, call: Call, grad: Tensor) -> tuple[Tensor, Tensor] | None:
         mean, rstd = call.saved["moments"]
         x = call.saved.get("input")
-        if (x is None or x.shape != grad.shape or x.dtype != grad.dtype or x.ndim < 3
-                or grad.dtype not in (torch.float32, torch.float64)
-                or not (x.is_contiguous() and grad.is_contiguous())):
+        if (
+            x is None
+            or x.shape != grad.shape
+            or x.dtype != grad.dtype
+            or x.ndim < 3
+            or grad.dtype not in (torch.float32, torch.float64)
+            or not (x.is_contiguous() and grad.is_contiguous())
+        ):
             return None
         n, c = grad.shape[:2]
         groups = call.module.num_groups

@@ -17,5 +17,6 @@ def select_biases(model: Any, *, head: list[str], notes: list[str] | None = None
 
 # Text defaults (Adam): 3 epochs at batch 512 and 128 tokens on a GPU, the CPU job smaller
 # (dpft.app.config); the new head wants a larger step than the biases.
-BITFIT = register(Method(name="bitfit", trains="biases + the classification head", select=select_biases,
-                         lr=3e-3, head_lr=1e-2))
+BITFIT = register(
+    Method(name="bitfit", trains="biases + the classification head", select=select_biases, lr=3e-3, head_lr=1e-2)
+)

@@ -29,6 +29,15 @@ def select_all(model: Any, **_: Any) -> Any:
 # (0.69 → ~1.2) for the first ~15-20 steps. At R/√2 ≈ 2.8 the head's gradients are mostly
 # unclipped (cross-entropy's own weighting) and the loss falls from the first steps; the body's
 # gradients are clipped either way, so its signal-to-noise ratio under Adam does not change.
-FULL = register(Method(name="full", trains="every parameter", select=select_all,
-                       lr=1.5e-3, lr_cpu=1e-4, head_lr_cpu=1e-2, clipping_style="separate-head",
-                       max_grad_norm_cpu=4.0))
+FULL = register(
+    Method(
+        name="full",
+        trains="every parameter",
+        select=select_all,
+        lr=1.5e-3,
+        lr_cpu=1e-4,
+        head_lr_cpu=1e-2,
+        clipping_style="separate-head",
+        max_grad_norm_cpu=4.0,
+    )
+)

@@ -7,5 +7,13 @@ from ..registry import Method, register
 from .bitfit import select_biases
 
 # Weight rows below the head train, so the head is clipped as its own group (see full.py).
-SPARTA = register(Method(name="sparta", trains="biases + the head, then selected weight rows",
-                         select=select_biases, lr=1e-3, head_lr=1e-2, clipping_style="separate-head"))
+SPARTA = register(
+    Method(
+        name="sparta",
+        trains="biases + the head, then selected weight rows",
+        select=select_biases,
+        lr=1e-3,
+        head_lr=1e-2,
+        clipping_style="separate-head",
+    )
+)
