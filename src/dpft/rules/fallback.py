@@ -6,10 +6,14 @@ vector-Jacobian product, ``is_grads_batched``).
 It keeps the module's inputs until the end of the backward pass and costs a
 recomputation plus one backward per example through the part of the module
 that leads to those parameters, so it is slower and heavier than the
-dedicated rules, but exact.  Where the first passes find that a vectorized
-pass (``torch.func.vmap`` over the examples of the module's forward and a
-vector-Jacobian product) gives the same per-example gradients, later steps
-use that instead: one recomputation and one backward, not one per example.  It is used for ``nn.MultiheadAttention`` (whose
+dedicated rules, but exact.  Where the first passes find that a faster
+computation gives the same per-example gradients, later steps use it
+instead: a vectorized pass (``torch.func.vmap`` over the examples of the
+module's forward and a vector-Jacobian product: one recomputation and one
+backward, not one per example), else the forward on one example at a time
+(for forwards vmap cannot batch); see :class:`_Memo`.
+
+It is used for ``nn.MultiheadAttention`` (whose
 ``out_proj`` is applied functionally, so no module hook would see it), leaf
 modules of unknown types, parameters held directly by a container module
 (layer scale, class embeddings, relative position tables, SSM parameters:
