@@ -31,7 +31,7 @@ warm-up steps (where the engine's first passes run its self-check).
 ``torch.optim.SGD(fused=True)`` for every variant.  Development tool;
 published numbers come from ``benchmarks.speed``.
 
-Variants that try other tuning values (``rule0``, ``chunk512``, ``unaligned``,
+Variants that try other tuning values (``grouped``, ``rule0``, ``chunk512``, ``unaligned``,
 ``nofused``) name them under ``tuning``: they run inside
 ``dpft.clip.tuning.override(**tuning)``, the one switch for those values
 (:mod:`dpft.clip.tuning` lists every one and where it was measured).  The
@@ -61,7 +61,6 @@ _ORIG_HOOK = dpft.capture.hooks._add_grad_hook
 _ORIG_FLAG = dpft.clip.clipped_sum.ClippedSum.nonfinite_now
 _CONV = dpft.rules.conv.ConvFactored
 _ORIG_CONV = (_CONV.per_example, _CONV.weighted)
-_ORIG_GROUPED = _CONV.grouped_per_example
 
 
 def _sync_flag(self) -> bool:
@@ -74,7 +73,7 @@ def _no_flag(self) -> bool:
 
 VARIANTS = {
     "new": dict(sync=False, hook=True, conv=True),
-    "grouped": dict(sync=False, hook=True, conv=True, grouped=True),
+    "grouped": dict(sync=False, hook=True, conv=True, tuning={"GROUPED_CONV": True}),
     "sync": dict(sync=True, hook=True, conv=True),
     "nocheck": dict(sync="off", hook=True, conv=True),
     "unfold": dict(sync=False, hook=True, conv=False),
@@ -103,13 +102,12 @@ def variant(v: dict):
     flag = {True: _sync_flag, False: _ORIG_FLAG, "off": _no_flag}[v["sync"]]
     dpft.clip.clipped_sum.ClippedSum.nonfinite_now = flag
     dpft.capture.hooks._add_grad_hook = _ORIG_HOOK if v["hook"] else (lambda t, fn: t.register_hook(fn))
-    _CONV.grouped_per_example = v.get("grouped", False)
     patch = {tuple(k.rsplit(".", 1)): value for k, value in v.get("patch", {}).items()}
     saved = {(mod, attr): getattr(_owner(mod), attr) for mod, attr in patch}
     for (mod, attr), value in patch.items():
         setattr(_owner(mod), attr, value)
     if not v["conv"]:
-        _CONV.per_example = lambda self, dtype: None
+        _CONV.per_example = lambda self, dtype, grouped=False: None
         _CONV.weighted = lambda self, weights, dtype: None
     try:
         with tuning.override(**v.get("tuning", {})):
@@ -118,7 +116,6 @@ def variant(v: dict):
         dpft.clip.clipped_sum.ClippedSum.nonfinite_now = _ORIG_FLAG
         dpft.capture.hooks._add_grad_hook = _ORIG_HOOK
         _CONV.per_example, _CONV.weighted = _ORIG_CONV
-        _CONV.grouped_per_example = _ORIG_GROUPED
         for (mod, attr), value in saved.items():
             setattr(_owner(mod), attr, value)
 

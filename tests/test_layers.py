@@ -103,10 +103,9 @@ def test_conv_weight_gradient_kernel_paths(name):
     if direct is not None:
         assert rel(direct, want) < 1e-10
     c = ConvFactored(conv, x, g, n)
-    c.grouped_per_example = True  # the batch-in-groups kernel path (off by default)
     w = torch.rand(n, dtype=torch.float64)
     wv = w.view(-1, *([1] * conv.weight.ndim))
-    assert rel(c.per_example(torch.float64), want) < 1e-10
+    assert rel(c.per_example(torch.float64, grouped=True), want) < 1e-10  # batch-in-groups kernel
     assert rel(c.weighted(w, torch.float64), (wv * want).sum(0)) < 1e-10
     generic = Factored(right=c.right, shape=c.shape, left=c.left)
     assert rel(dpft.clip.norms.instantiate(generic, torch.float64), want) < 1e-10
@@ -114,9 +113,8 @@ def test_conv_weight_gradient_kernel_paths(name):
     if conv.groups == 1:
         idx = torch.tensor([conv.out_channels - 1, 0, 2])
         sel = c.select_rows(idx)
-        sel.grouped_per_example = True
         assert tuple(sel.shape) == (3, *conv.weight.shape[1:])
-        assert rel(sel.per_example(torch.float64), want[:, idx]) < 1e-10
+        assert rel(sel.per_example(torch.float64, grouped=True), want[:, idx]) < 1e-10
         assert rel(sel.weighted(w, torch.float64), (wv * want[:, idx]).sum(0)) < 1e-10
         assert rel(dpft.clip.norms.ghost_sq_norm([sel], torch.float64), want[:, idx].flatten(1).pow(2).sum(1)) < 1e-10
         # the default (unfolded) path on the selected rows, and after a release

@@ -90,3 +90,34 @@ def test_no_copies_and_no_timings_in_code_comments():
         assert "from .tuning import" not in text, path
         if path.name != "tuning.py":
             assert not timing.search(text), f"{path.name}: a hardware timing belongs in dpft/clip/tuning.py"
+
+
+def test_grouped_conv_switch_reaches_the_convolution_rule():
+    """``GROUPED_CONV`` is read by the clipping stage and handed to the
+    convolution rule: both kernels give the brute-force per-example gradient,
+    and the switch picks which one runs."""
+    from dpft.rules.conv import ConvFactored
+
+    g = torch.Generator().manual_seed(1)
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1).double()
+    x = torch.randn(3, 3, 6, 6, generator=g, dtype=torch.float64)
+    out_grad = torch.randn(3, 4, 6, 6, generator=g, dtype=torch.float64)
+    want = torch.stack([torch.autograd.grad(conv(x[i : i + 1]), conv.weight, out_grad[i : i + 1])[0] for i in range(3)])
+    seen = []
+    real = ConvFactored._wgrad
+
+    def spy(self, *a):
+        seen.append(1)
+        return real(self, *a)
+
+    ConvFactored._wgrad = spy
+    try:
+        plain = norms.instantiate(ConvFactored(conv, x, out_grad, 3), torch.float64)
+        assert not seen  # shipped: the unfolded input, no weight-gradient kernel
+        with tuning.override(GROUPED_CONV=True):
+            grouped = norms.instantiate(ConvFactored(conv, x, out_grad, 3), torch.float64)
+        assert seen
+    finally:
+        ConvFactored._wgrad = real
+    for got in (plain, grouped):
+        assert float((got - want).norm() / want.norm()) < 1e-10

@@ -33,7 +33,7 @@ def instantiate(c: Contribution, dtype: torch.dtype) -> Tensor:
     """The per-example gradient ``(B, *shape)`` of one contribution."""
     if isinstance(c, Direct):
         return c.grad.to(dtype)
-    fast = c.per_example(dtype)
+    fast = c.per_example(dtype, grouped=tuning.GROUPED_CONV)
     if fast is not None:
         return fast
     n, _, groups, cols = c.right.shape

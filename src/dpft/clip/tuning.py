@@ -73,6 +73,13 @@ NARROW_COLUMNS = 2048
 #: the kernel's tile of positions, slice of columns per step, warps and pipeline stages
 BLOCK_T, BLOCK_K, WARPS, STAGES = 64, 32, 4, 4
 
+# -- convolutions (dpft.rules.conv, read by dpft.clip.norms) ------------------
+
+#: per-example convolution weight gradients from the weight-gradient kernel
+#: with the batch folded into the groups, instead of the unfolded input times
+#: the output gradient
+GROUPED_CONV = False
+
 # -- noise (dpft.clip.noise) ---------------------------------------------------
 
 #: largest number of noise values :meth:`dpft.clip.noise.GaussianNoise.add_`
@@ -117,6 +124,10 @@ MEASURED: dict[str, str] = {
     "BLOCK_K": "H100 over ViT / RoBERTa / GPT-2 shapes (benchmarks/ghost_probe.py)",
     "WARPS": "H100 over ViT / RoBERTa / GPT-2 shapes (benchmarks/ghost_probe.py)",
     "STAGES": "H100 over ViT / RoBERTa / GPT-2 shapes (benchmarks/ghost_probe.py)",
+    "GROUPED_CONV": (
+        "H100, ResNet50-GN, B = 32: cuDNN's grouped weight gradient was slower than unfold + batched "
+        "matrix product (benchmarks/ab_step.py, variant grouped)"
+    ),
     "NOISE_CHUNK": "a memory bound (64 MiB of float32 noise at once), no timing",
 }
 

@@ -100,8 +100,9 @@ class Factored:
 
     # Optional faster paths of a layer (see ``rules.conv.ConvFactored``); ``None``
     # means "use the generic matrix products on ``left`` / ``right``".
-    def per_example(self, dtype: torch.dtype) -> Tensor | None:
-        """The instantiated per-example gradient ``(B, *shape)``, or ``None``."""
+    def per_example(self, dtype: torch.dtype, grouped: bool = False) -> Tensor | None:
+        """The instantiated per-example gradient ``(B, *shape)``, or ``None``.
+        ``grouped``: a layer with a batch-in-groups kernel may use it."""
         return None
 
     def weighted(self, weights: Tensor, dtype: torch.dtype) -> Tensor | None:

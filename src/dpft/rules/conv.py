@@ -168,20 +168,17 @@ class ConvFactored(Factored):
                 g, x, weight, None, list(stride), padding, list(dil), False, [0] * nd, groups, (False, True, False)
             )[1]
 
-    #: per-example gradients from the weight-gradient kernel with the batch
-    #: folded into the groups (no unfolded input at all); off by default:
-    #: cuDNN's grouped weight gradient was slower on an H100 than unfold +
-    #: batched matrix product (ResNet50-GN, B = 32), see docs/benchmarks.md
-    grouped_per_example = False
-
     def release(self) -> None:
         self._factors = None
 
     def sum_needs_factors(self, dtype: torch.dtype) -> bool:
         return not self._fast(dtype)
 
-    def per_example(self, dtype: torch.dtype) -> Tensor | None:
-        if not (self.grouped_per_example and self._fast(dtype)):
+    def per_example(self, dtype: torch.dtype, grouped: bool = False) -> Tensor | None:
+        """``grouped``: from the weight-gradient kernel with the batch folded
+        into the groups (no unfolded input at all); the clipping stage passes
+        ``dpft.clip.tuning.GROUPED_CONV``."""
+        if not (grouped and self._fast(dtype)):
             return self._per_example_direct(dtype)
         n, x, g = self.n, self.x, self._grad()
         # the batch folded into the groups: example i's channels form groups i*G .. (i+1)*G
