@@ -328,12 +328,20 @@ class SelfChecks:
             err = float((mine.proj - want.proj).norm()) / math.sqrt(CHECK_PROJECTIONS)
             scale = float(want.norm)
             if err > 3 * tol * scale + 1e-6 * (1 + float(mine.norm)):
+                cpu_half = (half or want.half) and want.proj.device.type == "cpu"
                 raise UnsupportedModuleError(
                     f"dpft: the per-example gradients of parameter '{key}' (module '{self.owner.get(key, '?')}'), "
                     f"summed over the examples, differ from autograd's gradient by about {err:.3g} (relative "
                     f"{err / max(scale, 1e-30):.3g}): the parameter is also used outside the module "
                     "dpft hooks for it, or that module computes something its per-example rule does not model. "
                     "Its per-example gradient would be wrong. Freeze it, or route every use through the module."
+                    + (
+                        " On a CPU in half precision autograd's own gradient can be this far off: PyTorch's CPU "
+                        "LayerNorm backward sums its weight and bias gradients in bfloat16, which loses most "
+                        "digits where the output gradient cancels (e.g. timm's Swin). Train in float32 on a CPU."
+                        if cpu_half
+                        else ""
+                    )
                 )
 
     def _refuse(self) -> None:
