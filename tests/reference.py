@@ -243,12 +243,15 @@ def check_steps(
     batch_size: int = 6,
     mode: str = "auto",
     tol: float = 1e-6,
+    ref: nn.Module | None = None,
 ) -> None:
     """:func:`steps_exact` for a layer-zoo model (examples from ``make``,
     batched by ``collate``); the threshold clips some of the first step's
-    examples and not others."""
+    examples and not others.  ``ref``: the model the brute force runs on
+    (default: a copy of ``model``; e.g. the same model without reentrant
+    checkpointing, through which ``torch.autograd.grad`` cannot go)."""
     model = model.double()
-    ref = copy.deepcopy(model)
+    ref = copy.deepcopy(model) if ref is None else ref.double()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     first = [make() for _ in range(batch_size)]
     R = pick_threshold(per_example_grads(ref, names, [to_double(collate([e])) for e in first], loss_fn))

@@ -9,6 +9,8 @@ per-example loop) or refused with a dpft message: never silently wrong."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -234,3 +236,120 @@ def test_batch_size_meets_the_table_length_only_after_the_first_passes(mode):
 
     # (the loss is a mean over the physical batch; the engine and the reference both divide by the expected size)
     steps_exact(model, ref, batches(), _loss, batch_size=B + 1, R=R, mode=mode).detach()
+
+
+class _Checkpointed(nn.Module):
+    """``inner`` run as one activation-checkpointed segment after a first
+    layer (so that the segment's input requires grad, as reentrant
+    checkpointing needs)."""
+
+    def __init__(self, inner: nn.Module, reentrant: bool) -> None:
+        super().__init__()
+        self.pre = nn.Linear(D, D)
+        self.inner = inner
+        self.reentrant = reentrant
+
+    def forward(self, x: Tensor) -> Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.inner, self.pre(x), use_reentrant=self.reentrant)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("build", [SharedTable, SequenceFirst], ids=["shared-table", "sequence-first"])
+def test_rows_inside_a_checkpointed_segment_are_checked(build, reentrant):
+    """The same layers inside an activation-checkpointed segment: a
+    non-reentrant segment is recomputed by the check's own pull-back (its
+    forward hooks run as in the backward pass's recomputation); a reentrant
+    segment, whose forward ran without gradients, is checked when it is
+    recomputed, against the segment's inputs.  Exact or refused, never a
+    wrong step (both were silently wrong before)."""
+    torch.manual_seed(0)
+    model = _Checkpointed(build(), reentrant)
+    ref = _Checkpointed(copy.deepcopy(model.inner), False)
+    ref.load_state_dict(model.state_dict())
+    ref = ref.double()
+    try:
+        check_steps(model, _make, _collate, _loss, steps=3, batch_size=B, ref=ref)
+    except UnsupportedModuleError as e:
+        assert str(e).startswith("dpft:") and ("proj" in str(e) or "mid" in str(e)), str(e)
+        if reentrant:
+            assert "reentrant" in str(e)
+
+
+def _t5_case(target: int, source: int):
+    g = torch.Generator().manual_seed(1)
+
+    def make():
+        ids = torch.randint(3, Z.V, (source,), generator=g)
+        labels = torch.randint(3, Z.V, (target,), generator=g)
+        dec = torch.cat([torch.zeros(1, dtype=torch.long), labels[:-1]])
+        return {"input_ids": ids, "decoder_input_ids": dec, "labels": labels}
+
+    def collate(examples):
+        return {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
+
+    return make, collate, lambda m, batch: Z.seq2seq_loss(m, batch)
+
+
+@pytest.mark.parametrize("target", [B, B + 1])
+def test_t5_under_non_reentrant_checkpointing_with_target_length_equal_to_the_batch_size(target):
+    """Hugging Face's gradient checkpointing (non-reentrant, its default): the
+    relative attention bias's rows are checked through the checkpointed
+    blocks and taken over by the enclosing module where they are not
+    examples: exact (silently wrong before, 0.75 % relative error)."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = _t5()
+    ref = copy.deepcopy(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    make, collate, loss = _t5_case(target, Z.T)
+    check_steps(model, make, collate, loss, steps=3, batch_size=B, ref=ref)
+
+
+def test_t5_under_reentrant_checkpointing_with_every_length_equal_to_the_batch_size_is_refused():
+    """Reentrant checkpointing with source and target lengths both equal to
+    the batch size: the bias's rows, first seen in a recomputation, depend on
+    no example; refused by name (silently wrong before)."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = _t5()
+    ref = copy.deepcopy(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.enable_input_require_grads()
+    make, collate, loss = _t5_case(B, B)
+    with pytest.raises(UnsupportedModuleError, match="relative_attention_bias.*reentrant"):
+        check_steps(model, make, collate, loss, steps=2, batch_size=B, ref=ref)
+
+
+def test_a_model_returning_only_its_loss_is_warned_once():
+    """Without a batch-first output nothing can be pulled back from the
+    examples' outputs: the rows check cannot run, and dpft says so (once)."""
+    import warnings
+
+    import dpft
+    from dpft.capture.checks import UncheckedRowsWarning
+
+    class LossOnly(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = SequenceFirst()
+
+        def forward(self, x: Tensor, y: Tensor) -> Tensor:
+            return F.cross_entropy(self.net(x), y)
+
+    torch.manual_seed(0)
+    model = LossOnly()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = dpft.PrivacyEngine(model, batch_size=B, sample_size=100, steps=10, noise_multiplier=1.0)
+        opt = engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = _collate([_make() for _ in range(B)])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            model(x, y).backward()
+            opt.step()
+            opt.zero_grad()
+    unchecked = [w for w in seen if issubclass(w.category, UncheckedRowsWarning)]
+    assert len(unchecked) == 1 and "return loss, logits" in str(unchecked[0].message)

@@ -10,8 +10,11 @@ mixin of :class:`dpft.capture.Capture`: they read the capture's state.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +62,11 @@ class _Print:
     half: bool
 
 
+class UncheckedRowsWarning(UserWarning):
+    """The model's output holds no batch-first tensor: the check that each
+    layer's rows are examples cannot run (see ``SelfChecks._own_rows``)."""
+
+
 def _model_tensors(output: Any) -> list[Tensor]:
     """The tensors of a model's output: those :func:`_flat_tensors` finds,
     and the tensor attributes of a plain object holding them."""
@@ -88,6 +96,27 @@ def _fingerprint(g: Tensor, key: str) -> _Print:
         r = torch.randn(CHECK_PROJECTIONS, part.numel(), generator=gen, dtype=torch.float32, device=flat.device)
         proj += r.double() @ part
     return _Print(proj, torch.linalg.vector_norm(flat, dtype=torch.float64), g.dtype in HALF)
+
+
+def _batch_first_leaves(output: Tensor, n: int) -> list[Tensor]:
+    """The leaves of ``output``'s graph that require grad and are not
+    parameters, with ``n`` rows: in a recomputation by reentrant
+    checkpointing, the segment's inputs (detached from the rest of the graph)."""
+    found: dict[int, Tensor] = {}
+    seen: set[int] = set()
+    stack = [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        leaf = getattr(node, "variable", None)
+        if isinstance(leaf, Tensor):
+            if not isinstance(leaf, torch.nn.Parameter) and leaf.ndim > 0 and leaf.shape[0] == n:
+                found[id(leaf)] = leaf
+            continue
+        stack.extend(f for f, _ in node.next_functions)
+    return list(found.values())
 
 
 def _named(b: Binding, e: Exception) -> Exception:
@@ -157,11 +186,8 @@ class SelfChecks:
                 cot[j * k : (j + 1) * k] = torch.randn(
                     cot[j * k : (j + 1) * k].shape, generator=gen, dtype=cot.dtype, device=cot.device
                 )
-                self.enabled = False  # (this pull-back must not reach dpft's own hooks)
-                try:
+                with self._probing():  # (this pull-back must not reach dpft's own grad hooks)
                     (g,) = torch.autograd.grad(output, anchor, cot, retain_graph=True, allow_unused=True)
-                finally:
-                    self.enabled = True
                 if g is None:
                     break  # this anchor is not upstream of the layer: try an earlier one
                 reached = g.detach().reshape(n, -1).ne(0).any(dim=1)
@@ -202,6 +228,16 @@ class SelfChecks:
         n = next((t.shape[0] for _, t, _ in unverified), 0)
         outs = [t for t in outs if t.shape[0] == n]
         kept, self._kept = self._kept, {}
+        if not outs and n >= 2 and not self._warned_unchecked:
+            self._warned_unchecked = True
+            warnings.warn(
+                "dpft: the model's forward returned no tensor with one row per example (only a scalar loss?), "
+                "so dpft cannot check that each layer's rows are examples: a table shared by the batch or a "
+                "sequence-first layer whose length equals the batch size would get wrong per-example gradients. "
+                "Return the per-example outputs as well (e.g. `return loss, logits`).",
+                UncheckedRowsWarning,
+                stacklevel=2,
+            )
         if not outs or n < 2 or _no_pull_back(outs):
             return False
         wrong = self._reach_others([t for _, t, _ in unverified], outs, n)
@@ -221,6 +257,9 @@ class SelfChecks:
             if (
                 b.fallback
                 or any(c is None for c in calls)
+                # (a layer inside a non-reentrant checkpointed segment: its inputs went to
+                # checkpoint's saved-tensor hooks, and the recomputation must save the same)
+                or any("packed" in c.saved for c in calls)
                 or any(self._holders.get(k, 0) > 1 for k in b.keys.values())
                 or not self._take_over_now(b, kept, outs, n)
             ):
@@ -234,6 +273,19 @@ class SelfChecks:
             if b.own is None:
                 b.own = ""
         return True
+
+    @contextlib.contextmanager
+    def _probing(self) -> Iterator[None]:
+        """A pull-back of dpft's own: its grad hooks do nothing (``enabled``
+        off), while a non-reentrant checkpointed region that it recomputes runs
+        the forward hooks as the backward pass's recomputation does (the same
+        tensors saved, which checkpoint checks), leaving no trace."""
+        state = self.enabled, self._probe, self._outside_root
+        self.enabled, self._probe = False, True
+        try:
+            yield
+        finally:
+            self.enabled, self._probe, self._outside_root = state
 
     def _reach_others(self, inputs: list[Tensor], outs: list[Tensor], n: int) -> dict[int, int]:
         """Pull random gradients on the rows of a set ``S`` of examples of
@@ -256,11 +308,8 @@ class SelfChecks:
                     gen.manual_seed(1000 * bit + 10 * side + i)
                     cot = torch.randn(o.shape, generator=gen, dtype=o.dtype, device=o.device)
                     cots.append(cot * rows.to(o.device).view(n, *[1] * (o.ndim - 1)))
-                self.enabled = False  # (this pull-back must not reach dpft's own hooks)
-                try:
+                with self._probing():  # (this pull-back must not reach dpft's own grad hooks)
                     grads = torch.autograd.grad(outs, inputs, cots, retain_graph=True, allow_unused=True)
-                finally:
-                    self.enabled = True
                 for t, g in zip(inputs, grads):
                     if g is None or id(t) in wrong:
                         continue
@@ -270,6 +319,47 @@ class SelfChecks:
                     if bool(hit.any()):
                         wrong[id(t)] = int(hit.nonzero()[0, 0])
         return wrong
+
+    def _recomputed_rows_problem(self, b: Binding, output: Tensor, n: int) -> str:
+        """A layer first seen in a recomputation by reentrant checkpointing
+        (the forward ran without gradients): its output, ``n`` rows for a
+        batch of ``n``, cannot be pulled back from the model's outputs.  It is
+        checked against the recomputed segment's batch-first inputs instead:
+        row ``j`` must depend on example ``j`` of them and on no other (a
+        table shared by the batch depends on none, a sequence-first layer on
+        all).  Returns the refusal, or "" when the rows are examples."""
+        leaves = _batch_first_leaves(output, n)
+        if not leaves:
+            return self._not_examples(b, n, "its rows depend on no example's input")
+        reached: Tensor | None = None
+        for bit in range(max(1, (n - 1).bit_length())):
+            for side in (1, 0):
+                rows = torch.tensor([(i >> bit) & 1 == side for i in range(n)], device=output.device)
+                gen = torch.Generator(device=output.device)
+                gen.manual_seed(7919 * bit + side)
+                cot = torch.randn(output.shape, generator=gen, dtype=output.dtype, device=output.device)
+                cot = cot * rows.view(n, *[1] * (output.ndim - 1))
+                with self._probing():
+                    grads = torch.autograd.grad(output, leaves, cot, retain_graph=True, allow_unused=True)
+                for g in grads:
+                    if g is None:
+                        continue
+                    hit = (g.ne(0) & g.isfinite()).reshape(n, -1).any(1)
+                    reached = hit & rows if reached is None else reached | (hit & rows)
+                    if bool((hit & ~rows).any()):
+                        return self._not_examples(b, n, "its rows depend on other examples than their own")
+        if reached is None or not bool(reached.all()):
+            return self._not_examples(b, n, "some of its rows depend on no example's input")
+        return ""
+
+    def _not_examples(self, b: Binding, n: int, why: str) -> str:
+        return (
+            f"dpft: module '{b.name}' ({type(b.module).__name__}) returned {n} rows for a batch of {n} examples "
+            f"in a recomputation by reentrant activation checkpointing, but {why} (a table shared by the batch, "
+            "a sequence-first layout, or rows whose count happens to equal the batch size); inside a reentrant "
+            "region dpft cannot take them over. Use non-reentrant checkpointing (use_reentrant=False, "
+            "Hugging Face's default), a batch size that differs from that length, or freeze this module."
+        )
 
     def _check_expand(self, b: Binding, grad: Tensor) -> None:
         """A parameter held by a container is expanded over the batch during

@@ -105,6 +105,13 @@ class Capture(LanePlanning, SelfChecks):
                 b.inner = [c for c in self.bindings if id(c.module) in inside and not c.expand]
         self.batch_size: int | None = None
         self.enabled = True
+        # a pull-back of the rows check (dpft.capture.checks) is running: the grad
+        # hooks are off (``enabled`` False) but a checkpointed region it recomputes
+        # runs the forward hooks as the backward pass's recomputation would, so that
+        # checkpoint sees the same tensors saved as in the forward
+        self._probe = False
+        self._last_batch: int | None = None  # the batch size of the last forward of the model
+        self._warned_unchecked = False  # UncheckedRowsWarning given (a model returning no batch-first tensor)
         self._received: list[tuple[Binding, Call]] = []
         self._queued = False
         self._handles: list[Any] = []
@@ -155,8 +162,6 @@ class Capture(LanePlanning, SelfChecks):
         self._kept: dict[
             int, tuple
         ] = {}  # the first passes: enclosing modules' inputs and outputs (see _take_over_now)
-        self._ckpt_now = False  # a hooked layer ran inside a checkpointed region in this forward
-        self._ckpt_seen = False  # ... in a forward of the first passes
         self._refusal = ""  # rows found not to be examples, none to take them over (see _own_rows)
 
     # -- installation -------------------------------------------------------
@@ -277,7 +282,7 @@ class Capture(LanePlanning, SelfChecks):
 
     # -- forward hooks ------------------------------------------------------
     def _active(self) -> bool:
-        return self.enabled and torch.is_grad_enabled()
+        return (self.enabled or self._probe) and torch.is_grad_enabled()
 
     def _batchnorm_pre(self, name: str, module: nn.Module, args: tuple) -> None:
         if module.training and self.enabled and torch.is_grad_enabled():
@@ -291,7 +296,7 @@ class Capture(LanePlanning, SelfChecks):
         t = _first_tensor(args, kwargs)
         if t is None or t.ndim == 0:
             raise RuntimeError("dpft: the model's forward got no batched tensor argument; cannot tell the batch size")
-        self.batch_size = int(t.shape[0])
+        self.batch_size = self._last_batch = int(t.shape[0])
         replaced = None
         if (
             self._passes < self.check_passes
@@ -338,9 +343,8 @@ class Capture(LanePlanning, SelfChecks):
         self.batch_size = None
         self._anchors.clear()
         unverified, self._unverified = self._unverified, []
-        ckpt, self._ckpt_now = self._ckpt_now, False
         if unverified and self._active():
-            probe = not ckpt and not self._outside_root and (self._passes < self.check_passes or not self._ckpt_seen)
+            probe = not self._outside_root
             if not (probe and self._own_rows(unverified, output)) and self._passes >= self.check_passes:
                 # (not verifiable in this model's forwards: not tried again at every step)
                 for b, _, _ in unverified:
@@ -412,20 +416,12 @@ class Capture(LanePlanning, SelfChecks):
         b.ran += 1
         if self.batch_size is None and not self._outside_root and self._active():
             self._outside_root = True
-        if (
-            self._passes < self.check_passes
-            and not self._ckpt_now
-            and self.batch_size is not None
-            and _saving_hooks_active()
-        ):
-            # (no pull-back through a checkpointed region, in this forward nor, as the
-            # check of every forward would cost a call per layer, in a later one: see _own_rows)
-            self._ckpt_now = self._ckpt_seen = True
         tapped: Any = None
         toggled = b.toggled
         # (not while the engine computes contributions: a generic-path module
         # recomputed then, vectorized or not, needs no tap)
-        if toggled or (self._off and b.off and self.enabled):
+        on = self.enabled or self._probe
+        if toggled or (self._off and b.off and on):
             if toggled:
                 for p in toggled:
                     p.requires_grad_(True)
@@ -435,7 +431,7 @@ class Capture(LanePlanning, SelfChecks):
                 output = tapped = _Tap.apply(output, anchor)
         elif (
             b.book_keeping
-            and self.enabled
+            and on
             and isinstance(output, Tensor)
             and output._base is not None
             and output.requires_grad
@@ -445,7 +441,7 @@ class Capture(LanePlanning, SelfChecks):
             # is copied as it will be once the weight is off, so that an
             # in-place change after the layer (``h.tanh_()``) works alike
             output = tapped = _Tap.apply(output, self._leaf(output.device))
-        if not (self.enabled and torch.is_grad_enabled()):
+        if not (on and torch.is_grad_enabled()):
             return tapped
         n = self.batch_size
         if b.fallback:
@@ -470,9 +466,20 @@ class Capture(LanePlanning, SelfChecks):
             return None
         lead = output.shape[0]
         if n is None:
-            # (a recomputation under activation checkpointing: no root forward
-            # around it; a layer seen with examples' rows flattened keeps its factor)
-            n = lead // b.rows if b.rows and lead % b.rows == 0 else lead
+            # (no root forward around this call.  A recomputation by reentrant
+            # checkpointing, in the backward pass: the examples are those of the
+            # last forward, and a layer whose leading dimension differs is refused
+            # as in a forward, never taken to be a batch of its own.  Otherwise a
+            # non-reentrant recomputation, whose forward already decided, or a module
+            # called on its own; a layer seen with examples' rows flattened keeps its factor)
+            if (
+                self._last_batch is not None
+                and torch._C._current_graph_task_id() != -1
+                and not _saving_hooks_active()
+            ):
+                n = self._last_batch
+            else:
+                n = lead // b.rows if b.rows and lead % b.rows == 0 else lead
         replaced = tapped
         rows = 0
         if lead != n:
@@ -541,6 +548,18 @@ class Capture(LanePlanning, SelfChecks):
             self._batch_first_now.add(id(b))
             if b.own is None and n > 1:  # (the first passes; later, a layer seen so for the first time)
                 self._unverified.append((b, output, None))
+        elif (
+            b.own is None
+            and n > 1
+            and n == self._last_batch
+            and output.requires_grad
+            and torch._C._current_graph_task_id() != -1
+            and not _saving_hooks_active()
+        ):
+            # a recomputation by reentrant checkpointing of a layer no forward verified
+            b.own = self._recomputed_rows_problem(b, output, n)
+            if b.own:
+                raise UnsupportedModuleError(b.own)
         call = Call(module, b.rule, n, rows=rows)
         # under activation checkpointing (a recomputation by reentrant
         # checkpointing runs outside the model's forward; non-reentrant
