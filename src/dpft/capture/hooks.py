@@ -429,13 +429,7 @@ class Capture(LanePlanning, SelfChecks):
             if isinstance(output, Tensor) and not output.requires_grad and output.is_floating_point():
                 anchor = toggled[0] if toggled else self._leaf(output.device)
                 output = tapped = _Tap.apply(output, anchor)
-        elif (
-            b.book_keeping
-            and on
-            and isinstance(output, Tensor)
-            and output._base is not None
-            and output.requires_grad
-        ):
+        elif b.book_keeping and on and isinstance(output, Tensor) and output._base is not None and output.requires_grad:
             # the first backward passes, where book-keeping leaves the weight on
             # (autograd's gradient is the reference of the self-check): a view
             # is copied as it will be once the weight is off, so that an
@@ -472,11 +466,7 @@ class Capture(LanePlanning, SelfChecks):
             # as in a forward, never taken to be a batch of its own.  Otherwise a
             # non-reentrant recomputation, whose forward already decided, or a module
             # called on its own; a layer seen with examples' rows flattened keeps its factor)
-            if (
-                self._last_batch is not None
-                and torch._C._current_graph_task_id() != -1
-                and not _saving_hooks_active()
-            ):
+            if self._last_batch is not None and torch._C._current_graph_task_id() != -1 and not _saving_hooks_active():
                 n = self._last_batch
             else:
                 n = lead // b.rows if b.rows and lead % b.rows == 0 else lead
