@@ -491,3 +491,43 @@ def test_cuda_engine_resume_gives_the_same_noise():
     step(m1, o1)
     step(m2, o2)
     assert torch.equal(m1.bias, m2.bias)
+
+
+def test_generic_path_called_with_keywords_replays_cuda_dropout():
+    """A generic-path module called with keyword arguments only (as Hugging
+    Face calls T5's stacks) with dropout inside, on the GPU: its
+    recomputation must replay the CUDA generator's state, or the first
+    passes' check (per-example sums against autograd's gradient) refuses it
+    (T5-base on an H100 before the fix)."""
+
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(16, 16)
+            self.drop = torch.nn.Dropout(0.3)
+            self.gamma = torch.nn.Parameter(torch.ones(16))
+
+        def forward(self, *, x: torch.Tensor) -> torch.Tensor:
+            return self.drop(self.lin(x)) @ torch.diag(self.gamma)  # (a matrix product: no substitution)
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = Scaled()
+            self.head = torch.nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.block(x=x)).mean(1)
+
+    torch.manual_seed(0)
+    model = Net().cuda().train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = dpft.PrivacyEngine(model, batch_size=8, sample_size=800, steps=10, noise_multiplier=1.0)
+        opt = engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    for _ in range(3):
+        x = torch.randn(8, 5, 16, device="cuda")
+        torch.nn.functional.cross_entropy(model(x), torch.randint(0, 3, (8,), device="cuda")).backward()
+        opt.step()
+        opt.zero_grad()
+    assert "block.gamma" in engine.generic_path()

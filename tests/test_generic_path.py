@@ -6,6 +6,8 @@ over several steps; a container that mixes examples is refused."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -202,3 +204,48 @@ def test_batch_independent_outputs_exact(embedding, mode):
         batch_size=B,
         mode=mode,
     )
+
+
+def test_generic_path_state_is_taken_on_the_device_of_keyword_arguments(monkeypatch):
+    """A generic-path module called with keyword arguments only (Hugging
+    Face's stacks): the RNG and autocast state its recomputation replays are
+    those of its inputs' device (on a GPU: the CUDA generator), not the CPU's
+    for want of a positional tensor.  tests/test_cuda.py runs it on a GPU."""
+    import dpft.capture.hooks as hooks
+
+    seen = []
+    real = hooks.rng_state
+
+    def spy(device):
+        seen.append(device)
+        return real(device)
+
+    monkeypatch.setattr(hooks, "rng_state", spy)
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.gamma = nn.Parameter(torch.ones(4))
+
+        def forward(self, *, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) @ torch.diag(self.gamma)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = Scaled()
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.block(x=x))
+
+    torch.manual_seed(0)
+    model = Net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = dpft.PrivacyEngine(model, batch_size=3, sample_size=30, steps=5, noise_multiplier=1.0)
+        opt = engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    model(torch.randn(3, 4)).pow(2).mean().backward()
+    opt.step()
+    assert seen and all(d == torch.device("cpu") for d in seen), seen

@@ -20,6 +20,7 @@ the torch-internals corner (:mod:`.autograd`) live beside this module;
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from collections.abc import Callable
@@ -69,6 +70,16 @@ def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
         if isinstance(a, (list, tuple)) and a and isinstance(a[0], Tensor):
             return a[0]
     return None
+
+
+def _device_of(module: nn.Module, args: tuple, kwargs: dict) -> torch.device | None:
+    """The device a module's forward runs on, for the RNG and autocast state a
+    recomputation replays: its first tensor argument's, positional or keyword
+    (Hugging Face calls its stacks with keywords only), else its parameters'."""
+    t = _first_tensor(args, kwargs)
+    if t is None:
+        t = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return None if t is None else t.device
 
 
 Sink = Callable[[dict[str, list[Contribution]], int, "tuple[tuple[str, ...], Tensor] | None"], None]
@@ -388,7 +399,7 @@ class Capture(LanePlanning, SelfChecks):
         if isinstance(b.rule, FallbackRule):
             if b.inner and self._passes < self.check_passes:
                 b.snapshot = tuple(c.ran for c in b.inner)
-            dev = next((a.device for a in args if isinstance(a, Tensor)), None)
+            dev = _device_of(module, args, kwargs)
             b.rng = rng_state(dev)
             b.kwargs = fresh_caches(module, kwargs)
             b.autocast = _autocast_state(dev)
@@ -607,7 +618,7 @@ class Capture(LanePlanning, SelfChecks):
         if b.fallback or b.absorbed:  # moved to the generic path (below)
             return self._pre(b, module, args, kwargs)
         if self._active():
-            dev = next((a.device for a in args if isinstance(a, Tensor)), None)
+            dev = _device_of(module, args, kwargs)
             b.kwargs, b.rng, b.autocast = fresh_caches(module, kwargs), rng_state(dev), _autocast_state(dev)
             b.mode = _OpTap(self, b)
             b.mode.__enter__()
@@ -728,7 +739,7 @@ class Capture(LanePlanning, SelfChecks):
         if watched is not None and self._passes < self.check_passes and self._active():
             self._watch_snap[id(module)] = [b.ran for b in watched[1]]
         if self._active() and self.batch_size is not None:
-            dev = next((a.device for a in args if isinstance(a, Tensor)), None)
+            dev = _device_of(module, args, kwargs)
             kwargs = fresh_caches(module, kwargs)
             self._stash[id(module)] = (args, kwargs, (kwargs, rng_state(dev), _autocast_state(dev)))
 
