@@ -65,6 +65,7 @@ def config(model: str, method: str, ckpt: bool, private: bool, batch: int, seq: 
         "steps": args.steps,
         "warmup": args.warmup,
         "device": args.device,
+        "two_pass": getattr(args, "two_pass", "auto"),
     }
 
 
@@ -113,7 +114,7 @@ def grid(args: argparse.Namespace, run: Runner = run_one) -> list[dict]:
 
 def search(args: argparse.Namespace, run: Runner = run_one) -> list[dict]:
     rows = []
-    quick = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 1})
+    quick = argparse.Namespace(**{**vars(args), "steps": 1, "warmup": 3})
     for model in args.models:
         for method in args.methods:
             for ckpt in args.ckpt:
@@ -157,7 +158,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--reentrant", action="store_true")
     ap.add_argument("--search", action="store_true", help="the largest trainable batch x length instead of the grid")
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=3, help="warm-up steps (the engine's first passes check)")
+    ap.add_argument("--two-pass", default="auto", choices=["auto", "on", "off"], help="the engine's two_pass option")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="a tiny model, short sequences (checks the script)")
     ap.add_argument("--json", default=None, help="write the rows to this JSON file")

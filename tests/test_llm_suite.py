@@ -54,7 +54,7 @@ def test_search_marks_the_target_met_only_when_dpft_trains_as_much():
     calls: list = []
     rows = llm.search(_args(), _runner(16384, 16384, calls))
     assert rows[0]["plain"] == rows[0]["dp"] == "1 x 16384" and rows[0]["targets"] == "met"
-    assert all(c["steps"] == 1 for c in calls)  # a probe is one step
+    assert all(c["steps"] == 1 and c["warmup"] == 3 for c in calls)  # a probe: one step past the first passes
     rows = llm.search(_args(), _runner(16384, 8192, []))
     assert rows[0]["dp"] == "1 x 8192" and rows[0]["targets"] == "missed"
 
