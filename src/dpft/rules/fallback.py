@@ -11,7 +11,11 @@ computation gives the same per-example gradients, later steps use it
 instead: a vectorized pass (``torch.func.vmap`` over the examples of the
 module's forward and a vector-Jacobian product: one recomputation and one
 backward, not one per example), else the forward on one example at a time
-(for forwards vmap cannot batch); see :class:`_Memo`.
+(for forwards vmap cannot batch); see :class:`_Memo`.  For a module's own
+parameters that meet the examples only in broadcasting element-wise
+operations, the first passes also check substitution
+(:mod:`dpft.rules.substitute`: per-example gradients read from the forward
+itself, no recomputation), which then comes first.
 
 It is used for ``nn.MultiheadAttention`` (whose
 ``out_proj`` is applied functionally, so no module hook would see it), leaf

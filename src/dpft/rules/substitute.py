@@ -121,6 +121,7 @@ class Substitution(TorchFunctionMode):
         #: why the call is not substituted (``None``: it is)
         self.failed: str | None = None
         self._key: list[tuple] = []
+        self.nested = 0  # calls of the module inside its own forward, still running (see Capture._pre)
         #: the operations that touched the parameters' tensors and the substitutions' shapes
         self.key: tuple = ()
 
@@ -143,12 +144,12 @@ class Substitution(TorchFunctionMode):
 
     def _tracked_call(self, func: Any, args: tuple, kwargs: dict) -> Any:
         name = getattr(func, "__name__", None) or repr(func)
-        if torch.compiler.is_compiling():
+        if _compiling():
             self._fail("traced by torch.compile")
             return func(*args, **kwargs)
         tracked = self.tracked
         leaves = _tensors(args) + _tensors(kwargs.values())
-        if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in leaves):
+        if any(_wrapped(t) for t in leaves):
             self._fail(f"{name} under torch.func transforms")
             return func(*args, **kwargs)
         inplace = (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_DUNDER or "out" in kwargs
@@ -330,6 +331,20 @@ class Substitution(TorchFunctionMode):
         ]
 
 
+def _compiling() -> bool:
+    """Whether TorchDynamo is tracing (nothing is substituted then)."""
+    check = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(check()) if check is not None else False
+
+
+_IS_WRAPPED = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+
+
+def _wrapped(t: Tensor) -> bool:
+    """Whether ``t`` is a ``torch.func`` transform's wrapper (vmap, grad)."""
+    return bool(_IS_WRAPPED(t)) if _IS_WRAPPED is not None else False
+
+
 def _flat(output: Any) -> list[Any]:
     if isinstance(output, (tuple, list)):
         return [t for o in output for t in _flat(o)]
@@ -343,7 +358,7 @@ def start(module: nn.Module, names: list[str], n: int | None, args: tuple) -> Su
     trainable direct parameters ``names`` take the generic path, else
     ``None`` (not for this call: batch size unknown, traced, under
     ``torch.func``, a parameter that is not a plain tensor)."""
-    if n is None or not names or torch.compiler.is_compiling():
+    if n is None or not names or _compiling():
         return None
     params = {}
     for k in names:
@@ -352,7 +367,7 @@ def start(module: nn.Module, names: list[str], n: int | None, args: tuple) -> Su
             return None
         params[k] = p
     for a in args:
-        if isinstance(a, Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(a):
+        if isinstance(a, Tensor) and _wrapped(a):
             return None
     mode = Substitution(params, n)
     mode.__enter__()
