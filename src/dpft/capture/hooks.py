@@ -397,11 +397,11 @@ class Capture(LanePlanning, SelfChecks):
             b.kwargs = fresh_caches(module, kwargs)
             b.autocast = _autocast_state(dev)
             self._subst_done.pop(id(b), None)
-            if (
-                id(b) in self._subst_ok
-                and id(b) not in self._subst
-                and not (self._outside_root or self._sharded or _saving_hooks_active())
-            ):
+            active = self._subst.get(id(b))
+            if active is not None:  # (the module called inside its own forward: not substituted)
+                active.nested += 1
+                active.failed = "the module is called inside its own forward"
+            elif id(b) in self._subst_ok and not (self._outside_root or self._sharded or _saving_hooks_active()):
                 mode = substitution(b.rule, module, b.slow, self.batch_size, args)
                 if mode is not None:
                     self._subst[id(b)] = mode
@@ -424,8 +424,11 @@ class Capture(LanePlanning, SelfChecks):
                         b.toggled.append(p)
 
     def _subst_post(self, b: Binding, module: nn.Module, args: tuple, output: Any) -> None:
-        mode = self._subst.pop(id(b), None)
-        if mode is not None:
+        mode = self._subst.get(id(b))
+        if mode is not None and mode.nested:
+            mode.nested -= 1
+        elif mode is not None:
+            del self._subst[id(b)]
             mode.close(output)
             self._subst_done[id(b)] = mode
 
