@@ -143,6 +143,8 @@ class Substitution(TorchFunctionMode):
         self.tracked, self._alive = {}, []
 
     def _tracked_call(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        if not torch.is_grad_enabled():  # (nothing computed now reaches the parameters' gradients)
+            return func(*args, **kwargs)
         name = getattr(func, "__name__", None) or repr(func)
         if _compiling():
             self._fail("traced by torch.compile")
