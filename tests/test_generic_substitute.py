@@ -419,6 +419,40 @@ def test_substitution_leaves_the_forward_unchanged():
         engine.detach()
 
 
+class Failing(ConvNeXtBlock):
+    def forward(self, x):
+        x = super().forward(x)
+        if self.fail:
+            raise ValueError("the model's own error")
+        return x
+
+
+def test_a_forward_that_raises_leaves_no_mode_behind():
+    """The mode is left in the forward hook, which runs even when the
+    module's forward raises: later code runs without it."""
+    torch.manual_seed(0)
+    model = ConvNeXtModel().double()
+    model.block = Failing().double()
+    x = torch.randn(3, 3, 4, 4, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = dpft.PrivacyEngine(
+            model, batch_size=3, sample_size=100, steps=10, noise_multiplier=0.0, max_grad_norm=1.0
+        )
+    engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    try:
+        depth = torch._C._len_torch_function_stack()
+        model.block.fail = True
+        with pytest.raises(ValueError, match="own error"):
+            model(x)
+        assert torch._C._len_torch_function_stack() == depth
+        model.block.fail = False
+        model(x).sum().backward()
+        assert torch._C._len_torch_function_stack() == depth
+    finally:
+        engine.detach()
+
+
 # -- real timm models (tiny configs) --------------------------------------------------------------
 
 
