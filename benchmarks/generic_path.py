@@ -20,7 +20,11 @@ every parameter trainable) are timed on the same data, median step time of
 ``--steps`` steps after ``--warmup``.  Peak memory is
 ``torch.cuda.max_memory_allocated`` over the timed steps (GPU only).  One
 markdown table row per model, then the parameters that took the generic path
-(``PrivacyEngine.generic_path()``), by module.
+(``PrivacyEngine.generic_path()``), by module, with the computation each
+module's generic path settled on after the first passes (``substitution``:
+read from the forward, no recomputation; ``vmap`` / ``loop``: recomputed,
+vectorized or one example at a time; ``reference``: recomputed, one
+pull-back per example).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import statistics
 import time
 import traceback
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -80,7 +85,7 @@ def convnext_t(batch: int, seq: int, image: int, tiny: bool, device: torch.devic
     if tiny:
         from timm.models.convnext import ConvNeXt
 
-        model, side, classes = ConvNeXt(depths=(1, 1), dims=(8, 16), num_classes=10), 32, 10
+        model, side, classes = ConvNeXt(depths=(1, 1, 1, 1), dims=(8, 8, 16, 16), num_classes=10), 32, 10
     else:
         model, side, classes = timm.create_model("convnext_tiny", pretrained=False), image, 1000
     return _image_case("ConvNeXt-T", model, batch, side, classes, device)
@@ -258,10 +263,22 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict
     try:
         row["dp_s"], row["dp_peak"] = _time(step, args.steps, args.warmup, device)
         row["generic"] = engine.generic_path()
+        row["computation"] = _computations(model, row["generic"])
     finally:
         engine.detach()
     row["trainable"] = len(engine.trainable_names)
     return row
+
+
+def _computations(model: nn.Module, generic: dict[str, str]) -> dict[str, str]:
+    """Module recomputed -> the computation its generic path settled on after
+    the first passes (``substitution``, ``vmap``, ``loop`` or ``reference``;
+    see ``dpft.rules.fallback.computation``)."""
+    from dpft.rules.fallback import computation
+
+    modules = dict(model.named_modules())
+    names = {why.split("'")[1] for why in generic.values()}
+    return {name: computation(modules[name]) for name in sorted(names) if name in modules}
 
 
 # -- report ------------------------------------------------------------------------------------------
@@ -289,6 +306,9 @@ def table_row(row: dict) -> str:
     generic = row["generic"]
     modules = {why.split("'")[1] for why in generic.values()}
     gen = f"{len(generic)} of {row['trainable']} tensors, {len(modules)} modules" if generic else "none"
+    kinds = Counter(row.get("computation", {}).values())
+    if kinds:
+        gen += " (" + ", ".join(f"{k} {v}" for k, v in sorted(kinds.items())) + ")"
     return (
         f"| {row['model']} | {_size(row['params'])} | {row['batch']} | {row['example']} | {np_eps:.1f} | "
         f"{dp_eps:.1f} | {dp_eps / np_eps:.2f}x | {_gib(row['np_peak'])} | {_gib(row['dp_peak'])} | {gen} |"
@@ -303,9 +323,11 @@ def generic_details(row: dict, limit: int) -> list[str]:
         module, reason = why.split("'")[1], why.split("): ", 1)[-1]
         by.setdefault((reason, module), []).append(key)
     lines = []
+    computation = row.get("computation", {})
     for (reason, module), keys in by.items():
         shown = ", ".join(keys[:limit]) + (f", ... ({len(keys)} tensors)" if len(keys) > limit else "")
-        lines.append(f"- {row['model']}: `{module}`, {reason}: {shown}")
+        how = f" [{computation[module]}]" if module in computation else ""
+        lines.append(f"- {row['model']}: `{module}`, {reason}{how}: {shown}")
     return lines
 
 

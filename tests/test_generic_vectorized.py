@@ -44,6 +44,7 @@ class Counter:
             self.looped += 1
             return loop(*a, **k)
 
+        monkeypatch.setattr(fallback, "SUBSTITUTE", False)  # (substitution: tests/test_generic_substitute.py)
         monkeypatch.setattr(FallbackRule, "_pulled_back", counted_pull)
         monkeypatch.setattr(fallback, "_vectorized", counted_vec)
         monkeypatch.setattr(fallback, "_looped", counted_loop)

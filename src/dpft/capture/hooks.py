@@ -43,7 +43,7 @@ from ..precision import full_fp32
 from ..rules import ESCALATED, FALLBACK, Call, Contribution, Direct
 from ..rules.base import HALF, Factored, UnsupportedModuleError, clear_half_copies
 from ..rules.embedding import EmbeddingRule
-from ..rules.fallback import FallbackRule, _flat_tensors, fresh_caches, rng_state
+from ..rules.fallback import FallbackRule, _flat_tensors, fresh_caches, rng_state, substitution
 from .autograd import (
     _add_grad_hook,
     _autocast_state,
@@ -174,6 +174,11 @@ class Capture(LanePlanning, SelfChecks):
             int, tuple
         ] = {}  # the first passes: enclosing modules' inputs and outputs (see _take_over_now)
         self._refusal = ""  # rows found not to be examples, none to take them over (see _own_rows)
+        # the generic path's substitution (dpft.rules.substitute) by binding id: active
+        # during the module's forward, then finished until its call is made
+        self._subst_ok: set[int] = set()
+        self._subst: dict[int, Any] = {}
+        self._subst_done: dict[int, Any] = {}
 
     # -- installation -------------------------------------------------------
     def attach(self) -> None:
@@ -212,6 +217,9 @@ class Capture(LanePlanning, SelfChecks):
                 continue
             if isinstance(b.rule, FallbackRule):
                 h.append(b.module.register_forward_pre_hook(partial(self._pre, b), with_kwargs=True))
+                # (before ``_post``: the substitution's mode is left before the call is made)
+                h.append(b.module.register_forward_hook(partial(self._subst_post, b), always_call=True))
+                self._subst_ok.add(id(b))
             elif skips[id(b)]:
                 b.book_keeping = True
                 # per module in the first backward passes (a use of the weight
@@ -403,6 +411,15 @@ class Capture(LanePlanning, SelfChecks):
             b.rng = rng_state(dev)
             b.kwargs = fresh_caches(module, kwargs)
             b.autocast = _autocast_state(dev)
+            self._subst_done.pop(id(b), None)
+            active = self._subst.get(id(b))
+            if active is not None:  # (the module called inside its own forward: not substituted)
+                active.nested += 1
+                active.failed = "the module is called inside its own forward"
+            elif id(b) in self._subst_ok and not (self._outside_root or self._sharded or _saving_hooks_active()):
+                mode = substitution(b.rule, module, b.slow, self.batch_size, args)
+                if mode is not None:
+                    self._subst[id(b)] = mode
         elif self.book_keeping and self._passes >= self.check_passes:
             # (not in the first backward passes: there autograd's weight
             # gradient is the reference each per-example sum is checked against)
@@ -420,6 +437,15 @@ class Capture(LanePlanning, SelfChecks):
                     if p.requires_grad:
                         p.requires_grad_(False)
                         b.toggled.append(p)
+
+    def _subst_post(self, b: Binding, module: nn.Module, args: tuple, output: Any) -> None:
+        mode = self._subst.get(id(b))
+        if mode is not None and mode.nested:
+            mode.nested -= 1
+        elif mode is not None:
+            del self._subst[id(b)]
+            mode.close(output)
+            self._subst_done[id(b)] = mode
 
     def _post(self, b: Binding, module: nn.Module, args: tuple, output: Any) -> Any:
         if b.absorbed:
@@ -458,9 +484,12 @@ class Capture(LanePlanning, SelfChecks):
             if n is not None and not self._batched(b, flat, n, args):
                 self._escalate(b)
                 return None
-            self._fallback_call(
+            call = self._fallback_call(
                 b, module, args, (b.kwargs, b.rng, b.autocast), flat, n if n is not None else flat[0].shape[0]
             )
+            subst = self._subst_done.pop(id(b), None)
+            if subst is not None:
+                call.saved["subst"] = subst
             b.kwargs, b.rng = {}, None
             return None
         if not isinstance(output, Tensor):
@@ -648,7 +677,7 @@ class Capture(LanePlanning, SelfChecks):
         self._fallback_call(b, module, args, state, flat, n if n is not None else flat[0].shape[0])
         return None
 
-    def _fallback_call(self, b: Binding, module: nn.Module, args: tuple, state: tuple, flat: list, n: int) -> None:
+    def _fallback_call(self, b: Binding, module: nn.Module, args: tuple, state: tuple, flat: list, n: int) -> Call:
         """A generic-path call of ``module``: keep its inputs (and the RNG and
         autocast state its forward saw) and hook every output that needs a gradient."""
         call = Call(module, b.rule, n)
@@ -658,6 +687,7 @@ class Capture(LanePlanning, SelfChecks):
         for i, t in enumerate(flat):
             if t is not None and t.requires_grad:
                 t.register_hook(partial(self._on_fallback_grad, b, call, i))
+        return call
 
     def _batched(self, b: Binding, flat: list, n: int, args: tuple = ()) -> bool:
         """Whether the outputs needing a gradient carry the examples: leading

@@ -11,7 +11,11 @@ computation gives the same per-example gradients, later steps use it
 instead: a vectorized pass (``torch.func.vmap`` over the examples of the
 module's forward and a vector-Jacobian product: one recomputation and one
 backward, not one per example), else the forward on one example at a time
-(for forwards vmap cannot batch); see :class:`_Memo`.
+(for forwards vmap cannot batch); see :class:`_Memo`.  For a module's own
+parameters that meet the examples only in broadcasting element-wise
+operations, the first passes also check substitution
+(:mod:`dpft.rules.substitute`: per-example gradients read from the forward
+itself, no recomputation), which then comes first.
 
 It is used for ``nn.MultiheadAttention`` (whose
 ``out_proj`` is applied functionally, so no module hook would see it), leaf
@@ -36,6 +40,8 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .base import Call, Contribution, Direct, Rule, UnsupportedModuleError
+from .substitute import Substitution
+from .substitute import start as start_substitution
 
 
 def _flat_tensors(output: Any) -> list[Tensor | None]:
@@ -101,7 +107,15 @@ class FallbackRule(Rule):
         autocast = call.saved.get("autocast")
         amp = torch.autocast(autocast[0], dtype=autocast[1]) if autocast else contextlib.nullcontext()
         check = call.saved.pop("check_mixing", None)
+        subst = call.saved.pop("subst", None)
         memo = _memo(module, names)
+        if subst is not None and check is None and memo.subst and subst.key in memo.subst_keys:
+            try:
+                got = _substituted(subst, names)
+            except Exception:  # (a pull-back the first passes did not meet: stay exact)
+                got = None
+            if got is not None:
+                return {k: Direct(g) for k, g in zip(names, got)}
         if check is None and memo.fast:
             fast = _vectorized_call(module, names, plist, call, memo, n, bdim, amp)
             if fast is not None:
@@ -109,6 +123,8 @@ class FallbackRule(Rule):
         result, used = self._pulled_back(call, names, plist, n, bdim, amp, check)
         if not result:
             return {}
+        if check is not None and subst is not None and memo.subst is not False:
+            memo.verify_substitution(subst, names, result, call.saved.get("autocast") is not None)
         if check is not None and memo.fast is not False:
             memo.verify(module, names, plist, call, used, result, n, bdim, amp)
         return {k: Direct(g) for k, g in zip(names, result)}
@@ -196,9 +212,13 @@ class _Memo:
     faster computation (:func:`_vectorized`, else :func:`_looped`) agrees
     with the reference pull-back there, and for which call layout."""
 
-    __slots__ = ("fast", "kind", "layouts", "used")
+    __slots__ = ("fast", "kind", "layouts", "used", "subst", "subst_keys")
 
     def __init__(self) -> None:
+        #: substitution (:mod:`dpft.rules.substitute`): ``None`` not tried yet, ``False`` never again
+        self.subst: bool | None = None
+        #: the calls' :attr:`~dpft.rules.substitute.Substitution.key` on which it agreed
+        self.subst_keys: set[tuple] = set()
         #: ``None``: not tried yet; ``False``: never again (failed or disagreed once)
         self.fast: bool | None = None
         #: ``"vmap"`` or ``"loop"``: the computation that agreed
@@ -207,6 +227,23 @@ class _Memo:
         self.layouts: set[tuple] = set()
         #: the outputs whose gradients it reads (positions in the flattened output)
         self.used: tuple[int, ...] | None = None
+
+    def verify_substitution(self, subst: Substitution, names: list[str], reference: list[Tensor], half: bool) -> None:
+        """Keep substitution for calls like this one (its :attr:`key`) only if
+        it agrees with the reference on every example and parameter (in every
+        first pass where it was tried)."""
+        got = None
+        if set(names) == set(subst.leaves):
+            try:
+                got = _substituted(subst, names)
+            except Exception:  # (a chain that cannot be pulled back: stay exact)
+                got = None
+        if got is not None and all(_agree(f, r, half) for f, r in zip(got, reference)):
+            self.subst = True
+            self.subst_keys.add(subst.key)
+        else:
+            self.subst = False
+            self.subst_keys.clear()
 
     def verify(
         self,
@@ -364,6 +401,43 @@ def _rng_moved(state: tuple, dev: torch.device | None) -> bool:
     """Whether the RNG state differs from ``state`` (taken by :func:`rng_state`)."""
     now = rng_state(dev)
     return not torch.equal(now[0], state[0]) or (now[1] is not None and not torch.equal(now[1], state[1]))
+
+
+def _substituted(subst: Substitution, names: list[str]) -> list[Tensor] | None:
+    """Per-example gradients of ``names`` from a call's substitution (see
+    :mod:`dpft.rules.substitute`), ``None`` where it has none."""
+    if set(names) != set(subst.leaves):
+        return None
+    return subst.gradients(names)
+
+
+#: whether the generic path tries substitution (tests of the other computations switch it off)
+SUBSTITUTE = True
+
+
+def substitution(rule: Rule, module: nn.Module, params: frozenset[str], n: int | None, args: tuple) -> Any:
+    """A :class:`~dpft.rules.substitute.Substitution` entered for one call of
+    a generic-path ``module`` (from its forward pre-hook; its forward hook
+    calls ``close``), else ``None``: only for a module's own direct
+    parameters (not recursive rules), and not after it failed or disagreed."""
+    if not SUBSTITUTE or not isinstance(rule, FallbackRule) or rule.recursive or any("." in k for k in params):
+        return None
+    names = sorted(params)
+    if _memo(module, names).subst is False:
+        return None
+    return start_substitution(module, names, n, args)
+
+
+def computation(module: nn.Module) -> str:
+    """Which computation the generic path uses for ``module`` after its first
+    passes: ``"substitution"``, ``"vmap"``, ``"loop"`` or ``"reference"``
+    (the pull-back; also before any pass)."""
+    for memo in _MEMOS.get(module, {}).values():
+        if memo.subst:
+            return "substitution"
+        if memo.fast and memo.kind:
+            return memo.kind
+    return "reference"
 
 
 #: the faster computations the first passes may choose, by :attr:`_Memo.kind`
