@@ -237,7 +237,6 @@ class FusedExpertsRule(_VerifiedRule):
         up_name = "gate_up_proj" if m.has_gate else "up_proj"
         up_w, down_w = m._parameters[up_name].detach(), m._parameters["down_proj"].detach()
         up_b = m._parameters[up_name + "_bias"].detach() if m.has_bias else None
-        down_b = m._parameters["down_proj_bias"].detach() if m.has_bias else None
         xs, hs, acts, gs = [], [], [], []  # per pair, sorted by (expert, example)
         start = 0
         for e, c in enumerate(counts):
