@@ -195,9 +195,7 @@ def test_planted_wrong_row_to_example_map_is_refused(monkeypatch):
     """Rows read as interleaved examples (``r % n``) instead of example by
     example: the first passes' comparison must refuse the factored rule, and
     the steps stay exact on the generic path."""
-    monkeypatch.setattr(
-        experts_mod, "example_of_rows", lambda rows, n, device: torch.arange(rows, device=device) % n
-    )
+    monkeypatch.setattr(experts_mod, "example_of_rows", lambda rows, n, device: torch.arange(rows, device=device) % n)
     torch.manual_seed(0)
     model = _mixtral()
     _run(model)
