@@ -74,6 +74,24 @@ def _first_tensor(args: tuple, kwargs: dict) -> Tensor | None:
 Sink = Callable[[dict[str, list[Contribution]], int, "tuple[tuple[str, ...], Tensor] | None"], None]
 
 
+def _flat_batch_view(x: Tensor, n: int) -> bool:
+    """Whether ``x`` is a flat view of a contiguous batch-first tensor of ``n``
+    examples (``h.view(-1, d)`` of a ``(B, T, d)`` tensor): its rows are the
+    examples' rows, example by example (the probe the recomputation pulls each
+    example's output rows back to: mixture-of-experts blocks with a shared
+    expert, whose sibling layers leave no batch-first tensor nearby to check against)."""
+    base = x._base
+    return (
+        base is not None
+        and base.ndim > 0
+        and base.shape[0] == n
+        and base.is_contiguous()
+        and x.is_contiguous()
+        and x.data_ptr() == base.data_ptr()
+        and x.numel() == base.numel()
+    )
+
+
 class Capture(LanePlanning, SelfChecks):
     """Installs and removes the hooks; hands per-backward contributions to ``sink``."""
 
@@ -685,7 +703,11 @@ class Capture(LanePlanning, SelfChecks):
             return False
         k = len(args) if rule.data_args is None else rule.data_args
         return any(
-            isinstance(a, Tensor) and a.is_floating_point() and a.ndim > dim and a.shape[dim] == n for a in args[:k]
+            isinstance(a, Tensor)
+            and a.is_floating_point()
+            and a.ndim > dim
+            and (a.shape[dim] == n or (dim == 0 and _flat_batch_view(a, n)))
+            for a in args[:k]
         )
 
     def _escalate(self, b: Binding, strict: bool = True) -> bool:
