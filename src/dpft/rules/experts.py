@@ -45,8 +45,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Call, Contribution, Direct, Factored
+from ..ops import bmm_acc
+from .base import HALF, Call, Contribution, Direct, Factored
 from .fallback import FallbackRule, _agree, _memo
+
+#: half-precision clip weights shrunk by this factor before scaling a factor
+#: (``dpft.clip.norms.HALF_SHRINK``, which the rules may not import): no
+#: scaled entry exceeds its exact value
+_HALF_SHRINK = 1 - 2.0**-7
 
 
 class Verified:
@@ -151,6 +157,109 @@ class _VerifiedRule(FallbackRule):
             if memo.fast is not False:
                 memo.verify(module, names, plist, call, used, result, n, 0, amp)
         return {k: Direct(g) for k, g in reference.items()}
+
+
+class RoutedFactored(Factored):
+    """One fused expert weight's per-example gradient, kept compact: the
+    pairs (token, expert) sorted by expert, then example, each with its left
+    vector (the weight's first dimension) and right vector.  The padded
+    layout of :class:`~dpft.rules.base.Factored` (``(B, slots, E, .)``,
+    ``slots`` = the most pairs one example sent to one expert) is built only
+    when a norm needs it and dropped after (:meth:`release`); the clipped sum
+    is one weighted product per expert over its own pairs (no padding)."""
+
+    def __init__(
+        self,
+        left: Tensor,
+        right: Tensor,
+        shape: torch.Size,
+        n: int,
+        example: Tensor,
+        pos: Tensor,
+        expert: Tensor,
+        counts: list[int],
+        slots: int,
+    ) -> None:
+        self.lc, self.rc, self.shape, self.n = left, right, torch.Size(shape), n
+        self.example, self.pos, self.expert, self.counts, self.slots = example, pos, expert, counts, slots
+        self.ids = None
+        self.num_rows = 0
+        self._factors: tuple[Tensor, Tensor] | None = None
+
+    def _padded(self, v: Tensor) -> Tensor:
+        out = v.new_zeros(self.n, self.slots, len(self.counts), v.shape[1])
+        out[self.example, self.pos, self.expert] = v
+        return out
+
+    def _get(self) -> tuple[Tensor, Tensor]:
+        if self._factors is None:
+            self._factors = (self._padded(self.lc), self._padded(self.rc))
+        return self._factors
+
+    @property  # type: ignore[override]
+    def left(self) -> Tensor:
+        return self._get()[0]
+
+    @property  # type: ignore[override]
+    def right(self) -> Tensor:
+        return self._get()[1]
+
+    @property
+    def positions(self) -> int:
+        return self.slots
+
+    @property
+    def groups(self) -> int:
+        return len(self.counts)
+
+    @property
+    def rows(self) -> int:
+        return self.lc.shape[1]
+
+    @property
+    def cols(self) -> int:
+        return self.rc.shape[1]
+
+    @property
+    def factor_dtype(self) -> torch.dtype:
+        return self.rc.dtype
+
+    @property
+    def held(self) -> int:
+        return (self.lc.numel() + self.rc.numel()) // self.n
+
+    def release(self) -> None:
+        self._factors = None
+
+    def sum_needs_factors(self, dtype: torch.dtype) -> bool:
+        return False
+
+    def weighted(self, weights: Tensor, dtype: torch.dtype) -> Tensor | None:
+        left, right = self.lc, self.rc
+        w = weights[self.example].unsqueeze(1)
+        half = left.dtype in HALF and right.dtype == left.dtype
+        if half:
+            # (as the engine's generic weighted sum: the thinner factor scaled by the
+            # shrunk weights in float32 and rounded once; half-precision products)
+            w = w.float() * _HALF_SHRINK
+            if left.shape[1] <= right.shape[1]:
+                left = torch.mul(left, w, out=torch.empty_like(left))
+            else:
+                right = torch.mul(right, w, out=torch.empty_like(right))
+        else:
+            left, right = left.to(dtype), right.to(dtype)
+            if left.shape[1] <= right.shape[1]:
+                left = left * w.to(dtype)
+            else:
+                right = right * w.to(dtype)
+        out = torch.zeros(len(self.counts), left.shape[1], right.shape[1], dtype=dtype, device=left.device)
+        start = 0
+        for e, c in enumerate(self.counts):
+            if c:
+                sl = slice(start, start + c)
+                out[e] = bmm_acc(left[sl].t().unsqueeze(0), right[sl].unsqueeze(0), dtype)[0]
+                start += c
+        return out.view(self.shape)
 
 
 def _amp(call: Call) -> Any:
@@ -263,27 +372,20 @@ class FusedExpertsRule(_VerifiedRule):
         if not xs:  # no token reached an expert: zero gradients
             return {p: Direct(torch.zeros(n, *m._parameters[p].shape, dtype=x.dtype, device=dev)) for p in params}
         xs_, dh_, a_, g_ = torch.cat(xs), torch.cat(hs), torch.cat(acts), torch.cat(gs)
-        # each pair's position among its example's pairs with the same expert (the layout's T)
+        # each pair's position among its example's pairs with the same expert (the padded layout's T)
         cell = expert * n + example
         _, cell_counts = torch.unique_consecutive(cell, return_counts=True)
         starts = torch.cumsum(cell_counts, 0) - cell_counts
         pos = torch.arange(cell.shape[0], device=dev) - starts.repeat_interleave(cell_counts)
         slots = int(cell_counts.max())
-
-        def padded(v: Tensor) -> Tensor:
-            out = v.new_zeros(n, slots, e_count, v.shape[1])
-            out[example, pos, expert] = v
-            return out
-
         out: dict[str, Contribution] = {}
-        if up_name in params:
-            p = m._parameters[up_name]
-            left, right = (xs_, dh_) if m.is_transposed else (dh_, xs_)
-            out[up_name] = Factored(right=padded(right), shape=p.shape, left=padded(left))
-        if "down_proj" in params:
-            p = m._parameters["down_proj"]
-            left, right = (a_, g_) if m.is_transposed else (g_, a_)
-            out["down_proj"] = Factored(right=padded(right), shape=p.shape, left=padded(left))
+        for name, (left, right) in (
+            (up_name, (xs_, dh_) if m.is_transposed else (dh_, xs_)),
+            ("down_proj", (a_, g_) if m.is_transposed else (g_, a_)),
+        ):
+            if name in params:
+                shape = m._parameters[name].shape
+                out[name] = RoutedFactored(left, right, shape, n, example, pos, expert, counts, slots)
         for name, v in ((up_name + "_bias", dh_), ("down_proj_bias", g_)):
             if name in params:
                 d = v.new_zeros(n, e_count, v.shape[1])
