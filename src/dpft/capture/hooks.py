@@ -406,6 +406,16 @@ class Capture(LanePlanning, SelfChecks):
             b.rng = rng_state(dev)
             b.kwargs = fresh_caches(module, kwargs)
             b.autocast = _autocast_state(dev)
+            skips = getattr(b.rule, "skips_autograd", None)
+            if self.book_keeping and self._passes >= self.check_passes and skips is not None and skips(module):
+                # a generic-path module whose faster computation the first passes
+                # verified (fused experts): autograd need not compute its weights'
+                # (non-private) gradients either; ``_post`` switches them back on
+                for k in b.params:
+                    p = module._parameters.get(k)
+                    if p is not None and p.requires_grad and self._holders.get(b.keys[k], 0) == 1:
+                        p.requires_grad_(False)
+                        b.toggled.append(p)
         elif self.book_keeping and self._passes >= self.check_passes:
             # (not in the first backward passes: there autograd's weight
             # gradient is the reference each per-example sum is checked against)
