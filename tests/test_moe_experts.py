@@ -259,3 +259,21 @@ def test_no_per_example_tensor_of_all_experts(mode):
             assert c.held < p.numel()  # values kept per example, against one dense per-example gradient
     # and the first passes (the reference) did hand dense ones: the check can fail
     assert all(isinstance(record[0][1][k][0], Direct) for k in fused)
+
+
+@pytest.mark.parametrize("mode,skipped", [("auto", True), ("ghost", False)])
+def test_autograd_leaves_out_verified_expert_gradients(mode, skipped):
+    """Book-keeping (``auto``): once verified, autograd no longer computes the
+    fused weights' (non-private) gradients, as for the fast rules' weights;
+    without book-keeping it still does."""
+    torch.manual_seed(0)
+    model = _mixtral()
+    record: list = []
+    seen: dict[str, set[int]] = {}
+    for k, p in model.named_parameters():
+        if p.ndim == 3:
+            p.register_hook(lambda g, k=k: seen.setdefault(k, set()).add(len(record)))
+    _run(model, mode, record)
+    assert len(seen) == 4
+    want = {0, 1} if skipped else set(range(len(SIZES)))
+    assert all(steps == want for steps in seen.values()), seen

@@ -102,6 +102,12 @@ class _VerifiedRule(FallbackRule):
         it does not apply (the reference runs)."""
         raise NotImplementedError
 
+    def skips_autograd(self, module: nn.Module) -> bool:
+        """Whether autograd may leave out the module's parameter gradients
+        (book-keeping, after the first passes): neither this rule nor the
+        reference it falls back to reads them, once the rule was verified."""
+        return verified(module).ok is True
+
     def fast(self, call: Call, params: frozenset[str]) -> dict[str, Contribution]:
         """The contributions of ``params`` computed by the module's own arithmetic."""
         raise NotImplementedError
