@@ -407,10 +407,18 @@ class Capture(LanePlanning, SelfChecks):
             b.kwargs = fresh_caches(module, kwargs)
             b.autocast = _autocast_state(dev)
             skips = getattr(b.rule, "skips_autograd", None)
-            if self.book_keeping and self._passes >= self.check_passes and skips is not None and skips(module):
+            if (
+                self.book_keeping
+                and self._passes >= self.check_passes
+                and skips is not None
+                and any(isinstance(a, Tensor) and a.requires_grad for a in args)
+                and skips(module)
+            ):
                 # a generic-path module whose faster computation the first passes
                 # verified (fused experts): autograd need not compute its weights'
-                # (non-private) gradients either; ``_post`` switches them back on
+                # (non-private) gradients either; ``_post`` switches them back on.
+                # Only where an input needs a gradient: the outputs then still do
+                # (else a router's outputs would need none, and its call be lost)
                 for k in b.params:
                     p = module._parameters.get(k)
                     if p is not None and p.requires_grad and self._holders.get(b.keys[k], 0) == 1:
