@@ -277,3 +277,15 @@ def test_autograd_leaves_out_verified_expert_gradients(mode, skipped):
     assert len(seen) == 4
     want = {0, 1} if skipped else set(range(len(SIZES)))
     assert all(steps == want for steps in seen.values()), seen
+
+
+def test_first_trainable_module_is_the_router():
+    """Only the first layer's mixture of experts trains: its inputs need no
+    gradient, so the router's outputs need one only through its own weight,
+    which autograd must keep computing with (book-keeping after verification)."""
+    torch.manual_seed(0)
+    model = _mixtral()
+    for k, p in model.named_parameters():
+        p.requires_grad_(k.startswith("model.layers.0.mlp."))
+    _run(model, "auto")
+    assert all(verified(m).ok for m in _modules(model, FusedExpertsRule)[:1] + _modules(model, LinearRouterRule)[:1])
