@@ -145,9 +145,8 @@ class _VerifiedRule(FallbackRule):
             try:
                 with amp:
                     mine = self.fast(call, params)
-                agreed = set(mine) == set(names) and all(
-                    _agree(_dense(mine[k], n), reference[k], call.saved.get("autocast") is not None) for k in names
-                )
+                half = call.saved.get("autocast") is not None
+                agreed = set(mine) == set(names) and all(_agrees(mine[k], reference[k], half) for k in names)
                 if not agreed:
                     state.why_not = "disagreed with the reference pull-back"
             except Exception as e:  # (an interface other than the one read here: stay exact)
@@ -273,12 +272,30 @@ def _amp(call: Call) -> Any:
     return torch.autocast(autocast[0], dtype=autocast[1]) if autocast else contextlib.nullcontext()
 
 
-def _dense(c: Contribution, n: int) -> Tensor:
-    """A contribution's per-example gradient ``(n, *shape)`` (the first passes' comparison)."""
+def _agrees(c: Contribution, reference: Tensor, half: bool) -> bool:
+    """Whether a contribution's per-example gradients agree with the
+    reference's ``(n, *shape)`` by the generic path's criterion
+    (:func:`~dpft.rules.fallback._agree`), built one example at a time (no
+    second ``B x`` weight tensor, in float64, beside the reference's)."""
     if isinstance(c, Direct):
-        return c.grad
-    left, right = c.left.double(), c.right.double()  # type: ignore[union-attr]
-    return torch.einsum("btgp,btgd->bgpd", left, right).reshape(n, *c.shape)
+        return _agree(c.grad, reference, half)
+    if tuple(c.shape) != tuple(reference.shape[1:]):
+        return False
+    left, right = c.left, c.right  # type: ignore[union-attr]
+    diff, scale = [], []
+    for i in range(reference.shape[0]):
+        mine = torch.einsum("tgp,tgd->gpd", left[i].double(), right[i].double()).reshape(c.shape)
+        ref = reference[i].double()
+        diff.append(torch.linalg.vector_norm(mine - ref))
+        scale.append(torch.linalg.vector_norm(ref))
+        del mine, ref
+    c.release()
+    # rows (difference, norm) against (0, norm): ``_agree`` compares each example's
+    # difference with its norm (and the largest one), at the reference dtype's tolerance
+    d, r = torch.stack(diff), torch.stack(scale)
+    return _agree(
+        torch.stack([d, r], 1).to(reference.dtype), torch.stack([torch.zeros_like(r), r], 1).to(reference.dtype), half
+    )
 
 
 def _arg(call: Call, i: int, name: str) -> Any:
