@@ -142,10 +142,25 @@ def _modules(model: nn.Module, rule: type) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(find_rule(m), rule)]
 
 
-def _run(model: nn.Module, mode: str = "auto", record: list | None = None, tensor_tol: float = 1e-6) -> None:
+def _bf16_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return _loss(model, batch)
+
+
+def _run(
+    model: nn.Module,
+    mode: str = "auto",
+    record: list | None = None,
+    tensor_tol: float = 1e-6,
+    tol: float = 1e-6,
+    loss_fn=_loss,
+) -> None:
     """The steps of :data:`SIZES`, each checked against the brute force (noise 0, SGD lr=1):
-    the whole update within 1e-6, each tensor within ``tensor_tol``."""
-    model = model.double()
+    the whole update within ``tol``, each tensor within ``tensor_tol``; float64
+    unless ``loss_fn`` runs under autocast."""
+    _loss = loss_fn  # noqa: N806 (the loss of both the brute force and dpft)
+    if loss_fn is not _bf16_loss:
+        model = model.double()
     ref = copy.deepcopy(model)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(1)
@@ -181,7 +196,7 @@ def _run(model: nn.Module, mode: str = "auto", record: list | None = None, tenso
         opt.step()
         opt.zero_grad()
         err = max_rel_error({n: before[n] - params[n].detach() for n in names}, want)
-        assert err <= 1e-6, f"step {step}: relative error {err:.3e}"
+        assert err <= tol, f"step {step}: relative error {err:.3e}"
         for n in names:  # every tensor, the router's and the experts' included
             e = max_rel_error({n: before[n] - params[n].detach()}, {n: want[n]})
             assert e <= tensor_tol or float(want[n].norm()) < 1e-12, f"step {step}, {n}: relative error {e:.3e}"
@@ -270,6 +285,26 @@ def test_no_per_example_tensor_of_all_experts(monkeypatch):
             assert c.held < p.numel()  # values kept per example, against one dense per-example gradient
     # and the first passes (the reference) did hand dense ones: the check can fail
     assert all(isinstance(record[0][1][k][0], Direct) for k in fused)
+
+
+def test_bf16_autocast_verified_with_half_precision_factors():
+    """Under bfloat16 autocast (the GPU benchmark's setting) the rules pass
+    the first passes' comparison (at half-precision tolerance) and keep the
+    half-precision rows the experts multiplied, so norms and sums run on
+    half-precision products; the update is that of a brute force under the
+    same autocast, to bfloat16 rounding."""
+    torch.manual_seed(0)
+    model = _mixtral()
+    record: list = []
+    _run(model, "auto", record, tensor_tol=0.1, tol=3e-2, loss_fn=_bf16_loss)
+    for m in _modules(model, FusedExpertsRule) + _modules(model, LinearRouterRule):
+        state = verified(m)
+        assert state.ok is True and state.fast_calls == len(SIZES) - 2, state.why_not
+    for _, contributions in record[2:]:
+        for k, cs in contributions.items():
+            if k.endswith(("gate_up_proj", "down_proj")):
+                (c,) = cs
+                assert c.lc.dtype == c.rc.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("mode,skipped", [("auto", True), ("ghost", False)])

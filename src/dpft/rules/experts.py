@@ -387,7 +387,7 @@ class FusedExpertsRule(_VerifiedRule):
             ge = g[token[sl]] * weight[sl, None].to(g.dtype)
             da = ge.to(a.dtype) @ wd.to(a.dtype)  # (linear's input gradient: out = a @ wd^T)
             (dh,) = torch.autograd.grad(a, h, da)
-            xs.append(xe)
+            xs.append(xe.to(h.dtype))  # (under autocast: the half-precision rows the layer multiplied)
             hs.append(dh.detach())
             acts.append(a.detach())
             gs.append(ge.to(a.dtype))
@@ -411,8 +411,9 @@ class FusedExpertsRule(_VerifiedRule):
                 out[name] = RoutedFactored(left, right, shape, n, example, pos, expert, counts, slots)
         for name, v in ((up_name + "_bias", dh_), ("down_proj_bias", g_)):
             if name in params:
-                d = v.new_zeros(n, e_count, v.shape[1])
-                d.index_put_((example, expert), v, accumulate=True)
+                acc = torch.float64 if v.dtype == torch.float64 else torch.float32
+                d = torch.zeros(n, e_count, v.shape[1], dtype=acc, device=dev)
+                d.index_put_((example, expert), v.to(acc), accumulate=True)
                 out[name] = Direct(d)
         return out
 
@@ -466,8 +467,9 @@ class LinearRouterRule(_VerifiedRule):
         out: dict[str, Contribution] = {}
         if "weight" in params:
             w = m._parameters["weight"]
-            dt = torch.promote_types(x.dtype, g.dtype) if x.dtype != g.dtype else x.dtype
+            # (under autocast: the half-precision input the layer multiplied)
+            dt = g.dtype if g.dtype in HALF else torch.promote_types(x.dtype, g.dtype)
             out["weight"] = Factored(right=x.to(dt), shape=w.shape, left=g.to(dt))
         if "bias" in params:
-            out["bias"] = Direct(g.sum(dim=(1, 2)))
+            out["bias"] = Direct(g.sum(dim=(1, 2), dtype=torch.float64 if g.dtype == torch.float64 else torch.float32))
         return out
