@@ -17,11 +17,12 @@ chosen expert) contributes an outer product to its expert's slice of the
 weight: for ``down_proj[e]`` the routing-weighted output gradient times the
 expert's hidden activation, for ``gate_up_proj[e]`` the gradient at the
 pre-activation times the token (the expert's MLP recomputed per expert, as
-its non-private backward does).  The pairs are laid out as a
-:class:`~dpft.rules.base.Factored` contribution with one group per expert
-and, per example, as many positions as the example sent tokens to its most
-used expert, so norms take the ghost identity (or instantiation) and the
-clipped sum one weighted product per expert: no ``B x`` all-experts tensor.
+its non-private backward does).  The pairs are kept compact
+(:class:`RoutedFactored`) and read as a :class:`~dpft.rules.base.Factored`
+contribution with one group per expert and, per example, as many positions
+as the example sent tokens to its most used expert (built only for the
+norm), so norms take the ghost identity (or instantiation) and the clipped
+sum is one weighted product per expert: no ``B x`` all-experts tensor.
 Row ``r`` of the ``N`` rows belongs to example ``r // T`` (examples' rows
 flattened example by example, which the capture verifies for the module's
 output).  The router's weight gets ``sum_rows dlogits (x) x`` from the
