@@ -85,6 +85,24 @@ def _device_of(module: nn.Module, args: tuple, kwargs: dict) -> torch.device | N
 Sink = Callable[[dict[str, list[Contribution]], int, "tuple[tuple[str, ...], Tensor] | None"], None]
 
 
+def _flat_batch_view(x: Tensor, n: int) -> bool:
+    """Whether ``x`` is a flat view of a contiguous batch-first tensor of ``n``
+    examples (``h.view(-1, d)`` of a ``(B, T, d)`` tensor): its rows are the
+    examples' rows, example by example (the probe the recomputation pulls each
+    example's output rows back to: mixture-of-experts blocks with a shared
+    expert, whose sibling layers leave no batch-first tensor nearby to check against)."""
+    base = x._base
+    return (
+        base is not None
+        and base.ndim > 0
+        and base.shape[0] == n
+        and base.is_contiguous()
+        and x.is_contiguous()
+        and x.data_ptr() == base.data_ptr()
+        and x.numel() == base.numel()
+    )
+
+
 class Capture(LanePlanning, SelfChecks):
     """Installs and removes the hooks; hands per-backward contributions to ``sink``."""
 
@@ -420,6 +438,25 @@ class Capture(LanePlanning, SelfChecks):
                 mode = substitution(b.rule, module, b.slow, self.batch_size, args)
                 if mode is not None:
                     self._subst[id(b)] = mode
+
+            skips = getattr(b.rule, "skips_autograd", None)
+            if (
+                self.book_keeping
+                and self._passes >= self.check_passes
+                and skips is not None
+                and any(isinstance(a, Tensor) and a.requires_grad for a in args)
+                and skips(module)
+            ):
+                # a generic-path module whose faster computation the first passes
+                # verified (fused experts): autograd need not compute its weights'
+                # (non-private) gradients either; ``_post`` switches them back on.
+                # Only where an input needs a gradient: the outputs then still do
+                # (else a router's outputs would need none, and its call be lost)
+                for k in b.params:
+                    p = module._parameters.get(k)
+                    if p is not None and p.requires_grad and self._holders.get(b.keys[k], 0) == 1:
+                        p.requires_grad_(False)
+                        b.toggled.append(p)
         elif self.book_keeping and self._passes >= self.check_passes:
             # (not in the first backward passes: there autograd's weight
             # gradient is the reference each per-example sum is checked against)
@@ -735,7 +772,11 @@ class Capture(LanePlanning, SelfChecks):
             return False
         k = len(args) if rule.data_args is None else rule.data_args
         return any(
-            isinstance(a, Tensor) and a.is_floating_point() and a.ndim > dim and a.shape[dim] == n for a in args[:k]
+            isinstance(a, Tensor)
+            and a.is_floating_point()
+            and a.ndim > dim
+            and (a.shape[dim] == n or (dim == 0 and _flat_batch_view(a, n)))
+            for a in args[:k]
         )
 
     def _escalate(self, b: Binding, strict: bool = True) -> bool:

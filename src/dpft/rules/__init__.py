@@ -16,6 +16,7 @@ from torch import nn
 from .base import Call, Contribution, Direct, Factored, Rule
 from .conv import CONV_TRANSPOSE_TYPES, CONV_TYPES, ConvRule, ConvTransposeRule
 from .embedding import EmbeddingRule
+from .experts import FusedExpertsRule, LinearRouterRule, is_fused_experts, is_linear_router
 from .fallback import (
     EnclosingRule,
     FallbackRule,
@@ -67,6 +68,8 @@ ESCALATED = EnclosingRule()
 
 register_rule(nn.MultiheadAttention, MultiheadAttentionRule())
 register_rule(is_moe_block, RoutedExpertsRule())
+register_rule(is_fused_experts, FusedExpertsRule())
+register_rule(is_linear_router, LinearRouterRule())
 BUILTIN[nn.Linear] = LinearRule()
 BUILTIN[nn.Embedding] = EmbeddingRule()
 BUILTIN[nn.LayerNorm] = LayerNormRule()
