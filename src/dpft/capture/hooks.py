@@ -445,6 +445,7 @@ class Capture(LanePlanning, SelfChecks):
         elif (
             b.book_keeping
             and self.enabled
+            and not self.weights_on
             and isinstance(output, Tensor)
             and output._base is not None
             and output.requires_grad
