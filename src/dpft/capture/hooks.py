@@ -165,6 +165,9 @@ class Capture(LanePlanning, SelfChecks):
         # of the second pass is the clipped sum)
         self.early_norms: dict[str, Tensor] | None = None
         self.weights_on = False
+        # its second pass: the backward hooks do nothing (the forward hooks run
+        # as in the forward, so that a checkpoint's recomputation saves the same)
+        self.passive = False
         self.multi_use: set[str] = set()  # parameters with several calls in one backward pass
 
     # -- installation -------------------------------------------------------
@@ -827,7 +830,7 @@ class Capture(LanePlanning, SelfChecks):
 
     # -- backward -----------------------------------------------------------
     def _on_grad(self, b: Binding, call: Call, grad: Tensor) -> None:
-        if not self.enabled:
+        if not self.enabled or self.passive:
             return
         if call.batch_size == 0:
             raise ValueError(
@@ -967,7 +970,7 @@ class Capture(LanePlanning, SelfChecks):
         return 0
 
     def _on_fallback_grad(self, b: Binding, call: Call, index: int, grad: Tensor) -> None:
-        if not self.enabled:
+        if not self.enabled or self.passive:
             return
         first = all(g is None for g in call.grads)
         call.grads[index] = grad
@@ -976,7 +979,7 @@ class Capture(LanePlanning, SelfChecks):
         self._queue()
 
     def _on_output_grad(self, grad: Tensor) -> None:
-        if self.enabled:
+        if self.enabled and not self.passive:
             self._queue()
 
     def _on_param_grad(self, key: str, grad: Tensor) -> None:
