@@ -937,9 +937,7 @@ class Capture(LanePlanning, SelfChecks):
         with several uses in one backward pass (tied, or a layer called
         twice, seen in the first passes): the norm of a sum is not a sum of
         norms, so those go to the end of the pass as before."""
-        if b.fallback or any(
-            self._holders.get(b.keys[k], 0) > 1 or b.keys[k] in self.multi_use for k in b.slow
-        ):
+        if b.fallback or any(self._holders.get(b.keys[k], 0) > 1 or b.keys[k] in self.multi_use for k in b.slow):
             return False
         call.check_versions(b.name)
         contribs = b.rule.contributions(call, b.slow)
