@@ -523,3 +523,64 @@ def test_two_pass_on_exact_without_checkpointing(subset):
 def test_two_pass_option_checked():
     with pytest.raises(ValueError, match="two_pass must be one of"):
         dpft.EngineOptions(two_pass="yes")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_two_pass_accumulates_physical_batches(reduction):
+    """Three physical batches (a backward pass each) before one step, under
+    two-pass clipping (checkpointed stack, non-reentrant; the usual path in
+    the first three backward passes): each step is the brute-force clipped
+    mean of all the examples (float64), the losses a mean or a sum."""
+    from reference import clipped_mean, max_rel_error, per_example_grads
+
+    B, T, d, R = 3, 8, 16, 0.05
+    torch.manual_seed(7)
+    model = Stack(d=d, n=2, mode="non-reentrant").double()
+    ref = Stack(d=d, n=2).double()
+    names = [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+    with pytest.warns(UserWarning):
+        engine = dpft.PrivacyEngine(
+            model,
+            batch_size=3 * B,
+            sample_size=1000,
+            steps=100,
+            noise_multiplier=0.0,
+            max_grad_norm=R,
+            loss_reduction=reduction,
+        )
+    opt = engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
+
+    def loss_fn(m, x):
+        per = m(x).pow(2).sum(1)
+        return per.mean() if reduction == "mean" else per.sum()
+
+    gen = torch.Generator().manual_seed(8)
+    for step in range(5):
+        xs = [torch.randn(B, T, 4, dtype=torch.float64, generator=gen) for _ in range(3)]
+        ref.load_state_dict(model.state_dict())
+        singles = [x[i : i + 1] for x in xs for i in range(B)]
+        want = clipped_mean(per_example_grads(ref, names, singles, loss_fn), [names], R, "abadi", 3 * B)
+        before = {n: p.detach().clone() for n, p in params.items()}
+        for x in xs:
+            loss_fn(model, x).backward()
+        opt.step()
+        opt.zero_grad()
+        err = max_rel_error({n: before[n] - params[n].detach() for n in names}, want)
+        assert err <= 1e-9, f"step {step}: relative error {err:.3e}"
+    assert engine.two_pass_steps == 3 * 5 - 3
+    engine.detach()
+
+
+def test_two_pass_half_reweight_never_rounds_up():
+    """In bfloat16 the reweighted output gradient never exceeds the exact
+    product in magnitude (the clip weights are shrunk before rounding)."""
+    from dpft.clip.two_pass import reweight
+
+    g = torch.randn(64, 33, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    w = torch.rand(64, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 3
+    out = reweight(g, w.float())
+    exact = g.double() * w.view(-1, 1)
+    assert out.dtype == torch.bfloat16
+    assert bool((out.double().abs() <= exact.abs()).all())
+    assert float((out.double() - exact).abs().max() / exact.abs().max()) < 2**-6

@@ -577,6 +577,7 @@ class PrivacyEngine:
             self._grad_handles = [p.register_post_accumulate_grad_hook(self._take_grad) for p in self.params.values()]
         cap = self._capture
         cap.early_norms = {}
+        cap.passive = False  # (another forward's pass 2 may be under way in the outer backward pass)
         self._weights = None
         self._pass = 1
         box.append(g)
