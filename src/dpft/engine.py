@@ -365,6 +365,7 @@ class PrivacyEngine:
         self._two_pass_handles: list[Any] = []
         self._grad_handles: list[Any] = []
         self.two_pass_steps = 0  # backward passes that took two-pass clipping
+        self._sizes: tuple[int, int] | None = None  # (trainable weight values, model parameter bytes)
 
     # -- public state -------------------------------------------------------
     @property
@@ -539,9 +540,11 @@ class PrivacyEngine:
         # per-example gradients would take as many bytes as the model's parameters
         if not (cap._outside_root or cap._ckpt_seen):
             return False
-        lane = set(cap.lane_keys)
-        weights = sum(p.numel() for k, p in self.params.items() if k not in lane)
-        model_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        if self._sizes is None:
+            lane = set(cap.lane_keys)
+            weights = sum(p.numel() for k, p in self.params.items() if k not in lane)
+            self._sizes = (weights, sum(p.numel() * p.element_size() for p in self.model.parameters()))
+        weights, model_bytes = self._sizes
         return batch * 4 * weights >= model_bytes
 
     def _two_pass_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
