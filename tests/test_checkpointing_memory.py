@@ -225,7 +225,7 @@ def _loraize(model: Stack) -> None:
 transformers = pytest.importorskip("transformers")
 
 
-def _tiny_llama(layers=4):
+def _tiny_llama(layers=4, tied=False):
     cfg = transformers.LlamaConfig(
         hidden_size=32,
         intermediate_size=48,
@@ -234,7 +234,7 @@ def _tiny_llama(layers=4):
         num_key_value_heads=2,
         vocab_size=50,
         max_position_embeddings=256,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg)
@@ -469,6 +469,28 @@ def test_hf_gradient_checkpointing_full_exact(reentrant):
 
     engine = steps_exact(model, ref, batches(), lm_loss, batch_size=B, R=0.01, tol=1e-6)
     assert engine.two_pass_steps == 3
+    engine.detach()
+
+
+def test_hf_tied_embeddings_two_pass_exact():
+    """Tied input and output embeddings (one parameter, two uses in a pass):
+    under two-pass clipping its norm is taken at the end of pass 1 from both
+    uses (the norm of a sum), and the steps equal the brute force (float64)."""
+    B, T = 4, 10
+    model = _tiny_llama(layers=2, tied=True).double()
+    model.train()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ref = copy.deepcopy(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    gen = torch.Generator().manual_seed(3)
+
+    def batches():
+        for _ in range(5):
+            ids = torch.randint(0, 50, (B, T), generator=gen)
+            yield ids, [ids[i : i + 1] for i in range(B)]
+
+    engine = steps_exact(model, ref, batches(), lm_loss, batch_size=B, R=0.01, tol=1e-6)
+    assert engine.two_pass_steps == 2
     engine.detach()
 
 
