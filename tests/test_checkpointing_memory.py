@@ -606,3 +606,28 @@ def test_two_pass_half_reweight_never_rounds_up():
     assert out.dtype == torch.bfloat16
     assert bool((out.double().abs() <= exact.abs()).all())
     assert float((out.double() - exact).abs().max() / exact.abs().max()) < 2**-6
+
+
+@pytest.mark.parametrize("mode", ["non-reentrant", "reentrant"])
+def test_two_pass_evaluation_between_forward_and_backward(mode):
+    """A forward under ``torch.no_grad()`` between a training forward and its
+    backward pass (an evaluation) does not change what the segments'
+    recomputation sees: DP full stays exact under two-pass clipping."""
+    B, T, d = 4, 8, 16
+
+    def make(ckpt):
+        torch.manual_seed(9)
+        return Stack(d=d, n=2, mode=mode if ckpt else None).double()
+
+    model, ref = make(True), make(False)
+
+    def loss_fn(m, b):
+        loss = m(b).pow(2).sum(1).mean()
+        with torch.no_grad():
+            m(b)
+        return loss
+
+    batches = tensor_batches(lambda: torch.randn(B, T, 4, dtype=torch.float64), 5)
+    engine = steps_exact(model, ref, batches, loss_fn, batch_size=B, R=0.05, tol=1e-9)
+    assert engine.two_pass_steps == 2
+    engine.detach()

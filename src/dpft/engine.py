@@ -548,6 +548,10 @@ class PrivacyEngine:
         return batch * 4 * weights >= model_bytes
 
     def _two_pass_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not torch.is_grad_enabled():
+            # (an evaluation between a forward and its backward: the switches of
+            # that forward stay, for its segments' recomputation)
+            return
         if self._pass:  # a two-pass backward pass that raised midway: the hooks are active again
             self._pass = 0
             self._capture.passive = False
