@@ -612,7 +612,13 @@ class PrivacyEngine:
             p.grad = None
         elif self._pass == 2:
             g, p.grad = p.grad, None
-            self._sum.add_grad(self._names_of[id(p)], g)
+            k = self._names_of[id(p)]
+            cap = self._capture
+            where = cap.lane_offsets.get(k)
+            if where is not None:  # (where the usual path sums it: the same noise from a seeded generator)
+                self._sum.add_flat(cap.lane_keys, cap.lane_total, where, g, cap.lane_dtype)
+            else:
+                self._sum.add_grad(k, g)
 
     def _two_pass_end(self) -> None:
         self._pass = 0

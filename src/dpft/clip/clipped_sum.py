@@ -261,6 +261,18 @@ class ClippedSum:
         parameter's dtype, as autograd accumulates it)."""
         self._accumulate(k, grad)
 
+    def add_flat(self, names: tuple[str, ...], total: int, where: tuple[int, int], grad: Tensor, dtype) -> None:
+        """Two-pass clipping's second pass: autograd's gradient (the clipped
+        sum) of a parameter that the usual path sums in the flat bucket
+        ``names`` (the lane: ``total`` values, this one at ``where`` =
+        (offset, numel)), added there, so that a step's layout, and so the
+        noise each value draws from a seeded generator, is the usual path's."""
+        flat = self.flat.get(names)
+        if flat is None:
+            flat = self.flat[names] = torch.zeros(total, dtype=dtype, device=grad.device)
+        off, numel = where
+        flat[off : off + numel] += grad.reshape(-1).to(dtype)
+
     def _restrict_rows(self, contributions: dict[str, list[Contribution]]) -> set[str]:
         """Row-restricted parameters (SPARTA): their contributions cut to the
         selected rows; returns those whose sums are compact (selected rows only)."""
