@@ -8,9 +8,14 @@ Checkpointing is Hugging Face's ``gradient_checkpointing_enable()``
 (non-reentrant unless ``--reentrant``).  Every configuration runs in its own
 process (an out-of-memory error ends that row only); the table gives
 dpft / non-private for peak memory (``torch.cuda.max_memory_allocated``) and
-speed (median step time).
+speed (median step time), and how many of the measured dpft steps took
+two-pass clipping (``--two-pass``: the engine's ``two_pass`` option; ``auto``
+takes it for DP full under checkpointing).  The engine's first three
+backward passes cross-check its per-example gradients against autograd's and
+take the usual path, so the warm-up is at least three steps.
 
     python -m benchmarks.ckpt_memory --models 1b --methods lora,full --batch 8 --seq 2048
+    python -m benchmarks.ckpt_memory --models 1b --methods full --ckpt on --two-pass off   # the usual path
     python -m benchmarks.ckpt_memory --models 8b --methods lora --batch 2 --seq 4096
     python -m benchmarks.ckpt_memory --tiny --device cpu     # a CPU check of the script itself
 """
@@ -98,7 +103,13 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
         import dpft
 
         engine = dpft.PrivacyEngine(
-            model, batch_size=B, sample_size=100 * B, steps=1000, noise_multiplier=1.0, max_grad_norm=1.0
+            model,
+            batch_size=B,
+            sample_size=100 * B,
+            steps=1000,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            two_pass=cfg["two_pass"],
         )
         engine.attach(opt)
 
@@ -116,9 +127,10 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize()
 
-    for _ in range(cfg["warmup"]):
+    for _ in range(max(cfg["warmup"], 3)):  # (the engine's first three passes take the usual path)
         step()
     sync()
+    before = engine.two_pass_steps if cfg["private"] else 0
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -128,7 +140,13 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
         sync()
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() if cuda else 0
-    return {"step_s": statistics.median(times), "peak_gib": peak / 2**30, "trainable": sum(p.numel() for p in params)}
+    two_pass = engine.two_pass_steps - before if cfg["private"] else 0
+    return {
+        "step_s": statistics.median(times),
+        "peak_gib": peak / 2**30,
+        "trainable": sum(p.numel() for p in params),
+        "two_pass_steps": two_pass,
+    }
 
 
 def run_one(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -152,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ckpt", default="on,off", help="checkpointing settings to run: on, off")
     ap.add_argument("--reentrant", action="store_true", help="reentrant checkpointing (default: non-reentrant)")
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=3, help="warm-up steps (at least 3)")
+    ap.add_argument("--two-pass", default="auto", choices=["auto", "on", "off"], help="the engine's two_pass option")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="a tiny model (checks the script, e.g. on CPU)")
     ap.add_argument("--json", default=None, help="append every row to this JSON-lines file")
@@ -168,7 +187,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     models = ["tiny"] if args.tiny else args.models.split(",")
     seq, batch = (64, 2) if args.tiny else (args.seq, args.batch)
-    header = f"{'model':6} {'method':7} {'ckpt':4} {'B x T':>11} | {'non-private':>18} | {'dpft':>18} | {'memory':>7} {'speed':>6}"
+    header = (
+        f"{'model':6} {'method':7} {'ckpt':4} {'B x T':>11} | {'non-private':>18} | {'dpft':>18} | "
+        f"{'memory':>7} {'speed':>6} {'2-pass':>6}"
+    )
     print(header)
     print("-" * len(header))
     for model in models:
@@ -186,6 +208,7 @@ def main(argv: list[str] | None = None) -> None:
                         "seq": seq,
                         "steps": args.steps,
                         "warmup": args.warmup,
+                        "two_pass": args.two_pass,
                         "device": args.device,
                     }
                     rows[private] = run_one(cfg)
@@ -204,14 +227,16 @@ def main(argv: list[str] | None = None) -> None:
                     if np_["peak_gib"] > 0:
                         mem = f"{dp['peak_gib'] / np_['peak_gib']:.2f}x"
                     speed = f"{np_['step_s'] / dp['step_s']:.2f}x"
+                passes = f"{dp['two_pass_steps']}/{args.steps}" if "error" not in dp else "-"
                 print(
                     f"{model:6} {method:7} {ckpt:4} {f'{batch} x {seq}':>11} | {cell(np_):>18} | {cell(dp):>18} | "
-                    f"{mem:>7} {speed:>6}",
+                    f"{mem:>7} {speed:>6} {passes:>6}",
                     flush=True,
                 )
     print(
         "memory: dpft peak / non-private peak (target <= 1.05x under checkpointing); "
-        "speed: non-private step time / dpft step time (targets: LoRA >= 0.95x, full >= 0.80x)"
+        "speed: non-private step time / dpft step time (targets: LoRA >= 0.95x, full >= 0.80x); "
+        "2-pass: measured dpft steps that took two-pass clipping"
     )
 
 

@@ -188,15 +188,16 @@ def steps_exact(
     mode: str = "auto",
     tol: float = 1e-6,
     after_step: Callable[[int], None] | None = None,
+    **engine_kw: Any,
 ) -> dpft.PrivacyEngine:
     """Several dpft steps in a row (noise 0, SGD lr=1), each compared with the
     brute-force clipped mean at the current weights.  ``batches``: an iterable
     of ``(batch, [single-example batches])``; ``ref``: a copy of ``model``
     without the engine's hooks (e.g. without activation checkpointing), on
     which the brute force runs; ``after_step(step)`` is called after each
-    checked step.  The engine behaves differently after its first backward
-    passes (they cross-check its sums against autograd's), which a single
-    step never reaches."""
+    checked step; ``engine_kw`` go to the engine.  The engine behaves
+    differently after its first backward passes (they cross-check its sums
+    against autograd's), which a single step never reaches."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # noise_multiplier=0
@@ -208,6 +209,7 @@ def steps_exact(
             noise_multiplier=0.0,
             max_grad_norm=R,
             clipping_mode=mode,
+            **engine_kw,
         )
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     engine.attach(opt)

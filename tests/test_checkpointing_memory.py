@@ -16,6 +16,13 @@ process memory:
 The bound ("one segment's captures") is measured on the same model without
 checkpointing: the bytes dpft keeps for the layers of one block after the
 forward pass.
+
+DP full fine-tuning under checkpointing takes two-pass clipping
+(:mod:`dpft.clip.two_pass`) from its fourth backward pass on: the same bound
+then holds at shapes where the usual path keeps every layer's input and
+output gradient (or per-example gradient) to the end of the backward pass,
+counting also the engine's lane of per-example gradients (biases, norm
+weights) on top of the bound.
 """
 
 from __future__ import annotations
@@ -97,6 +104,12 @@ class Stack(nn.Module):
         return self.head(h.mean(1))
 
 
+def lane_bytes(engine) -> int:
+    """Bytes of the capture's per-example lane buffer (biases, norm weights), if one is live."""
+    buf = getattr(engine._capture, "_lane_buf", None)
+    return buf.untyped_storage().nbytes() if buf is not None else 0
+
+
 def _engine(model, B, R=1.0, **kw):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     engine = dpft.PrivacyEngine(
@@ -108,7 +121,7 @@ def _engine(model, B, R=1.0, **kw):
 
 def _segment_bound(model, mods_of_first, run) -> int:
     """Bytes dpft keeps for one segment's layers after a forward without checkpointing."""
-    engine, opt = _engine(model, 4)
+    engine, opt = _engine(model, 4, two_pass="off")
     loss = run(model)
     bound = held_bytes(mods_of_first)
     loss.backward()
@@ -117,30 +130,35 @@ def _segment_bound(model, mods_of_first, run) -> int:
     return bound
 
 
-def _measure(model, run, probe_of) -> tuple[int, int]:
+def _measure(model, run, probe_of, steps=3, lane=False, **kw) -> tuple[int, int, int]:
     """(bytes held between forward and backward, most bytes held at a
-    segment boundary during the backward pass), over three steps (the first
-    two cross-check against autograd and keep more)."""
-    engine, opt = _engine(model, 4)
+    segment boundary during the backward pass, in the last of ``steps``
+    steps -- the first two cross-check against autograd and keep more; with
+    ``lane`` the lane buffer's bytes are counted too -- and the number of
+    backward passes that took two-pass clipping)."""
+    engine, opt = _engine(model, 4, **kw)
     during: list[int] = []
     after_forward = 0
-    for step in range(3):
+    for step in range(steps):
         during.clear()
 
         def probe(h):
             if h.requires_grad:
-                h.register_hook(lambda g: during.append(held_bytes()))
+                h.register_hook(lambda g: during.append(held_bytes() + (lane_bytes(engine) if lane else 0)))
 
-        probe_of(model, probe)
+        last = step == steps - 1  # (counting walks every live object: only in the step measured)
+        probe_of(model, probe if last else None)
         loss = run(model)
-        after_forward = held_bytes()
+        if last:
+            after_forward = held_bytes()
         loss.backward()
         opt.step()
         opt.zero_grad()
     probe_of(model, None)
+    two_pass_steps = engine.two_pass_steps
     engine.detach()
     assert during, "no segment boundary was reached"
-    return after_forward, max(during)
+    return after_forward, max(during), two_pass_steps
 
 
 def _stack_probe(model, fn):
@@ -173,7 +191,7 @@ def test_checkpointed_stack_holds_one_segment(mode, subset):
     bound = _segment_bound(ref, first, run)
     assert bound > 0
     model = make(mode)
-    after_forward, during = _measure(model, run, _stack_probe)
+    after_forward, during, _ = _measure(model, run, _stack_probe)
     assert after_forward <= bound, f"held {after_forward} bytes after the forward, one segment is {bound}"
     assert during <= bound, f"held {during} bytes during the backward, one segment is {bound}"
 
@@ -207,7 +225,7 @@ def _loraize(model: Stack) -> None:
 transformers = pytest.importorskip("transformers")
 
 
-def _tiny_llama(layers=4):
+def _tiny_llama(layers=4, tied=False):
     cfg = transformers.LlamaConfig(
         hidden_size=32,
         intermediate_size=48,
@@ -216,7 +234,7 @@ def _tiny_llama(layers=4):
         num_key_value_heads=2,
         vocab_size=50,
         max_position_embeddings=256,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg)
@@ -276,7 +294,7 @@ def test_hf_gradient_checkpointing_lora_holds_one_layer(reentrant):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     if reentrant:
         model.enable_input_require_grads()  # the embeddings are frozen
-    after_forward, during = _measure(model, lambda m: lm_loss(m, ids), _hf_probe)
+    after_forward, during, _ = _measure(model, lambda m: lm_loss(m, ids), _hf_probe)
     assert after_forward <= bound, f"held {after_forward} bytes after the forward, one layer is {bound}"
     assert during <= bound, f"held {during} bytes during the backward, one layer is {bound}"
 
@@ -296,7 +314,9 @@ def test_checkpointed_stack_exact(mode, subset):
     steps (float64).  The shapes are chosen so that the mixed rule alone
     would take ghost norms at the end (``2 T^2 < P D``) while the per-example
     gradients fit: under checkpointing they are built in the backward hook
-    instead, and that path is the one checked."""
+    instead, and that path is the one checked in the first three steps; DP
+    full takes two-pass clipping in the last three, LoRA and BiTFiT never
+    (their per-example gradients are small)."""
     B, T, d = 4, 32, 32
 
     def make(ckpt):
@@ -311,8 +331,9 @@ def test_checkpointed_stack_exact(mode, subset):
         dpft.bitfit(model)
     for p, q in zip(model.parameters(), ref.parameters()):
         q.requires_grad_(p.requires_grad)
-    batches = tensor_batches(lambda: torch.randn(B, T, 4, dtype=torch.float64), 4)
+    batches = tensor_batches(lambda: torch.randn(B, T, 4, dtype=torch.float64), 6)
     engine = steps_exact(model, ref, batches, lambda m, b: m(b).pow(2).sum(1).mean(), batch_size=B, R=0.05, tol=1e-9)
+    assert engine.two_pass_steps == (3 if subset == "full" else 0)
     choices = _early_choices(engine)
     if subset == "full":
         # fc1 (32 -> 128): 2 T^2 = 2048 < P D = 4096 <= T (P + D) = 5120 (the captures it frees)
@@ -341,3 +362,272 @@ def test_hf_gradient_checkpointing_lora_exact(reentrant):
             yield ids, [ids[i : i + 1] for i in range(B)]
 
     steps_exact(model, ref, batches(), lm_loss, batch_size=B, R=0.01, tol=1e-6).detach()
+
+
+# -- DP full fine-tuning: two-pass clipping under checkpointing --
+
+
+def _full_stack(mode, d=32, n=8):
+    torch.manual_seed(1)
+    return Stack(d=d, n=n, mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["non-reentrant", "reentrant"])
+def test_checkpointed_full_two_pass_holds_one_segment(mode):
+    """DP full fine-tuning of a checkpointed stack of 8 blocks at a short
+    sequence (``T = 8``: every weight's per-example gradient is larger than
+    its captures, so the usual path keeps each layer's input and output
+    gradient to the end of the backward pass): from the fourth step on
+    (two-pass clipping, chosen automatically) dpft holds at most one block's
+    captures (plus the small lane of bias and norm-weight per-example
+    gradients) between forward and backward and at every segment boundary
+    of both backward passes."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 4)
+
+    def run(m):
+        return m(x).pow(2).sum(1).mean()
+
+    ref = _full_stack(None)
+    bound = _segment_bound(ref, {id(m) for m in ref.blocks[0].modules()}, run)
+    assert bound > 0
+    lane = 4 * sum(p.numel() for n, p in ref.named_parameters() if p.ndim == 1) * 4  # B x biases/norms x fp32
+    after_forward, during, two_pass_steps = _measure(_full_stack(mode), run, _stack_probe, steps=5, lane=True)
+    assert two_pass_steps == 2, two_pass_steps
+    assert after_forward <= bound + lane, f"held {after_forward} bytes after the forward, one segment is {bound}"
+    assert during <= bound + lane, f"held {during} bytes during the backward, one segment is {bound} (+{lane})"
+
+
+@pytest.mark.parametrize("mode", ["non-reentrant", "reentrant"])
+def test_checkpointed_full_usual_path_grows(mode):
+    """The measure above can fail: with ``two_pass='off'`` (the usual path)
+    the same run holds the captures of every block by the end of the
+    backward pass, more than twice one block's."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 4)
+
+    def run(m):
+        return m(x).pow(2).sum(1).mean()
+
+    ref = _full_stack(None)
+    bound = _segment_bound(ref, {id(m) for m in ref.blocks[0].modules()}, run)
+    _, during, two_pass_steps = _measure(_full_stack(mode), run, _stack_probe, steps=5, two_pass="off")
+    assert two_pass_steps == 0
+    assert during > 2 * bound, (during, bound)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_hf_gradient_checkpointing_full_holds_one_layer(reentrant):
+    """``gradient_checkpointing_enable()`` on a 4-layer Llama, every weight
+    trained (DP full): from the fourth step on dpft holds at most one
+    decoder layer's captures (plus the lane of norm-weight per-example
+    gradients) during the backward passes."""
+    ids = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(0))
+    ref = _tiny_llama()
+    ref.train()
+    first = {id(m) for m in ref.model.layers[0].modules()}
+    bound = _segment_bound(ref, first, lambda m: lm_loss(m, ids))
+    assert bound > 0
+    lane = 4 * sum(p.numel() for p in ref.parameters() if p.ndim == 1) * 4
+    model = _tiny_llama()
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+
+    def probe(m, fn):
+        for h in getattr(m, "_probe_handles", []):
+            h.remove()
+        m._probe_handles = []
+        if fn is not None:
+            for layer in m.model.layers:
+                m._probe_handles.append(
+                    layer.register_forward_pre_hook(
+                        lambda mod, args, kwargs: fn(args[0] if args else kwargs["hidden_states"]), with_kwargs=True
+                    )
+                )
+
+    _, during, two_pass_steps = _measure(model, lambda m: lm_loss(m, ids), probe, steps=5, lane=True)
+    assert two_pass_steps == 2, two_pass_steps
+    assert during <= bound + lane, f"held {during} bytes during the backward, one layer is {bound} (+{lane})"
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_hf_gradient_checkpointing_full_exact(reentrant):
+    """DP full fine-tuning of a tiny Llama with ``gradient_checkpointing_enable()``:
+    six steps equal the brute force on the same model without checkpointing
+    (float64); the last three take two-pass clipping."""
+    B, T = 4, 12
+    model = _tiny_llama(layers=2).double()
+    model.train()
+    ref = copy.deepcopy(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    gen = torch.Generator().manual_seed(1)
+
+    def batches():
+        for _ in range(6):
+            ids = torch.randint(0, 50, (B, T), generator=gen)
+            yield ids, [ids[i : i + 1] for i in range(B)]
+
+    engine = steps_exact(model, ref, batches(), lm_loss, batch_size=B, R=0.01, tol=1e-6)
+    assert engine.two_pass_steps == 3
+    engine.detach()
+
+
+def test_hf_tied_embeddings_two_pass_exact():
+    """Tied input and output embeddings (one parameter, two uses in a pass):
+    under two-pass clipping its norm is taken at the end of pass 1 from both
+    uses (the norm of a sum), and the steps equal the brute force (float64)."""
+    B, T = 4, 10
+    model = _tiny_llama(layers=2, tied=True).double()
+    model.train()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ref = copy.deepcopy(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    gen = torch.Generator().manual_seed(3)
+
+    def batches():
+        for _ in range(5):
+            ids = torch.randint(0, 50, (B, T), generator=gen)
+            yield ids, [ids[i : i + 1] for i in range(B)]
+
+    engine = steps_exact(model, ref, batches(), lm_loss, batch_size=B, R=0.01, tol=1e-6)
+    assert engine.two_pass_steps == 2
+    engine.detach()
+
+
+def test_hf_loss_in_output_takes_usual_path():
+    """A model that returns its loss (``labels=``) beside the logits has two
+    outputs that require grad: two-pass clipping is not used, and the steps
+    stay exact."""
+    B, T = 4, 10
+    model = _tiny_llama(layers=2).double()
+    model.train()
+    ref = copy.deepcopy(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    gen = torch.Generator().manual_seed(2)
+
+    def batches():
+        for _ in range(5):
+            ids = torch.randint(0, 50, (B, T), generator=gen)
+            yield ids, [ids[i : i + 1] for i in range(B)]
+
+    def loss(m, ids):
+        return m(input_ids=ids, labels=ids, use_cache=False).loss
+
+    engine = steps_exact(model, ref, batches(), loss, batch_size=B, R=0.01, tol=1e-6)
+    assert engine.two_pass_steps == 0
+    engine.detach()
+
+
+@pytest.mark.parametrize("subset", ["lora", "full"])
+def test_two_pass_on_exact_without_checkpointing(subset):
+    """``two_pass='on'``: LoRA and full fine-tuning of a stack without
+    checkpointing, several steps against the brute force (float64)."""
+    B, T, d = 4, 16, 16
+
+    def make():
+        torch.manual_seed(5)
+        m = Stack(d=d, n=2)
+        if subset == "lora":
+            _loraize(m)
+        return m.double()
+
+    model, ref = make(), make()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        q.requires_grad_(p.requires_grad)
+    batches = tensor_batches(lambda: torch.randn(B, T, 4, dtype=torch.float64), 5)
+    engine = steps_exact(
+        model, ref, batches, lambda m, b: m(b).pow(2).sum(1).mean(), batch_size=B, R=0.05, tol=1e-9, two_pass="on"
+    )
+    assert engine.two_pass_steps == 2
+    engine.detach()
+
+
+def test_two_pass_option_checked():
+    with pytest.raises(ValueError, match="two_pass must be one of"):
+        dpft.EngineOptions(two_pass="yes")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_two_pass_accumulates_physical_batches(reduction):
+    """Three physical batches (a backward pass each) before one step, under
+    two-pass clipping (checkpointed stack, non-reentrant; the usual path in
+    the first three backward passes): each step is the brute-force clipped
+    mean of all the examples (float64), the losses a mean or a sum."""
+    from reference import clipped_mean, max_rel_error, per_example_grads
+
+    B, T, d, R = 3, 8, 16, 0.05
+    torch.manual_seed(7)
+    model = Stack(d=d, n=2, mode="non-reentrant").double()
+    ref = Stack(d=d, n=2).double()
+    names = [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+    with pytest.warns(UserWarning):
+        engine = dpft.PrivacyEngine(
+            model,
+            batch_size=3 * B,
+            sample_size=1000,
+            steps=100,
+            noise_multiplier=0.0,
+            max_grad_norm=R,
+            loss_reduction=reduction,
+        )
+    opt = engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
+
+    def loss_fn(m, x):
+        per = m(x).pow(2).sum(1)
+        return per.mean() if reduction == "mean" else per.sum()
+
+    gen = torch.Generator().manual_seed(8)
+    for step in range(5):
+        xs = [torch.randn(B, T, 4, dtype=torch.float64, generator=gen) for _ in range(3)]
+        ref.load_state_dict(model.state_dict())
+        singles = [x[i : i + 1] for x in xs for i in range(B)]
+        want = clipped_mean(per_example_grads(ref, names, singles, loss_fn), [names], R, "abadi", 3 * B)
+        before = {n: p.detach().clone() for n, p in params.items()}
+        for x in xs:
+            loss_fn(model, x).backward()
+        opt.step()
+        opt.zero_grad()
+        err = max_rel_error({n: before[n] - params[n].detach() for n in names}, want)
+        assert err <= 1e-9, f"step {step}: relative error {err:.3e}"
+    assert engine.two_pass_steps == 3 * 5 - 3
+    engine.detach()
+
+
+def test_two_pass_half_reweight_never_rounds_up():
+    """In bfloat16 the reweighted output gradient never exceeds the exact
+    product in magnitude (the clip weights are shrunk before rounding)."""
+    from dpft.clip.two_pass import reweight
+
+    g = torch.randn(64, 33, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    w = torch.rand(64, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 3
+    out = reweight(g, w.float())
+    exact = g.double() * w.view(-1, 1)
+    assert out.dtype == torch.bfloat16
+    assert bool((out.double().abs() <= exact.abs()).all())
+    assert float((out.double() - exact).abs().max() / exact.abs().max()) < 2**-6
+
+
+@pytest.mark.parametrize("mode", ["non-reentrant", "reentrant"])
+def test_two_pass_evaluation_between_forward_and_backward(mode):
+    """A forward under ``torch.no_grad()`` between a training forward and its
+    backward pass (an evaluation) does not change what the segments'
+    recomputation sees: DP full stays exact under two-pass clipping."""
+    B, T, d = 4, 8, 16
+
+    def make(ckpt):
+        torch.manual_seed(9)
+        return Stack(d=d, n=2, mode=mode if ckpt else None).double()
+
+    model, ref = make(True), make(False)
+
+    def loss_fn(m, b):
+        loss = m(b).pow(2).sum(1).mean()
+        with torch.no_grad():
+            m(b)
+        return loss
+
+    batches = tensor_batches(lambda: torch.randn(B, T, 4, dtype=torch.float64), 5)
+    engine = steps_exact(model, ref, batches, loss_fn, batch_size=B, R=0.05, tol=1e-9)
+    assert engine.two_pass_steps == 2
+    engine.detach()

@@ -35,6 +35,7 @@ from .accounting import BudgetGuard, Ledger, PrivacyBudgetExceeded  # noqa: F401
 from .capture import Capture
 from .clip.clipped_sum import ClippedSum
 from .clip.functions import make_groups
+from .clip import two_pass
 from .clip.noise import GaussianNoise
 from .compiled import CompileSupport
 from .compiled import unwrap as _unwrap_compiled
@@ -143,11 +144,26 @@ class PrivacyEngine:
             sums are reduce-scattered to the shards, and the rank owning a
             shard adds its noise (std ``sigma R``).  Each rank holds one
             full-size clipped sum per trainable parameter during a step.
+        two_pass: two-pass clipping (:mod:`dpft.clip.two_pass`): ``"auto"``
+            (default) uses it under activation checkpointing where the
+            trainable weights' per-example gradients would take at least as
+            many bytes as all the model's parameters (full fine-tuning, not
+            LoRA); ``"on"`` wherever it applies; ``"off"`` never.  Pass 1 takes
+            per-example norms in each layer's backward hook and drops its
+            captures; pass 2 backpropagates the loss reweighted by the clip
+            factors, and autograd's gradient is the clipped sum.  About one
+            more backward pass (and recomputation) per step; memory no more
+            than the non-private run's.  It applies from the fourth backward
+            pass on (the first ones cross-check dpft's per-example gradients
+            against autograd's), with one clipping group (``"all-layer"``),
+            one process, per-example privacy, no row restriction, and a model
+            output with exactly one tensor that requires grad, batch first
+            (elsewhere the usual path runs).
         options: a :class:`dpft.EngineOptions` holding ``target_delta``,
             ``max_grad_norm``, the clipping options, ``accountant``,
             ``loss_reduction``, ``on_budget_exceeded``, ``noise_seed``,
-            ``secure_mode``, ``poisson``, ``strict`` and ``privacy_unit`` at
-            once, instead of those keywords (a keyword that differs from its
+            ``secure_mode``, ``poisson``, ``strict``, ``privacy_unit`` and
+            ``two_pass`` at once, instead of those keywords (a keyword that differs from its
             default as well is a ``ValueError``).  :attr:`options` is the
             engine's, whichever way they were given.
 
@@ -184,6 +200,7 @@ class PrivacyEngine:
         poisson: bool = True,
         strict: bool = False,
         privacy_unit: str = "example",
+        two_pass: str = "auto",
         options: EngineOptions | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -241,6 +258,7 @@ class PrivacyEngine:
             poisson=poisson,
             strict=strict,
             privacy_unit=privacy_unit,
+            two_pass=two_pass,
         )
         target_delta, max_grad_norm, clipping_fn = opts.target_delta, opts.max_grad_norm, opts.clipping_fn
         clipping_style, clipping_mode, accountant = opts.clipping_style, opts.clipping_mode, opts.accountant
@@ -338,6 +356,16 @@ class PrivacyEngine:
         self._orig: dict[str, Any] = {}
         self._empty_batches = 0
         self._attached = False
+        # two-pass clipping (dpft.clip.two_pass): why it never applies to this engine ("" if it may)
+        self._two_pass_never = self._two_pass_refusal(opts.two_pass)
+        self._two_pass_now = False  # this forward's output is wrapped (decided before the forward)
+        self._pass = 0  # 1 or 2 while a two-pass backward is in its first or second pass
+        self._weights: torch.Tensor | None = None  # the first pass's clip weights
+        self._names_of = {id(p): k for k, p in self.params.items()}
+        self._two_pass_handles: list[Any] = []
+        self._grad_handles: list[Any] = []
+        self.two_pass_steps = 0  # backward passes that took two-pass clipping
+        self._sizes: tuple[int, int] | None = None  # (trainable weight values, model parameter bytes)
 
     # -- public state -------------------------------------------------------
     @property
@@ -406,6 +434,12 @@ class PrivacyEngine:
         optimizer.step = step  # type: ignore[method-assign]
         optimizer.zero_grad = zero_grad  # type: ignore[method-assign]
         self._capture.attach()
+        if not self._two_pass_never:
+            # (before the capture's own pre-hook: the choice of this forward sets its switches)
+            self._two_pass_handles = [
+                self.model.register_forward_pre_hook(self._two_pass_pre, with_kwargs=True, prepend=True),
+                self.model.register_forward_hook(self._two_pass_post),
+            ]
         self._compile = CompileSupport(self._capture, self._compiled)
         self._compile.attach()
         if self._ddp is not None:
@@ -420,6 +454,10 @@ class PrivacyEngine:
     def detach(self) -> None:
         """Remove all hooks and give the optimizer its own ``step`` back."""
         self._report_dropped(wait=True)
+        for h in self._two_pass_handles + self._grad_handles:
+            h.remove()
+        self._two_pass_handles, self._grad_handles = [], []
+        self._capture.weights_on = self._two_pass_now = False
         self._capture.detach()
         if getattr(self, "_compile", None) is not None:
             self._compile.detach()
@@ -463,7 +501,128 @@ class PrivacyEngine:
     def _on_backward(self, contributions: dict[str, list[Contribution]], batch_size: int, lane=None) -> None:
         self._seen += int(batch_size)
         scale = float(batch_size) if self.loss_reduction == "mean" else 1.0
+        if self._pass == 1:  # two-pass clipping: norms and clip weights only
+            early, self._capture.early_norms = self._capture.early_norms or {}, None
+            self._weights = self._sum.factors(contributions, batch_size, scale, lane, early)
+            return
         self._sum.add(contributions, batch_size, scale, lane)
+
+    # -- two-pass clipping (dpft.clip.two_pass) ------------------------------
+    def _two_pass_refusal(self, choice: str) -> str:
+        """Why two-pass clipping never applies to this engine, or ``""``."""
+        if choice == "off":
+            return "two_pass='off'"
+        if len(self.groups) != 1:
+            return "more than one clipping group"
+        if self.privacy_unit != "example":
+            return "privacy_unit='user'"
+        if self.row_masks:
+            return "row-restricted parameters"
+        if self.world_size > 1 or self._sharded or self._ddp is not None:
+            return "distributed training"
+        if self._compiled:
+            return "a torch.compile'd model"
+        if self._sum.drop_nonfinite:
+            return "only biases and norm weights train (the usual path is as small)"
+        return ""
+
+    def _two_pass_wanted(self, batch: int) -> bool:
+        """Whether the coming forward's backward pass takes two-pass clipping."""
+        cap = self._capture
+        if not (torch.is_grad_enabled() and cap.enabled) or self._pass:
+            return False
+        if cap._passes < cap.check_passes or cap._param_handles:
+            return False  # the first passes cross-check dpft's per-example gradients against autograd's
+        if self.options.two_pass == "on":
+            return True
+        # auto: under activation checkpointing (a hooked layer ran outside the
+        # model's forward: recomputed), where the trainable weights'
+        # per-example gradients would take as many bytes as the model's parameters
+        if not (cap._outside_root or cap._ckpt_seen):
+            return False
+        if self._sizes is None:
+            lane = set(cap.lane_keys)
+            weights = sum(p.numel() for k, p in self.params.items() if k not in lane)
+            self._sizes = (weights, sum(p.numel() * p.element_size() for p in self.model.parameters()))
+        weights, model_bytes = self._sizes
+        return batch * 4 * weights >= model_bytes
+
+    def _two_pass_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not torch.is_grad_enabled():
+            # (an evaluation between a forward and its backward: the switches of
+            # that forward stay, for its segments' recomputation)
+            return
+        if self._pass:  # a two-pass backward pass that raised midway: the hooks are active again
+            self._pass = 0
+            self._capture.passive = False
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.ndim), None)
+        self._two_pass_now = first is not None and self._two_pass_wanted(int(first.shape[0]))
+        self._batch = int(first.shape[0]) if first is not None else 0
+        # book-keeping must leave the weights on: pass 2's autograd gradient is the clipped sum
+        self._capture.weights_on = self._two_pass_now
+
+    def _two_pass_post(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        if not self._two_pass_now:
+            return None
+        self._two_pass_now = False
+        found = two_pass.single_output(output)
+        if found is None or found[0].ndim == 0 or found[0].shape[0] != self._batch:
+            return None  # (the usual path, with the weights left on in this forward)
+        out, put = found
+        box: list[torch.Tensor] = []
+        handle = two_pass.Handle.apply(out, box)
+
+        def run(g: torch.Tensor) -> torch.Tensor:
+            return self._two_passes(handle, box, g)
+
+        return put(two_pass.Reweight.apply(out, run))
+
+    def _two_passes(self, handle: torch.Tensor, box: list, g: torch.Tensor) -> torch.Tensor:
+        """In the backward of the wrapped output: pass 1 (nested), then the
+        reweighted output gradient for pass 2 (the outer backward pass)."""
+        if not self._grad_handles:
+            self._grad_handles = [p.register_post_accumulate_grad_hook(self._take_grad) for p in self.params.values()]
+        cap = self._capture
+        cap.early_norms = {}
+        cap.passive = False  # (another forward's pass 2 may be under way in the outer backward pass)
+        self._weights = None
+        self._pass = 1
+        box.append(g)
+        try:
+            torch.autograd.backward(handle, retain_graph=True)
+        except BaseException:
+            self._pass = 0
+            raise
+        finally:
+            cap.early_norms = None
+        w, self._weights = self._weights, None
+        if w is None:
+            self._pass = 0
+            raise RuntimeError("dpft: two-pass clipping's first pass reached no hooked layer")
+        self._pass = 2
+        cap.passive = True  # pass 2: dpft's backward hooks do nothing
+        torch.autograd.Variable._execution_engine.queue_callback(self._two_pass_end)
+        self.two_pass_steps += 1
+        return two_pass.reweight(g, w.to(g.device))
+
+    def _take_grad(self, p: torch.Tensor) -> None:
+        """Autograd's gradient of a trainable parameter: dropped in pass 1,
+        taken as the clipped sum in pass 2."""
+        if self._pass == 1:
+            p.grad = None
+        elif self._pass == 2:
+            g, p.grad = p.grad, None
+            k = self._names_of[id(p)]
+            cap = self._capture
+            where = cap.lane_offsets.get(k)
+            if where is not None:  # (where the usual path sums it: the same noise from a seeded generator)
+                self._sum.add_flat(cap.lane_keys, cap.lane_total, where, g, cap.lane_dtype)
+            else:
+                self._sum.add_grad(k, g)
+
+    def _two_pass_end(self) -> None:
+        self._pass = 0
+        self._capture.passive = False
 
     def record_empty_batch(self) -> None:
         """Declare that this logical batch drew no examples (Poisson sampling):

@@ -31,6 +31,7 @@ __all__ = [
 CLIPPING_FNS = ("abadi", "automatic")
 CLIPPING_STYLES = ("all-layer", "layer-wise", "param-wise")
 CLIPPING_MODES = ("auto", "bk", "ghost", "mixed", "instantiate")
+TWO_PASS = ("auto", "on", "off")
 LOSS_REDUCTIONS = ("mean", "sum")
 ON_BUDGET = ("raise", "warn")
 PRIVACY_UNITS = ("example", "user")
@@ -64,6 +65,7 @@ class EngineOptions:
     poisson: bool = True
     strict: bool = False
     privacy_unit: str = "example"
+    two_pass: str = "auto"
 
     def __post_init__(self) -> None:
         d, r = self.target_delta, self.max_grad_norm
@@ -83,6 +85,7 @@ class EngineOptions:
             ("loss_reduction", LOSS_REDUCTIONS),
             ("on_budget_exceeded", ON_BUDGET),
             ("privacy_unit", PRIVACY_UNITS),
+            ("two_pass", TWO_PASS),
         ):
             if getattr(self, name) not in choices:
                 raise bad(name, getattr(self, name), f"one of {choices}")

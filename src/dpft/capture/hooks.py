@@ -197,6 +197,17 @@ class Capture(LanePlanning, SelfChecks):
         self._subst_ok: set[int] = set()
         self._subst: dict[int, Any] = {}
         self._subst_done: dict[int, Any] = {}
+        # two-pass clipping (the engine's, see dpft.clip.two_pass): in its first
+        # backward pass a dict, parameter -> (B,) squared per-example norm taken
+        # in the layer's backward hook (its captures dropped at once); and
+        # whether book-keeping must leave the weights on (autograd's gradient
+        # of the second pass is the clipped sum)
+        self.early_norms: dict[str, Tensor] | None = None
+        self.weights_on = False
+        # its second pass: the backward hooks do nothing (the forward hooks run
+        # as in the forward, so that a checkpoint's recomputation saves the same)
+        self.passive = False
+        self.multi_use: set[str] = set()  # parameters with several calls in one backward pass
 
     # -- installation -------------------------------------------------------
     def attach(self) -> None:
@@ -358,6 +369,7 @@ class Capture(LanePlanning, SelfChecks):
             and not self._off
             and not self._outside_root
             and not self._sharded
+            and not self.weights_on
         ):
             # Book-keeping for the lane (biases, norm weights) and the weights:
             # autograd computes no summed gradient for them (for a bias, a
@@ -443,6 +455,7 @@ class Capture(LanePlanning, SelfChecks):
             if (
                 self.book_keeping
                 and self._passes >= self.check_passes
+                and not self.weights_on
                 and skips is not None
                 and any(isinstance(a, Tensor) and a.requires_grad for a in args)
                 and skips(module)
@@ -457,7 +470,7 @@ class Capture(LanePlanning, SelfChecks):
                     if p is not None and p.requires_grad and self._holders.get(b.keys[k], 0) == 1:
                         p.requires_grad_(False)
                         b.toggled.append(p)
-        elif self.book_keeping and self._passes >= self.check_passes:
+        elif self.book_keeping and self._passes >= self.check_passes and not self.weights_on:
             # (not in the first backward passes: there autograd's weight
             # gradient is the reference each per-example sum is checked against)
             # Book-keeping: autograd need not compute the (non-private) weight
@@ -503,7 +516,14 @@ class Capture(LanePlanning, SelfChecks):
             if isinstance(output, Tensor) and not output.requires_grad and output.is_floating_point():
                 anchor = toggled[0] if toggled else self._leaf(output.device)
                 output = tapped = _Tap.apply(output, anchor)
-        elif b.book_keeping and on and isinstance(output, Tensor) and output._base is not None and output.requires_grad:
+        elif (
+            b.book_keeping
+            and on
+            and not self.weights_on
+            and isinstance(output, Tensor)
+            and output._base is not None
+            and output.requires_grad
+        ):
             # the first backward passes, where book-keeping leaves the weight on
             # (autograd's gradient is the reference of the self-check): a view
             # is copied as it will be once the weight is off, so that an
@@ -908,7 +928,7 @@ class Capture(LanePlanning, SelfChecks):
 
     # -- backward -----------------------------------------------------------
     def _on_grad(self, b: Binding, call: Call, grad: Tensor) -> None:
-        if not self.enabled:
+        if not self.enabled or self.passive:
             return
         if call.batch_size == 0:
             raise ValueError(
@@ -926,9 +946,12 @@ class Capture(LanePlanning, SelfChecks):
                 self._check_expand(b, grad)
             if grad.dtype in HALF:
                 self._half = True
+            normed = False
             if b.slow:
                 b.rule.on_grad(call, grad, b.slow)
-                if b.early:
+                if self.early_norms is not None:
+                    normed = self._norms_now(b, call)
+                if b.early and not normed:
                     key = (grad.shape, grad.dtype, True) if call.saved.get("ckpt") else (grad.shape, grad.dtype)
                     if b.early_by_shape.get(key, True):
                         self._instantiate_early(b, call, key)
@@ -949,7 +972,7 @@ class Capture(LanePlanning, SelfChecks):
                     seen.add(key)
                 if b.done is not None:
                     b.done(call)
-            if b.slow:
+            if b.slow and not normed:
                 self._received.append((b, call))
             if not self._queued:
                 self._queue()
@@ -1005,6 +1028,33 @@ class Capture(LanePlanning, SelfChecks):
         call.saved.pop("grad", None)
         call.versions = ()
 
+    def _norms_now(self, b: Binding, call: Call) -> bool:
+        """Two-pass clipping's first pass: the squared per-example norms of
+        ``b``'s weights, taken now, into :attr:`early_norms`; the layer's
+        input and output gradient are dropped at once.  Not for a parameter
+        with several uses in one backward pass (tied, or a layer called
+        twice, seen in the first passes): the norm of a sum is not a sum of
+        norms, so those go to the end of the pass as before."""
+        if b.fallback or any(self._holders.get(b.keys[k], 0) > 1 or b.keys[k] in self.multi_use for k in b.slow):
+            return False
+        call.check_versions(b.name)
+        contribs = b.rule.contributions(call, b.slow)
+        call.saved.clear()
+        call.results.clear()
+        call.versions = ()
+        early = self.early_norms
+        assert early is not None
+        with full_fp32(), torch.no_grad():
+            for local, c in contribs.items():
+                key = b.keys[local]
+                if key in early:
+                    raise RuntimeError(
+                        f"dpft: parameter '{key}' was used twice in one backward pass under two-pass "
+                        "clipping, unlike in the first steps; pass two_pass='off' to the engine"
+                    )
+                early[key] = norms.sq_norm([c], self.norm_mode, acc_dtype_of(self._param(key).dtype))[0]
+        return True
+
     def _kept_numel(self, call: Call) -> int:
         """Values per example of the layer's input if other layers read it too
         (they keep it: building this layer's per-example gradient frees only
@@ -1016,7 +1066,7 @@ class Capture(LanePlanning, SelfChecks):
         return 0
 
     def _on_fallback_grad(self, b: Binding, call: Call, index: int, grad: Tensor) -> None:
-        if not self.enabled:
+        if not self.enabled or self.passive:
             return
         first = all(g is None for g in call.grads)
         call.grads[index] = grad
@@ -1025,7 +1075,7 @@ class Capture(LanePlanning, SelfChecks):
         self._queue()
 
     def _on_output_grad(self, grad: Tensor) -> None:
-        if self.enabled:
+        if self.enabled and not self.passive:
             self._queue()
 
     def _on_param_grad(self, key: str, grad: Tensor) -> None:
@@ -1055,12 +1105,14 @@ class Capture(LanePlanning, SelfChecks):
         lane, self._lane_buf = self._lane_buf, None
         self._lane_views = ()
         seen, self._lane_seen = self._lane_seen, set()
-        if not received and lane is None:
+        # (two-pass clipping's first pass: the batch sizes of the norms taken in the hooks)
+        early = {int(s.shape[0]) for s in self.early_norms.values()} if self.early_norms else set()
+        if not received and lane is None and not early:
             self._refuse()
             if self._autograd:
                 self._check_uses({}, None, seen, 0)
             return
-        sizes = {call.batch_size for _, call in received}
+        sizes = {call.batch_size for _, call in received} | early
         if lane is not None:
             sizes.add(lane.shape[0])
         if len(sizes) != 1:
@@ -1108,6 +1160,7 @@ class Capture(LanePlanning, SelfChecks):
         finally:
             self.enabled = True
         del received
+        self.multi_use.update(k for k, cs in out.items() if len(cs) > 1)
         self._refuse()
         got = set(self._autograd) if self._idle_in and self._passes < self.check_passes else None
         self._check_uses(out, lane, seen, n)

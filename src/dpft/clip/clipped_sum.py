@@ -213,6 +213,66 @@ class ClippedSum:
         self._sum_layers(contributions, factored, inst, weights, columns, compact)
         self.backward_passes += 1
 
+    def factors(
+        self,
+        contributions: dict[str, list[Contribution]],
+        batch_size: int,
+        scale: float,
+        lane: tuple[tuple[str, ...], Tensor] | None,
+        early: dict[str, Tensor],
+    ) -> Tensor:
+        """Two-pass clipping's first pass (:mod:`.two_pass`): the ``(B,)`` clip
+        weights ``scale * c_i`` of one backward pass from per-example norms
+        only (no sum is formed): of the contributions and the lane, as
+        :meth:`add` takes them, and of ``early``, parameter -> ``(B,)``
+        squared norms taken in the layers' backward hooks.  One clipping
+        group only.  Counts the pass and the non-finite examples as :meth:`add` does."""
+        if self.num_groups != 1:
+            raise ValueError("two-pass clipping needs one clipping group (clipping_style='all-layer')")
+        with full_fp32(), torch.no_grad():
+            keys = [*contributions, *early] + list(lane[0] if lane is not None else ())
+            double = any(self.params[k].dtype == torch.float64 for k in keys)
+            norm_dtype = torch.float64 if double else torch.float32
+            if lane is not None:
+                device = lane[1].device
+            elif contributions:
+                device = self.params[next(iter(contributions))].device
+            else:
+                device = next(iter(early.values())).device
+            parts: list[Tensor] = []
+            part_groups: list[int] = []
+            flats, factored = self._flat_buckets(contributions, batch_size, lane)
+            sq_cols = self._bucket_norms(flats, parts, part_groups, batch_size, norm_dtype, device)
+            if self._stack_norms(contributions, factored, parts, part_groups, norm_dtype, device):
+                factored = [k for k in factored if k in contributions]
+            self._layer_norms(contributions, factored, parts, part_groups, norm_dtype, device)
+            contributions.clear()
+            for s in early.values():
+                parts.append(_on(cast(s, norm_dtype), device))
+                part_groups.append(0)
+            sq = self._group_sums(parts, part_groups, sq_cols, batch_size, norm_dtype, device)
+            weights, _ = self._clip_weights(sq, scale, batch_size, flats)
+        self.backward_passes += 1
+        return weights[:, 0]
+
+    def add_grad(self, k: str, grad: Tensor) -> None:
+        """Two-pass clipping's second pass: autograd's gradient of parameter
+        ``k``, which is already its clipped sum, added as it is (in the
+        parameter's dtype, as autograd accumulates it)."""
+        self._accumulate(k, grad)
+
+    def add_flat(self, names: tuple[str, ...], total: int, where: tuple[int, int], grad: Tensor, dtype) -> None:
+        """Two-pass clipping's second pass: autograd's gradient (the clipped
+        sum) of a parameter that the usual path sums in the flat bucket
+        ``names`` (the lane: ``total`` values, this one at ``where`` =
+        (offset, numel)), added there, so that a step's layout, and so the
+        noise each value draws from a seeded generator, is the usual path's."""
+        flat = self.flat.get(names)
+        if flat is None:
+            flat = self.flat[names] = torch.zeros(total, dtype=dtype, device=grad.device)
+        off, numel = where
+        flat[off : off + numel] += grad.reshape(-1).to(dtype)
+
     def _restrict_rows(self, contributions: dict[str, list[Contribution]]) -> set[str]:
         """Row-restricted parameters (SPARTA): their contributions cut to the
         selected rows; returns those whose sums are compact (selected rows only)."""
