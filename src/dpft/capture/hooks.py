@@ -139,6 +139,7 @@ class Capture(LanePlanning, SelfChecks):
         # runs the forward hooks as the backward pass's recomputation would, so that
         # checkpoint sees the same tensors saved as in the forward
         self._probe = False
+        self._ckpt_seen = False  # a forward of the first passes ran a checkpointed region
         self._last_batch: int | None = None  # the batch size of the last forward of the model
         self._warned_unchecked = False  # UncheckedRowsWarning given (a model returning no batch-first tensor)
         self._received: list[tuple[Binding, Call]] = []
@@ -503,6 +504,16 @@ class Capture(LanePlanning, SelfChecks):
         b.ran += 1
         if self.batch_size is None and not self._outside_root and self._active():
             self._outside_root = True
+        if (
+            self._passes < self.check_passes
+            and not self._ckpt_seen
+            and self.batch_size is not None
+            and _saving_hooks_active()
+        ):
+            # a forward of the first passes ran a (non-reentrant) checkpointed region
+            # (the engine's two-pass choice reads it; checked in the first passes
+            # only, as a call per layer and step would cost)
+            self._ckpt_seen = True
         tapped: Any = None
         toggled = b.toggled
         # (not while the engine computes contributions: a generic-path module

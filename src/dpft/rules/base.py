@@ -121,6 +121,36 @@ class Factored:
         return None
 
 
+class LazyFactored(Factored):
+    """A factored contribution whose ``left`` / ``right`` are built from what
+    the layer kept only when a norm asks for them (:meth:`build`), and dropped
+    by :meth:`release` (rebuilt if asked for again): one layer's factors at a
+    time are alive.  Subclasses set ``self._factors = None`` and define
+    :meth:`build` and ``positions``."""
+
+    _factors: tuple[Tensor, Tensor] | None
+
+    def build(self) -> tuple[Tensor, Tensor]:
+        """``(left, right)`` in :class:`Factored`'s layout."""
+        raise NotImplementedError
+
+    def _get(self) -> tuple[Tensor, Tensor]:
+        if self._factors is None:
+            self._factors = self.build()
+        return self._factors
+
+    @property  # type: ignore[override]
+    def left(self) -> Tensor:
+        return self._get()[0]
+
+    @property  # type: ignore[override]
+    def right(self) -> Tensor:
+        return self._get()[1]
+
+    def release(self) -> None:
+        self._factors = None
+
+
 Contribution = Direct | Factored
 
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..ops import bmm_acc
 from ..precision import full_fp32
-from .base import Call, Contribution, Direct, Factored, Instantiated, Rule, batchify, reduce_into
+from .base import Call, Contribution, Direct, Factored, Instantiated, LazyFactored, Rule, batchify, reduce_into
 from .linear import acc_dtype
 
 
@@ -77,7 +77,7 @@ def sum_spatial(grad: Tensor) -> Tensor:
     return grad.sum(dim=tuple(range(2, grad.ndim)), dtype=acc_dtype(grad))
 
 
-class ConvFactored(Factored):
+class ConvFactored(LazyFactored):
     """The weight gradient of an ``nn.Conv1d/2d/3d`` call, kept as the layer's
     input and output gradient.  The unfolded factors (``left`` / ``right``:
     the input unfolded with the kernel, ``C_in * prod(kernel)`` values per
@@ -103,18 +103,8 @@ class ConvFactored(Factored):
     def _grad(self) -> Tensor:
         return self.g if self.index is None else self.g.index_select(1, self.index.to(self.g.device))
 
-    def _get(self) -> tuple[Tensor, Tensor]:
-        if self._factors is None:
-            self._factors = ConvRule.factors(self.module, self.x, self._grad(), self.n)
-        return self._factors
-
-    @property  # type: ignore[override]
-    def left(self) -> Tensor:
-        return self._get()[0]
-
-    @property  # type: ignore[override]
-    def right(self) -> Tensor:
-        return self._get()[1]
+    def build(self) -> tuple[Tensor, Tensor]:
+        return ConvRule.factors(self.module, self.x, self._grad(), self.n)
 
     @property
     def positions(self) -> int:
@@ -167,9 +157,6 @@ class ConvFactored(Factored):
             return torch.ops.aten.convolution_backward(
                 g, x, weight, None, list(stride), padding, list(dil), False, [0] * nd, groups, (False, True, False)
             )[1]
-
-    def release(self) -> None:
-        self._factors = None
 
     def sum_needs_factors(self, dtype: torch.dtype) -> bool:
         return not self._fast(dtype)

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import bmm_acc
-from .base import HALF, Call, Contribution, Direct, Factored
+from .base import HALF, Call, Contribution, Direct, Factored, LazyFactored
 from .fallback import FallbackRule, _agree, _memo
 
 #: half-precision clip weights shrunk by this factor before scaling a factor
@@ -165,7 +165,7 @@ class _VerifiedRule(FallbackRule):
         return {k: Direct(g) for k, g in reference.items()}
 
 
-class RoutedFactored(Factored):
+class RoutedFactored(LazyFactored):
     """One fused expert weight's per-example gradient, kept compact: the
     pairs (token, expert) sorted by expert, then example, each with its left
     vector (the weight's first dimension) and right vector.  The padded
@@ -197,18 +197,8 @@ class RoutedFactored(Factored):
         out[self.example, self.pos, self.expert] = v
         return out
 
-    def _get(self) -> tuple[Tensor, Tensor]:
-        if self._factors is None:
-            self._factors = (self._padded(self.lc), self._padded(self.rc))
-        return self._factors
-
-    @property  # type: ignore[override]
-    def left(self) -> Tensor:
-        return self._get()[0]
-
-    @property  # type: ignore[override]
-    def right(self) -> Tensor:
-        return self._get()[1]
+    def build(self) -> tuple[Tensor, Tensor]:
+        return self._padded(self.lc), self._padded(self.rc)
 
     @property
     def positions(self) -> int:
@@ -233,9 +223,6 @@ class RoutedFactored(Factored):
     @property
     def held(self) -> int:
         return (self.lc.numel() + self.rc.numel()) // self.n
-
-    def release(self) -> None:
-        self._factors = None
 
     def sum_needs_factors(self, dtype: torch.dtype) -> bool:
         return False
