@@ -332,7 +332,9 @@ def test_checkpointed_stack_exact(mode, subset):
     for p, q in zip(model.parameters(), ref.parameters()):
         q.requires_grad_(p.requires_grad)
     batches = tensor_batches(lambda: torch.randn(B, T, 4, dtype=torch.float64), 6)
-    engine = steps_exact(model, ref, batches, lambda m, b: m(b).pow(2).sum(1).mean(), batch_size=B, R=0.05, tol=1e-9)
+    engine = steps_exact(
+        model, ref, batches, lambda m, b: m(b).pow(2).sum(1).mean(), batch_size=B, R=0.05, tol=1e-9, two_pass="auto"
+    )
     assert engine.two_pass_steps == (3 if subset == "full" else 0)
     choices = _early_choices(engine)
     if subset == "full":
@@ -392,7 +394,9 @@ def test_checkpointed_full_two_pass_holds_one_segment(mode):
     bound = _segment_bound(ref, {id(m) for m in ref.blocks[0].modules()}, run)
     assert bound > 0
     lane = 4 * sum(p.numel() for n, p in ref.named_parameters() if p.ndim == 1) * 4  # B x biases/norms x fp32
-    after_forward, during, two_pass_steps = _measure(_full_stack(mode), run, _stack_probe, steps=5, lane=True)
+    after_forward, during, two_pass_steps = _measure(
+        _full_stack(mode), run, _stack_probe, steps=5, lane=True, two_pass="auto"
+    )
     assert two_pass_steps == 2, two_pass_steps
     assert after_forward <= bound + lane, f"held {after_forward} bytes after the forward, one segment is {bound}"
     assert during <= bound + lane, f"held {during} bytes during the backward, one segment is {bound} (+{lane})"
@@ -445,7 +449,7 @@ def test_hf_gradient_checkpointing_full_holds_one_layer(reentrant):
                     )
                 )
 
-    _, during, two_pass_steps = _measure(model, lambda m: lm_loss(m, ids), probe, steps=5, lane=True)
+    _, during, two_pass_steps = _measure(model, lambda m: lm_loss(m, ids), probe, steps=5, lane=True, two_pass="auto")
     assert two_pass_steps == 2, two_pass_steps
     assert during <= bound + lane, f"held {during} bytes during the backward, one layer is {bound} (+{lane})"
 
@@ -467,7 +471,7 @@ def test_hf_gradient_checkpointing_full_exact(reentrant):
             ids = torch.randint(0, 50, (B, T), generator=gen)
             yield ids, [ids[i : i + 1] for i in range(B)]
 
-    engine = steps_exact(model, ref, batches(), lm_loss, batch_size=B, R=0.01, tol=1e-6)
+    engine = steps_exact(model, ref, batches(), lm_loss, batch_size=B, R=0.01, tol=1e-6, two_pass="auto")
     assert engine.two_pass_steps == 3
     engine.detach()
 
@@ -489,7 +493,7 @@ def test_hf_tied_embeddings_two_pass_exact():
             ids = torch.randint(0, 50, (B, T), generator=gen)
             yield ids, [ids[i : i + 1] for i in range(B)]
 
-    engine = steps_exact(model, ref, batches(), lm_loss, batch_size=B, R=0.01, tol=1e-6)
+    engine = steps_exact(model, ref, batches(), lm_loss, batch_size=B, R=0.01, tol=1e-6, two_pass="auto")
     assert engine.two_pass_steps == 2
     engine.detach()
 
@@ -570,6 +574,7 @@ def test_two_pass_accumulates_physical_batches(reduction):
             noise_multiplier=0.0,
             max_grad_norm=R,
             loss_reduction=reduction,
+            two_pass="auto",
         )
     opt = engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
 
@@ -628,6 +633,53 @@ def test_two_pass_evaluation_between_forward_and_backward(mode):
         return loss
 
     batches = tensor_batches(lambda: torch.randn(B, T, 4, dtype=torch.float64), 5)
-    engine = steps_exact(model, ref, batches, loss_fn, batch_size=B, R=0.05, tol=1e-9)
+    engine = steps_exact(model, ref, batches, loss_fn, batch_size=B, R=0.05, tol=1e-9, two_pass="auto")
     assert engine.two_pass_steps == 2
     engine.detach()
+
+
+class _SideTerm(nn.Module):
+    """Keeps an activation that the loss also reads (a regularizer on it): a
+    loss term that reaches the weights without going through the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.b = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.h = torch.tanh(self.a(x))
+        return self.b(self.h)
+
+
+def _side_loss(m, x):
+    return m(x).pow(2).sum(1).mean() + 5.0 * m.h.pow(2).sum(1).mean()
+
+
+def _side_batches(B=4):
+    for _ in range(5):
+        x = torch.randn(B, 6, dtype=torch.float64)
+        yield x, [x[i : i + 1] for i in range(B)]
+
+
+def test_default_clips_a_loss_term_that_bypasses_the_output():
+    """By default (two_pass='off') a loss term read from a stored activation is
+    clipped with the rest, exact against the brute force over five steps."""
+    torch.manual_seed(0)
+    model = _SideTerm().double()
+    engine = steps_exact(model, copy.deepcopy(model), _side_batches(), _side_loss, batch_size=4, R=0.05, tol=1e-9)
+    assert engine.two_pass_steps == 0
+    engine.detach()
+
+
+def test_two_pass_misses_a_loss_term_that_bypasses_the_output():
+    """Why two-pass clipping is opt-in: with ``two_pass='on'`` the same term
+    reaches the weights in pass 2 without its clip factor (documented in the
+    README; dpft does not detect it). If this starts to pass, two-pass has
+    learnt to clip such terms and may become a default again."""
+    torch.manual_seed(0)
+    model = _SideTerm().double()
+    with pytest.raises(AssertionError, match="relative error"):
+        steps_exact(
+            model, copy.deepcopy(model), _side_batches(), _side_loss, batch_size=4, R=0.05, tol=1e-9, two_pass="on"
+        )

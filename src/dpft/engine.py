@@ -144,11 +144,16 @@ class PrivacyEngine:
             sums are reduce-scattered to the shards, and the rank owning a
             shard adds its noise (std ``sigma R``).  Each rank holds one
             full-size clipped sum per trainable parameter during a step.
-        two_pass: two-pass clipping (:mod:`dpft.clip.two_pass`): ``"auto"``
-            (default) uses it under activation checkpointing where the
-            trainable weights' per-example gradients would take at least as
-            many bytes as all the model's parameters (full fine-tuning, not
-            LoRA); ``"on"`` wherever it applies; ``"off"`` never.  Pass 1 takes
+        two_pass: two-pass clipping (:mod:`dpft.clip.two_pass`), opt-in:
+            ``"off"`` (default) never; ``"auto"`` under activation
+            checkpointing where the trainable weights' per-example gradients
+            would take at least as many bytes as all the model's parameters
+            (full fine-tuning, not LoRA); ``"on"`` wherever it applies.
+            Exact only when every term of the loss reaches the trainable
+            parameters through the model's output: a term computed from an
+            intermediate tensor (an activation the model stored) would reach
+            them in pass 2 without its clip factor, and dpft does not detect
+            it.  Pass 1 takes
             per-example norms in each layer's backward hook and drops its
             captures; pass 2 backpropagates the loss reweighted by the clip
             factors, and autograd's gradient is the clipped sum.  About one
@@ -200,7 +205,7 @@ class PrivacyEngine:
         poisson: bool = True,
         strict: bool = False,
         privacy_unit: str = "example",
-        two_pass: str = "auto",
+        two_pass: str = "off",
         options: EngineOptions | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
