@@ -131,6 +131,7 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
         step()
     sync()
     before = engine.two_pass_steps if cfg["private"] else 0
+    warm_peak = torch.cuda.max_memory_allocated() if cuda else 0  # (the first passes: the usual path)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -146,6 +147,9 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
         "peak_gib": peak / 2**30,
         "trainable": sum(p.numel() for p in params),
         "two_pass_steps": two_pass,
+        "warmup_peak_gib": warm_peak / 2**30,
+        # the two-pass check's largest deviation, as a fraction of its tolerance
+        "two_pass_worst": engine.two_pass_worst if cfg["private"] else 0.0,
     }
 
 
@@ -228,15 +232,23 @@ def main(argv: list[str] | None = None) -> None:
                         mem = f"{dp['peak_gib'] / np_['peak_gib']:.2f}x"
                     speed = f"{np_['step_s'] / dp['step_s']:.2f}x"
                 passes = f"{dp['two_pass_steps']}/{args.steps}" if "error" not in dp else "-"
+                extra = ""
+                if "error" not in dp and "error" not in np_ and np_["warmup_peak_gib"] > 0:
+                    extra = (
+                        f" | warm-up peak {dp['warmup_peak_gib'] / np_['warmup_peak_gib']:.2f}x,"
+                        f" check {dp['two_pass_worst']:.3g}"
+                    )
                 print(
                     f"{model:6} {method:7} {ckpt:4} {f'{batch} x {seq}':>11} | {cell(np_):>18} | {cell(dp):>18} | "
-                    f"{mem:>7} {speed:>6} {passes:>6}",
+                    f"{mem:>7} {speed:>6} {passes:>6}{extra}",
                     flush=True,
                 )
     print(
         "memory: dpft peak / non-private peak (target <= 1.05x under checkpointing); "
         "speed: non-private step time / dpft step time (targets: LoRA >= 0.95x, full >= 0.80x); "
-        "2-pass: measured dpft steps that took two-pass clipping"
+        "2-pass: measured dpft steps that took two-pass clipping; warm-up peak: the same ratio over "
+        "the warm-up steps (the engine's first three backward passes take the usual path); check: "
+        "two-pass clipping's largest fingerprint deviation as a fraction of its tolerance"
     )
 
 

@@ -18,8 +18,9 @@ checkpointing: the bytes dpft keeps for the layers of one block after the
 forward pass.
 
 DP full fine-tuning under checkpointing takes two-pass clipping
-(:mod:`dpft.clip.two_pass`) from its fourth backward pass on: the same bound
-then holds at shapes where the usual path keeps every layer's input and
+(:mod:`dpft.clip.two_pass`) from its first backward pass on (the first ones
+cross-check its per-example sums against autograd's in pass 1): the same bound
+then holds, in the first step too, at shapes where the usual path keeps every layer's input and
 output gradient (or per-example gradient) to the end of the backward pass,
 counting also the engine's lane of per-example gradients (biases, norm
 weights) on top of the bound.
@@ -130,27 +131,28 @@ def _segment_bound(model, mods_of_first, run) -> int:
     return bound
 
 
-def _measure(model, run, probe_of, steps=3, lane=False, **kw) -> tuple[int, int, int]:
+def _measure(model, run, probe_of, steps=3, lane=False, first=False, **kw) -> tuple[int, int, int]:
     """(bytes held between forward and backward, most bytes held at a
     segment boundary during the backward pass, in the last of ``steps``
-    steps -- the first two cross-check against autograd and keep more; with
-    ``lane`` the lane buffer's bytes are counted too -- and the number of
-    backward passes that took two-pass clipping)."""
+    steps -- on the usual path the first ones cross-check against autograd
+    and keep more -- and with ``first`` in the first step too; with ``lane``
+    the lane buffer's bytes are counted too -- and the number of backward
+    passes that took two-pass clipping)."""
     engine, opt = _engine(model, 4, **kw)
     during: list[int] = []
     after_forward = 0
     for step in range(steps):
-        during.clear()
 
         def probe(h):
             if h.requires_grad:
                 h.register_hook(lambda g: during.append(held_bytes() + (lane_bytes(engine) if lane else 0)))
 
-        last = step == steps - 1  # (counting walks every live object: only in the step measured)
+        # (counting walks every live object: only in the steps measured)
+        last = step == steps - 1 or (first and step == 0)
         probe_of(model, probe if last else None)
         loss = run(model)
         if last:
-            after_forward = held_bytes()
+            after_forward = max(after_forward, held_bytes())
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -306,17 +308,18 @@ def _early_choices(engine) -> dict:
     return {b.name: dict(b.early_by_shape) for b in engine._capture.bindings if b.early_by_shape}
 
 
-@pytest.mark.parametrize("subset", ["full", "lora", "bitfit"])
+@pytest.mark.parametrize("subset", ["full", "full-two-pass", "lora", "bitfit"])
 @pytest.mark.parametrize("mode", ["non-reentrant", "reentrant"])
 def test_checkpointed_stack_exact(mode, subset):
     """DP full, LoRA and BiTFiT of a checkpointed stack equal the brute-force
     clipped means of the same model without checkpointing, over several
     steps (float64).  The shapes are chosen so that the mixed rule alone
     would take ghost norms at the end (``2 T^2 < P D``) while the per-example
-    gradients fit: under checkpointing they are built in the backward hook
-    instead, and that path is the one checked in the first three steps; DP
-    full takes two-pass clipping in the last three, LoRA and BiTFiT never
-    (their per-example gradients are small)."""
+    gradients fit: under checkpointing the usual path (``two_pass='off'``)
+    builds them in the backward hook instead; with ``two_pass='auto'`` DP
+    full takes two-pass clipping in every step (the first three cross-check
+    its per-example sums against autograd's in pass 1), LoRA and BiTFiT
+    never (their per-example gradients are small)."""
     B, T, d = 4, 32, 32
 
     def make(ckpt):
@@ -333,9 +336,16 @@ def test_checkpointed_stack_exact(mode, subset):
         q.requires_grad_(p.requires_grad)
     batches = tensor_batches(lambda: torch.randn(B, T, 4, dtype=torch.float64), 6)
     engine = steps_exact(
-        model, ref, batches, lambda m, b: m(b).pow(2).sum(1).mean(), batch_size=B, R=0.05, tol=1e-9, two_pass="auto"
+        model,
+        ref,
+        batches,
+        lambda m, b: m(b).pow(2).sum(1).mean(),
+        batch_size=B,
+        R=0.05,
+        tol=1e-9,
+        two_pass="off" if subset == "full" else "auto",
     )
-    assert engine.two_pass_steps == (3 if subset == "full" else 0)
+    assert engine.two_pass_steps == (6 if subset == "full-two-pass" else 0)
     choices = _early_choices(engine)
     if subset == "full":
         # fc1 (32 -> 128): 2 T^2 = 2048 < P D = 4096 <= T (P + D) = 5120 (the captures it frees)
@@ -379,8 +389,8 @@ def test_checkpointed_full_two_pass_holds_one_segment(mode):
     """DP full fine-tuning of a checkpointed stack of 8 blocks at a short
     sequence (``T = 8``: every weight's per-example gradient is larger than
     its captures, so the usual path keeps each layer's input and output
-    gradient to the end of the backward pass): from the fourth step on
-    (two-pass clipping, chosen automatically) dpft holds at most one block's
+    gradient to the end of the backward pass): in the first step and the
+    last (two-pass clipping, chosen automatically) dpft holds at most one block's
     captures (plus the small lane of bias and norm-weight per-example
     gradients) between forward and backward and at every segment boundary
     of both backward passes."""
@@ -395,9 +405,9 @@ def test_checkpointed_full_two_pass_holds_one_segment(mode):
     assert bound > 0
     lane = 4 * sum(p.numel() for n, p in ref.named_parameters() if p.ndim == 1) * 4  # B x biases/norms x fp32
     after_forward, during, two_pass_steps = _measure(
-        _full_stack(mode), run, _stack_probe, steps=5, lane=True, two_pass="auto"
+        _full_stack(mode), run, _stack_probe, steps=5, lane=True, first=True, two_pass="auto"
     )
-    assert two_pass_steps == 2, two_pass_steps
+    assert two_pass_steps == 5, two_pass_steps
     assert after_forward <= bound + lane, f"held {after_forward} bytes after the forward, one segment is {bound}"
     assert during <= bound + lane, f"held {during} bytes during the backward, one segment is {bound} (+{lane})"
 
@@ -423,7 +433,7 @@ def test_checkpointed_full_usual_path_grows(mode):
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_hf_gradient_checkpointing_full_holds_one_layer(reentrant):
     """``gradient_checkpointing_enable()`` on a 4-layer Llama, every weight
-    trained (DP full): from the fourth step on dpft holds at most one
+    trained (DP full): in the first step and the last dpft holds at most one
     decoder layer's captures (plus the lane of norm-weight per-example
     gradients) during the backward passes."""
     ids = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(0))
@@ -449,8 +459,10 @@ def test_hf_gradient_checkpointing_full_holds_one_layer(reentrant):
                     )
                 )
 
-    _, during, two_pass_steps = _measure(model, lambda m: lm_loss(m, ids), probe, steps=5, lane=True, two_pass="auto")
-    assert two_pass_steps == 2, two_pass_steps
+    _, during, two_pass_steps = _measure(
+        model, lambda m: lm_loss(m, ids), probe, steps=5, lane=True, first=True, two_pass="auto"
+    )
+    assert two_pass_steps == 5, two_pass_steps
     assert during <= bound + lane, f"held {during} bytes during the backward, one layer is {bound} (+{lane})"
 
 
@@ -458,7 +470,7 @@ def test_hf_gradient_checkpointing_full_holds_one_layer(reentrant):
 def test_hf_gradient_checkpointing_full_exact(reentrant):
     """DP full fine-tuning of a tiny Llama with ``gradient_checkpointing_enable()``:
     six steps equal the brute force on the same model without checkpointing
-    (float64); the last three take two-pass clipping."""
+    (float64); each takes two-pass clipping."""
     B, T = 4, 12
     model = _tiny_llama(layers=2).double()
     model.train()
@@ -472,7 +484,8 @@ def test_hf_gradient_checkpointing_full_exact(reentrant):
             yield ids, [ids[i : i + 1] for i in range(B)]
 
     engine = steps_exact(model, ref, batches(), lm_loss, batch_size=B, R=0.01, tol=1e-6, two_pass="auto")
-    assert engine.two_pass_steps == 3
+    assert engine.two_pass_steps == 6
+    assert engine.two_pass_worst < 0.1  # (the check's margin: pass 2 matches pass 1 far inside its tolerance)
     engine.detach()
 
 
@@ -494,7 +507,7 @@ def test_hf_tied_embeddings_two_pass_exact():
             yield ids, [ids[i : i + 1] for i in range(B)]
 
     engine = steps_exact(model, ref, batches(), lm_loss, batch_size=B, R=0.01, tol=1e-6, two_pass="auto")
-    assert engine.two_pass_steps == 2
+    assert engine.two_pass_steps == 5
     engine.detach()
 
 
@@ -542,7 +555,7 @@ def test_two_pass_on_exact_without_checkpointing(subset):
     engine = steps_exact(
         model, ref, batches, lambda m, b: m(b).pow(2).sum(1).mean(), batch_size=B, R=0.05, tol=1e-9, two_pass="on"
     )
-    assert engine.two_pass_steps == 2
+    assert engine.two_pass_steps == 5
     engine.detach()
 
 
@@ -554,8 +567,7 @@ def test_two_pass_option_checked():
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_two_pass_accumulates_physical_batches(reduction):
     """Three physical batches (a backward pass each) before one step, under
-    two-pass clipping (checkpointed stack, non-reentrant; the usual path in
-    the first three backward passes): each step is the brute-force clipped
+    two-pass clipping (checkpointed stack, non-reentrant): each step is the brute-force clipped
     mean of all the examples (float64), the losses a mean or a sum."""
     from reference import clipped_mean, max_rel_error, per_example_grads
 
@@ -595,7 +607,7 @@ def test_two_pass_accumulates_physical_batches(reduction):
         opt.zero_grad()
         err = max_rel_error({n: before[n] - params[n].detach() for n in names}, want)
         assert err <= 1e-9, f"step {step}: relative error {err:.3e}"
-    assert engine.two_pass_steps == 3 * 5 - 3
+    assert engine.two_pass_steps == 3 * 5
     engine.detach()
 
 
@@ -634,7 +646,7 @@ def test_two_pass_evaluation_between_forward_and_backward(mode):
 
     batches = tensor_batches(lambda: torch.randn(B, T, 4, dtype=torch.float64), 5)
     engine = steps_exact(model, ref, batches, loss_fn, batch_size=B, R=0.05, tol=1e-9, two_pass="auto")
-    assert engine.two_pass_steps == 2
+    assert engine.two_pass_steps == 5
     engine.detach()
 
 
@@ -672,14 +684,92 @@ def test_default_clips_a_loss_term_that_bypasses_the_output():
     engine.detach()
 
 
-def test_two_pass_misses_a_loss_term_that_bypasses_the_output():
-    """Why two-pass clipping is opt-in: with ``two_pass='on'`` the same term
-    reaches the weights in pass 2 without its clip factor (documented in the
-    README; dpft does not detect it). If this starts to pass, two-pass has
-    learnt to clip such terms and may become a default again."""
-    torch.manual_seed(0)
-    model = _SideTerm().double()
-    with pytest.raises(AssertionError, match="relative error"):
-        steps_exact(
-            model, copy.deepcopy(model), _side_batches(), _side_loss, batch_size=4, R=0.05, tol=1e-9, two_pass="on"
+def _refused_then_exact(model, loss_fn, match):
+    """Five steps with ``two_pass='on'`` (noise 0, SGD lr 1): the first
+    backward pass (a two-pass one) must raise ``TwoPassMismatch``
+    matching ``match`` and leave no gradient; that batch again and every
+    other step take the usual path and equal the brute force (float64)."""
+    from reference import clipped_mean, max_rel_error, per_example_grads
+
+    names = [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+    ref = copy.deepcopy(model)
+    with pytest.warns(UserWarning):  # noise_multiplier=0
+        engine = dpft.PrivacyEngine(
+            model, batch_size=4, sample_size=1000, steps=100, noise_multiplier=0.0, max_grad_norm=0.05, two_pass="on"
         )
+    opt = engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
+    for step, (x, singles) in enumerate(_side_batches(B=4)):
+        ref.load_state_dict(model.state_dict())
+        want = clipped_mean(per_example_grads(ref, names, singles, loss_fn), [names], 0.05, "abadi", 4)
+        before = {n: p.detach().clone() for n, p in params.items()}
+        if step == 0:
+            with pytest.raises(dpft.TwoPassMismatch, match=match):
+                loss_fn(model, x).backward()
+            assert all(p.grad is None for p in params.values())
+        loss_fn(model, x).backward()
+        opt.step()
+        opt.zero_grad()
+        err = max_rel_error({n: before[n] - params[n].detach() for n in names}, want)
+        assert err <= 1e-9, f"step {step}: relative error {err:.3e}"
+    assert engine.two_pass_steps == 1
+    engine.detach()
+
+
+def test_two_pass_refuses_a_loss_term_that_bypasses_the_output():
+    """With ``two_pass='on'`` the same term would reach the weights in pass 2
+    without its clip factor: the fingerprint check refuses the first two-pass
+    backward pass, naming the layer, drops the step's gradients, and later
+    backward passes take the usual path, exact."""
+    torch.manual_seed(0)
+    _refused_then_exact(_SideTerm().double(), _side_loss, r"layer 'a': its output gradient in pass 2 was not pass 1's times the clip factors.*not clip it")
+
+
+class _SideBranch(nn.Module):
+    """A layer whose output only a loss term reads (never the model output):
+    pass 1 never reaches it, pass 2 would train it unclipped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.b = nn.Linear(8, 3)
+        self.side = nn.Linear(6, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.h = self.side(x)
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_two_pass_refuses_a_layer_only_a_loss_term_reaches():
+    torch.manual_seed(0)
+
+    def loss(m, x):
+        return m(x).pow(2).sum(1).mean() + m.h.pow(2).sum(1).mean()
+
+    _refused_then_exact(_SideBranch().double(), loss, "layer 'side': its output gradient came in pass 2 only")
+
+
+def test_fingerprints_catch_a_small_residual():
+    """The check itself: pass 2 equal to pass 1 times the weights up to
+    float32 rounding passes; a residual of 1 % of one example's gradient at
+    one layer is caught; a layer seen in one pass only is named."""
+    from dpft.clip.two_pass import Fingerprints
+
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(4, 16, 32, generator=gen)
+    w = torch.rand(4, generator=gen) + 0.1
+    for residual, bad in ((0.0, ""), (0.01, "'layer': its output gradient in pass 2 was not")):
+        fps = Fingerprints()
+        first: dict = {}
+        Fingerprints.add(first, "layer", g, 4)
+        Fingerprints.add(first, "layer", 2 * g, 4)  # (a layer called twice: the projections add up)
+        fps.expect(first, w)
+        g2 = g * w.view(-1, 1, 1)
+        g2[2] += residual * g[2].norm() * torch.randn(16, 32, generator=gen) / 23
+        Fingerprints.add(fps.seen, "layer", g2 * (1 + 1e-7 * torch.randn(g2.shape, generator=gen)), 4)
+        Fingerprints.add(fps.seen, "layer", 2 * g2, 4)
+        assert fps.mismatch().startswith(bad)
+        assert (fps.worst > 1) == bool(bad)
+    fps = Fingerprints()
+    Fingerprints.add(fps.seen, "other", g, 4)
+    assert fps.mismatch() == "'other': its output gradient came in pass 2 only"

@@ -33,6 +33,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "register_rule": (".rules", "register_rule"),
     "SamplingMismatch": (".sampling_check", "SamplingMismatch"),
     "SamplingMismatchWarning": (".sampling_check", "SamplingMismatchWarning"),
+    "TwoPassMismatch": (".clip.two_pass", "TwoPassMismatch"),
 }
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "PrivacyEngine",
     "SamplingMismatch",
     "SamplingMismatchWarning",
+    "TwoPassMismatch",
     "UnsupportedModuleError",
     "accounting",
     "bitfit",
@@ -74,6 +76,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .batchnorm import convert_batchnorm_to_groupnorm
     from .capture import BatchNormError, UnsupportedModuleError
     from .checkpoint import load_checkpoint, save_checkpoint
+    from .clip.two_pass import TwoPassMismatch
     from .engine import PrivacyEngine
     from .options import EngineOptions
     from .methods import sparta

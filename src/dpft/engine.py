@@ -36,6 +36,7 @@ from .capture import Capture
 from .clip.clipped_sum import ClippedSum
 from .clip.functions import make_groups
 from .clip import two_pass
+from .clip.two_pass import Fingerprints
 from .clip.noise import GaussianNoise
 from .compiled import CompileSupport
 from .compiled import unwrap as _unwrap_compiled
@@ -364,12 +365,14 @@ class PrivacyEngine:
         # two-pass clipping (dpft.clip.two_pass): why it never applies to this engine ("" if it may)
         self._two_pass_never = self._two_pass_refusal(opts.two_pass)
         self._two_pass_now = False  # this forward's output is wrapped (decided before the forward)
+        self._two_pass_later = False  # ... or decided after it (the first passes)
         self._pass = 0  # 1 or 2 while a two-pass backward is in its first or second pass
         self._weights: torch.Tensor | None = None  # the first pass's clip weights
         self._names_of = {id(p): k for k, p in self.params.items()}
         self._two_pass_handles: list[Any] = []
         self._grad_handles: list[Any] = []
         self.two_pass_steps = 0  # backward passes that took two-pass clipping
+        self._fingerprints = Fingerprints()  # its check of pass 2 against pass 1
         self._sizes: tuple[int, int] | None = None  # (trainable weight values, model parameter bytes)
 
     # -- public state -------------------------------------------------------
@@ -534,10 +537,8 @@ class PrivacyEngine:
     def _two_pass_wanted(self, batch: int) -> bool:
         """Whether the coming forward's backward pass takes two-pass clipping."""
         cap = self._capture
-        if not (torch.is_grad_enabled() and cap.enabled) or self._pass:
+        if not (torch.is_grad_enabled() and cap.enabled) or self._pass or self._two_pass_never:
             return False
-        if cap._passes < cap.check_passes or cap._param_handles:
-            return False  # the first passes cross-check dpft's per-example gradients against autograd's
         if self.options.two_pass == "on":
             return True
         # auto: under activation checkpointing (a hooked layer ran outside the
@@ -565,8 +566,15 @@ class PrivacyEngine:
         self._batch = int(first.shape[0]) if first is not None else 0
         # book-keeping must leave the weights on: pass 2's autograd gradient is the clipped sum
         self._capture.weights_on = self._two_pass_now
+        # (the first passes, which keep the weights on anyway: whether the forward
+        # runs checkpointed regions is known after it, so "auto" decides then)
+        cap = self._capture
+        self._two_pass_later = first is not None and not self._two_pass_now and cap._passes < cap.check_passes
 
     def _two_pass_post(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        if self._two_pass_later:
+            self._two_pass_later = False
+            self._two_pass_now = self._two_pass_wanted(self._batch)
         if not self._two_pass_now:
             return None
         self._two_pass_now = False
@@ -590,6 +598,7 @@ class PrivacyEngine:
         cap = self._capture
         cap.early_norms = {}
         cap.passive = False  # (another forward's pass 2 may be under way in the outer backward pass)
+        cap.fingerprints = {}
         self._weights = None
         self._pass = 1
         box.append(g)
@@ -597,15 +606,20 @@ class PrivacyEngine:
             torch.autograd.backward(handle, retain_graph=True)
         except BaseException:
             self._pass = 0
+            cap.fingerprints = None
             raise
         finally:
             cap.early_norms = None
         w, self._weights = self._weights, None
         if w is None:
             self._pass = 0
+            cap.fingerprints = None
             raise RuntimeError("dpft: two-pass clipping's first pass reached no hooked layer")
+        # pass 2's output gradients must be pass 1's times the clip weights (checked at the end)
+        self._fingerprints.expect(cap.fingerprints, w)
+        cap.fingerprints = self._fingerprints.seen
         self._pass = 2
-        cap.passive = True  # pass 2: dpft's backward hooks do nothing
+        cap.passive = True  # pass 2: dpft's backward hooks only take the fingerprints
         torch.autograd.Variable._execution_engine.queue_callback(self._two_pass_end)
         self.two_pass_steps += 1
         return two_pass.reweight(g, w.to(g.device))
@@ -628,6 +642,26 @@ class PrivacyEngine:
     def _two_pass_end(self) -> None:
         self._pass = 0
         self._capture.passive = False
+        self._capture.fingerprints = None
+        bad = self._fingerprints.mismatch()
+        if bad:
+            self._clear_step()
+            for p in self.params.values():
+                p.grad = None
+            self._two_pass_never = "a loss term that does not come through the model's output"
+            raise two_pass.TwoPassMismatch(
+                f"dpft: two-pass clipping: layer {bad}. So some loss term reaches the weights without "
+                "coming through the model's output (a term computed from a stored activation, say) and "
+                "pass 2 would not clip it. The step's accumulated gradients were discarded; later backward "
+                "passes take the usual path. Pass two_pass='off' to the engine to start that way."
+            )
+
+    @property
+    def two_pass_worst(self) -> float:
+        """The largest deviation of pass 2's output-gradient fingerprints from
+        pass 1's times the clip weights seen so far, as a fraction of the
+        tolerance (:data:`dpft.clip.tuning.TWO_PASS_TOL`): below 1 passes."""
+        return self._fingerprints.worst
 
     def record_empty_batch(self) -> None:
         """Declare that this logical batch drew no examples (Poisson sampling):

@@ -16,6 +16,7 @@ import warnings
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -240,7 +241,7 @@ class SelfChecks:
             )
         if not outs or n < 2 or _no_pull_back(outs):
             return False
-        wrong = self._reach_others([t for _, t, _ in unverified], outs, n)
+        wrong = self._reach_others([t for _, t, _ in unverified], outs, n, self._small_params(unverified))
         for b, t, _ in unverified:
             r = wrong.get(id(t))
             if r is not None and not b.own:
@@ -287,7 +288,22 @@ class SelfChecks:
         finally:
             self.enabled, self._probe, self._outside_root = state
 
-    def _reach_others(self, inputs: list[Tensor], outs: list[Tensor], n: int) -> dict[int, int]:
+    def _small_params(self, unverified: list[tuple[Binding, Tensor, Any]]) -> list[Tensor]:
+        """What :meth:`_reach_others` differentiates for ``unverified``: the
+        smallest trainable parameter of each module, or the module's output
+        where it has none that requires grad now or takes the generic path
+        (whose substitution reads its parameters' gradients)."""
+        found: dict[int, Tensor] = {}
+        for b, t, _ in unverified:
+            ps = [] if b.fallback else [self._param(k) for k in b.keys.values()]
+            ps = [p for p in ps if isinstance(p, Tensor) and p.requires_grad]
+            p = min(ps, key=lambda q: q.numel()) if ps else t
+            found[id(p)] = p
+        return list(found.values())
+
+    def _reach_others(
+        self, inputs: list[Tensor], outs: list[Tensor], n: int, via: list[Tensor] | None = None
+    ) -> dict[int, int]:
         """Pull random gradients on the rows of a set ``S`` of examples of
         ``outs`` (the model's batch-first outputs) back to ``inputs``: those
         (by id) that get a non-zero gradient on a row ``r`` outside ``S`` (row
@@ -295,7 +311,14 @@ class SelfChecks:
         ``r``.  ``S`` runs over the examples whose index has bit ``k`` set, then
         those whose index has it clear, for every bit: a row ``r`` feeding
         example ``e != r`` is caught where ``e``'s and ``r``'s bits differ
-        (2 * ceil(log2 n) pull-backs, in the first forward only)."""
+        (2 * ceil(log2 n) pull-backs, in the first forward only).
+
+        Each input's gradient is read by a hook as the pull-back passes it and
+        dropped at once: the pull-back differentiates ``via`` (parameters of
+        the modules that returned ``inputs``, so that autograd runs every node
+        between ``outs`` and them; default ``inputs`` themselves), and holds no
+        more than a backward pass does, not every input's gradient at once (a
+        whole model's activations, under activation checkpointing too)."""
         inputs = list({id(t): t for t in inputs}.values())
         wrong: dict[int, int] = {}
         for bit in range(max(1, (n - 1).bit_length())):
@@ -308,16 +331,27 @@ class SelfChecks:
                     gen.manual_seed(1000 * bit + 10 * side + i)
                     cot = torch.randn(o.shape, generator=gen, dtype=o.dtype, device=o.device)
                     cots.append(cot * rows.to(o.device).view(n, *[1] * (o.ndim - 1)))
-                with self._probing():  # (this pull-back must not reach dpft's own grad hooks)
-                    grads = torch.autograd.grad(outs, inputs, cots, retain_graph=True, allow_unused=True)
-                for t, g in zip(inputs, grads):
-                    if g is None or id(t) in wrong:
-                        continue
+                del cot
+                hits: dict[int, Tensor] = {}
+
+                def tap(key: int, g: Tensor, hits: dict[int, Tensor] = hits) -> None:
                     # (non-finite values count as none: an example whose inputs are
                     # NaN gets 0 * NaN on its own rows, which says nothing of the others)
-                    hit = (g.ne(0) & g.isfinite()).reshape(n, -1).any(1) & ~rows.to(g.device)
+                    h = (g.ne(0) & g.isfinite()).reshape(n, -1).any(1)
+                    hits[key] = h | hits[key] if key in hits else h
+
+                handles = [t.register_hook(partial(tap, id(t))) for t in inputs if t.requires_grad and id(t) not in wrong]
+                try:
+                    with self._probing():  # (this pull-back must not reach dpft's own grad hooks)
+                        torch.autograd.grad(outs, via or inputs, cots, retain_graph=True, allow_unused=True)
+                finally:
+                    for h in handles:
+                        h.remove()
+                del cots
+                for key, h in hits.items():
+                    hit = h & ~rows.to(h.device)
                     if bool(hit.any()):
-                        wrong[id(t)] = int(hit.nonzero()[0, 0])
+                        wrong[key] = int(hit.nonzero()[0, 0])
         return wrong
 
     def _recomputed_rows_problem(self, b: Binding, output: Tensor, n: int) -> str:
@@ -390,9 +424,10 @@ class SelfChecks:
         computed another function's gradient is caught before any step."""
         autograd, self._autograd = self._autograd, {}
         half, self._half = self._half, False
+        early, self._early_prints = self._early_prints, {}  # (two-pass clipping's first pass)
         for key, want in autograd.items():
             cs = out.get(key)
-            if cs is None and key not in seen:
+            if cs is None and key not in seen and key not in early:
                 raise UnsupportedModuleError(
                     f"dpft: parameter '{key}' received a gradient through a use that no dpft hook saw "
                     "(used functionally outside its module, or by a module that does not call it?  Or the "
@@ -402,7 +437,9 @@ class SelfChecks:
                 )
             if want is None:
                 continue
-            if cs is None:
+            if key in early and cs is None:
+                mine = early[key]
+            elif cs is None:
                 off, numel = self.lane_offsets[key]
                 ours = lane[:, off : off + numel].sum(0)  # type: ignore[index]
             elif all(isinstance(c, Direct) for c in cs):
@@ -412,7 +449,8 @@ class SelfChecks:
                 device = next(c.grad.device if isinstance(c, Direct) else c.right.device for c in cs)
                 with full_fp32(), torch.no_grad():
                     ours = norms.weighted_sum(cs, torch.ones(n, dtype=dt, device=device), dt)
-            mine = _fingerprint(ours, key)
+            if key not in early or cs is not None:
+                mine = _fingerprint(ours, key)
             tol = 5e-2 if half or want.half else 1e-3
             # the projections of a difference d have norm about |d| sqrt(K)
             err = float((mine.proj - want.proj).norm()) / math.sqrt(CHECK_PROJECTIONS)

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..clip import norms
+from ..clip.two_pass import Fingerprints
 from ..clip.norms import (
     acc_dtype_of,
     instantiation_frees,
@@ -208,6 +209,14 @@ class Capture(LanePlanning, SelfChecks):
         # its second pass: the backward hooks do nothing (the forward hooks run
         # as in the forward, so that a checkpoint's recomputation saves the same)
         self.passive = False
+        # and in both passes: layer -> projections of its output gradient (see
+        # dpft.clip.two_pass.Fingerprints), accumulated while this is a dict
+        self.fingerprints: dict | None = None
+        # (the first passes under two-pass clipping: the fingerprint of each
+        # early-normed parameter's per-example gradients summed, for the check
+        # against autograd's; and each binding's calls in this forward)
+        self._early_prints: dict[str, Any] = {}
+        self._fw_calls: dict[int, int] = {}
         self.multi_use: set[str] = set()  # parameters with several calls in one backward pass
 
     # -- installation -------------------------------------------------------
@@ -346,6 +355,7 @@ class Capture(LanePlanning, SelfChecks):
         if t is None or t.ndim == 0:
             raise RuntimeError("dpft: the model's forward got no batched tensor argument; cannot tell the batch size")
         self.batch_size = self._last_batch = int(t.shape[0])
+        self._fw_calls = {}
         replaced = None
         if (
             self._passes < self.check_passes
@@ -504,16 +514,15 @@ class Capture(LanePlanning, SelfChecks):
         b.ran += 1
         if self.batch_size is None and not self._outside_root and self._active():
             self._outside_root = True
-        if (
-            self._passes < self.check_passes
-            and not self._ckpt_seen
-            and self.batch_size is not None
-            and _saving_hooks_active()
-        ):
-            # a forward of the first passes ran a (non-reentrant) checkpointed region
-            # (the engine's two-pass choice reads it; checked in the first passes
-            # only, as a call per layer and step would cost)
-            self._ckpt_seen = True
+        if self._passes < self.check_passes and self.batch_size is not None:
+            self._fw_calls[id(b)] = self._fw_calls.get(id(b), 0) + 1
+            if not self._ckpt_seen and self.enabled and (_saving_hooks_active() or not torch.is_grad_enabled()):
+                # a forward of the first passes ran a checkpointed region:
+                # non-reentrant (saved-tensor hooks) or reentrant (a layer run
+                # without gradients inside a forward with them) (the engine's
+                # two-pass choice reads it; checked in the first passes only,
+                # as a call per layer and step would cost)
+                self._ckpt_seen = True
         tapped: Any = None
         toggled = b.toggled
         # (not while the engine computes contributions: a generic-path module
@@ -939,7 +948,12 @@ class Capture(LanePlanning, SelfChecks):
 
     # -- backward -----------------------------------------------------------
     def _on_grad(self, b: Binding, call: Call, grad: Tensor) -> None:
-        if not self.enabled or self.passive:
+        if not self.enabled:
+            return
+        if self.fingerprints is not None:
+            rows = grad.unflatten(0, (call.batch_size, call.rows)) if call.rows else grad
+            Fingerprints.add(self.fingerprints, b.name, rows, call.batch_size)
+        if self.passive:
             return
         if call.batch_size == 0:
             raise ValueError(
@@ -1048,6 +1062,9 @@ class Capture(LanePlanning, SelfChecks):
         norms, so those go to the end of the pass as before."""
         if b.fallback or any(self._holders.get(b.keys[k], 0) > 1 or b.keys[k] in self.multi_use for k in b.slow):
             return False
+        checking = self._passes < self.check_passes
+        if checking and self._fw_calls.get(id(b), 0) != 1:
+            return False  # (called several times in this forward, or only recomputed: at the end)
         call.check_versions(b.name)
         contribs = b.rule.contributions(call, b.slow)
         call.saved.clear()
@@ -1063,7 +1080,14 @@ class Capture(LanePlanning, SelfChecks):
                         f"dpft: parameter '{key}' was used twice in one backward pass under two-pass "
                         "clipping, unlike in the first steps; pass two_pass='off' to the engine"
                     )
-                early[key] = norms.sq_norm([c], self.norm_mode, acc_dtype_of(self._param(key).dtype))[0]
+                dt = acc_dtype_of(self._param(key).dtype)
+                early[key] = norms.sq_norm([c], self.norm_mode, dt)[0]
+                # (seen by a hook; in the first passes, the sum over the examples as a
+                # fingerprint for the check against autograd's gradient)
+                self._early_prints[key] = None
+                if checking and self._param_handles:
+                    ones = torch.ones(call.batch_size, dtype=dt, device=early[key].device)
+                    self._early_prints[key] = _fingerprint(norms.weighted_sum([c], ones, dt), key)
         return True
 
     def _kept_numel(self, call: Call) -> int:
@@ -1077,7 +1101,11 @@ class Capture(LanePlanning, SelfChecks):
         return 0
 
     def _on_fallback_grad(self, b: Binding, call: Call, index: int, grad: Tensor) -> None:
-        if not self.enabled or self.passive:
+        if not self.enabled:
+            return
+        if self.fingerprints is not None:
+            Fingerprints.add(self.fingerprints, f"{b.name} (output {index})", grad, call.batch_size)
+        if self.passive:
             return
         first = all(g is None for g in call.grads)
         call.grads[index] = grad
@@ -1090,7 +1118,7 @@ class Capture(LanePlanning, SelfChecks):
             self._queue()
 
     def _on_param_grad(self, key: str, grad: Tensor) -> None:
-        if not self.enabled:
+        if not self.enabled or self.passive:  # (two-pass clipping's pass 2: the clipped sum)
             return
         # (the first passes keep a fingerprint of autograd's gradient, not the
         # gradient: no model-sized copy next to dpft's own sums)
@@ -1099,6 +1127,8 @@ class Capture(LanePlanning, SelfChecks):
     def _drop_grad(self, p: Tensor) -> None:
         """Free autograd's (non-private) gradient once the first passes have
         read it: the step writes the private one."""
+        if self.passive:  # two-pass clipping's pass 2: the clipped sum, the engine takes it
+            return
         if self.enabled:
             p.grad = None
         self._queue()
