@@ -722,7 +722,11 @@ def test_two_pass_refuses_a_loss_term_that_bypasses_the_output():
     backward pass, naming the layer, drops the step's gradients, and later
     backward passes take the usual path, exact."""
     torch.manual_seed(0)
-    _refused_then_exact(_SideTerm().double(), _side_loss, r"layer 'a': its output gradient in pass 2 was not pass 1's times the clip factors.*not clip it")
+    _refused_then_exact(
+        _SideTerm().double(),
+        _side_loss,
+        r"layer 'a': its output gradient in pass 2 was not pass 1's times the clip factors.*not clip it",
+    )
 
 
 class _SideBranch(nn.Module):

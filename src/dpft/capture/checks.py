@@ -340,7 +340,9 @@ class SelfChecks:
                     h = (g.ne(0) & g.isfinite()).reshape(n, -1).any(1)
                     hits[key] = h | hits[key] if key in hits else h
 
-                handles = [t.register_hook(partial(tap, id(t))) for t in inputs if t.requires_grad and id(t) not in wrong]
+                handles = [
+                    t.register_hook(partial(tap, id(t))) for t in inputs if t.requires_grad and id(t) not in wrong
+                ]
                 try:
                     with self._probing():  # (this pull-back must not reach dpft's own grad hooks)
                         torch.autograd.grad(outs, via or inputs, cots, retain_graph=True, allow_unused=True)
