@@ -24,7 +24,8 @@ markdown table row per model, then the parameters that took the generic path
 module's generic path settled on after the first passes (``substitution``:
 read from the forward, no recomputation; ``vmap`` / ``loop``: recomputed,
 vectorized or one example at a time; ``reference``: recomputed, one
-pull-back per example).
+pull-back per example; ``factored``: fused mixture-of-experts weights and
+routers on their factored rule, verified in the first passes).
 """
 
 from __future__ import annotations
@@ -273,12 +274,20 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict
 def _computations(model: nn.Module, generic: dict[str, str]) -> dict[str, str]:
     """Module recomputed -> the computation its generic path settled on after
     the first passes (``substitution``, ``vmap``, ``loop`` or ``reference``;
-    see ``dpft.rules.fallback.computation``)."""
+    see ``dpft.rules.fallback.computation``; ``factored`` for fused experts and
+    routers on their verified rule, ``dpft.rules.experts``)."""
+    from dpft.rules.experts import _STATES
     from dpft.rules.fallback import computation
+
+    def which(m: nn.Module) -> str:
+        state = _STATES.get(m)  # (a fused-experts module or router: its verified factored rule)
+        if state is not None and state.fast_calls:
+            return "factored" if state.ok else f"reference ({state.why_not[:40]})"
+        return computation(m)
 
     modules = dict(model.named_modules())
     names = {why.split("'")[1] for why in generic.values()}
-    return {name: computation(modules[name]) for name in sorted(names) if name in modules}
+    return {name: which(modules[name]) for name in sorted(names) if name in modules}
 
 
 # -- report ------------------------------------------------------------------------------------------

@@ -353,3 +353,55 @@ def test_a_model_returning_only_its_loss_is_warned_once():
             opt.zero_grad()
     unchecked = [w for w in seen if issubclass(w.category, UncheckedRowsWarning)]
     assert len(unchecked) == 1 and "return loss, logits" in str(unchecked[0].message)
+
+
+def test_rows_check_holds_no_layer_outputs_gradients_at_once(monkeypatch):
+    """The rows check's pull-back (first forward) reads each layer output's
+    gradient in a hook as it passes and differentiates the layers' smallest
+    parameters: what autograd returns to it is a few LoRA factors, not the
+    gradient of every layer's ``B x T x d`` output at once (a whole model's
+    activations: under checkpointing a 1B Llama at 8 x 2048 ran out of
+    memory on an 80 GB GPU that way)."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    import dpft
+
+    cfg = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=40,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    model = peft.get_peft_model(
+        transformers.LlamaForCausalLM(cfg),
+        peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0),
+    )
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    lora_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    pulled: list[int] = []
+    real = torch.autograd.grad
+
+    def grad(outputs, inputs, *a, **kw):
+        seq = [inputs] if isinstance(inputs, Tensor) else list(inputs)
+        pulled.append(sum(t.numel() * t.element_size() for t in seq))
+        return real(outputs, inputs, *a, **kw)
+
+    with pytest.warns(UserWarning):  # noise_multiplier=0
+        engine = dpft.PrivacyEngine(
+            model, batch_size=4, sample_size=100, steps=10, noise_multiplier=0.0, max_grad_norm=1.0
+        )
+    engine.attach(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
+    ids = torch.randint(0, 40, (4, 64))
+    monkeypatch.setattr(torch.autograd, "grad", grad)
+    logits = model(input_ids=ids, use_cache=False).logits
+    monkeypatch.undo()
+    assert pulled, "the first forward ran no rows check"
+    one_output = 4 * 64 * 32 * 4  # (bytes of one q_proj output: B x T x hidden, float32)
+    assert max(pulled) <= lora_bytes < one_output, (pulled, lora_bytes, one_output)
+    logits.float().pow(2).mean().backward()
+    engine.detach()

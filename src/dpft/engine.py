@@ -145,26 +145,25 @@ class PrivacyEngine:
             sums are reduce-scattered to the shards, and the rank owning a
             shard adds its noise (std ``sigma R``).  Each rank holds one
             full-size clipped sum per trainable parameter during a step.
-        two_pass: two-pass clipping (:mod:`dpft.clip.two_pass`), opt-in:
-            ``"off"`` (default) never; ``"auto"`` under activation
-            checkpointing where the trainable weights' per-example gradients
-            would take at least as many bytes as all the model's parameters
-            (full fine-tuning, not LoRA); ``"on"`` wherever it applies.
-            Exact only when every term of the loss reaches the trainable
-            parameters through the model's output: a term computed from an
-            intermediate tensor (an activation the model stored) would reach
-            them in pass 2 without its clip factor, and dpft does not detect
-            it.  Pass 1 takes
+        two_pass: two-pass clipping (:mod:`dpft.clip.two_pass`): ``"auto"``
+            (default) under activation checkpointing where the trainable
+            weights' per-example gradients would take at least as many bytes
+            as all the model's parameters (full fine-tuning, not LoRA);
+            ``"on"`` wherever it applies; ``"off"`` never.  Pass 1 takes
             per-example norms in each layer's backward hook and drops its
             captures; pass 2 backpropagates the loss reweighted by the clip
             factors, and autograd's gradient is the clipped sum.  About one
             more backward pass (and recomputation) per step; memory no more
-            than the non-private run's.  It applies from the fourth backward
-            pass on (the first ones cross-check dpft's per-example gradients
-            against autograd's), with one clipping group (``"all-layer"``),
-            one process, per-example privacy, no row restriction, and a model
-            output with exactly one tensor that requires grad, batch first
-            (elsewhere the usual path runs).
+            than the non-private run's.  Every step checks that pass 2's
+            output gradient at each layer is pass 1's times the clip factors
+            (a loss term computed from a stored activation would reach the
+            weights unclipped): where it is not, the backward pass raises
+            :class:`dpft.TwoPassMismatch`, the step's gradients are dropped
+            and later passes take the usual path.  It applies with one
+            clipping group (``"all-layer"``), one process, per-example
+            privacy, no row restriction, and a model output with exactly one
+            tensor that requires grad, batch first (elsewhere the usual path
+            runs).
         options: a :class:`dpft.EngineOptions` holding ``target_delta``,
             ``max_grad_norm``, the clipping options, ``accountant``,
             ``loss_reduction``, ``on_budget_exceeded``, ``noise_seed``,
@@ -206,7 +205,7 @@ class PrivacyEngine:
         poisson: bool = True,
         strict: bool = False,
         privacy_unit: str = "example",
-        two_pass: str = "off",
+        two_pass: str = "auto",
         options: EngineOptions | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):

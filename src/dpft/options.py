@@ -65,7 +65,7 @@ class EngineOptions:
     poisson: bool = True
     strict: bool = False
     privacy_unit: str = "example"
-    two_pass: str = "off"
+    two_pass: str = "auto"
 
     def __post_init__(self) -> None:
         d, r = self.target_delta, self.max_grad_norm

@@ -94,7 +94,7 @@ NOISE_CHUNK = 1 << 24
 #: size the projections have by chance (rounding of two backward passes that
 #: scale the same gradients differently; float64 models often compute parts in
 #: float32, e.g. Hugging Face's RMSNorm); beyond it the step is refused
-TWO_PASS_TOL = {"float64": 1e-4, "float32": 1e-4, "bfloat16": 0.1, "float16": 0.02}
+TWO_PASS_TOL = {"float64": 1e-2, "float32": 1e-2, "bfloat16": 0.1, "float16": 0.05}
 
 #: where each value was measured, or why it is no timing
 MEASURED: dict[str, str] = {
@@ -140,9 +140,10 @@ MEASURED: dict[str, str] = {
     ),
     "NOISE_CHUNK": "a memory bound (64 MiB of float32 noise at once), no timing",
     "TWO_PASS_TOL": (
-        "a check bound, no timing: float32 (and float64 models with float32 parts) about 1000x the "
-        "largest deviation seen in the CPU tests (1e-7 of the chance size, tiny Llama); half "
-        "precision from the engine's two_pass_worst on GPU runs (docs/benchmarks.md)"
+        "a check bound, no timing: float32 (and float64 models with float32 parts) 20x the largest "
+        "deviation seen in the CPU test suite (5e-4 of the chance size: a tiny BERT's LoRA A output under "
+        "checkpointing, where the output gradient comes from cancelling sums); half precision from "
+        "two_pass_worst on GPU runs (benchmarks/ckpt_memory.py, docs/benchmarks.md)"
     ),
 }
 
