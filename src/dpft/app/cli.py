@@ -304,7 +304,8 @@ def _add_train_parser(sub) -> None:
         "--gradient-checkpointing",
         action=argparse.BooleanOptionalAction,
         help="activation checkpointing of a Hugging Face model (non-reentrant; default off): "
-        "less memory, one more forward per step; exact under dpft",
+        "less memory, one more forward per step (DP full: two-pass clipping, a second backward "
+        "and recomputation, to hold no more than non-private training); exact under dpft",
     )
     g.add_argument("--num-threads", type=int, help="CPU threads for torch (default: torch's)")
     g.add_argument("--out", metavar="DIR", help="output directory (default runs/<dataset>-<method>-<time>)")
