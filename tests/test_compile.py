@@ -39,6 +39,9 @@ def _fresh_dynamo():
     torch.compiler.reset()
     yield
     torch.compiler.reset()
+    # (an engine left attached before its first passes ended keeps compiled
+    # forwards eager, process-wide: see dpft.compiled)
+    torch.compiler.set_stance("default")
 
 
 def mlp():
@@ -376,11 +379,16 @@ def test_compiled_autograd_refused():
 
 
 def test_fullgraph_refused():
-    """One graph cannot hold dpft's hooks: Dynamo's error names the disabled hook."""
+    """One graph cannot hold dpft's hooks: Dynamo's error names the disabled
+    hook, at the first compiled forward (the first passes run eagerly)."""
     model, make, collate, loss_fn = _make("mlp", "full")
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     engine = _engine(compiled, 1.0)
-    engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
+    opt = engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
+    for _ in range(engine._capture.check_passes):
+        loss_fn(compiled, to_double(collate([make() for _ in range(B)]))).backward()
+        opt.step()
+        opt.zero_grad()
     with pytest.raises(Exception, match="dpft capture hook"):
         loss_fn(compiled, to_double(collate([make() for _ in range(B)])))
 
@@ -545,9 +553,10 @@ def test_dpft_hooks_opaque_no_recompiles_across_batch_sizes():
     ancestry hooks ``_anc_pre``/``_anc_post`` on watched parents included):
     Dynamo never traces a dpft frame, no guard and no graph break names dpft
     code other than the disabled hooks themselves, no function reaches
-    Dynamo's recompile limit, and once warm (a batch size change makes the
-    batch dimension dynamic; the first passes' hooks come off) Poisson batches
-    of new sizes compile nothing."""
+    Dynamo's recompile limit, the first passes compile nothing (they run
+    eagerly), and once warm (a batch size change makes the batch dimension
+    dynamic; the first passes' hooks come off) Poisson batches of new sizes
+    compile nothing."""
     import os
 
     from dpft.compiled import REASON, dpft_hooks
@@ -563,7 +572,7 @@ def test_dpft_hooks_opaque_no_recompiles_across_batch_sizes():
     assert all(getattr(fn, "_torchdynamo_disable", False) for _, _, fn in hooks), [
         (m, k, fn) for m, k, fn in hooks if not getattr(fn, "_torchdynamo_disable", False)
     ]
-    sizes = [3, 5, 4, 6, 7, 8]
+    sizes = [3, 5, 4, 6, 7, 8, 9]  # (the first passes run eagerly: 4 and 6 compile, 7-9 reuse)
     graphs = []
     with _DynamoRecord() as rec:
         for n in sizes:
@@ -580,5 +589,74 @@ def test_dpft_hooks_opaque_no_recompiles_across_batch_sizes():
     }
     assert bad == {}
     assert [r for r in rec.graph_breaks() if "dpft" in r and REASON not in r] == []
-    assert graphs[-3:] == [graphs[-4]] * 3, graphs  # batch sizes 6, 7, 8: nothing compiled
+    assert graphs[0] == 0 and graphs[-3:] == [graphs[-4]] * 3, graphs  # batch sizes 7, 8, 9: nothing compiled
+    engine.detach()
+
+
+@pytest.mark.parametrize("build", ["sequence_first", "shared_table"])
+def test_rows_checked_in_the_first_passes_under_compile(build):
+    """Issue 22 under ``torch.compile``: a layer run sequence-first whose
+    length equals the batch size, and a layer on a table of as many rows as
+    examples shared by the batch, are not one row per example.  The first
+    passes run the compiled forward eagerly (so the rows check can pull
+    gradients back through it) and every step, compiled ones included, equals
+    the brute force (float64).  Without the eager first passes these steps
+    were 5-50 % off, silently."""
+    import test_rows_as_examples as R
+
+    torch.manual_seed(0)
+    model = (R.SequenceFirst() if build == "sequence_first" else R.SharedTable()).double()
+    ref = copy.deepcopy(model)
+    names = [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+
+    def make():
+        return torch.randn(R.T, R.D, dtype=torch.float64), torch.randint(0, 3, ())
+
+    def loss(m, b):
+        return F.cross_entropy(m(b[0]), b[1])
+
+    first = [make() for _ in range(R.B)]
+    R_ = pick_threshold(per_example_grads(ref, names, [_stack([e]) for e in first], loss))
+    compiled = torch.compile(model, backend="aot_eager")
+    engine = _engine(compiled, R_, batch_size=R.B)
+    opt = engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
+    stances = []
+    for step in range(4):
+        exs = first if step == 0 else [make() for _ in range(R.B)]
+        ref.load_state_dict(model.state_dict())
+        want = clipped_mean(per_example_grads(ref, names, [_stack([e]) for e in exs], loss), [names], R_, "abadi", R.B)
+        before = {n: params[n].detach().clone() for n in names}
+        stances.append(torch._dynamo.eval_frame._stance.stance)
+        loss(compiled, _stack(exs)).backward()
+        opt.step()
+        opt.zero_grad()
+        err = max_rel_error({n: before[n] - params[n].detach() for n in names}, want)
+        assert err <= TOL, f"step {step}: relative error {err:.3e}"
+    assert stances[0] == "force_eager" and stances[-1] == "default", stances
+    engine.detach()
+    assert torch._dynamo.eval_frame._stance.stance == "default"
+
+
+def test_batch_size_first_met_later_under_compile_is_refused():
+    """After the first passes a compiled forward cannot be pulled back
+    through: a batch whose size first equals a layer's leading dimension
+    (here the sequence length of a sequence-first layer) is refused, naming
+    the layer, every time, instead of trusted; other batch sizes go on."""
+    import test_rows_as_examples as R
+
+    torch.manual_seed(0)
+    model = R.SequenceFirst().double()
+    compiled = torch.compile(model, backend="aot_eager")
+    engine = _engine(compiled, 1.0, batch_size=4)
+    opt = engine.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    for step, b in enumerate([4, 4, 4, 5, 5, 4]):
+        x, y = torch.randn(b, 5, R.D, dtype=torch.float64), torch.randint(0, 3, (b,))
+        if b == 5:
+            with pytest.raises(dpft.UnsupportedModuleError, match=r"module 'mid' .* torch.compile'd forward"):
+                F.cross_entropy(compiled(x), y).backward()
+        else:
+            F.cross_entropy(compiled(x), y).backward()
+            opt.step()
+        opt.zero_grad()
     engine.detach()

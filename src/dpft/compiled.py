@@ -57,6 +57,14 @@ What dpft registers, and how each stays out of Dynamo's traces:
 * the optimizer's ``step``/``zero_grad`` and the end-of-backward sink: outside
   any compiled region.
 
+The first passes run every compiled forward eagerly
+(``torch.compiler.set_stance("force_eager")`` from ``attach`` until they end,
+or until ``detach``; the stance is process-wide, so other compiled code runs
+eagerly in those steps too): their rows-as-examples check pulls gradients
+back through the forward's graph, which a compiled graph does not allow.
+After them, a batch whose size first equals a layer's leading dimension
+cannot be checked in a compiled forward and is refused, naming the layer.
+
 Dynamo does not guard on module hooks by default: a graph traced for a
 module without dpft's hooks (this model before the engine was attached, or
 another instance of the same classes) would be reused for the hooked model,
@@ -211,6 +219,7 @@ class CompileSupport:
         self._eager_forwards: list[nn.Module] = []
         self._watch_handle: Any = None
         self._sink: Any = None
+        self._stance: Any = None  # Dynamo's stance before the first passes forced eager ones
 
     # -- attach / detach ----------------------------------------------------
     def attach(self) -> None:
@@ -229,12 +238,40 @@ class CompileSupport:
             if _compiled_autograd_running() or (self.opaque and compiled_autograd_on()):
                 raise CompiledAutogradError(COMPILED_AUTOGRAD_MESSAGE)
             sink(*args)
+            if self._stance is not None and self.capture._passes >= self.capture.check_passes:
+                self._restore_stance()
 
         self.capture.sink = checked_sink
+        self._force_eager()
         if self.compiled:
             self.make_opaque()
 
+    def _force_eager(self) -> None:
+        """The first passes run every compiled forward eagerly
+        (``torch.compiler.set_stance("force_eager")``, process-wide, until they
+        end): their checks pull gradients back through the forward's graph,
+        which a compiled graph does not allow, and a layer whose rows are not
+        examples (a table shared by the batch, a sequence-first layer whose
+        length equals the batch size) would otherwise go unchecked."""
+        set_stance = getattr(torch.compiler, "set_stance", None)
+        if set_stance is None or self.capture.check_passes <= 0:
+            return
+        try:
+            current = _dynamo().eval_frame._stance
+        except (ImportError, AttributeError):  # pragma: no cover - another torch
+            return
+        self._stance = current
+        set_stance("force_eager")
+
+    def _restore_stance(self) -> None:
+        prev, self._stance = self._stance, None
+        if prev is not None:
+            torch.compiler.set_stance(
+                prev.stance, skip_guard_eval_unsafe=prev.skip_guard_eval_unsafe, force_backend=prev.backend
+            )
+
     def detach(self) -> None:
+        self._restore_stance()
         if self._watch_handle is not None:
             self._watch_handle.remove()
             self._watch_handle = None

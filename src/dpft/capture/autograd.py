@@ -114,11 +114,11 @@ def _add_grad_hook(t: Tensor, fn: Callable[[Tensor], None]) -> None:
     t.register_hook(fn)
 
 
-def _no_pull_back(outs: list[Tensor]) -> bool:
-    """Whether the autograd graph behind ``outs`` holds a region that a
-    pull-back keeping the graph (``torch.autograd.grad(..., retain_graph=True)``)
-    cannot go through: reentrant activation checkpointing, or a graph compiled
-    by ``torch.compile`` (whose backward may donate its buffers)."""
+def _no_pull_back(outs: list[Tensor]) -> str:
+    """What in the autograd graph behind ``outs`` a pull-back keeping the
+    graph (``torch.autograd.grad(..., retain_graph=True)``) cannot go
+    through: ``"reentrant checkpointing"``, ``"torch.compile"`` (a compiled
+    graph's backward may donate its buffers), or ``""``."""
     seen: set[int] = set()
     stack = [t.grad_fn for t in outs if t.grad_fn is not None]
     while stack:
@@ -126,10 +126,13 @@ def _no_pull_back(outs: list[Tensor]) -> bool:
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
-        if "CheckpointFunction" in type(node).__name__ or "CompiledFunction" in type(node).__name__:
-            return True
+        name = type(node).__name__
+        if "CheckpointFunction" in name:
+            return "reentrant checkpointing"
+        if "CompiledFunction" in name:
+            return "torch.compile"
         stack.extend(f for f, _ in node.next_functions)
-    return False
+    return ""
 
 
 class _OpTap(TorchFunctionMode):

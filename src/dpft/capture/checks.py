@@ -222,9 +222,12 @@ class SelfChecks:
         examples is handed to the nearest enclosing module whose outputs are
         (its recomputation, the exact generic path, from this forward on:
         see :meth:`_take_over_now`), else refused, naming it.  Where the model
-        returns no batch-first tensor (a loss only), or the graph holds an
-        activation-checkpointed region or a compiled graph, nothing can be
-        verified here: returns False."""
+        returns no batch-first tensor (a loss only), or the graph holds a
+        reentrant activation-checkpointed region, nothing can be verified
+        here: returns False.  A compiled graph (the first passes run
+        eagerly, see :mod:`dpft.compiled`: a later batch size) gets the first
+        unverified module refused at the end of the backward pass (True: not
+        trusted)."""
         outs = [t for t in _model_tensors(output) if t.requires_grad and t.ndim > 0]
         n = next((t.shape[0] for _, t, _ in unverified), 0)
         outs = [t for t in outs if t.shape[0] == n]
@@ -239,7 +242,24 @@ class SelfChecks:
                 UncheckedRowsWarning,
                 stacklevel=2,
             )
-        if not outs or n < 2 or _no_pull_back(outs):
+        if not outs or n < 2:
+            return False
+        blocked = _no_pull_back(outs)
+        if blocked == "torch.compile":
+            # (the first passes run eagerly, see dpft.compiled: this is a later batch
+            # whose size first equals these modules' leading dimension)
+            b = next((b for b, _, _ in unverified if b.own is None), None)
+            if b is not None:
+                self._refusal = self._refusal or (
+                    f"dpft: module '{b.name}' ({type(b.module).__name__}) returned {n} rows for a batch of {n} "
+                    "examples, a batch size first met after the first steps, in a torch.compile'd forward, "
+                    "where dpft cannot check that they are one row per example (a table shared by the batch "
+                    "or a sequence-first layer whose length equals the batch size would get wrong per-example "
+                    "gradients). This step's gradients were not used. Avoid that batch size, or run that "
+                    "step uncompiled (torch.compiler.set_stance('force_eager'))."
+                )
+            return True  # (refused, not trusted: the next such batch is refused again)
+        if blocked:
             return False
         wrong = self._reach_others([t for _, t, _ in unverified], outs, n, self._small_params(unverified))
         for b, t, _ in unverified:
