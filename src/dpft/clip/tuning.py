@@ -94,7 +94,7 @@ NOISE_CHUNK = 1 << 24
 #: size the projections have by chance (rounding of two backward passes that
 #: scale the same gradients differently; float64 models often compute parts in
 #: float32, e.g. Hugging Face's RMSNorm); beyond it the step is refused
-TWO_PASS_TOL = {"float64": 1e-2, "float32": 1e-2, "bfloat16": 0.1, "float16": 0.05}
+TWO_PASS_TOL = {"float64": 1e-2, "float32": 1e-2, "bfloat16": 0.25, "float16": 0.05}
 
 #: where each value was measured, or why it is no timing
 MEASURED: dict[str, str] = {
@@ -142,8 +142,9 @@ MEASURED: dict[str, str] = {
     "TWO_PASS_TOL": (
         "a check bound, no timing: float32 (and float64 models with float32 parts) 20x the largest "
         "deviation seen in the CPU test suite (5e-4 of the chance size: a tiny BERT's LoRA A output under "
-        "checkpointing, where the output gradient comes from cancelling sums); half precision from "
-        "two_pass_worst on GPU runs (benchmarks/ckpt_memory.py, docs/benchmarks.md)"
+        "checkpointing, where the output gradient comes from cancelling sums); bfloat16 10x the deviation "
+        "of a 4-layer Llama in bfloat16 on a CPU (0.025), float16 by its 8x finer rounding; not yet "
+        "measured on a GPU (two_pass_worst in benchmarks/ckpt_memory.py's check column)"
     ),
 }
 
