@@ -135,6 +135,25 @@ def _no_pull_back(outs: list[Tensor]) -> str:
     return ""
 
 
+def _reachable_before_checkpoints(outs: list[Tensor]) -> tuple[set[int], set[int]]:
+    """The autograd nodes (ids) behind ``outs`` that a pull-back reaches
+    without going through a reentrant checkpointed region, and the leaves
+    (ids of the tensors) it reaches so."""
+    nodes: set[int] = set()
+    leaves: set[int] = set()
+    stack = [t.grad_fn for t in outs if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in nodes or "CheckpointFunction" in type(node).__name__:
+            continue
+        nodes.add(id(node))
+        var = getattr(node, "variable", None)  # (an AccumulateGrad node: its leaf)
+        if isinstance(var, Tensor):
+            leaves.add(id(var))
+        stack.extend(f for f, _ in node.next_functions)
+    return nodes, leaves
+
+
 class _OpTap(TorchFunctionMode):
     """Active during the forward of a module whose class overrides its
     parent's ``forward`` (see :mod:`dpft.rules.functional`): catches the

@@ -28,7 +28,7 @@ from ..precision import full_fp32
 from ..rules import Contribution, Direct
 from ..rules.base import HALF, UnsupportedModuleError
 from ..rules.fallback import _flat_tensors
-from .autograd import _no_pull_back, _saving_hooks_active
+from .autograd import _no_pull_back, _reachable_before_checkpoints, _saving_hooks_active
 
 if TYPE_CHECKING:
     from .plan import Binding
@@ -260,8 +260,25 @@ class SelfChecks:
                 )
             return True  # (refused, not trusted: the next such batch is refused again)
         if blocked:
-            return False
-        wrong = self._reach_others([t for _, t, _ in unverified], outs, n, self._small_params(unverified))
+            # reentrant checkpointing: a pull-back cannot go through its regions,
+            # but the modules downstream of every one of them can be checked
+            nodes, leaves = _reachable_before_checkpoints(outs)
+
+            def reachable(b: Binding, t: Tensor) -> bool:
+                (target,) = self._small_params([(b, t, None)])
+                if t.grad_fn is None or id(t.grad_fn) not in nodes:
+                    return False
+                return id(target) in leaves if target.grad_fn is None else id(target.grad_fn) in nodes
+
+            unverified = [(b, t, c) for b, t, c in unverified if reachable(b, t)]
+            if not unverified:
+                return False
+        try:
+            wrong = self._reach_others([t for _, t, _ in unverified], outs, n, self._small_params(unverified))
+        except RuntimeError:
+            if not blocked:
+                raise
+            return False  # (a path to them goes through a reentrant region after all: as before, unchecked)
         for b, t, _ in unverified:
             r = wrong.get(id(t))
             if r is not None and not b.own:

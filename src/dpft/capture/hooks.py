@@ -48,6 +48,7 @@ from ..rules.fallback import FallbackRule, _flat_tensors, fresh_caches, rng_stat
 from .autograd import (
     _add_grad_hook,
     _autocast_state,
+    _no_pull_back,
     _OpTap,
     _Pack,
     _saving_hooks_active,
@@ -891,6 +892,17 @@ class Capture(LanePlanning, SelfChecks):
             return
         self._fallback_call(esc, module, stash[0], stash[2], flat, n)  # type: ignore[arg-type]
 
+    def _rows_are_examples(self, live: list[Tensor], outs: list[Tensor], n: int) -> bool:
+        """Whether every row of ``live`` feeds its own example's outputs alone;
+        False too where the pull-back cannot go through (a reentrant
+        checkpointed region on the way: then the module is refused)."""
+        try:
+            return not self._reach_others(live, outs, n)
+        except RuntimeError:
+            if not _no_pull_back(outs):
+                raise
+            return False
+
     def _take_over_now(self, b: Binding, kept: dict[int, tuple], outs: list[Tensor], n: int) -> bool:
         """``b``'s rows turned out not to be examples, at the end of a first
         forward: hand its parameters to the nearest enclosing module that ran
@@ -905,7 +917,11 @@ class Capture(LanePlanning, SelfChecks):
                 stash, out = got
                 flat = _flat_tensors(out)
                 live = [t for t in flat if t is not None and t.requires_grad]
-                if live and all(t.ndim > 0 and t.shape[0] == n for t in live) and not self._reach_others(live, outs, n):
+                if (
+                    live
+                    and all(t.ndim > 0 and t.shape[0] == n for t in live)
+                    and self._rows_are_examples(live, outs, n)
+                ):
                     local = {id(x): (k + "." if k else "") for k, x in m.named_modules()}
                     keys = {local[id(b.module)] + k: key for k, key in b.keys.items()}
                     esc = self._escalated.get((id(m), frozenset(keys)))
