@@ -796,3 +796,28 @@ def test_two_pass_check_passes_bfloat16_rounding():
     assert engine.two_pass_steps == 4
     assert 0 < engine.two_pass_worst < 0.5, engine.two_pass_worst
     engine.detach()
+
+
+def test_two_pass_nonfinite_example_refuses_the_step_not_the_check():
+    """A NaN input under two-pass clipping (the default for DP full under
+    checkpointing): the fingerprint check does not mistake it for a loss
+    term outside the output; the step is refused as on the usual path
+    (``FloatingPointError``), nothing is applied, and training goes on."""
+    torch.manual_seed(0)
+    model = _full_stack("non-reentrant").double()
+    engine, opt = _engine(model, 4)
+    for group in opt.param_groups:
+        group["lr"] = 1.0
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randn(4, 8, 4, dtype=torch.float64)
+    x[2, 3, 1] = float("nan")
+    model(x).pow(2).sum(1).mean().backward()
+    with pytest.raises(FloatingPointError):
+        opt.step()
+    opt.zero_grad()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    model(torch.randn(4, 8, 4, dtype=torch.float64)).pow(2).sum(1).mean().backward()
+    opt.step()
+    assert not all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert engine.two_pass_steps == 2
+    engine.detach()
