@@ -10,10 +10,10 @@ process (an out-of-memory error ends that row only); the table gives
 dpft / non-private for peak memory (``torch.cuda.max_memory_allocated``) and
 speed (median step time), and how many of the measured dpft steps took
 two-pass clipping (``--two-pass``: the engine's ``two_pass`` option; ``auto``
-takes it for DP full under checkpointing).  The engine's first backward
-passes cross-check its per-example gradients against autograd's (in
-two-pass clipping's first pass where it applies), so the warm-up is at least
-three steps and is reported apart: the peak over it (``warm-up peak``) and
+takes it for DP full under checkpointing).  The engine's first three
+backward passes cross-check its per-example gradients against autograd's
+and take the usual path, so the warm-up is at least three steps and is
+reported apart: the peak over it (``warm-up peak``: the usual path's) and
 two-pass clipping's check (``check``: the largest deviation of pass 2 from
 pass 1 as a fraction of its tolerance; below 1 passes).
 
@@ -130,7 +130,7 @@ def child(cfg: dict[str, Any]) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize()
 
-    for _ in range(max(cfg["warmup"], 3)):  # (the engine's first passes cross-check: not timed)
+    for _ in range(max(cfg["warmup"], 3)):  # (the engine's first three passes take the usual path)
         step()
     sync()
     before = engine.two_pass_steps if cfg["private"] else 0
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         "memory: dpft peak / non-private peak (target <= 1.05x under checkpointing); "
         "speed: non-private step time / dpft step time (targets: LoRA >= 0.95x, full >= 0.80x); "
         "2-pass: measured dpft steps that took two-pass clipping; warm-up peak: the same ratio over "
-        "the warm-up steps (the engine's first backward passes, which cross-check it); check: "
+        "the warm-up steps (the engine's first three backward passes take the usual path); check: "
         "two-pass clipping's largest fingerprint deviation as a fraction of its tolerance"
     )
 

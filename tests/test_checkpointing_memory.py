@@ -18,9 +18,9 @@ checkpointing: the bytes dpft keeps for the layers of one block after the
 forward pass.
 
 DP full fine-tuning under checkpointing takes two-pass clipping
-(:mod:`dpft.clip.two_pass`) from its first backward pass on (the first ones
-cross-check its per-example sums against autograd's in pass 1): the same bound
-then holds, in the first step too, at shapes where the usual path keeps every layer's input and
+(:mod:`dpft.clip.two_pass`) from its fourth backward pass on (the first ones
+take the usual path, which cross-checks against autograd's full-loss gradient):
+the same bound then holds at shapes where the usual path keeps every layer's input and
 output gradient (or per-example gradient) to the end of the backward pass,
 counting also the engine's lane of per-example gradients (biases, norm
 weights) on top of the bound.
@@ -131,12 +131,11 @@ def _segment_bound(model, mods_of_first, run) -> int:
     return bound
 
 
-def _measure(model, run, probe_of, steps=3, lane=False, first=False, **kw) -> tuple[int, int, int]:
+def _measure(model, run, probe_of, steps=3, lane=False, **kw) -> tuple[int, int, int]:
     """(bytes held between forward and backward, most bytes held at a
     segment boundary during the backward pass, in the last of ``steps``
-    steps -- on the usual path the first ones cross-check against autograd
-    and keep more -- and with ``first`` in the first step too; with ``lane``
-    the lane buffer's bytes are counted too -- and the number of backward
+    steps -- the first ones cross-check against autograd and keep more;
+    with ``lane`` the lane buffer's bytes are counted too -- and the number of backward
     passes that took two-pass clipping)."""
     engine, opt = _engine(model, 4, **kw)
     during: list[int] = []
@@ -147,12 +146,11 @@ def _measure(model, run, probe_of, steps=3, lane=False, first=False, **kw) -> tu
             if h.requires_grad:
                 h.register_hook(lambda g: during.append(held_bytes() + (lane_bytes(engine) if lane else 0)))
 
-        # (counting walks every live object: only in the steps measured)
-        last = step == steps - 1 or (first and step == 0)
+        last = step == steps - 1  # (counting walks every live object: only in the step measured)
         probe_of(model, probe if last else None)
         loss = run(model)
         if last:
-            after_forward = max(after_forward, held_bytes())
+            after_forward = held_bytes()
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -317,8 +315,8 @@ def test_checkpointed_stack_exact(mode, subset):
     would take ghost norms at the end (``2 T^2 < P D``) while the per-example
     gradients fit: under checkpointing the usual path (``two_pass='off'``)
     builds them in the backward hook instead; with ``two_pass='auto'`` DP
-    full takes two-pass clipping in every step (the first three cross-check
-    its per-example sums against autograd's in pass 1), LoRA and BiTFiT
+    full takes two-pass clipping in the last three steps (the first three
+    take the usual path and cross-check it), LoRA and BiTFiT
     never (their per-example gradients are small)."""
     B, T, d = 4, 32, 32
 
@@ -345,7 +343,7 @@ def test_checkpointed_stack_exact(mode, subset):
         tol=1e-9,
         two_pass="off" if subset == "full" else "auto",
     )
-    assert engine.two_pass_steps == (6 if subset == "full-two-pass" else 0)
+    assert engine.two_pass_steps == (3 if subset == "full-two-pass" else 0)
     choices = _early_choices(engine)
     if subset == "full":
         # fc1 (32 -> 128): 2 T^2 = 2048 < P D = 4096 <= T (P + D) = 5120 (the captures it frees)
@@ -389,8 +387,8 @@ def test_checkpointed_full_two_pass_holds_one_segment(mode):
     """DP full fine-tuning of a checkpointed stack of 8 blocks at a short
     sequence (``T = 8``: every weight's per-example gradient is larger than
     its captures, so the usual path keeps each layer's input and output
-    gradient to the end of the backward pass): in the first step and the
-    last (two-pass clipping, chosen automatically) dpft holds at most one block's
+    gradient to the end of the backward pass): from the fourth step on
+    (two-pass clipping, chosen automatically) dpft holds at most one block's
     captures (plus the small lane of bias and norm-weight per-example
     gradients) between forward and backward and at every segment boundary
     of both backward passes."""
@@ -405,9 +403,9 @@ def test_checkpointed_full_two_pass_holds_one_segment(mode):
     assert bound > 0
     lane = 4 * sum(p.numel() for n, p in ref.named_parameters() if p.ndim == 1) * 4  # B x biases/norms x fp32
     after_forward, during, two_pass_steps = _measure(
-        _full_stack(mode), run, _stack_probe, steps=5, lane=True, first=True, two_pass="auto"
+        _full_stack(mode), run, _stack_probe, steps=5, lane=True, two_pass="auto"
     )
-    assert two_pass_steps == 5, two_pass_steps
+    assert two_pass_steps == 2, two_pass_steps
     assert after_forward <= bound + lane, f"held {after_forward} bytes after the forward, one segment is {bound}"
     assert during <= bound + lane, f"held {during} bytes during the backward, one segment is {bound} (+{lane})"
 
@@ -433,7 +431,7 @@ def test_checkpointed_full_usual_path_grows(mode):
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_hf_gradient_checkpointing_full_holds_one_layer(reentrant):
     """``gradient_checkpointing_enable()`` on a 4-layer Llama, every weight
-    trained (DP full): in the first step and the last dpft holds at most one
+    trained (DP full): from the fourth step on dpft holds at most one
     decoder layer's captures (plus the lane of norm-weight per-example
     gradients) during the backward passes."""
     ids = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(0))
@@ -459,10 +457,8 @@ def test_hf_gradient_checkpointing_full_holds_one_layer(reentrant):
                     )
                 )
 
-    _, during, two_pass_steps = _measure(
-        model, lambda m: lm_loss(m, ids), probe, steps=5, lane=True, first=True, two_pass="auto"
-    )
-    assert two_pass_steps == 5, two_pass_steps
+    _, during, two_pass_steps = _measure(model, lambda m: lm_loss(m, ids), probe, steps=5, lane=True, two_pass="auto")
+    assert two_pass_steps == 2, two_pass_steps
     assert during <= bound + lane, f"held {during} bytes during the backward, one layer is {bound} (+{lane})"
 
 
@@ -470,7 +466,7 @@ def test_hf_gradient_checkpointing_full_holds_one_layer(reentrant):
 def test_hf_gradient_checkpointing_full_exact(reentrant):
     """DP full fine-tuning of a tiny Llama with ``gradient_checkpointing_enable()``:
     six steps equal the brute force on the same model without checkpointing
-    (float64); each takes two-pass clipping, the engine's default there."""
+    (float64); the last three take two-pass clipping, the engine's default there."""
     B, T = 4, 12
     model = _tiny_llama(layers=2).double()
     model.train()
@@ -484,7 +480,7 @@ def test_hf_gradient_checkpointing_full_exact(reentrant):
             yield ids, [ids[i : i + 1] for i in range(B)]
 
     engine = steps_exact(model, ref, batches(), lm_loss, batch_size=B, R=0.01, tol=1e-6)  # (default: "auto")
-    assert engine.two_pass_steps == 6
+    assert engine.two_pass_steps == 3
     assert engine.two_pass_worst < 0.1  # (the check's margin: pass 2 matches pass 1 far inside its tolerance)
     engine.detach()
 
@@ -507,7 +503,7 @@ def test_hf_tied_embeddings_two_pass_exact():
             yield ids, [ids[i : i + 1] for i in range(B)]
 
     engine = steps_exact(model, ref, batches(), lm_loss, batch_size=B, R=0.01, tol=1e-6, two_pass="auto")
-    assert engine.two_pass_steps == 5
+    assert engine.two_pass_steps == 2
     engine.detach()
 
 
@@ -555,7 +551,7 @@ def test_two_pass_on_exact_without_checkpointing(subset):
     engine = steps_exact(
         model, ref, batches, lambda m, b: m(b).pow(2).sum(1).mean(), batch_size=B, R=0.05, tol=1e-9, two_pass="on"
     )
-    assert engine.two_pass_steps == 5
+    assert engine.two_pass_steps == 2
     engine.detach()
 
 
@@ -607,7 +603,7 @@ def test_two_pass_accumulates_physical_batches(reduction):
         opt.zero_grad()
         err = max_rel_error({n: before[n] - params[n].detach() for n in names}, want)
         assert err <= 1e-9, f"step {step}: relative error {err:.3e}"
-    assert engine.two_pass_steps == 3 * 5
+    assert engine.two_pass_steps == 3 * 5 - 3
     engine.detach()
 
 
@@ -646,7 +642,7 @@ def test_two_pass_evaluation_between_forward_and_backward(mode):
 
     batches = tensor_batches(lambda: torch.randn(B, T, 4, dtype=torch.float64), 5)
     engine = steps_exact(model, ref, batches, loss_fn, batch_size=B, R=0.05, tol=1e-9, two_pass="auto")
-    assert engine.two_pass_steps == 5
+    assert engine.two_pass_steps == 2
     engine.detach()
 
 
@@ -685,8 +681,8 @@ def test_default_clips_a_loss_term_that_bypasses_the_output():
 
 
 def _refused_then_exact(model, loss_fn, match):
-    """Five steps with ``two_pass='on'`` (noise 0, SGD lr 1): the first
-    backward pass (a two-pass one) must raise ``TwoPassMismatch``
+    """Five steps with ``two_pass='on'`` (noise 0, SGD lr 1): the fourth
+    backward pass (the first two-pass one) must raise ``TwoPassMismatch``
     matching ``match`` and leave no gradient; that batch again and every
     other step take the usual path and equal the brute force (float64)."""
     from reference import clipped_mean, max_rel_error, per_example_grads
@@ -703,7 +699,7 @@ def _refused_then_exact(model, loss_fn, match):
         ref.load_state_dict(model.state_dict())
         want = clipped_mean(per_example_grads(ref, names, singles, loss_fn), [names], 0.05, "abadi", 4)
         before = {n: p.detach().clone() for n, p in params.items()}
-        if step == 0:
+        if step == 3:
             with pytest.raises(dpft.TwoPassMismatch, match=match):
                 loss_fn(model, x).backward()
             assert all(p.grad is None for p in params.values())
@@ -780,8 +776,8 @@ def test_fingerprints_catch_a_small_residual():
 
 
 def test_two_pass_check_passes_bfloat16_rounding():
-    """A Llama in bfloat16 under checkpointing (DP full, two-pass clipping in
-    every step): the two passes round differently, and the check's tolerance
+    """A Llama in bfloat16 under checkpointing (DP full, two-pass clipping
+    after the first passes): the two passes round differently, and the check's tolerance
     (``TWO_PASS_TOL``) leaves them a margin: the largest deviation stays
     under half of it, so no step is refused."""
     model = _tiny_llama(layers=4).to(torch.bfloat16)
@@ -789,11 +785,11 @@ def test_two_pass_check_passes_bfloat16_rounding():
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine, opt = _engine(model, 4, two_pass="on")
     gen = torch.Generator().manual_seed(4)
-    for _ in range(4):
+    for _ in range(6):
         lm_loss(model, torch.randint(0, 50, (4, 32), generator=gen)).backward()
         opt.step()
         opt.zero_grad()
-    assert engine.two_pass_steps == 4
+    assert engine.two_pass_steps == 3
     assert 0 < engine.two_pass_worst < 0.5, engine.two_pass_worst
     engine.detach()
 
@@ -808,6 +804,10 @@ def test_two_pass_nonfinite_example_refuses_the_step_not_the_check():
     engine, opt = _engine(model, 4)
     for group in opt.param_groups:
         group["lr"] = 1.0
+    for _ in range(3):  # (the first passes take the usual path)
+        model(torch.randn(4, 8, 4, dtype=torch.float64)).pow(2).sum(1).mean().backward()
+        opt.step()
+        opt.zero_grad()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     x = torch.randn(4, 8, 4, dtype=torch.float64)
     x[2, 3, 1] = float("nan")
@@ -820,4 +820,29 @@ def test_two_pass_nonfinite_example_refuses_the_step_not_the_check():
     opt.step()
     assert not all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert engine.two_pass_steps == 2
+    engine.detach()
+
+
+def test_two_pass_on_refuses_a_parameter_the_loss_reads_outside_the_model():
+    """The loss reads a layer's weight itself (``out @ b.weight``, as in
+    ``logits = h @ embed.weight.T`` in a loss function): that use's
+    gradient goes to the weight without passing any layer output, so pass 2
+    would hand it over unclipped and the layer check cannot see it.  The
+    first backward passes take the usual path, whose cross-check against
+    autograd's gradient of the whole loss refuses it, naming the weight."""
+    torch.manual_seed(0)
+    model = _SideTerm().double()
+
+    def loss(m, x):
+        out = m(x)
+        return out.pow(2).sum(1).mean() + (out @ m.b.weight).pow(2).sum(1).mean()
+
+    with pytest.warns(UserWarning):  # noise_multiplier=0
+        engine = dpft.PrivacyEngine(
+            model, batch_size=4, sample_size=1000, steps=100, noise_multiplier=0.0, max_grad_norm=0.05, two_pass="on"
+        )
+    engine.attach(torch.optim.SGD(model.parameters(), lr=1.0))
+    with pytest.raises(dpft.UnsupportedModuleError, match="'b.weight'"):
+        loss(model, torch.randn(4, 6, dtype=torch.float64)).backward()
+    assert engine.two_pass_steps == 0
     engine.detach()

@@ -159,7 +159,11 @@ class PrivacyEngine:
             (a loss term computed from a stored activation would reach the
             weights unclipped): where it is not, the backward pass raises
             :class:`dpft.TwoPassMismatch`, the step's gradients are dropped
-            and later passes take the usual path.  It applies with one
+            and later passes take the usual path.  It applies from the
+            fourth backward pass on (the first ones take the usual path and
+            cross-check dpft's per-example gradients against autograd's
+            gradient of the whole loss, which also catches a parameter the
+            loss reads outside the model's output), with one
             clipping group (``"all-layer"``), one process, per-example
             privacy, no row restriction, and a model output with exactly one
             tensor that requires grad, batch first (elsewhere the usual path
@@ -364,7 +368,6 @@ class PrivacyEngine:
         # two-pass clipping (dpft.clip.two_pass): why it never applies to this engine ("" if it may)
         self._two_pass_never = self._two_pass_refusal(opts.two_pass)
         self._two_pass_now = False  # this forward's output is wrapped (decided before the forward)
-        self._two_pass_later = False  # ... or decided after it (the first passes)
         self._pass = 0  # 1 or 2 while a two-pass backward is in its first or second pass
         self._weights: torch.Tensor | None = None  # the first pass's clip weights
         self._names_of = {id(p): k for k, p in self.params.items()}
@@ -538,6 +541,12 @@ class PrivacyEngine:
         cap = self._capture
         if not (torch.is_grad_enabled() and cap.enabled) or self._pass or self._two_pass_never:
             return False
+        if cap._passes < cap.check_passes or cap._param_handles:
+            # the first passes take the usual path: their cross-check of dpft's per-example
+            # gradients against autograd's full-loss gradient catches a trainable parameter
+            # the loss reads outside the model's output (e.g. logits = h @ embed.weight.T in
+            # the loss function); pass 2 would hand that use's gradient over unclipped
+            return False
         if self.options.two_pass == "on":
             return True
         # auto: under activation checkpointing (a hooked layer ran outside the
@@ -565,15 +574,8 @@ class PrivacyEngine:
         self._batch = int(first.shape[0]) if first is not None else 0
         # book-keeping must leave the weights on: pass 2's autograd gradient is the clipped sum
         self._capture.weights_on = self._two_pass_now
-        # (the first passes, which keep the weights on anyway: whether the forward
-        # runs checkpointed regions is known after it, so "auto" decides then)
-        cap = self._capture
-        self._two_pass_later = first is not None and not self._two_pass_now and cap._passes < cap.check_passes
 
     def _two_pass_post(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        if self._two_pass_later:
-            self._two_pass_later = False
-            self._two_pass_now = self._two_pass_wanted(self._batch)
         if not self._two_pass_now:
             return None
         self._two_pass_now = False

@@ -213,11 +213,9 @@ class Capture(LanePlanning, SelfChecks):
         # and in both passes: layer -> projections of its output gradient (see
         # dpft.clip.two_pass.Fingerprints), accumulated while this is a dict
         self.fingerprints: dict | None = None
-        # (the first passes under two-pass clipping: the fingerprint of each
-        # early-normed parameter's per-example gradients summed, for the check
-        # against autograd's; and each binding's calls in this forward)
+        # (two-pass clipping's first pass: the parameters whose norms a hook took,
+        # seen by the end-of-pass check of the uses; values unused, None)
         self._early_prints: dict[str, Any] = {}
-        self._fw_calls: dict[int, int] = {}
         self.multi_use: set[str] = set()  # parameters with several calls in one backward pass
 
     # -- installation -------------------------------------------------------
@@ -356,7 +354,6 @@ class Capture(LanePlanning, SelfChecks):
         if t is None or t.ndim == 0:
             raise RuntimeError("dpft: the model's forward got no batched tensor argument; cannot tell the batch size")
         self.batch_size = self._last_batch = int(t.shape[0])
-        self._fw_calls = {}
         replaced = None
         if (
             self._passes < self.check_passes
@@ -516,7 +513,6 @@ class Capture(LanePlanning, SelfChecks):
         if self.batch_size is None and not self._outside_root and self._active():
             self._outside_root = True
         if self._passes < self.check_passes and self.batch_size is not None:
-            self._fw_calls[id(b)] = self._fw_calls.get(id(b), 0) + 1
             if not self._ckpt_seen and self.enabled and (_saving_hooks_active() or not torch.is_grad_enabled()):
                 # a forward of the first passes ran a checkpointed region:
                 # non-reentrant (saved-tensor hooks) or reentrant (a layer run
@@ -1078,9 +1074,6 @@ class Capture(LanePlanning, SelfChecks):
         norms, so those go to the end of the pass as before."""
         if b.fallback or any(self._holders.get(b.keys[k], 0) > 1 or b.keys[k] in self.multi_use for k in b.slow):
             return False
-        checking = self._passes < self.check_passes
-        if checking and self._fw_calls.get(id(b), 0) != 1:
-            return False  # (called several times in this forward, or only recomputed: at the end)
         call.check_versions(b.name)
         contribs = b.rule.contributions(call, b.slow)
         call.saved.clear()
@@ -1096,14 +1089,8 @@ class Capture(LanePlanning, SelfChecks):
                         f"dpft: parameter '{key}' was used twice in one backward pass under two-pass "
                         "clipping, unlike in the first steps; pass two_pass='off' to the engine"
                     )
-                dt = acc_dtype_of(self._param(key).dtype)
-                early[key] = norms.sq_norm([c], self.norm_mode, dt)[0]
-                # (seen by a hook; in the first passes, the sum over the examples as a
-                # fingerprint for the check against autograd's gradient)
-                self._early_prints[key] = None
-                if checking and self._param_handles:
-                    ones = torch.ones(call.batch_size, dtype=dt, device=early[key].device)
-                    self._early_prints[key] = _fingerprint(norms.weighted_sum([c], ones, dt), key)
+                early[key] = norms.sq_norm([c], self.norm_mode, acc_dtype_of(self._param(key).dtype))[0]
+                self._early_prints[key] = None  # (seen by a hook: its gradient is accounted for)
         return True
 
     def _kept_numel(self, call: Call) -> int:
